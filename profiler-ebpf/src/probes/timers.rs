@@ -1,0 +1,175 @@
+//! Timer vs fd wakeups of QEMU's event loops.
+//!
+//! QEMU sleeps in `ppoll` (glib main loop, AioContext), `epoll_pwait`/`epoll_pwait2`
+//! (fdmon-epoll) or `io_uring_enter` (fdmon-io_uring). On entry we classify the timeout
+//! argument and remember it per thread; on exit the result says what woke the thread:
+//! 0 after a finite non-zero timeout is a timer (a QEMU deadline expired), > 0 is an fd.
+//!
+//! Syscall tracepoint layout (see tracefs `events/syscalls/*/format`): arguments are u64s
+//! from offset 16; `ret` of `sys_exit_*` is at offset 16.
+
+use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
+use profiler_common::{CounterKey, PendingWait, kind, timeout_class, wait_syscall};
+
+use crate::maps::{PENDING, count, current_ids, is_watched};
+
+const ARGS: usize = 16;
+const RET: usize = 16;
+/// io_uring_enter flag: wait for `min_complete` completions.
+const IORING_ENTER_GETEVENTS: u64 = 1;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: reads within the tracepoint record, whose layout is fixed for syscall events.
+    unsafe { ctx.read_at::<u64>(ARGS + 8 * n).unwrap_or(0) }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KernelTimespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+/// Class of a `struct __kernel_timespec *` timeout (ppoll, epoll_pwait2).
+#[inline(always)]
+fn timespec_class(ptr: u64) -> u32 {
+    if ptr == 0 {
+        return timeout_class::INFINITE;
+    }
+    // SAFETY: bpf_probe_read_user validates the user pointer.
+    match unsafe { bpf_probe_read_user(ptr as *const KernelTimespec) } {
+        Ok(ts) if ts.tv_sec == 0 && ts.tv_nsec == 0 => timeout_class::ZERO,
+        Ok(ts) if ts.tv_sec < 0 => timeout_class::INFINITE,
+        Ok(_) => timeout_class::FINITE,
+        Err(_) => timeout_class::UNKNOWN,
+    }
+}
+
+/// Remembers the current thread's wait; callers have checked that its process is watched.
+#[inline(always)]
+fn remember(tid: u32, syscall: u64, timeout: u32) -> u32 {
+    let pending = PendingWait {
+        syscall,
+        timeout,
+        _pad: 0,
+    };
+    let _ = PENDING.insert(&tid, &pending, 0);
+    0
+}
+
+#[inline(always)]
+fn classify_exit(ctx: &TracePointContext) -> u32 {
+    let (tgid, tid) = current_ids();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(pending) = (unsafe { PENDING.get(&tid) }).copied() else {
+        // Entered before we started watching: the timeout is unknown, skip it.
+        return 0;
+    };
+    let _ = PENDING.remove(&tid);
+    // SAFETY: fixed syscall exit layout.
+    let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
+    let kind = if pending.syscall == wait_syscall::IO_URING_ENTER {
+        if pending.timeout != timeout_class::IO_URING_GETEVENTS {
+            return 0;
+        }
+        kind::IO_URING_WAIT
+    } else if ret > 0 {
+        kind::FD_WAKEUP
+    } else if ret < 0 {
+        kind::WAIT_ERROR
+    } else {
+        match pending.timeout {
+            timeout_class::FINITE => kind::TIMER,
+            timeout_class::ZERO => kind::NONBLOCKING_POLL,
+            // An infinite wait cannot return 0; an unreadable timeout is not guessed at.
+            _ => return 0,
+        }
+    };
+    count(&CounterKey {
+        tgid,
+        kind,
+        id: pending.syscall,
+    });
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_ppoll(ctx: TracePointContext) -> u32 {
+    // ppoll(ufds, nfds, tsp, sigmask, sigsetsize)
+    let tsp = arg(&ctx, 2);
+    let (tgid, tid) = current_ids();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    remember(tid, wait_syscall::PPOLL, timespec_class(tsp))
+}
+
+#[tracepoint]
+pub fn sys_exit_ppoll(ctx: TracePointContext) -> u32 {
+    classify_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_epoll_pwait(ctx: TracePointContext) -> u32 {
+    // epoll_pwait(epfd, events, maxevents, int timeout_ms, sigmask, sigsetsize)
+    let (tgid, tid) = current_ids();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    let timeout_ms = arg(&ctx, 3) as i32;
+    let class = if timeout_ms < 0 {
+        timeout_class::INFINITE
+    } else if timeout_ms == 0 {
+        timeout_class::ZERO
+    } else {
+        timeout_class::FINITE
+    };
+    remember(tid, wait_syscall::EPOLL_PWAIT, class)
+}
+
+#[tracepoint]
+pub fn sys_exit_epoll_pwait(ctx: TracePointContext) -> u32 {
+    classify_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_epoll_pwait2(ctx: TracePointContext) -> u32 {
+    // epoll_pwait2(epfd, events, maxevents, const struct __kernel_timespec *timeout, ...)
+    let tsp = arg(&ctx, 3);
+    let (tgid, tid) = current_ids();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    remember(tid, wait_syscall::EPOLL_PWAIT2, timespec_class(tsp))
+}
+
+#[tracepoint]
+pub fn sys_exit_epoll_pwait2(ctx: TracePointContext) -> u32 {
+    classify_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_io_uring_enter(ctx: TracePointContext) -> u32 {
+    // io_uring_enter(fd, to_submit, min_complete, flags, argp, argsz)
+    let (tgid, tid) = current_ids();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    let min_complete = arg(&ctx, 2) as u32;
+    let flags = arg(&ctx, 3);
+    let class = if flags & IORING_ENTER_GETEVENTS != 0 && min_complete > 0 {
+        timeout_class::IO_URING_GETEVENTS
+    } else {
+        timeout_class::IO_URING_SUBMIT_ONLY
+    };
+    remember(tid, wait_syscall::IO_URING_ENTER, class)
+}
+
+#[tracepoint]
+pub fn sys_exit_io_uring_enter(ctx: TracePointContext) -> u32 {
+    classify_exit(&ctx)
+}

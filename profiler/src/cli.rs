@@ -1,0 +1,56 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::report::ReportFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "profiler",
+    version,
+    about = "QEMU device-model event profiler: which guests keep the host awake, and why",
+    long_about = "Counts, per QEMU process, the events that wake its device model — timer \
+                  expiries, fd wakeups, guest reads and writes of emulated devices — in fixed \
+                  windows (Project Pulsar's method). Recording needs root."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List QEMU processes: identity, accelerator, and which probe source serves each count.
+    List {
+        /// One JSON object per VM instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record per-VM events in fixed windows, one JSON line per VM per closed window.
+    Record {
+        /// Window length in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        window: u64,
+        /// Stop after this many seconds (default: until Ctrl-C / SIGTERM).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Where to write the records; `-` is standard output.
+        #[arg(long, short, default_value = "-")]
+        output: PathBuf,
+        /// Only VMs with this name (repeatable).
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+        /// Only the QEMU process with this PID (repeatable).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+    },
+    /// Print a recording as Pulsar tables (Interval | Timer | Read | Write | CPU), per VM.
+    Report {
+        /// A recording written by `profiler record` (`-` for standard input).
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+}

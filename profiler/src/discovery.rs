@@ -1,0 +1,343 @@
+//! Finding QEMU processes in procfs and telling who they are.
+//!
+//! A VM is one QEMU process. Its identity comes from the command line, from libvirt's state
+//! files when present, else `pid N`. A VM is keyed by (pid, start time) so that a PID reused by
+//! a new QEMU is a new VM.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cmdline::{Accel, ParsedCmdline, is_qemu_binary, parse_cmdline};
+
+/// Identifies one QEMU process over its lifetime: a PID alone is reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VmKey {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_ticks: u64,
+}
+
+/// Who a VM is, for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmIdentity {
+    /// `-name`, else the libvirt domain name, else `pid N`.
+    pub name: String,
+    pub pid: u32,
+    pub uuid: Option<String>,
+    pub xen_domid: Option<u32>,
+    pub accel: Accel,
+}
+
+/// A QEMU process found on the host.
+#[derive(Debug, Clone)]
+pub struct QemuProcess {
+    pub key: VmKey,
+    pub identity: VmIdentity,
+    pub cmdline: ParsedCmdline,
+    /// The executable, as `/proc/PID/exe` points to it (may end in " (deleted)").
+    pub exe: PathBuf,
+    pub cpu: CpuTicks,
+}
+
+/// User and system CPU time of a process, in clock ticks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    pub user: u64,
+    pub system: u64,
+}
+
+impl CpuTicks {
+    pub fn total(self) -> u64 {
+        self.user + self.system
+    }
+}
+
+/// The fields of `/proc/PID/stat` the profiler needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub start_ticks: u64,
+    pub cpu: CpuTicks,
+}
+
+/// Parses `/proc/PID/stat`. The command name (field 2) is in parentheses and may itself contain
+/// spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(content: &str) -> Option<ProcStat> {
+    let after_comm = &content[content.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // after_comm starts at field 3 (state): field N is fields[N - 3].
+    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+    Some(ProcStat {
+        cpu: CpuTicks {
+            user: field(14)?,
+            system: field(15)?,
+        },
+        start_ticks: field(22)?,
+    })
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}
+
+/// The accelerator a running QEMU really uses: an open `/dev/kvm` (or its `kvm-vm` inode) means
+/// KVM, Xen's privcmd/evtchn devices or a `-xen-domid` mean Xen, otherwise TCG. `fd_targets`
+/// are the `readlink` results of `/proc/PID/fd/*`; without them (no permission) the command
+/// line decides.
+pub fn detect_accel(parsed: &ParsedCmdline, fd_targets: Option<&[String]>) -> Accel {
+    if parsed.xen_domid.is_some() {
+        return Accel::Xen;
+    }
+    match fd_targets {
+        Some(targets) => {
+            if targets
+                .iter()
+                .any(|t| t == "/dev/kvm" || t.starts_with("anon_inode:kvm-vm"))
+            {
+                Accel::Kvm
+            } else if targets.iter().any(|t| t.starts_with("/dev/xen/")) {
+                Accel::Xen
+            } else {
+                Accel::Tcg
+            }
+        }
+        None => match parsed.requested_accels.as_slice() {
+            // `accel=kvm:tcg` falls back to TCG without KVM; only the fds could tell.
+            [one] => *one,
+            [] => Accel::Tcg,
+            _ => Accel::Unknown,
+        },
+    }
+}
+
+fn read_fd_targets(proc_pid: &Path) -> Option<Vec<String>> {
+    let entries = fs::read_dir(proc_pid.join("fd")).ok()?;
+    Some(
+        entries
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .map(|t| t.to_string_lossy().into_owned())
+            .collect(),
+    )
+}
+
+/// libvirt's QEMU driver writes `/run/libvirt/qemu/NAME.pid`; map pid -> domain name.
+pub fn libvirt_domains(run_dir: &Path) -> HashMap<u32, String> {
+    let mut domains = HashMap::new();
+    let Ok(entries) = fs::read_dir(run_dir) else {
+        return domains;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+            continue;
+        }
+        let (Some(name), Ok(content)) = (
+            path.file_stem().and_then(|s| s.to_str()),
+            fs::read_to_string(&path),
+        ) else {
+            continue;
+        };
+        if let Ok(pid) = content.trim().parse() {
+            domains.insert(pid, name.to_string());
+        }
+    }
+    domains
+}
+
+/// Splits `/proc/PID/cmdline` (NUL-separated) into argv.
+pub fn split_cmdline(raw: &[u8]) -> Vec<String> {
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Where discovery looks; tests point it at fake trees.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    pub proc_root: PathBuf,
+    pub libvirt_run: PathBuf,
+}
+
+impl Default for HostPaths {
+    fn default() -> Self {
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            libvirt_run: PathBuf::from("/run/libvirt/qemu"),
+        }
+    }
+}
+
+/// Reads one process; `None` if it is not QEMU or vanished while being read.
+pub fn read_qemu_process(
+    paths: &HostPaths,
+    pid: u32,
+    libvirt: &HashMap<u32, String>,
+) -> Option<QemuProcess> {
+    let dir = paths.proc_root.join(pid.to_string());
+    let argv = split_cmdline(&fs::read(dir.join("cmdline")).ok()?);
+    let exe = fs::read_link(dir.join("exe")).unwrap_or_default();
+    let argv0_is_qemu = argv.first().is_some_and(|a| is_qemu_binary(a));
+    let exe_is_qemu = is_qemu_binary(&exe.to_string_lossy());
+    if !(argv0_is_qemu || exe_is_qemu) {
+        return None;
+    }
+    let stat = parse_stat(&fs::read_to_string(dir.join("stat")).ok()?)?;
+    let cmdline = parse_cmdline(&argv);
+    let accel = detect_accel(&cmdline, read_fd_targets(&dir).as_deref());
+    let name = cmdline
+        .name
+        .clone()
+        .or_else(|| libvirt.get(&pid).cloned())
+        .unwrap_or_else(|| format!("pid {pid}"));
+    Some(QemuProcess {
+        key: VmKey {
+            pid,
+            start_ticks: stat.start_ticks,
+        },
+        identity: VmIdentity {
+            name,
+            pid,
+            uuid: cmdline.uuid.clone(),
+            xen_domid: cmdline.xen_domid,
+            accel,
+        },
+        cmdline,
+        exe,
+        cpu: stat.cpu,
+    })
+}
+
+/// Every QEMU process on the host, by PID.
+pub fn scan_qemu_processes(paths: &HostPaths) -> Vec<QemuProcess> {
+    let libvirt = libvirt_domains(&paths.libvirt_run);
+    let Ok(entries) = fs::read_dir(&paths.proc_root) else {
+        return Vec::new();
+    };
+    let mut found: Vec<QemuProcess> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| read_qemu_process(paths, pid, &libvirt))
+        .collect();
+    found.sort_by_key(|p| p.key.pid);
+    found
+}
+
+/// CPU ticks and start time of a process, if it still exists.
+pub fn read_stat(paths: &HostPaths, pid: u32) -> Option<ProcStat> {
+    parse_stat(&fs::read_to_string(paths.proc_root.join(pid.to_string()).join("stat")).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_hostile_comm() {
+        // comm may contain spaces and ')' — count fields from the last ')'.
+        let stat = "4242 (qemu) (x) y) S 1 4242 4242 0 -1 4194560 5000 0 0 0 1234 567 0 0 20 0 \
+                    5 0 987654 1000000 2000 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 \
+                    0 0 0 0 0";
+        assert_eq!(
+            parse_stat(stat),
+            Some(ProcStat {
+                start_ticks: 987654,
+                cpu: CpuTicks {
+                    user: 1234,
+                    system: 567
+                }
+            })
+        );
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn accel_from_open_files() {
+        let parsed = parse_cmdline(&[
+            "qemu-system-x86_64".into(),
+            "-machine".into(),
+            "pc,accel=kvm:tcg".into(),
+        ]);
+        let kvm = vec!["/dev/kvm".to_string(), "anon_inode:kvm-vm".to_string()];
+        assert_eq!(detect_accel(&parsed, Some(&kvm)), Accel::Kvm);
+        let none: Vec<String> = vec!["/dev/null".into(), "socket:[123]".into()];
+        assert_eq!(detect_accel(&parsed, Some(&none)), Accel::Tcg);
+        assert_eq!(detect_accel(&parsed, None), Accel::Unknown);
+        let xen = parse_cmdline(&["qemu-system-i386".into(), "-xen-domid".into(), "3".into()]);
+        assert_eq!(detect_accel(&xen, Some(&none)), Accel::Xen);
+        let plain = parse_cmdline(&["qemu-system-x86_64".into()]);
+        assert_eq!(detect_accel(&plain, None), Accel::Tcg);
+    }
+
+    #[test]
+    fn cmdline_split() {
+        assert_eq!(
+            split_cmdline(b"qemu-system-x86_64\0-name\0a b\0\0"),
+            vec!["qemu-system-x86_64", "-name", "a b"]
+        );
+        assert!(split_cmdline(b"").is_empty());
+    }
+
+    #[test]
+    fn fake_proc_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_root = dir.path().join("proc");
+        let libvirt_run = dir.path().join("libvirt");
+        fs::create_dir_all(&libvirt_run).unwrap();
+        let mk = |pid: u32, cmdline: &[u8], start: u64| {
+            let d = proc_root.join(pid.to_string());
+            fs::create_dir_all(d.join("fd")).unwrap();
+            fs::write(d.join("cmdline"), cmdline).unwrap();
+            fs::write(
+                d.join("stat"),
+                format!("{pid} (x) S 1 1 1 0 -1 0 0 0 0 0 10 20 0 0 20 0 1 0 {start} 0 0"),
+            )
+            .unwrap();
+        };
+        mk(10, b"qemu-system-x86_64\0-name\0guest=alpha\0", 500);
+        mk(11, b"/usr/bin/qemu-system-x86_64\0-m\x00256\0", 600);
+        mk(12, b"/bin/bash\0", 700);
+        fs::write(libvirt_run.join("beta.pid"), "11\n").unwrap();
+        fs::create_dir_all(proc_root.join("self")).unwrap();
+        let found = scan_qemu_processes(&HostPaths {
+            proc_root,
+            libvirt_run,
+        });
+        let names: Vec<_> = found.iter().map(|p| p.identity.name.as_str()).collect();
+        assert_eq!(names, vec!["alpha", "beta"]);
+        assert_eq!(found[0].key.start_ticks, 500);
+        assert_eq!(found[1].cpu.total(), 30);
+        assert_eq!(found[0].identity.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn unnamed_vm_is_named_by_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("77");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("cmdline"), b"qemu-kvm\0").unwrap();
+        fs::write(
+            d.join("stat"),
+            "77 (qemu-kvm) S 1 1 1 0 -1 0 0 0 0 0 1 2 0 0 20 0 1 0 9 0 0",
+        )
+        .unwrap();
+        let p = read_qemu_process(
+            &HostPaths {
+                proc_root: dir.path().into(),
+                libvirt_run: dir.path().join("none"),
+            },
+            77,
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(p.identity.name, "pid 77");
+    }
+}

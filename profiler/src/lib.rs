@@ -1,0 +1,17 @@
+//! QEMU device-model event profiler: per-VM timer, fd, read and write events of QEMU
+//! processes, counted by eBPF probes and bucketed into fixed windows.
+//!
+//! Pure logic (command-line parsing, windowing, reports) is I/O-free and unit-tested; the
+//! probe and session layers do the I/O.
+
+pub mod cli;
+pub mod cmdline;
+pub mod collector;
+pub mod commands;
+pub mod discovery;
+pub mod live;
+pub mod probes;
+pub mod record;
+pub mod report;
+pub mod session;
+pub mod tracefs;

@@ -1,0 +1,211 @@
+//! The record schema: one JSON line per VM per closed window.
+//!
+//! This is a contract: later versions add fields but never rename or remove one. A count that
+//! could not be observed is `null` (with the reason in `sources`), never 0.
+
+use std::io::BufRead;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::cmdline::Accel;
+
+/// Why a window covers less than the full window length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartialReason {
+    /// The VM appeared after the window started.
+    VmStarted,
+    /// The VM exited before the window ended.
+    VmExited,
+    /// The profiler stopped (duration reached, Ctrl-C, SIGTERM) before the window ended.
+    ProfilerStopped,
+}
+
+/// The VM a record belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRef {
+    /// `-name`, else the libvirt domain name, else `pid N`.
+    pub name: String,
+    pub pid: u32,
+    pub uuid: Option<String>,
+    pub accel: Accel,
+    #[serde(default)]
+    pub xen_domid: Option<u32>,
+}
+
+/// Which probe source produced each count, or `unavailable: <reason>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sources {
+    pub timer: String,
+    pub read: String,
+    pub write: String,
+}
+
+/// Reads and writes of one emulated device (a QEMU MemoryRegion or a named port range).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCount {
+    pub name: String,
+    pub read: u64,
+    pub write: u64,
+}
+
+/// Runs of one QEMU timer callback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerCallbackCount {
+    pub callback: String,
+    pub count: u64,
+}
+
+/// One VM's events in one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowRecord {
+    /// Window number, from 0 at the profiler's start.
+    pub window: u64,
+    /// When this record's coverage starts (RFC 3339, UTC): the window's start, or the moment
+    /// the VM was first seen for a window it started in.
+    pub start: String,
+    /// Seconds covered: the window length, or less for a partial window.
+    pub seconds: f64,
+    pub partial: bool,
+    #[serde(default)]
+    pub partial_reason: Option<PartialReason>,
+    pub vm: VmRef,
+    /// Wakeups of QEMU's event loop by an expired deadline.
+    pub timer: Option<u64>,
+    /// Wakeups of QEMU's event loop by a ready file descriptor.
+    pub fd_wakeups: Option<u64>,
+    /// Guest reads of emulated devices handled by QEMU.
+    pub read: Option<u64>,
+    /// Guest writes to emulated devices handled by QEMU.
+    pub write: Option<u64>,
+    /// User + system CPU time the QEMU process used in the window.
+    pub cpu_seconds: Option<f64>,
+    pub sources: Sources,
+    /// Per-device breakdown of `read`/`write`, busiest first (empty when no source names
+    /// devices).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceCount>,
+    /// Timer events by QEMU callback, busiest first (empty without symbols).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timers: Vec<TimerCallbackCount>,
+}
+
+impl WindowRecord {
+    pub fn to_json_line(&self) -> String {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_string(self).expect("WindowRecord serializes")
+    }
+}
+
+/// Reads a recording (JSON lines). Blank lines are skipped; a malformed line is an error that
+/// names its line number. A truncated last line (the recorder was killed mid-write) is
+/// skipped with a warning rather than losing the whole file.
+pub fn read_records(reader: impl BufRead) -> anyhow::Result<(Vec<WindowRecord>, Vec<String>)> {
+    let mut records = Vec::new();
+    let mut warnings = Vec::new();
+    let lines: Vec<String> = reader
+        .lines()
+        .collect::<Result<_, _>>()
+        .context("reading recording")?;
+    let last = lines.len();
+    for (i, line) in lines.iter().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<WindowRecord>(line) {
+            Ok(r) => records.push(r),
+            Err(e) if i + 1 == last && e.is_eof() => {
+                warnings.push(format!("line {}: truncated last record skipped", i + 1));
+            }
+            Err(e) => anyhow::bail!("line {}: not a window record: {e}", i + 1),
+        }
+    }
+    Ok((records, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> WindowRecord {
+        WindowRecord {
+            window: 0,
+            start: "2026-11-22T00:00:00.000Z".into(),
+            seconds: 30.0,
+            partial: false,
+            partial_reason: None,
+            vm: VmRef {
+                name: "noisy".into(),
+                pid: 1234,
+                uuid: None,
+                accel: Accel::Tcg,
+                xen_domid: None,
+            },
+            timer: Some(57990),
+            fd_wakeups: Some(611),
+            read: None,
+            write: None,
+            cpu_seconds: Some(1.62),
+            sources: Sources {
+                timer: "syscall".into(),
+                read: "unavailable: no read/write probe source yet".into(),
+                write: "unavailable: no read/write probe source yet".into(),
+            },
+            devices: Vec::new(),
+            timers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let r = sample();
+        let line = r.to_json_line();
+        assert_eq!(serde_json::from_str::<WindowRecord>(&line).unwrap(), r);
+    }
+
+    #[test]
+    fn schema_field_names_are_the_contract() {
+        let v: serde_json::Value = serde_json::from_str(&sample().to_json_line()).unwrap();
+        for key in [
+            "window",
+            "start",
+            "seconds",
+            "partial",
+            "vm",
+            "timer",
+            "fd_wakeups",
+            "read",
+            "write",
+            "cpu_seconds",
+            "sources",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["vm"]["accel"], "tcg");
+        assert_eq!(v["vm"]["uuid"], serde_json::Value::Null);
+        assert_eq!(v["read"], serde_json::Value::Null);
+        assert_eq!(v["sources"]["timer"], "syscall");
+    }
+
+    #[test]
+    fn reads_the_issue_example_line() {
+        let line = r#"{"window":0,"start":"2026-11-22T00:00:00Z","seconds":30.0,"partial":false,"vm":{"name":"noisy","pid":1234,"uuid":null,"accel":"tcg"},"timer":57990,"fd_wakeups":611,"read":null,"write":null,"cpu_seconds":1.62,"sources":{"timer":"syscall","read":"unavailable: x","write":"unavailable: x"}}"#;
+        let (records, warnings) = read_records(line.as_bytes()).unwrap();
+        assert_eq!(records.len(), 1);
+        assert!(warnings.is_empty());
+        assert_eq!(records[0].timer, Some(57990));
+    }
+
+    #[test]
+    fn truncated_tail_is_skipped_garbage_is_an_error() {
+        let full = sample().to_json_line();
+        let text = format!("{full}\n\n{}", &full[..20]);
+        let (records, warnings) = read_records(text.as_bytes()).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(warnings.len(), 1);
+        let err = read_records(format!("{full}\nnot json\n{full}\n").as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+}

@@ -1,0 +1,46 @@
+//! `cargo xtask <task>`: set-up, test guest, demo and the whole test suite.
+
+mod demo;
+mod qemu_usdt;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  setup   install everything building and testing needs (idempotent; needs root on Debian)
+  guest   build the test guest (Debian kernel + busybox initramfs + workload) into the cache
+  qemu-usdt  build Debian's QEMU source with USDT probes (dtrace backend) into the cache
+  demo    set up, boot a noisy and a quiet guest, profile them, print the report
+  test    set up, build the guest, run lints, unit tests and the root end-to-end tests
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = xtask::launch::find_workspace_root();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::setup(&root),
+        Some("guest") => xtask::guest::guest_command(&root),
+        Some("qemu-usdt") => qemu_usdt::qemu_usdt().map(|bin| println!("{}", bin.display())),
+        Some("demo") => demo::demo(&root, &args[1..]),
+        Some("test") => test::test(&root, &args[1..]),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        _ => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

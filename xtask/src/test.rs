@@ -1,0 +1,50 @@
+//! `cargo xtask test`: set-up, lints, unit tests and (as root) end-to-end tests on real guests.
+
+use std::{path::Path, process::Command};
+
+use crate::setup::{is_root, run, setup};
+
+pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    setup(root)?;
+    let cargo = env!("CARGO");
+    let cargo_cmd = || {
+        let mut c = Command::new(cargo);
+        c.current_dir(root);
+        c
+    };
+
+    eprintln!("xtask: cargo fmt --check");
+    run(cargo_cmd().args(["fmt", "--all", "--check"]))?;
+    eprintln!("xtask: cargo clippy -D warnings");
+    run(cargo_cmd().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "profiler-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    let mut tests = cargo_cmd();
+    tests.args(["test", "--workspace", "--exclude", "profiler-ebpf"]);
+    if is_root() {
+        let image = xtask::guest::build_guest(root)?;
+        // The end-to-end tests boot guests from this image; with PROFILER_E2E_REQUIRE a missing
+        // prerequisite fails them instead of skipping them.
+        tests
+            .env("PROFILER_GUEST_KERNEL", &image.kernel)
+            .env("PROFILER_GUEST_INITRD", &image.initrd)
+            .env("PROFILER_E2E_REQUIRE", "1");
+    } else {
+        eprintln!(
+            "xtask: not root: the end-to-end tests (real guests, eBPF) will be skipped; run \
+             `sudo -E cargo xtask test` for the whole suite"
+        );
+    }
+    // Guests get the two cores to themselves: one test binary, one test at a time.
+    tests.args(["--", "--test-threads=1"]).args(args);
+    eprintln!("xtask: cargo test");
+    run(&mut tests)
+}
