@@ -82,8 +82,79 @@ pub const MAX_COUNTERS: u32 = 65536;
 /// Maximum number of threads inside a wait syscall at once.
 pub const MAX_PENDING: u32 = 65536;
 
+/// How to fetch one USDT argument from the probe's registers, as libbpf's `usdt.bpf.h` does.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsdtArgSpec {
+    /// Constant value (CONST), offset added to the register (REG_DEREF), or absolute address
+    /// (ABS_DEREF, a RIP-relative operand resolved in userspace).
+    pub val_off: u64,
+    /// Byte offset of the register in `struct pt_regs` (REG, REG_DEREF).
+    pub reg_off: u16,
+    /// One of [`usdt_arg`].
+    pub arg_type: u8,
+    /// Sign-extend after narrowing.
+    pub signed: u8,
+    /// `64 - 8 * size`: shift left then right to keep only the argument's bytes.
+    pub bitshift: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Argument fetch kinds of [`UsdtArgSpec::arg_type`].
+pub mod usdt_arg {
+    pub const CONST: u8 = 0;
+    pub const REG: u8 = 1;
+    pub const REG_DEREF: u8 = 2;
+    pub const ABS_DEREF: u8 = 3;
+}
+
+/// Maximum USDT arguments per probe (SystemTap allows 12).
+pub const USDT_MAX_ARGS: usize = 12;
+
+/// One attached USDT site: what it counts and where its arguments are. Looked up by the
+/// uprobe's BPF cookie.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct UsdtSpec {
+    pub args: [UsdtArgSpec; USDT_MAX_ARGS],
+    pub arg_count: u32,
+    /// [`kind::READ`] or [`kind::WRITE`].
+    pub kind: u32,
+    /// Which argument is the `MemoryRegion *` (the counter id).
+    pub region_arg: u32,
+    /// Which argument is the region's name (`const char *`).
+    pub name_arg: u32,
+}
+
+/// Key of the region-name map: one name per (process, MemoryRegion pointer).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RegionKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub region: u64,
+}
+
+/// Bytes of a region name kept (QEMU names are short: "uhci", "parallel", "apic-msi").
+pub const REGION_NAME_LEN: usize = 48;
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RegionName {
+    pub name: [u8; REGION_NAME_LEN],
+}
+
+/// Maximum USDT sites attached at once (2 per QEMU process for read/write).
+pub const MAX_USDT_SPECS: u32 = 16384;
+/// Maximum distinct (process, region) names.
+pub const MAX_REGION_NAMES: u32 = 65536;
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::PendingWait {}
+    unsafe impl aya::Pod for super::UsdtArgSpec {}
+    unsafe impl aya::Pod for super::UsdtSpec {}
+    unsafe impl aya::Pod for super::RegionKey {}
+    unsafe impl aya::Pod for super::RegionName {}
 }

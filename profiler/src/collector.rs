@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
 use crate::{
     discovery::{VmIdentity, VmKey},
-    record::{PartialReason, Sources, VmRef, WindowRecord},
+    record::{DeviceCount, PartialReason, Sources, TimerCallbackCount, VmRef, WindowRecord},
 };
 
 /// Tolerance for comparing sample times with window boundaries.
@@ -47,6 +47,12 @@ impl Counts {
     }
 }
 
+/// Cumulative (reads, writes) per device name.
+pub type DeviceTotals = BTreeMap<String, (u64, u64)>;
+
+/// Cumulative timer-callback runs per callback name.
+pub type CallbackTotals = BTreeMap<String, u64>;
+
 /// One VM as seen by one sample.
 #[derive(Debug, Clone)]
 pub struct VmObservation {
@@ -54,6 +60,51 @@ pub struct VmObservation {
     pub identity: VmIdentity,
     pub sources: Sources,
     pub counts: Counts,
+    pub devices: DeviceTotals,
+    pub callbacks: CallbackTotals,
+}
+
+/// What could still be read of a VM after it exited.
+#[derive(Debug, Clone, Default)]
+pub struct FinalCounts {
+    pub counts: Counts,
+    pub devices: DeviceTotals,
+    pub callbacks: CallbackTotals,
+}
+
+/// Per-device deltas, busiest first, zero rows dropped.
+fn device_deltas(now: &DeviceTotals, base: &DeviceTotals) -> Vec<DeviceCount> {
+    let mut out: Vec<DeviceCount> = now
+        .iter()
+        .map(|(name, (r, w))| {
+            let (br, bw) = base.get(name).copied().unwrap_or_default();
+            DeviceCount {
+                name: name.clone(),
+                read: r.saturating_sub(br),
+                write: w.saturating_sub(bw),
+            }
+        })
+        .filter(|d| d.read + d.write > 0)
+        .collect();
+    out.sort_by(|a, b| {
+        (b.read + b.write)
+            .cmp(&(a.read + a.write))
+            .then(a.name.cmp(&b.name))
+    });
+    out
+}
+
+fn callback_deltas(now: &CallbackTotals, base: &CallbackTotals) -> Vec<TimerCallbackCount> {
+    let mut out: Vec<TimerCallbackCount> = now
+        .iter()
+        .map(|(name, n)| TimerCallbackCount {
+            callback: name.clone(),
+            count: n.saturating_sub(base.get(name).copied().unwrap_or_default()),
+        })
+        .filter(|c| c.count > 0)
+        .collect();
+    out.sort_by(|a, b| b.count.cmp(&a.count).then(a.callback.cmp(&b.callback)));
+    out
 }
 
 /// Fixed windows aligned to the profiler's start.
@@ -97,6 +148,10 @@ struct VmState {
     base: Counts,
     /// Cumulative counts at the last sample.
     last: Counts,
+    base_devices: DeviceTotals,
+    last_devices: DeviceTotals,
+    base_callbacks: CallbackTotals,
+    last_callbacks: CallbackTotals,
     last_t: f64,
 }
 
@@ -109,6 +164,8 @@ pub struct RunningWindow {
     pub window: u64,
     pub elapsed: f64,
     pub counts: Counts,
+    pub devices: Vec<DeviceCount>,
+    pub timers: Vec<TimerCallbackCount>,
 }
 
 /// Turns samples of cumulative counters into window records.
@@ -142,7 +199,7 @@ impl Collector {
         &mut self,
         t: f64,
         observed: &[VmObservation],
-        final_counts: &BTreeMap<VmKey, Counts>,
+        final_counts: &BTreeMap<VmKey, FinalCounts>,
     ) -> Vec<WindowRecord> {
         let mut closed = Vec::new();
         let now_window = self.clock.index_at(t);
@@ -156,8 +213,14 @@ impl Collector {
             .collect();
         for key in exited {
             let mut state = self.vms.remove(&key).expect("key from map");
-            if let Some(counts) = final_counts.get(&key) {
-                state.last = merge_final(&state.last, counts);
+            if let Some(fin) = final_counts.get(&key) {
+                state.last = merge_final(&state.last, &fin.counts);
+                for (name, v) in &fin.devices {
+                    state.last_devices.insert(name.clone(), *v);
+                }
+                for (name, v) in &fin.callbacks {
+                    state.last_callbacks.insert(name.clone(), *v);
+                }
             }
             closed.push(self.record(&state, t, Some(PartialReason::VmExited)));
         }
@@ -176,12 +239,18 @@ impl Collector {
                             started_mid_window: t > window_start + EPSILON,
                             base: obs.counts,
                             last: obs.counts,
+                            base_devices: obs.devices.clone(),
+                            last_devices: obs.devices.clone(),
+                            base_callbacks: obs.callbacks.clone(),
+                            last_callbacks: obs.callbacks.clone(),
                             last_t: t,
                         },
                     );
                 }
                 Some(state) => {
                     state.last = obs.counts;
+                    state.last_devices = obs.devices.clone();
+                    state.last_callbacks = obs.callbacks.clone();
                     state.last_t = t;
                     // Identity details (accel from open fds, sources) may sharpen over time.
                     state.identity = obs.identity.clone();
@@ -195,6 +264,8 @@ impl Collector {
                         state.coverage_start = self.clock.start_of(now_window);
                         state.started_mid_window = false;
                         state.base = state.last;
+                        state.base_devices = state.last_devices.clone();
+                        state.base_callbacks = state.last_callbacks.clone();
                     }
                 }
             }
@@ -224,6 +295,8 @@ impl Collector {
                 window: s.window,
                 elapsed: s.last_t - s.coverage_start,
                 counts: s.last.since(&s.base),
+                devices: device_deltas(&s.last_devices, &s.base_devices),
+                timers: callback_deltas(&s.last_callbacks, &s.base_callbacks),
             })
             .collect()
     }
@@ -261,8 +334,8 @@ impl Collector {
                 .cpu_ticks
                 .map(|t| round3(t as f64 / self.ticks_per_second as f64)),
             sources: state.sources.clone(),
-            devices: Vec::new(),
-            timers: Vec::new(),
+            devices: device_deltas(&state.last_devices, &state.base_devices),
+            timers: callback_deltas(&state.last_callbacks, &state.base_callbacks),
         }
     }
 }
@@ -321,6 +394,8 @@ mod tests {
                 write: None,
                 cpu_ticks: Some(cpu),
             },
+            devices: DeviceTotals::new(),
+            callbacks: CallbackTotals::new(),
         }
     }
 
@@ -332,7 +407,7 @@ mod tests {
         )
     }
 
-    const NONE: &BTreeMap<VmKey, Counts> = &BTreeMap::new();
+    const NONE: &BTreeMap<VmKey, FinalCounts> = &BTreeMap::new();
 
     #[test]
     fn clock_boundaries() {
@@ -405,12 +480,15 @@ mod tests {
         let mut finals = BTreeMap::new();
         finals.insert(
             b.0,
-            Counts {
-                timer: Some(80),
-                fd_wakeups: Some(8),
-                read: None,
-                write: None,
-                cpu_ticks: None,
+            FinalCounts {
+                counts: Counts {
+                    timer: Some(80),
+                    fd_wakeups: Some(8),
+                    read: None,
+                    write: None,
+                    cpu_ticks: None,
+                },
+                ..FinalCounts::default()
             },
         );
         let closed = c.observe(15.0, &[obs(&a, 9, 0)], &finals);
@@ -473,6 +551,43 @@ mod tests {
         let closed = c.observe(10.0, &[o], NONE);
         assert_eq!(closed[0].timer, None);
         assert_eq!(closed[0].read, None);
+    }
+
+    #[test]
+    fn per_device_and_callback_deltas() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        let mut o = obs(&a, 0, 0);
+        o.devices.insert("uhci".into(), (100, 0));
+        o.callbacks.insert("uhci_frame_timer".into(), 1000);
+        c.observe(0.0, std::slice::from_ref(&o), NONE);
+        o.devices.insert("uhci".into(), (350, 0));
+        o.devices.insert("parallel".into(), (0, 7));
+        o.devices.insert("hpet".into(), (0, 0));
+        o.callbacks.insert("uhci_frame_timer".into(), 11000);
+        let closed = c.observe(10.0, &[o], NONE);
+        assert_eq!(
+            closed[0].devices,
+            vec![
+                DeviceCount {
+                    name: "uhci".into(),
+                    read: 250,
+                    write: 0
+                },
+                DeviceCount {
+                    name: "parallel".into(),
+                    read: 0,
+                    write: 7
+                },
+            ]
+        );
+        assert_eq!(
+            closed[0].timers,
+            vec![TimerCallbackCount {
+                callback: "uhci_frame_timer".into(),
+                count: 10000
+            }]
+        );
     }
 
     #[test]

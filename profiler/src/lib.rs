@@ -9,6 +9,7 @@ pub mod cmdline;
 pub mod collector;
 pub mod commands;
 pub mod discovery;
+pub mod elf;
 pub mod live;
 pub mod probes;
 pub mod record;

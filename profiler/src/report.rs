@@ -169,6 +169,93 @@ fn window_secs(g: &VmWindows<'_>) -> f64 {
         .map_or(30.0, |w| w.seconds)
 }
 
+/// Reads/writes per device summed over the VM's windows, busiest first.
+fn device_totals(g: &VmWindows<'_>) -> Vec<(String, u64, u64)> {
+    let mut totals: Vec<(String, u64, u64)> = Vec::new();
+    for d in g.windows.iter().flat_map(|w| &w.devices) {
+        match totals.iter_mut().find(|t| t.0 == d.name) {
+            Some(t) => {
+                t.1 += d.read;
+                t.2 += d.write;
+            }
+            None => totals.push((d.name.clone(), d.read, d.write)),
+        }
+    }
+    totals.sort_by(|a, b| (b.1 + b.2).cmp(&(a.1 + a.2)).then(a.0.cmp(&b.0)));
+    totals
+}
+
+/// Timer callback runs summed over the VM's windows, busiest first.
+fn callback_totals(g: &VmWindows<'_>) -> Vec<(String, u64)> {
+    let mut totals: Vec<(String, u64)> = Vec::new();
+    for c in g.windows.iter().flat_map(|w| &w.timers) {
+        match totals.iter_mut().find(|t| t.0 == c.callback) {
+            Some(t) => t.1 += c.count,
+            None => totals.push((c.callback.clone(), c.count)),
+        }
+    }
+    totals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    totals
+}
+
+fn covered_seconds(g: &VmWindows<'_>) -> f64 {
+    g.windows.iter().map(|w| w.seconds).sum()
+}
+
+/// Rows of the per-device table: name, reads, writes, reads/s, writes/s.
+fn device_rows(g: &VmWindows<'_>) -> Vec<[String; 5]> {
+    let secs = covered_seconds(g).max(1e-9);
+    device_totals(g)
+        .into_iter()
+        .map(|(name, r, w)| {
+            [
+                sanitize(&name),
+                thousands(Some(r)),
+                thousands(Some(w)),
+                format!("{:.1}", r as f64 / secs),
+                format!("{:.1}", w as f64 / secs),
+            ]
+        })
+        .collect()
+}
+
+fn callback_rows(g: &VmWindows<'_>) -> Vec<[String; 3]> {
+    let secs = covered_seconds(g).max(1e-9);
+    callback_totals(g)
+        .into_iter()
+        .map(|(name, n)| {
+            [
+                sanitize(&name),
+                thousands(Some(n)),
+                format!("{:.1}", n as f64 / secs),
+            ]
+        })
+        .collect()
+}
+
+/// Left-aligned first column, right-aligned others, two spaces apart.
+fn aligned<const N: usize>(head: [&str; N], rows: &[[String; N]], indent: &str) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .chain([head[c].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let head: [String; N] = head.map(String::from);
+    for row in std::iter::once(&head).chain(rows) {
+        let mut l = format!("{indent}{:<w$}", row[0], w = widths[0]);
+        for c in 1..N {
+            let _ = write!(l, "  {:>w$}", row[c], w = widths[c]);
+        }
+        let _ = writeln!(out, "{}", l.trim_end());
+    }
+    out
+}
+
 fn footnotes(g: &VmWindows<'_>) -> Vec<String> {
     g.windows
         .iter()
@@ -215,6 +302,24 @@ fn render_table(groups: &[VmWindows<'_>]) -> String {
         for s in sources_line(g) {
             let _ = writeln!(out, "  {s}");
         }
+        let devices = device_rows(g);
+        if !devices.is_empty() {
+            out.push('\n');
+            out.push_str(&aligned(
+                ["Device", "Reads", "Writes", "Reads/s", "Writes/s"],
+                &devices,
+                "  ",
+            ));
+        }
+        let callbacks = callback_rows(g);
+        if !callbacks.is_empty() {
+            out.push('\n');
+            out.push_str(&aligned(
+                ["Timer callback", "Runs", "Runs/s"],
+                &callbacks,
+                "  ",
+            ));
+        }
     }
     out
 }
@@ -241,6 +346,32 @@ fn render_markdown(groups: &[VmWindows<'_>]) -> String {
             let _ = writeln!(out, "{}  ", md_escape(&s));
         }
         out.push('\n');
+        let devices = device_rows(g);
+        if !devices.is_empty() {
+            let _ = writeln!(out, "| Device | Reads | Writes | Reads/s | Writes/s |");
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+            for r in devices {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} |",
+                    md_escape(&r[0]),
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4]
+                );
+            }
+            out.push('\n');
+        }
+        let callbacks = callback_rows(g);
+        if !callbacks.is_empty() {
+            let _ = writeln!(out, "| Timer callback | Runs | Runs/s |");
+            let _ = writeln!(out, "|---|---:|---:|");
+            for r in callbacks {
+                let _ = writeln!(out, "| {} | {} | {} |", md_escape(&r[0]), r[1], r[2]);
+            }
+            out.push('\n');
+        }
     }
     out
 }
@@ -383,6 +514,49 @@ VM quiet (pid 11, tcg)
   read/write source: unavailable: why
 ";
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn per_device_and_callback_tables() {
+        let mut records = recording();
+        records[0].devices = vec![crate::record::DeviceCount {
+            name: "uhci".into(),
+            read: 246,
+            write: 0,
+        }];
+        records[2].devices = vec![
+            crate::record::DeviceCount {
+                name: "parallel".into(),
+                read: 100_000,
+                write: 0,
+            },
+            crate::record::DeviceCount {
+                name: "uhci".into(),
+                read: 250,
+                write: 1,
+            },
+        ];
+        records[2].timers = vec![crate::record::TimerCallbackCount {
+            callback: "uhci_frame_timer".into(),
+            count: 9750,
+        }];
+        let out = render(&records, ReportFormat::Table);
+        // Covered: 5 + 5 + 2.5 s.
+        assert!(
+            out.contains(
+                "  Device      Reads  Writes  Reads/s  Writes/s
+  parallel  100,000       0   8000.0       0.0
+  uhci          496       1     39.7       0.1
+"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("  uhci_frame_timer  9,750   780.0"), "{out}");
+        let md = render(&records, ReportFormat::Markdown);
+        assert!(
+            md.contains("| parallel | 100,000 | 0 | 8000.0 | 0.0 |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -2,10 +2,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use profiler_common::kind;
+
 use crate::{
-    collector::{Collector, Counts, RunningWindow, VmObservation},
+    collector::{Collector, Counts, FinalCounts, RunningWindow, VmObservation},
     discovery::{HostPaths, QemuProcess, VmKey, clock_ticks_per_second, scan_qemu_processes},
-    probes::{EventProbes, ProbeCost, ProcessCounters},
+    probes::{EventProbes, NO_USDT_REASON, ProbeCost, ProcessCounters, ReadWriteSource},
     record::{Sources, WindowRecord},
 };
 
@@ -24,26 +26,42 @@ impl VmFilter {
     }
 }
 
-/// Reason given for read/write until a source for them exists on this VM.
-pub const READ_WRITE_UNAVAILABLE: &str = "unavailable: this version counts timer and fd \
-     wakeups only; read/write sources (USDT, symbols, KVM tracepoints) are not implemented yet";
-
 /// Which source serves each count for a VM.
-pub fn sources_for(_p: &QemuProcess) -> Sources {
+pub fn sources_with(rw: &ReadWriteSource) -> Sources {
     Sources {
         timer: "syscall".into(),
-        read: READ_WRITE_UNAVAILABLE.into(),
-        write: READ_WRITE_UNAVAILABLE.into(),
+        read: rw.label(),
+        write: rw.label(),
     }
 }
 
-fn counts_of(p: &QemuProcess, c: Option<&ProcessCounters>) -> Counts {
+/// Which read/write source a process's binary could offer, without attaching anything
+/// (for `profiler list`, which may run unprivileged).
+pub fn probe_read_write_source(p: &QemuProcess) -> ReadWriteSource {
+    let bytes = match std::fs::read(format!("/proc/{}/exe", p.key.pid)) {
+        Ok(b) => b,
+        Err(e) => {
+            return ReadWriteSource::Unavailable(format!(
+                "cannot read /proc/{}/exe ({e}); run as root",
+                p.key.pid
+            ));
+        }
+    };
+    match crate::probes::usdt::find_region_ops_sites(&bytes) {
+        Ok(Some(_)) => ReadWriteSource::Usdt,
+        Ok(None) => ReadWriteSource::Unavailable(NO_USDT_REASON.into()),
+        Err(e) => ReadWriteSource::Unavailable(format!("reading its USDT notes: {e:#}")),
+    }
+}
+
+fn counts_of(p: &QemuProcess, c: Option<&ProcessCounters>, rw: &ReadWriteSource) -> Counts {
     let c = c.cloned().unwrap_or_default();
+    let usdt = *rw == ReadWriteSource::Usdt;
     Counts {
         timer: Some(c.timer()),
         fd_wakeups: Some(c.fd_wakeups()),
-        read: None,
-        write: None,
+        read: usdt.then(|| c.total(kind::READ)),
+        write: usdt.then(|| c.total(kind::WRITE)),
         cpu_ticks: Some(p.cpu.total()),
     }
 }
@@ -97,14 +115,19 @@ impl Session {
             .collect();
         for (pid, key) in gone {
             let c = counters.get(&pid).cloned().unwrap_or_default();
+            let usdt = self.probes.read_write_source(pid) == ReadWriteSource::Usdt;
             finals.insert(
                 key,
-                Counts {
-                    timer: Some(c.timer()),
-                    fd_wakeups: Some(c.fd_wakeups()),
-                    read: None,
-                    write: None,
-                    cpu_ticks: None,
+                FinalCounts {
+                    counts: Counts {
+                        timer: Some(c.timer()),
+                        fd_wakeups: Some(c.fd_wakeups()),
+                        read: usdt.then(|| c.total(kind::READ)),
+                        write: usdt.then(|| c.total(kind::WRITE)),
+                        cpu_ticks: None,
+                    },
+                    devices: c.devices(),
+                    ..FinalCounts::default()
                 },
             );
             self.probes.unwatch(pid)?;
@@ -113,19 +136,23 @@ impl Session {
 
         let mut observations = Vec::with_capacity(procs.len());
         for p in &procs {
-            let counts = if self.watched.contains_key(&p.key.pid) {
-                counts_of(p, counters.get(&p.key.pid))
+            let current = if self.watched.contains_key(&p.key.pid) {
+                counters.get(&p.key.pid).cloned()
             } else {
                 // Newly seen: counting starts now, from zero.
                 self.probes.watch(p.key.pid)?;
                 self.watched.insert(p.key.pid, p.key);
-                counts_of(p, None)
+                None
             };
+            let rw = self.probes.read_write_source(p.key.pid);
+            let devices = current.as_ref().map(|c| c.devices()).unwrap_or_default();
             observations.push(VmObservation {
                 key: p.key,
                 identity: p.identity.clone(),
-                sources: sources_for(p),
-                counts,
+                sources: sources_with(&rw),
+                counts: counts_of(p, current.as_ref(), &rw),
+                devices,
+                callbacks: Default::default(),
             });
         }
         self.last_seen = procs;
@@ -139,6 +166,40 @@ impl Session {
 
     pub fn running(&self) -> Vec<RunningWindow> {
         self.collector.running()
+    }
+
+    /// Running windows with each VM's command-line devices, for live views.
+    pub fn running_with_devices(&self) -> Vec<(RunningWindow, Vec<String>)> {
+        self.collector
+            .running()
+            .into_iter()
+            .map(|r| {
+                let devices = self
+                    .last_seen
+                    .iter()
+                    .find(|p| p.key == r.key)
+                    .map(|p| p.cmdline.devices.clone())
+                    .unwrap_or_default();
+                (r, devices)
+            })
+            .collect()
+    }
+
+    /// Probe sources attached right now, for the live header.
+    pub fn live_sources(&self) -> Vec<String> {
+        let mut live = vec!["syscall tracepoints (timer, fd)".to_string()];
+        if self
+            .watched
+            .keys()
+            .any(|pid| self.probes.read_write_source(*pid) == ReadWriteSource::Usdt)
+        {
+            live.push("usdt memory_region_ops (read, write)".into());
+        }
+        live
+    }
+
+    pub fn window_clock(&self) -> crate::collector::WindowClock {
+        self.collector.clock()
     }
 
     pub fn processes(&self) -> &[QemuProcess] {

@@ -31,11 +31,14 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     tests.args(["test", "--workspace", "--exclude", "profiler-ebpf"]);
     if is_root() {
         let image = xtask::guest::build_guest(root)?;
+        // Read/write tests need QEMU with USDT probes: built once (~15 min), then cached.
+        let qemu_usdt = crate::qemu_usdt::qemu_usdt()?;
         // The end-to-end tests boot guests from this image; with PROFILER_E2E_REQUIRE a missing
         // prerequisite fails them instead of skipping them.
         tests
             .env("PROFILER_GUEST_KERNEL", &image.kernel)
             .env("PROFILER_GUEST_INITRD", &image.initrd)
+            .env("PROFILER_QEMU_USDT", &qemu_usdt)
             .env("PROFILER_E2E_REQUIRE", "1");
     } else {
         eprintln!(

@@ -1,1 +1,2 @@
 pub mod timers;
+pub mod usdt;

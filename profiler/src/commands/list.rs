@@ -7,7 +7,7 @@ use crate::{
     discovery::{HostPaths, scan_qemu_processes},
     record::Sources,
     report::sanitize,
-    session::sources_for,
+    session::{probe_read_write_source, sources_with},
 };
 
 #[derive(Serialize)]
@@ -36,7 +36,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             exe: p.exe.display().to_string(),
             devices: p.cmdline.devices.clone(),
             qmp: p.cmdline.qmp.clone(),
-            sources: sources_for(p),
+            sources: sources_with(&probe_read_write_source(p)),
         })
         .collect();
     if json {

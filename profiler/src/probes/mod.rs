@@ -3,10 +3,12 @@
 //! One file per probe family (kunai style); this module owns the shared maps.
 
 pub mod timers;
+pub mod usdt;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     os::fd::OwnedFd,
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,8 +16,11 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    programs::UProbe,
 };
-use profiler_common::{CounterKey, kind};
+use profiler_common::{CounterKey, RegionKey, RegionName, UsdtSpec, kind};
+
+use crate::elf::LoadSegment;
 
 /// The compiled eBPF object, embedded at build time by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -25,6 +30,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct ProcessCounters {
     /// (kind, id) -> count, summed over CPUs.
     pub by_key: BTreeMap<(u32, u64), u64>,
+    /// MemoryRegion pointer -> name, for read/write ids.
+    pub region_names: HashMap<u64, String>,
 }
 
 impl ProcessCounters {
@@ -42,7 +49,59 @@ impl ProcessCounters {
     pub fn fd_wakeups(&self) -> u64 {
         self.total(kind::FD_WAKEUP)
     }
+    /// Cumulative (reads, writes) per device name. Regions are keyed by pointer in the
+    /// kernel; several regions may share a name (e.g. one per UHCI port range), so they are
+    /// summed by name here.
+    pub fn devices(&self) -> BTreeMap<String, (u64, u64)> {
+        let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (&(k, id), &n) in &self.by_key {
+            if k != kind::READ && k != kind::WRITE {
+                continue;
+            }
+            let name = self
+                .region_names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("region@{id:#x}"));
+            let entry = out.entry(name).or_default();
+            if k == kind::READ {
+                entry.0 += n;
+            } else {
+                entry.1 += n;
+            }
+        }
+        out
+    }
 }
+
+/// What a QEMU binary offers the read/write probe, parsed once per executable.
+#[derive(Debug)]
+struct ExeProbes {
+    sites: usdt::RegionOpsSites,
+    segments: Vec<LoadSegment>,
+}
+
+/// Which source serves a process's read/write counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadWriteSource {
+    Usdt,
+    Unavailable(String),
+}
+
+impl ReadWriteSource {
+    pub fn label(&self) -> String {
+        match self {
+            ReadWriteSource::Usdt => "usdt".into(),
+            ReadWriteSource::Unavailable(why) => format!("unavailable: {why}"),
+        }
+    }
+}
+
+/// Why a binary without the USDT probes cannot give read/write counts, and what would fix it.
+pub const NO_USDT_REASON: &str = "this QEMU has no qemu:memory_region_ops_read/write USDT \
+     probes (built without the dtrace trace backend, e.g. Debian/Ubuntu packages); use a QEMU \
+     built with --enable-trace-backends=dtrace (Fedora/RHEL packages are; `cargo xtask \
+     qemu-usdt` builds one)";
 
 /// The profiler's own cost in the kernel, from BPF run-time statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,6 +114,11 @@ pub struct ProbeCost {
 pub struct EventProbes {
     ebpf: Ebpf,
     watched: HashSet<u32>,
+    /// Parsed USDT sites per executable (device, inode); `Err` holds why not.
+    exe_probes: HashMap<(u64, u64), Result<Arc<ExeProbes>, String>>,
+    usdt: HashMap<u32, usdt::UsdtAttachment>,
+    rw_sources: HashMap<u32, ReadWriteSource>,
+    next_spec_id: u32,
     /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
     _stats: Option<OwnedFd>,
 }
@@ -79,11 +143,144 @@ impl EventProbes {
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
         timers::attach(&mut ebpf)?;
+        let program: &mut UProbe = ebpf
+            .program_mut(usdt::PROGRAM)
+            .context("eBPF program usdt_memory_region_ops missing")?
+            .try_into()?;
+        program
+            .load()
+            .context("loading the USDT read/write program")?;
         Ok(Self {
             ebpf,
             watched: HashSet::new(),
+            exe_probes: HashMap::new(),
+            usdt: HashMap::new(),
+            rw_sources: HashMap::new(),
+            next_spec_id: 1,
             _stats: stats,
         })
+    }
+
+    /// Parses (once per binary) what the process's QEMU executable offers.
+    fn exe_probes(&mut self, pid: u32) -> Result<(Arc<ExeProbes>, u64), String> {
+        let (dev, ino) = usdt::exe_inode(pid).map_err(|e| format!("{e:#}"))?;
+        let entry = self.exe_probes.entry((dev, ino)).or_insert_with(|| {
+            let bytes = std::fs::read(format!("/proc/{pid}/exe"))
+                .map_err(|e| format!("reading /proc/{pid}/exe: {e}"))?;
+            let sites = usdt::find_region_ops_sites(&bytes)
+                .map_err(|e| format!("reading its USDT notes: {e:#}"))?
+                .ok_or_else(|| NO_USDT_REASON.to_string())?;
+            let segments = crate::elf::load_segments(&bytes).map_err(|e| format!("{e:#}"))?;
+            Ok(Arc::new(ExeProbes { sites, segments }))
+        });
+        entry.clone().map(|p| (p, ino))
+    }
+
+    fn attach_usdt(&mut self, pid: u32) -> ReadWriteSource {
+        let (exe, inode) = match self.exe_probes(pid) {
+            Ok(found) => found,
+            Err(why) => return ReadWriteSource::Unavailable(why),
+        };
+        let mut next_spec_id = self.next_spec_id;
+        let spec_map = self
+            .ebpf
+            .map_mut("USDT_SPECS")
+            .map(BpfHashMap::<&mut MapData, u32, UsdtSpec>::try_from);
+        let Some(Ok(mut spec_map)) = spec_map else {
+            return ReadWriteSource::Unavailable("map USDT_SPECS missing".into());
+        };
+        let mut new_specs = Vec::new();
+        let mut insert = |spec: UsdtSpec| -> anyhow::Result<u32> {
+            let id = next_spec_id;
+            next_spec_id += 1;
+            spec_map.insert(id, spec, 0)?;
+            new_specs.push(id);
+            Ok(id)
+        };
+        // The spec map is filled first (ids are cheap), then the program attaches.
+        let mut planned = Vec::new();
+        for (sites, k) in [
+            (&exe.sites.read, kind::READ),
+            (&exe.sites.write, kind::WRITE),
+        ] {
+            for site in sites {
+                match usdt::site_spec(site, k).and_then(&mut insert) {
+                    Ok(id) => planned.push(id),
+                    Err(e) => return ReadWriteSource::Unavailable(format!("{e:#}")),
+                }
+            }
+        }
+        self.next_spec_id = next_spec_id;
+        let mut planned = planned.into_iter();
+        let program: &mut UProbe = match self.ebpf.program_mut(usdt::PROGRAM).map(|p| p.try_into())
+        {
+            Some(Ok(p)) => p,
+            _ => return ReadWriteSource::Unavailable("USDT program missing".into()),
+        };
+        let offset_to_vaddr = |off| exe.segments.iter().find_map(|s| s.vaddr_of(off));
+        match usdt::attach(program, pid, &exe.sites, inode, offset_to_vaddr, |_| {
+            planned.next().context("more sites than specs")
+        }) {
+            Ok(attachment) => {
+                self.usdt.insert(pid, attachment);
+                ReadWriteSource::Usdt
+            }
+            Err(e) => {
+                self.forget_specs(&new_specs);
+                ReadWriteSource::Unavailable(format!("attaching the USDT probes failed: {e:#}"))
+            }
+        }
+    }
+
+    fn forget_specs(&mut self, ids: &[u32]) {
+        if let Some(Ok(mut map)) = self
+            .ebpf
+            .map_mut("USDT_SPECS")
+            .map(BpfHashMap::<&mut MapData, u32, UsdtSpec>::try_from)
+        {
+            for id in ids {
+                let _ = map.remove(id);
+            }
+        }
+    }
+
+    fn detach_usdt(&mut self, pid: u32) {
+        let Some(attachment) = self.usdt.remove(&pid) else {
+            return;
+        };
+        let (links, spec_ids) = attachment.release();
+        if let Some(Ok(program)) = self
+            .ebpf
+            .program_mut(usdt::PROGRAM)
+            .map(<&mut UProbe>::try_from)
+        {
+            for link in links {
+                let _ = program.detach(link);
+            }
+        }
+        self.forget_specs(&spec_ids);
+        if let Some(Ok(mut names)) = self
+            .ebpf
+            .map_mut("REGION_NAMES")
+            .map(BpfHashMap::<&mut MapData, RegionKey, RegionName>::try_from)
+        {
+            let stale: Vec<RegionKey> = names
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.tgid == pid)
+                .collect();
+            for k in stale {
+                let _ = names.remove(&k);
+            }
+        }
+    }
+
+    /// Which source serves `tgid`'s read/write counts (after [`Self::watch`]).
+    pub fn read_write_source(&self, tgid: u32) -> ReadWriteSource {
+        self.rw_sources
+            .get(&tgid)
+            .cloned()
+            .unwrap_or_else(|| ReadWriteSource::Unavailable("not watched".into()))
     }
 
     fn watched_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, u32, u32>> {
@@ -110,6 +307,8 @@ impl EventProbes {
         self.forget_counters(tgid)?;
         self.watched_map()?.insert(tgid, 1, 0)?;
         self.watched.insert(tgid);
+        let source = self.attach_usdt(tgid);
+        self.rw_sources.insert(tgid, source);
         Ok(())
     }
 
@@ -119,6 +318,8 @@ impl EventProbes {
             // Already gone is fine: the process may have been removed concurrently.
             let _ = self.watched_map()?.remove(&tgid);
         }
+        self.detach_usdt(tgid);
+        self.rw_sources.remove(&tgid);
         self.forget_counters(tgid)
     }
 
@@ -149,7 +350,34 @@ impl EventProbes {
                 .entry((key.kind, key.id))
                 .or_default() += sum;
         }
+        if let Some(Ok(names)) = self
+            .ebpf
+            .map("REGION_NAMES")
+            .map(BpfHashMap::<&MapData, RegionKey, RegionName>::try_from)
+        {
+            for (key, name) in names.iter().filter_map(Result::ok) {
+                if let Some(c) = out.get_mut(&key.tgid) {
+                    let len = name
+                        .name
+                        .iter()
+                        .position(|&b| b == 0)
+                        .unwrap_or(name.name.len());
+                    c.region_names.insert(
+                        key.region,
+                        String::from_utf8_lossy(&name.name[..len]).into_owned(),
+                    );
+                }
+            }
+        }
         Ok(out)
+    }
+
+    /// Detaches every USDT probe and lowers its semaphores (also done on drop).
+    pub fn detach_all(&mut self) {
+        let pids: Vec<u32> = self.usdt.keys().copied().collect();
+        for pid in pids {
+            self.detach_usdt(pid);
+        }
     }
 
     /// Run count and run time of all our programs so far.
@@ -162,5 +390,11 @@ impl EventProbes {
             }
         }
         cost
+    }
+}
+
+impl Drop for EventProbes {
+    fn drop(&mut self) {
+        self.detach_all();
     }
 }

@@ -1,0 +1,334 @@
+//! Attaching QEMU's `qemu:memory_region_ops_read/_write` USDT probes to one QEMU process.
+//!
+//! aya has no USDT support, so this does what libbpf's usdt.c does: the probe sites come from
+//! the binary's `.note.stapsdt` ([`crate::elf::usdt`]); a uprobe is attached at each site's
+//! file offset, scoped to the process, with a BPF cookie that indexes the argument layout in
+//! `USDT_SPECS`.
+//!
+//! **Semaphores.** QEMU guards these probe sites with USDT semaphores: the site only runs while
+//! the semaphore (a `u16` in QEMU's data segment) is non-zero. The kernel can manage it through
+//! the uprobe `ref_ctr_offset`, but aya 0.14's uprobe attach does not expose that field, so the
+//! semaphore is raised by writing the process's memory through `/proc/PID/mem` after the
+//! uprobes are attached, and lowered again when the attachment is dropped — on a normal end,
+//! Ctrl-C, SIGTERM and unwinding panics alike. If QEMU exits first there is nothing to lower.
+//! If the profiler is SIGKILLed the semaphore stays raised: QEMU then evaluates the (now
+//! unprobed) site on every device access, a few instructions each, until the next attach and
+//! detach brings it back to zero.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    os::unix::fs::{FileExt, MetadataExt},
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{
+    UProbe,
+    uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+};
+use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, usdt_arg};
+
+use crate::elf::usdt::{UsdtArg, UsdtArgLocation, UsdtProbe, parse_usdt_probes};
+
+pub const PROGRAM: &str = "usdt_memory_region_ops";
+pub const PROVIDER: &str = "qemu";
+pub const READ_PROBE: &str = "memory_region_ops_read";
+pub const WRITE_PROBE: &str = "memory_region_ops_write";
+/// `(int cpu_index, void *mr, u64 addr, u64 value, unsigned size, const char *name)`.
+const REGION_ARG: u32 = 1;
+const NAME_ARG: u32 = 5;
+
+/// The read/write probe sites of one QEMU executable.
+#[derive(Debug, Clone)]
+pub struct RegionOpsSites {
+    pub read: Vec<UsdtProbe>,
+    pub write: Vec<UsdtProbe>,
+}
+
+/// Finds the memory_region_ops sites in a QEMU binary; `Ok(None)` when it has none.
+pub fn find_region_ops_sites(elf_bytes: &[u8]) -> anyhow::Result<Option<RegionOpsSites>> {
+    let probes = parse_usdt_probes(elf_bytes)?;
+    let pick = |name: &str| -> Vec<UsdtProbe> {
+        probes
+            .iter()
+            .filter(|p| p.provider == PROVIDER && p.name == name)
+            .cloned()
+            .collect()
+    };
+    let (read, write) = (pick(READ_PROBE), pick(WRITE_PROBE));
+    if read.is_empty() || write.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(RegionOpsSites { read, write }))
+}
+
+/// Turns a parsed USDT argument into the eBPF side's fetch instructions. RIP-relative and
+/// indexed operands are not needed for the region/name arguments and are refused.
+pub fn arg_spec(arg: &UsdtArg) -> anyhow::Result<UsdtArgSpec> {
+    let bitshift = 64 - 8 * u8::min(arg.size, 8);
+    let base = UsdtArgSpec {
+        signed: arg.signed as u8,
+        bitshift,
+        ..UsdtArgSpec::default()
+    };
+    Ok(match &arg.location {
+        UsdtArgLocation::Register { reg } => UsdtArgSpec {
+            arg_type: usdt_arg::REG,
+            reg_off: reg.pt_regs_offset() as u16,
+            ..base
+        },
+        UsdtArgLocation::Memory { base: reg, offset } => UsdtArgSpec {
+            arg_type: usdt_arg::REG_DEREF,
+            reg_off: reg.pt_regs_offset() as u16,
+            val_off: *offset as u64,
+            ..base
+        },
+        UsdtArgLocation::Constant(v) => UsdtArgSpec {
+            arg_type: usdt_arg::CONST,
+            val_off: *v as u64,
+            ..base
+        },
+        other => bail!("USDT operand {other:?} is not supported for this probe"),
+    })
+}
+
+/// The eBPF-side spec of one probe site.
+pub fn site_spec(site: &UsdtProbe, counter_kind: u32) -> anyhow::Result<UsdtSpec> {
+    let args = site.parsed_args()?;
+    if args.len() <= NAME_ARG as usize || args.len() > USDT_MAX_ARGS {
+        bail!(
+            "{}:{} has {} arguments ({}), expected 6",
+            site.provider,
+            site.name,
+            args.len(),
+            site.raw_args
+        );
+    }
+    let mut spec = UsdtSpec {
+        args: [UsdtArgSpec::default(); USDT_MAX_ARGS],
+        arg_count: args.len() as u32,
+        kind: counter_kind,
+        region_arg: REGION_ARG,
+        name_arg: NAME_ARG,
+    };
+    for i in [REGION_ARG as usize, NAME_ARG as usize] {
+        spec.args[i] = arg_spec(&args[i])
+            .with_context(|| format!("argument {i} of {}:{}", site.provider, site.name))?;
+    }
+    Ok(spec)
+}
+
+/// Where `exe` (by inode) is mapped in `pid`, as the load bias to add to link-time addresses.
+pub fn load_bias(
+    pid: u32,
+    exe_inode: u64,
+    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
+) -> anyhow::Result<u64> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading /proc/{pid}/maps"))?;
+    parse_load_bias(&maps, exe_inode, offset_to_vaddr)
+}
+
+/// `/proc/PID/maps` lines: `start-end perms offset dev inode path`. The bias is the first
+/// mapping of the binary minus the link-time address of its file offset.
+pub fn parse_load_bias(
+    maps: &str,
+    inode: u64,
+    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
+) -> anyhow::Result<u64> {
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(ino)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        if ino.parse::<u64>().ok() != Some(inode) {
+            continue;
+        }
+        let start = range
+            .split('-')
+            .next()
+            .and_then(|s| u64::from_str_radix(s, 16).ok());
+        let off = u64::from_str_radix(off, 16).ok();
+        if let (Some(start), Some(off)) = (start, off)
+            && let Some(vaddr) = offset_to_vaddr(off)
+        {
+            return Ok(start.wrapping_sub(vaddr & !0xfff));
+        }
+    }
+    bail!("the QEMU binary (inode {inode}) is not mapped in the process")
+}
+
+/// A USDT semaphore raised in a live process; lowered on drop.
+#[derive(Debug)]
+struct RaisedSemaphore {
+    mem: File,
+    addr: u64,
+}
+
+impl RaisedSemaphore {
+    fn raise(pid: u32, addr: u64) -> anyhow::Result<Self> {
+        let mem = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .with_context(|| format!("opening /proc/{pid}/mem to raise a USDT semaphore"))?;
+        adjust(&mem, addr, 1).with_context(|| format!("raising the semaphore at {addr:#x}"))?;
+        Ok(Self { mem, addr })
+    }
+}
+
+/// Adds `delta` to the `u16` at `addr`, saturating (other tracers may hold it too).
+fn adjust(mem: &File, addr: u64, delta: i32) -> std::io::Result<()> {
+    let mut buf = [0u8; 2];
+    mem.read_exact_at(&mut buf, addr)?;
+    let value = (u16::from_ne_bytes(buf) as i32 + delta).clamp(0, u16::MAX as i32) as u16;
+    mem.write_all_at(&value.to_ne_bytes(), addr)
+}
+
+impl Drop for RaisedSemaphore {
+    fn drop(&mut self) {
+        // Fails harmlessly (ESRCH/EIO) when the process has exited.
+        let _ = adjust(&self.mem, self.addr, -1);
+    }
+}
+
+/// The read/write probes attached to one QEMU process.
+#[derive(Debug)]
+pub struct UsdtAttachment {
+    pub links: Vec<UProbeLinkId>,
+    pub spec_ids: Vec<u32>,
+    semaphores: Vec<RaisedSemaphore>,
+}
+
+impl UsdtAttachment {
+    /// Lowers the semaphores and hands back the links and spec ids to release.
+    pub fn release(self) -> (Vec<UProbeLinkId>, Vec<u32>) {
+        drop(self.semaphores);
+        (self.links, self.spec_ids)
+    }
+}
+
+/// The identity of an executable, to cache parsed notes per binary.
+pub fn exe_inode(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let meta = fs::metadata(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("stat /proc/{pid}/exe"))?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Attaches `program` at every read/write site for `pid`; `insert_spec` stores a spec in the
+/// kernel map and returns its cookie.
+pub fn attach(
+    program: &mut UProbe,
+    pid: u32,
+    sites: &RegionOpsSites,
+    inode: u64,
+    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
+    mut insert_spec: impl FnMut(UsdtSpec) -> anyhow::Result<u32>,
+) -> anyhow::Result<UsdtAttachment> {
+    let target = format!("/proc/{pid}/exe");
+    let scope =
+        UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).context("pid 0 cannot be probed")?);
+    let bias = load_bias(pid, inode, offset_to_vaddr)?;
+    let mut attachment = UsdtAttachment {
+        links: Vec::new(),
+        spec_ids: Vec::new(),
+        semaphores: Vec::new(),
+    };
+    for (sites, counter_kind) in [(&sites.read, kind::READ), (&sites.write, kind::WRITE)] {
+        for site in sites {
+            let cookie = insert_spec(site_spec(site, counter_kind)?)?;
+            attachment.spec_ids.push(cookie);
+            let link = program
+                .attach(
+                    UProbeAttachPoint {
+                        location: UProbeAttachLocation::AbsoluteOffset(site.pc_file_offset),
+                        cookie: Some(cookie as u64),
+                    },
+                    Path::new(&target),
+                    scope,
+                )
+                .with_context(|| {
+                    format!(
+                        "attaching a uprobe to {}:{} at file offset {:#x} of {target}",
+                        site.provider, site.name, site.pc_file_offset
+                    )
+                })?;
+            attachment.links.push(link);
+        }
+    }
+    // Raise the semaphores last, so the sites start firing only once every uprobe is in.
+    for site in sites.read.iter().chain(&sites.write) {
+        if let Some(sem) = site.semaphore {
+            attachment
+                .semaphores
+                .push(RaisedSemaphore::raise(pid, bias.wrapping_add(sem))?);
+        }
+    }
+    Ok(attachment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::elf::usdt::parse_args;
+
+    #[test]
+    fn specs_for_qemu_memory_region_ops() {
+        // The argument spec of QEMU 7.2's memory_region_ops_read (Debian source, dtrace).
+        let args = parse_args("-4@%edi 8@%rsi 8@%rdx 8@%rcx 4@%r8d 8@%r9").unwrap();
+        let mr = arg_spec(&args[1]).unwrap();
+        assert_eq!(mr.arg_type, usdt_arg::REG);
+        assert_eq!(mr.reg_off, 104); // rsi in struct pt_regs
+        assert_eq!(mr.bitshift, 0);
+        let name = arg_spec(&args[5]).unwrap();
+        assert_eq!(name.reg_off, 64); // r9
+        let cpu = arg_spec(&args[0]).unwrap();
+        assert_eq!((cpu.signed, cpu.bitshift, cpu.reg_off), (1, 32, 112)); // edi
+        let deref = arg_spec(&parse_args("-4@-20(%rbp)").unwrap()[0]).unwrap();
+        assert_eq!(deref.arg_type, usdt_arg::REG_DEREF);
+        assert_eq!(deref.val_off as i64, -20);
+        let constant = arg_spec(&parse_args("4@$7").unwrap()[0]).unwrap();
+        assert_eq!((constant.arg_type, constant.val_off), (usdt_arg::CONST, 7));
+        assert!(arg_spec(&parse_args("8@seq_iter.6(%rip)").unwrap()[0]).is_err());
+    }
+
+    #[test]
+    fn load_bias_from_maps() {
+        let maps = "\
+55d0c8a00000-55d0c8c85000 r--p 00000000 fe:01 1234 /usr/bin/qemu-system-x86_64
+55d0c8c85000-55d0c9130000 r-xp 00285000 fe:01 1234 /usr/bin/qemu-system-x86_64
+7f0000000000-7f0000001000 r--p 00000000 fe:01 999 /usr/lib/libc.so.6
+";
+        let bias = parse_load_bias(maps, 1234, Some).unwrap();
+        assert_eq!(bias, 0x55d0c8a00000);
+        assert!(parse_load_bias(maps, 42, Some).is_err());
+        // A non-PIE binary linked at 0x400000: bias 0.
+        let maps = "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/qemu-kvm\n";
+        assert_eq!(
+            parse_load_bias(maps, 173521, |_| Some(0x400000)).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn qemu_with_usdt_has_one_site_each() {
+        let path = xtask::cache::cache_dir().join("qemu-usdt/bin/qemu-system-x86_64");
+        let Ok(bytes) = fs::read(&path) else {
+            eprintln!(
+                "SKIPPED: {} not built (cargo xtask qemu-usdt)",
+                path.display()
+            );
+            return;
+        };
+        let sites = find_region_ops_sites(&bytes)
+            .unwrap()
+            .expect("probes present");
+        assert_eq!((sites.read.len(), sites.write.len()), (1, 1));
+        for site in sites.read.iter().chain(&sites.write) {
+            site_spec(site, kind::READ).unwrap();
+            assert!(site.semaphore.is_some());
+        }
+    }
+}

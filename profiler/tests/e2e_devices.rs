@@ -1,0 +1,143 @@
+//! End-to-end, read/write by device: a QEMU built with USDT probes (`cargo xtask qemu-usdt`),
+//! real guests, the real profiler binary, as root.
+
+mod common;
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use common::*;
+use profiler::record::WindowRecord;
+use xtask::launch::{DeviceSet, GuestSpec, launch};
+
+/// The USDT QEMU, or `None` after saying why (a failure under `PROFILER_E2E_REQUIRE`).
+fn usdt_qemu(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("PROFILER_QEMU_USDT") {
+        Some(p) => Some(p.into()),
+        None if std::env::var_os("PROFILER_E2E_REQUIRE").is_some() => {
+            panic!("{test}: PROFILER_QEMU_USDT not set")
+        }
+        None => {
+            eprintln!("SKIPPED {test}: PROFILER_QEMU_USDT not set; run `cargo xtask test`");
+            None
+        }
+    }
+}
+
+fn device_total(windows: &[&WindowRecord], name: &str) -> (u64, u64) {
+    windows
+        .iter()
+        .flat_map(|w| &w.devices)
+        .filter(|d| d.name == name)
+        .fold((0, 0), |(r, w), d| (r + d.read, w + d.write))
+}
+
+/// The guest reads the parallel port's data register exactly N times: the profiler must
+/// count N `parallel` reads (+2 % at most for the guest's own driver traffic).
+#[test]
+fn exact_parallel_port_reads_by_name() {
+    let Some(image) = e2e_guest_image("exact_parallel_port_reads") else {
+        return;
+    };
+    let Some(qemu) = usdt_qemu("exact_parallel_port_reads") else {
+        return;
+    };
+    const N: u64 = 50_000;
+    let dir = run_dir("parallel");
+    let mut spec = GuestSpec::new("e2e-lpt", DeviceSet::Noisy);
+    spec.qemu = qemu;
+    spec.extra_append = format!("workload=inb:0x378:{N} workload_delay=6");
+    let guest = launch(&spec, &image, dir.path()).unwrap();
+    let rec = recording_path(dir.path());
+    // Start recording before the workload starts (it waits 6 s after the ready line).
+    let mut recorder = profiler()
+        .args(["record", "--window", "5", "--vm", "e2e-lpt", "--output"])
+        .arg(&rec)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    guest.wait_ready(Duration::from_secs(180)).unwrap();
+    guest
+        .wait_for_line("PROFILER-WORKLOAD-DONE", Duration::from_secs(120))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: plain signal to our child.
+    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
+    assert!(recorder.wait().unwrap().success());
+
+    let records = load(&rec);
+    let windows = of(&records, "e2e-lpt");
+    assert!(!windows.is_empty());
+    for w in &windows {
+        assert_eq!(w.sources.read, "usdt", "{w:?}");
+        assert!(w.read.is_some() && w.write.is_some());
+    }
+    let (reads, _) = device_total(&windows, "parallel");
+    eprintln!("parallel reads counted: {reads} of {N}");
+    assert!(reads >= N, "counted {reads} of {N} parallel reads");
+    assert!(
+        reads <= N + N / 50,
+        "counted {reads} for {N} parallel reads"
+    );
+    // The per-device rows add up to the totals.
+    for w in &windows {
+        let sum: u64 = w.devices.iter().map(|d| d.read).sum();
+        assert_eq!(Some(sum), w.read, "{w:?}");
+    }
+    let report = String::from_utf8(run_ok(profiler().arg("report").arg(&rec)).stdout).unwrap();
+    assert!(report.contains("parallel"), "{report}");
+}
+
+/// The Pulsar pair on the USDT QEMU: the tablet guest's UHCI controller is polled all the
+/// time; the quiet guest shows no USB, serial or parallel events once booted.
+#[test]
+fn uhci_polling_shows_and_quiet_guest_has_no_legacy_device_events() {
+    let Some(image) = e2e_guest_image("uhci_vs_quiet") else {
+        return;
+    };
+    let Some(qemu) = usdt_qemu("uhci_vs_quiet") else {
+        return;
+    };
+    let dir = run_dir("uhci-vs-quiet");
+    let mut noisy = GuestSpec::new("e2e-usb", DeviceSet::Noisy);
+    noisy.qemu = qemu.clone();
+    let mut quiet = GuestSpec::new("e2e-calm", DeviceSet::Quiet);
+    quiet.qemu = qemu;
+    let g1 = launch(&noisy, &image, dir.path()).unwrap();
+    let g2 = launch(&quiet, &image, dir.path()).unwrap();
+    g1.wait_ready(Duration::from_secs(180)).unwrap();
+    g2.wait_ready(Duration::from_secs(180)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let rec = recording_path(dir.path());
+    run_ok(
+        profiler()
+            .args(["record", "--window", "5", "--duration", "10"])
+            .args(["--vm", "e2e-usb", "--vm", "e2e-calm", "--output"])
+            .arg(&rec),
+    );
+    let records = load(&rec);
+    let usb: Vec<_> = of(&records, "e2e-usb")
+        .into_iter()
+        .filter(|w| !w.partial)
+        .collect();
+    let calm: Vec<_> = of(&records, "e2e-calm")
+        .into_iter()
+        .filter(|w| !w.partial)
+        .collect();
+    assert_eq!((usb.len(), calm.len()), (2, 2), "{records:#?}");
+    for w in &usb {
+        let (uhci_reads, _) = device_total(&[w], "uhci");
+        // UHCI's frame timer polls the schedule; Linux's uhci-hcd reads its status ~25/s.
+        assert!(uhci_reads >= 50, "uhci reads in 5 s: {uhci_reads}: {w:?}");
+    }
+    for w in &calm {
+        for quiet_device in ["uhci", "parallel", "serial"] {
+            assert_eq!(
+                device_total(&[w], quiet_device),
+                (0, 0),
+                "{quiet_device}: {w:?}"
+            );
+        }
+        assert_eq!(w.sources.read, "usdt");
+        assert!(w.read.is_some());
+    }
+}
