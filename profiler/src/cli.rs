@@ -46,6 +46,21 @@ pub enum Command {
         #[arg(long = "pid")]
         pids: Vec<u32>,
     },
+    /// Live ranking of the noisiest guests (a terminal UI; `?` for keys).
+    Top {
+        /// Window length in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        window: u64,
+        /// Also write closed windows to this file, as `record` does.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Only VMs with this name (repeatable).
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+        /// Only the QEMU process with this PID (repeatable).
+        #[arg(long = "pid")]
+        pids: Vec<u32>,
+    },
     /// Print a recording as Pulsar tables (Interval | Timer | Read | Write | CPU), per VM.
     Report {
         /// A recording written by `profiler record` (`-` for standard input).

@@ -16,3 +16,4 @@ pub mod record;
 pub mod report;
 pub mod session;
 pub mod tracefs;
+pub mod tui;

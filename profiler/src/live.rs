@@ -54,3 +54,181 @@ pub struct ProfilerCost {
     /// User + system CPU of the profiler process itself, seconds.
     pub collector_cpu_seconds: f64,
 }
+
+/// Accumulates closed windows per VM between refreshes and builds [`LiveSnapshot`]s.
+#[derive(Debug, Default)]
+pub struct LiveState {
+    vms: std::collections::BTreeMap<VmKey, LiveVm>,
+}
+
+impl LiveState {
+    /// Folds one refresh in: the VMs alive now (with their running windows and command-line
+    /// devices) and the windows this refresh closed. VMs that are gone stay, marked exited,
+    /// until none of their windows is recent (so an operator sees a VM that just died).
+    pub fn update(
+        &mut self,
+        running: Vec<(crate::collector::RunningWindow, Vec<String>)>,
+        closed: &[WindowRecord],
+        ticks_per_second: u64,
+    ) {
+        let alive: std::collections::BTreeSet<VmKey> = running.iter().map(|(r, _)| r.key).collect();
+        for (r, devices) in running {
+            let vm = self.vms.entry(r.key).or_insert_with(|| LiveVm {
+                key: r.key,
+                identity: r.identity.clone(),
+                devices: Vec::new(),
+                sources: r.sources.clone(),
+                running: Counts::default(),
+                running_elapsed: 0.0,
+                running_cpu_seconds: None,
+                history: Vec::new(),
+                exited: false,
+            });
+            vm.identity = r.identity;
+            vm.devices = devices;
+            vm.sources = r.sources;
+            vm.running_cpu_seconds = r
+                .counts
+                .cpu_ticks
+                .map(|t| t as f64 / ticks_per_second.max(1) as f64);
+            vm.running = r.counts;
+            vm.running_elapsed = r.elapsed;
+            vm.exited = false;
+        }
+        for record in closed {
+            if let Some(vm) = self
+                .vms
+                .values_mut()
+                .find(|v| v.identity.pid == record.vm.pid && v.identity.name == record.vm.name)
+            {
+                vm.history.push(record.clone());
+                if vm.history.len() > HISTORY_WINDOWS {
+                    vm.history.remove(0);
+                }
+            }
+        }
+        for (key, vm) in self.vms.iter_mut() {
+            if !alive.contains(key) && !vm.exited {
+                vm.exited = true;
+                vm.running = Counts::default();
+                vm.running_elapsed = 0.0;
+                vm.running_cpu_seconds = None;
+            }
+        }
+    }
+
+    /// Drops exited VMs whose last window closed before window `keep_from`.
+    pub fn prune_exited(&mut self, keep_from: u64) {
+        self.vms
+            .retain(|_, vm| !vm.exited || vm.history.last().is_some_and(|w| w.window >= keep_from));
+    }
+
+    pub fn snapshot(&self, t: f64, window: u64, window_secs: f64) -> LiveSnapshot {
+        LiveSnapshot {
+            t,
+            window,
+            window_secs,
+            vms: self.vms.values().cloned().collect(),
+            cost: ProfilerCost::default(),
+            live_sources: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cmdline::Accel, collector::RunningWindow, record::VmRef};
+
+    fn running(pid: u32, timer: u64) -> (RunningWindow, Vec<String>) {
+        (
+            RunningWindow {
+                key: VmKey {
+                    pid,
+                    start_ticks: 1,
+                },
+                identity: VmIdentity {
+                    name: format!("vm{pid}"),
+                    pid,
+                    uuid: None,
+                    xen_domid: None,
+                    accel: Accel::Tcg,
+                },
+                sources: Sources {
+                    timer: "syscall".into(),
+                    read: "unavailable: x".into(),
+                    write: "unavailable: x".into(),
+                },
+                window: 0,
+                elapsed: 2.0,
+                counts: Counts {
+                    timer: Some(timer),
+                    cpu_ticks: Some(50),
+                    ..Counts::default()
+                },
+                devices: Vec::new(),
+                timers: Vec::new(),
+            },
+            vec!["usb-tablet".into()],
+        )
+    }
+
+    fn closed(pid: u32, window: u64) -> WindowRecord {
+        WindowRecord {
+            window,
+            start: String::new(),
+            seconds: 5.0,
+            partial: false,
+            partial_reason: None,
+            vm: VmRef {
+                name: format!("vm{pid}"),
+                pid,
+                uuid: None,
+                accel: Accel::Tcg,
+                xen_domid: None,
+            },
+            timer: Some(10),
+            fd_wakeups: Some(0),
+            read: None,
+            write: None,
+            cpu_seconds: Some(0.1),
+            sources: Sources {
+                timer: "syscall".into(),
+                read: "unavailable: x".into(),
+                write: "unavailable: x".into(),
+            },
+            devices: Vec::new(),
+            timers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn history_running_and_exits() {
+        let mut s = LiveState::default();
+        s.update(vec![running(1, 5), running(2, 7)], &[], 100);
+        let snap = s.snapshot(2.0, 0, 5.0);
+        assert_eq!(snap.vms.len(), 2);
+        assert_eq!(snap.vms[0].running.timer, Some(5));
+        assert_eq!(snap.vms[0].running_cpu_seconds, Some(0.5));
+        assert_eq!(snap.vms[0].devices, vec!["usb-tablet"]);
+        // vm2 exits; its last window closes in the same refresh.
+        s.update(vec![running(1, 9)], &[closed(1, 0), closed(2, 0)], 100);
+        let snap = s.snapshot(5.0, 1, 5.0);
+        assert_eq!(snap.vms[1].history.len(), 1);
+        assert!(snap.vms[1].exited);
+        assert_eq!(snap.vms[1].running.timer, None);
+        s.prune_exited(0);
+        assert_eq!(s.snapshot(5.0, 1, 5.0).vms.len(), 2);
+        s.prune_exited(1);
+        assert_eq!(s.snapshot(5.0, 1, 5.0).vms.len(), 1);
+        for w in 1..=(HISTORY_WINDOWS as u64 + 5) {
+            s.update(vec![running(1, 1)], &[closed(1, w)], 100);
+        }
+        let vm = &s.snapshot(0.0, 0, 5.0).vms[0];
+        assert_eq!(vm.history.len(), HISTORY_WINDOWS);
+        assert_eq!(
+            vm.history.last().unwrap().window,
+            HISTORY_WINDOWS as u64 + 5
+        );
+    }
+}

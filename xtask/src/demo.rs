@@ -1,8 +1,10 @@
 //! `cargo xtask demo`: the whole story on real guests. Boots `noisy` (default devices + a USB
-//! tablet on UHCI) and `quiet` (no USB, parallel port, VGA or NIC), profiles both, and prints
-//! the Pulsar table of each.
+//! tablet on UHCI) and `quiet` (no USB, parallel port, VGA or NIC) and opens `profiler top` on
+//! them; on quitting (or without a terminal, or with `--no-tui`: a fixed `--duration`
+//! recording) it prints the Pulsar table of each. The guests run on the QEMU built with USDT
+//! probes when `cargo xtask qemu-usdt` has built it, so read/write counts show too.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{io::IsTerminal as _, path::Path, process::Command, time::Duration};
 
 use anyhow::Context as _;
 use xtask::launch::{DeviceSet, GuestSpec, launch};
@@ -44,14 +46,35 @@ pub fn demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
         "xtask: booting guests `noisy` and `quiet` under TCG (logs in {})",
         run_dir.display()
     );
-    let noisy = launch(&GuestSpec::new("noisy", DeviceSet::Noisy), &image, &run_dir)?;
-    let quiet = launch(&GuestSpec::new("quiet", DeviceSet::Quiet), &image, &run_dir)?;
+    let spec = |name: &str, devices| {
+        let mut spec = GuestSpec::new(name, devices);
+        if let Some(qemu) = crate::qemu_usdt::cached_qemu_usdt() {
+            spec.qemu = qemu;
+        }
+        spec
+    };
+    let noisy = launch(&spec("noisy", DeviceSet::Noisy), &image, &run_dir)?;
+    let quiet = launch(&spec("quiet", DeviceSet::Quiet), &image, &run_dir)?;
     for guest in [&noisy, &quiet] {
         guest.wait_ready(Duration::from_secs(180))?;
         eprintln!("xtask: guest {} is up (pid {})", guest.name(), guest.pid());
     }
 
     let recording = run_dir.join("demo.jsonl");
+    if std::io::stdout().is_terminal() && !args.iter().any(|a| a == "--no-tui") {
+        // The live view; `q` quits. Closed windows also go to the recording.
+        eprintln!(
+            "xtask: profiler top --window {window} (q quits; records in {})",
+            recording.display()
+        );
+        run(Command::new(&profiler)
+            .args(["top", "--window", &window.to_string()])
+            .args(["--vm", "noisy", "--vm", "quiet", "--output"])
+            .arg(&recording))?;
+        run(Command::new(&profiler).arg("report").arg(&recording))?;
+        drop((noisy, quiet));
+        return Ok(());
+    }
     eprintln!(
         "xtask: profiler record --window {window} --duration {duration} (records in {})",
         recording.display()

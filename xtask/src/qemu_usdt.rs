@@ -157,6 +157,12 @@ pub fn qemu_usdt() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The USDT QEMU if it has been built already (never builds).
+pub fn cached_qemu_usdt() -> Option<PathBuf> {
+    let dir = xtask::cache::cache_dir().join("qemu-usdt");
+    cached(&dir, &CONFIGURE_FLAGS.join(" "))
+}
+
 fn cached(dir: &Path, key: &str) -> Option<PathBuf> {
     let bin = dir.join("bin/qemu-system-x86_64");
     (fs::read_to_string(dir.join("stamp")).ok()? == key && bin.exists()).then_some(bin)

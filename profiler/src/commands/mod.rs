@@ -3,6 +3,7 @@
 mod list;
 mod record;
 mod report;
+mod top;
 
 use std::process::ExitCode;
 
@@ -24,5 +25,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filter: crate::session::VmFilter { names: vms, pids },
         }),
         Command::Report { file, format } => report::run(&file, format),
+        Command::Top {
+            window,
+            output,
+            vms,
+            pids,
+        } => top::run(top::TopOptions {
+            window,
+            output,
+            filter: crate::session::VmFilter { names: vms, pids },
+        }),
     }
 }

@@ -1,0 +1,567 @@
+//! What the screens show, computed from a [`LiveSnapshot`]: per-VM rates, ranking, filtering,
+//! and the text formats. Pure functions, no terminal.
+
+use std::cmp::Ordering;
+
+use crate::{
+    live::{LiveSnapshot, LiveVm},
+    record::{DeviceCount, WindowRecord},
+    report::thousands,
+};
+
+/// Makes text from outside (VM names, uuids, device and callback names: anyone who starts a
+/// QEMU sets them) safe to put on a terminal. Stricter than [`crate::report::sanitize`]: besides
+/// control characters (C0, DEL, C1 — every escape sequence starts with one), it replaces the
+/// invisible formatting characters that can make text lie about itself (bidi overrides and
+/// isolates, zero-width characters, line and paragraph separators), and caps the length.
+pub fn clean(s: &str) -> String {
+    const MAX_CHARS: usize = 256;
+    let mut out: String = s
+        .chars()
+        .take(MAX_CHARS)
+        .map(|c| if is_unsafe(c) { '\u{FFFD}' } else { c })
+        .collect();
+    if s.chars().nth(MAX_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'                  // Arabic letter mark
+            | '\u{200B}'..='\u{200F}'   // zero-width space/joiners, LRM, RLM
+            | '\u{2028}'..='\u{202E}'   // line/paragraph separators, bidi embeddings/overrides
+            | '\u{2060}'..='\u{2069}'   // word joiner, invisible operators, bidi isolates
+            | '\u{FEFF}'                // zero-width no-break space
+            | '\u{FFF9}'..='\u{FFFB}' // interlinear annotation
+        )
+}
+
+/// `count` events over `seconds` as a rate; `None` when the count is unavailable or the span
+/// is empty (there is no rate yet, which is not a rate of 0).
+pub fn rate(count: Option<u64>, seconds: f64) -> Option<f64> {
+    let count = count?;
+    (seconds > 0.0).then(|| count as f64 / seconds)
+}
+
+/// CPU seconds used over `seconds` of wall time, as a percentage of one core.
+pub fn cpu_percent(cpu_seconds: Option<f64>, seconds: f64) -> Option<f64> {
+    let cpu = cpu_seconds?;
+    (seconds > 0.0).then(|| cpu / seconds * 100.0)
+}
+
+/// A rate in at most 7 columns: `0`, `0.03`, `8.9`, `1,933`, `123k`, `4.5M`.
+pub fn fmt_rate(v: f64) -> String {
+    if !v.is_finite() || v < 0.0 {
+        return "?".into();
+    }
+    if v == 0.0 {
+        "0".into()
+    } else if v < 1.0 {
+        format!("{v:.2}")
+    } else if v < 99.95 {
+        format!("{v:.1}")
+    } else if v < 99_999.5 {
+        thousands(Some(v.round() as u64))
+    } else if v < 999_500.0 {
+        format!("{:.0}k", v / 1e3)
+    } else if v < 999_950_000.0 {
+        format!("{:.1}M", v / 1e6)
+    } else {
+        format!("{:.1}G", v / 1e9)
+    }
+}
+
+/// A CPU percentage: `5.4`, `113`.
+pub fn fmt_percent(v: f64) -> String {
+    if v < 99.95 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// What a ranking is by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortKey {
+    #[default]
+    Timer,
+    Read,
+    Write,
+    Fd,
+    Cpu,
+    Name,
+}
+
+impl SortKey {
+    pub const ALL: [SortKey; 6] = [
+        SortKey::Timer,
+        SortKey::Read,
+        SortKey::Write,
+        SortKey::Fd,
+        SortKey::Cpu,
+        SortKey::Name,
+    ];
+
+    /// The next key in the `s` cycle.
+    pub fn next(self) -> SortKey {
+        let i = Self::ALL.iter().position(|k| *k == self).unwrap_or(0);
+        Self::ALL[(i + 1) % Self::ALL.len()]
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SortKey::Timer => "timer",
+            SortKey::Read => "read",
+            SortKey::Write => "write",
+            SortKey::Fd => "fd",
+            SortKey::Cpu => "cpu",
+            SortKey::Name => "name",
+        }
+    }
+}
+
+/// Per-second rates of one VM over one window; `None` = unavailable.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    pub timer: Option<f64>,
+    pub read: Option<f64>,
+    pub write: Option<f64>,
+    pub fd: Option<f64>,
+    pub cpu_percent: Option<f64>,
+}
+
+impl Rates {
+    pub fn of_record(r: &WindowRecord) -> Rates {
+        Rates {
+            timer: rate(r.timer, r.seconds),
+            read: rate(r.read, r.seconds),
+            write: rate(r.write, r.seconds),
+            fd: rate(r.fd_wakeups, r.seconds),
+            cpu_percent: cpu_percent(r.cpu_seconds, r.seconds),
+        }
+    }
+
+    pub fn of_running(vm: &LiveVm) -> Rates {
+        let s = vm.running_elapsed;
+        Rates {
+            timer: rate(vm.running.timer, s),
+            read: rate(vm.running.read, s),
+            write: rate(vm.running.write, s),
+            fd: rate(vm.running.fd_wakeups, s),
+            cpu_percent: cpu_percent(vm.running_cpu_seconds, s),
+        }
+    }
+
+    fn get(&self, key: SortKey) -> Option<f64> {
+        match key {
+            SortKey::Timer => self.timer,
+            SortKey::Read => self.read,
+            SortKey::Write => self.write,
+            SortKey::Fd => self.fd,
+            SortKey::Cpu => self.cpu_percent,
+            SortKey::Name => None,
+        }
+    }
+}
+
+/// Which window a VM's ranking rates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// Its last closed window.
+    Closed { window: u64, partial: bool },
+    /// No closed window yet: the running window so far.
+    Running,
+}
+
+/// The rates a VM is ranked by: its last closed window, else its running window.
+pub fn ranking_rates(vm: &LiveVm) -> (Rates, Basis) {
+    match vm.history.last() {
+        Some(r) => (
+            Rates::of_record(r),
+            Basis::Closed {
+                window: r.window,
+                partial: r.partial,
+            },
+        ),
+        None => (Rates::of_running(vm), Basis::Running),
+    }
+}
+
+/// One line of the ranking.
+#[derive(Debug, Clone)]
+pub struct VmRow<'a> {
+    pub vm: &'a LiveVm,
+    /// 1-based position in the ranking of all VMs (filtering does not renumber).
+    pub rank: usize,
+    /// Sanitized.
+    pub name: String,
+    pub rates: Rates,
+    pub basis: Basis,
+}
+
+/// Descending by `key` with unavailable values last; by name for [`SortKey::Name`]; ties by
+/// name, then PID.
+fn compare(a: &VmRow<'_>, b: &VmRow<'_>, key: SortKey) -> Ordering {
+    let by_name = || {
+        a.name
+            .to_lowercase()
+            .cmp(&b.name.to_lowercase())
+            .then_with(|| a.vm.key.cmp(&b.vm.key))
+    };
+    if key == SortKey::Name {
+        return by_name();
+    }
+    match (a.rates.get(key), b.rates.get(key)) {
+        (Some(x), Some(y)) => y.total_cmp(&x),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+    .then_with(by_name)
+}
+
+/// Does a (sanitized) VM name match the filter? Case-insensitive substring; empty matches all.
+pub fn matches(name: &str, filter: &str) -> bool {
+    filter.is_empty() || name.to_lowercase().contains(&filter.to_lowercase())
+}
+
+/// Every VM ranked by `key`, then those whose name matches `filter`.
+pub fn ranked_rows<'a>(snapshot: &'a LiveSnapshot, key: SortKey, filter: &str) -> Vec<VmRow<'a>> {
+    let mut rows: Vec<VmRow<'a>> = snapshot
+        .vms
+        .iter()
+        .map(|vm| {
+            let (rates, basis) = ranking_rates(vm);
+            VmRow {
+                vm,
+                rank: 0,
+                name: clean(&vm.identity.name),
+                rates,
+                basis,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| compare(a, b, key));
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.rank = i + 1;
+    }
+    rows.retain(|r| matches(&r.name, filter));
+    rows
+}
+
+/// Sum of the ranking rates over all VMs: what the host pays. A total is `None` only when no
+/// VM has that count.
+pub fn host_totals(snapshot: &LiveSnapshot) -> Rates {
+    fn add(total: &mut Option<f64>, v: Option<f64>) {
+        if let Some(v) = v {
+            *total = Some(total.unwrap_or(0.0) + v);
+        }
+    }
+    let mut t = Rates::default();
+    for vm in &snapshot.vms {
+        let (r, _) = ranking_rates(vm);
+        add(&mut t.timer, r.timer);
+        add(&mut t.read, r.read);
+        add(&mut t.write, r.write);
+        add(&mut t.fd, r.fd);
+        add(&mut t.cpu_percent, r.cpu_percent);
+    }
+    t
+}
+
+/// The busiest device of a window by reads + writes.
+pub fn top_device(r: &WindowRecord) -> Option<&DeviceCount> {
+    r.devices
+        .iter()
+        .max_by(|a, b| {
+            (a.read + a.write)
+                .cmp(&(b.read + b.write))
+                // Equal totals: the first listed wins (the collector lists busiest first).
+                .then_with(|| b.name.cmp(&a.name))
+        })
+        .filter(|d| d.read + d.write > 0)
+}
+
+/// Timer rate of a closed window.
+fn timer_rate(r: &WindowRecord) -> Option<f64> {
+    rate(r.timer, r.seconds)
+}
+
+/// The highest timer rate among the last `width` closed windows of every VM: the top of the
+/// scale all sparklines share.
+pub fn sparkline_scale(vms: &[LiveVm], width: usize) -> f64 {
+    vms.iter()
+        .flat_map(|vm| &vm.history[vm.history.len().saturating_sub(width)..])
+        .filter_map(timer_rate)
+        .fold(0.0, f64::max)
+}
+
+/// Timer rate of each of the last `width` closed windows, as block characters on a log scale
+/// from 0 to `max` (shared by all VMs, so 9/s looks low next to 1,900/s yet a spike still
+/// shows). A window without a timer count is a space; any activity is at least the second
+/// bar, so it never looks like zero.
+pub fn sparkline(history: &[WindowRecord], width: usize, max: f64) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let top = (1.0 + max).ln();
+    history[history.len().saturating_sub(width)..]
+        .iter()
+        .map(|r| match timer_rate(r) {
+            None => ' ',
+            Some(v) if v <= 0.0 || top <= 0.0 => BARS[0],
+            Some(v) => {
+                let level = ((1.0 + v).ln() / top).clamp(0.0, 1.0);
+                BARS[1 + (level * 6.0).round() as usize]
+            }
+        })
+        .collect()
+}
+
+/// How far the running window is, 0..=1.
+pub fn window_progress(snapshot: &LiveSnapshot) -> f64 {
+    if snapshot.window_secs <= 0.0 {
+        return 0.0;
+    }
+    let into = snapshot.t - snapshot.window as f64 * snapshot.window_secs;
+    (into / snapshot.window_secs).clamp(0.0, 1.0)
+}
+
+/// A snapshot that only fills the channel until the collector's first refresh.
+pub fn is_placeholder(snapshot: &LiveSnapshot) -> bool {
+    snapshot.window_secs <= 0.0 && snapshot.vms.is_empty() && snapshot.t == 0.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tui::fixtures;
+
+    #[test]
+    fn rate_math() {
+        assert_eq!(rate(Some(57_990), 30.0), Some(1_933.0));
+        assert_eq!(rate(Some(267), 30.0), Some(8.9));
+        assert_eq!(rate(None, 30.0), None);
+        // No time covered yet: no rate, not a rate of 0.
+        assert_eq!(rate(Some(5), 0.0), None);
+        assert_eq!(cpu_percent(Some(1.62), 30.0), Some(5.4));
+        assert_eq!(cpu_percent(None, 30.0), None);
+        assert_eq!(cpu_percent(Some(1.0), 0.0), None);
+    }
+
+    #[test]
+    fn rates_of_a_partial_window_use_its_own_seconds() {
+        let snap = fixtures::snapshot();
+        let vm = fixtures::vm(&snap, "batch-07");
+        let last = vm.history.last().unwrap();
+        assert!(last.partial);
+        let (rates, basis) = ranking_rates(vm);
+        assert_eq!(
+            basis,
+            Basis::Closed {
+                window: last.window,
+                partial: true
+            }
+        );
+        assert_eq!(rates.timer, Some(last.timer.unwrap() as f64 / last.seconds));
+    }
+
+    #[test]
+    fn running_rates_before_the_first_closed_window() {
+        let snap = fixtures::snapshot();
+        let vm = fixtures::vm(&snap, "fresh-boot");
+        assert!(vm.history.is_empty());
+        let (rates, basis) = ranking_rates(vm);
+        assert_eq!(basis, Basis::Running);
+        let expect = vm.running.timer.unwrap() as f64 / vm.running_elapsed;
+        assert_eq!(rates.timer, Some(expect));
+        assert_eq!(
+            rates.cpu_percent,
+            Some(vm.running_cpu_seconds.unwrap() / vm.running_elapsed * 100.0)
+        );
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(fmt_rate(0.0), "0");
+        assert_eq!(fmt_rate(0.033), "0.03");
+        assert_eq!(fmt_rate(8.9), "8.9");
+        assert_eq!(fmt_rate(99.96), "100");
+        assert_eq!(fmt_rate(1_933.0), "1,933");
+        assert_eq!(fmt_rate(99_999.4), "99,999");
+        assert_eq!(fmt_rate(123_456.0), "123k");
+        assert_eq!(fmt_rate(4_500_000.0), "4.5M");
+        assert_eq!(fmt_rate(f64::NAN), "?");
+        assert_eq!(fmt_percent(5.4), "5.4");
+        assert_eq!(fmt_percent(113.2), "113");
+    }
+
+    fn names(rows: &[VmRow<'_>]) -> Vec<String> {
+        rows.iter().map(|r| r.name.clone()).collect()
+    }
+
+    #[test]
+    fn sorting_by_every_key() {
+        let snap = fixtures::snapshot();
+        let by = |k| names(&ranked_rows(&snap, k, ""));
+        assert_eq!(
+            by(SortKey::Timer),
+            [
+                "noisy-usb",
+                "fresh-boot",
+                "legacy-ubuntu",
+                "quiet",
+                "batch-07"
+            ]
+        );
+        // legacy-ubuntu has no read/write source: unavailable sorts last, never as 0.
+        assert_eq!(
+            by(SortKey::Read),
+            [
+                "fresh-boot",
+                "noisy-usb",
+                "batch-07",
+                "quiet",
+                "legacy-ubuntu"
+            ]
+        );
+        assert_eq!(by(SortKey::Write).last().unwrap(), "legacy-ubuntu");
+        assert_eq!(by(SortKey::Fd)[0], "noisy-usb");
+        assert_eq!(by(SortKey::Cpu)[0], "fresh-boot");
+        assert_eq!(
+            by(SortKey::Name),
+            [
+                "batch-07",
+                "fresh-boot",
+                "legacy-ubuntu",
+                "noisy-usb",
+                "quiet"
+            ]
+        );
+        let ranks: Vec<usize> = ranked_rows(&snap, SortKey::Timer, "")
+            .iter()
+            .map(|r| r.rank)
+            .collect();
+        assert_eq!(ranks, [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn sort_cycle_visits_every_key_once() {
+        let mut k = SortKey::default();
+        let mut seen = vec![k];
+        for _ in 0..5 {
+            k = k.next();
+            seen.push(k);
+        }
+        assert_eq!(seen, SortKey::ALL);
+        assert_eq!(k.next(), SortKey::Timer);
+    }
+
+    #[test]
+    fn filtering_keeps_ranks_and_ignores_case() {
+        let snap = fixtures::snapshot();
+        let rows = ranked_rows(&snap, SortKey::Timer, "QUIET");
+        assert_eq!(names(&rows), ["quiet"]);
+        assert_eq!(rows[0].rank, 4);
+        assert_eq!(ranked_rows(&snap, SortKey::Timer, "u").len(), 3);
+        assert!(ranked_rows(&snap, SortKey::Timer, "nothing").is_empty());
+        assert!(matches("anything", ""));
+    }
+
+    #[test]
+    fn host_totals_sum_available_rates_only() {
+        let snap = fixtures::snapshot();
+        let t = host_totals(&snap);
+        let sum: f64 = snap
+            .vms
+            .iter()
+            .filter_map(|vm| ranking_rates(vm).0.timer)
+            .sum();
+        assert_eq!(t.timer, Some(sum));
+        let reads: f64 = snap
+            .vms
+            .iter()
+            .filter_map(|vm| ranking_rates(vm).0.read)
+            .sum();
+        assert_eq!(t.read, Some(reads));
+        assert_eq!(host_totals(&LiveSnapshot::default()).timer, None);
+    }
+
+    #[test]
+    fn top_device_is_busiest_by_reads_plus_writes() {
+        let mut r = fixtures::snapshot().vms[0].history.last().unwrap().clone();
+        r.devices = vec![
+            DeviceCount {
+                name: "uhci".into(),
+                read: 700,
+                write: 0,
+            },
+            DeviceCount {
+                name: "apic-msi".into(),
+                read: 0,
+                write: 1_400,
+            },
+        ];
+        assert_eq!(top_device(&r).unwrap().name, "apic-msi");
+        r.devices.clear();
+        assert!(top_device(&r).is_none());
+    }
+
+    #[test]
+    fn sparkline_is_log_scaled_to_a_shared_maximum() {
+        let mut h = fixtures::snapshot().vms[0].history.clone();
+        h.truncate(5);
+        for (r, t) in h
+            .iter_mut()
+            .zip([Some(0), Some(267), None, Some(57_990), Some(30)])
+        {
+            r.timer = t;
+            r.seconds = 30.0;
+        }
+        // 0/s, 8.9/s, n/a, 1,933/s, 1/s against a top of 1,933/s.
+        assert_eq!(sparkline(&h, 8, 1_933.0), "▁▄ █▃");
+        assert_eq!(sparkline(&h, 2, 1_933.0), "█▃");
+        // Against a much busier neighbour the same windows sit lower.
+        assert_eq!(sparkline(&h, 8, 1e6), "▁▃ ▅▂");
+        assert_eq!(sparkline(&[], 5, 10.0), "");
+        assert_eq!(sparkline(&h[..1], 5, 0.0), "▁");
+    }
+
+    #[test]
+    fn sparkline_scale_is_the_busiest_recent_window_of_any_vm() {
+        let snap = fixtures::snapshot();
+        let noisy = fixtures::vm(&snap, "noisy-usb");
+        let expect = noisy
+            .history
+            .iter()
+            .filter_map(timer_rate)
+            .fold(0.0, f64::max);
+        assert_eq!(sparkline_scale(&snap.vms, 12), expect);
+        assert_eq!(sparkline_scale(&[], 12), 0.0);
+    }
+
+    #[test]
+    fn progress_through_the_window() {
+        let mut s = fixtures::snapshot();
+        s.t = 377.3;
+        s.window = 12;
+        s.window_secs = 30.0;
+        assert!((window_progress(&s) - 17.3 / 30.0).abs() < 1e-9);
+        assert_eq!(window_progress(&LiveSnapshot::default()), 0.0);
+        assert!(is_placeholder(&LiveSnapshot::default()));
+        assert!(!is_placeholder(&s));
+    }
+
+    #[test]
+    fn clean_neutralizes_escapes_and_invisible_characters() {
+        let hostile = "\x1b[2J\x1b]0;pwned\x07evil\u{202E}gnp.exe\u{200B}\u{9B}31m";
+        let c = clean(hostile);
+        assert!(!c.chars().any(is_unsafe), "{c:?}");
+        assert_eq!(c, "�[2J�]0;pwned�evil�gnp.exe��31m");
+        assert_eq!(clean("plain-name_01 ünï"), "plain-name_01 ünï");
+        let long = "x".repeat(1000);
+        assert_eq!(clean(&long).chars().count(), 257);
+    }
+}

@@ -1,0 +1,880 @@
+//! Drawing the screens. Every string that came from outside (VM names, uuids, devices,
+//! callbacks, source descriptions) goes through [`clean`] before it reaches a widget.
+
+use ratatui::{
+    Frame,
+    layout::{Alignment, Constraint, Layout, Rect},
+    style::{Modifier, Style},
+    symbols,
+    text::{Line, Span, Text},
+    widgets::{
+        Block, Borders, Cell, Clear, HighlightSpacing, LineGauge, Paragraph, Row, Table,
+        TableState, Wrap,
+    },
+};
+
+use crate::{
+    live::{LiveSnapshot, LiveVm},
+    record::WindowRecord,
+    report::thousands,
+    tui::{
+        app::{App, View},
+        model::{
+            Basis, Rates, SortKey, VmRow, clean, fmt_percent, fmt_rate, host_totals,
+            is_placeholder, sparkline, sparkline_scale, top_device, window_progress,
+        },
+    },
+};
+
+/// Below this height the header shrinks to its first line.
+const FULL_HEADER_MIN_HEIGHT: u16 = 12;
+/// The detail view puts the window table beside the device tables from this width.
+const DETAIL_SIDE_BY_SIDE_MIN_WIDTH: u16 = 72;
+const HIGHLIGHT_SYMBOL: &str = ">";
+/// Before the name of a VM whose QEMU has exited (its windows stay until they scroll away).
+const EXITED_MARK: &str = "✕ ";
+
+fn dim() -> Style {
+    Style::new().add_modifier(Modifier::DIM)
+}
+
+fn label(s: &str) -> Span<'static> {
+    Span::styled(s.to_string(), Style::new().bold().cyan())
+}
+
+fn key_hint(key: &str, what: &str) -> Vec<Span<'static>> {
+    vec![
+        Span::styled(key.to_string(), Style::new().bold().cyan()),
+        Span::raw(format!(" {what}  ")),
+    ]
+}
+
+/// A value, or a dimmed `n/a` when its count is unavailable.
+fn value_span(v: Option<f64>, fmt: fn(f64) -> String) -> Span<'static> {
+    match v {
+        Some(v) => Span::raw(fmt(v)),
+        None => Span::styled("n/a", dim()),
+    }
+}
+
+fn count_span(v: Option<u64>) -> Span<'static> {
+    match v {
+        Some(_) => Span::raw(thousands(v)),
+        None => Span::styled("n/a", dim()),
+    }
+}
+
+fn cpu_seconds_span(v: Option<f64>) -> Span<'static> {
+    match v {
+        Some(v) => Span::raw(format!("{v:.2}")),
+        None => Span::styled("n/a", dim()),
+    }
+}
+
+fn right(span: Span<'static>) -> Cell<'static> {
+    Cell::from(Line::from(span).alignment(Alignment::Right))
+}
+
+impl App {
+    /// Draws the whole screen for the current state.
+    pub fn render(&self, frame: &mut Frame) {
+        let area = frame.area();
+        if area.is_empty() {
+            return;
+        }
+        let header_height = if area.height >= FULL_HEADER_MIN_HEIGHT {
+            4
+        } else {
+            1
+        };
+        let [header, body, footer] = Layout::vertical([
+            Constraint::Length(header_height),
+            Constraint::Fill(1),
+            Constraint::Length(1),
+        ])
+        .areas(area);
+        self.render_header(frame, header);
+        match self.view {
+            View::List => self.render_list(frame, body),
+            View::Detail(_) => self.render_detail(frame, body),
+        }
+        self.render_footer(frame, footer);
+        if self.help {
+            render_help(frame, area);
+        }
+    }
+
+    fn render_header(&self, frame: &mut Frame, area: Rect) {
+        if area.is_empty() {
+            return;
+        }
+        let s = &self.shown;
+        let line = |i: u16| Rect {
+            y: area.y + i,
+            height: 1,
+            ..area
+        };
+        let status_width = if self.paused { 8 } else { 0 };
+        let [gauge_area, status_area] =
+            Layout::horizontal([Constraint::Fill(1), Constraint::Length(status_width)])
+                .areas(line(0));
+
+        let narrow = gauge_area.width < 40;
+        let gauge_label = if is_placeholder(s) {
+            Line::from(vec![
+                Span::styled("profiler top", Style::new().bold()),
+                Span::raw(if narrow {
+                    " waiting… "
+                } else {
+                    "  waiting for the first sample… "
+                }),
+            ])
+        } else {
+            let into = window_progress(s) * s.window_secs;
+            if narrow {
+                Line::from(vec![
+                    Span::styled(format!("w{:03} ", s.window), Style::new().bold()),
+                    Span::raw(format!("{into:.0}/{}s ", s.window_secs)),
+                ])
+            } else {
+                Line::from(vec![
+                    Span::styled(format!("window {:03} ", s.window), Style::new().bold()),
+                    Span::raw(format!("{into:4.1}/{} s ", s.window_secs)),
+                ])
+            }
+        };
+        frame.render_widget(
+            LineGauge::default()
+                .ratio(window_progress(s))
+                .label(gauge_label)
+                .filled_symbol(symbols::line::THICK_HORIZONTAL)
+                .filled_style(Style::new().cyan())
+                .unfilled_style(dim()),
+            gauge_area,
+        );
+        if self.paused {
+            frame.render_widget(
+                Paragraph::new(Span::styled(
+                    " PAUSED ",
+                    Style::new().bold().black().on_yellow(),
+                ))
+                .alignment(Alignment::Right),
+                status_area,
+            );
+        }
+        if area.height < 4 {
+            return;
+        }
+
+        let t = host_totals(s);
+        let mut host = vec![label("host"), Span::raw(format!("  {} VMs", s.vms.len()))];
+        for (name, v, fmt, unit) in [
+            ("timer", t.timer, fmt_rate as fn(f64) -> String, "/s"),
+            ("read", t.read, fmt_rate, "/s"),
+            ("write", t.write, fmt_rate, "/s"),
+            ("fd", t.fd, fmt_rate, "/s"),
+            ("CPU", t.cpu_percent, fmt_percent, "%"),
+        ] {
+            host.push(Span::raw(format!(" · {name} ")));
+            host.push(value_span(v, fmt));
+            if v.is_some() {
+                host.push(Span::raw(unit));
+            }
+        }
+        frame.render_widget(Line::from(host), line(1));
+
+        let probes = if s.live_sources.is_empty() {
+            Span::styled("none attached", Style::new().red())
+        } else {
+            Span::raw(
+                s.live_sources
+                    .iter()
+                    .map(|x| clean(x))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        };
+        frame.render_widget(
+            Line::from(vec![label("probes"), Span::raw("  "), probes]),
+            line(2),
+        );
+
+        frame.render_widget(Line::from(cost_spans(s)), line(3));
+    }
+
+    fn render_list(&self, frame: &mut Frame, area: Rect) {
+        let rows = self.rows();
+        let total = self.shown.vms.len();
+        let mut title = vec![Span::raw(format!(" ranked by {}/s", self.sort.label()))];
+        if self.sort == SortKey::Name {
+            title = vec![Span::raw(" ranked by name")];
+        }
+        title.push(Span::raw(" · last closed window "));
+        if !self.filter.is_empty() {
+            title.push(Span::styled(
+                format!(
+                    "· {} of {total} VMs match “{}” ",
+                    rows.len(),
+                    clean(&self.filter)
+                ),
+                Style::new().yellow(),
+            ));
+        }
+        let block = Block::new()
+            .borders(Borders::TOP)
+            .border_style(dim())
+            .title(Line::from(title));
+        let inner = block.inner(area);
+        frame.render_widget(block, area);
+
+        if rows.is_empty() {
+            let text = if is_placeholder(&self.shown) {
+                "waiting for the first sample…".to_string()
+            } else if total == 0 {
+                "no QEMU processes found".to_string()
+            } else {
+                format!("no VM name matches “{}” (Esc clears)", clean(&self.filter))
+            };
+            frame.render_widget(
+                Paragraph::new(Span::styled(text, dim())).wrap(Wrap { trim: true }),
+                inner,
+            );
+            return;
+        }
+
+        let columns = list_columns(inner.width, total);
+        let header = Row::new(columns.iter().map(|(col, _)| {
+            let style = if col.sort_key() == Some(self.sort) {
+                Style::new().bold().underlined()
+            } else {
+                Style::new().bold()
+            };
+            let line = Line::styled(col.header(), style);
+            Cell::from(if col.right_aligned() {
+                line.alignment(Alignment::Right)
+            } else {
+                line
+            })
+        }));
+        let scale = columns
+            .iter()
+            .find(|(c, _)| *c == Col::History)
+            .map_or(0.0, |(_, w)| {
+                sparkline_scale(&self.shown.vms, usize::from(*w))
+            });
+        let body = rows.iter().map(|row| list_row(row, &columns, scale));
+        let table = Table::new(body, columns.iter().map(|(_, w)| Constraint::Length(*w)))
+            .header(header)
+            .column_spacing(1)
+            .highlight_symbol(HIGHLIGHT_SYMBOL)
+            .highlight_spacing(HighlightSpacing::Always)
+            .row_highlight_style(Style::new().reversed());
+        let mut state = TableState::default().with_selected(self.selected_position(&rows));
+        frame.render_stateful_widget(table, inner, &mut state);
+    }
+
+    fn render_detail(&self, frame: &mut Frame, area: Rect) {
+        let Some(vm) = self.detail_vm() else {
+            frame.render_widget(
+                Paragraph::new(
+                    "This VM is gone: its last window has scrolled away. Esc goes back.",
+                )
+                .wrap(Wrap { trim: true })
+                .block(Block::new().borders(Borders::TOP)),
+                area,
+            );
+            return;
+        };
+        let [identity, tables] =
+            Layout::vertical([Constraint::Length(5), Constraint::Fill(1)]).areas(area);
+        render_identity(frame, identity, vm);
+
+        let (windows, devices, callbacks) = if tables.width >= DETAIL_SIDE_BY_SIDE_MIN_WIDTH {
+            let [left, right] = Layout::horizontal([Constraint::Length(48), Constraint::Fill(1)])
+                .spacing(1)
+                .areas(tables);
+            let [top, bottom] =
+                Layout::vertical([Constraint::Fill(1), Constraint::Fill(1)]).areas(right);
+            (left, top, bottom)
+        } else {
+            let [top, bottom] =
+                Layout::vertical([Constraint::Fill(3), Constraint::Fill(2)]).areas(tables);
+            let [left, right] = Layout::horizontal([Constraint::Fill(1), Constraint::Fill(1)])
+                .spacing(1)
+                .areas(bottom);
+            (top, left, right)
+        };
+        self.render_windows(frame, windows, vm);
+        render_devices(frame, devices, vm, self.shown.window);
+        render_callbacks(frame, callbacks, vm, self.shown.window);
+    }
+
+    /// The VM's Pulsar table: one row per closed window, then the running window.
+    fn render_windows(&self, frame: &mut Frame, area: Rect, vm: &LiveVm) {
+        let mut rows: Vec<Row<'static>> = vm.history.iter().map(window_row).collect();
+        if !vm.exited {
+            rows.push(running_row(vm));
+        }
+        let block = Block::new()
+            .borders(Borders::TOP)
+            .border_style(dim())
+            .title(format!(
+                " {} s windows · * partial{} ",
+                self.shown.window_secs,
+                if vm.exited {
+                    " · exited".to_string()
+                } else {
+                    format!(" · running {:.1} s", vm.running_elapsed)
+                }
+            ));
+        let inner = block.inner(area);
+        frame.render_widget(block, area);
+
+        let visible = usize::from(inner.height.saturating_sub(1));
+        let scroll = self.detail_scroll.min(rows.len().saturating_sub(visible));
+        let end = rows.len() - scroll;
+        let start = end.saturating_sub(visible);
+        let shown: Vec<Row<'static>> = rows.drain(start..end).collect();
+
+        let header = Row::new(
+            ["Interval", "Timer", "Read", "Write", "FD", "CPU s"]
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let line = Line::from(h);
+                    Cell::from(if i == 0 {
+                        line
+                    } else {
+                        line.alignment(Alignment::Right)
+                    })
+                }),
+        )
+        .style(Style::new().bold());
+        let widths = [8, 8, 7, 7, 7, 6].map(Constraint::Length);
+        frame.render_widget(
+            Table::new(shown, widths).header(header).column_spacing(1),
+            inner,
+        );
+    }
+
+    fn render_footer(&self, frame: &mut Frame, area: Rect) {
+        let mut spans = Vec::new();
+        if self.editing_filter {
+            spans.push(Span::styled("/", Style::new().bold().yellow()));
+            spans.push(Span::raw(clean(&self.filter)));
+            spans.push(Span::styled("▏", Style::new().yellow()));
+            spans.push(Span::raw("  "));
+            spans.extend(key_hint("Enter", "apply"));
+            spans.extend(key_hint("Esc", "clear"));
+        } else {
+            match self.view {
+                View::List => {
+                    if !self.filter.is_empty() {
+                        spans.push(Span::styled(
+                            format!("filter “{}”", clean(&self.filter)),
+                            Style::new().yellow(),
+                        ));
+                        spans.push(Span::raw("  "));
+                        spans.extend(key_hint("Esc", "clear"));
+                    }
+                    spans.extend(key_hint("q", "quit"));
+                    spans.extend(key_hint("↑↓", "select"));
+                    spans.extend(key_hint("Enter", "detail"));
+                    spans.extend(key_hint("s", &format!("sort:{}", self.sort.label())));
+                    spans.extend(key_hint("/", "filter"));
+                }
+                View::Detail(_) => {
+                    spans.extend(key_hint("Esc", "back"));
+                    spans.extend(key_hint("↑↓", "older/newer windows"));
+                    spans.extend(key_hint("q", "quit"));
+                }
+            }
+            spans.extend(key_hint("p", if self.paused { "resume" } else { "pause" }));
+            spans.extend(key_hint("?", "help"));
+        }
+        frame.render_widget(Line::from(spans), area);
+    }
+}
+
+/// "BPF 2,345,678 runs · 85 ns/run · 199.4 ms · collector 1.24 s CPU (0.33%)".
+fn cost_spans(s: &LiveSnapshot) -> Vec<Span<'static>> {
+    let c = &s.cost;
+    let mut spans = vec![
+        label("cost"),
+        Span::raw(format!("  BPF {} runs", thousands(Some(c.bpf_run_count)))),
+    ];
+    if c.bpf_run_time_ns == 0 {
+        if c.bpf_run_count > 0 {
+            spans.push(Span::styled(" · run time n/a (BPF stats off)", dim()));
+        }
+    } else {
+        if c.bpf_run_count > 0 {
+            spans.push(Span::raw(format!(
+                " · {:.0} ns/run",
+                c.bpf_run_time_ns as f64 / c.bpf_run_count as f64
+            )));
+        }
+        spans.push(Span::raw(format!(
+            " · {:.1} ms",
+            c.bpf_run_time_ns as f64 / 1e6
+        )));
+    }
+    spans.push(Span::raw(format!(
+        " · collector {:.2} s CPU",
+        c.collector_cpu_seconds
+    )));
+    if s.t > 0.0 {
+        let pct = c.collector_cpu_seconds / s.t * 100.0;
+        spans.push(Span::raw(if pct < 1.0 {
+            format!(" ({pct:.2}%)")
+        } else {
+            format!(" ({pct:.1}%)")
+        }));
+    }
+    spans
+}
+
+/// A column of the ranking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    Rank,
+    Name,
+    Pid,
+    Accel,
+    Timer,
+    Read,
+    Write,
+    Fd,
+    Cpu,
+    History,
+    TopDevice,
+}
+
+impl Col {
+    const ALL: [Col; 11] = [
+        Col::Rank,
+        Col::Name,
+        Col::Pid,
+        Col::Accel,
+        Col::Timer,
+        Col::Read,
+        Col::Write,
+        Col::Fd,
+        Col::Cpu,
+        Col::History,
+        Col::TopDevice,
+    ];
+    /// Dropped first to last when the terminal is too narrow; rank, name and timer/s stay.
+    const DROP_ORDER: [Col; 8] = [
+        Col::TopDevice,
+        Col::History,
+        Col::Accel,
+        Col::Fd,
+        Col::Pid,
+        Col::Write,
+        Col::Read,
+        Col::Cpu,
+    ];
+
+    fn header(self) -> &'static str {
+        match self {
+            Col::Rank => "#",
+            Col::Name => "VM",
+            Col::Pid => "PID",
+            Col::Accel => "acc",
+            Col::Timer => "timer/s",
+            Col::Read => "read/s",
+            Col::Write => "write/s",
+            Col::Fd => "fd/s",
+            Col::Cpu => "CPU%",
+            Col::History => "history",
+            Col::TopDevice => "top dev",
+        }
+    }
+
+    fn min_width(self, vms: usize) -> u16 {
+        match self {
+            Col::Rank => (vms.max(1).ilog10() + 1).max(2) as u16,
+            Col::Name => 10,
+            Col::Pid => 7,
+            Col::Accel => 3,
+            Col::Timer => 7,
+            Col::Read => 6,
+            Col::Write => 7,
+            Col::Fd => 6,
+            Col::Cpu => 5,
+            Col::History => 8,
+            Col::TopDevice => 8,
+        }
+    }
+
+    fn right_aligned(self) -> bool {
+        !matches!(self, Col::Name | Col::Accel | Col::History | Col::TopDevice)
+    }
+
+    fn sort_key(self) -> Option<SortKey> {
+        Some(match self {
+            Col::Name => SortKey::Name,
+            Col::Timer => SortKey::Timer,
+            Col::Read => SortKey::Read,
+            Col::Write => SortKey::Write,
+            Col::Fd => SortKey::Fd,
+            Col::Cpu => SortKey::Cpu,
+            _ => return None,
+        })
+    }
+}
+
+/// The columns that fit in `width`, with their widths. Extra room goes to the name, then the
+/// sparkline (more windows of history), then the top device.
+fn list_columns(width: u16, vms: usize) -> Vec<(Col, u16)> {
+    let avail = width.saturating_sub(HIGHLIGHT_SYMBOL.len() as u16);
+    let need = |cols: &[Col]| -> u16 {
+        cols.iter().map(|c| c.min_width(vms)).sum::<u16>() + cols.len().saturating_sub(1) as u16
+    };
+    let mut cols = Col::ALL.to_vec();
+    for drop in Col::DROP_ORDER {
+        if need(&cols) <= avail {
+            break;
+        }
+        cols.retain(|c| *c != drop);
+    }
+    let mut extra = avail.saturating_sub(need(&cols));
+    let mut widths: Vec<(Col, u16)> = cols.iter().map(|c| (*c, c.min_width(vms))).collect();
+    for (col, cap) in [
+        (Col::Name, 14),
+        (Col::History, 22),
+        (Col::TopDevice, 10),
+        (Col::Name, u16::MAX),
+    ] {
+        if let Some((_, w)) = widths.iter_mut().find(|(c, _)| *c == col) {
+            let add = extra.min(cap);
+            *w += add;
+            extra -= add;
+        }
+    }
+    widths
+}
+
+fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static> {
+    let vm = row.vm;
+    let last = vm.history.last();
+    let running = row.basis == Basis::Running;
+    let value_style = if running {
+        Style::new().italic()
+    } else {
+        Style::new()
+    };
+    // A running window that has just started covers no time yet: its counts exist but have no
+    // rate. Show that as pending, not as unavailable.
+    let just_started = running && vm.running_elapsed <= 0.0;
+    let rate_cell = |v: Option<f64>, counted: bool, fmt: fn(f64) -> String| {
+        let span = if v.is_none() && counted && just_started {
+            Span::styled("…", dim())
+        } else {
+            value_span(v, fmt)
+        };
+        let style = span.style.patch(value_style);
+        right(span.style(style))
+    };
+    let c = &vm.running;
+    let Rates {
+        timer,
+        read,
+        write,
+        fd,
+        cpu_percent,
+    } = row.rates;
+    let cells = columns.iter().map(|(col, width)| match col {
+        Col::Rank => right(Span::raw(row.rank.to_string())),
+        // A prefix, so that it shows however narrow the column is.
+        Col::Name if vm.exited => Cell::from(Line::from(vec![
+            Span::styled(EXITED_MARK, Style::new().bold()),
+            Span::raw(row.name.clone()),
+        ])),
+        Col::Name => Cell::from(row.name.clone()),
+        Col::Pid => right(Span::raw(vm.identity.pid.to_string())),
+        Col::Accel => Cell::from(match vm.identity.accel {
+            crate::cmdline::Accel::Unknown => "?",
+            a => a.as_str(),
+        }),
+        Col::Timer => rate_cell(timer, c.timer.is_some(), fmt_rate),
+        Col::Read => rate_cell(read, c.read.is_some(), fmt_rate),
+        Col::Write => rate_cell(write, c.write.is_some(), fmt_rate),
+        Col::Fd => rate_cell(fd, c.fd_wakeups.is_some(), fmt_rate),
+        Col::Cpu => rate_cell(cpu_percent, vm.running_cpu_seconds.is_some(), fmt_percent),
+        Col::History => {
+            if vm.history.is_empty() {
+                Cell::from(Span::styled("running", dim().italic()))
+            } else {
+                Cell::from(Span::styled(
+                    sparkline(&vm.history, usize::from(*width), scale),
+                    Style::new().cyan(),
+                ))
+            }
+        }
+        Col::TopDevice => Cell::from(
+            last.and_then(top_device)
+                .map_or_else(|| "-".to_string(), |d| clean(&d.name)),
+        ),
+    });
+    let row_style = if vm.exited { dim() } else { Style::new() };
+    Row::new(cells.collect::<Vec<_>>()).style(row_style)
+}
+
+fn render_identity(frame: &mut Frame, area: Rect, vm: &LiveVm) {
+    let id = &vm.identity;
+    let mut first = vec![
+        label("pid"),
+        Span::raw(format!(" {}  ", id.pid)),
+        label("accel"),
+        Span::raw(format!(" {}  ", id.accel)),
+        label("uuid"),
+        match &id.uuid {
+            Some(u) => Span::raw(format!(" {}  ", clean(u))),
+            None => Span::styled(" -  ", dim()),
+        },
+    ];
+    if let Some(domid) = id.xen_domid {
+        first.push(label("xen domid"));
+        first.push(Span::raw(format!(" {domid}  ")));
+    }
+    first.push(if vm.exited {
+        Span::styled("exited", Style::new().yellow())
+    } else {
+        Span::styled("running", Style::new().green())
+    });
+    let devices = if vm.devices.is_empty() {
+        Span::styled("none named on the command line", dim())
+    } else {
+        Span::raw(
+            vm.devices
+                .iter()
+                .map(|d| clean(d))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    let sources = if vm.sources.read == vm.sources.write {
+        format!(
+            "timer: {} · read/write: {}",
+            clean(&vm.sources.timer),
+            clean(&vm.sources.read)
+        )
+    } else {
+        format!(
+            "timer: {} · read: {} · write: {}",
+            clean(&vm.sources.timer),
+            clean(&vm.sources.read),
+            clean(&vm.sources.write)
+        )
+    };
+    let text = Text::from(vec![
+        Line::from(first),
+        Line::from(vec![label("devices"), Span::raw(" "), devices]),
+        Line::from(vec![label("sources"), Span::raw(" "), Span::raw(sources)]),
+    ]);
+    let title = Line::from(vec![
+        Span::raw(" VM "),
+        Span::styled(clean(&id.name), Style::new().bold()),
+        Span::raw(" "),
+    ]);
+    frame.render_widget(
+        Paragraph::new(text).wrap(Wrap { trim: false }).block(
+            Block::new()
+                .borders(Borders::TOP)
+                .border_style(dim())
+                .title(title),
+        ),
+        area,
+    );
+}
+
+fn window_row(r: &WindowRecord) -> Row<'static> {
+    Row::new([
+        Cell::from(format!(
+            "{:03}{}",
+            r.window,
+            if r.partial { "*" } else { "" }
+        )),
+        right(count_span(r.timer)),
+        right(count_span(r.read)),
+        right(count_span(r.write)),
+        right(count_span(r.fd_wakeups)),
+        right(cpu_seconds_span(r.cpu_seconds)),
+    ])
+}
+
+fn running_row(vm: &LiveVm) -> Row<'static> {
+    let c = &vm.running;
+    Row::new([
+        Cell::from("running"),
+        right(count_span(c.timer)),
+        right(count_span(c.read)),
+        right(count_span(c.write)),
+        right(count_span(c.fd_wakeups)),
+        right(cpu_seconds_span(vm.running_cpu_seconds)),
+    ])
+    .style(Style::new().italic().green())
+}
+
+fn titled(title: String) -> Block<'static> {
+    Block::new()
+        .borders(Borders::TOP)
+        .border_style(dim())
+        .title(title)
+}
+
+fn empty_state(frame: &mut Frame, area: Rect, block: Block<'static>, text: String) {
+    frame.render_widget(
+        Paragraph::new(Span::styled(text, dim()))
+            .wrap(Wrap { trim: true })
+            .block(block),
+        area,
+    );
+}
+
+/// Reads and writes per device in the last closed window, busiest first.
+fn render_devices(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
+    let Some(last) = vm.history.last() else {
+        empty_state(
+            frame,
+            area,
+            titled(" devices ".into()),
+            format!(
+                "no closed window yet: per-device counts come when window {running_window:03} closes"
+            ),
+        );
+        return;
+    };
+    let block = titled(format!(" devices · window {:03} ", last.window));
+    if last.devices.is_empty() {
+        let text = if last.read == Some(0) && last.write == Some(0) {
+            format!("no device reads or writes in window {:03}", last.window)
+        } else {
+            format!(
+                "no per-device source for this VM: {}",
+                clean(&last.sources.read)
+            )
+        };
+        empty_state(frame, area, block, text);
+        return;
+    }
+    let mut devices: Vec<_> = last.devices.iter().collect();
+    devices.sort_by_key(|d| std::cmp::Reverse(d.read + d.write));
+    let rows = devices.into_iter().map(|d| {
+        Row::new([
+            Cell::from(clean(&d.name)),
+            right(Span::raw(fmt_rate(d.read as f64 / last.seconds))),
+            right(Span::raw(fmt_rate(d.write as f64 / last.seconds))),
+        ])
+    });
+    let header = Row::new([
+        Cell::from("device"),
+        right(Span::raw("read/s")),
+        right(Span::raw("write/s")),
+    ])
+    .style(Style::new().bold());
+    frame.render_widget(
+        Table::new(
+            rows,
+            [
+                Constraint::Fill(1),
+                Constraint::Length(7),
+                Constraint::Length(7),
+            ],
+        )
+        .header(header)
+        .column_spacing(1)
+        .block(block),
+        area,
+    );
+}
+
+/// Timer events per QEMU callback in the last closed window, busiest first.
+fn render_callbacks(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
+    let Some(last) = vm.history.last() else {
+        empty_state(
+            frame,
+            area,
+            titled(" timer callbacks ".into()),
+            format!("no closed window yet: callbacks come when window {running_window:03} closes"),
+        );
+        return;
+    };
+    let block = titled(format!(" timer callbacks · window {:03} ", last.window));
+    if last.timers.is_empty() {
+        let text = if last.timer == Some(0) {
+            format!("no timer events in window {:03}", last.window)
+        } else {
+            format!(
+                "no per-callback timer source for this VM (needs QEMU symbols); timer source: {}",
+                clean(&last.sources.timer)
+            )
+        };
+        empty_state(frame, area, block, text);
+        return;
+    }
+    let mut timers: Vec<_> = last.timers.iter().collect();
+    timers.sort_by_key(|t| std::cmp::Reverse(t.count));
+    let rows = timers.into_iter().map(|t| {
+        Row::new([
+            Cell::from(clean(&t.callback)),
+            right(Span::raw(fmt_rate(t.count as f64 / last.seconds))),
+        ])
+    });
+    let header =
+        Row::new([Cell::from("callback"), right(Span::raw("timer/s"))]).style(Style::new().bold());
+    frame.render_widget(
+        Table::new(rows, [Constraint::Fill(1), Constraint::Length(7)])
+            .header(header)
+            .column_spacing(1)
+            .block(block),
+        area,
+    );
+}
+
+const HELP: &[(&str, &str)] = &[
+    ("↑/↓ j/k", "select a VM · in detail: older/newer windows"),
+    ("Enter", "detail of the selected VM"),
+    ("Esc", "back · clear the filter"),
+    ("s", "sort: timer → read → write → fd → cpu → name"),
+    ("/", "filter by name (Enter keeps, Esc clears)"),
+    ("p", "pause / resume the display"),
+    ("?", "this help"),
+    ("q Ctrl-C", "quit"),
+    ("✕ name", "that VM's QEMU has exited"),
+];
+
+fn render_help(frame: &mut Frame, area: Rect) {
+    let width = area.width.min(64);
+    let height = area.height.min(18);
+    let popup = Rect {
+        x: area.x + (area.width - width) / 2,
+        y: area.y + (area.height - height) / 2,
+        width,
+        height,
+    };
+    let mut lines: Vec<Line<'static>> = HELP
+        .iter()
+        .map(|(key, what)| {
+            Line::from(vec![
+                Span::styled(format!("{key:<9}"), Style::new().bold().cyan()),
+                Span::raw(format!(" {what}")),
+            ])
+        })
+        .collect();
+    lines.push(Line::raw(""));
+    lines.push(Line::raw(
+        "Rates are per second over each VM's last closed window; a VM without one yet shows \
+         its running window (history: running). history: timer/s of the last windows, on a \
+         log scale shared by all VMs. n/a: no probe source for that count on this VM, never 0.",
+    ));
+    frame.render_widget(Clear, popup);
+    frame.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: true })
+            .block(Block::bordered().title(" help · Esc closes ")),
+        popup,
+    );
+}

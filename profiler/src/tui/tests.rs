@@ -1,0 +1,433 @@
+//! Screens as text (insta snapshots of a TestBackend), and `run` driven end to end.
+
+use std::{io, time::Duration};
+
+use crossterm::event::{Event, KeyCode, KeyEvent, KeyModifiers};
+use futures_util::stream;
+use ratatui::{Terminal, backend::TestBackend, buffer::Buffer, style::Modifier};
+use tokio::sync::watch;
+
+use super::{
+    App, View,
+    app::tests::{loaded, press, type_str},
+    fixtures, run,
+};
+use crate::live::LiveSnapshot;
+
+fn draw(app: &App, width: u16, height: u16) -> Terminal<TestBackend> {
+    let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+    terminal.draw(|f| app.render(f)).unwrap();
+    terminal
+}
+
+fn screen(app: &App, width: u16, height: u16) -> String {
+    draw(app, width, height).backend().to_string()
+}
+
+fn buffer_text(buffer: &Buffer) -> String {
+    buffer
+        .content
+        .chunks(buffer.area.width as usize)
+        .map(|line| line.iter().map(|c| c.symbol()).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn open_detail(app: &mut App, name: &str) {
+    press(app, KeyCode::Home);
+    while app
+        .snapshot()
+        .vms
+        .iter()
+        .find(|v| Some(v.key) == app.selected())
+        .is_some_and(|v| v.identity.name != name)
+    {
+        let before = app.selected();
+        press(app, KeyCode::Char('j'));
+        assert_ne!(before, app.selected(), "no VM {name:?} in the list");
+    }
+    press(app, KeyCode::Enter);
+    assert!(matches!(app.view(), View::Detail(_)));
+}
+
+#[test]
+fn list_80x24() {
+    insta::assert_snapshot!(screen(&loaded(), 80, 24));
+}
+
+#[test]
+fn list_60x20_drops_columns() {
+    insta::assert_snapshot!(screen(&loaded(), 60, 20));
+}
+
+#[test]
+fn list_120x30_widens_name_and_history() {
+    insta::assert_snapshot!(screen(&loaded(), 120, 30));
+}
+
+#[test]
+fn list_sorted_by_read_puts_na_last() {
+    let mut app = loaded();
+    press(&mut app, KeyCode::Char('s'));
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn list_tiny_terminal() {
+    insta::assert_snapshot!(screen(&loaded(), 20, 5));
+}
+
+#[test]
+fn waiting_for_the_first_sample() {
+    let mut app = App::new();
+    app.apply(LiveSnapshot::default());
+    insta::assert_snapshot!(screen(&app, 80, 12));
+}
+
+#[test]
+fn detail_80x24() {
+    let mut app = loaded();
+    open_detail(&mut app, "noisy-usb");
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn detail_scrolled_back() {
+    let mut app = loaded();
+    open_detail(&mut app, "noisy-usb");
+    for _ in 0..5 {
+        press(&mut app, KeyCode::Up);
+    }
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn detail_60x20() {
+    let mut app = loaded();
+    open_detail(&mut app, "noisy-usb");
+    insta::assert_snapshot!(screen(&app, 60, 20));
+}
+
+#[test]
+fn detail_of_a_vm_with_na_counts() {
+    let mut app = loaded();
+    open_detail(&mut app, "legacy-ubuntu");
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn detail_before_the_first_closed_window() {
+    let mut app = loaded();
+    open_detail(&mut app, "fresh-boot");
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn detail_of_an_exited_xen_vm() {
+    let mut app = loaded();
+    open_detail(&mut app, "batch-07");
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn detail_of_a_vm_that_went_away() {
+    let mut app = loaded();
+    open_detail(&mut app, "quiet");
+    let mut snap = fixtures::snapshot();
+    snap.vms.retain(|v| v.identity.name != "quiet");
+    app.apply(snap);
+    insta::assert_snapshot!(screen(&app, 80, 12));
+}
+
+#[test]
+fn help_overlay() {
+    let mut app = loaded();
+    press(&mut app, KeyCode::Char('?'));
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn filter_while_typing() {
+    let mut app = loaded();
+    press(&mut app, KeyCode::Char('/'));
+    type_str(&mut app, "u");
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn filter_applied() {
+    let mut app = loaded();
+    press(&mut app, KeyCode::Char('/'));
+    type_str(&mut app, "QUIET");
+    press(&mut app, KeyCode::Enter);
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn filter_matching_nothing() {
+    let mut app = loaded();
+    press(&mut app, KeyCode::Char('/'));
+    type_str(&mut app, "nope");
+    press(&mut app, KeyCode::Enter);
+    insta::assert_snapshot!(screen(&app, 80, 12));
+}
+
+#[test]
+fn paused() {
+    let mut app = loaded();
+    press(&mut app, KeyCode::Char('p'));
+    let mut newer = fixtures::snapshot();
+    newer.t += 10.0;
+    newer.vms.clear();
+    app.apply(newer);
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn hostile_vm_name_is_neutralized() {
+    let mut app = App::new();
+    app.apply(fixtures::hostile());
+    let list = screen(&app, 80, 24);
+    press(&mut app, KeyCode::Enter);
+    let detail = screen(&app, 80, 24);
+    for text in [&list, &detail] {
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "a control character reached the screen:\n{text}"
+        );
+        // Truncated to its column in the list, whole in the detail's title.
+        assert!(text.contains("�[2J�]0;pw"), "{text}");
+    }
+    assert!(detail.contains("VM �[2J�]0;pwned� "), "{detail}");
+    // The uuid's right-to-left override is neutralized too.
+    assert!(detail.contains("�[31mred�txt.exe"), "{detail}");
+    insta::assert_snapshot!("hostile_list", list);
+    insta::assert_snapshot!("hostile_detail", detail);
+}
+
+#[test]
+fn na_is_dimmed_and_never_zero() {
+    let app = loaded();
+    let terminal = draw(&app, 80, 24);
+    let buffer = terminal.backend().buffer();
+    let text = buffer_text(buffer);
+    let (y, line) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.contains("legacy-ubu"))
+        .expect("legacy row");
+    let x = line.find("n/a").expect("n/a in the legacy row");
+    let x = line[..x].chars().count() as u16;
+    let cell = &buffer[(x, y as u16)];
+    assert!(cell.modifier.contains(Modifier::DIM), "{cell:?}");
+    assert!(!line.contains(" 0 "), "{line}");
+}
+
+#[test]
+fn a_window_that_just_started_is_pending_not_na() {
+    let mut snap = fixtures::snapshot();
+    snap.vms.retain(|v| v.identity.name == "fresh-boot");
+    snap.vms[0].running_elapsed = 0.0;
+    snap.vms[0].running.read = None;
+    let mut app = App::new();
+    app.apply(snap);
+    let text = screen(&app, 80, 12);
+    let row = text
+        .lines()
+        .find(|l| l.contains("fresh-boot"))
+        .expect("the row");
+    assert_eq!(row.matches('…').count(), 4, "{row}");
+    assert_eq!(row.matches("n/a").count(), 1, "{row}");
+}
+
+#[test]
+fn nothing_panics_at_any_size() {
+    let mut screens = Vec::new();
+    let mut list = loaded();
+    screens.push(App::new());
+    let mut help = loaded();
+    press(&mut help, KeyCode::Char('?'));
+    screens.push(help);
+    let mut filter = loaded();
+    press(&mut filter, KeyCode::Char('/'));
+    type_str(&mut filter, "no");
+    screens.push(filter);
+    for name in ["noisy-usb", "legacy-ubuntu", "fresh-boot", "batch-07"] {
+        let mut detail = loaded();
+        open_detail(&mut detail, name);
+        screens.push(detail);
+    }
+    press(&mut list, KeyCode::Char('p'));
+    screens.push(list);
+    let mut hostile = App::new();
+    hostile.apply(fixtures::hostile());
+    screens.push(hostile);
+    // Around every width and height where the layout changes.
+    let widths = [
+        0, 1, 2, 3, 5, 9, 10, 20, 39, 40, 59, 60, 71, 72, 79, 80, 81, 130,
+    ];
+    let heights = [0, 1, 2, 3, 4, 5, 6, 8, 11, 12, 13, 20, 24, 40];
+    for app in &screens {
+        for width in widths {
+            for height in heights {
+                draw(app, width, height);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_list_scrolls_to_keep_the_selection_visible() {
+    let mut snap = fixtures::snapshot();
+    let template = fixtures::vm(&snap, "quiet").clone();
+    snap.vms = (0..60u32)
+        .map(|i| {
+            let mut vm = template.clone();
+            vm.key.pid = 10_000 + i;
+            vm.identity.pid = 10_000 + i;
+            vm.identity.name = format!("guest-{i:02}");
+            vm
+        })
+        .collect();
+    let mut app = App::new();
+    app.apply(snap);
+    press(&mut app, KeyCode::Char('s'));
+    press(&mut app, KeyCode::Char('s'));
+    press(&mut app, KeyCode::Char('s'));
+    press(&mut app, KeyCode::Char('s'));
+    press(&mut app, KeyCode::Char('s')); // by name
+    press(&mut app, KeyCode::End);
+    let text = screen(&app, 80, 24);
+    let selected = text
+        .lines()
+        .find(|l| l.starts_with("\">"))
+        .expect("selected row");
+    assert!(selected.contains("60 guest-59"), "{text}");
+    press(&mut app, KeyCode::Home);
+    let text = screen(&app, 80, 24);
+    let selected = text
+        .lines()
+        .find(|l| l.starts_with("\">"))
+        .expect("selected row");
+    assert!(selected.contains("1 guest-00"), "{text}");
+}
+
+#[test]
+fn resizing_redraws_to_the_new_size() {
+    let app = loaded();
+    let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    terminal.draw(|f| app.render(f)).unwrap();
+    terminal.backend_mut().resize(60, 20);
+    terminal.draw(|f| app.render(f)).unwrap();
+    assert_eq!(terminal.backend().to_string(), screen(&app, 60, 20));
+}
+
+fn key(code: KeyCode) -> io::Result<Event> {
+    Ok(Event::Key(KeyEvent::new(code, KeyModifiers::NONE)))
+}
+
+#[tokio::test]
+async fn run_drives_the_screens_and_quits_on_q() {
+    let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    let (_tx, rx) = watch::channel(fixtures::snapshot());
+    let events = stream::iter([
+        key(KeyCode::Char('j')),
+        key(KeyCode::Enter),
+        key(KeyCode::Esc),
+        key(KeyCode::Char('q')),
+    ]);
+    run(&mut terminal, events, rx, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let text = terminal.backend().to_string();
+    // Back on the list with the second VM selected.
+    let selected = text
+        .lines()
+        .find(|l| l.starts_with("\">"))
+        .expect("a selected row");
+    assert!(selected.contains("fresh-boot"), "{text}");
+    assert!(text.contains("ranked by timer/s"), "{text}");
+}
+
+#[tokio::test]
+async fn run_shows_the_detail_view() {
+    let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    let (_tx, rx) = watch::channel(fixtures::snapshot());
+    let events = stream::iter([
+        key(KeyCode::Char('j')),
+        key(KeyCode::Enter),
+        key(KeyCode::Char('q')),
+    ]);
+    run(&mut terminal, events, rx, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let text = terminal.backend().to_string();
+    assert!(text.contains("VM fresh-boot"), "{text}");
+    assert!(text.contains("running"), "{text}");
+}
+
+#[tokio::test]
+async fn run_applies_updates_and_stops_when_the_collector_goes() {
+    let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    let (tx, rx) = watch::channel(LiveSnapshot::default());
+    let driver = async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.send(fixtures::snapshot()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Dropping the sender closes the channel.
+    };
+    let (result, ()) = tokio::join!(
+        run(
+            &mut terminal,
+            stream::pending(),
+            rx,
+            Duration::from_millis(5)
+        ),
+        driver
+    );
+    result.unwrap();
+    let text = terminal.backend().to_string();
+    assert!(text.contains("noisy-usb"), "{text}");
+    assert!(text.contains("window 012"), "{text}");
+}
+
+#[tokio::test]
+async fn run_quits_on_ctrl_c_and_survives_the_end_of_events() {
+    let mut terminal = Terminal::new(TestBackend::new(40, 10)).unwrap();
+    let (_tx, rx) = watch::channel(fixtures::snapshot());
+    let ctrl_c = Ok(Event::Key(KeyEvent::new(
+        KeyCode::Char('c'),
+        KeyModifiers::CONTROL,
+    )));
+    run(
+        &mut terminal,
+        stream::iter([ctrl_c]),
+        rx,
+        Duration::from_millis(5),
+    )
+    .await
+    .unwrap();
+
+    // Events end without a quit: the UI keeps going until the collector goes.
+    let (tx, rx) = watch::channel(fixtures::snapshot());
+    let closer = async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(tx);
+    };
+    let (result, ()) = tokio::join!(
+        run(&mut terminal, stream::empty(), rx, Duration::from_millis(5)),
+        closer
+    );
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn run_reports_a_terminal_error() {
+    let mut terminal = Terminal::new(TestBackend::new(40, 10)).unwrap();
+    let (_tx, rx) = watch::channel(fixtures::snapshot());
+    let broken = stream::iter([Err(io::Error::other("tty gone"))]);
+    let err = run(&mut terminal, broken, rx, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("tty gone"), "{err:#}");
+}
