@@ -138,6 +138,9 @@ pub struct RegionKey {
 /// Bytes of a region name kept (QEMU names are short: "uhci", "parallel", "apic-msi").
 pub const REGION_NAME_LEN: usize = 48;
 
+/// First byte of a [`RegionName`] for a region whose name pointer is NULL.
+pub const UNNAMED_REGION_MARK: u8 = 0xff;
+
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct RegionName {

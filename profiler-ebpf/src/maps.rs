@@ -6,7 +6,10 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuHashMap},
 };
-use profiler_common::{CounterKey, MAX_COUNTERS, MAX_PENDING, MAX_WATCHED, PendingWait};
+use profiler_common::{
+    CounterKey, MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_WATCHED, PendingWait, RegionKey,
+    RegionName,
+};
 
 /// QEMU processes (tgids) userspace wants counted. Anything else returns at the first lookup,
 /// so other processes pay one hash lookup per traced syscall.
@@ -17,6 +20,12 @@ pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_WATCHED, 0
 #[map]
 pub static COUNTERS: PerCpuHashMap<CounterKey, u64> =
     PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+
+/// (process, MemoryRegion pointer) -> region name, written once per region by the read/write
+/// probes (USDT or symbols).
+#[map]
+pub static REGION_NAMES: HashMap<RegionKey, RegionName> =
+    HashMap::with_max_entries(MAX_REGION_NAMES, 0);
 
 /// Per-thread state between a wait syscall's entry and its exit, keyed by thread id.
 #[map]

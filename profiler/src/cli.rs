@@ -45,6 +45,10 @@ pub enum Command {
         /// Only the QEMU process with this PID (repeatable).
         #[arg(long = "pid")]
         pids: Vec<u32>,
+        /// Also look for QEMU debug files (`.build-id/NN/REST.debug`) under this directory
+        /// (repeatable; /usr/lib/debug is always searched).
+        #[arg(long = "debug-dir")]
+        debug_dirs: Vec<PathBuf>,
     },
     /// Live ranking of the noisiest guests (a terminal UI; `?` for keys).
     Top {
@@ -60,6 +64,10 @@ pub enum Command {
         /// Only the QEMU process with this PID (repeatable).
         #[arg(long = "pid")]
         pids: Vec<u32>,
+        /// Also look for QEMU debug files (`.build-id/NN/REST.debug`) under this directory
+        /// (repeatable; /usr/lib/debug is always searched).
+        #[arg(long = "debug-dir")]
+        debug_dirs: Vec<PathBuf>,
     },
     /// Print a recording as Pulsar tables (Interval | Timer | Read | Write | CPU), per VM.
     Report {

@@ -379,6 +379,7 @@ mod tests {
             timer: "syscall".into(),
             read: "unavailable: test".into(),
             write: "unavailable: test".into(),
+            timer_callbacks: "unavailable: test fixture".into(),
         }
     }
 

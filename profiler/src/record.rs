@@ -40,6 +40,9 @@ pub struct Sources {
     pub timer: String,
     pub read: String,
     pub write: String,
+    /// What splits `timer` by QEMU callback (`timers`): `symbols`, or `unavailable: <why>`.
+    #[serde(default)]
+    pub timer_callbacks: String,
 }
 
 /// Reads and writes of one emulated device (a QEMU MemoryRegion or a named port range).
@@ -152,6 +155,7 @@ mod tests {
                 timer: "syscall".into(),
                 read: "unavailable: no read/write probe source yet".into(),
                 write: "unavailable: no read/write probe source yet".into(),
+                timer_callbacks: "unavailable: test fixture".into(),
             },
             devices: Vec::new(),
             timers: Vec::new(),

@@ -468,6 +468,7 @@ mod tests {
                 timer: "syscall".into(),
                 read: "unavailable: why".into(),
                 write: "unavailable: why".into(),
+                timer_callbacks: "unavailable: test fixture".into(),
             },
             devices: Vec::new(),
             timers: Vec::new(),

@@ -26,12 +26,17 @@ impl VmFilter {
     }
 }
 
-/// Which source serves each count for a VM.
-pub fn sources_with(rw: &ReadWriteSource) -> Sources {
+/// Which source serves each count for a VM; `callbacks_unavailable` says why timers cannot be
+/// split by callback (None: they are, from symbols).
+pub fn sources_with(rw: &ReadWriteSource, callbacks_unavailable: Option<&str>) -> Sources {
     Sources {
         timer: "syscall".into(),
         read: rw.label(),
         write: rw.label(),
+        timer_callbacks: match callbacks_unavailable {
+            None => "symbols".into(),
+            Some(why) => format!("unavailable: {why}"),
+        },
     }
 }
 
@@ -48,15 +53,28 @@ pub fn probe_read_write_source(p: &QemuProcess) -> ReadWriteSource {
         }
     };
     match crate::probes::usdt::find_region_ops_sites(&bytes) {
-        Ok(Some(_)) => ReadWriteSource::Usdt,
-        Ok(None) => ReadWriteSource::Unavailable(NO_USDT_REASON.into()),
-        Err(e) => ReadWriteSource::Unavailable(format!("reading its USDT notes: {e:#}")),
+        Ok(Some(_)) => return ReadWriteSource::Usdt,
+        Ok(None) => {}
+        Err(e) => {
+            return ReadWriteSource::Unavailable(format!("reading its USDT notes: {e:#}"));
+        }
+    }
+    let path = std::fs::read_link(format!("/proc/{}/exe", p.key.pid))
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| format!("/proc/{}/exe", p.key.pid).into());
+    match crate::probes::symbols::analyze(&path, &crate::elf::DebugRoots::system()) {
+        Ok(exe) => match exe.dispatch_unavailable() {
+            None => ReadWriteSource::Symbols,
+            Some(why) => ReadWriteSource::Unavailable(why),
+        },
+        Err(e) => ReadWriteSource::Unavailable(format!("{NO_USDT_REASON}; symbols: {e:#}")),
     }
 }
 
 fn counts_of(p: &QemuProcess, c: Option<&ProcessCounters>, rw: &ReadWriteSource) -> Counts {
     let c = c.cloned().unwrap_or_default();
-    let usdt = *rw == ReadWriteSource::Usdt;
+    let usdt = rw.is_available();
     Counts {
         timer: Some(c.timer()),
         fd_wakeups: Some(c.fd_wakeups()),
@@ -101,6 +119,7 @@ impl Session {
             .into_iter()
             .filter(|p| self.filter.matches(p))
             .collect();
+        self.probes.refresh_callbacks();
         let counters = self.probes.read_counters()?;
 
         let current: HashMap<u32, VmKey> = procs.iter().map(|p| (p.key.pid, p.key)).collect();
@@ -115,7 +134,7 @@ impl Session {
             .collect();
         for (pid, key) in gone {
             let c = counters.get(&pid).cloned().unwrap_or_default();
-            let usdt = self.probes.read_write_source(pid) == ReadWriteSource::Usdt;
+            let usdt = self.probes.read_write_source(pid).is_available();
             finals.insert(
                 key,
                 FinalCounts {
@@ -127,7 +146,7 @@ impl Session {
                         cpu_ticks: None,
                     },
                     devices: c.devices(),
-                    ..FinalCounts::default()
+                    callbacks: c.callbacks(),
                 },
             );
             self.probes.unwatch(pid)?;
@@ -146,13 +165,15 @@ impl Session {
             };
             let rw = self.probes.read_write_source(p.key.pid);
             let devices = current.as_ref().map(|c| c.devices()).unwrap_or_default();
+            let callbacks = current.as_ref().map(|c| c.callbacks()).unwrap_or_default();
+            let callbacks_unavailable = self.probes.callbacks_unavailable(p.key.pid);
             observations.push(VmObservation {
                 key: p.key,
                 identity: p.identity.clone(),
-                sources: sources_with(&rw),
+                sources: sources_with(&rw, callbacks_unavailable.as_deref()),
                 counts: counts_of(p, current.as_ref(), &rw),
                 devices,
-                callbacks: Default::default(),
+                callbacks,
             });
         }
         self.last_seen = procs;
@@ -188,12 +209,23 @@ impl Session {
     /// Probe sources attached right now, for the live header.
     pub fn live_sources(&self) -> Vec<String> {
         let mut live = vec!["syscall tracepoints (timer, fd)".to_string()];
+        let sources: Vec<ReadWriteSource> = self
+            .watched
+            .keys()
+            .map(|pid| self.probes.read_write_source(*pid))
+            .collect();
+        if sources.contains(&ReadWriteSource::Usdt) {
+            live.push("usdt memory_region_ops (read, write)".into());
+        }
+        if sources.contains(&ReadWriteSource::Symbols) {
+            live.push("uprobes memory_region_dispatch (read, write)".into());
+        }
         if self
             .watched
             .keys()
-            .any(|pid| self.probes.read_write_source(*pid) == ReadWriteSource::Usdt)
+            .any(|pid| self.probes.callbacks_unavailable(*pid).is_none())
         {
-            live.push("usdt memory_region_ops (read, write)".into());
+            live.push("uprobes timer callbacks".into());
         }
         live
     }

@@ -129,6 +129,23 @@ fn uhci_polling_shows_and_quiet_guest_has_no_legacy_device_events() {
         // UHCI's frame timer polls the schedule; Linux's uhci-hcd reads its status ~25/s.
         assert!(uhci_reads >= 50, "uhci reads in 5 s: {uhci_reads}: {w:?}");
     }
+    // The USDT build is unstripped, so timers are split by callback: UHCI's 1 kHz frame timer.
+    let last = usb.last().unwrap();
+    assert_eq!(last.sources.timer_callbacks, "symbols");
+    let frame = last
+        .timers
+        .iter()
+        .find(|t| t.callback == "uhci_frame_timer")
+        .unwrap_or_else(|| panic!("{last:?}"));
+    assert!(frame.count >= 4_000, "{frame:?}");
+    assert!(
+        !calm
+            .last()
+            .unwrap()
+            .timers
+            .iter()
+            .any(|t| t.callback.starts_with("uhci"))
+    );
     for w in &calm {
         for quiet_device in ["uhci", "parallel", "serial"] {
             assert_eq!(

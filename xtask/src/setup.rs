@@ -25,6 +25,10 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "build-essential",
+    // ELF tests compare with readelf and make stripped copies (objcopy, strip), and compile
+    // a USDT test program (<sys/sdt.h>).
+    "binutils",
+    "systemtap-sdt-dev",
 ];
 
 fn say(msg: &str) {

@@ -1,2 +1,3 @@
+pub mod symbols;
 pub mod timers;
 pub mod usdt;

@@ -18,20 +18,15 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use profiler_common::{
-    CounterKey, MAX_REGION_NAMES, MAX_USDT_SPECS, REGION_NAME_LEN, RegionKey, RegionName,
-    USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, usdt_arg,
+    CounterKey, MAX_USDT_SPECS, REGION_NAME_LEN, RegionKey, RegionName, USDT_MAX_ARGS, UsdtArgSpec,
+    UsdtSpec, usdt_arg,
 };
 
-use crate::maps::{COUNTERS, count, current_ids, is_watched};
+use crate::maps::{COUNTERS, REGION_NAMES, count, current_ids, is_watched};
 
 /// Cookie -> argument layout of one attached USDT site.
 #[map]
 pub static USDT_SPECS: HashMap<u32, UsdtSpec> = HashMap::with_max_entries(MAX_USDT_SPECS, 0);
-
-/// (process, MemoryRegion pointer) -> region name, written once per region.
-#[map]
-pub static REGION_NAMES: HashMap<RegionKey, RegionName> =
-    HashMap::with_max_entries(MAX_REGION_NAMES, 0);
 
 #[inline(always)]
 fn fetch_arg(ctx: &ProbeContext, spec: &UsdtArgSpec) -> Option<u64> {

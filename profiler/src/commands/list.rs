@@ -36,7 +36,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
             exe: p.exe.display().to_string(),
             devices: p.cmdline.devices.clone(),
             qmp: p.cmdline.qmp.clone(),
-            sources: sources_with(&probe_read_write_source(p)),
+            sources: sources_with(&probe_read_write_source(p), Some("shown while recording")),
         })
         .collect();
     if json {

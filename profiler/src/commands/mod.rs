@@ -18,11 +18,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             vms,
             pids,
+            debug_dirs,
         } => record::run(record::RecordOptions {
             window,
             duration,
             output,
             filter: crate::session::VmFilter { names: vms, pids },
+            debug_roots: debug_roots(debug_dirs),
         }),
         Command::Report { file, format } => report::run(&file, format),
         Command::Top {
@@ -30,10 +32,21 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             vms,
             pids,
+            debug_dirs,
         } => top::run(top::TopOptions {
             window,
             output,
             filter: crate::session::VmFilter { names: vms, pids },
+            debug_roots: debug_roots(debug_dirs),
         }),
     }
+}
+
+/// The system debug roots plus the user's `--debug-dir`s, searched first.
+fn debug_roots(extra: Vec<std::path::PathBuf>) -> crate::elf::DebugRoots {
+    let mut roots = crate::elf::DebugRoots::system();
+    for (i, dir) in extra.into_iter().enumerate() {
+        roots.debug_dirs.insert(i, dir);
+    }
+    roots
 }

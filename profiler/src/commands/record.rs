@@ -26,6 +26,7 @@ pub struct RecordOptions {
     pub duration: Option<u64>,
     pub output: PathBuf,
     pub filter: VmFilter,
+    pub debug_roots: crate::elf::DebugRoots,
 }
 
 /// How often counters are read. Window boundaries are whole seconds from the start, so a
@@ -60,7 +61,7 @@ pub fn run(opts: RecordOptions) -> anyhow::Result<ExitCode> {
 
 async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     let mut out = open_output(&opts.output)?;
-    let probes = EventProbes::load()?;
+    let probes = EventProbes::load_with(opts.debug_roots.clone())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
 

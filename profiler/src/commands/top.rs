@@ -33,6 +33,7 @@ use crate::{
 pub struct TopOptions {
     pub window: u64,
     pub filter: VmFilter,
+    pub debug_roots: crate::elf::DebugRoots,
     /// Also write closed windows here, as `profiler record` would.
     pub output: Option<PathBuf>,
 }
@@ -113,7 +114,7 @@ fn collect(
 pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
     // Everything that can fail for an ordinary reason (not root, no tracefs) fails here,
     // before the terminal switches to full screen.
-    let probes = EventProbes::load()?;
+    let probes = EventProbes::load_with(opts.debug_roots.clone())?;
     let out = match &opts.output {
         Some(p) => Some(BufWriter::new(
             File::create(p).with_context(|| format!("creating {}", p.display()))?,

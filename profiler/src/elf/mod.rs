@@ -5,6 +5,7 @@
 //! Everything here is pure: it takes bytes or paths and never touches a process. Only 64-bit
 //! ELF is supported (QEMU hosts are 64-bit); anything else gets a clear error.
 
+pub mod dwarf;
 pub mod symbols;
 pub mod usdt;
 

@@ -2,6 +2,7 @@
 //!
 //! One file per probe family (kunai style); this module owns the shared maps.
 
+pub mod symbols;
 pub mod timers;
 pub mod usdt;
 
@@ -18,7 +19,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
     programs::UProbe,
 };
-use profiler_common::{CounterKey, RegionKey, RegionName, UsdtSpec, kind};
+use profiler_common::{CounterKey, RegionKey, RegionName, UNNAMED_REGION_MARK, UsdtSpec, kind};
 
 use crate::elf::LoadSegment;
 
@@ -32,14 +33,22 @@ pub struct ProcessCounters {
     pub by_key: BTreeMap<(u32, u64), u64>,
     /// MemoryRegion pointer -> name, for read/write ids.
     pub region_names: HashMap<u64, String>,
+    /// Callback link-time address -> function name, for timer-callback ids.
+    pub callback_names: HashMap<u64, String>,
+    /// Nameless regions seen by the symbols source: QEMU subpages, which dispatch the same
+    /// access again to the real region; left out of read/write counts.
+    pub unnamed_regions: HashSet<u64>,
 }
 
 impl ProcessCounters {
-    /// Total of one kind over all ids.
+    /// Total of one kind over all ids (reads/writes of unnamed subpage regions excluded).
     pub fn total(&self, kind: u32) -> u64 {
+        let region_kind = kind == kind::READ || kind == kind::WRITE;
         self.by_key
             .iter()
-            .filter(|((k, _), _)| *k == kind)
+            .filter(|((k, id), _)| {
+                *k == kind && !(region_kind && self.unnamed_regions.contains(id))
+            })
             .map(|(_, v)| v)
             .sum()
     }
@@ -55,7 +64,7 @@ impl ProcessCounters {
     pub fn devices(&self) -> BTreeMap<String, (u64, u64)> {
         let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for (&(k, id), &n) in &self.by_key {
-            if k != kind::READ && k != kind::WRITE {
+            if (k != kind::READ && k != kind::WRITE) || self.unnamed_regions.contains(&id) {
                 continue;
             }
             let name = self
@@ -68,6 +77,22 @@ impl ProcessCounters {
                 entry.0 += n;
             } else {
                 entry.1 += n;
+            }
+        }
+        out
+    }
+
+    /// Cumulative runs per timer callback name.
+    pub fn callbacks(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (&(k, id), &n) in &self.by_key {
+            if k == kind::TIMER_CALLBACK {
+                let name = self
+                    .callback_names
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{id:#x}"));
+                *out.entry(name).or_default() += n;
             }
         }
         out
@@ -85,13 +110,20 @@ struct ExeProbes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadWriteSource {
     Usdt,
+    /// uprobes on memory_region_dispatch_read/_write, found through symbols.
+    Symbols,
     Unavailable(String),
 }
 
 impl ReadWriteSource {
+    pub fn is_available(&self) -> bool {
+        !matches!(self, ReadWriteSource::Unavailable(_))
+    }
+
     pub fn label(&self) -> String {
         match self {
             ReadWriteSource::Usdt => "usdt".into(),
+            ReadWriteSource::Symbols => "symbols".into(),
             ReadWriteSource::Unavailable(why) => format!("unavailable: {why}"),
         }
     }
@@ -119,8 +151,22 @@ pub struct EventProbes {
     usdt: HashMap<u32, usdt::UsdtAttachment>,
     rw_sources: HashMap<u32, ReadWriteSource>,
     next_spec_id: u32,
+    debug_roots: crate::elf::DebugRoots,
+    /// Symbols per executable (device, inode); `Err` holds why not.
+    exe_symbols: HashMap<(u64, u64), Result<Arc<symbols::ExeSymbols>, String>>,
+    symbol_probes: HashMap<u32, SymbolProbes>,
     /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
     _stats: Option<OwnedFd>,
+}
+
+/// The symbol-based probes of one process.
+#[derive(Debug)]
+struct SymbolProbes {
+    exe: Arc<symbols::ExeSymbols>,
+    bias: u64,
+    attachment: symbols::SymbolAttachment,
+    /// Why timer callbacks cannot be named (None: they can).
+    callbacks_unavailable: Option<String>,
 }
 
 /// Checks the privileges loading eBPF needs, with an error a person can act on.
@@ -138,6 +184,11 @@ pub fn check_privileges() -> anyhow::Result<()> {
 impl EventProbes {
     /// Loads the programs and attaches the timer probes.
     pub fn load() -> anyhow::Result<Self> {
+        Self::load_with(crate::elf::DebugRoots::system())
+    }
+
+    /// Loads the programs; debug files are searched under `debug_roots`.
+    pub fn load_with(debug_roots: crate::elf::DebugRoots) -> anyhow::Result<Self> {
         check_privileges()?;
         crate::tracefs::ensure_tracefs()?;
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -150,7 +201,23 @@ impl EventProbes {
         program
             .load()
             .context("loading the USDT read/write program")?;
+        for name in [
+            symbols::DISPATCH_PROGRAM,
+            symbols::TIMER_MOD_PROGRAM,
+            symbols::CALLBACK_PROGRAM,
+        ] {
+            let program: &mut UProbe = ebpf
+                .program_mut(name)
+                .with_context(|| format!("eBPF program {name} missing"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading eBPF program {name}"))?;
+        }
         Ok(Self {
+            debug_roots,
+            exe_symbols: HashMap::new(),
+            symbol_probes: HashMap::new(),
             ebpf,
             watched: HashSet::new(),
             exe_probes: HashMap::new(),
@@ -307,9 +374,179 @@ impl EventProbes {
         self.forget_counters(tgid)?;
         self.watched_map()?.insert(tgid, 1, 0)?;
         self.watched.insert(tgid);
-        let source = self.attach_usdt(tgid);
+        let mut source = self.attach_usdt(tgid);
+        let symbol_source = self.attach_symbols(tgid, !source.is_available());
+        if !source.is_available() {
+            source = match symbol_source {
+                Ok(()) => ReadWriteSource::Symbols,
+                Err(symbols_why) => match source {
+                    ReadWriteSource::Unavailable(usdt_why) if usdt_why == NO_USDT_REASON => {
+                        ReadWriteSource::Unavailable(symbols_why)
+                    }
+                    other => other,
+                },
+            };
+        }
         self.rw_sources.insert(tgid, source);
         Ok(())
+    }
+
+    fn symbols_of(&mut self, pid: u32) -> Result<Arc<symbols::ExeSymbols>, String> {
+        let (dev, ino) = usdt::exe_inode(pid).map_err(|e| format!("{e:#}"))?;
+        let roots = &self.debug_roots;
+        self.exe_symbols
+            .entry((dev, ino))
+            .or_insert_with(|| {
+                // The real path lets the .gnu_debuglink search look next to the binary; a
+                // deleted or unreachable binary is still readable through /proc/PID/exe.
+                let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+                let path = link
+                    .filter(|p| p.exists())
+                    .unwrap_or_else(|| format!("/proc/{pid}/exe").into());
+                symbols::analyze(&path, roots)
+                    .map(Arc::new)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .clone()
+    }
+
+    /// Attaches the symbol-based probes: timer_mod discovery always (callback names), the
+    /// dispatch read/write fallback when `want_dispatch`. Err: why dispatch is unavailable.
+    fn attach_symbols(&mut self, pid: u32, want_dispatch: bool) -> Result<(), String> {
+        let exe = self.symbols_of(pid)?;
+        let inode = usdt::exe_inode(pid).map_err(|e| format!("{e:#}"))?.1;
+        let segments = exe.symbols.segments().to_vec();
+        let bias = usdt::load_bias(pid, inode, |off| {
+            segments.iter().find_map(|s| s.vaddr_of(off))
+        })
+        .map_err(|e| format!("{e:#}"))?;
+        let mut probes = SymbolProbes {
+            exe: exe.clone(),
+            bias,
+            attachment: symbols::SymbolAttachment::default(),
+            callbacks_unavailable: None,
+        };
+        if exe.has_full_symbols() && !exe.timer_mod.is_empty() {
+            let program = self.uprobe(symbols::TIMER_MOD_PROGRAM);
+            match program.and_then(|p| symbols::attach_timer_mod(p, pid, &exe)) {
+                Ok(links) => probes
+                    .attachment
+                    .links
+                    .extend(links.into_iter().map(|l| (symbols::TIMER_MOD_PROGRAM, l))),
+                Err(e) => probes.callbacks_unavailable = Some(format!("{e:#}")),
+            }
+        } else {
+            probes.callbacks_unavailable = Some(if exe.has_full_symbols() {
+                "timer_mod_ns not found in the symbols".into()
+            } else {
+                format!(
+                    "needs QEMU's symbols: {}; install its debug symbols",
+                    exe.describe()
+                )
+            });
+        }
+        let mut result = Ok(());
+        if want_dispatch {
+            result = match exe.dispatch_unavailable() {
+                Some(why) => Err(why),
+                None => {
+                    let program = self.uprobe(symbols::DISPATCH_PROGRAM);
+                    match program.and_then(|p| symbols::attach_dispatch(p, pid, &exe)) {
+                        Ok(links) => {
+                            probes.attachment.dispatch_attached = true;
+                            probes
+                                .attachment
+                                .links
+                                .extend(links.into_iter().map(|l| (symbols::DISPATCH_PROGRAM, l)));
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("attaching memory_region_dispatch probes: {e:#}")),
+                    }
+                }
+            };
+        }
+        self.symbol_probes.insert(pid, probes);
+        result
+    }
+
+    fn uprobe(&mut self, name: &str) -> anyhow::Result<&mut UProbe> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("eBPF program {name} missing"))?
+            .try_into()?)
+    }
+
+    /// Attaches a run counter to every timer callback QEMU armed since the last refresh.
+    pub fn refresh_callbacks(&mut self) {
+        let Some(Ok(seen)) = self
+            .ebpf
+            .map("SEEN_CALLBACKS")
+            .map(BpfHashMap::<&MapData, RegionKey, u64>::try_from)
+        else {
+            return;
+        };
+        let found: Vec<(u32, u64)> = seen
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.tgid, k.region))
+            .collect();
+        for (pid, address) in found {
+            let Some(probes) = self.symbol_probes.get(&pid) else {
+                continue;
+            };
+            let vaddr = address.wrapping_sub(probes.bias);
+            if probes.attachment.callbacks.contains(&vaddr) {
+                continue;
+            }
+            let exe = probes.exe.clone();
+            let link = self
+                .uprobe(symbols::CALLBACK_PROGRAM)
+                .and_then(|p| symbols::attach_callback(p, pid, &exe, vaddr));
+            let probes = self.symbol_probes.get_mut(&pid).expect("checked above");
+            // Remember failures too (e.g. a callback in a shared library), so they are not
+            // retried every second.
+            probes.attachment.callbacks.insert(vaddr);
+            if let Ok(link) = link {
+                probes
+                    .attachment
+                    .links
+                    .push((symbols::CALLBACK_PROGRAM, link));
+            }
+        }
+    }
+
+    /// Why `tgid`'s timers cannot be split by callback; None when they are.
+    pub fn callbacks_unavailable(&self, tgid: u32) -> Option<String> {
+        match self.symbol_probes.get(&tgid) {
+            Some(p) => p.callbacks_unavailable.clone(),
+            None => Some("no QEMU symbols could be read".into()),
+        }
+    }
+
+    fn detach_symbols(&mut self, pid: u32) {
+        let Some(probes) = self.symbol_probes.remove(&pid) else {
+            return;
+        };
+        for (program, link) in probes.attachment.links {
+            if let Ok(p) = self.uprobe(program) {
+                let _ = p.detach(link);
+            }
+        }
+        if let Some(Ok(mut seen)) = self
+            .ebpf
+            .map_mut("SEEN_CALLBACKS")
+            .map(BpfHashMap::<&mut MapData, RegionKey, u64>::try_from)
+        {
+            let stale: Vec<RegionKey> = seen
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.tgid == pid)
+                .collect();
+            for k in stale {
+                let _ = seen.remove(&k);
+            }
+        }
     }
 
     /// Stops counting process `tgid` and drops its counters. Read them first.
@@ -319,6 +556,7 @@ impl EventProbes {
             let _ = self.watched_map()?.remove(&tgid);
         }
         self.detach_usdt(tgid);
+        self.detach_symbols(tgid);
         self.rw_sources.remove(&tgid);
         self.forget_counters(tgid)
     }
@@ -357,6 +595,15 @@ impl EventProbes {
         {
             for (key, name) in names.iter().filter_map(Result::ok) {
                 if let Some(c) = out.get_mut(&key.tgid) {
+                    if name.name[0] == UNNAMED_REGION_MARK
+                        && self
+                            .symbol_probes
+                            .get(&key.tgid)
+                            .is_some_and(|p| p.attachment.dispatch_attached)
+                    {
+                        c.unnamed_regions.insert(key.region);
+                        continue;
+                    }
                     let len = name
                         .name
                         .iter()
@@ -369,6 +616,17 @@ impl EventProbes {
                 }
             }
         }
+        for (pid, c) in out.iter_mut() {
+            let Some(probes) = self.symbol_probes.get(pid) else {
+                continue;
+            };
+            for &(k, id) in c.by_key.keys() {
+                if k == kind::TIMER_CALLBACK {
+                    c.callback_names
+                        .insert(id, symbols::callback_name(&probes.exe, id));
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -377,6 +635,10 @@ impl EventProbes {
         let pids: Vec<u32> = self.usdt.keys().copied().collect();
         for pid in pids {
             self.detach_usdt(pid);
+        }
+        let pids: Vec<u32> = self.symbol_probes.keys().copied().collect();
+        for pid in pids {
+            self.detach_symbols(pid);
         }
     }
 

@@ -57,6 +57,14 @@ fn sources(timer: &str, rw: &str) -> Sources {
         timer: timer.into(),
         read: rw.into(),
         write: rw.into(),
+        // The USDT fixtures stand for unstripped builds, which also name timer callbacks.
+        timer_callbacks: if rw.starts_with("unavailable") {
+            "unavailable: needs QEMU's symbols: /usr/bin/qemu-system-x86_64 is stripped; \
+             install its debug symbols"
+                .into()
+        } else {
+            "symbols".into()
+        },
     }
 }
 

@@ -806,10 +806,15 @@ fn render_callbacks(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: 
     if last.timers.is_empty() {
         let text = if last.timer == Some(0) {
             format!("no timer events in window {:03}", last.window)
+        } else if last.sources.timer_callbacks == "symbols" {
+            format!(
+                "no timer callback ran in window {:03} (other wakeups: glib timeouts)",
+                last.window
+            )
         } else {
             format!(
-                "no per-callback timer source for this VM (needs QEMU symbols); timer source: {}",
-                clean(&last.sources.timer)
+                "timers by callback: {}",
+                clean(&last.sources.timer_callbacks)
             )
         };
         empty_state(frame, area, block, text);
