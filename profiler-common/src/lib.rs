@@ -4,6 +4,8 @@
 //! maps and the userspace side reads them back byte for byte.
 #![no_std]
 
+pub mod kvm;
+
 /// What a counter counts. Stored as `u32` in [`CounterKey::kind`].
 pub mod kind {
     /// A QEMU thread's wait syscall returned 0 after a finite, non-zero timeout: a deadline

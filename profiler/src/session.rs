@@ -1,12 +1,14 @@
 //! One profiling session: discovery + probes + collector, sampled once per refresh.
 
-use std::collections::{BTreeMap, HashMap};
-
-use profiler_common::kind;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
 
 use crate::{
     collector::{Collector, Counts, FinalCounts, RunningWindow, VmObservation},
     discovery::{HostPaths, QemuProcess, VmKey, clock_ticks_per_second, scan_qemu_processes},
+    mtree::MtreeMap,
     probes::{EventProbes, NO_USDT_REASON, ProbeCost, ProcessCounters, ReadWriteSource},
     record::{Sources, WindowRecord},
 };
@@ -40,48 +42,116 @@ pub fn sources_with(rw: &ReadWriteSource, callbacks_unavailable: Option<&str>) -
     }
 }
 
-/// Which read/write source a process's binary could offer, without attaching anything
-/// (for `profiler list`, which may run unprivileged).
-pub fn probe_read_write_source(p: &QemuProcess) -> ReadWriteSource {
+/// What a process's binary could offer, found without attaching anything (for
+/// `profiler list`, which may run unprivileged).
+#[derive(Debug, Clone)]
+pub struct OfferedSources {
+    pub read_write: ReadWriteSource,
+    /// Why timers cannot be split by callback (None: they can).
+    pub callbacks_unavailable: Option<String>,
+    /// Where the symbols come from, or where a debug file was looked for.
+    pub symbols: String,
+}
+
+pub fn probe_offered_sources(p: &QemuProcess) -> OfferedSources {
+    let unavailable = |why: String| OfferedSources {
+        read_write: ReadWriteSource::Unavailable(why.clone()),
+        callbacks_unavailable: Some(why.clone()),
+        symbols: why,
+    };
     let bytes = match std::fs::read(format!("/proc/{}/exe", p.key.pid)) {
         Ok(b) => b,
         Err(e) => {
-            return ReadWriteSource::Unavailable(format!(
+            return unavailable(format!(
                 "cannot read /proc/{}/exe ({e}); run as root",
                 p.key.pid
             ));
         }
     };
-    match crate::probes::usdt::find_region_ops_sites(&bytes) {
-        Ok(Some(_)) => return ReadWriteSource::Usdt,
-        Ok(None) => {}
-        Err(e) => {
-            return ReadWriteSource::Unavailable(format!("reading its USDT notes: {e:#}"));
-        }
-    }
+    let usdt = match crate::probes::usdt::find_region_ops_sites(&bytes) {
+        Ok(found) => found.is_some(),
+        Err(e) => return unavailable(format!("reading its USDT notes: {e:#}")),
+    };
     let path = std::fs::read_link(format!("/proc/{}/exe", p.key.pid))
         .ok()
         .filter(|p| p.exists())
         .unwrap_or_else(|| format!("/proc/{}/exe", p.key.pid).into());
     match crate::probes::symbols::analyze(&path, &crate::elf::DebugRoots::system()) {
-        Ok(exe) => match exe.dispatch_unavailable() {
-            None => ReadWriteSource::Symbols,
-            Some(why) => ReadWriteSource::Unavailable(why),
+        Ok(exe) => OfferedSources {
+            read_write: if usdt {
+                ReadWriteSource::Usdt
+            } else {
+                match exe.dispatch_unavailable() {
+                    None => ReadWriteSource::Symbols,
+                    Some(why) => ReadWriteSource::Unavailable(why),
+                }
+            },
+            callbacks_unavailable: exe.callbacks_unavailable(),
+            symbols: exe.describe(),
         },
-        Err(e) => ReadWriteSource::Unavailable(format!("{NO_USDT_REASON}; symbols: {e:#}")),
+        Err(e) => OfferedSources {
+            read_write: if usdt {
+                ReadWriteSource::Usdt
+            } else {
+                ReadWriteSource::Unavailable(NO_USDT_REASON.into())
+            },
+            callbacks_unavailable: Some(format!("{e:#}")),
+            symbols: format!("{e:#}"),
+        },
     }
 }
 
-fn counts_of(p: &QemuProcess, c: Option<&ProcessCounters>, rw: &ReadWriteSource) -> Counts {
+fn counts_of(c: Option<&ProcessCounters>, rw: &ReadWriteSource, cpu: Option<u64>) -> Counts {
     let c = c.cloned().unwrap_or_default();
-    let usdt = rw.is_available();
+    let (read, write) = c.reads_writes(rw);
     Counts {
         timer: Some(c.timer()),
         fd_wakeups: Some(c.fd_wakeups()),
-        read: usdt.then(|| c.total(kind::READ)),
-        write: usdt.then(|| c.total(kind::WRITE)),
-        cpu_ticks: Some(p.cpu.total()),
+        read,
+        write,
+        cpu_ticks: cpu,
     }
+}
+
+/// Device names of a KVM guest from its QMP monitor (`info mtree -f`), fetched once in the
+/// background so a slow, busy or broken monitor never stalls sampling.
+#[derive(Debug, Clone)]
+enum DeviceNames {
+    Pending,
+    Ready(Arc<MtreeMap>),
+    Failed,
+}
+
+fn fetch_device_names(p: &QemuProcess) -> Arc<Mutex<DeviceNames>> {
+    let slot = Arc::new(Mutex::new(DeviceNames::Pending));
+    let Some(endpoint) = p.cmdline.qmp.first().cloned() else {
+        eprintln!(
+            "profiler: VM {}: no QMP socket on its command line; KVM ports and pages are \
+             named by address",
+            crate::report::sanitize(&p.identity.name)
+        );
+        *slot.lock().expect("fresh mutex") = DeviceNames::Failed;
+        return slot;
+    };
+    let name = crate::report::sanitize(&p.identity.name);
+    let out = slot.clone();
+    std::thread::spawn(move || {
+        let result = crate::qmp::device_names(&endpoint, crate::qmp::DEFAULT_TIMEOUT);
+        let state = match result {
+            Ok(map) => DeviceNames::Ready(Arc::new(map)),
+            Err(e) => {
+                eprintln!(
+                    "profiler: VM {name}: device names from QMP failed ({e:#}); KVM ports and \
+                     pages are named by address"
+                );
+                DeviceNames::Failed
+            }
+        };
+        if let Ok(mut slot) = out.lock() {
+            *slot = state;
+        }
+    });
+    slot
 }
 
 /// A running profiling session.
@@ -94,6 +164,8 @@ pub struct Session {
     watched: HashMap<u32, VmKey>,
     /// The processes seen by the last sample.
     last_seen: Vec<QemuProcess>,
+    /// QMP device names of KVM-tracepoint VMs.
+    device_names: HashMap<VmKey, Arc<Mutex<DeviceNames>>>,
 }
 
 impl Session {
@@ -110,6 +182,14 @@ impl Session {
             filter,
             watched: HashMap::new(),
             last_seen: Vec::new(),
+            device_names: HashMap::new(),
+        }
+    }
+
+    fn names_of(&self, key: &VmKey) -> Option<Arc<MtreeMap>> {
+        match &*self.device_names.get(key)?.lock().ok()? {
+            DeviceNames::Ready(map) => Some(map.clone()),
+            _ => None,
         }
     }
 
@@ -133,22 +213,20 @@ impl Session {
             .map(|(pid, key)| (*pid, *key))
             .collect();
         for (pid, key) in gone {
-            let c = counters.get(&pid).cloned().unwrap_or_default();
-            let usdt = self.probes.read_write_source(pid).is_available();
+            let c = counters.get(&pid);
+            let rw = self.probes.read_write_source(pid);
+            let names = self.names_of(&key);
             finals.insert(
                 key,
                 FinalCounts {
-                    counts: Counts {
-                        timer: Some(c.timer()),
-                        fd_wakeups: Some(c.fd_wakeups()),
-                        read: usdt.then(|| c.total(kind::READ)),
-                        write: usdt.then(|| c.total(kind::WRITE)),
-                        cpu_ticks: None,
-                    },
-                    devices: c.devices(),
-                    callbacks: c.callbacks(),
+                    counts: counts_of(c, &rw, None),
+                    devices: c
+                        .map(|c| c.devices_for(&rw, names.as_deref()))
+                        .unwrap_or_default(),
+                    callbacks: c.map(|c| c.callbacks()).unwrap_or_default(),
                 },
             );
+            self.device_names.remove(&key);
             self.probes.unwatch(pid)?;
             self.watched.remove(&pid);
         }
@@ -159,19 +237,26 @@ impl Session {
                 counters.get(&p.key.pid).cloned()
             } else {
                 // Newly seen: counting starts now, from zero.
-                self.probes.watch(p.key.pid)?;
+                self.probes.watch(p.key.pid, p.identity.accel)?;
                 self.watched.insert(p.key.pid, p.key);
+                if self.probes.read_write_source(p.key.pid) == ReadWriteSource::KvmTracepoints {
+                    self.device_names.insert(p.key, fetch_device_names(p));
+                }
                 None
             };
             let rw = self.probes.read_write_source(p.key.pid);
-            let devices = current.as_ref().map(|c| c.devices()).unwrap_or_default();
+            let names = self.names_of(&p.key);
+            let devices = current
+                .as_ref()
+                .map(|c| c.devices_for(&rw, names.as_deref()))
+                .unwrap_or_default();
             let callbacks = current.as_ref().map(|c| c.callbacks()).unwrap_or_default();
             let callbacks_unavailable = self.probes.callbacks_unavailable(p.key.pid);
             observations.push(VmObservation {
                 key: p.key,
                 identity: p.identity.clone(),
                 sources: sources_with(&rw, callbacks_unavailable.as_deref()),
-                counts: counts_of(p, current.as_ref(), &rw),
+                counts: counts_of(current.as_ref(), &rw, Some(p.cpu.total())),
                 devices,
                 callbacks,
             });
@@ -219,6 +304,9 @@ impl Session {
         }
         if sources.contains(&ReadWriteSource::Symbols) {
             live.push("uprobes memory_region_dispatch (read, write)".into());
+        }
+        if sources.contains(&ReadWriteSource::KvmTracepoints) {
+            live.push("kvm tracepoints (read, write)".into());
         }
         if self
             .watched

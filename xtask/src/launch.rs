@@ -73,6 +73,8 @@ pub struct GuestSpec {
     /// The QEMU binary (default `qemu-system-x86_64` from `PATH`).
     pub qemu: PathBuf,
     pub memory_mb: u32,
+    /// `-machine pc,accel=...`: `tcg` (default), or `kvm` where /dev/kvm exists.
+    pub accel: String,
 }
 
 impl GuestSpec {
@@ -84,6 +86,7 @@ impl GuestSpec {
             extra_args: Vec::new(),
             qemu: PathBuf::from("qemu-system-x86_64"),
             memory_mb: 256,
+            accel: "tcg".into(),
         }
     }
 
@@ -105,15 +108,9 @@ impl GuestSpec {
         };
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |a: &str| args.push(a.into());
-        for a in [
-            "-machine",
-            "pc,accel=tcg",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ] {
+        push("-machine");
+        push(&format!("pc,accel={}", self.accel));
+        for a in ["-display", "none", "-monitor", "none", "-no-reboot"] {
             push(a);
         }
         push("-m");

@@ -1,3 +1,4 @@
+pub mod kvm;
 pub mod symbols;
 pub mod timers;
 pub mod usdt;

@@ -7,7 +7,7 @@ use crate::{
     discovery::{HostPaths, scan_qemu_processes},
     record::Sources,
     report::sanitize,
-    session::{probe_read_write_source, sources_with},
+    session::{probe_offered_sources, sources_with},
 };
 
 #[derive(Serialize)]
@@ -21,22 +21,31 @@ struct ListedVm {
     devices: Vec<String>,
     qmp: Vec<QmpEndpoint>,
     sources: Sources,
+    /// Where QEMU's symbols come from, or where a debug file was looked for.
+    symbols: String,
 }
 
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     let procs = scan_qemu_processes(&HostPaths::default());
     let vms: Vec<ListedVm> = procs
         .iter()
-        .map(|p| ListedVm {
-            name: p.identity.name.clone(),
-            pid: p.key.pid,
-            uuid: p.identity.uuid.clone(),
-            xen_domid: p.identity.xen_domid,
-            accel: p.identity.accel.to_string(),
-            exe: p.exe.display().to_string(),
-            devices: p.cmdline.devices.clone(),
-            qmp: p.cmdline.qmp.clone(),
-            sources: sources_with(&probe_read_write_source(p), Some("shown while recording")),
+        .map(|p| {
+            let offered = probe_offered_sources(p);
+            ListedVm {
+                name: p.identity.name.clone(),
+                pid: p.key.pid,
+                uuid: p.identity.uuid.clone(),
+                xen_domid: p.identity.xen_domid,
+                accel: p.identity.accel.to_string(),
+                exe: p.exe.display().to_string(),
+                devices: p.cmdline.devices.clone(),
+                qmp: p.cmdline.qmp.clone(),
+                sources: sources_with(
+                    &offered.read_write,
+                    offered.callbacks_unavailable.as_deref(),
+                ),
+                symbols: offered.symbols,
+            }
         })
         .collect();
     if json {
@@ -74,6 +83,12 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
         let pad = 7 + 2 + name_w + 2 + 5 + 2 + 36 + 2;
         println!("{:pad$}read: {}", "", sanitize(&vm.sources.read));
         println!("{:pad$}write: {}", "", sanitize(&vm.sources.write));
+        println!(
+            "{:pad$}timer callbacks: {}",
+            "",
+            sanitize(&vm.sources.timer_callbacks)
+        );
+        println!("{:pad$}symbols: {}", "", sanitize(&vm.symbols));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 //!
 //! One file per probe family (kunai style); this module owns the shared maps.
 
+pub mod kvm;
 pub mod symbols;
 pub mod timers;
 pub mod usdt;
@@ -82,6 +83,60 @@ impl ProcessCounters {
         out
     }
 
+    /// Reads/writes QEMU handled, as the read/write source `source` counts them.
+    pub fn reads_writes(&self, source: &ReadWriteSource) -> (Option<u64>, Option<u64>) {
+        match source {
+            ReadWriteSource::Usdt | ReadWriteSource::Symbols => {
+                (Some(self.total(kind::READ)), Some(self.total(kind::WRITE)))
+            }
+            ReadWriteSource::KvmTracepoints => {
+                let k = kvm::kvm_counts(&self.by_key);
+                (Some(k.reads_user()), Some(k.writes_user()))
+            }
+            ReadWriteSource::Unavailable(_) => (None, None),
+        }
+    }
+
+    /// Per-device (reads, writes) for `source`; KVM ports and pages are named through
+    /// `names` (QEMU's `info mtree -f`) when known, else by address.
+    pub fn devices_for(
+        &self,
+        source: &ReadWriteSource,
+        names: Option<&crate::mtree::MtreeMap>,
+    ) -> BTreeMap<String, (u64, u64)> {
+        match source {
+            ReadWriteSource::Usdt | ReadWriteSource::Symbols => self.devices(),
+            ReadWriteSource::KvmTracepoints => {
+                let k = kvm::kvm_counts(&self.by_key);
+                let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+                let ports = k.by_port.iter().map(|(&port, &rw)| {
+                    let name = if port == u64::MAX {
+                        Some("port (unknown)".to_string())
+                    } else {
+                        names.and_then(|n| n.name_for_port(port)).map(String::from)
+                    };
+                    (name.unwrap_or_else(|| format!("port {port:#x}")), rw)
+                });
+                let pages = k.by_page.iter().map(|(&page, &rw)| {
+                    let name = names.and_then(|n| n.name_for_gpa(page)).map(String::from);
+                    (name.unwrap_or_else(|| format!("mmio {page:#x}")), rw)
+                });
+                for (name, (r, w)) in ports.chain(pages) {
+                    let e = out.entry(name).or_default();
+                    e.0 += r;
+                    e.1 += w;
+                }
+                out
+            }
+            ReadWriteSource::Unavailable(_) => BTreeMap::new(),
+        }
+    }
+
+    /// Accesses an in-kernel KVM device handled (never reached QEMU).
+    pub fn kvm_in_kernel(&self) -> u64 {
+        kvm::kvm_counts(&self.by_key).in_kernel
+    }
+
     /// Cumulative runs per timer callback name.
     pub fn callbacks(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
@@ -112,6 +167,8 @@ pub enum ReadWriteSource {
     Usdt,
     /// uprobes on memory_region_dispatch_read/_write, found through symbols.
     Symbols,
+    /// kvm:kvm_pio / kvm_mmio / kvm_userspace_exit tracepoints (KVM guests).
+    KvmTracepoints,
     Unavailable(String),
 }
 
@@ -124,6 +181,7 @@ impl ReadWriteSource {
         match self {
             ReadWriteSource::Usdt => "usdt".into(),
             ReadWriteSource::Symbols => "symbols".into(),
+            ReadWriteSource::KvmTracepoints => "kvm-tracepoints".into(),
             ReadWriteSource::Unavailable(why) => format!("unavailable: {why}"),
         }
     }
@@ -155,6 +213,8 @@ pub struct EventProbes {
     /// Symbols per executable (device, inode); `Err` holds why not.
     exe_symbols: HashMap<(u64, u64), Result<Arc<symbols::ExeSymbols>, String>>,
     symbol_probes: HashMap<u32, SymbolProbes>,
+    /// Whether the KVM tracepoints are attached (Err: why not).
+    kvm_status: Result<(), String>,
     /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
     _stats: Option<OwnedFd>,
 }
@@ -190,7 +250,7 @@ impl EventProbes {
     /// Loads the programs; debug files are searched under `debug_roots`.
     pub fn load_with(debug_roots: crate::elf::DebugRoots) -> anyhow::Result<Self> {
         check_privileges()?;
-        crate::tracefs::ensure_tracefs()?;
+        let tracefs = crate::tracefs::ensure_tracefs()?;
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
         timers::attach(&mut ebpf)?;
@@ -214,7 +274,10 @@ impl EventProbes {
                 .load()
                 .with_context(|| format!("loading eBPF program {name}"))?;
         }
+        // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
+        let kvm_status = kvm::attach(&mut ebpf, &tracefs).map_err(|e| format!("{e:#}"));
         Ok(Self {
+            kvm_status,
             debug_roots,
             exe_symbols: HashMap::new(),
             symbol_probes: HashMap::new(),
@@ -366,8 +429,8 @@ impl EventProbes {
         )?)
     }
 
-    /// Starts counting events of process `tgid`, from zero.
-    pub fn watch(&mut self, tgid: u32) -> anyhow::Result<()> {
+    /// Starts counting events of process `tgid` (running under `accel`), from zero.
+    pub fn watch(&mut self, tgid: u32, accel: crate::cmdline::Accel) -> anyhow::Result<()> {
         if self.watched.contains(&tgid) {
             return Ok(());
         }
@@ -382,6 +445,18 @@ impl EventProbes {
                 Err(symbols_why) => match source {
                     ReadWriteSource::Unavailable(usdt_why) if usdt_why == NO_USDT_REASON => {
                         ReadWriteSource::Unavailable(symbols_why)
+                    }
+                    other => other,
+                },
+            };
+        }
+        // KVM guests without USDT or symbols: the kernel's view of the exits to QEMU.
+        if !source.is_available() && accel == crate::cmdline::Accel::Kvm {
+            source = match &self.kvm_status {
+                Ok(()) => ReadWriteSource::KvmTracepoints,
+                Err(why) => match source {
+                    ReadWriteSource::Unavailable(prev) => {
+                        ReadWriteSource::Unavailable(format!("{prev}; KVM tracepoints: {why}"))
                     }
                     other => other,
                 },
@@ -426,24 +501,18 @@ impl EventProbes {
             attachment: symbols::SymbolAttachment::default(),
             callbacks_unavailable: None,
         };
-        if exe.has_full_symbols() && !exe.timer_mod.is_empty() {
-            let program = self.uprobe(symbols::TIMER_MOD_PROGRAM);
-            match program.and_then(|p| symbols::attach_timer_mod(p, pid, &exe)) {
-                Ok(links) => probes
-                    .attachment
-                    .links
-                    .extend(links.into_iter().map(|l| (symbols::TIMER_MOD_PROGRAM, l))),
-                Err(e) => probes.callbacks_unavailable = Some(format!("{e:#}")),
+        match exe.callbacks_unavailable() {
+            None => {
+                let program = self.uprobe(symbols::TIMER_MOD_PROGRAM);
+                match program.and_then(|p| symbols::attach_timer_mod(p, pid, &exe)) {
+                    Ok(links) => probes
+                        .attachment
+                        .links
+                        .extend(links.into_iter().map(|l| (symbols::TIMER_MOD_PROGRAM, l))),
+                    Err(e) => probes.callbacks_unavailable = Some(format!("{e:#}")),
+                }
             }
-        } else {
-            probes.callbacks_unavailable = Some(if exe.has_full_symbols() {
-                "timer_mod_ns not found in the symbols".into()
-            } else {
-                format!(
-                    "needs QEMU's symbols: {}; install its debug symbols",
-                    exe.describe()
-                )
-            });
+            Some(why) => probes.callbacks_unavailable = Some(why),
         }
         let mut result = Ok(());
         if want_dispatch {
@@ -557,6 +626,9 @@ impl EventProbes {
         }
         self.detach_usdt(tgid);
         self.detach_symbols(tgid);
+        if self.kvm_status.is_ok() {
+            let _ = kvm::forget_process(&mut self.ebpf, tgid);
+        }
         self.rw_sources.remove(&tgid);
         self.forget_counters(tgid)
     }

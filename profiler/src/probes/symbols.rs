@@ -63,11 +63,7 @@ impl ExeSymbols {
     /// Why read/write cannot come from symbols, if it cannot.
     pub fn dispatch_unavailable(&self) -> Option<String> {
         if !self.has_full_symbols() {
-            return Some(format!(
-                "stripped QEMU without USDT probes: {}; install its debug symbols \
-                 (Debian: qemu-system-x86-dbgsym, Fedora: qemu-debuginfo)",
-                self.describe()
-            ));
+            return Some(format!("stripped QEMU without USDT probes: {STRIPPED_FIX}"));
         }
         if self.dispatch.is_none() {
             return Some(format!(
@@ -76,7 +72,23 @@ impl ExeSymbols {
         }
         None
     }
+
+    /// Why timers cannot be split by callback, if they cannot.
+    pub fn callbacks_unavailable(&self) -> Option<String> {
+        if !self.has_full_symbols() {
+            return Some(format!("stripped QEMU: {STRIPPED_FIX}"));
+        }
+        if self.timer_mod.is_empty() {
+            return Some("timer_mod_ns not found in the symbols".into());
+        }
+        None
+    }
 }
+
+/// What fixes a stripped QEMU; where the debug file was looked for goes to `profiler list`.
+pub const STRIPPED_FIX: &str = "no debug file found; install its debug symbols (Debian: \
+     qemu-system-x86-dbgsym, Fedora: qemu-debuginfo) or use a QEMU built with \
+     --enable-trace-backends=dtrace";
 
 fn function_file_offset(symbols: &SymbolTable, name: &str) -> Option<u64> {
     let sym = symbols.lookup(name)?;
