@@ -27,6 +27,8 @@ pub struct Counts {
     pub write: Option<u64>,
     /// User + system CPU time of the QEMU process, in clock ticks (since it started).
     pub cpu_ticks: Option<u64>,
+    /// KVM only: guest accesses an in-kernel device handled (never reached QEMU).
+    pub in_kernel: Option<u64>,
 }
 
 fn delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
@@ -43,6 +45,7 @@ impl Counts {
             read: delta(self.read, base.read),
             write: delta(self.write, base.write),
             cpu_ticks: delta(self.cpu_ticks, base.cpu_ticks),
+            in_kernel: delta(self.in_kernel, base.in_kernel),
         }
     }
 }
@@ -330,6 +333,7 @@ impl Collector {
             fd_wakeups: counts.fd_wakeups,
             read: counts.read,
             write: counts.write,
+            in_kernel: counts.in_kernel,
             cpu_seconds: counts
                 .cpu_ticks
                 .map(|t| round3(t as f64 / self.ticks_per_second as f64)),
@@ -349,6 +353,7 @@ fn merge_final(last: &Counts, fin: &Counts) -> Counts {
         read: fin.read.or(last.read),
         write: fin.write.or(last.write),
         cpu_ticks: fin.cpu_ticks.or(last.cpu_ticks),
+        in_kernel: fin.in_kernel.or(last.in_kernel),
     }
 }
 
@@ -394,6 +399,7 @@ mod tests {
                 read: None,
                 write: None,
                 cpu_ticks: Some(cpu),
+                in_kernel: None,
             },
             devices: DeviceTotals::new(),
             callbacks: CallbackTotals::new(),
@@ -488,6 +494,7 @@ mod tests {
                     read: None,
                     write: None,
                     cpu_ticks: None,
+                    in_kernel: None,
                 },
                 ..FinalCounts::default()
             },

@@ -165,6 +165,7 @@ mod tests {
                 counts: Counts {
                     timer: Some(timer),
                     cpu_ticks: Some(50),
+                    in_kernel: None,
                     ..Counts::default()
                 },
                 devices: Vec::new(),
@@ -192,6 +193,7 @@ mod tests {
             fd_wakeups: Some(0),
             read: None,
             write: None,
+            in_kernel: None,
             cpu_seconds: Some(0.1),
             sources: Sources {
                 timer: "syscall".into(),

@@ -82,6 +82,10 @@ pub struct WindowRecord {
     pub read: Option<u64>,
     /// Guest writes to emulated devices handled by QEMU.
     pub write: Option<u64>,
+    /// KVM tracepoint source only: guest accesses an in-kernel device (LAPIC, IOAPIC, PIT,
+    /// ioeventfd, coalesced MMIO/PIO) handled without waking QEMU. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_kernel: Option<u64>,
     /// User + system CPU time the QEMU process used in the window.
     pub cpu_seconds: Option<f64>,
     pub sources: Sources,
@@ -150,6 +154,7 @@ mod tests {
             fd_wakeups: Some(611),
             read: None,
             write: None,
+            in_kernel: None,
             cpu_seconds: Some(1.62),
             sources: Sources {
                 timer: "syscall".into(),

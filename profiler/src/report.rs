@@ -463,6 +463,7 @@ mod tests {
             fd_wakeups: Some(3),
             read: None,
             write: None,
+            in_kernel: None,
             cpu_seconds: Some(0.5),
             sources: Sources {
                 timer: "syscall".into(),

@@ -110,6 +110,7 @@ fn counts_of(c: Option<&ProcessCounters>, rw: &ReadWriteSource, cpu: Option<u64>
         read,
         write,
         cpu_ticks: cpu,
+        in_kernel: (*rw == ReadWriteSource::KvmTracepoints).then(|| c.kvm_in_kernel()),
     }
 }
 

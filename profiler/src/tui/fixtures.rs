@@ -106,6 +106,7 @@ fn record(id: &VmIdentity, src: &Sources, w: u64, f: impl Fn(&mut WindowRecord))
         fd_wakeups: None,
         read: None,
         write: None,
+        in_kernel: None,
         cpu_seconds: None,
         sources: src.clone(),
         devices: Vec::new(),
@@ -188,6 +189,7 @@ pub fn noisy() -> LiveVm {
         read: Some(531),
         write: Some(818),
         cpu_ticks: Some(94),
+        in_kernel: None,
     };
     vm.running_cpu_seconds = Some(0.94);
     vm
@@ -220,6 +222,7 @@ pub fn quiet() -> LiveVm {
         read: Some(7),
         write: Some(5),
         cpu_ticks: Some(3),
+        in_kernel: None,
     };
     vm.running_cpu_seconds = Some(0.03);
     vm
@@ -256,6 +259,7 @@ pub fn legacy() -> LiveVm {
         read: None,
         write: None,
         cpu_ticks: Some(26),
+        in_kernel: None,
     };
     vm.running_cpu_seconds = Some(0.26);
     vm
@@ -272,6 +276,7 @@ pub fn fresh() -> LiveVm {
         read: Some(2_950),
         write: Some(1_880),
         cpu_ticks: Some(310),
+        in_kernel: None,
     };
     vm.running_elapsed = 4.2;
     vm.running_cpu_seconds = Some(3.1);
