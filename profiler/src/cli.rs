@@ -20,6 +20,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Which VMs to profile, and where their symbols are: shared by `record` and `top`.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Only VMs with this name (repeatable).
+    #[arg(long = "vm")]
+    pub vms: Vec<String>,
+    /// Only the QEMU process with this PID (repeatable).
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
+    /// Also look for QEMU debug files (`.build-id/NN/REST.debug`) under this directory
+    /// (repeatable; /usr/lib/debug is always searched).
+    #[arg(long = "debug-dir")]
+    pub debug_dirs: Vec<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List QEMU processes: identity, accelerator, and which probe source serves each count.
@@ -39,16 +54,8 @@ pub enum Command {
         /// Where to write the records; `-` is standard output.
         #[arg(long, short, default_value = "-")]
         output: PathBuf,
-        /// Only VMs with this name (repeatable).
-        #[arg(long = "vm")]
-        vms: Vec<String>,
-        /// Only the QEMU process with this PID (repeatable).
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
-        /// Also look for QEMU debug files (`.build-id/NN/REST.debug`) under this directory
-        /// (repeatable; /usr/lib/debug is always searched).
-        #[arg(long = "debug-dir")]
-        debug_dirs: Vec<PathBuf>,
+        #[command(flatten)]
+        target: Target,
     },
     /// Live ranking of the noisiest guests (a terminal UI; `?` for keys).
     Top {
@@ -58,16 +65,8 @@ pub enum Command {
         /// Also write closed windows to this file, as `record` does.
         #[arg(long, short)]
         output: Option<PathBuf>,
-        /// Only VMs with this name (repeatable).
-        #[arg(long = "vm")]
-        vms: Vec<String>,
-        /// Only the QEMU process with this PID (repeatable).
-        #[arg(long = "pid")]
-        pids: Vec<u32>,
-        /// Also look for QEMU debug files (`.build-id/NN/REST.debug`) under this directory
-        /// (repeatable; /usr/lib/debug is always searched).
-        #[arg(long = "debug-dir")]
-        debug_dirs: Vec<PathBuf>,
+        #[command(flatten)]
+        target: Target,
     },
     /// Print a recording as Pulsar tables (Interval | Timer | Read | Write | CPU), per VM.
     Report {

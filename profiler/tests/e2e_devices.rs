@@ -3,33 +3,10 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::time::Duration;
 
 use common::*;
-use profiler::record::WindowRecord;
 use xtask::launch::{DeviceSet, GuestSpec, launch};
-
-/// The USDT QEMU, or `None` after saying why (a failure under `PROFILER_E2E_REQUIRE`).
-fn usdt_qemu(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("PROFILER_QEMU_USDT") {
-        Some(p) => Some(p.into()),
-        None if std::env::var_os("PROFILER_E2E_REQUIRE").is_some() => {
-            panic!("{test}: PROFILER_QEMU_USDT not set")
-        }
-        None => {
-            eprintln!("SKIPPED {test}: PROFILER_QEMU_USDT not set; run `cargo xtask test`");
-            None
-        }
-    }
-}
-
-fn device_total(windows: &[&WindowRecord], name: &str) -> (u64, u64) {
-    windows
-        .iter()
-        .flat_map(|w| &w.devices)
-        .filter(|d| d.name == name)
-        .fold((0, 0), |(r, w), d| (r + d.read, w + d.write))
-}
 
 /// The guest reads the parallel port's data register exactly N times: the profiler must
 /// count N `parallel` reads (+2 % at most for the guest's own driver traffic).
@@ -46,25 +23,7 @@ fn exact_parallel_port_reads_by_name() {
     let mut spec = GuestSpec::new("e2e-lpt", DeviceSet::Noisy);
     spec.qemu = qemu;
     spec.extra_append = format!("workload=inb:0x378:{N} workload_delay=6");
-    let guest = launch(&spec, &image, dir.path()).unwrap();
-    let rec = recording_path(dir.path());
-    // Start recording before the workload starts (it waits 6 s after the ready line).
-    let mut recorder = profiler()
-        .args(["record", "--window", "5", "--vm", "e2e-lpt", "--output"])
-        .arg(&rec)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    guest.wait_ready(Duration::from_secs(180)).unwrap();
-    guest
-        .wait_for_line("PROFILER-WORKLOAD-DONE", Duration::from_secs(120))
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    // SAFETY: plain signal to our child.
-    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
-    assert!(recorder.wait().unwrap().success());
-
-    let records = load(&rec);
+    let records = record_workload(&spec, &image, dir.path(), &[], Duration::from_secs(2));
     let windows = of(&records, "e2e-lpt");
     assert!(!windows.is_empty());
     for w in &windows {
@@ -83,7 +42,9 @@ fn exact_parallel_port_reads_by_name() {
         let sum: u64 = w.devices.iter().map(|d| d.read).sum();
         assert_eq!(Some(sum), w.read, "{w:?}");
     }
-    let report = String::from_utf8(run_ok(profiler().arg("report").arg(&rec)).stdout).unwrap();
+    let report =
+        String::from_utf8(run_ok(profiler().arg("report").arg(recording_path(dir.path()))).stdout)
+            .unwrap();
     assert!(report.contains("parallel"), "{report}");
 }
 

@@ -5,26 +5,12 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use common::*;
-use profiler::record::WindowRecord;
-use xtask::launch::{DeviceSet, GuestSpec, launch};
-
-fn usdt_qemu(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("PROFILER_QEMU_USDT") {
-        Some(p) => Some(p.into()),
-        None if std::env::var_os("PROFILER_E2E_REQUIRE").is_some() => {
-            panic!("{test}: PROFILER_QEMU_USDT not set")
-        }
-        None => {
-            eprintln!("SKIPPED {test}: PROFILER_QEMU_USDT not set; run `cargo xtask test`");
-            None
-        }
-    }
-}
+use xtask::launch::{DeviceSet, GuestSpec};
 
 fn sh(cmd: &mut Command) {
     let status = cmd.status().expect("tool runs");
@@ -73,15 +59,6 @@ fn stripped_qemu_with_debug_file(qemu: &Path, dir: &Path) -> (PathBuf, PathBuf) 
     (bin, root)
 }
 
-fn device_reads(windows: &[&WindowRecord], name: &str) -> u64 {
-    windows
-        .iter()
-        .flat_map(|w| &w.devices)
-        .filter(|d| d.name == name)
-        .map(|d| d.read)
-        .sum()
-}
-
 #[test]
 fn stripped_qemu_with_debug_file_counts_reads_and_names_timer_callbacks() {
     let Some(image) = e2e_guest_image("stripped_with_debug_file") else {
@@ -96,33 +73,20 @@ fn stripped_qemu_with_debug_file_counts_reads_and_names_timer_callbacks() {
     let mut spec = GuestSpec::new("e2e-sym", DeviceSet::Noisy);
     spec.qemu = stripped;
     spec.extra_append = format!("workload=inb:0x378:{N} workload_delay=8");
-    let guest = launch(&spec, &image, dir.path()).unwrap();
-    let rec = recording_path(dir.path());
-    let mut recorder = profiler()
-        .args(["record", "--window", "5", "--vm", "e2e-sym", "--debug-dir"])
-        .arg(&debug_root)
-        .arg("--output")
-        .arg(&rec)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    guest.wait_ready(Duration::from_secs(180)).unwrap();
-    guest
-        .wait_for_line("PROFILER-WORKLOAD-DONE", Duration::from_secs(120))
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(6));
-    // SAFETY: plain signal to our child.
-    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
-    assert!(recorder.wait().unwrap().success());
-
-    let records = load(&rec);
+    let records = record_workload(
+        &spec,
+        &image,
+        dir.path(),
+        &["--debug-dir".as_ref(), debug_root.as_os_str()],
+        Duration::from_secs(6),
+    );
     let windows = of(&records, "e2e-sym");
     assert!(windows.len() >= 3, "{records:#?}");
     for w in &windows {
         assert_eq!(w.sources.read, "symbols", "{w:?}");
         assert_eq!(w.sources.timer_callbacks, "symbols", "{w:?}");
     }
-    let reads = device_reads(&windows, "parallel");
+    let (reads, _) = device_total(&windows, "parallel");
     eprintln!("parallel reads counted through memory_region_dispatch_read: {reads} of {N}");
     assert!((N..=N + N / 50).contains(&reads), "{reads} for {N}");
     // UHCI's frame timer runs at 1 kHz while the tablet is attached.

@@ -16,29 +16,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             window,
             duration,
             output,
-            vms,
-            pids,
-            debug_dirs,
+            target,
         } => record::run(record::RecordOptions {
             window,
             duration,
             output,
-            filter: crate::session::VmFilter { names: vms, pids },
-            debug_roots: debug_roots(debug_dirs),
+            filter: filter(&target),
+            debug_roots: debug_roots(target.debug_dirs),
         }),
         Command::Report { file, format } => report::run(&file, format),
         Command::Top {
             window,
             output,
-            vms,
-            pids,
-            debug_dirs,
+            target,
         } => top::run(top::TopOptions {
             window,
             output,
-            filter: crate::session::VmFilter { names: vms, pids },
-            debug_roots: debug_roots(debug_dirs),
+            filter: filter(&target),
+            debug_roots: debug_roots(target.debug_dirs),
         }),
+    }
+}
+
+fn filter(target: &crate::cli::Target) -> crate::session::VmFilter {
+    crate::session::VmFilter {
+        names: target.vms.clone(),
+        pids: target.pids.clone(),
     }
 }
 

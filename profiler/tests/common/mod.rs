@@ -87,3 +87,61 @@ pub fn of<'a>(records: &'a [WindowRecord], name: &str) -> Vec<&'a WindowRecord> 
 pub fn recording_path(dir: &Path) -> PathBuf {
     dir.join("recording.jsonl")
 }
+
+/// The QEMU built with USDT probes (`cargo xtask qemu-usdt`), or `None` after saying why (a
+/// failure under `PROFILER_E2E_REQUIRE`).
+pub fn usdt_qemu(test: &str) -> Option<PathBuf> {
+    match std::env::var_os("PROFILER_QEMU_USDT") {
+        Some(p) => Some(p.into()),
+        None if std::env::var_os("PROFILER_E2E_REQUIRE").is_some() => {
+            panic!("{test}: PROFILER_QEMU_USDT not set")
+        }
+        None => {
+            eprintln!("SKIPPED {test}: PROFILER_QEMU_USDT not set; run `cargo xtask test`");
+            None
+        }
+    }
+}
+
+/// Boots `spec` (whose guest runs a port workload), records it with `extra` profiler
+/// arguments until the workload is done plus `tail`, and returns the recording.
+pub fn record_workload(
+    spec: &GuestSpec,
+    image: &GuestImage,
+    dir: &Path,
+    extra: &[&std::ffi::OsStr],
+    tail: Duration,
+) -> Vec<WindowRecord> {
+    let guest = launch(spec, image, dir).expect("launch QEMU");
+    let rec = recording_path(dir);
+    // Recording starts before the guest boots, so the workload (delayed after the ready line)
+    // runs while the probes are attached.
+    let mut recorder = profiler()
+        .args(["record", "--window", "5", "--vm", &spec.name])
+        .args(extra)
+        .arg("--output")
+        .arg(&rec)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start profiler");
+    guest
+        .wait_ready(Duration::from_secs(180))
+        .expect("guest boots");
+    guest
+        .wait_for_line("PROFILER-WORKLOAD-DONE", Duration::from_secs(120))
+        .expect("workload finishes");
+    std::thread::sleep(tail);
+    // SAFETY: plain signal to our child.
+    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
+    assert!(recorder.wait().expect("profiler exits").success());
+    load(&rec)
+}
+
+/// Reads and writes of device `name` summed over `windows`.
+pub fn device_total(windows: &[&WindowRecord], name: &str) -> (u64, u64) {
+    windows
+        .iter()
+        .flat_map(|w| &w.devices)
+        .filter(|d| d.name == name)
+        .fold((0, 0), |(r, w), d| (r + d.read, w + d.write))
+}
