@@ -25,5 +25,9 @@ fn main() -> anyhow::Result<()> {
             .as_str(),
         ..Default::default()
     };
+    // aya-build relays every stderr line of its inner cargo as a `cargo:warning`; keep the
+    // inner cargo quiet so only real compiler warnings and errors show up as warnings.
+    // SAFETY: build scripts are single-threaded here; the variable is read by the child.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([ebpf_package], Toolchain::default())
 }
