@@ -41,7 +41,7 @@ pub fn current_ids() -> (u32, u32) {
 #[inline(always)]
 pub fn is_watched(tgid: u32) -> bool {
     // SAFETY: the value is only checked for presence.
-    unsafe { WATCHED.get(&tgid).is_some() }
+    unsafe { WATCHED.get(tgid).is_some() }
 }
 
 /// Adds one to the counter `key` on this CPU.
@@ -53,7 +53,7 @@ pub fn count(key: &CounterKey) {
         None => {
             // A concurrent insert on another CPU is harmless: per-CPU slots are separate, and a
             // lost race (EEXIST) is retried through the pointer path.
-            if COUNTERS.insert(key, &1, BPF_NOEXIST as u64).is_err()
+            if COUNTERS.insert(key, 1, BPF_NOEXIST as u64).is_err()
                 && let Some(value) = COUNTERS.get_ptr_mut(key)
             {
                 unsafe { *value += 1 };

@@ -27,6 +27,26 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         "warnings",
     ]))?;
 
+    // The eBPF crate only builds for the bpf target, with nightly and build-std.
+    eprintln!("xtask: cargo +nightly clippy (eBPF crate) -D warnings");
+    run(Command::new("cargo")
+        .current_dir(root.join("profiler-ebpf"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .args([
+            "+nightly",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+
     let mut tests = cargo_cmd();
     tests.args(["test", "--workspace", "--exclude", "profiler-ebpf"]);
     if is_root() {

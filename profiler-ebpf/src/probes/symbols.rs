@@ -48,7 +48,7 @@ pub fn region_dispatch(ctx: ProbeContext) -> u32 {
         kind: (cookie >> 32) as u32,
         id: region,
     };
-    if COUNTERS.get_ptr_mut(&key).is_none() {
+    if COUNTERS.get_ptr_mut(key).is_none() {
         remember_name(tgid, region, cookie & 0xffff_ffff);
     }
     count(&key);
@@ -64,7 +64,7 @@ fn remember_name(tgid: u32, region: u64, name_offset: u64) {
         region,
     };
     // SAFETY: presence check only.
-    if name_offset == 0 || unsafe { REGION_NAMES.get(&name_key) }.is_some() {
+    if name_offset == 0 || unsafe { REGION_NAMES.get(name_key) }.is_some() {
         return;
     }
     // SAFETY: bpf_probe_read_user checks the user address.
@@ -80,12 +80,12 @@ fn remember_name(tgid: u32, region: u64, name_offset: u64) {
         // goes through a nameless "subpage" region whose ops dispatch again to the real
         // region). Marked so userspace does not count the access twice.
         name.name[0] = UNNAMED_REGION_MARK;
-        let _ = REGION_NAMES.insert(&name_key, &name, 0);
+        let _ = REGION_NAMES.insert(name_key, name, 0);
         return;
     }
     // SAFETY: bounded copy checked by the helper.
     if unsafe { bpf_probe_read_user_str_bytes(name_ptr as *const u8, &mut name.name) }.is_ok() {
-        let _ = REGION_NAMES.insert(&name_key, &name, 0);
+        let _ = REGION_NAMES.insert(name_key, name, 0);
     }
 }
 
@@ -109,8 +109,8 @@ pub fn timer_mod(ctx: ProbeContext) -> u32 {
         region: cb,
     };
     // SAFETY: presence check only.
-    if unsafe { SEEN_CALLBACKS.get(&key) }.is_none() {
-        let _ = SEEN_CALLBACKS.insert(&key, &1, BPF_NOEXIST as u64);
+    if unsafe { SEEN_CALLBACKS.get(key) }.is_none() {
+        let _ = SEEN_CALLBACKS.insert(key, 1, BPF_NOEXIST as u64);
     }
     0
 }

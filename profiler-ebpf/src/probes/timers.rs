@@ -54,7 +54,7 @@ fn remember(tid: u32, syscall: u64, timeout: u32) -> u32 {
         timeout,
         _pad: 0,
     };
-    let _ = PENDING.insert(&tid, &pending, 0);
+    let _ = PENDING.insert(tid, pending, 0);
     0
 }
 
@@ -65,11 +65,11 @@ fn classify_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(pending) = (unsafe { PENDING.get(&tid) }).copied() else {
+    let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
         // Entered before we started watching: the timeout is unknown, skip it.
         return 0;
     };
-    let _ = PENDING.remove(&tid);
+    let _ = PENDING.remove(tid);
     // SAFETY: fixed syscall exit layout.
     let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
     let kind = if pending.syscall == wait_syscall::IO_URING_ENTER {

@@ -74,7 +74,7 @@ pub fn usdt_memory_region_ops(ctx: ProbeContext) -> u32 {
     // SAFETY: the helper only reads the attach cookie.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     // SAFETY: the spec is copied out of the map.
-    let Some(spec) = (unsafe { USDT_SPECS.get(&cookie) }).copied() else {
+    let Some(spec) = (unsafe { USDT_SPECS.get(cookie) }).copied() else {
         return 0;
     };
     let region_idx = spec.region_arg as usize;
@@ -89,7 +89,7 @@ pub fn usdt_memory_region_ops(ctx: ProbeContext) -> u32 {
         kind: spec.kind,
         id: region,
     };
-    if COUNTERS.get_ptr_mut(&key).is_none() {
+    if COUNTERS.get_ptr_mut(key).is_none() {
         remember_name(&ctx, &spec, tgid, region);
     }
     count(&key);
@@ -105,7 +105,7 @@ fn remember_name(ctx: &ProbeContext, spec: &UsdtSpec, tgid: u32, region: u64) {
         region,
     };
     // SAFETY: presence check only.
-    if unsafe { REGION_NAMES.get(&name_key) }.is_some() {
+    if unsafe { REGION_NAMES.get(name_key) }.is_some() {
         return;
     }
     let name_idx = spec.name_arg as usize;
@@ -120,6 +120,6 @@ fn remember_name(ctx: &ProbeContext, spec: &UsdtSpec, tgid: u32, region: u64) {
     };
     // SAFETY: bpf_probe_read_user_str_bytes checks the user address and bounds the copy.
     if unsafe { bpf_probe_read_user_str_bytes(name_ptr as *const u8, &mut name.name) }.is_ok() {
-        let _ = REGION_NAMES.insert(&name_key, &name, 0);
+        let _ = REGION_NAMES.insert(name_key, name, 0);
     }
 }
