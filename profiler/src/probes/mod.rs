@@ -159,6 +159,8 @@ impl ProcessCounters {
 struct ExeProbes {
     sites: usdt::RegionOpsSites,
     segments: Vec<LoadSegment>,
+    /// The binary's own symbols, for RIP-relative USDT operands (None: stripped).
+    symbols: Option<crate::elf::SymbolTable>,
 }
 
 /// Which source serves a process's read/write counts.
@@ -301,7 +303,12 @@ impl EventProbes {
                 .map_err(|e| format!("reading its USDT notes: {e:#}"))?
                 .ok_or_else(|| NO_USDT_REASON.to_string())?;
             let segments = crate::elf::load_segments(&bytes).map_err(|e| format!("{e:#}"))?;
-            Ok(Arc::new(ExeProbes { sites, segments }))
+            let symbols = crate::elf::SymbolTable::from_elf_bytes(&bytes).ok();
+            Ok(Arc::new(ExeProbes {
+                sites,
+                segments,
+                symbols,
+            }))
         });
         entry.clone().map(|p| (p, ino))
     }
@@ -311,55 +318,68 @@ impl EventProbes {
             Ok(found) => found,
             Err(why) => return ReadWriteSource::Unavailable(why),
         };
-        let mut next_spec_id = self.next_spec_id;
-        let spec_map = self
-            .ebpf
-            .map_mut("USDT_SPECS")
-            .map(BpfHashMap::<&mut MapData, u32, UsdtSpec>::try_from);
-        let Some(Ok(mut spec_map)) = spec_map else {
-            return ReadWriteSource::Unavailable("map USDT_SPECS missing".into());
-        };
-        let mut new_specs = Vec::new();
-        let mut insert = |spec: UsdtSpec| -> anyhow::Result<u32> {
-            let id = next_spec_id;
-            next_spec_id += 1;
-            spec_map.insert(id, spec, 0)?;
-            new_specs.push(id);
-            Ok(id)
-        };
-        // The spec map is filled first (ids are cheap), then the program attaches.
-        let mut planned = Vec::new();
-        for (sites, k) in [
-            (&exe.sites.read, kind::READ),
-            (&exe.sites.write, kind::WRITE),
-        ] {
-            for site in sites {
-                match usdt::site_spec(site, k).and_then(&mut insert) {
-                    Ok(id) => planned.push(id),
-                    Err(e) => return ReadWriteSource::Unavailable(format!("{e:#}")),
-                }
-            }
-        }
-        self.next_spec_id = next_spec_id;
-        let mut planned = planned.into_iter();
-        let program: &mut UProbe = match self.ebpf.program_mut(usdt::PROGRAM).map(|p| p.try_into())
-        {
-            Some(Ok(p)) => p,
-            _ => return ReadWriteSource::Unavailable("USDT program missing".into()),
-        };
-        let offset_to_vaddr = |off| exe.segments.iter().find_map(|s| s.vaddr_of(off));
-        match usdt::attach(program, pid, &exe.sites, inode, offset_to_vaddr, |_| {
-            planned.next().context("more sites than specs")
-        }) {
+        match self.try_attach_usdt(pid, &exe, inode) {
             Ok(attachment) => {
                 self.usdt.insert(pid, attachment);
                 ReadWriteSource::Usdt
             }
-            Err(e) => {
-                self.forget_specs(&new_specs);
-                ReadWriteSource::Unavailable(format!("attaching the USDT probes failed: {e:#}"))
+            Err(e) => ReadWriteSource::Unavailable(format!("attaching the USDT probes: {e:#}")),
+        }
+    }
+
+    fn try_attach_usdt(
+        &mut self,
+        pid: u32,
+        exe: &ExeProbes,
+        inode: u64,
+    ) -> anyhow::Result<usdt::UsdtAttachment> {
+        let bias = usdt::load_bias(pid, inode, |off| {
+            exe.segments.iter().find_map(|s| s.vaddr_of(off))
+        })?;
+        // One spec per site, in the kernel map under a fresh cookie.
+        let mut sites = Vec::new();
+        for (list, k) in [
+            (&exe.sites.read, kind::READ),
+            (&exe.sites.write, kind::WRITE),
+        ] {
+            for site in list {
+                let rip = |symbol: &str, offset: i64| -> anyhow::Result<u64> {
+                    let symbols = exe
+                        .symbols
+                        .as_ref()
+                        .context("a RIP-relative operand needs the binary's symbols")?;
+                    let vaddr =
+                        crate::elf::resolve_rip_relative(symbols, symbol, offset, Some(site.pc))?;
+                    Ok(vaddr.wrapping_add(bias))
+                };
+                let spec = usdt::site_spec(site, k, &rip)?;
+                let cookie = self.next_spec_id;
+                self.next_spec_id += 1;
+                let mut map = BpfHashMap::<&mut MapData, u32, UsdtSpec>::try_from(
+                    self.ebpf
+                        .map_mut("USDT_SPECS")
+                        .context("map USDT_SPECS missing")?,
+                )?;
+                map.insert(cookie, spec, 0)?;
+                sites.push((site.pc_file_offset, cookie));
             }
         }
+        let semaphores: Vec<u64> = exe
+            .sites
+            .read
+            .iter()
+            .chain(&exe.sites.write)
+            .filter_map(|s| s.semaphore)
+            .map(|sem| bias.wrapping_add(sem))
+            .collect();
+        let result = self
+            .uprobe(usdt::PROGRAM)
+            .and_then(|program| usdt::attach(program, pid, &sites, &semaphores));
+        if result.is_err() {
+            let cookies: Vec<u32> = sites.iter().map(|&(_, c)| c).collect();
+            self.forget_specs(&cookies);
+        }
+        result
     }
 
     fn forget_specs(&mut self, ids: &[u32]) {

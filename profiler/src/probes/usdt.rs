@@ -26,7 +26,7 @@ use aya::programs::{
     UProbe,
     uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
 };
-use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, usdt_arg};
+use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, usdt_arg};
 
 use crate::elf::usdt::{UsdtArg, UsdtArgLocation, UsdtProbe, parse_usdt_probes};
 
@@ -62,9 +62,13 @@ pub fn find_region_ops_sites(elf_bytes: &[u8]) -> anyhow::Result<Option<RegionOp
     Ok(Some(RegionOpsSites { read, write }))
 }
 
-/// Turns a parsed USDT argument into the eBPF side's fetch instructions. RIP-relative and
-/// indexed operands are not needed for the region/name arguments and are refused.
-pub fn arg_spec(arg: &UsdtArg) -> anyhow::Result<UsdtArgSpec> {
+/// Resolves a RIP-relative operand (`symbol+offset`) to its runtime address.
+pub type RipResolver<'a> = dyn Fn(&str, i64) -> anyhow::Result<u64> + 'a;
+
+/// Turns a parsed USDT argument into the eBPF side's fetch instructions. RIP-relative operands
+/// (`8@seq_iter.6(%rip)`) are resolved here, in userspace, to an absolute runtime address the
+/// eBPF side reads; indexed operands (`(%rax,%rbx,8)`) are refused.
+pub fn arg_spec(arg: &UsdtArg, rip: &RipResolver<'_>) -> anyhow::Result<UsdtArgSpec> {
     let bitshift = 64 - 8 * u8::min(arg.size, 8);
     let base = UsdtArgSpec {
         signed: arg.signed as u8,
@@ -88,12 +92,21 @@ pub fn arg_spec(arg: &UsdtArg) -> anyhow::Result<UsdtArgSpec> {
             val_off: *v as u64,
             ..base
         },
-        other => bail!("USDT operand {other:?} is not supported for this probe"),
+        UsdtArgLocation::RipRelative { symbol, offset } => UsdtArgSpec {
+            arg_type: usdt_arg::ABS_DEREF,
+            val_off: rip(symbol, *offset)?,
+            ..base
+        },
+        other => bail!("USDT operand {other:?} is not supported"),
     })
 }
 
 /// The eBPF-side spec of one probe site.
-pub fn site_spec(site: &UsdtProbe, counter_kind: u32) -> anyhow::Result<UsdtSpec> {
+pub fn site_spec(
+    site: &UsdtProbe,
+    counter_kind: u32,
+    rip: &RipResolver<'_>,
+) -> anyhow::Result<UsdtSpec> {
     let args = site.parsed_args()?;
     if args.len() <= NAME_ARG as usize || args.len() > USDT_MAX_ARGS {
         bail!(
@@ -112,7 +125,7 @@ pub fn site_spec(site: &UsdtProbe, counter_kind: u32) -> anyhow::Result<UsdtSpec
         name_arg: NAME_ARG,
     };
     for i in [REGION_ARG as usize, NAME_ARG as usize] {
-        spec.args[i] = arg_spec(&args[i])
+        spec.args[i] = arg_spec(&args[i], rip)
             .with_context(|| format!("argument {i} of {}:{}", site.provider, site.name))?;
     }
     Ok(spec)
@@ -217,60 +230,50 @@ pub fn exe_inode(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((meta.dev(), meta.ino()))
 }
 
-/// Attaches `program` at every read/write site for `pid`; `insert_spec` stores a spec in the
-/// kernel map and returns its cookie.
+/// Attaches `program` for `pid` at each `(file offset, cookie)` site, then raises the
+/// semaphores at their runtime addresses, last, so the sites start firing only once every
+/// uprobe is in.
 pub fn attach(
     program: &mut UProbe,
     pid: u32,
-    sites: &RegionOpsSites,
-    inode: u64,
-    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
-    mut insert_spec: impl FnMut(UsdtSpec) -> anyhow::Result<u32>,
+    sites: &[(u64, u32)],
+    semaphores: &[u64],
 ) -> anyhow::Result<UsdtAttachment> {
     let target = format!("/proc/{pid}/exe");
     let scope =
         UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).context("pid 0 cannot be probed")?);
-    let bias = load_bias(pid, inode, offset_to_vaddr)?;
     let mut attachment = UsdtAttachment {
         links: Vec::new(),
-        spec_ids: Vec::new(),
+        spec_ids: sites.iter().map(|&(_, cookie)| cookie).collect(),
         semaphores: Vec::new(),
     };
-    for (sites, counter_kind) in [(&sites.read, kind::READ), (&sites.write, kind::WRITE)] {
-        for site in sites {
-            let cookie = insert_spec(site_spec(site, counter_kind)?)?;
-            attachment.spec_ids.push(cookie);
-            let link = program
-                .attach(
-                    UProbeAttachPoint {
-                        location: UProbeAttachLocation::AbsoluteOffset(site.pc_file_offset),
-                        cookie: Some(cookie as u64),
-                    },
-                    Path::new(&target),
-                    scope,
-                )
-                .with_context(|| {
-                    format!(
-                        "attaching a uprobe to {}:{} at file offset {:#x} of {target}",
-                        site.provider, site.name, site.pc_file_offset
-                    )
-                })?;
-            attachment.links.push(link);
-        }
+    for &(file_offset, cookie) in sites {
+        let link = program
+            .attach(
+                UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(file_offset),
+                    cookie: Some(cookie as u64),
+                },
+                Path::new(&target),
+                scope,
+            )
+            .with_context(|| {
+                format!("attaching a uprobe at file offset {file_offset:#x} of {target}")
+            })?;
+        attachment.links.push(link);
     }
-    // Raise the semaphores last, so the sites start firing only once every uprobe is in.
-    for site in sites.read.iter().chain(&sites.write) {
-        if let Some(sem) = site.semaphore {
-            attachment
-                .semaphores
-                .push(RaisedSemaphore::raise(pid, bias.wrapping_add(sem))?);
-        }
+    for &addr in semaphores {
+        attachment
+            .semaphores
+            .push(RaisedSemaphore::raise(pid, addr)?);
     }
     Ok(attachment)
 }
 
 #[cfg(test)]
 mod tests {
+    use profiler_common::kind;
+
     use super::*;
     use crate::elf::usdt::parse_args;
 
@@ -278,20 +281,31 @@ mod tests {
     fn specs_for_qemu_memory_region_ops() {
         // The argument spec of QEMU 7.2's memory_region_ops_read (Debian source, dtrace).
         let args = parse_args("-4@%edi 8@%rsi 8@%rdx 8@%rcx 4@%r8d 8@%r9").unwrap();
-        let mr = arg_spec(&args[1]).unwrap();
+        let no_rip = |_: &str, _: i64| -> anyhow::Result<u64> { anyhow::bail!("no symbols") };
+        let mr = arg_spec(&args[1], &no_rip).unwrap();
         assert_eq!(mr.arg_type, usdt_arg::REG);
         assert_eq!(mr.reg_off, 104); // rsi in struct pt_regs
         assert_eq!(mr.bitshift, 0);
-        let name = arg_spec(&args[5]).unwrap();
+        let name = arg_spec(&args[5], &no_rip).unwrap();
         assert_eq!(name.reg_off, 64); // r9
-        let cpu = arg_spec(&args[0]).unwrap();
+        let cpu = arg_spec(&args[0], &no_rip).unwrap();
         assert_eq!((cpu.signed, cpu.bitshift, cpu.reg_off), (1, 32, 112)); // edi
-        let deref = arg_spec(&parse_args("-4@-20(%rbp)").unwrap()[0]).unwrap();
+        let deref = arg_spec(&parse_args("-4@-20(%rbp)").unwrap()[0], &no_rip).unwrap();
         assert_eq!(deref.arg_type, usdt_arg::REG_DEREF);
         assert_eq!(deref.val_off as i64, -20);
-        let constant = arg_spec(&parse_args("4@$7").unwrap()[0]).unwrap();
+        let constant = arg_spec(&parse_args("4@$7").unwrap()[0], &no_rip).unwrap();
         assert_eq!((constant.arg_type, constant.val_off), (usdt_arg::CONST, 7));
-        assert!(arg_spec(&parse_args("8@seq_iter.6(%rip)").unwrap()[0]).is_err());
+        let rip = parse_args("8@seq_iter.6+8(%rip)").unwrap();
+        assert!(arg_spec(&rip[0], &no_rip).is_err());
+        // Resolved in userspace to symbol + offset + load bias; the eBPF side reads it.
+        let resolve = |sym: &str, off: i64| -> anyhow::Result<u64> {
+            assert_eq!(sym, "seq_iter.6");
+            Ok((0x55d0_0000_0000u64 + 0xe4b000).wrapping_add(off as u64))
+        };
+        let abs = arg_spec(&rip[0], &resolve).unwrap();
+        assert_eq!(abs.arg_type, usdt_arg::ABS_DEREF);
+        assert_eq!(abs.val_off, 0x55d0_00e4_b008);
+        assert!(arg_spec(&parse_args("8@(%rax,%rbx,8)").unwrap()[0], &resolve).is_err());
     }
 
     #[test]
@@ -326,8 +340,9 @@ mod tests {
             .unwrap()
             .expect("probes present");
         assert_eq!((sites.read.len(), sites.write.len()), (1, 1));
+        let no_rip = |_: &str, _: i64| -> anyhow::Result<u64> { anyhow::bail!("no symbols") };
         for site in sites.read.iter().chain(&sites.write) {
-            site_spec(site, kind::READ).unwrap();
+            site_spec(site, kind::READ, &no_rip).unwrap();
             assert!(site.semaphore.is_some());
         }
     }
