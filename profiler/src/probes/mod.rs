@@ -458,6 +458,12 @@ impl EventProbes {
         self.watched_map()?.insert(tgid, 1, 0)?;
         self.watched.insert(tgid);
         let mut source = self.attach_usdt(tgid);
+        if let ReadWriteSource::Unavailable(why) = &source
+            && why != NO_USDT_REASON
+        {
+            // The binary has the probes but they could not be used: say why, once.
+            eprintln!("profiler: pid {tgid}: USDT probes not used: {why}");
+        }
         let symbol_source = self.attach_symbols(tgid, !source.is_available());
         if !source.is_available() {
             source = match symbol_source {

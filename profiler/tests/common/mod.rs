@@ -121,7 +121,8 @@ pub fn record_workload(
         .args(extra)
         .arg("--output")
         .arg(&rec)
-        .stderr(std::process::Stdio::piped())
+        // Inherited: the profiler's warnings show in the test output when something fails.
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("start profiler");
     guest
