@@ -27,10 +27,18 @@ struct ListedVm {
 
 pub fn run(json: bool) -> anyhow::Result<ExitCode> {
     let procs = scan_qemu_processes(&HostPaths::default());
+    // Reading a QEMU binary's notes and symbols costs tens of MB of I/O: once per binary.
+    let mut offered_by_exe = std::collections::HashMap::new();
     let vms: Vec<ListedVm> = procs
         .iter()
         .map(|p| {
-            let offered = probe_offered_sources(p);
+            let offered = match crate::probes::usdt::exe_inode(p.key.pid) {
+                Ok(exe) => offered_by_exe
+                    .entry(exe)
+                    .or_insert_with(|| probe_offered_sources(p))
+                    .clone(),
+                Err(_) => probe_offered_sources(p),
+            };
             ListedVm {
                 name: p.identity.name.clone(),
                 pid: p.key.pid,
