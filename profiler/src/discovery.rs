@@ -341,3 +341,35 @@ mod tests {
         assert_eq!(p.identity.name, "pid 77");
     }
 }
+
+#[cfg(test)]
+mod garbage_tests {
+    use super::*;
+    use crate::cmdline::parse_cmdline;
+
+    /// Command lines and stat files are set by whoever starts a process: random bytes must
+    /// never panic the parsers.
+    #[test]
+    fn random_input_never_panics() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"-=,:()0123456789abcdefguestnamexendomidaccelkvmtcg \x00\x1b\xff";
+        for _ in 0..2000 {
+            let len = (next() % 200) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            let argv = split_cmdline(&bytes);
+            let mut with_qemu = vec!["qemu-system-x86_64".to_string()];
+            with_qemu.extend(argv);
+            let _ = parse_cmdline(&with_qemu);
+            let _ = parse_stat(&String::from_utf8_lossy(&bytes));
+            let _ = detect_accel(&parse_cmdline(&with_qemu), None);
+        }
+    }
+}
