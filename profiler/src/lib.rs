@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod elf;
 pub mod live;
 pub mod mtree;
+pub mod output;
 pub mod probes;
 pub mod qmp;
 pub mod record;

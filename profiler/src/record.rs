@@ -133,7 +133,7 @@ pub fn read_records(reader: impl BufRead) -> anyhow::Result<(Vec<WindowRecord>, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> WindowRecord {

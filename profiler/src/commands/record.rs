@@ -16,6 +16,7 @@ use tokio::{
 };
 
 use crate::{
+    output::RecordSink,
     probes::EventProbes,
     record::WindowRecord,
     session::{Session, VmFilter},
@@ -42,14 +43,29 @@ fn open_output(path: &PathBuf) -> anyhow::Result<Box<dyn Write>> {
     }
 }
 
-fn emit(out: &mut dyn Write, records: &[WindowRecord]) -> anyhow::Result<()> {
-    for r in records {
-        writeln!(out, "{}", r.to_json_line()).context("writing a window record")?;
+/// Writes closed windows; while the output fails (disk full), keeps them and says so once.
+fn emit(out: &mut RecordSink<Box<dyn Write>>, records: &[WindowRecord]) {
+    let was_failing = out.is_failing();
+    if let Err(e) = out.push(records)
+        && !was_failing
+    {
+        eprintln!(
+            "profiler: cannot write window records ({e}); keeping them in memory and \
+             retrying every window"
+        );
+    } else if was_failing && !out.is_failing() {
+        eprintln!("profiler: writing window records again; nothing was lost");
     }
-    if !records.is_empty() {
-        out.flush().context("flushing window records")?;
+}
+
+/// Last attempt at exit; what still cannot be written goes to stderr rather than being lost.
+fn finish_output(out: &mut RecordSink<Box<dyn Write>>) -> anyhow::Result<()> {
+    if out.drain().is_ok() {
+        return Ok(());
     }
-    Ok(())
+    eprintln!("profiler: these window records could not be written to the output:");
+    io::stderr().write_all(out.pending())?;
+    anyhow::bail!("the output could not take every window record (printed above instead)")
 }
 
 pub fn run(opts: RecordOptions) -> anyhow::Result<ExitCode> {
@@ -60,7 +76,7 @@ pub fn run(opts: RecordOptions) -> anyhow::Result<ExitCode> {
 }
 
 async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
-    let mut out = open_output(&opts.output)?;
+    let mut out = RecordSink::new(open_output(&opts.output)?);
     let probes = EventProbes::load_with(opts.debug_roots.clone())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -68,7 +84,7 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let wall_start = chrono::Utc::now();
     let mut session = Session::new(probes, opts.window as f64, wall_start, opts.filter);
-    emit(&mut out, &session.sample(0.0)?)?;
+    emit(&mut out, &session.sample(0.0)?);
     eprintln!(
         "profiler: recording {} QEMU process(es) in {} s windows{}; Ctrl-C stops",
         session.processes().len(),
@@ -86,7 +102,7 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
             scheduled = ticks.tick() => {
                 // The scheduled instant, not the wakeup time: boundaries stay exact.
                 let t = (scheduled - start).as_secs_f64().round();
-                emit(&mut out, &session.sample(t)?)?;
+                emit(&mut out, &session.sample(t)?);
                 if stop_at.is_some_and(|s| t >= s) {
                     break t;
                 }
@@ -98,7 +114,8 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     // A last sample so the running window carries everything up to the stop.
     let mut last = session.sample(stopped_at)?;
     last.extend(session.finish(stopped_at));
-    emit(&mut out, &last)?;
+    emit(&mut out, &last);
+    finish_output(&mut out)?;
     let cost = session.probe_cost();
     eprintln!(
         "profiler: stopped after {stopped_at:.1} s; eBPF programs ran {} times, {:.1} ms in total",

@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    io::{BufWriter, Write},
+    io::Write,
     path::PathBuf,
     process::ExitCode,
     sync::{
@@ -24,6 +24,7 @@ use tokio::{
 use crate::{
     discovery::clock_ticks_per_second,
     live::{LiveSnapshot, LiveState, ProfilerCost},
+    output::RecordSink,
     probes::EventProbes,
     record::WindowRecord,
     session::{Session, VmFilter},
@@ -51,13 +52,11 @@ fn own_cpu_seconds() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn write_records(out: &mut Option<BufWriter<File>>, records: &[WindowRecord]) {
+fn write_records(out: &mut Option<RecordSink<File>>, records: &[WindowRecord]) {
     if let Some(out) = out {
-        for r in records {
-            // A full disk must not take the live view down; the error shows on exit.
-            let _ = writeln!(out, "{}", r.to_json_line());
-        }
-        let _ = out.flush();
+        // A full disk must not take the live view down: records stay pending and are
+        // retried every window; what is left at exit goes to stderr.
+        let _ = out.push(records);
     }
 }
 
@@ -69,7 +68,7 @@ fn collect(
     window_secs: f64,
     tx: watch::Sender<LiveSnapshot>,
     stop: Arc<AtomicBool>,
-    mut out: Option<BufWriter<File>>,
+    mut out: Option<RecordSink<File>>,
 ) -> anyhow::Result<()> {
     let ticks = clock_ticks_per_second();
     let mut live = LiveState::default();
@@ -108,6 +107,13 @@ fn collect(
     let mut last = session.sample(t)?;
     last.extend(session.finish(t));
     write_records(&mut out, &last);
+    if let Some(out) = &mut out
+        && out.drain().is_err()
+    {
+        eprintln!("profiler: these window records could not be written to the output:");
+        std::io::stderr().write_all(out.pending())?;
+        anyhow::bail!("the output could not take every window record (printed above instead)");
+    }
     Ok(())
 }
 
@@ -116,7 +122,7 @@ pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
     // before the terminal switches to full screen.
     let probes = EventProbes::load_with(opts.debug_roots.clone())?;
     let out = match &opts.output {
-        Some(p) => Some(BufWriter::new(
+        Some(p) => Some(RecordSink::new(
             File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
         None => None,
