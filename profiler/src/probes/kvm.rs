@@ -15,7 +15,6 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData},
-    programs::TracePoint,
 };
 use profiler_common::kvm::{
     self as k, KvmEvent, KvmField, KvmFieldOffsets, KvmThreadState, PortKey, step,
@@ -232,16 +231,7 @@ pub fn attach(ebpf: &mut Ebpf, tracefs: &Path) -> anyhow::Result<()> {
         .set(0, offsets, 0)
         .with_context(|| format!("writing the KVM field layout into {FIELDS_MAP}"))?;
     for name in PROGRAMS {
-        let program: &mut TracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| format!("eBPF program {name} missing from the object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("loading eBPF program {name}"))?;
-        program
-            .attach("kvm", name)
-            .with_context(|| format!("attaching to tracepoint kvm:{name}"))?;
+        super::attach_tracepoint(ebpf, "kvm", name)?;
     }
     Ok(())
 }
@@ -1175,7 +1165,8 @@ mod tests {
         );
 
         // BPF_PROG_TEST_RUN on a tracepoint program: report what this kernel does.
-        let program: &TracePoint = ebpf.program("kvm_pio").unwrap().try_into().unwrap();
+        let program: &aya::programs::TracePoint =
+            ebpf.program("kvm_pio").unwrap().try_into().unwrap();
         let fd = program.fd().unwrap().as_fd().as_raw_fd();
         let record = [0u8; 32];
         match prog_test_run(fd, &record) {

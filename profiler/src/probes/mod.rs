@@ -231,6 +231,38 @@ struct SymbolProbes {
     callbacks_unavailable: Option<String>,
 }
 
+/// Loads the tracepoint program `name` and attaches it to `category:name`.
+pub fn attach_tracepoint(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow::Result<()> {
+    let program: &mut aya::programs::TracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing from the object"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("loading eBPF program {name}"))?;
+    program
+        .attach(category, name)
+        .with_context(|| format!("attaching to tracepoint {category}:{name}"))?;
+    Ok(())
+}
+
+/// Removes every entry of process `tgid` from a map keyed by [`RegionKey`].
+fn forget_region_keys<V: aya::Pod>(ebpf: &mut Ebpf, map: &str, tgid: u32) {
+    if let Some(Ok(mut map)) = ebpf
+        .map_mut(map)
+        .map(BpfHashMap::<&mut MapData, RegionKey, V>::try_from)
+    {
+        let stale: Vec<RegionKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == tgid)
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+    }
+}
+
 /// Checks the privileges loading eBPF needs, with an error a person can act on.
 pub fn check_privileges() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -409,20 +441,7 @@ impl EventProbes {
             }
         }
         self.forget_specs(&spec_ids);
-        if let Some(Ok(mut names)) = self
-            .ebpf
-            .map_mut("REGION_NAMES")
-            .map(BpfHashMap::<&mut MapData, RegionKey, RegionName>::try_from)
-        {
-            let stale: Vec<RegionKey> = names
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| k.tgid == pid)
-                .collect();
-            for k in stale {
-                let _ = names.remove(&k);
-            }
-        }
+        forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
     }
 
     /// Which source serves `tgid`'s read/write counts (after [`Self::watch`]).
@@ -628,20 +647,7 @@ impl EventProbes {
                 let _ = p.detach(link);
             }
         }
-        if let Some(Ok(mut seen)) = self
-            .ebpf
-            .map_mut("SEEN_CALLBACKS")
-            .map(BpfHashMap::<&mut MapData, RegionKey, u64>::try_from)
-        {
-            let stale: Vec<RegionKey> = seen
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| k.tgid == pid)
-                .collect();
-            for k in stale {
-                let _ = seen.remove(&k);
-            }
-        }
+        forget_region_keys::<u64>(&mut self.ebpf, "SEEN_CALLBACKS", pid);
     }
 
     /// Stops counting process `tgid` and drops its counters. Read them first.
