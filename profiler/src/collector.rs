@@ -50,8 +50,27 @@ impl Counts {
     }
 }
 
-/// Cumulative (reads, writes) per device name.
+/// Cumulative (reads, writes) per device, keyed by [`device_key`].
 pub type DeviceTotals = BTreeMap<String, (u64, u64)>;
+
+/// Separates a region's name from its owner's type in a [`DeviceTotals`] key.
+const OWNER_SEPARATOR: char = '\u{1f}';
+
+/// The [`DeviceTotals`] key of region `name` owned by a device of type `owner`.
+pub fn device_key(name: &str, owner: Option<&str>) -> String {
+    match owner {
+        Some(owner) => format!("{name}{OWNER_SEPARATOR}{owner}"),
+        None => name.to_string(),
+    }
+}
+
+/// Splits a [`DeviceTotals`] key back into (name, owner).
+pub fn split_device_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once(OWNER_SEPARATOR) {
+        Some((name, owner)) => (name, Some(owner)),
+        None => (key, None),
+    }
+}
 
 /// Cumulative timer-callback runs per callback name.
 pub type CallbackTotals = BTreeMap<String, u64>;
@@ -79,10 +98,12 @@ pub struct FinalCounts {
 fn device_deltas(now: &DeviceTotals, base: &DeviceTotals) -> Vec<DeviceCount> {
     let mut out: Vec<DeviceCount> = now
         .iter()
-        .map(|(name, (r, w))| {
-            let (br, bw) = base.get(name).copied().unwrap_or_default();
+        .map(|(key, (r, w))| {
+            let (br, bw) = base.get(key).copied().unwrap_or_default();
+            let (name, owner) = split_device_key(key);
             DeviceCount {
-                name: name.clone(),
+                name: name.to_string(),
+                owner: owner.map(String::from),
                 read: r.saturating_sub(br),
                 write: w.saturating_sub(bw),
             }
@@ -579,11 +600,13 @@ mod tests {
             vec![
                 DeviceCount {
                     name: "uhci".into(),
+                    owner: None,
                     read: 250,
                     write: 0
                 },
                 DeviceCount {
                     name: "parallel".into(),
+                    owner: None,
                     read: 0,
                     write: 7
                 },
@@ -596,6 +619,21 @@ mod tests {
                 count: 10000
             }]
         );
+    }
+
+    #[test]
+    fn device_keys_carry_the_owner() {
+        let key = device_key("operational", Some("qemu-xhci"));
+        assert_eq!(split_device_key(&key), ("operational", Some("qemu-xhci")));
+        assert_eq!(split_device_key("uhci"), ("uhci", None));
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        let mut o = obs(&a, 0, 0);
+        c.observe(0.0, std::slice::from_ref(&o), NONE);
+        o.devices.insert(key, (3, 4));
+        let closed = c.observe(10.0, &[o], NONE);
+        assert_eq!(closed[0].devices[0].name, "operational");
+        assert_eq!(closed[0].devices[0].owner.as_deref(), Some("qemu-xhci"));
     }
 
     #[test]

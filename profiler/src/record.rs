@@ -48,9 +48,24 @@ pub struct Sources {
 /// Reads and writes of one emulated device (a QEMU MemoryRegion or a named port range).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceCount {
+    /// The region's name, as QEMU names it (`uhci`, `parallel`, `operational`, ...).
     pub name: String,
+    /// The QOM type of the device that owns the region (`qemu-xhci`, `usb-ehci`, ...), when
+    /// QEMU's debug info lets the profiler follow `mr->owner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     pub read: u64,
     pub write: u64,
+}
+
+impl DeviceCount {
+    /// `name (owner)`, or just the name when the owner is unknown or says nothing more.
+    pub fn label(&self) -> String {
+        match &self.owner {
+            Some(owner) if *owner != self.name => format!("{} ({owner})", self.name),
+            _ => self.name.clone(),
+        }
+    }
 }
 
 /// Runs of one QEMU timer callback.

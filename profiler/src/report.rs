@@ -173,12 +173,13 @@ fn window_secs(g: &VmWindows<'_>) -> f64 {
 fn device_totals(g: &VmWindows<'_>) -> Vec<(String, u64, u64)> {
     let mut totals: Vec<(String, u64, u64)> = Vec::new();
     for d in g.windows.iter().flat_map(|w| &w.devices) {
-        match totals.iter_mut().find(|t| t.0 == d.name) {
+        let label = d.label();
+        match totals.iter_mut().find(|t| t.0 == label) {
             Some(t) => {
                 t.1 += d.read;
                 t.2 += d.write;
             }
-            None => totals.push((d.name.clone(), d.read, d.write)),
+            None => totals.push((label, d.read, d.write)),
         }
     }
     totals.sort_by(|a, b| (b.1 + b.2).cmp(&(a.1 + a.2)).then(a.0.cmp(&b.0)));
@@ -523,17 +524,20 @@ VM quiet (pid 11, tcg)
         let mut records = recording();
         records[0].devices = vec![crate::record::DeviceCount {
             name: "uhci".into(),
+            owner: None,
             read: 246,
             write: 0,
         }];
         records[2].devices = vec![
             crate::record::DeviceCount {
                 name: "parallel".into(),
+                owner: None,
                 read: 100_000,
                 write: 0,
             },
             crate::record::DeviceCount {
                 name: "uhci".into(),
+                owner: None,
                 read: 250,
                 write: 1,
             },

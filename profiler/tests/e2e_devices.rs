@@ -37,6 +37,14 @@ fn exact_parallel_port_reads_by_name() {
         reads <= N + N / 50,
         "counted {reads} for {N} parallel reads"
     );
+    // The USDT build has DWARF, so each region names the QOM type of the device owning it.
+    assert!(
+        windows
+            .iter()
+            .flat_map(|w| &w.devices)
+            .any(|d| d.name == "parallel" && d.owner.as_deref() == Some("isa-parallel")),
+        "{windows:#?}"
+    );
     // The per-device rows add up to the totals.
     for w in &windows {
         let sum: u64 = w.devices.iter().map(|d| d.read).sum();

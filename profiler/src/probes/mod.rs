@@ -36,6 +36,8 @@ pub struct ProcessCounters {
     pub region_names: HashMap<u64, String>,
     /// Callback link-time address -> function name, for timer-callback ids.
     pub callback_names: HashMap<u64, String>,
+    /// MemoryRegion pointer -> QOM type of its owner device, where known.
+    pub region_owners: HashMap<u64, String>,
     /// Nameless regions seen by the symbols source: QEMU subpages, which dispatch the same
     /// access again to the real region; left out of read/write counts.
     pub unnamed_regions: HashSet<u64>,
@@ -73,7 +75,11 @@ impl ProcessCounters {
                 .get(&id)
                 .cloned()
                 .unwrap_or_else(|| format!("region@{id:#x}"));
-            let entry = out.entry(name).or_default();
+            let key = crate::collector::device_key(
+                &name,
+                self.region_owners.get(&id).map(String::as_str),
+            );
+            let entry = out.entry(key).or_default();
             if k == kind::READ {
                 entry.0 += n;
             } else {
@@ -215,6 +221,8 @@ pub struct EventProbes {
     /// Symbols per executable (device, inode); `Err` holds why not.
     exe_symbols: HashMap<(u64, u64), Result<Arc<symbols::ExeSymbols>, String>>,
     symbol_probes: HashMap<u32, SymbolProbes>,
+    /// Owner type per (process, region), resolved once (None: no owner or unreadable).
+    region_owners: HashMap<(u32, u64), Option<String>>,
     /// Whether the KVM tracepoints are attached (Err: why not).
     kvm_status: Result<(), String>,
     /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
@@ -315,6 +323,7 @@ impl EventProbes {
             debug_roots,
             exe_symbols: HashMap::new(),
             symbol_probes: HashMap::new(),
+            region_owners: HashMap::new(),
             ebpf,
             watched: HashSet::new(),
             exe_probes: HashMap::new(),
@@ -658,6 +667,7 @@ impl EventProbes {
         }
         self.detach_usdt(tgid);
         self.detach_symbols(tgid);
+        self.region_owners.retain(|(pid, _), _| *pid != tgid);
         if self.kvm_status.is_ok() {
             let _ = kvm::forget_process(&mut self.ebpf, tgid);
         }
@@ -724,6 +734,22 @@ impl EventProbes {
             let Some(probes) = self.symbol_probes.get(pid) else {
                 continue;
             };
+            if let Some(layout) = &probes.exe.owner_layout {
+                let regions: Vec<u64> = c.region_names.keys().copied().collect();
+                let mut mem = None;
+                for region in regions {
+                    let owner = self.region_owners.entry((*pid, region)).or_insert_with(|| {
+                        let mem = mem.get_or_insert_with(|| {
+                            std::fs::File::open(format!("/proc/{pid}/mem")).ok()
+                        });
+                        mem.as_ref()
+                            .and_then(|m| symbols::region_owner(m, region, layout))
+                    });
+                    if let Some(owner) = owner {
+                        c.region_owners.insert(region, owner.clone());
+                    }
+                }
+            }
             for &(k, id) in c.by_key.keys() {
                 if k == kind::TIMER_CALLBACK {
                     c.callback_names

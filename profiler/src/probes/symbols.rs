@@ -43,6 +43,17 @@ pub struct ExeSymbols {
     /// `offsetof(MemoryRegion, name)`, when DWARF says.
     pub region_name_offset: Option<u64>,
     pub timer_cb_offset: u64,
+    /// How to get from a `MemoryRegion` to its owner's QOM type name, when DWARF says.
+    pub owner_layout: Option<OwnerLayout>,
+}
+
+/// `mr->owner->class->type->name`: the offsets of each hop (from DWARF).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerLayout {
+    pub region_owner: u64,
+    pub object_class: u64,
+    pub class_type: u64,
+    pub type_name: u64,
 }
 
 impl ExeSymbols {
@@ -119,7 +130,16 @@ pub fn analyze(exe: &Path, roots: &DebugRoots) -> anyhow::Result<ExeSymbols> {
             .as_deref()
             .and_then(|b| crate::elf::dwarf::member_offset(b, s, m).ok().flatten())
     };
+    let owner_layout = (|| {
+        Some(OwnerLayout {
+            region_owner: member("MemoryRegion", "owner")?,
+            object_class: member("Object", "class")?,
+            class_type: member("ObjectClass", "type")?,
+            type_name: member("TypeImpl", "name")?,
+        })
+    })();
     Ok(ExeSymbols {
+        owner_layout,
         region_name_offset: member("MemoryRegion", "name"),
         timer_cb_offset: member("QEMUTimer", "cb").unwrap_or(QEMU_TIMER_CB_OFFSET),
         symbols,
@@ -216,4 +236,23 @@ pub fn callback_name(exe: &ExeSymbols, vaddr: u64) -> String {
         Some((name, off)) => format!("{name}+{off:#x}"),
         None => format!("{vaddr:#x}"),
     }
+}
+
+/// Reads the QOM type name of the device owning `region` in process `pid`'s memory; `None`
+/// for regions without an owner (system containers) or when any hop cannot be read.
+pub fn region_owner(mem: &std::fs::File, region: u64, layout: &OwnerLayout) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let read_u64 = |addr: u64| -> Option<u64> {
+        let mut buf = [0u8; 8];
+        mem.read_exact_at(&mut buf, addr).ok()?;
+        Some(u64::from_ne_bytes(buf)).filter(|&v| v != 0)
+    };
+    let owner = read_u64(region.checked_add(layout.region_owner)?)?;
+    let class = read_u64(owner.checked_add(layout.object_class)?)?;
+    let ty = read_u64(class.checked_add(layout.class_type)?)?;
+    let name_ptr = read_u64(ty.checked_add(layout.type_name)?)?;
+    let mut buf = [0u8; 64];
+    let n = mem.read_at(&mut buf, name_ptr).ok()?;
+    let end = buf[..n].iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|s| !s.is_empty())
 }

@@ -81,6 +81,7 @@ fn vm_ref(id: &VmIdentity) -> VmRef {
 fn device(name: &str, read: u64, write: u64) -> DeviceCount {
     DeviceCount {
         name: name.into(),
+        owner: None,
         read,
         write,
     }

@@ -495,11 +495,13 @@ mod tests {
         r.devices = vec![
             DeviceCount {
                 name: "uhci".into(),
+                owner: None,
                 read: 700,
                 write: 0,
             },
             DeviceCount {
                 name: "apic-msi".into(),
+                owner: None,
                 read: 0,
                 write: 1_400,
             },

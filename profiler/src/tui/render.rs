@@ -615,7 +615,7 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
         }
         Col::TopDevice => Cell::from(
             last.and_then(top_device)
-                .map_or_else(|| "-".to_string(), |d| clean(&d.name)),
+                .map_or_else(|| "-".to_string(), |d| clean(&d.label())),
         ),
     });
     let row_style = if vm.exited { dim() } else { Style::new() };
@@ -764,7 +764,7 @@ fn render_devices(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u6
     devices.sort_by_key(|d| std::cmp::Reverse(d.read + d.write));
     let rows = devices.into_iter().map(|d| {
         Row::new([
-            Cell::from(clean(&d.name)),
+            Cell::from(clean(&d.label())),
             right(Span::raw(fmt_rate(d.read as f64 / last.seconds))),
             right(Span::raw(fmt_rate(d.write as f64 / last.seconds))),
         ])
