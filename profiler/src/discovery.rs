@@ -217,15 +217,61 @@ pub fn read_qemu_process(
 
 /// Every QEMU process on the host, by PID.
 pub fn scan_qemu_processes(paths: &HostPaths) -> Vec<QemuProcess> {
-    let libvirt = libvirt_domains(&paths.libvirt_run);
+    scan_qemu_processes_cached(paths, &mut DiscoveryCache::default())
+}
+
+/// What discovery learned about each QEMU process, so that a refresh re-reads only its
+/// `stat` (CPU time) instead of its command line, executable and every open fd.
+#[derive(Debug, Default)]
+pub struct DiscoveryCache {
+    /// By PID: the process as last read, and how many full reads it has had.
+    known: HashMap<u32, (QemuProcess, u8)>,
+}
+
+/// Full reads of a new process before its identity is trusted: QEMU opens `/dev/kvm` during
+/// start-up, so the accelerator can change in the first moments.
+const FULL_READS: u8 = 3;
+
+/// Every QEMU process on the host, re-reading only `stat` for processes already known.
+/// Other processes cost what [`scan_qemu_processes`] costs (their command line); only
+/// positives are remembered, since a process that is not QEMU yet may exec into QEMU under
+/// the same PID and start time (libvirt forks, then execs).
+pub fn scan_qemu_processes_cached(
+    paths: &HostPaths,
+    cache: &mut DiscoveryCache,
+) -> Vec<QemuProcess> {
     let Ok(entries) = fs::read_dir(&paths.proc_root) else {
         return Vec::new();
     };
-    let mut found: Vec<QemuProcess> = entries
+    let mut libvirt: Option<HashMap<u32, String>> = None;
+    let mut seen = HashMap::new();
+    for pid in entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| read_qemu_process(paths, pid, &libvirt))
-        .collect();
+    {
+        let mut reads = 1;
+        if let Some((mut p, n)) = cache.known.remove(&pid) {
+            let Some(stat) = read_stat(paths, pid) else {
+                continue;
+            };
+            // Same process (a reused PID has another start time), identity settled.
+            if stat.start_ticks == p.key.start_ticks {
+                if n >= FULL_READS {
+                    p.cpu = stat.cpu;
+                    seen.insert(pid, (p, n));
+                    continue;
+                }
+                reads = n + 1;
+            }
+        }
+        let libvirt = libvirt.get_or_insert_with(|| libvirt_domains(&paths.libvirt_run));
+        if let Some(p) = read_qemu_process(paths, pid, libvirt) {
+            seen.insert(pid, (p, reads));
+        }
+    }
+    // Processes not seen any more have exited: forgotten with the old map.
+    cache.known = seen;
+    let mut found: Vec<QemuProcess> = cache.known.values().map(|(p, _)| p.clone()).collect();
     found.sort_by_key(|p| p.key.pid);
     found
 }
@@ -316,6 +362,46 @@ mod tests {
         assert_eq!(found[0].key.start_ticks, 500);
         assert_eq!(found[1].cpu.total(), 30);
         assert_eq!(found[0].identity.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn cache_rereads_only_stat_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("42");
+        fs::create_dir_all(d.join("fd")).unwrap();
+        fs::write(d.join("cmdline"), b"qemu-system-x86_64\0-name\0first\0").unwrap();
+        let stat = |cpu: u64| format!("42 (q) S 1 1 1 0 -1 0 0 0 0 0 {cpu} 0 0 0 20 0 1 0 7 0 0");
+        fs::write(d.join("stat"), stat(1)).unwrap();
+        let paths = HostPaths {
+            proc_root: dir.path().into(),
+            libvirt_run: dir.path().join("none"),
+        };
+        let mut cache = DiscoveryCache::default();
+        for _ in 0..FULL_READS {
+            assert_eq!(
+                scan_qemu_processes_cached(&paths, &mut cache)[0]
+                    .identity
+                    .name,
+                "first"
+            );
+        }
+        // Settled: a changed command line is not re-read, CPU time is.
+        fs::write(d.join("cmdline"), b"qemu-system-x86_64\0-name\0second\0").unwrap();
+        fs::write(d.join("stat"), stat(9)).unwrap();
+        let p = &scan_qemu_processes_cached(&paths, &mut cache)[0];
+        assert_eq!((p.identity.name.as_str(), p.cpu.user), ("first", 9));
+        // A new start time is a new process: read in full.
+        fs::write(d.join("stat"), stat(9).replace(" 7 0 0", " 8 0 0")).unwrap();
+        assert_eq!(
+            scan_qemu_processes_cached(&paths, &mut cache)[0]
+                .identity
+                .name,
+            "second"
+        );
+        // Gone: forgotten.
+        fs::remove_dir_all(&d).unwrap();
+        assert!(scan_qemu_processes_cached(&paths, &mut cache).is_empty());
+        assert!(cache.known.is_empty());
     }
 
     #[test]

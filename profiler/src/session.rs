@@ -7,7 +7,10 @@ use std::{
 
 use crate::{
     collector::{Collector, Counts, FinalCounts, RunningWindow, VmObservation},
-    discovery::{HostPaths, QemuProcess, VmKey, clock_ticks_per_second, scan_qemu_processes},
+    discovery::{
+        DiscoveryCache, HostPaths, QemuProcess, VmKey, clock_ticks_per_second,
+        scan_qemu_processes_cached,
+    },
     mtree::MtreeMap,
     probes::{EventProbes, NO_USDT_REASON, ProbeCost, ProcessCounters, ReadWriteSource},
     record::{Sources, WindowRecord},
@@ -165,6 +168,7 @@ pub struct Session {
     watched: HashMap<u32, VmKey>,
     /// The processes seen by the last sample.
     last_seen: Vec<QemuProcess>,
+    discovery: DiscoveryCache,
     /// QMP device names of KVM-tracepoint VMs.
     device_names: HashMap<VmKey, Arc<Mutex<DeviceNames>>>,
 }
@@ -184,6 +188,7 @@ impl Session {
             watched: HashMap::new(),
             last_seen: Vec::new(),
             device_names: HashMap::new(),
+            discovery: DiscoveryCache::default(),
         }
     }
 
@@ -196,7 +201,7 @@ impl Session {
 
     /// Samples every VM at `t` seconds since the start; returns the windows that closed.
     pub fn sample(&mut self, t: f64) -> anyhow::Result<Vec<WindowRecord>> {
-        let procs: Vec<QemuProcess> = scan_qemu_processes(&self.paths)
+        let procs: Vec<QemuProcess> = scan_qemu_processes_cached(&self.paths, &mut self.discovery)
             .into_iter()
             .filter(|p| self.filter.matches(p))
             .collect();
