@@ -4,6 +4,10 @@
 //! maps and the userspace side reads them back byte for byte.
 #![no_std]
 
+// The replay store of `kvm::replay` (tests and userspace) uses std's maps.
+#[cfg(any(test, feature = "user"))]
+extern crate std;
+
 pub mod kvm;
 
 /// What a counter counts. Stored as `u32` in [`CounterKey::kind`].

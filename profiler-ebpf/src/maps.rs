@@ -47,16 +47,22 @@ pub fn is_watched(tgid: u32) -> bool {
 /// Adds one to the counter `key` on this CPU.
 #[inline(always)]
 pub fn count(key: &CounterKey) {
+    add(key, 1)
+}
+
+/// Adds `n` to the counter `key` on this CPU (PIO string I/O moves `count` elements per exit).
+#[inline(always)]
+pub fn add(key: &CounterKey, n: u64) {
     match COUNTERS.get_ptr_mut(key) {
         // SAFETY: per-CPU value, only this CPU writes it while this program runs.
-        Some(value) => unsafe { *value += 1 },
+        Some(value) => unsafe { *value += n },
         None => {
             // A concurrent insert on another CPU is harmless: per-CPU slots are separate, and a
             // lost race (EEXIST) is retried through the pointer path.
-            if COUNTERS.insert(key, 1, BPF_NOEXIST as u64).is_err()
+            if COUNTERS.insert(key, n, BPF_NOEXIST as u64).is_err()
                 && let Some(value) = COUNTERS.get_ptr_mut(key)
             {
-                unsafe { *value += 1 };
+                unsafe { *value += n };
             }
         }
     }

@@ -42,6 +42,10 @@ pub enum Command {
         /// One JSON object per VM instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also look for QEMU debug files under this directory, as `record --debug-dir`
+        /// does (repeatable).
+        #[arg(long = "debug-dir")]
+        debug_dirs: Vec<PathBuf>,
     },
     /// Record per-VM events in fixed windows, one JSON line per VM per closed window.
     Record {

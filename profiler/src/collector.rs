@@ -50,30 +50,7 @@ impl Counts {
     }
 }
 
-/// Cumulative (reads, writes) per device, keyed by [`device_key`].
-pub type DeviceTotals = BTreeMap<String, (u64, u64)>;
-
-/// Separates a region's name from its owner's type in a [`DeviceTotals`] key.
-const OWNER_SEPARATOR: char = '\u{1f}';
-
-/// The [`DeviceTotals`] key of region `name` owned by a device of type `owner`.
-pub fn device_key(name: &str, owner: Option<&str>) -> String {
-    match owner {
-        Some(owner) => format!("{name}{OWNER_SEPARATOR}{owner}"),
-        None => name.to_string(),
-    }
-}
-
-/// Splits a [`DeviceTotals`] key back into (name, owner).
-pub fn split_device_key(key: &str) -> (&str, Option<&str>) {
-    match key.split_once(OWNER_SEPARATOR) {
-        Some((name, owner)) => (name, Some(owner)),
-        None => (key, None),
-    }
-}
-
-/// Cumulative timer-callback runs per callback name.
-pub type CallbackTotals = BTreeMap<String, u64>;
+pub use crate::attribution::{CallbackTotals, DeviceKey, DeviceTotals};
 
 /// One VM as seen by one sample.
 #[derive(Debug, Clone)]
@@ -100,10 +77,9 @@ fn device_deltas(now: &DeviceTotals, base: &DeviceTotals) -> Vec<DeviceCount> {
         .iter()
         .map(|(key, (r, w))| {
             let (br, bw) = base.get(key).copied().unwrap_or_default();
-            let (name, owner) = split_device_key(key);
             DeviceCount {
-                name: name.to_string(),
-                owner: owner.map(String::from),
+                name: key.name.clone(),
+                owner: key.owner.clone(),
                 read: r.saturating_sub(br),
                 write: w.saturating_sub(bw),
             }
@@ -587,12 +563,12 @@ mod tests {
         let a = vm(100, 1, "a");
         let mut c = collector();
         let mut o = obs(&a, 0, 0);
-        o.devices.insert("uhci".into(), (100, 0));
+        o.devices.insert(DeviceKey::named("uhci"), (100, 0));
         o.callbacks.insert("uhci_frame_timer".into(), 1000);
         c.observe(0.0, std::slice::from_ref(&o), NONE);
-        o.devices.insert("uhci".into(), (350, 0));
-        o.devices.insert("parallel".into(), (0, 7));
-        o.devices.insert("hpet".into(), (0, 0));
+        o.devices.insert(DeviceKey::named("uhci"), (350, 0));
+        o.devices.insert(DeviceKey::named("parallel"), (0, 7));
+        o.devices.insert(DeviceKey::named("hpet"), (0, 0));
         o.callbacks.insert("uhci_frame_timer".into(), 11000);
         let closed = c.observe(10.0, &[o], NONE);
         assert_eq!(
@@ -623,9 +599,10 @@ mod tests {
 
     #[test]
     fn device_keys_carry_the_owner() {
-        let key = device_key("operational", Some("qemu-xhci"));
-        assert_eq!(split_device_key(&key), ("operational", Some("qemu-xhci")));
-        assert_eq!(split_device_key("uhci"), ("uhci", None));
+        let key = DeviceKey {
+            name: "operational".into(),
+            owner: Some("qemu-xhci".into()),
+        };
         let a = vm(100, 1, "a");
         let mut c = collector();
         let mut o = obs(&a, 0, 0);

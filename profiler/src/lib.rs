@@ -4,6 +4,7 @@
 //! Pure logic (command-line parsing, windowing, reports) is I/O-free and unit-tested; the
 //! probe and session layers do the I/O.
 
+pub mod attribution;
 pub mod cli;
 pub mod cmdline;
 pub mod collector;
@@ -12,11 +13,13 @@ pub mod discovery;
 pub mod elf;
 pub mod live;
 pub mod mtree;
+pub mod names;
 pub mod output;
 pub mod probes;
 pub mod qmp;
 pub mod record;
 pub mod report;
+pub mod sampler;
 pub mod session;
 pub mod tracefs;
 pub mod tui;

@@ -2,14 +2,59 @@
 //!
 //! Plain data, so the UI can be driven by a real session or by a test.
 
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    ops::Deref,
+    sync::Arc,
+};
+
 use crate::{
-    collector::Counts,
+    collector::{Counts, RunningWindow},
     discovery::{VmIdentity, VmKey},
+    names::Note,
     record::{Sources, WindowRecord},
 };
 
 /// Closed windows kept per VM for sparklines and the detail view.
 pub const HISTORY_WINDOWS: usize = 120;
+
+/// Notes kept for the status line.
+pub const KEPT_NOTES: usize = 20;
+
+/// A VM's closed windows, oldest first, shared between snapshots: a snapshot copies a pointer,
+/// not the windows, so a refresh costs the same with 5 windows of history as with 120.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History(Arc<Vec<Arc<WindowRecord>>>);
+
+impl History {
+    /// Appends a window, dropping the oldest beyond [`HISTORY_WINDOWS`]. Copies the list of
+    /// pointers only if a snapshot still shares it.
+    pub fn push(&mut self, record: WindowRecord) {
+        let windows = Arc::make_mut(&mut self.0);
+        windows.push(Arc::new(record));
+        if windows.len() > HISTORY_WINDOWS {
+            let excess = windows.len() - HISTORY_WINDOWS;
+            windows.drain(..excess);
+        }
+    }
+}
+
+impl From<Vec<WindowRecord>> for History {
+    fn from(records: Vec<WindowRecord>) -> Self {
+        let mut h = History::default();
+        for r in records {
+            h.push(r);
+        }
+        h
+    }
+}
+
+impl Deref for History {
+    type Target = [Arc<WindowRecord>];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
 
 /// The state of everything after one refresh.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +68,9 @@ pub struct LiveSnapshot {
     pub cost: ProfilerCost,
     /// Probe sources attached right now, e.g. `syscall tracepoints`.
     pub live_sources: Vec<String>,
+    /// What the profiler had to say lately (sources not used, names not available, output
+    /// failing), oldest first, each with the time it was said (seconds since the start).
+    pub notes: Vec<(f64, Note)>,
 }
 
 /// One VM, live.
@@ -39,7 +87,7 @@ pub struct LiveVm {
     /// CPU seconds of the running window so far.
     pub running_cpu_seconds: Option<f64>,
     /// Closed windows, oldest first, at most [`HISTORY_WINDOWS`].
-    pub history: Vec<WindowRecord>,
+    pub history: History,
     /// The QEMU process has exited; kept until its last window scrolls away.
     pub exited: bool,
 }
@@ -58,7 +106,8 @@ pub struct ProfilerCost {
 /// Accumulates closed windows per VM between refreshes and builds [`LiveSnapshot`]s.
 #[derive(Debug, Default)]
 pub struct LiveState {
-    vms: std::collections::BTreeMap<VmKey, LiveVm>,
+    vms: BTreeMap<VmKey, LiveVm>,
+    notes: VecDeque<(f64, Note)>,
 }
 
 impl LiveState {
@@ -67,11 +116,11 @@ impl LiveState {
     /// until none of their windows is recent (so an operator sees a VM that just died).
     pub fn update(
         &mut self,
-        running: Vec<(crate::collector::RunningWindow, Vec<String>)>,
+        running: Vec<(RunningWindow, Vec<String>)>,
         closed: &[WindowRecord],
         ticks_per_second: u64,
     ) {
-        let alive: std::collections::BTreeSet<VmKey> = running.iter().map(|(r, _)| r.key).collect();
+        let alive: BTreeSet<VmKey> = running.iter().map(|(r, _)| r.key).collect();
         for (r, devices) in running {
             let vm = self.vms.entry(r.key).or_insert_with(|| LiveVm {
                 key: r.key,
@@ -81,7 +130,7 @@ impl LiveState {
                 running: Counts::default(),
                 running_elapsed: 0.0,
                 running_cpu_seconds: None,
-                history: Vec::new(),
+                history: History::default(),
                 exited: false,
             });
             vm.identity = r.identity;
@@ -95,15 +144,31 @@ impl LiveState {
             vm.running_elapsed = r.elapsed;
             vm.exited = false;
         }
-        for record in closed {
-            if let Some(vm) = self
-                .vms
-                .values_mut()
-                .find(|v| v.identity.pid == record.vm.pid && v.identity.name == record.vm.name)
-            {
-                vm.history.push(record.clone());
-                if vm.history.len() > HISTORY_WINDOWS {
-                    vm.history.remove(0);
+        if !closed.is_empty() {
+            // Records carry pid and name, not the start time: a reused PID may have an
+            // exited VM and a live one under the same pid and name. An exit record belongs to
+            // the one that is gone, any other to the live one.
+            let mut by_pid: HashMap<(u32, &str), Vec<VmKey>> = HashMap::new();
+            for (key, vm) in &self.vms {
+                by_pid
+                    .entry((vm.identity.pid, vm.identity.name.as_str()))
+                    .or_default()
+                    .push(*key);
+            }
+            let targets: Vec<Option<VmKey>> = closed
+                .iter()
+                .map(|r| {
+                    let keys = by_pid.get(&(r.vm.pid, r.vm.name.as_str()))?;
+                    let exited = r.partial_reason == Some(crate::record::PartialReason::VmExited);
+                    keys.iter()
+                        .find(|k| alive.contains(k) != exited)
+                        .or(keys.first())
+                        .copied()
+                })
+                .collect();
+            for (record, key) in closed.iter().zip(targets) {
+                if let Some(vm) = key.and_then(|k| self.vms.get_mut(&k)) {
+                    vm.history.push(record.clone());
                 }
             }
         }
@@ -114,6 +179,16 @@ impl LiveState {
                 vm.running_elapsed = 0.0;
                 vm.running_cpu_seconds = None;
             }
+        }
+    }
+
+    /// Keeps `notes` (said at `t`) for the status line; the oldest go beyond [`KEPT_NOTES`].
+    pub fn note(&mut self, t: f64, notes: &[Note]) {
+        for note in notes {
+            self.notes.push_back((t, note.clone()));
+        }
+        while self.notes.len() > KEPT_NOTES {
+            self.notes.pop_front();
         }
     }
 
@@ -131,6 +206,7 @@ impl LiveState {
             vms: self.vms.values().cloned().collect(),
             cost: ProfilerCost::default(),
             live_sources: Vec::new(),
+            notes: self.notes.iter().cloned().collect(),
         }
     }
 }
@@ -138,7 +214,7 @@ impl LiveState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cmdline::Accel, collector::RunningWindow, record::VmRef};
+    use crate::{cmdline::Accel, record::VmRef};
 
     fn running(pid: u32, timer: u64) -> (RunningWindow, Vec<String>) {
         (
@@ -234,5 +310,37 @@ mod tests {
             vm.history.last().unwrap().window,
             HISTORY_WINDOWS as u64 + 5
         );
+    }
+
+    #[test]
+    fn snapshots_share_history_until_a_window_closes() {
+        let mut s = LiveState::default();
+        for w in 0..5 {
+            s.update(vec![running(1, 1)], &[closed(1, w)], 100);
+        }
+        let a = s.snapshot(1.0, 5, 5.0);
+        let b = s.snapshot(2.0, 5, 5.0);
+        // Same windows, not copies.
+        assert!(std::ptr::eq(
+            a.vms[0].history.as_ptr(),
+            b.vms[0].history.as_ptr()
+        ));
+        s.update(vec![running(1, 1)], &[closed(1, 5)], 100);
+        let c = s.snapshot(3.0, 6, 5.0);
+        assert_eq!((a.vms[0].history.len(), c.vms[0].history.len()), (5, 6));
+        // The records themselves are still shared.
+        assert!(Arc::ptr_eq(&a.vms[0].history[0], &c.vms[0].history[0]));
+    }
+
+    #[test]
+    fn notes_are_kept_newest_last_and_capped() {
+        let mut s = LiveState::default();
+        for i in 0..(KEPT_NOTES + 3) {
+            s.note(i as f64, &[Note::general(format!("n{i}"))]);
+        }
+        let notes = s.snapshot(0.0, 0, 5.0).notes;
+        assert_eq!(notes.len(), KEPT_NOTES);
+        assert_eq!(notes.last().unwrap().1.text, format!("n{}", KEPT_NOTES + 2));
+        assert_eq!(notes[0].0, 3.0);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use crate::record::WindowRecord;
+use crate::{names::Note, record::WindowRecord};
 
 /// A JSON-lines sink that keeps what it could not write.
 pub struct RecordSink<W: Write> {
@@ -60,6 +60,31 @@ impl<W: Write> RecordSink<W> {
     /// Bytes not yet written.
     pub fn pending(&self) -> &[u8] {
         &self.pending
+    }
+
+    /// [`Self::push`], with what changed said as a note: when writing starts failing (once
+    /// per failure streak) and when it works again.
+    pub fn write(&mut self, records: &[WindowRecord]) -> Option<Note> {
+        let was_failing = self.is_failing();
+        match self.push(records) {
+            Err(e) if !was_failing => Some(Note::general(format!(
+                "cannot write window records ({e}); keeping them in memory and retrying every \
+                 window"
+            ))),
+            Ok(()) if was_failing => Some(Note::general(
+                "writing window records again; nothing was lost",
+            )),
+            _ => None,
+        }
+    }
+
+    /// Last attempt at exit. `Err` holds what still could not be written, for the command to
+    /// print somewhere rather than lose.
+    pub fn finish(&mut self) -> Result<(), Vec<u8>> {
+        match self.drain() {
+            Ok(()) => Ok(()),
+            Err(_) => Err(std::mem::take(&mut self.pending)),
+        }
     }
 }
 

@@ -1,19 +1,22 @@
-//! One profiling session: discovery + probes + collector, sampled once per refresh.
+//! One profiling session: discovery → watch/unwatch diff → raw counters → attribution →
+//! windowing, once per sample.
+//!
+//! The session works through two seams, [`ProbeLayer`] and [`Discover`], so its own logic
+//! (which VMs to watch, PID reuse, exits, notes) is unit-tested on fake processes and fake
+//! counters; the real probes and procfs are tested on their own, as root.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-};
+use std::collections::{BTreeMap, HashMap};
 
 use crate::{
-    collector::{Collector, Counts, FinalCounts, RunningWindow, VmObservation},
-    discovery::{
-        DiscoveryCache, HostPaths, QemuProcess, VmKey, clock_ticks_per_second,
-        scan_qemu_processes_cached,
+    attribution::{self, RawCounters},
+    collector::{Collector, FinalCounts, RunningWindow, VmObservation, WindowClock},
+    discovery::{DiscoveryCache, HostPaths, QemuProcess, VmKey, scan_qemu_processes_cached},
+    names::{Note, VmNameCache},
+    probes::{
+        ProbeCost, ProbeLayer,
+        policy::{ReadWriteSource, VmSources},
     },
-    mtree::MtreeMap,
-    probes::{EventProbes, NO_USDT_REASON, ProbeCost, ProcessCounters, ReadWriteSource},
-    record::{Sources, WindowRecord},
+    record::WindowRecord,
 };
 
 /// Which VMs to profile: empty means all.
@@ -31,244 +34,177 @@ impl VmFilter {
     }
 }
 
-/// Which source serves each count for a VM; `callbacks_unavailable` says why timers cannot be
-/// split by callback (None: they are, from symbols).
-pub fn sources_with(rw: &ReadWriteSource, callbacks_unavailable: Option<&str>) -> Sources {
-    Sources {
-        timer: "syscall".into(),
-        read: rw.label(),
-        write: rw.label(),
-        timer_callbacks: match callbacks_unavailable {
-            None => "symbols".into(),
-            Some(why) => format!("unavailable: {why}"),
-        },
+/// Where QEMU processes come from.
+pub trait Discover {
+    /// Every QEMU process running now.
+    fn scan(&mut self) -> Vec<QemuProcess>;
+}
+
+/// The host's procfs (and libvirt's state files).
+#[derive(Debug, Default)]
+pub struct ProcDiscovery {
+    paths: HostPaths,
+    cache: DiscoveryCache,
+}
+
+impl Discover for ProcDiscovery {
+    fn scan(&mut self) -> Vec<QemuProcess> {
+        scan_qemu_processes_cached(&self.paths, &mut self.cache)
     }
 }
 
-/// What a process's binary could offer, found without attaching anything (for
-/// `profiler list`, which may run unprivileged).
-#[derive(Debug, Clone)]
-pub struct OfferedSources {
-    pub read_write: ReadWriteSource,
-    /// Why timers cannot be split by callback (None: they can).
-    pub callbacks_unavailable: Option<String>,
-    /// Where the symbols come from, or where a debug file was looked for.
-    pub symbols: String,
+/// What one sample produced.
+#[derive(Debug, Default)]
+pub struct SampleReport {
+    /// Windows that closed at this sample (VM order).
+    pub closed: Vec<WindowRecord>,
+    /// What the command should tell the user (sources not used, names not available, ...).
+    pub notes: Vec<Note>,
 }
 
-pub fn probe_offered_sources(p: &QemuProcess) -> OfferedSources {
-    let unavailable = |why: String| OfferedSources {
-        read_write: ReadWriteSource::Unavailable(why.clone()),
-        callbacks_unavailable: Some(why.clone()),
-        symbols: why,
-    };
-    let bytes = match std::fs::read(format!("/proc/{}/exe", p.key.pid)) {
-        Ok(b) => b,
-        Err(e) => {
-            return unavailable(format!(
-                "cannot read /proc/{}/exe ({e}); run as root",
-                p.key.pid
-            ));
-        }
-    };
-    let usdt = match crate::probes::usdt::find_region_ops_sites(&bytes) {
-        Ok(found) => found.is_some(),
-        Err(e) => return unavailable(format!("reading its USDT notes: {e:#}")),
-    };
-    let path = std::fs::read_link(format!("/proc/{}/exe", p.key.pid))
-        .ok()
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| format!("/proc/{}/exe", p.key.pid).into());
-    match crate::probes::symbols::analyze(&path, &crate::elf::DebugRoots::system()) {
-        Ok(exe) => OfferedSources {
-            read_write: if usdt {
-                ReadWriteSource::Usdt
-            } else {
-                match exe.dispatch_unavailable() {
-                    None => ReadWriteSource::Symbols,
-                    Some(why) => ReadWriteSource::Unavailable(why),
-                }
-            },
-            callbacks_unavailable: exe.callbacks_unavailable(),
-            symbols: exe.describe(),
-        },
-        Err(e) => OfferedSources {
-            read_write: if usdt {
-                ReadWriteSource::Usdt
-            } else {
-                ReadWriteSource::Unavailable(NO_USDT_REASON.into())
-            },
-            callbacks_unavailable: Some(format!("{e:#}")),
-            symbols: format!("{e:#}"),
-        },
+/// A watched VM.
+#[derive(Debug)]
+struct WatchedVm {
+    key: VmKey,
+    sources: VmSources,
+    names: VmNameCache,
+}
+
+impl WatchedVm {
+    fn read_write(&self) -> Option<ReadWriteSource> {
+        self.sources.read_write.as_ref().ok().copied()
     }
-}
 
-fn counts_of(c: Option<&ProcessCounters>, rw: &ReadWriteSource, cpu: Option<u64>) -> Counts {
-    let c = c.cloned().unwrap_or_default();
-    let (read, write) = c.reads_writes(rw);
-    Counts {
-        timer: Some(c.timer()),
-        fd_wakeups: Some(c.fd_wakeups()),
-        read,
-        write,
-        cpu_ticks: cpu,
-        in_kernel: (*rw == ReadWriteSource::KvmTracepoints).then(|| c.kvm_in_kernel()),
+    /// Resolves new names in `raw` and attributes it.
+    fn attribute(&mut self, raw: &RawCounters, notes: &mut Vec<Note>) -> attribution::Attributed {
+        notes.extend(self.names.update(raw));
+        let resolved = self.names.names();
+        attribution::attribute(raw, self.read_write(), &resolved.as_names())
     }
-}
-
-/// Device names of a KVM guest from its QMP monitor (`info mtree -f`), fetched once in the
-/// background so a slow, busy or broken monitor never stalls sampling.
-#[derive(Debug, Clone)]
-enum DeviceNames {
-    Pending,
-    Ready(Arc<MtreeMap>),
-    Failed,
-}
-
-fn fetch_device_names(p: &QemuProcess) -> Arc<Mutex<DeviceNames>> {
-    let slot = Arc::new(Mutex::new(DeviceNames::Pending));
-    let Some(endpoint) = p.cmdline.qmp.first().cloned() else {
-        eprintln!(
-            "profiler: VM {}: no QMP socket on its command line; KVM ports and pages are \
-             named by address",
-            crate::report::sanitize(&p.identity.name)
-        );
-        *slot.lock().expect("fresh mutex") = DeviceNames::Failed;
-        return slot;
-    };
-    let name = crate::report::sanitize(&p.identity.name);
-    let out = slot.clone();
-    std::thread::spawn(move || {
-        let result = crate::qmp::device_names(&endpoint, crate::qmp::DEFAULT_TIMEOUT);
-        let state = match result {
-            Ok(map) => DeviceNames::Ready(Arc::new(map)),
-            Err(e) => {
-                eprintln!(
-                    "profiler: VM {name}: device names from QMP failed ({e:#}); KVM ports and \
-                     pages are named by address"
-                );
-                DeviceNames::Failed
-            }
-        };
-        if let Ok(mut slot) = out.lock() {
-            *slot = state;
-        }
-    });
-    slot
 }
 
 /// A running profiling session.
-pub struct Session {
-    paths: HostPaths,
-    probes: EventProbes,
+pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
+    probes: P,
+    discovery: D,
     collector: Collector,
     filter: VmFilter,
     /// The VMs being watched, by PID.
-    watched: HashMap<u32, VmKey>,
+    watched: HashMap<u32, WatchedVm>,
     /// The processes seen by the last sample.
     last_seen: Vec<QemuProcess>,
-    discovery: DiscoveryCache,
-    /// QMP device names of KVM-tracepoint VMs.
-    device_names: HashMap<VmKey, Arc<Mutex<DeviceNames>>>,
 }
 
-impl Session {
+impl<P: ProbeLayer> Session<P> {
+    /// A session over the host's processes.
     pub fn new(
-        probes: EventProbes,
+        probes: P,
         window_secs: f64,
         wall_start: chrono::DateTime<chrono::Utc>,
         filter: VmFilter,
     ) -> Self {
-        Self {
-            paths: HostPaths::default(),
+        Self::with_discovery(
             probes,
-            collector: Collector::new(window_secs, wall_start, clock_ticks_per_second()),
+            ProcDiscovery::default(),
+            Collector::new(
+                window_secs,
+                wall_start,
+                crate::discovery::clock_ticks_per_second(),
+            ),
+            filter,
+        )
+    }
+}
+
+impl<P: ProbeLayer, D: Discover> Session<P, D> {
+    pub fn with_discovery(probes: P, discovery: D, collector: Collector, filter: VmFilter) -> Self {
+        Self {
+            probes,
+            discovery,
+            collector,
             filter,
             watched: HashMap::new(),
             last_seen: Vec::new(),
-            device_names: HashMap::new(),
-            discovery: DiscoveryCache::default(),
         }
     }
 
-    fn names_of(&self, key: &VmKey) -> Option<Arc<MtreeMap>> {
-        match &*self.device_names.get(key)?.lock().ok()? {
-            DeviceNames::Ready(map) => Some(map.clone()),
-            _ => None,
-        }
-    }
-
-    /// Samples every VM at `t` seconds since the start; returns the windows that closed.
-    pub fn sample(&mut self, t: f64) -> anyhow::Result<Vec<WindowRecord>> {
-        let procs: Vec<QemuProcess> = scan_qemu_processes_cached(&self.paths, &mut self.discovery)
+    /// Samples every VM at `t` seconds since the start.
+    pub fn sample(&mut self, t: f64) -> anyhow::Result<SampleReport> {
+        let filter = &self.filter;
+        let procs: Vec<QemuProcess> = self
+            .discovery
+            .scan()
             .into_iter()
-            .filter(|p| self.filter.matches(p))
+            .filter(|p| filter.matches(p))
             .collect();
-        self.probes.refresh_callbacks();
+        let mut notes = self.probes.refresh();
         let counters = self.probes.read_counters()?;
 
         let current: HashMap<u32, VmKey> = procs.iter().map(|p| (p.key.pid, p.key)).collect();
         // Exited VMs (or PIDs now held by a new QEMU): their last events are still in the
         // kernel map; take them, then drop the counters.
         let mut finals = BTreeMap::new();
-        let gone: Vec<(u32, VmKey)> = self
+        let gone: Vec<u32> = self
             .watched
             .iter()
-            .filter(|(pid, key)| current.get(pid) != Some(key))
-            .map(|(pid, key)| (*pid, *key))
+            .filter(|(pid, vm)| current.get(pid) != Some(&vm.key))
+            .map(|(pid, _)| *pid)
             .collect();
-        for (pid, key) in gone {
-            let c = counters.get(&pid);
-            let rw = self.probes.read_write_source(pid);
-            let names = self.names_of(&key);
+        for pid in gone {
+            let mut vm = self.watched.remove(&pid).expect("listed above");
+            let raw = counters.get(&pid).cloned().unwrap_or_default();
+            let a = vm.attribute(&raw, &mut notes);
             finals.insert(
-                key,
+                vm.key,
                 FinalCounts {
-                    counts: counts_of(c, &rw, None),
-                    devices: c
-                        .map(|c| c.devices_for(&rw, names.as_deref()))
-                        .unwrap_or_default(),
-                    callbacks: c.map(|c| c.callbacks()).unwrap_or_default(),
+                    counts: a.counts,
+                    devices: a.devices,
+                    callbacks: a.callbacks,
                 },
             );
-            self.device_names.remove(&key);
             self.probes.unwatch(pid)?;
-            self.watched.remove(&pid);
         }
 
         let mut observations = Vec::with_capacity(procs.len());
         for p in &procs {
-            let current = if self.watched.contains_key(&p.key.pid) {
-                counters.get(&p.key.pid).cloned()
+            let raw = if self.watched.contains_key(&p.key.pid) {
+                counters.get(&p.key.pid).cloned().unwrap_or_default()
             } else {
                 // Newly seen: counting starts now, from zero.
-                self.probes.watch(p.key.pid, p.identity.accel)?;
-                self.watched.insert(p.key.pid, p.key);
-                if self.probes.read_write_source(p.key.pid) == ReadWriteSource::KvmTracepoints {
-                    self.device_names.insert(p.key, fetch_device_names(p));
-                }
-                None
+                let watched = self.probes.watch(p)?;
+                notes.extend(watched.notes);
+                let (names, name_notes) = VmNameCache::new(
+                    p.key.pid,
+                    &p.identity.name,
+                    watched.names,
+                    p.cmdline.qmp.first(),
+                );
+                notes.extend(name_notes);
+                self.watched.insert(
+                    p.key.pid,
+                    WatchedVm {
+                        key: p.key,
+                        sources: watched.sources,
+                        names,
+                    },
+                );
+                RawCounters::default()
             };
-            let rw = self.probes.read_write_source(p.key.pid);
-            let names = self.names_of(&p.key);
-            let devices = current
-                .as_ref()
-                .map(|c| c.devices_for(&rw, names.as_deref()))
-                .unwrap_or_default();
-            let callbacks = current.as_ref().map(|c| c.callbacks()).unwrap_or_default();
-            let callbacks_unavailable = self.probes.callbacks_unavailable(p.key.pid);
+            let vm = self.watched.get_mut(&p.key.pid).expect("watched above");
+            let mut a = vm.attribute(&raw, &mut notes);
+            a.counts.cpu_ticks = Some(p.cpu.total());
             observations.push(VmObservation {
                 key: p.key,
                 identity: p.identity.clone(),
-                sources: sources_with(&rw, callbacks_unavailable.as_deref()),
-                counts: counts_of(current.as_ref(), &rw, Some(p.cpu.total())),
-                devices,
-                callbacks,
+                sources: vm.sources.record(),
+                counts: a.counts,
+                devices: a.devices,
+                callbacks: a.callbacks,
             });
         }
         self.last_seen = procs;
-        Ok(self.collector.observe(t, &observations, &finals))
+        let closed = self.collector.observe(t, &observations, &finals);
+        Ok(SampleReport { closed, notes })
     }
 
     /// Closes every running window as partial (the profiler stops at `t`).
@@ -276,23 +212,27 @@ impl Session {
         self.collector.finish(t)
     }
 
+    /// The running windows.
     pub fn running(&self) -> Vec<RunningWindow> {
         self.collector.running()
     }
 
     /// Running windows with each VM's command-line devices, for live views.
     pub fn running_with_devices(&self) -> Vec<(RunningWindow, Vec<String>)> {
+        let devices: HashMap<VmKey, &Vec<String>> = self
+            .last_seen
+            .iter()
+            .map(|p| (p.key, &p.cmdline.devices))
+            .collect();
         self.collector
             .running()
             .into_iter()
             .map(|r| {
-                let devices = self
-                    .last_seen
-                    .iter()
-                    .find(|p| p.key == r.key)
-                    .map(|p| p.cmdline.devices.clone())
+                let d = devices
+                    .get(&r.key)
+                    .map(|d| (*d).clone())
                     .unwrap_or_default();
-                (r, devices)
+                (r, d)
             })
             .collect()
     }
@@ -300,39 +240,279 @@ impl Session {
     /// Probe sources attached right now, for the live header.
     pub fn live_sources(&self) -> Vec<String> {
         let mut live = vec!["syscall tracepoints (timer, fd)".to_string()];
-        let sources: Vec<ReadWriteSource> = self
-            .watched
-            .keys()
-            .map(|pid| self.probes.read_write_source(*pid))
-            .collect();
-        if sources.contains(&ReadWriteSource::Usdt) {
+        let has = |source: ReadWriteSource| {
+            self.watched
+                .values()
+                .any(|vm| vm.read_write() == Some(source))
+        };
+        if has(ReadWriteSource::Usdt) {
             live.push("usdt memory_region_ops (read, write)".into());
         }
-        if sources.contains(&ReadWriteSource::Symbols) {
+        if has(ReadWriteSource::Symbols) {
             live.push("uprobes memory_region_dispatch (read, write)".into());
         }
-        if sources.contains(&ReadWriteSource::KvmTracepoints) {
+        if has(ReadWriteSource::KvmTracepoints) {
             live.push("kvm tracepoints (read, write)".into());
         }
-        if self
-            .watched
-            .keys()
-            .any(|pid| self.probes.callbacks_unavailable(*pid).is_none())
-        {
+        if self.watched.values().any(|vm| vm.sources.callbacks.is_ok()) {
             live.push("uprobes timer callbacks".into());
         }
         live
     }
 
-    pub fn window_clock(&self) -> crate::collector::WindowClock {
+    pub fn window_clock(&self) -> WindowClock {
         self.collector.clock()
     }
 
+    /// The (selected) QEMU processes seen by the last sample.
     pub fn processes(&self) -> &[QemuProcess] {
         &self.last_seen
     }
 
     pub fn probe_cost(&self) -> ProbeCost {
         self.probes.cost()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn probes(&self) -> &P {
+        &self.probes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::RefCell,
+        collections::{BTreeSet, HashMap},
+        rc::Rc,
+    };
+
+    use chrono::{DateTime, Utc};
+    use profiler_common::kind;
+
+    use super::*;
+    use crate::{
+        attribution::RegionLabel,
+        cmdline::{Accel, ParsedCmdline},
+        discovery::{CpuTicks, VmIdentity},
+        names::NameSources,
+        probes::{WatchedVm as Watched, policy::ReadWriteUnavailable},
+        record::PartialReason,
+    };
+
+    /// Counters per pid, as a test sets them; shared with the fake probes.
+    type Kernel = Rc<RefCell<HashMap<u32, RawCounters>>>;
+
+    /// Probes over a fake kernel: watching starts a process's counters from zero, as the
+    /// real layer does; everything it was asked is logged.
+    struct FakeProbes {
+        kernel: Kernel,
+        watched: BTreeSet<u32>,
+        log: Vec<String>,
+        read_write: HashMap<u32, ReadWriteSource>,
+    }
+
+    impl ProbeLayer for FakeProbes {
+        fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<Watched> {
+            let pid = vm.key.pid;
+            self.log.push(format!("watch {pid}"));
+            self.watched.insert(pid);
+            self.kernel.borrow_mut().remove(&pid);
+            let read_write = match self.read_write.get(&pid) {
+                Some(source) => Ok(*source),
+                None => Err(ReadWriteUnavailable::NoUsdtStripped),
+            };
+            let notes = if read_write.is_err() {
+                vec![Note::vm(&vm.identity.name, "usdt source not used: test")]
+            } else {
+                Vec::new()
+            };
+            Ok(Watched {
+                sources: VmSources {
+                    read_write,
+                    callbacks: Ok(()),
+                },
+                names: NameSources::default(),
+                notes,
+            })
+        }
+        fn unwatch(&mut self, pid: u32) -> anyhow::Result<()> {
+            self.log.push(format!("unwatch {pid}"));
+            self.watched.remove(&pid);
+            self.kernel.borrow_mut().remove(&pid);
+            Ok(())
+        }
+        fn refresh(&mut self) -> Vec<Note> {
+            Vec::new()
+        }
+        fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
+            Ok(self
+                .kernel
+                .borrow()
+                .iter()
+                .filter(|(pid, _)| self.watched.contains(pid))
+                .map(|(pid, c)| (*pid, c.clone()))
+                .collect())
+        }
+        fn cost(&self) -> ProbeCost {
+            ProbeCost::default()
+        }
+    }
+
+    /// Processes as a test sets them.
+    struct FakeHost(Rc<RefCell<Vec<QemuProcess>>>);
+
+    impl Discover for FakeHost {
+        fn scan(&mut self) -> Vec<QemuProcess> {
+            self.0.borrow().clone()
+        }
+    }
+
+    fn qemu(pid: u32, start_ticks: u64, name: &str) -> QemuProcess {
+        QemuProcess {
+            key: VmKey { pid, start_ticks },
+            identity: VmIdentity {
+                name: name.into(),
+                pid,
+                uuid: None,
+                xen_domid: None,
+                accel: Accel::Tcg,
+            },
+            cmdline: ParsedCmdline::default(),
+            exe: "/usr/bin/qemu-system-x86_64".into(),
+            cpu: CpuTicks::default(),
+        }
+    }
+
+    struct Rig {
+        kernel: Kernel,
+        host: Rc<RefCell<Vec<QemuProcess>>>,
+        session: Session<FakeProbes, FakeHost>,
+    }
+
+    fn rig(filter: VmFilter, read_write: &[(u32, ReadWriteSource)]) -> Rig {
+        let kernel: Kernel = Rc::default();
+        let host: Rc<RefCell<Vec<QemuProcess>>> = Rc::default();
+        let probes = FakeProbes {
+            kernel: kernel.clone(),
+            watched: BTreeSet::new(),
+            log: Vec::new(),
+            read_write: read_write.iter().copied().collect(),
+        };
+        let collector = Collector::new(
+            10.0,
+            "2026-11-22T00:00:00Z".parse::<DateTime<Utc>>().unwrap(),
+            100,
+        );
+        Rig {
+            kernel: kernel.clone(),
+            host: host.clone(),
+            session: Session::with_discovery(probes, FakeHost(host), collector, filter),
+        }
+    }
+
+    impl Rig {
+        fn set_timer(&self, pid: u32, n: u64) {
+            self.kernel
+                .borrow_mut()
+                .entry(pid)
+                .or_default()
+                .by_key
+                .insert((kind::TIMER, 1), n);
+        }
+        fn log(&self) -> Vec<String> {
+            self.session.probes().log.clone()
+        }
+    }
+
+    #[test]
+    fn new_vms_are_watched_once_and_count_from_zero() {
+        let mut r = rig(VmFilter::default(), &[]);
+        r.host.borrow_mut().push(qemu(10, 1, "a"));
+        // Events before the profiler watched the VM do not count.
+        r.set_timer(10, 500);
+        let report = r.session.sample(0.0).unwrap();
+        assert!(report.closed.is_empty());
+        assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+        r.set_timer(10, 40);
+        r.session.sample(5.0).unwrap();
+        r.set_timer(10, 100);
+        let report = r.session.sample(10.0).unwrap();
+        assert_eq!(r.log(), ["watch 10"]);
+        assert_eq!(report.closed.len(), 1);
+        assert_eq!(report.closed[0].timer, Some(100));
+        assert!(report.notes.is_empty(), "notes are said once");
+        assert!(
+            report.closed[0]
+                .sources
+                .read
+                .starts_with("unavailable: stripped")
+        );
+    }
+
+    #[test]
+    fn an_exited_vm_keeps_its_last_counts_and_is_unwatched() {
+        let mut r = rig(VmFilter::default(), &[(10, ReadWriteSource::Usdt)]);
+        r.host.borrow_mut().push(qemu(10, 1, "a"));
+        r.session.sample(0.0).unwrap();
+        r.set_timer(10, 30);
+        {
+            let mut k = r.kernel.borrow_mut();
+            let c = k.get_mut(&10).unwrap();
+            c.by_key.insert((kind::READ, 0x77), 12);
+            c.regions
+                .insert(0x77, RegionLabel::Named("parallel".into()));
+        }
+        r.session.sample(1.0).unwrap();
+        // Events after the last sample, then the VM exits.
+        r.set_timer(10, 45);
+        r.host.borrow_mut().clear();
+        let report = r.session.sample(2.0).unwrap();
+        assert_eq!(r.log(), ["watch 10", "unwatch 10"]);
+        assert_eq!(report.closed.len(), 1);
+        let w = &report.closed[0];
+        assert_eq!(w.partial_reason, Some(PartialReason::VmExited));
+        assert_eq!((w.timer, w.read), (Some(45), Some(12)));
+        assert_eq!(w.devices[0].name, "parallel");
+        assert_eq!(w.sources.read, "usdt");
+        assert!(r.session.running().is_empty());
+    }
+
+    #[test]
+    fn a_reused_pid_is_a_new_vm() {
+        let mut r = rig(VmFilter::default(), &[]);
+        r.host.borrow_mut().push(qemu(10, 1, "old"));
+        r.session.sample(0.0).unwrap();
+        r.set_timer(10, 7);
+        // Same PID, another start time: the old QEMU exited, a new one took its PID.
+        *r.host.borrow_mut() = vec![qemu(10, 2, "new")];
+        let report = r.session.sample(1.0).unwrap();
+        assert_eq!(r.log(), ["watch 10", "unwatch 10", "watch 10"]);
+        assert_eq!(report.closed.len(), 1);
+        assert_eq!(report.closed[0].vm.name, "old");
+        assert_eq!(report.closed[0].timer, Some(7));
+        let running = r.session.running();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].identity.name, "new");
+        assert_eq!(running[0].counts.timer, Some(0));
+    }
+
+    #[test]
+    fn only_selected_vms_are_watched() {
+        let mut r = rig(
+            VmFilter {
+                names: vec!["b".into()],
+                pids: vec![30],
+            },
+            &[],
+        );
+        *r.host.borrow_mut() = vec![qemu(10, 1, "a"), qemu(20, 1, "b"), qemu(30, 1, "c")];
+        r.session.sample(0.0).unwrap();
+        assert_eq!(r.log(), ["watch 20", "watch 30"]);
+        assert_eq!(r.session.processes().len(), 2);
+        assert_eq!(
+            r.session.live_sources(),
+            ["syscall tracepoints (timer, fd)", "uprobes timer callbacks"]
+        );
     }
 }

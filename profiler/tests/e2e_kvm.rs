@@ -74,10 +74,7 @@ fn kvm_tracepoints_count_exact_parallel_reads_named_through_qmp() {
     if e2e_guest_image("kvm_tracepoints").is_none() {
         return;
     }
-    if !Path::new("/dev/kvm").exists() {
-        // KVM is a property of the host, not a set-up step: skipped even under
-        // PROFILER_E2E_REQUIRE.
-        eprintln!("SKIPPED kvm_tracepoints: no /dev/kvm on this host");
+    if Prereq::new("kvm_tracepoints").kvm().is_none() {
         return;
     }
     const N: u16 = 30_000;

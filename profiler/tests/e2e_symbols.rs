@@ -3,61 +3,10 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use xtask::launch::{DeviceSet, GuestSpec};
-
-fn sh(cmd: &mut Command) {
-    let status = cmd.status().expect("tool runs");
-    assert!(status.success(), "{cmd:?}: {status}");
-}
-
-/// GNU build-id of an ELF file, as hex, from `readelf -n`.
-fn build_id(path: &Path) -> String {
-    let out = Command::new("readelf")
-        .arg("-n")
-        .arg(path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: "))
-        .expect("binary has a build-id")
-        .trim()
-        .to_string()
-}
-
-/// A copy of the USDT QEMU with its symbols, DWARF and USDT notes removed, and its debug file
-/// in `<dir>/debug/.build-id/NN/REST.debug` — what a distribution ships, minus the probes.
-fn stripped_qemu_with_debug_file(qemu: &Path, dir: &Path) -> (PathBuf, PathBuf) {
-    // Named like QEMU so discovery recognises it.
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    let bin = dir.join("bin/qemu-system-x86_64");
-    let debug = dir.join("qemu.debug");
-    sh(Command::new("objcopy")
-        .arg("--only-keep-debug")
-        .arg(qemu)
-        .arg(&debug));
-    sh(Command::new("objcopy")
-        .args([
-            "--strip-debug",
-            "--strip-unneeded",
-            "--remove-section=.note.stapsdt",
-        ])
-        .arg(qemu)
-        .arg(&bin));
-    let id = build_id(&bin);
-    let root = dir.join("debug");
-    let tree = root.join(".build-id").join(&id[..2]);
-    std::fs::create_dir_all(&tree).unwrap();
-    std::fs::rename(&debug, tree.join(format!("{}.debug", &id[2..]))).unwrap();
-    (bin, root)
-}
 
 #[test]
 fn stripped_qemu_with_debug_file_counts_reads_and_names_timer_callbacks() {

@@ -27,12 +27,8 @@ fn top_ranks_noisy_above_quiet_and_q_restores_the_terminal() {
     let Some(image) = e2e_guest_image("top_in_tmux") else {
         return;
     };
-    if !Command::new("tmux")
-        .arg("-V")
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        panic!("tmux is missing: `cargo xtask setup` installs it");
+    if Prereq::new("top_in_tmux").tool("tmux").is_none() {
+        return;
     }
     let dir = run_dir("top");
     let noisy = boot("e2e-top-noisy", DeviceSet::Noisy, &image, dir.path());
@@ -106,4 +102,64 @@ impl Drop for KillSession {
 
 fn scopeguard(session: String) -> KillSession {
     KillSession(session)
+}
+
+/// A KVM guest without a QMP socket (as under libvirt, which holds the monitor): the profiler
+/// has something to say about it, and says it in the status line, not over the screen.
+#[test]
+fn top_shows_notes_in_its_status_line_and_stays_intact() {
+    let name = "e2e-top-kvm-noqmp";
+    let Some(_qemu) = kvm_guest_without_qmp(name) else {
+        return;
+    };
+    if Prereq::new("top_status_line").tool("tmux").is_none() {
+        return;
+    }
+    let session = format!("profiler-e2e-notes-{}", std::process::id());
+    let profiler = env!("CARGO_BIN_EXE_profiler");
+    let script = format!("{profiler} top --window 2 --vm {name} 2>&1; sleep 60");
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "24",
+        &script,
+    ]);
+    let kill = scopeguard(session.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let screen = loop {
+        sleep(Duration::from_secs(1));
+        let screen = capture(&session);
+        if screen.contains("window 002") || Instant::now() > deadline {
+            break screen;
+        }
+    };
+    eprintln!("{screen}");
+    let lines: Vec<&str> = screen.lines().collect();
+    assert!(lines[0].starts_with("window 00"), "{screen}");
+    assert!(lines[1].starts_with("host  1 VMs"), "{screen}");
+    assert!(
+        lines[2].starts_with("probes  syscall tracepoints"),
+        "{screen}"
+    );
+    assert!(lines[3].starts_with("cost  BPF "), "{screen}");
+    assert!(lines[2].contains("kvm tracepoints"), "{screen}");
+    let status = lines
+        .iter()
+        .find(|l| l.starts_with("note "))
+        .unwrap_or_else(|| panic!("no status line:\n{screen}"));
+    assert!(status.contains("no QMP socket"), "{screen}");
+    assert!(
+        lines.last().unwrap().starts_with("q quit"),
+        "the key line is intact:\n{screen}"
+    );
+    assert!(screen.contains(name), "{screen}");
+    // Nothing was written outside ratatui: no stray "profiler:" text anywhere.
+    assert!(!screen.contains("profiler:"), "{screen}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+    drop(kill);
 }

@@ -48,7 +48,7 @@ pub fn demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
     );
     let spec = |name: &str, devices| {
         let mut spec = GuestSpec::new(name, devices);
-        if let Some(qemu) = crate::qemu_usdt::cached_qemu_usdt() {
+        if let Some(qemu) = xtask::prereq::built_qemu_usdt() {
             spec.qemu = qemu;
         }
         spec

@@ -31,18 +31,7 @@ const BUILD_DEPS: &[&str] = &[
     "ipxe-qemu",
 ];
 
-const CONFIGURE_FLAGS: &[&str] = &[
-    "--target-list=x86_64-softmmu",
-    "--enable-trace-backends=dtrace",
-    "--disable-docs",
-    "--disable-werror",
-    "--disable-gtk",
-    "--disable-sdl",
-    "--disable-vnc",
-    "--disable-opengl",
-    "--disable-spice",
-    "--disable-xen",
-];
+use xtask::prereq::QEMU_USDT_CONFIGURE_FLAGS as CONFIGURE_FLAGS;
 
 const SRC_LIST: &str = "/etc/apt/sources.list.d/profiler-deb-src.sources";
 
@@ -155,12 +144,6 @@ pub fn qemu_usdt() -> anyhow::Result<PathBuf> {
     let _ = fs::remove_dir_all(&src_root);
     eprintln!("xtask qemu-usdt: {}", bin.display());
     Ok(bin)
-}
-
-/// The USDT QEMU if it has been built already (never builds).
-pub fn cached_qemu_usdt() -> Option<PathBuf> {
-    let dir = xtask::cache::cache_dir().join("qemu-usdt");
-    cached(&dir, &CONFIGURE_FLAGS.join(" "))
 }
 
 fn cached(dir: &Path, key: &str) -> Option<PathBuf> {

@@ -2,16 +2,15 @@
 //!
 //! These fire in QEMU's vCPU threads (inside `KVM_RUN`), so the current tgid is the QEMU
 //! process. Each program decodes its record into a [`KvmEvent`] and hands it, with the
-//! thread's state from `KVM_THREADS`, to `profiler_common::kvm::step`: the same function the
-//! userspace unit tests replay event sequences through (`profiler/src/probes/kvm.rs`), so
-//! this file only does I/O: read fields, load/store the state, bump counters. The kernel
+//! maps as its store, to `profiler_common::kvm::handle`: the same function the tests replay
+//! event sequences through (`profiler_common::kvm::replay`), so this file only decodes
+//! records and says where the state and the counters live. The kernel
 //! facts behind the state machine are in `profiler-common/src/kvm.rs`.
 //!
 //! Field offsets come from `KVM_FIELDS`, which userspace fills from tracefs `format` files:
 //! the layouts of these tracepoints are not ABI.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     macros::{map, tracepoint},
     maps::{Array, LruHashMap},
     programs::TracePointContext,
@@ -19,12 +18,12 @@ use aya_ebpf::{
 use profiler_common::{
     CounterKey,
     kvm::{
-        KvmEvent, KvmField, KvmFieldOffsets, KvmThreadState, MAX_KVM_PORTS, MAX_KVM_THREADS,
-        PortHints, PortKey, hint_ports, lesson, port_class, step, thread_state,
+        KvmEvent, KvmField, KvmFieldOffsets, KvmStore, KvmThreadState, MAX_KVM_PORTS,
+        MAX_KVM_THREADS, PortKey, handle, port_class,
     },
 };
 
-use crate::maps::{COUNTERS, current_ids, is_watched};
+use crate::maps::{add, current_ids, is_watched};
 
 /// Index 0: the tracepoint field layout, written once by userspace before attaching.
 #[map]
@@ -39,24 +38,6 @@ pub static KVM_THREADS: LruHashMap<u32, KvmThreadState> =
 /// unambiguous events, to resolve the one ambiguous sequence (`out W; IO exit; in Y`).
 #[map]
 pub static KVM_PORTS: LruHashMap<PortKey, u32> = LruHashMap::with_max_entries(MAX_KVM_PORTS, 0);
-
-#[inline(always)]
-fn port_key(tgid: u32, port: u64, write: bool) -> PortKey {
-    PortKey {
-        tgid,
-        port: port as u32,
-        write: write as u32,
-    }
-}
-
-#[inline(always)]
-fn class_of(tgid: u32, port: u64, write: bool) -> u32 {
-    // SAFETY: the value is copied out at once.
-    match unsafe { KVM_PORTS.get(port_key(tgid, port, write)) } {
-        Some(class) => *class,
-        None => port_class::UNKNOWN,
-    }
-}
 
 /// Reads one field of the tracepoint record, widened to 64 bits.
 #[inline(always)]
@@ -107,71 +88,46 @@ fn fields() -> Option<&'static KvmFieldOffsets> {
     Some(offsets)
 }
 
-/// Adds `n` to the counter `key` on this CPU (`maps::count` adds 1; PIO string I/O moves
-/// `count` elements per exit).
-#[inline(always)]
-fn add(key: &CounterKey, n: u64) {
-    match COUNTERS.get_ptr_mut(key) {
-        // SAFETY: per-CPU value, only this CPU writes it while this program runs.
-        Some(value) => unsafe { *value += n },
-        None => {
-            // Lost an insert race (EEXIST): add through the pointer path.
-            if COUNTERS.insert(key, n, BPF_NOEXIST as u64).is_err()
-                && let Some(value) = COUNTERS.get_ptr_mut(key)
-            {
-                unsafe { *value += n };
-            }
+/// The eBPF maps as the state machine's store.
+struct Maps;
+
+impl KvmStore for Maps {
+    #[inline(always)]
+    fn thread(&self, tid: u32) -> Option<KvmThreadState> {
+        // SAFETY: the value is copied out at once; only this thread touches its entry.
+        unsafe { KVM_THREADS.get(tid) }.copied()
+    }
+    #[inline(always)]
+    fn put_thread(&mut self, tid: u32, state: KvmThreadState) {
+        let _ = KVM_THREADS.insert(tid, state, 0);
+    }
+    #[inline(always)]
+    fn drop_thread(&mut self, tid: u32) {
+        let _ = KVM_THREADS.remove(tid);
+    }
+    #[inline(always)]
+    fn port_class(&self, key: PortKey) -> u32 {
+        // SAFETY: the value is copied out at once.
+        match unsafe { KVM_PORTS.get(key) } {
+            Some(class) => *class,
+            None => port_class::UNKNOWN,
         }
+    }
+    #[inline(always)]
+    fn learn_port(&mut self, key: PortKey, class: u32) {
+        let _ = KVM_PORTS.insert(key, class, 0);
+    }
+    #[inline(always)]
+    fn count(&mut self, key: CounterKey, n: u64) {
+        add(&key, n);
     }
 }
 
-/// Runs one event through the thread's state machine. `replay_threads` in
-/// `profiler/src/probes/kvm.rs` is the userspace transliteration of this glue (hints,
-/// `step`, lessons, counts, next state), line by line.
+/// Runs one event through the thread's state machine: `profiler_common::kvm::handle`, the
+/// code the tests replay.
 #[inline(always)]
-fn handle(tgid: u32, tid: u32, event: KvmEvent) -> u32 {
-    // SAFETY: the value is copied out at once; only this thread touches its entry.
-    let prev = match unsafe { KVM_THREADS.get(tid) } {
-        // A reused thread id of another process starts afresh.
-        Some(state) if state.tgid == tgid => *state,
-        _ => KvmThreadState::idle(tgid),
-    };
-    let hints = match hint_ports(&prev, &event) {
-        Some((y, w)) => PortHints {
-            read_y: class_of(tgid, y, false),
-            write_w: class_of(tgid, w, true),
-        },
-        None => PortHints::UNKNOWN,
-    };
-    let out = step(prev, event, hints);
-    for counted in out.counts {
-        if out.definite
-            && let Some((port, write, class)) = lesson(counted)
-        {
-            let key = port_key(tgid, port as u64, write);
-            // SAFETY: the value is only compared.
-            if unsafe { KVM_PORTS.get(key) }.copied() != Some(class) {
-                let _ = KVM_PORTS.insert(key, class, 0);
-            }
-        }
-        if counted.kind != 0 {
-            add(
-                &CounterKey {
-                    tgid,
-                    kind: counted.kind,
-                    id: counted.id,
-                },
-                counted.n as u64,
-            );
-        }
-    }
-    if out.next.state == thread_state::IDLE {
-        if prev.state != thread_state::IDLE {
-            let _ = KVM_THREADS.remove(tid);
-        }
-    } else if out.next != prev {
-        let _ = KVM_THREADS.insert(tid, out.next, 0);
-    }
+fn on_event(tgid: u32, tid: u32, event: KvmEvent) -> u32 {
+    handle(&mut Maps, tgid, tid, event);
     0
 }
 
@@ -193,7 +149,7 @@ pub fn kvm_pio(ctx: TracePointContext) -> u32 {
     let Some(count) = field(&ctx, f.pio_count) else {
         return 0;
     };
-    handle(
+    on_event(
         tgid,
         tid,
         KvmEvent::Pio {
@@ -217,7 +173,7 @@ pub fn kvm_mmio(ctx: TracePointContext) -> u32 {
     let Some(gpa) = field(&ctx, f.mmio_gpa) else {
         return 0;
     };
-    handle(tgid, tid, KvmEvent::Mmio { ty: ty as u32, gpa })
+    on_event(tgid, tid, KvmEvent::Mmio { ty: ty as u32, gpa })
 }
 
 #[tracepoint]
@@ -230,7 +186,7 @@ pub fn kvm_fast_mmio(ctx: TracePointContext) -> u32 {
     let Some(gpa) = field(&ctx, f.fast_mmio_gpa) else {
         return 0;
     };
-    handle(tgid, tid, KvmEvent::FastMmio { gpa })
+    on_event(tgid, tid, KvmEvent::FastMmio { gpa })
 }
 
 #[tracepoint]
@@ -246,7 +202,7 @@ pub fn kvm_userspace_exit(ctx: TracePointContext) -> u32 {
     let Some(errno) = field(&ctx, f.exit_errno) else {
         return 0;
     };
-    handle(
+    on_event(
         tgid,
         tid,
         KvmEvent::Exit {

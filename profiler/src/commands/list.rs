@@ -3,11 +3,12 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use crate::{
-    cmdline::QmpEndpoint,
+    cmdline::{Accel, QmpEndpoint},
     discovery::{HostPaths, scan_qemu_processes},
+    elf::DebugRoots,
+    probes::{exe::ExeCatalog, kvm, offered_sources},
     record::Sources,
     report::sanitize,
-    session::{probe_offered_sources, sources_with},
 };
 
 #[derive(Serialize)]
@@ -25,20 +26,26 @@ struct ListedVm {
     symbols: String,
 }
 
-pub fn run(json: bool) -> anyhow::Result<ExitCode> {
+/// Whether the KVM tracepoints can be attached, as `record` would find them (only asked when
+/// a KVM guest runs: it may mount tracefs).
+fn kvm_offer() -> Result<(), String> {
+    let tracefs = crate::tracefs::ensure_tracefs().map_err(|e| format!("{e:#}"))?;
+    kvm::offered(&tracefs)
+}
+
+pub fn run(json: bool, debug_roots: DebugRoots) -> anyhow::Result<ExitCode> {
     let procs = scan_qemu_processes(&HostPaths::default());
     // Reading a QEMU binary's notes and symbols costs tens of MB of I/O: once per binary.
-    let mut offered_by_exe = std::collections::HashMap::new();
+    let mut catalog = ExeCatalog::new(debug_roots);
+    let kvm = if procs.iter().any(|p| p.identity.accel == Accel::Kvm) {
+        kvm_offer()
+    } else {
+        Ok(())
+    };
     let vms: Vec<ListedVm> = procs
         .iter()
         .map(|p| {
-            let offered = match crate::probes::usdt::exe_inode(p.key.pid) {
-                Ok(exe) => offered_by_exe
-                    .entry(exe)
-                    .or_insert_with(|| probe_offered_sources(p))
-                    .clone(),
-                Err(_) => probe_offered_sources(p),
-            };
+            let offered = offered_sources(&mut catalog, p, &kvm);
             ListedVm {
                 name: p.identity.name.clone(),
                 pid: p.key.pid,
@@ -48,10 +55,7 @@ pub fn run(json: bool) -> anyhow::Result<ExitCode> {
                 exe: p.exe.display().to_string(),
                 devices: p.cmdline.devices.clone(),
                 qmp: p.cmdline.qmp.clone(),
-                sources: sources_with(
-                    &offered.read_write,
-                    offered.callbacks_unavailable.as_deref(),
-                ),
+                sources: offered.sources.record(),
                 symbols: offered.symbols,
             }
         })

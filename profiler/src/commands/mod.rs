@@ -11,7 +11,7 @@ use crate::cli::{Cli, Command};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::List { json } => list::run(json),
+        Command::List { json, debug_dirs } => list::run(json, debug_roots(debug_dirs)),
         Command::Record {
             window,
             duration,

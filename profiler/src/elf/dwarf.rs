@@ -345,8 +345,6 @@ mod tests {
 
     use super::*;
 
-    const QEMU_USDT: &str = ".cache/profiler/qemu-usdt/bin/qemu-system-x86_64";
-
     const FIXTURE_A: &str = r#"
         #include <stddef.h>
         struct Declared;                       /* declaration only, in this CU */
@@ -469,17 +467,12 @@ mod tests {
     /// The QEMU built with USDT probes and DWARF by `cargo xtask setup` (not committed).
     #[test]
     fn qemu_timer_and_memory_region_offsets() {
-        let Some(home) = std::env::var_os("HOME") else {
+        let Some(path) =
+            xtask::prereq::Prereq::new("qemu_timer_and_memory_region_offsets").usdt_qemu()
+        else {
             return;
         };
-        let path = Path::new(&home).join(QEMU_USDT);
-        let Ok(bytes) = std::fs::read(&path) else {
-            eprintln!(
-                "SKIPPED: {} is absent (built by `cargo xtask setup`)",
-                path.display()
-            );
-            return;
-        };
+        let bytes = std::fs::read(&path).unwrap();
         let started = Instant::now();
         let cb = member_offset(&bytes, "QEMUTimer", "cb").unwrap();
         let t_cb = started.elapsed();

@@ -562,8 +562,6 @@ mod tests {
     use super::*;
     use crate::elf::test_support::{Rng, build_demo, have_tool, run};
 
-    const QEMU_USDT: &str = ".cache/profiler/qemu-usdt/bin/qemu-system-x86_64";
-
     #[test]
     fn crc32_known_vectors() {
         assert_eq!(crc32(b""), 0);
@@ -834,14 +832,9 @@ mod tests {
 
     #[test]
     fn qemu_usdt_build_symbols() {
-        let Some(home) = std::env::var_os("HOME") else {
+        let Some(qemu) = xtask::prereq::Prereq::new("qemu_usdt_build_symbols").usdt_qemu() else {
             return;
         };
-        let qemu = Path::new(&home).join(QEMU_USDT);
-        if !qemu.is_file() {
-            eprintln!("SKIP: no USDT QEMU at {}", qemu.display());
-            return;
-        }
         let table = load_symbols(&qemu).unwrap();
         assert_eq!(table.source(), &SymbolSource::Symtab);
         for name in [

@@ -701,19 +701,8 @@ mod tests {
         test_support::{Rng, build_demo, have_tool},
     };
 
-    const QEMU_USDT: &str = ".cache/profiler/qemu-usdt/bin/qemu-system-x86_64";
-
     fn qemu_usdt() -> Option<std::path::PathBuf> {
-        let path = Path::new(&std::env::var("HOME").ok()?).join(QEMU_USDT);
-        if path.is_file() {
-            Some(path)
-        } else {
-            eprintln!(
-                "SKIP: no USDT QEMU at {} (built by `cargo xtask qemu-usdt`)",
-                path.display()
-            );
-            None
-        }
+        xtask::prereq::Prereq::new("elf::usdt::tests (USDT QEMU)").usdt_qemu()
     }
 
     fn arg(size: u8, signed: bool, location: UsdtArgLocation) -> UsdtArg {

@@ -4,10 +4,10 @@
 //! from in-kernel accesses, and the kernel facts behind it: `profiler-common/src/kvm.rs`).
 //!
 //! This module parses the tracepoints' field layouts from tracefs (they are not ABI), hands
-//! them to the programs through the `KVM_FIELDS` map, attaches the programs, and turns a
-//! process's counters into [`KvmCounts`]. [`replay_threads`] / [`classify`] replay event
-//! sequences through the same `step` function the eBPF programs run (the glue around it,
-//! port-class learning included, transliterated line by line), for tests.
+//! them to the programs through the `KVM_FIELDS` map, and attaches the programs
+//! ([`KvmSource`]). What the counters mean is [`crate::attribution::kvm`]'s business; the
+//! tests replay events through the very code the programs run
+//! (`profiler_common::kvm::replay`).
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -16,9 +16,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData},
 };
-use profiler_common::kvm::{
-    self as k, KvmEvent, KvmField, KvmFieldOffsets, KvmThreadState, PortKey, step,
-};
+use profiler_common::kvm::{KvmField, KvmFieldOffsets, KvmThreadState, PortKey, replay};
 
 /// The eBPF programs, each named after the `kvm:` tracepoint it attaches to.
 pub const PROGRAMS: [&str; 4] = ["kvm_pio", "kvm_mmio", "kvm_fast_mmio", "kvm_userspace_exit"];
@@ -268,163 +266,57 @@ pub fn forget_process(ebpf: &mut Ebpf, tgid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the outstanding per-thread states of process `tgid` will count once settled: the
-/// last access of each vCPU thread is counted at that thread's next KVM event, so add these
-/// when the process is gone (or when a final count is wanted) to lose nothing.
+/// What the outstanding per-thread states of process `tgid` will count once settled (the last
+/// access of each vCPU thread is counted at that thread's next KVM event).
 pub fn outstanding_counts(ebpf: &Ebpf, tgid: u32) -> anyhow::Result<BTreeMap<(u32, u64), u64>> {
     let threads: BpfHashMap<&MapData, u32, KvmThreadState> = BpfHashMap::try_from(
         ebpf.map(THREADS_MAP)
             .with_context(|| format!("map {THREADS_MAP} missing"))?,
     )?;
-    let mut out = BTreeMap::new();
-    for (_, state) in threads.iter().filter_map(Result::ok) {
-        let counted = k::settle(state);
-        if state.tgid == tgid && counted.kind != 0 {
-            *out.entry((counted.kind, counted.id)).or_insert(0) += u64::from(counted.n);
+    let states: Vec<KvmThreadState> = threads
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(_, s)| s)
+        .collect();
+    Ok(replay::outstanding(&states, tgid))
+}
+
+/// Whether the KVM tracepoints can be used on this host, as [`attach`] would find them: the
+/// four tracepoints exist with the fields the programs read. For `profiler list`, which
+/// attaches nothing.
+pub fn offered(tracefs: &Path) -> Result<(), String> {
+    field_offsets(tracefs)
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// The KVM read/write source: four tracepoint programs attached once for the whole host
+/// (cheap when no KVM guest runs: the first thing each does is the watched-process lookup),
+/// and the per-thread states they keep per process.
+#[derive(Debug)]
+pub struct KvmSource {
+    /// `Err`: why the tracepoints could not be attached (the source is unavailable).
+    status: Result<(), String>,
+}
+
+impl KvmSource {
+    /// Attaches the programs; a failure makes the source unavailable, not the profiler.
+    pub fn attach(ebpf: &mut Ebpf, tracefs: &Path) -> Self {
+        Self {
+            status: attach(ebpf, tracefs).map_err(|e| format!("{e:#}")),
         }
     }
-    Ok(out)
-}
 
-/// One QEMU process's KVM read/write counts, cumulative.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KvmCounts {
-    /// PIO reads / writes QEMU's device model handled (each one a `KVM_EXIT_IO`).
-    pub pio_reads_user: u64,
-    pub pio_writes_user: u64,
-    /// MMIO reads / writes QEMU handled (each one a `KVM_EXIT_MMIO`).
-    pub mmio_reads_user: u64,
-    pub mmio_writes_user: u64,
-    /// Accesses an in-kernel device handled (LAPIC, IOAPIC, PIT, PIC, ioeventfd), PIO and
-    /// MMIO; they never woke QEMU's device model.
-    pub in_kernel: u64,
-    /// Fast-MMIO ioeventfd writes (virtio notify), in-kernel; QEMU learns of them through an
-    /// eventfd (an fd wakeup), not an exit.
-    pub fast_mmio: u64,
-    /// Port -> (reads, writes) QEMU handled. [`k::UNKNOWN_ID`] collects reads whose port was
-    /// never traced.
-    pub by_port: BTreeMap<u64, (u64, u64)>,
-    /// Guest-physical page -> (reads, writes) QEMU handled.
-    pub by_page: BTreeMap<u64, (u64, u64)>,
-}
-
-impl KvmCounts {
-    /// Reads QEMU handled (PIO + MMIO).
-    pub fn reads_user(&self) -> u64 {
-        self.pio_reads_user + self.mmio_reads_user
+    pub fn status(&self) -> &Result<(), String> {
+        &self.status
     }
-    /// Writes QEMU handled (PIO + MMIO).
-    pub fn writes_user(&self) -> u64 {
-        self.pio_writes_user + self.mmio_writes_user
-    }
-}
 
-/// Turns one process's counters (`ProcessCounters::by_key`: (kind, id) -> count) into
-/// [`KvmCounts`]; other kinds are ignored.
-pub fn kvm_counts(by_key: &BTreeMap<(u32, u64), u64>) -> KvmCounts {
-    let mut out = KvmCounts::default();
-    for (&(kind, id), &n) in by_key {
-        match kind {
-            k::KVM_PIO_READ_USER => {
-                out.pio_reads_user += n;
-                out.by_port.entry(id).or_default().0 += n;
-            }
-            k::KVM_PIO_WRITE_USER => {
-                out.pio_writes_user += n;
-                out.by_port.entry(id).or_default().1 += n;
-            }
-            k::KVM_MMIO_READ_USER => {
-                out.mmio_reads_user += n;
-                out.by_page.entry(id).or_default().0 += n;
-            }
-            k::KVM_MMIO_WRITE_USER => {
-                out.mmio_writes_user += n;
-                out.by_page.entry(id).or_default().1 += n;
-            }
-            k::KVM_PIO_READ_IN_KERNEL
-            | k::KVM_PIO_WRITE_IN_KERNEL
-            | k::KVM_MMIO_READ_IN_KERNEL
-            | k::KVM_MMIO_WRITE_IN_KERNEL => out.in_kernel += n,
-            k::KVM_FAST_MMIO => out.fast_mmio += n,
-            _ => {}
+    /// Drops what the programs keep of process `tgid`.
+    pub fn forget(&self, ebpf: &mut Ebpf, tgid: u32) {
+        if self.status.is_ok() {
+            let _ = forget_process(ebpf, tgid);
         }
     }
-    out
-}
-
-/// Counters from replaying events through the state machine.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Replay {
-    /// What the eBPF counters would hold: (kind, id) -> count.
-    pub counted: BTreeMap<(u32, u64), u64>,
-    /// What the states still outstanding at the end will count ([`outstanding_counts`]).
-    pub outstanding: BTreeMap<(u32, u64), u64>,
-}
-
-impl Replay {
-    /// `counted` plus `outstanding`: the final counts once every thread has settled.
-    pub fn total(&self) -> BTreeMap<(u32, u64), u64> {
-        let mut out = self.counted.clone();
-        for (key, n) in &self.outstanding {
-            *out.entry(*key).or_insert(0) += n;
-        }
-        out
-    }
-}
-
-/// Replays interleaved events of several vCPU threads (thread id, event) of one process
-/// through the state machine the eBPF programs run (`profiler_common::kvm::step`, the same
-/// code), learning port classes as `KVM_PORTS` does.
-pub fn replay_threads(events: &[(u32, KvmEvent)]) -> Replay {
-    const TGID: u32 = 1;
-    let mut threads: BTreeMap<u32, KvmThreadState> = BTreeMap::new();
-    let mut classes: BTreeMap<(u64, bool), u32> = BTreeMap::new();
-    let mut replay = Replay::default();
-    let add = |map: &mut BTreeMap<(u32, u64), u64>, counted: k::Counted| {
-        if counted.kind != 0 {
-            *map.entry((counted.kind, counted.id)).or_insert(0) += u64::from(counted.n);
-        }
-    };
-    for &(tid, event) in events {
-        let prev = threads
-            .get(&tid)
-            .copied()
-            .unwrap_or(KvmThreadState::idle(TGID));
-        let class = |port: u64, write: bool| {
-            classes
-                .get(&(port as u32 as u64, write))
-                .copied()
-                .unwrap_or(k::port_class::UNKNOWN)
-        };
-        let hints = match k::hint_ports(&prev, &event) {
-            Some((y, w)) => k::PortHints {
-                read_y: class(y, false),
-                write_w: class(w, true),
-            },
-            None => k::PortHints::UNKNOWN,
-        };
-        let out = step(prev, event, hints);
-        for counted in out.counts {
-            if out.definite
-                && let Some((port, write, class)) = k::lesson(counted)
-            {
-                classes.insert((u64::from(port), write), class);
-            }
-            add(&mut replay.counted, counted);
-        }
-        threads.insert(tid, out.next);
-    }
-    for state in threads.into_values() {
-        add(&mut replay.outstanding, k::settle(state));
-    }
-    replay
-}
-
-/// The counters [`replay_threads`] leaves for a single vCPU thread, without the outstanding
-/// last access (as the eBPF counters hold them).
-pub fn classify(events: &[KvmEvent]) -> BTreeMap<(u32, u64), u64> {
-    let tagged: Vec<(u32, KvmEvent)> = events.iter().map(|&e| (1, e)).collect();
-    replay_threads(&tagged).counted
 }
 
 #[cfg(test)]
@@ -432,11 +324,11 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use k::{
-        KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_FAST_MMIO, KVM_MMIO_READ_IN_KERNEL, KVM_MMIO_READ_USER,
-        KVM_MMIO_WRITE_IN_KERNEL, KVM_MMIO_WRITE_USER, KVM_PIO_READ_IN_KERNEL, KVM_PIO_READ_USER,
-        KVM_PIO_WRITE_IN_KERNEL, KVM_PIO_WRITE_USER, MMIO_READ, MMIO_UNSATISFIED_READ, MMIO_WRITE,
-        UNKNOWN_ID,
+    use crate::attribution::kvm::{KvmCounts, kvm_counts};
+    use profiler_common::kvm::{
+        self as k, KVM_FAST_MMIO, KVM_MMIO_READ_IN_KERNEL, KVM_MMIO_WRITE_IN_KERNEL,
+        KVM_PIO_READ_IN_KERNEL, KVM_PIO_WRITE_IN_KERNEL, KvmEvent, MMIO_WRITE,
+        replay::replay_threads,
     };
 
     const PIO: &str = include_str!("../../tests/fixtures/tracefs/kvm_pio.format");
@@ -628,435 +520,10 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
     }
 
-    // ---- the state machine, through the code the eBPF programs run ----
-
-    fn pio_out(port: u64) -> KvmEvent {
-        KvmEvent::Pio {
-            write: true,
-            port,
-            count: 1,
-        }
-    }
-    fn pio_in(port: u64) -> KvmEvent {
-        KvmEvent::Pio {
-            write: false,
-            port,
-            count: 1,
-        }
-    }
-    fn mmio(ty: u32, gpa: u64) -> KvmEvent {
-        KvmEvent::Mmio { ty, gpa }
-    }
-    fn exit(reason: u32) -> KvmEvent {
-        KvmEvent::Exit { reason, errno: 0 }
-    }
-    const HLT: u32 = 5;
-    const EINTR: i64 = -4;
-
-    fn counts(pairs: &[((u32, u64), u64)]) -> BTreeMap<(u32, u64), u64> {
-        pairs.iter().copied().collect()
-    }
-
-    #[test]
-    fn pio_read_that_exits_is_a_user_read_named_by_its_completion() {
-        // kvm_fast_pio_in(): no trace, KVM_EXIT_IO; next KVM_RUN: complete_fast_pio_in()
-        // traces the read with the port.
-        let got = classify(&[exit(KVM_EXIT_IO), pio_in(0x3f8)]);
-        assert_eq!(got, counts(&[((KVM_PIO_READ_USER, 0x3f8), 1)]));
-    }
-
-    #[test]
-    fn pio_write_that_exits_is_a_user_write_once_no_read_completion_follows() {
-        // Outstanding at the end: settles as the user write it was.
-        let r = replay_threads(&[(7, pio_out(0x402)), (7, exit(KVM_EXIT_IO))]);
-        assert_eq!(r.counted, counts(&[]));
-        assert_eq!(r.outstanding, counts(&[((KVM_PIO_WRITE_USER, 0x402), 1)]));
-        assert_eq!(r.total(), r.outstanding);
-        // emulator_pio_out() traces, then KVM_EXIT_IO; the next event (here another exit
-        // reason) shows the exit was the write's.
-        let got = classify(&[pio_out(0x378), exit(KVM_EXIT_IO), exit(HLT)]);
-        assert_eq!(got, counts(&[((KVM_PIO_WRITE_USER, 0x378), 1)]));
-        // Until that next event, it is outstanding (counted late, never lost).
-        assert_eq!(classify(&[pio_out(0x378), exit(KVM_EXIT_IO)]), counts(&[]));
-        // A serial write then an LSR read, both QEMU's: two exits.
-        let got = classify(&[
-            pio_out(0x3f8),
-            exit(KVM_EXIT_IO),
-            exit(KVM_EXIT_IO),
-            pio_in(0x3fd),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_READ_USER, 0x3fd), 1),
-                ((KVM_PIO_WRITE_USER, 0x3f8), 1)
-            ])
-        );
-    }
-
-    #[test]
-    fn cmos_read_is_an_in_kernel_index_write_and_a_user_data_read() {
-        // Recorded on this machine under KVM: 0x70 is a coalesced-PIO zone of QEMU's RTC, so
-        // `out 0x70` never exits; the exit is `in 0x71`'s and its completion follows.
-        let got = classify(&[pio_out(0x70), exit(KVM_EXIT_IO), pio_in(0x71)]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_READ_USER, 0x71), 1),
-                ((KVM_PIO_WRITE_IN_KERNEL, 0x70), 1)
-            ])
-        );
-    }
-
-    #[test]
-    fn ambiguous_out_exit_in_is_decided_by_what_the_vm_showed() {
-        // No history: the PC prior. 0x21 is KVM's in-kernel PIC, so the exit was the
-        // debugcon write's (SeaBIOS does exactly this).
-        assert_eq!(
-            classify(&[pio_out(0x402), exit(KVM_EXIT_IO), pio_in(0x21)]),
-            counts(&[
-                ((KVM_PIO_READ_IN_KERNEL, 0x21), 1),
-                ((KVM_PIO_WRITE_USER, 0x402), 1),
-            ])
-        );
-        // With `kernel-irqchip=split` QEMU emulates the PIC: once a read of 0x21 was seen
-        // reaching QEMU, the same shape means "the kernel took 0x70, QEMU answered 0x21".
-        let got = classify(&[
-            exit(KVM_EXIT_IO),
-            pio_in(0x21),
-            pio_out(0x70),
-            exit(KVM_EXIT_IO),
-            pio_in(0x21),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_READ_USER, 0x21), 2),
-                ((KVM_PIO_WRITE_IN_KERNEL, 0x70), 1),
-            ])
-        );
-        // Nothing known about the read port, but the written port was seen exiting: the
-        // exit was the write's.
-        let got = classify(&[
-            pio_out(0x402),
-            exit(KVM_EXIT_IO),
-            exit(HLT),
-            pio_out(0x402),
-            exit(KVM_EXIT_IO),
-            pio_in(0x1234),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_READ_IN_KERNEL, 0x1234), 1),
-                ((KVM_PIO_WRITE_USER, 0x402), 2),
-            ])
-        );
-        // ...and a written port seen taken by the kernel means the read's completion.
-        let got = classify(&[
-            pio_out(0x70),
-            pio_out(0x70),
-            exit(KVM_EXIT_IO),
-            pio_in(0x20),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_READ_USER, 0x20), 1),
-                ((KVM_PIO_WRITE_IN_KERNEL, 0x70), 2),
-            ])
-        );
-    }
-
-    #[test]
-    fn pio_write_followed_by_the_next_access_was_in_kernel() {
-        // Two PIT writes (port 0x43, 0x40) handled in the kernel, then a serial write to QEMU.
-        let got = classify(&[
-            pio_out(0x43),
-            pio_out(0x40),
-            pio_out(0x3f8),
-            exit(KVM_EXIT_IO),
-            pio_out(0x3f8),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_WRITE_USER, 0x3f8), 1),
-                ((KVM_PIO_WRITE_IN_KERNEL, 0x40), 1),
-                ((KVM_PIO_WRITE_IN_KERNEL, 0x43), 1),
-            ])
-        );
-        // A trailing in-kernel write is still pending: not counted yet.
-        assert_eq!(classify(&[pio_out(0x43)]), counts(&[]));
-        // An exit for another reason settles it as in-kernel.
-        assert_eq!(
-            classify(&[pio_out(0x43), exit(HLT)]),
-            counts(&[((KVM_PIO_WRITE_IN_KERNEL, 0x43), 1)])
-        );
-    }
-
-    #[test]
-    fn string_pio_counts_elements() {
-        // `rep insb` of 100 bytes from fw_cfg: one exit, QEMU dispatches 100 reads.
-        let rep_in = KvmEvent::Pio {
-            write: false,
-            port: 0x511,
-            count: 100,
-        };
-        assert_eq!(
-            classify(&[exit(KVM_EXIT_IO), rep_in]),
-            counts(&[((KVM_PIO_READ_USER, 0x511), 100)])
-        );
-        let rep_out = KvmEvent::Pio {
-            write: true,
-            port: 0x1f0,
-            count: 4,
-        };
-        assert_eq!(
-            classify(&[rep_out, exit(KVM_EXIT_IO), exit(HLT)]),
-            counts(&[((KVM_PIO_WRITE_USER, 0x1f0), 4)])
-        );
-    }
-
-    #[test]
-    fn traced_pio_read_with_nothing_pending_is_in_kernel() {
-        let got = classify(&[pio_in(0x61), pio_in(0x61)]);
-        assert_eq!(got, counts(&[((KVM_PIO_READ_IN_KERNEL, 0x61), 2)]));
-    }
-
-    #[test]
-    fn mmio_unsatisfied_read_then_exit_is_one_user_read() {
-        // read_exit_mmio() traces type 0, KVM_EXIT_MMIO, then read_prepare() traces type 1
-        // on completion: one read, on the page.
-        let gpa = 0xfed0_00f0;
-        let got = classify(&[
-            mmio(MMIO_UNSATISFIED_READ, gpa),
-            exit(KVM_EXIT_MMIO),
-            mmio(MMIO_READ, gpa),
-        ]);
-        assert_eq!(got, counts(&[((KVM_MMIO_READ_USER, 0xfed0_0000), 1)]));
-        // The next traced read is a new, in-kernel one (the LAPIC).
-        let got = classify(&[
-            mmio(MMIO_UNSATISFIED_READ, gpa),
-            exit(KVM_EXIT_MMIO),
-            mmio(MMIO_READ, gpa),
-            mmio(MMIO_READ, 0xfee0_0030),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_MMIO_READ_USER, 0xfed0_0000), 1),
-                ((KVM_MMIO_READ_IN_KERNEL, 0xfee0_0000), 1),
-            ])
-        );
-    }
-
-    #[test]
-    fn mmio_writes_user_and_in_kernel() {
-        let got = classify(&[
-            mmio(MMIO_WRITE, 0xfee0_00b0), // LAPIC EOI: in-kernel
-            mmio(MMIO_WRITE, 0xfebf_1010), // a device BAR: QEMU
-            exit(KVM_EXIT_MMIO),
-            mmio(MMIO_READ, 0xfec0_0010), // IOAPIC read: in-kernel
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_MMIO_WRITE_IN_KERNEL, 0xfee0_0000), 1),
-                ((KVM_MMIO_WRITE_USER, 0xfebf_1000), 1),
-                ((KVM_MMIO_READ_IN_KERNEL, 0xfec0_0000), 1),
-            ])
-        );
-    }
-
-    #[test]
-    fn a_wide_mmio_write_exits_once_per_chunk() {
-        // complete_emulated_mmio() exits again for the second 8-byte chunk: QEMU sees two.
-        let got = classify(&[
-            mmio(MMIO_WRITE, 0xfebf_0000),
-            exit(KVM_EXIT_MMIO),
-            exit(KVM_EXIT_MMIO),
-        ]);
-        assert_eq!(got, counts(&[((KVM_MMIO_WRITE_USER, 0xfebf_0000), 2)]));
-    }
-
-    #[test]
-    fn read_modify_write_of_mmio() {
-        // `or [mmio], 1` in the emulator: read goes out, completes, then the write goes out.
-        let gpa = 0xfebf_0004;
-        let got = classify(&[
-            mmio(MMIO_UNSATISFIED_READ, gpa),
-            exit(KVM_EXIT_MMIO),
-            mmio(MMIO_READ, gpa),
-            mmio(MMIO_WRITE, gpa),
-            exit(KVM_EXIT_MMIO),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_MMIO_READ_USER, 0xfebf_0000), 1),
-                ((KVM_MMIO_WRITE_USER, 0xfebf_0000), 1),
-            ])
-        );
-    }
-
-    #[test]
-    fn fast_mmio_is_counted_separately_and_settles_what_was_pending() {
-        let got = classify(&[
-            KvmEvent::FastMmio { gpa: 0xfe00_3000 },
-            pio_out(0x70),
-            KvmEvent::FastMmio { gpa: 0xfe00_3004 },
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_FAST_MMIO, 0xfe00_3000), 2),
-                ((KVM_PIO_WRITE_IN_KERNEL, 0x70), 1)
-            ])
-        );
-    }
-
-    #[test]
-    fn failed_kvm_run_changes_nothing() {
-        // KVM_RUN -EINTR with a stale exit reason of IO: the write is still pending...
-        let interrupted = KvmEvent::Exit {
-            reason: KVM_EXIT_IO,
-            errno: EINTR,
-        };
-        let got = classify(&[pio_out(0x3f8), interrupted, exit(KVM_EXIT_IO), exit(HLT)]);
-        assert_eq!(got, counts(&[((KVM_PIO_WRITE_USER, 0x3f8), 1)]));
-        // ...and a userspace PIO read still waits for its completion.
-        let got = classify(&[exit(KVM_EXIT_IO), interrupted, pio_in(0x3fd)]);
-        assert_eq!(got, counts(&[((KVM_PIO_READ_USER, 0x3fd), 1)]));
-    }
-
-    #[test]
-    fn a_user_read_whose_completion_never_comes_has_an_unknown_port() {
-        // complete_fast_pio_in() skips the trace when userspace moved RIP.
-        let got = classify(&[
-            exit(KVM_EXIT_IO),
-            pio_out(0x80),
-            exit(KVM_EXIT_IO),
-            exit(HLT),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_READ_USER, UNKNOWN_ID), 1),
-                ((KVM_PIO_WRITE_USER, 0x80), 1),
-            ])
-        );
-    }
-
-    #[test]
-    fn an_mmio_exit_without_trace_is_a_read_named_by_its_completion() {
-        // TDX: tdx_emulate_mmio() exits without an unsatisfied-read trace and
-        // tdx_complete_mmio_read() traces the read.
-        let got = classify(&[exit(KVM_EXIT_MMIO), mmio(MMIO_READ, 0xfebf_2008)]);
-        assert_eq!(got, counts(&[((KVM_MMIO_READ_USER, 0xfebf_2000), 1)]));
-    }
-
-    #[test]
-    fn mismatched_exit_settles_the_pending_access() {
-        // A pending MMIO write, then an IO exit: the write was in-kernel, the exit a PIO read.
-        let got = classify(&[
-            mmio(MMIO_WRITE, 0xfee0_0300),
-            exit(KVM_EXIT_IO),
-            pio_in(0x64),
-        ]);
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_MMIO_WRITE_IN_KERNEL, 0xfee0_0000), 1),
-                ((KVM_PIO_READ_USER, 0x64), 1)
-            ])
-        );
-    }
-
-    #[test]
-    fn vcpu_threads_are_independent() {
-        // Thread 11's read completion must not resolve thread 10's write/exit ambiguity.
-        let got = replay_threads(&[
-            (10, pio_out(0x3f8)),
-            (11, pio_out(0x43)),
-            (10, exit(KVM_EXIT_IO)),
-            (11, exit(KVM_EXIT_IO)),
-            (11, pio_in(0x71)),
-            (10, exit(HLT)),
-        ])
-        .counted;
-        assert_eq!(
-            got,
-            counts(&[
-                ((KVM_PIO_READ_USER, 0x71), 1),
-                ((KVM_PIO_WRITE_USER, 0x3f8), 1),
-                ((KVM_PIO_WRITE_IN_KERNEL, 0x43), 1),
-            ])
-        );
-    }
-
-    #[test]
-    fn kvm_counts_sums_kinds_and_groups_by_port_and_page() {
-        let mut by_key = BTreeMap::new();
-        by_key.insert((KVM_PIO_READ_USER, 0x3f8), 5);
-        by_key.insert((KVM_PIO_WRITE_USER, 0x3f8), 7);
-        by_key.insert((KVM_PIO_WRITE_USER, 0x378), 1);
-        by_key.insert((KVM_MMIO_READ_USER, 0xfed0_0000), 3);
-        by_key.insert((KVM_MMIO_WRITE_USER, 0xfebf_1000), 2);
-        by_key.insert((KVM_PIO_WRITE_IN_KERNEL, 0x40), 10);
-        by_key.insert((KVM_MMIO_READ_IN_KERNEL, 0xfee0_0000), 20);
-        by_key.insert((KVM_FAST_MMIO, 0xfe00_3000), 4);
-        by_key.insert((profiler_common::kind::TIMER, 1), 99);
-        let c = kvm_counts(&by_key);
-        assert_eq!(
-            (
-                c.pio_reads_user,
-                c.pio_writes_user,
-                c.mmio_reads_user,
-                c.mmio_writes_user
-            ),
-            (5, 8, 3, 2)
-        );
-        assert_eq!((c.in_kernel, c.fast_mmio), (30, 4));
-        assert_eq!((c.reads_user(), c.writes_user()), (8, 10));
-        assert_eq!(
-            c.by_port.into_iter().collect::<Vec<_>>(),
-            [(0x378, (0, 1)), (0x3f8, (5, 7))]
-        );
-        assert_eq!(
-            c.by_page.into_iter().collect::<Vec<_>>(),
-            [(0xfebf_1000, (0, 2)), (0xfed0_0000, (3, 0))]
-        );
-        assert_eq!(kvm_counts(&BTreeMap::new()), KvmCounts::default());
-    }
-
-    #[test]
-    fn kinds_are_in_the_reserved_range() {
-        for kind in [
-            KVM_PIO_READ_USER,
-            KVM_PIO_WRITE_USER,
-            KVM_MMIO_READ_USER,
-            KVM_MMIO_WRITE_USER,
-            KVM_PIO_READ_IN_KERNEL,
-            KVM_PIO_WRITE_IN_KERNEL,
-            KVM_MMIO_READ_IN_KERNEL,
-            KVM_MMIO_WRITE_IN_KERNEL,
-            KVM_FAST_MMIO,
-        ] {
-            assert!(k::is_kvm_kind(kind), "{kind}");
-        }
-        assert!(!k::is_kvm_kind(profiler_common::kind::READ));
-    }
-
     // ---- root: load the real object, attach on this kernel ----
 
     fn skip_unless_root(test: &str) -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED {test}: needs root (loads eBPF, attaches tracepoints)");
-            return true;
-        }
-        false
+        xtask::prereq::Prereq::new(test).root().is_none()
     }
 
     /// `BPF_PROG_TEST_RUN` on a program fd: Ok(retval) or Err(errno).
@@ -1111,6 +578,7 @@ mod tests {
     #[test]
     fn root_loads_and_attaches_the_kvm_programs() {
         use std::os::fd::{AsFd as _, AsRawFd as _};
+        let _one_at_a_time = super::super::tests::attaching();
         if skip_unless_root("root_loads_and_attaches_the_kvm_programs") {
             return;
         }
@@ -1299,7 +767,14 @@ mod tests {
                     type=0x2 (2) len=0x4 (4) gpa=0xfee000f0 (4276093168) val=0x1ff (511)";
         assert_eq!(
             parse_trace_line(line),
-            Some((27849, 27851, mmio(MMIO_WRITE, 0xfee0_00f0)))
+            Some((
+                27849,
+                27851,
+                KvmEvent::Mmio {
+                    ty: MMIO_WRITE,
+                    gpa: 0xfee0_00f0
+                }
+            ))
         );
     }
 
@@ -1433,28 +908,13 @@ mod tests {
 
     fn seabios_under_kvm(test: &'static str, machine: &str) -> Option<KvmCounts> {
         use std::time::{Duration, Instant};
-        let skip = |why: &str| {
-            if std::env::var_os("PROFILER_E2E_REQUIRE").is_some() {
-                panic!("{test}: {why}");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            None
-        };
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return skip("needs root (loads eBPF, attaches tracepoints, runs a KVM guest)");
-        }
-        if !kvm_available() {
-            return skip("no /dev/kvm on this host");
-        }
+        let _one_at_a_time = super::super::tests::attaching();
+        let prereq = xtask::prereq::Prereq::new(test);
+        prereq.root()?;
+        prereq.kvm()?;
+        prereq.system_qemu()?;
         let qemu = "qemu-system-x86_64";
-        if std::process::Command::new(qemu)
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            return skip("qemu-system-x86_64 is not installed");
-        }
+        let skip = |why: &str| prereq.missing(why);
         let tracefs = crate::tracefs::ensure_tracefs().expect("tracefs");
         if !tracefs.join("events/kvm").is_dir() {
             return skip("no kvm tracepoints in tracefs");

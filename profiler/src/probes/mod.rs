@@ -1,16 +1,26 @@
-//! Loading the eBPF programs, keeping the watched-process set current, and reading counters.
+//! The probe layer: loads the eBPF object, attaches each VM's sources as the source policy
+//! picks them, keeps the watched-process set current and hands out raw counters.
 //!
-//! One file per probe family (kunai style); this module owns the shared maps.
+//! One module per source family (kunai style), each owning its attach/detach and per-process
+//! state: [`timers`] (wait-syscall tracepoints), [`usdt`] (QEMU's memory_region_ops probes),
+//! [`symbols`] (memory_region_dispatch and timer callbacks), [`kvm`] (the kvm tracepoints).
+//! [`policy`] decides which source serves which count; [`exe`] reads what each binary offers.
+//! What the counters mean is decided outside, by `crate::attribution`.
+//!
+//! [`ProbeLayer`] is the seam the session works through, so the session is tested on fake
+//! counters (`crate::session` tests) and this layer on the real kernel (root tests).
 
+pub mod exe;
 pub mod kvm;
+pub mod policy;
 pub mod symbols;
 pub mod timers;
+pub mod uprobes;
 pub mod usdt;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     os::fd::OwnedFd,
-    sync::Arc,
     time::Duration,
 };
 
@@ -18,188 +28,24 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::UProbe,
 };
-use profiler_common::{CounterKey, RegionKey, RegionName, UNNAMED_REGION_MARK, UsdtSpec, kind};
+use profiler_common::{CounterKey, RegionKey, RegionName, UNNAMED_REGION_MARK};
 
-use crate::elf::LoadSegment;
+use self::{
+    exe::{ExeAnalysis, ExeCatalog},
+    kvm::KvmSource,
+    policy::{ReadWriteSource, VmSources},
+    symbols::SymbolSource,
+    usdt::UsdtSource,
+};
+use crate::{
+    attribution::{RawCounters, RegionLabel},
+    discovery::QemuProcess,
+    names::{NameSources, Note},
+};
 
 /// The compiled eBPF object, embedded at build time by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
-
-/// Counters of one QEMU process, cumulative since it was first watched.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProcessCounters {
-    /// (kind, id) -> count, summed over CPUs.
-    pub by_key: BTreeMap<(u32, u64), u64>,
-    /// MemoryRegion pointer -> name, for read/write ids.
-    pub region_names: HashMap<u64, String>,
-    /// Callback link-time address -> function name, for timer-callback ids.
-    pub callback_names: HashMap<u64, String>,
-    /// MemoryRegion pointer -> QOM type of its owner device, where known.
-    pub region_owners: HashMap<u64, String>,
-    /// Nameless regions seen by the symbols source: QEMU subpages, which dispatch the same
-    /// access again to the real region; left out of read/write counts.
-    pub unnamed_regions: HashSet<u64>,
-}
-
-impl ProcessCounters {
-    /// Total of one kind over all ids (reads/writes of unnamed subpage regions excluded).
-    pub fn total(&self, kind: u32) -> u64 {
-        let region_kind = kind == kind::READ || kind == kind::WRITE;
-        self.by_key
-            .iter()
-            .filter(|((k, id), _)| {
-                *k == kind && !(region_kind && self.unnamed_regions.contains(id))
-            })
-            .map(|(_, v)| v)
-            .sum()
-    }
-    pub fn timer(&self) -> u64 {
-        self.total(kind::TIMER)
-    }
-    pub fn fd_wakeups(&self) -> u64 {
-        self.total(kind::FD_WAKEUP)
-    }
-    /// Cumulative (reads, writes) per device name. Regions are keyed by pointer in the
-    /// kernel; several regions may share a name (e.g. one per UHCI port range), so they are
-    /// summed by name here.
-    pub fn devices(&self) -> BTreeMap<String, (u64, u64)> {
-        let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for (&(k, id), &n) in &self.by_key {
-            if (k != kind::READ && k != kind::WRITE) || self.unnamed_regions.contains(&id) {
-                continue;
-            }
-            let name = self
-                .region_names
-                .get(&id)
-                .cloned()
-                .unwrap_or_else(|| format!("region@{id:#x}"));
-            let key = crate::collector::device_key(
-                &name,
-                self.region_owners.get(&id).map(String::as_str),
-            );
-            let entry = out.entry(key).or_default();
-            if k == kind::READ {
-                entry.0 += n;
-            } else {
-                entry.1 += n;
-            }
-        }
-        out
-    }
-
-    /// Reads/writes QEMU handled, as the read/write source `source` counts them.
-    pub fn reads_writes(&self, source: &ReadWriteSource) -> (Option<u64>, Option<u64>) {
-        match source {
-            ReadWriteSource::Usdt | ReadWriteSource::Symbols => {
-                (Some(self.total(kind::READ)), Some(self.total(kind::WRITE)))
-            }
-            ReadWriteSource::KvmTracepoints => {
-                let k = kvm::kvm_counts(&self.by_key);
-                (Some(k.reads_user()), Some(k.writes_user()))
-            }
-            ReadWriteSource::Unavailable(_) => (None, None),
-        }
-    }
-
-    /// Per-device (reads, writes) for `source`; KVM ports and pages are named through
-    /// `names` (QEMU's `info mtree -f`) when known, else by address.
-    pub fn devices_for(
-        &self,
-        source: &ReadWriteSource,
-        names: Option<&crate::mtree::MtreeMap>,
-    ) -> BTreeMap<String, (u64, u64)> {
-        match source {
-            ReadWriteSource::Usdt | ReadWriteSource::Symbols => self.devices(),
-            ReadWriteSource::KvmTracepoints => {
-                let k = kvm::kvm_counts(&self.by_key);
-                let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-                let ports = k.by_port.iter().map(|(&port, &rw)| {
-                    let name = if port == u64::MAX {
-                        Some("port (unknown)".to_string())
-                    } else {
-                        names.and_then(|n| n.name_for_port(port)).map(String::from)
-                    };
-                    (name.unwrap_or_else(|| format!("port {port:#x}")), rw)
-                });
-                let pages = k.by_page.iter().map(|(&page, &rw)| {
-                    let name = names.and_then(|n| n.name_for_gpa(page)).map(String::from);
-                    (name.unwrap_or_else(|| format!("mmio {page:#x}")), rw)
-                });
-                for (name, (r, w)) in ports.chain(pages) {
-                    let e = out.entry(name).or_default();
-                    e.0 += r;
-                    e.1 += w;
-                }
-                out
-            }
-            ReadWriteSource::Unavailable(_) => BTreeMap::new(),
-        }
-    }
-
-    /// Accesses an in-kernel KVM device handled (never reached QEMU).
-    pub fn kvm_in_kernel(&self) -> u64 {
-        kvm::kvm_counts(&self.by_key).in_kernel
-    }
-
-    /// Cumulative runs per timer callback name.
-    pub fn callbacks(&self) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
-        for (&(k, id), &n) in &self.by_key {
-            if k == kind::TIMER_CALLBACK {
-                let name = self
-                    .callback_names
-                    .get(&id)
-                    .cloned()
-                    .unwrap_or_else(|| format!("{id:#x}"));
-                *out.entry(name).or_default() += n;
-            }
-        }
-        out
-    }
-}
-
-/// What a QEMU binary offers the read/write probe, parsed once per executable.
-#[derive(Debug)]
-struct ExeProbes {
-    sites: usdt::RegionOpsSites,
-    segments: Vec<LoadSegment>,
-    /// The binary's own symbols, for RIP-relative USDT operands (None: stripped).
-    symbols: Option<crate::elf::SymbolTable>,
-}
-
-/// Which source serves a process's read/write counts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadWriteSource {
-    Usdt,
-    /// uprobes on memory_region_dispatch_read/_write, found through symbols.
-    Symbols,
-    /// kvm:kvm_pio / kvm_mmio / kvm_userspace_exit tracepoints (KVM guests).
-    KvmTracepoints,
-    Unavailable(String),
-}
-
-impl ReadWriteSource {
-    pub fn is_available(&self) -> bool {
-        !matches!(self, ReadWriteSource::Unavailable(_))
-    }
-
-    pub fn label(&self) -> String {
-        match self {
-            ReadWriteSource::Usdt => "usdt".into(),
-            ReadWriteSource::Symbols => "symbols".into(),
-            ReadWriteSource::KvmTracepoints => "kvm-tracepoints".into(),
-            ReadWriteSource::Unavailable(why) => format!("unavailable: {why}"),
-        }
-    }
-}
-
-/// Why a binary without the USDT probes cannot give read/write counts, and what would fix it.
-pub const NO_USDT_REASON: &str = "this QEMU has no qemu:memory_region_ops_read/write USDT \
-     probes (built without the dtrace trace backend, e.g. Debian/Ubuntu packages); use a QEMU \
-     built with --enable-trace-backends=dtrace (Fedora/RHEL packages are; `cargo xtask \
-     qemu-usdt` builds one)";
 
 /// The profiler's own cost in the kernel, from BPF run-time statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -208,35 +54,40 @@ pub struct ProbeCost {
     pub run_time: Duration,
 }
 
-/// The loaded and attached eBPF programs.
-pub struct EventProbes {
-    ebpf: Ebpf,
-    watched: HashSet<u32>,
-    /// Parsed USDT sites per executable (device, inode); `Err` holds why not.
-    exe_probes: HashMap<(u64, u64), Result<Arc<ExeProbes>, String>>,
-    usdt: HashMap<u32, usdt::UsdtAttachment>,
-    rw_sources: HashMap<u32, ReadWriteSource>,
-    next_spec_id: u32,
-    debug_roots: crate::elf::DebugRoots,
-    /// Symbols per executable (device, inode); `Err` holds why not.
-    exe_symbols: HashMap<(u64, u64), Result<Arc<symbols::ExeSymbols>, String>>,
-    symbol_probes: HashMap<u32, SymbolProbes>,
-    /// Owner type per (process, region), resolved once (None: no owner or unreadable).
-    region_owners: HashMap<(u32, u64), Option<String>>,
-    /// Whether the KVM tracepoints are attached (Err: why not).
-    kvm_status: Result<(), String>,
-    /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
-    _stats: Option<OwnedFd>,
+/// What watching one VM gave.
+#[derive(Debug, Clone)]
+pub struct WatchedVm {
+    pub sources: VmSources,
+    /// What its devices and callbacks can be named from.
+    pub names: NameSources,
+    /// Why a source the policy picked could not be used, and the like.
+    pub notes: Vec<Note>,
 }
 
-/// The symbol-based probes of one process.
-#[derive(Debug)]
-struct SymbolProbes {
-    exe: Arc<symbols::ExeSymbols>,
-    bias: u64,
-    attachment: symbols::SymbolAttachment,
-    /// Why timer callbacks cannot be named (None: they can).
-    callbacks_unavailable: Option<String>,
+/// The probes as the session sees them.
+pub trait ProbeLayer {
+    /// Starts counting `vm`'s events from zero, attaching the sources the policy picks.
+    fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm>;
+    /// Stops counting process `pid` and drops its counters (read them first).
+    fn unwatch(&mut self, pid: u32) -> anyhow::Result<()>;
+    /// Per-refresh upkeep before reading (attach counters to newly seen timer callbacks).
+    fn refresh(&mut self) -> Vec<Note>;
+    /// Cumulative counters of every watched process.
+    fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>>;
+    /// The probes' own run count and run time so far.
+    fn cost(&self) -> ProbeCost;
+}
+
+/// Checks the privileges loading eBPF needs, with an error a person can act on.
+pub fn check_privileges() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "recording needs root: loading eBPF programs and attaching tracepoints needs \
+             CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (for tracefs). Run it with sudo."
+        );
+    }
+    Ok(())
 }
 
 /// Loads the tracepoint program `name` and attaches it to `category:name`.
@@ -271,194 +122,40 @@ fn forget_region_keys<V: aya::Pod>(ebpf: &mut Ebpf, map: &str, tgid: u32) {
     }
 }
 
-/// Checks the privileges loading eBPF needs, with an error a person can act on.
-pub fn check_privileges() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "recording needs root: loading eBPF programs and attaching tracepoints needs \
-             CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (for tracefs). Run it with sudo."
-        );
-    }
-    Ok(())
+/// The real probes: the eBPF object and every source family.
+pub struct EventProbes {
+    ebpf: Ebpf,
+    catalog: ExeCatalog,
+    watched: HashSet<u32>,
+    usdt: UsdtSource,
+    symbols: SymbolSource,
+    kvm: KvmSource,
+    /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
+    _stats: Option<OwnedFd>,
 }
 
 impl EventProbes {
-    /// Loads the programs and attaches the timer probes.
-    pub fn load() -> anyhow::Result<Self> {
-        Self::load_with(crate::elf::DebugRoots::system())
-    }
-
-    /// Loads the programs; debug files are searched under `debug_roots`.
-    pub fn load_with(debug_roots: crate::elf::DebugRoots) -> anyhow::Result<Self> {
+    /// Loads the programs and attaches the host-wide ones (timers, KVM); debug files are
+    /// searched under `debug_roots`.
+    pub fn load(debug_roots: crate::elf::DebugRoots) -> anyhow::Result<Self> {
         check_privileges()?;
         let tracefs = crate::tracefs::ensure_tracefs()?;
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
         timers::attach(&mut ebpf)?;
-        let program: &mut UProbe = ebpf
-            .program_mut(usdt::PROGRAM)
-            .context("eBPF program usdt_memory_region_ops missing")?
-            .try_into()?;
-        program
-            .load()
-            .context("loading the USDT read/write program")?;
-        for name in [
-            symbols::DISPATCH_PROGRAM,
-            symbols::TIMER_MOD_PROGRAM,
-            symbols::CALLBACK_PROGRAM,
-        ] {
-            let program: &mut UProbe = ebpf
-                .program_mut(name)
-                .with_context(|| format!("eBPF program {name} missing"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("loading eBPF program {name}"))?;
-        }
+        let usdt = UsdtSource::load(&mut ebpf)?;
+        let symbols = SymbolSource::load(&mut ebpf)?;
         // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
-        let kvm_status = kvm::attach(&mut ebpf, &tracefs).map_err(|e| format!("{e:#}"));
+        let kvm = KvmSource::attach(&mut ebpf, &tracefs);
         Ok(Self {
-            kvm_status,
-            debug_roots,
-            exe_symbols: HashMap::new(),
-            symbol_probes: HashMap::new(),
-            region_owners: HashMap::new(),
             ebpf,
+            catalog: ExeCatalog::new(debug_roots),
             watched: HashSet::new(),
-            exe_probes: HashMap::new(),
-            usdt: HashMap::new(),
-            rw_sources: HashMap::new(),
-            next_spec_id: 1,
+            usdt,
+            symbols,
+            kvm,
             _stats: stats,
         })
-    }
-
-    /// Parses (once per binary) what the process's QEMU executable offers.
-    fn exe_probes(&mut self, pid: u32) -> Result<(Arc<ExeProbes>, u64), String> {
-        let (dev, ino) = usdt::exe_inode(pid).map_err(|e| format!("{e:#}"))?;
-        let entry = self.exe_probes.entry((dev, ino)).or_insert_with(|| {
-            let bytes = std::fs::read(format!("/proc/{pid}/exe"))
-                .map_err(|e| format!("reading /proc/{pid}/exe: {e}"))?;
-            let sites = usdt::find_region_ops_sites(&bytes)
-                .map_err(|e| format!("reading its USDT notes: {e:#}"))?
-                .ok_or_else(|| NO_USDT_REASON.to_string())?;
-            let segments = crate::elf::load_segments(&bytes).map_err(|e| format!("{e:#}"))?;
-            let symbols = crate::elf::SymbolTable::from_elf_bytes(&bytes).ok();
-            Ok(Arc::new(ExeProbes {
-                sites,
-                segments,
-                symbols,
-            }))
-        });
-        entry.clone().map(|p| (p, ino))
-    }
-
-    fn attach_usdt(&mut self, pid: u32) -> ReadWriteSource {
-        let (exe, inode) = match self.exe_probes(pid) {
-            Ok(found) => found,
-            Err(why) => return ReadWriteSource::Unavailable(why),
-        };
-        match self.try_attach_usdt(pid, &exe, inode) {
-            Ok(attachment) => {
-                self.usdt.insert(pid, attachment);
-                ReadWriteSource::Usdt
-            }
-            Err(e) => ReadWriteSource::Unavailable(format!("attaching the USDT probes: {e:#}")),
-        }
-    }
-
-    fn try_attach_usdt(
-        &mut self,
-        pid: u32,
-        exe: &ExeProbes,
-        inode: u64,
-    ) -> anyhow::Result<usdt::UsdtAttachment> {
-        let bias = usdt::load_bias(pid, inode, |off| {
-            exe.segments.iter().find_map(|s| s.vaddr_of(off))
-        })?;
-        // One spec per site, in the kernel map under a fresh cookie.
-        let mut sites = Vec::new();
-        for (list, k) in [
-            (&exe.sites.read, kind::READ),
-            (&exe.sites.write, kind::WRITE),
-        ] {
-            for site in list {
-                let rip = |symbol: &str, offset: i64| -> anyhow::Result<u64> {
-                    let symbols = exe
-                        .symbols
-                        .as_ref()
-                        .context("a RIP-relative operand needs the binary's symbols")?;
-                    let vaddr =
-                        crate::elf::resolve_rip_relative(symbols, symbol, offset, Some(site.pc))?;
-                    Ok(vaddr.wrapping_add(bias))
-                };
-                let spec = usdt::site_spec(site, k, &rip)?;
-                let cookie = self.next_spec_id;
-                self.next_spec_id += 1;
-                let mut map = BpfHashMap::<&mut MapData, u32, UsdtSpec>::try_from(
-                    self.ebpf
-                        .map_mut("USDT_SPECS")
-                        .context("map USDT_SPECS missing")?,
-                )?;
-                map.insert(cookie, spec, 0)?;
-                sites.push((site.pc_file_offset, cookie));
-            }
-        }
-        let semaphores: Vec<u64> = exe
-            .sites
-            .read
-            .iter()
-            .chain(&exe.sites.write)
-            .filter_map(|s| s.semaphore)
-            .map(|sem| bias.wrapping_add(sem))
-            .collect();
-        let result = self
-            .uprobe(usdt::PROGRAM)
-            .and_then(|program| usdt::attach(program, pid, &sites, &semaphores));
-        if result.is_err() {
-            let cookies: Vec<u32> = sites.iter().map(|&(_, c)| c).collect();
-            self.forget_specs(&cookies);
-        }
-        result
-    }
-
-    fn forget_specs(&mut self, ids: &[u32]) {
-        if let Some(Ok(mut map)) = self
-            .ebpf
-            .map_mut("USDT_SPECS")
-            .map(BpfHashMap::<&mut MapData, u32, UsdtSpec>::try_from)
-        {
-            for id in ids {
-                let _ = map.remove(id);
-            }
-        }
-    }
-
-    fn detach_usdt(&mut self, pid: u32) {
-        let Some(attachment) = self.usdt.remove(&pid) else {
-            return;
-        };
-        let (links, spec_ids) = attachment.release();
-        if let Some(Ok(program)) = self
-            .ebpf
-            .program_mut(usdt::PROGRAM)
-            .map(<&mut UProbe>::try_from)
-        {
-            for link in links {
-                let _ = program.detach(link);
-            }
-        }
-        self.forget_specs(&spec_ids);
-        forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
-    }
-
-    /// Which source serves `tgid`'s read/write counts (after [`Self::watch`]).
-    pub fn read_write_source(&self, tgid: u32) -> ReadWriteSource {
-        self.rw_sources
-            .get(&tgid)
-            .cloned()
-            .unwrap_or_else(|| ReadWriteSource::Unavailable("not watched".into()))
     }
 
     fn watched_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, u32, u32>> {
@@ -477,204 +174,6 @@ impl EventProbes {
         )?)
     }
 
-    /// Starts counting events of process `tgid` (running under `accel`), from zero.
-    pub fn watch(&mut self, tgid: u32, accel: crate::cmdline::Accel) -> anyhow::Result<()> {
-        if self.watched.contains(&tgid) {
-            return Ok(());
-        }
-        self.forget_counters(tgid)?;
-        self.watched_map()?.insert(tgid, 1, 0)?;
-        self.watched.insert(tgid);
-        let mut source = self.attach_usdt(tgid);
-        if let ReadWriteSource::Unavailable(why) = &source
-            && why != NO_USDT_REASON
-        {
-            // The binary has the probes but they could not be used: say why, once.
-            eprintln!("profiler: pid {tgid}: USDT probes not used: {why}");
-        }
-        let symbol_source = self.attach_symbols(tgid, !source.is_available());
-        if !source.is_available() {
-            source = match symbol_source {
-                Ok(()) => ReadWriteSource::Symbols,
-                Err(symbols_why) => match source {
-                    ReadWriteSource::Unavailable(usdt_why) if usdt_why == NO_USDT_REASON => {
-                        ReadWriteSource::Unavailable(symbols_why)
-                    }
-                    other => other,
-                },
-            };
-        }
-        // KVM guests without USDT or symbols: the kernel's view of the exits to QEMU.
-        if !source.is_available() && accel == crate::cmdline::Accel::Kvm {
-            source = match &self.kvm_status {
-                Ok(()) => ReadWriteSource::KvmTracepoints,
-                Err(why) => match source {
-                    ReadWriteSource::Unavailable(prev) => {
-                        ReadWriteSource::Unavailable(format!("{prev}; KVM tracepoints: {why}"))
-                    }
-                    other => other,
-                },
-            };
-        }
-        self.rw_sources.insert(tgid, source);
-        Ok(())
-    }
-
-    fn symbols_of(&mut self, pid: u32) -> Result<Arc<symbols::ExeSymbols>, String> {
-        let (dev, ino) = usdt::exe_inode(pid).map_err(|e| format!("{e:#}"))?;
-        let roots = &self.debug_roots;
-        self.exe_symbols
-            .entry((dev, ino))
-            .or_insert_with(|| {
-                // The real path lets the .gnu_debuglink search look next to the binary; a
-                // deleted or unreachable binary is still readable through /proc/PID/exe.
-                let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-                let path = link
-                    .filter(|p| p.exists())
-                    .unwrap_or_else(|| format!("/proc/{pid}/exe").into());
-                symbols::analyze(&path, roots)
-                    .map(Arc::new)
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .clone()
-    }
-
-    /// Attaches the symbol-based probes: timer_mod discovery always (callback names), the
-    /// dispatch read/write fallback when `want_dispatch`. Err: why dispatch is unavailable.
-    fn attach_symbols(&mut self, pid: u32, want_dispatch: bool) -> Result<(), String> {
-        let exe = self.symbols_of(pid)?;
-        let inode = usdt::exe_inode(pid).map_err(|e| format!("{e:#}"))?.1;
-        let segments = exe.symbols.segments().to_vec();
-        let bias = usdt::load_bias(pid, inode, |off| {
-            segments.iter().find_map(|s| s.vaddr_of(off))
-        })
-        .map_err(|e| format!("{e:#}"))?;
-        let mut probes = SymbolProbes {
-            exe: exe.clone(),
-            bias,
-            attachment: symbols::SymbolAttachment::default(),
-            callbacks_unavailable: None,
-        };
-        match exe.callbacks_unavailable() {
-            None => {
-                let program = self.uprobe(symbols::TIMER_MOD_PROGRAM);
-                match program.and_then(|p| symbols::attach_timer_mod(p, pid, &exe)) {
-                    Ok(links) => probes
-                        .attachment
-                        .links
-                        .extend(links.into_iter().map(|l| (symbols::TIMER_MOD_PROGRAM, l))),
-                    Err(e) => probes.callbacks_unavailable = Some(format!("{e:#}")),
-                }
-            }
-            Some(why) => probes.callbacks_unavailable = Some(why),
-        }
-        let mut result = Ok(());
-        if want_dispatch {
-            result = match exe.dispatch_unavailable() {
-                Some(why) => Err(why),
-                None => {
-                    let program = self.uprobe(symbols::DISPATCH_PROGRAM);
-                    match program.and_then(|p| symbols::attach_dispatch(p, pid, &exe)) {
-                        Ok(links) => {
-                            probes.attachment.dispatch_attached = true;
-                            probes
-                                .attachment
-                                .links
-                                .extend(links.into_iter().map(|l| (symbols::DISPATCH_PROGRAM, l)));
-                            Ok(())
-                        }
-                        Err(e) => Err(format!("attaching memory_region_dispatch probes: {e:#}")),
-                    }
-                }
-            };
-        }
-        self.symbol_probes.insert(pid, probes);
-        result
-    }
-
-    fn uprobe(&mut self, name: &str) -> anyhow::Result<&mut UProbe> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("eBPF program {name} missing"))?
-            .try_into()?)
-    }
-
-    /// Attaches a run counter to every timer callback QEMU armed since the last refresh.
-    pub fn refresh_callbacks(&mut self) {
-        let Some(Ok(seen)) = self
-            .ebpf
-            .map("SEEN_CALLBACKS")
-            .map(BpfHashMap::<&MapData, RegionKey, u64>::try_from)
-        else {
-            return;
-        };
-        let found: Vec<(u32, u64)> = seen
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| (k.tgid, k.region))
-            .collect();
-        for (pid, address) in found {
-            let Some(probes) = self.symbol_probes.get(&pid) else {
-                continue;
-            };
-            let vaddr = address.wrapping_sub(probes.bias);
-            if probes.attachment.callbacks.contains(&vaddr) {
-                continue;
-            }
-            let exe = probes.exe.clone();
-            let link = self
-                .uprobe(symbols::CALLBACK_PROGRAM)
-                .and_then(|p| symbols::attach_callback(p, pid, &exe, vaddr));
-            let probes = self.symbol_probes.get_mut(&pid).expect("checked above");
-            // Remember failures too (e.g. a callback in a shared library), so they are not
-            // retried every second.
-            probes.attachment.callbacks.insert(vaddr);
-            if let Ok(link) = link {
-                probes
-                    .attachment
-                    .links
-                    .push((symbols::CALLBACK_PROGRAM, link));
-            }
-        }
-    }
-
-    /// Why `tgid`'s timers cannot be split by callback; None when they are.
-    pub fn callbacks_unavailable(&self, tgid: u32) -> Option<String> {
-        match self.symbol_probes.get(&tgid) {
-            Some(p) => p.callbacks_unavailable.clone(),
-            None => Some("no QEMU symbols could be read".into()),
-        }
-    }
-
-    fn detach_symbols(&mut self, pid: u32) {
-        let Some(probes) = self.symbol_probes.remove(&pid) else {
-            return;
-        };
-        for (program, link) in probes.attachment.links {
-            if let Ok(p) = self.uprobe(program) {
-                let _ = p.detach(link);
-            }
-        }
-        forget_region_keys::<u64>(&mut self.ebpf, "SEEN_CALLBACKS", pid);
-    }
-
-    /// Stops counting process `tgid` and drops its counters. Read them first.
-    pub fn unwatch(&mut self, tgid: u32) -> anyhow::Result<()> {
-        if self.watched.remove(&tgid) {
-            // Already gone is fine: the process may have been removed concurrently.
-            let _ = self.watched_map()?.remove(&tgid);
-        }
-        self.detach_usdt(tgid);
-        self.detach_symbols(tgid);
-        self.region_owners.retain(|(pid, _), _| *pid != tgid);
-        if self.kvm_status.is_ok() {
-            let _ = kvm::forget_process(&mut self.ebpf, tgid);
-        }
-        self.rw_sources.remove(&tgid);
-        self.forget_counters(tgid)
-    }
-
     fn forget_counters(&mut self, tgid: u32) -> anyhow::Result<()> {
         let mut map = self.counters_map()?;
         let stale: Vec<CounterKey> = map
@@ -688,10 +187,111 @@ impl EventProbes {
         Ok(())
     }
 
-    /// Cumulative counters of every watched process.
-    pub fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, ProcessCounters>> {
+    /// Attaches one read/write source to `pid` (all or nothing).
+    fn attach_read_write(
+        &mut self,
+        source: ReadWriteSource,
+        pid: u32,
+        exe: Option<&ExeAnalysis>,
+    ) -> Result<(), String> {
+        let result = match source {
+            ReadWriteSource::Usdt => match exe.map(|e| &e.usdt) {
+                Some(Ok(Some(usdt))) => self.usdt.attach(&mut self.ebpf, pid, usdt),
+                _ => Err(anyhow::anyhow!("no USDT probes")),
+            },
+            ReadWriteSource::Symbols => match exe.map(|e| &e.symbols) {
+                Some(Ok(symbols)) => self.symbols.attach_dispatch(&mut self.ebpf, pid, symbols),
+                _ => Err(anyhow::anyhow!("no symbols")),
+            },
+            // Attached host-wide at load; the plan only offers it when that worked.
+            ReadWriteSource::KvmTracepoints => Ok(()),
+        };
+        result.map_err(|e| format!("{e:#}"))
+    }
+
+    /// Detaches every per-process probe and lowers the USDT semaphores (also done on drop).
+    pub fn detach_all(&mut self) {
+        self.usdt.detach_all(&mut self.ebpf);
+        self.symbols.detach_all(&mut self.ebpf);
+    }
+}
+
+impl ProbeLayer for EventProbes {
+    fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
+        let pid = vm.key.pid;
+        let name = &vm.identity.name;
+        self.forget_counters(pid)?;
+        self.watched_map()?.insert(pid, 1, 0)?;
+        self.watched.insert(pid);
+
+        let (offer, exe) = self.catalog.offer(pid);
+        let plan = policy::plan(&offer, vm.identity.accel, self.kvm.status());
+        let mut attempts = Vec::new();
+        for &source in &plan.read_write {
+            let result = self.attach_read_write(source, pid, exe.as_deref());
+            let attached = result.is_ok();
+            attempts.push((source, result));
+            if attached {
+                break;
+            }
+        }
+        let read_write = policy::settle(&plan, &attempts);
+        let mut notes: Vec<Note> = attempts
+            .iter()
+            .filter_map(|(source, r)| r.as_ref().err().map(|why| (source, why)))
+            .map(|(source, why)| {
+                Note::vm(name, format!("{} source not used: {why}", source.label()))
+            })
+            .collect();
+        let symbols = exe.as_ref().and_then(|e| e.symbols.as_ref().ok());
+        let callbacks = match (&plan.callbacks, symbols) {
+            (Ok(()), Some(symbols)) => self
+                .symbols
+                .attach_timers(&mut self.ebpf, pid, symbols)
+                .map_err(|e| policy::CallbacksUnavailable::AttachFailed(format!("{e:#}"))),
+            (Err(why), _) => Err(why.clone()),
+            (Ok(()), None) => Err(policy::CallbacksUnavailable::SymbolsUnreadable(
+                "no symbols".into(),
+            )),
+        };
+        if let Err(why @ policy::CallbacksUnavailable::AttachFailed(_)) = &callbacks {
+            notes.push(Note::vm(name, why.to_string()));
+        }
+        let names = NameSources::from_symbols(
+            symbols,
+            callbacks.is_ok(),
+            read_write == Ok(ReadWriteSource::KvmTracepoints),
+        );
+        Ok(WatchedVm {
+            sources: VmSources {
+                read_write,
+                callbacks,
+            },
+            names,
+            notes,
+        })
+    }
+
+    fn unwatch(&mut self, pid: u32) -> anyhow::Result<()> {
+        if self.watched.remove(&pid) {
+            // Already gone is fine: the process may have been removed concurrently.
+            let _ = self.watched_map()?.remove(&pid);
+        }
+        self.usdt.detach(&mut self.ebpf, pid);
+        self.symbols.detach(&mut self.ebpf, pid);
+        forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
+        self.kvm.forget(&mut self.ebpf, pid);
+        self.forget_counters(pid)
+    }
+
+    fn refresh(&mut self) -> Vec<Note> {
+        self.symbols.refresh_callbacks(&mut self.ebpf);
+        Vec::new()
+    }
+
+    fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
         let map = self.counters_map()?;
-        let mut out: HashMap<u32, ProcessCounters> = HashMap::new();
+        let mut out: HashMap<u32, RawCounters> = HashMap::new();
         for entry in map.iter() {
             // A key deleted between iteration steps is skipped, not fatal.
             let Ok((key, per_cpu)) = entry else { continue };
@@ -709,71 +309,14 @@ impl EventProbes {
         {
             for (key, name) in names.iter().filter_map(Result::ok) {
                 if let Some(c) = out.get_mut(&key.tgid) {
-                    if name.name[0] == UNNAMED_REGION_MARK
-                        && self
-                            .symbol_probes
-                            .get(&key.tgid)
-                            .is_some_and(|p| p.attachment.dispatch_attached)
-                    {
-                        c.unnamed_regions.insert(key.region);
-                        continue;
-                    }
-                    let len = name
-                        .name
-                        .iter()
-                        .position(|&b| b == 0)
-                        .unwrap_or(name.name.len());
-                    c.region_names.insert(
-                        key.region,
-                        String::from_utf8_lossy(&name.name[..len]).into_owned(),
-                    );
-                }
-            }
-        }
-        for (pid, c) in out.iter_mut() {
-            let Some(probes) = self.symbol_probes.get(pid) else {
-                continue;
-            };
-            if let Some(layout) = &probes.exe.owner_layout {
-                let regions: Vec<u64> = c.region_names.keys().copied().collect();
-                let mut mem = None;
-                for region in regions {
-                    let owner = self.region_owners.entry((*pid, region)).or_insert_with(|| {
-                        let mem = mem.get_or_insert_with(|| {
-                            std::fs::File::open(format!("/proc/{pid}/mem")).ok()
-                        });
-                        mem.as_ref()
-                            .and_then(|m| symbols::region_owner(m, region, layout))
-                    });
-                    if let Some(owner) = owner {
-                        c.region_owners.insert(region, owner.clone());
-                    }
-                }
-            }
-            for &(k, id) in c.by_key.keys() {
-                if k == kind::TIMER_CALLBACK {
-                    c.callback_names
-                        .insert(id, symbols::callback_name(&probes.exe, id));
+                    c.regions.insert(key.region, region_label(&name));
                 }
             }
         }
         Ok(out)
     }
 
-    /// Detaches every USDT probe and lowers its semaphores (also done on drop).
-    pub fn detach_all(&mut self) {
-        let pids: Vec<u32> = self.usdt.keys().copied().collect();
-        for pid in pids {
-            self.detach_usdt(pid);
-        }
-        let pids: Vec<u32> = self.symbol_probes.keys().copied().collect();
-        for pid in pids {
-            self.detach_symbols(pid);
-        }
-    }
-
-    /// Run count and run time of all our programs so far.
-    pub fn cost(&self) -> ProbeCost {
+    fn cost(&self) -> ProbeCost {
         let mut cost = ProbeCost::default();
         for (_, program) in self.ebpf.programs() {
             if let Ok(info) = program.info() {
@@ -785,8 +328,240 @@ impl EventProbes {
     }
 }
 
+fn region_label(name: &RegionName) -> RegionLabel {
+    if name.name[0] == UNNAMED_REGION_MARK {
+        return RegionLabel::Unnamed;
+    }
+    let len = name
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(name.name.len());
+    RegionLabel::Named(String::from_utf8_lossy(&name.name[..len]).into_owned())
+}
+
 impl Drop for EventProbes {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+/// What `profiler list` shows for a VM: the plan, without attaching anything.
+#[derive(Debug, Clone)]
+pub struct OfferedSources {
+    pub sources: VmSources,
+    /// Where the symbols come from, or why there are none.
+    pub symbols: String,
+}
+
+/// The plan for `vm` from what its binary offers (read through `catalog`) and whether the KVM
+/// tracepoints can be used (`kvm`, see [`kvm::offered`]): what `record` will attach.
+pub fn offered_sources(
+    catalog: &mut ExeCatalog,
+    vm: &QemuProcess,
+    kvm: &Result<(), String>,
+) -> OfferedSources {
+    let (offer, exe) = catalog.offer(vm.key.pid);
+    let plan = policy::plan(&offer, vm.identity.accel, kvm);
+    OfferedSources {
+        sources: plan.expected(),
+        symbols: match (&exe, &offer) {
+            (Some(exe), _) => exe.describe_symbols(),
+            (None, policy::BinaryOffer::Unreadable(why)) => why.clone(),
+            (None, _) => String::new(),
+        },
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Root tests on the real kernel: an attach that fails part-way leaves nothing behind.
+
+    use std::{
+        process::{Child, Command},
+        sync::Arc,
+    };
+
+    use object::{Object as _, ObjectSegment as _};
+    use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind};
+
+    use super::{
+        symbols::{DISPATCH_PROGRAM, SymbolSource},
+        uprobes::UprobePoint,
+        usdt::{SPECS_MAP, SiteToAttach, UsdtSource},
+        *,
+    };
+
+    /// A process to attach to: `sleep`, killed on drop.
+    struct Sleeper(Child);
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// (`sleep`, the file offset of its entry point: a valid uprobe site).
+    fn sleeper() -> (Sleeper, u64) {
+        let child = Command::new("sleep").arg("60").spawn().expect("sleep runs");
+        let pid = child.id();
+        // exec has happened once /proc/PID/exe points at sleep.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|p| p.to_string_lossy().ends_with("sleep"))
+        {
+            assert!(std::time::Instant::now() < deadline, "sleep never started");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let bytes = std::fs::read(format!("/proc/{pid}/exe")).unwrap();
+        let elf = object::File::parse(&*bytes).unwrap();
+        let entry = elf.entry();
+        let offset = elf
+            .segments()
+            .find_map(|s| {
+                let (start, size) = (s.address(), s.size());
+                let (file_off, _) = s.file_range();
+                (start..start + size)
+                    .contains(&entry)
+                    .then(|| file_off + (entry - start))
+            })
+            .expect("entry point in a segment");
+        (Sleeper(child), offset)
+    }
+
+    /// Our perf events and BPF links: each attached uprobe holds one of each.
+    fn probe_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|t| {
+                let t = t.to_string_lossy();
+                t == "anon_inode:[perf_event]" || t == "anon_inode:bpf_link"
+            })
+            .count()
+    }
+
+    fn spec_entries(ebpf: &mut Ebpf) -> usize {
+        let map: BpfHashMap<&MapData, u32, UsdtSpec> =
+            BpfHashMap::try_from(ebpf.map(SPECS_MAP).unwrap()).unwrap();
+        map.keys().count()
+    }
+
+    fn spec() -> UsdtSpec {
+        UsdtSpec {
+            args: [UsdtArgSpec::default(); USDT_MAX_ARGS],
+            arg_count: 6,
+            kind: kind::READ,
+            region_arg: 1,
+            name_arg: 5,
+        }
+    }
+
+    /// Root tests that attach probes run one at a time: these tests count the process's
+    /// perf-event descriptors, which any other attaching test would change under them.
+    pub(crate) static ATTACHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    pub(crate) fn attaching() -> std::sync::MutexGuard<'static, ()> {
+        ATTACHING.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn root_ebpf(test: &str) -> Option<Ebpf> {
+        xtask::prereq::Prereq::new(test).root()?;
+        crate::tracefs::ensure_tracefs().expect("tracefs");
+        Some(Ebpf::load(EBPF_OBJECT).expect("loading the eBPF object"))
+    }
+
+    #[test]
+    fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
+        let _one_at_a_time = attaching();
+        let Some(mut ebpf) = root_ebpf("root_a_usdt_attach_that_fails_part_way_leaves_nothing")
+        else {
+            return;
+        };
+        let mut usdt = UsdtSource::load(&mut ebpf).unwrap();
+        let (sleeper, entry) = sleeper();
+        let pid = sleeper.0.id();
+        let before = probe_fds();
+
+        // The first site attaches; the second is past the end of the file.
+        let sites = [
+            SiteToAttach {
+                file_offset: entry,
+                spec: spec(),
+            },
+            SiteToAttach {
+                file_offset: 1 << 40,
+                spec: spec(),
+            },
+        ];
+        let err = usdt.attach_sites(&mut ebpf, pid, &sites, &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("file offset 0x10000000000"),
+            "{err:#}"
+        );
+        assert_eq!(probe_fds(), before, "a uprobe was left attached");
+        assert_eq!(spec_entries(&mut ebpf), 0, "a spec was left in {SPECS_MAP}");
+        assert!(!usdt.is_attached(pid));
+
+        // Every uprobe attaches, then raising a semaphore fails (an unmapped address).
+        let err = usdt
+            .attach_sites(&mut ebpf, pid, &sites[..1], &[0x10])
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("semaphore"), "{err:#}");
+        assert_eq!(probe_fds(), before);
+        assert_eq!(spec_entries(&mut ebpf), 0);
+
+        // And a good attach holds one uprobe and one spec, until detached.
+        usdt.attach_sites(&mut ebpf, pid, &sites[..1], &[]).unwrap();
+        assert!(probe_fds() > before);
+        assert_eq!(spec_entries(&mut ebpf), 1);
+        usdt.detach(&mut ebpf, pid);
+        assert_eq!(probe_fds(), before);
+        assert_eq!(spec_entries(&mut ebpf), 0);
+    }
+
+    #[test]
+    fn root_a_symbols_attach_that_fails_part_way_leaves_nothing() {
+        let _one_at_a_time = attaching();
+        let Some(mut ebpf) = root_ebpf("root_a_symbols_attach_that_fails_part_way_leaves_nothing")
+        else {
+            return;
+        };
+        let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
+        let (sleeper, entry) = sleeper();
+        let pid = sleeper.0.id();
+        let exe = Arc::new(
+            symbols::analyze(
+                &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+                &crate::elf::DebugRoots::system(),
+            )
+            .unwrap(),
+        );
+        let before = probe_fds();
+        let points = [
+            UprobePoint {
+                file_offset: entry,
+                cookie: 1,
+            },
+            UprobePoint {
+                file_offset: 1 << 40,
+                cookie: 2,
+            },
+        ];
+        assert!(
+            symbols
+                .attach_dispatch_at(&mut ebpf, pid, &exe, &points)
+                .is_err()
+        );
+        assert_eq!(probe_fds(), before, "a {DISPATCH_PROGRAM} uprobe was left");
+        assert!(!symbols.dispatch_attached(pid));
+        symbols
+            .attach_dispatch_at(&mut ebpf, pid, &exe, &points[..1])
+            .unwrap();
+        assert!(symbols.dispatch_attached(pid));
+        symbols.detach(&mut ebpf, pid);
+        assert_eq!(probe_fds(), before);
     }
 }

@@ -8,22 +8,26 @@
 //! which is the fallback.
 
 use std::{
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use anyhow::Context as _;
-use aya::programs::{
-    UProbe,
-    uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
 };
-use profiler_common::kind;
+use profiler_common::{RegionKey, kind};
 
-use crate::elf::{DebugRoots, SymbolSource, SymbolTable, load_symbols_with};
+use super::uprobes::{self, UprobeLinks, UprobePoint};
+use crate::elf::{DebugRoots, SymbolSource as SymbolOrigin, SymbolTable, load_symbols_with};
 
 pub const DISPATCH_PROGRAM: &str = "region_dispatch";
 pub const TIMER_MOD_PROGRAM: &str = "timer_mod";
 pub const CALLBACK_PROGRAM: &str = "timer_callback";
+/// (process, callback address) of every callback `timer_mod` saw armed.
+pub const SEEN_CALLBACKS_MAP: &str = "SEEN_CALLBACKS";
 
 const DISPATCH_READ: &str = "memory_region_dispatch_read";
 const DISPATCH_WRITE: &str = "memory_region_dispatch_write";
@@ -59,47 +63,18 @@ pub struct OwnerLayout {
 impl ExeSymbols {
     /// Whether the table has real (not just exported) symbols.
     pub fn has_full_symbols(&self) -> bool {
-        !matches!(self.symbols.source(), SymbolSource::DynsymOnly { .. })
+        !matches!(self.symbols.source(), SymbolOrigin::DynsymOnly { .. })
     }
 
     /// Where the symbols came from, for `sources`.
     pub fn describe(&self) -> String {
         match self.symbols.source() {
-            SymbolSource::Symtab => "symbols".into(),
-            SymbolSource::DebugFile(p) => format!("symbols ({})", p.display()),
-            SymbolSource::DynsymOnly { reason } => format!("no symbols: {reason}"),
+            SymbolOrigin::Symtab => "symbols".into(),
+            SymbolOrigin::DebugFile(p) => format!("symbols ({})", p.display()),
+            SymbolOrigin::DynsymOnly { reason } => format!("no symbols: {reason}"),
         }
-    }
-
-    /// Why read/write cannot come from symbols, if it cannot.
-    pub fn dispatch_unavailable(&self) -> Option<String> {
-        if !self.has_full_symbols() {
-            return Some(format!("stripped QEMU without USDT probes: {STRIPPED_FIX}"));
-        }
-        if self.dispatch.is_none() {
-            return Some(format!(
-                "{DISPATCH_READ}/{DISPATCH_WRITE} not found in the symbols"
-            ));
-        }
-        None
-    }
-
-    /// Why timers cannot be split by callback, if they cannot.
-    pub fn callbacks_unavailable(&self) -> Option<String> {
-        if !self.has_full_symbols() {
-            return Some(format!("stripped QEMU: {STRIPPED_FIX}"));
-        }
-        if self.timer_mod.is_empty() {
-            return Some("timer_mod_ns not found in the symbols".into());
-        }
-        None
     }
 }
-
-/// What fixes a stripped QEMU; where the debug file was looked for goes to `profiler list`.
-pub const STRIPPED_FIX: &str = "no debug file found; install its debug symbols (Debian: \
-     qemu-system-x86-dbgsym, Fedora: qemu-debuginfo) or use a QEMU built with \
-     --enable-trace-backends=dtrace";
 
 fn function_file_offset(symbols: &SymbolTable, name: &str) -> Option<u64> {
     let sym = symbols.lookup(name)?;
@@ -109,7 +84,7 @@ fn function_file_offset(symbols: &SymbolTable, name: &str) -> Option<u64> {
 /// The bytes DWARF comes from: the debug file if symbols came from one, else the binary.
 fn dwarf_source(exe: &Path, symbols: &SymbolTable) -> PathBuf {
     match symbols.source() {
-        SymbolSource::DebugFile(p) => p.clone(),
+        SymbolOrigin::DebugFile(p) => p.clone(),
         _ => exe.to_path_buf(),
     }
 }
@@ -148,85 +123,221 @@ pub fn analyze(exe: &Path, roots: &DebugRoots) -> anyhow::Result<ExeSymbols> {
     })
 }
 
-/// The symbol-based probes attached to one process.
-#[derive(Debug, Default)]
-pub struct SymbolAttachment {
-    /// (program, link) pairs to detach.
-    pub links: Vec<(&'static str, UProbeLinkId)>,
-    /// Callback link-time addresses already probed.
-    pub callbacks: std::collections::BTreeSet<u64>,
-    pub dispatch_attached: bool,
-    pub exe: Option<Arc<ExeSymbols>>,
+/// The symbol-based probes of one process.
+#[derive(Debug)]
+struct SymbolProcess {
+    exe: Arc<ExeSymbols>,
+    /// Load bias of the executable in the process (runtime = link-time + bias).
+    bias: u64,
+    /// memory_region_dispatch_read/_write (the read/write fallback).
+    dispatch: Option<UprobeLinks>,
+    /// timer_mod_ns & co (callback discovery).
+    timer_mod: Option<UprobeLinks>,
+    /// One counter per callback discovered so far.
+    callbacks: UprobeLinks,
+    /// Callback link-time addresses tried already (attached or not).
+    callbacks_tried: BTreeSet<u64>,
 }
 
-fn scope(pid: u32) -> anyhow::Result<UProbeScope> {
-    Ok(UProbeScope::OneProcess(
-        std::num::NonZeroU32::new(pid).context("pid 0 cannot be probed")?,
-    ))
-}
-
-fn attach_at(
-    program: &mut UProbe,
-    pid: u32,
-    file_offset: u64,
-    cookie: u64,
-) -> anyhow::Result<UProbeLinkId> {
-    program
-        .attach(
-            UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(file_offset),
-                cookie: Some(cookie),
-            },
-            Path::new(&format!("/proc/{pid}/exe")),
-            scope(pid)?,
-        )
-        .with_context(|| format!("attaching a uprobe at file offset {file_offset:#x}"))
-}
-
-/// Attaches memory_region_dispatch_read/_write for `pid`.
-pub fn attach_dispatch(
-    program: &mut UProbe,
-    pid: u32,
-    exe: &ExeSymbols,
-) -> anyhow::Result<Vec<UProbeLinkId>> {
-    let (read, write) = exe.dispatch.context("no dispatch functions")?;
-    let name_off = exe.region_name_offset.unwrap_or(0);
-    let mut links = Vec::new();
-    for (offset, k) in [(read, kind::READ), (write, kind::WRITE)] {
-        links.push(attach_at(
-            program,
-            pid,
-            offset,
-            ((k as u64) << 32) | name_off,
-        )?);
+impl SymbolProcess {
+    fn release(self, ebpf: &mut Ebpf) {
+        for links in [self.dispatch, self.timer_mod].into_iter().flatten() {
+            links.detach(ebpf);
+        }
+        self.callbacks.detach(ebpf);
     }
-    Ok(links)
+
+    fn is_empty(&self) -> bool {
+        self.dispatch.is_none() && self.timer_mod.is_none() && self.callbacks.is_empty()
+    }
 }
 
-/// Attaches the timer_mod discovery probes for `pid`.
-pub fn attach_timer_mod(
-    program: &mut UProbe,
-    pid: u32,
-    exe: &ExeSymbols,
-) -> anyhow::Result<Vec<UProbeLinkId>> {
-    exe.timer_mod
-        .iter()
-        .map(|&offset| attach_at(program, pid, offset, exe.timer_cb_offset))
-        .collect()
+/// The symbol-based sources: read/write through `memory_region_dispatch_*`, and timer
+/// callbacks by name (`timer_mod_ns` discovery, then a run counter per callback).
+#[derive(Debug, Default)]
+pub struct SymbolSource {
+    processes: HashMap<u32, SymbolProcess>,
 }
 
-/// Attaches the callback counter at the function whose link-time address is `vaddr`.
-pub fn attach_callback(
-    program: &mut UProbe,
-    pid: u32,
-    exe: &ExeSymbols,
-    vaddr: u64,
-) -> anyhow::Result<UProbeLinkId> {
-    let offset = exe
-        .symbols
-        .vaddr_to_file_offset(vaddr)
-        .with_context(|| format!("callback address {vaddr:#x} is not in the binary"))?;
-    attach_at(program, pid, offset, vaddr)
+impl SymbolSource {
+    /// Loads the three programs (attached per process later).
+    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        for name in [DISPATCH_PROGRAM, TIMER_MOD_PROGRAM, CALLBACK_PROGRAM] {
+            uprobes::load(ebpf, name)?;
+        }
+        Ok(Self::default())
+    }
+
+    fn process(&mut self, pid: u32, exe: &Arc<ExeSymbols>) -> anyhow::Result<&mut SymbolProcess> {
+        match self.processes.entry(pid) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let inode = super::exe::exe_identity(pid)?.1;
+                let segments = exe.symbols.segments();
+                let bias = super::usdt::load_bias(pid, inode, |off| {
+                    segments.iter().find_map(|s| s.vaddr_of(off))
+                })?;
+                Ok(e.insert(SymbolProcess {
+                    exe: exe.clone(),
+                    bias,
+                    dispatch: None,
+                    timer_mod: None,
+                    callbacks: UprobeLinks::empty(CALLBACK_PROGRAM),
+                    callbacks_tried: BTreeSet::new(),
+                }))
+            }
+        }
+    }
+
+    /// Drops the entry of a process that has nothing attached (after a failed attach).
+    fn tidy(&mut self, pid: u32) {
+        if self
+            .processes
+            .get(&pid)
+            .is_some_and(SymbolProcess::is_empty)
+        {
+            self.processes.remove(&pid);
+        }
+    }
+
+    /// Attaches memory_region_dispatch_read/_write to `pid`: both or neither.
+    pub fn attach_dispatch(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+    ) -> anyhow::Result<()> {
+        let (read, write) = exe
+            .dispatch
+            .context("no memory_region_dispatch functions")?;
+        let name_off = exe.region_name_offset.unwrap_or(0);
+        let points = [(read, kind::READ), (write, kind::WRITE)].map(|(offset, k)| UprobePoint {
+            file_offset: offset,
+            cookie: ((k as u64) << 32) | name_off,
+        });
+        self.attach_dispatch_at(ebpf, pid, exe, &points)
+    }
+
+    /// [`Self::attach_dispatch`] at explicit points (tests inject a failing one).
+    pub fn attach_dispatch_at(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+        points: &[UprobePoint],
+    ) -> anyhow::Result<()> {
+        let result = self
+            .process(pid, exe)
+            .map(|_| ())
+            .and_then(|()| UprobeLinks::attach(ebpf, DISPATCH_PROGRAM, pid, points));
+        match result {
+            Ok(links) => {
+                let process = self.processes.get_mut(&pid).expect("made above");
+                if let Some(old) = process.dispatch.replace(links) {
+                    old.detach(ebpf);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.tidy(pid);
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches the timer_mod discovery probes to `pid` (all of them or none).
+    pub fn attach_timers(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+    ) -> anyhow::Result<()> {
+        let points: Vec<UprobePoint> = exe
+            .timer_mod
+            .iter()
+            .map(|&offset| UprobePoint {
+                file_offset: offset,
+                cookie: exe.timer_cb_offset,
+            })
+            .collect();
+        let result = self
+            .process(pid, exe)
+            .map(|_| ())
+            .and_then(|()| UprobeLinks::attach(ebpf, TIMER_MOD_PROGRAM, pid, &points));
+        match result {
+            Ok(links) => {
+                let process = self.processes.get_mut(&pid).expect("made above");
+                if let Some(old) = process.timer_mod.replace(links) {
+                    old.detach(ebpf);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.tidy(pid);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn dispatch_attached(&self, pid: u32) -> bool {
+        self.processes
+            .get(&pid)
+            .is_some_and(|p| p.dispatch.is_some())
+    }
+
+    /// Attaches a run counter to every timer callback QEMU armed since the last refresh
+    /// (`SEEN_CALLBACKS`, filled by the timer_mod probe). Returns the number attached.
+    pub fn refresh_callbacks(&mut self, ebpf: &mut Ebpf) -> usize {
+        let Some(Ok(seen)) = ebpf
+            .map(SEEN_CALLBACKS_MAP)
+            .map(BpfHashMap::<&MapData, RegionKey, u64>::try_from)
+        else {
+            return 0;
+        };
+        let found: Vec<(u32, u64)> = seen
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.tgid, k.region))
+            .collect();
+        let mut attached = 0;
+        for (pid, address) in found {
+            let Some(process) = self.processes.get_mut(&pid) else {
+                continue;
+            };
+            let vaddr = address.wrapping_sub(process.bias);
+            // Remember failures too (e.g. a callback in a shared library), so they are not
+            // retried every second.
+            if !process.callbacks_tried.insert(vaddr) {
+                continue;
+            }
+            let Some(offset) = process.exe.symbols.vaddr_to_file_offset(vaddr) else {
+                continue;
+            };
+            let point = UprobePoint {
+                file_offset: offset,
+                cookie: vaddr,
+            };
+            if process.callbacks.add(ebpf, pid, point).is_ok() {
+                attached += 1;
+            }
+        }
+        attached
+    }
+
+    /// Detaches everything of `pid` and drops its discovered callbacks.
+    pub fn detach(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        if let Some(process) = self.processes.remove(&pid) {
+            process.release(ebpf);
+        }
+        super::forget_region_keys::<u64>(ebpf, SEEN_CALLBACKS_MAP, pid);
+    }
+
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.detach(ebpf, pid);
+        }
+    }
 }
 
 /// A callback's name from its link-time address.

@@ -16,21 +16,27 @@
 //! detach brings it back to zero.
 
 use std::{
+    collections::HashMap,
     fs::{self, File, OpenOptions},
-    os::unix::fs::{FileExt, MetadataExt},
-    path::Path,
+    os::unix::fs::FileExt,
 };
 
 use anyhow::{Context as _, bail};
-use aya::programs::{
-    UProbe,
-    uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
 };
-use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, usdt_arg};
+use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, usdt_arg};
 
+use super::{
+    exe::UsdtBinary,
+    uprobes::{self, UprobeLinks, UprobePoint},
+};
 use crate::elf::usdt::{UsdtArg, UsdtArgLocation, UsdtProbe, parse_usdt_probes};
 
 pub const PROGRAM: &str = "usdt_memory_region_ops";
+/// Argument specs by BPF cookie.
+pub const SPECS_MAP: &str = "USDT_SPECS";
 pub const PROVIDER: &str = "qemu";
 pub const READ_PROBE: &str = "memory_region_ops_read";
 pub const WRITE_PROBE: &str = "memory_region_ops_write";
@@ -207,67 +213,174 @@ impl Drop for RaisedSemaphore {
     }
 }
 
-/// The read/write probes attached to one QEMU process.
+/// The read/write probes attached to one QEMU process: spec cookies in `USDT_SPECS`, uprobe
+/// links, raised semaphores.
 #[derive(Debug)]
-pub struct UsdtAttachment {
-    pub links: Vec<UProbeLinkId>,
-    pub spec_ids: Vec<u32>,
+struct UsdtAttachment {
+    cookies: Vec<u32>,
+    links: UprobeLinks,
     semaphores: Vec<RaisedSemaphore>,
 }
 
 impl UsdtAttachment {
-    /// Lowers the semaphores and hands back the links and spec ids to release.
-    pub fn release(self) -> (Vec<UProbeLinkId>, Vec<u32>) {
+    /// Undoes everything, in reverse order: semaphores first (the sites stop firing), then
+    /// the uprobes, then the specs they looked up.
+    fn release(self, ebpf: &mut Ebpf) {
         drop(self.semaphores);
-        (self.links, self.spec_ids)
+        self.links.detach(ebpf);
+        forget_specs(ebpf, &self.cookies);
     }
 }
 
-/// The identity of an executable, to cache parsed notes per binary.
-pub fn exe_inode(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let meta = fs::metadata(format!("/proc/{pid}/exe"))
-        .with_context(|| format!("stat /proc/{pid}/exe"))?;
-    Ok((meta.dev(), meta.ino()))
+fn specs_map(ebpf: &mut Ebpf) -> anyhow::Result<BpfHashMap<&mut MapData, u32, UsdtSpec>> {
+    Ok(BpfHashMap::try_from(
+        ebpf.map_mut(SPECS_MAP)
+            .with_context(|| format!("map {SPECS_MAP} missing"))?,
+    )?)
 }
 
-/// Attaches `program` for `pid` at each `(file offset, cookie)` site, then raises the
-/// semaphores at their runtime addresses, last, so the sites start firing only once every
-/// uprobe is in.
-pub fn attach(
-    program: &mut UProbe,
-    pid: u32,
-    sites: &[(u64, u32)],
-    semaphores: &[u64],
-) -> anyhow::Result<UsdtAttachment> {
-    let target = format!("/proc/{pid}/exe");
-    let scope =
-        UProbeScope::OneProcess(std::num::NonZeroU32::new(pid).context("pid 0 cannot be probed")?);
-    let mut attachment = UsdtAttachment {
-        links: Vec::new(),
-        spec_ids: sites.iter().map(|&(_, cookie)| cookie).collect(),
-        semaphores: Vec::new(),
-    };
-    for &(file_offset, cookie) in sites {
-        let link = program
-            .attach(
-                UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(file_offset),
-                    cookie: Some(cookie as u64),
-                },
-                Path::new(&target),
-                scope,
-            )
-            .with_context(|| {
-                format!("attaching a uprobe at file offset {file_offset:#x} of {target}")
-            })?;
-        attachment.links.push(link);
+fn forget_specs(ebpf: &mut Ebpf, cookies: &[u32]) {
+    if let Ok(mut map) = specs_map(ebpf) {
+        for cookie in cookies {
+            let _ = map.remove(cookie);
+        }
     }
-    for &addr in semaphores {
-        attachment
-            .semaphores
-            .push(RaisedSemaphore::raise(pid, addr)?);
+}
+
+/// One probe site to attach: its file offset and its argument spec.
+#[derive(Debug, Clone, Copy)]
+pub struct SiteToAttach {
+    pub file_offset: u64,
+    pub spec: UsdtSpec,
+}
+
+/// The USDT read/write source: the `usdt_memory_region_ops` program and its attachments, one
+/// per watched QEMU process.
+#[derive(Debug, Default)]
+pub struct UsdtSource {
+    attached: HashMap<u32, UsdtAttachment>,
+    next_cookie: u32,
+}
+
+impl UsdtSource {
+    /// Loads the program (attached per process later).
+    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        uprobes::load(ebpf, PROGRAM)?;
+        Ok(Self {
+            attached: HashMap::new(),
+            next_cookie: 1,
+        })
     }
-    Ok(attachment)
+
+    /// The specs and semaphore addresses of `exe`'s sites as mapped in `pid`.
+    pub fn resolve(pid: u32, exe: &UsdtBinary) -> anyhow::Result<(Vec<SiteToAttach>, Vec<u64>)> {
+        let inode = super::exe::exe_identity(pid)?.1;
+        let bias = load_bias(pid, inode, |off| {
+            exe.segments.iter().find_map(|s| s.vaddr_of(off))
+        })?;
+        let mut sites = Vec::new();
+        for (list, k) in [
+            (&exe.sites.read, kind::READ),
+            (&exe.sites.write, kind::WRITE),
+        ] {
+            for site in list {
+                let rip = |symbol: &str, offset: i64| -> anyhow::Result<u64> {
+                    let symbols = exe
+                        .symbols
+                        .as_ref()
+                        .context("a RIP-relative operand needs the binary's symbols")?;
+                    let vaddr =
+                        crate::elf::resolve_rip_relative(symbols, symbol, offset, Some(site.pc))?;
+                    Ok(vaddr.wrapping_add(bias))
+                };
+                sites.push(SiteToAttach {
+                    file_offset: site.pc_file_offset,
+                    spec: site_spec(site, k, &rip)?,
+                });
+            }
+        }
+        let semaphores = exe
+            .sites
+            .read
+            .iter()
+            .chain(&exe.sites.write)
+            .filter_map(|s| s.semaphore)
+            .map(|sem| bias.wrapping_add(sem))
+            .collect();
+        Ok((sites, semaphores))
+    }
+
+    /// Attaches `exe`'s read/write probes to process `pid`. All or nothing: on any error,
+    /// every spec, uprobe and semaphore this call made is undone.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32, exe: &UsdtBinary) -> anyhow::Result<()> {
+        let (sites, semaphores) = Self::resolve(pid, exe)?;
+        self.attach_sites(ebpf, pid, &sites, &semaphores)
+    }
+
+    /// [`Self::attach`] with the sites already resolved: specs into `USDT_SPECS` under fresh
+    /// cookies, a uprobe per site, then the semaphores, last, so the sites start firing only
+    /// once every uprobe is in.
+    pub fn attach_sites(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        sites: &[SiteToAttach],
+        semaphores: &[u64],
+    ) -> anyhow::Result<()> {
+        if self.attached.contains_key(&pid) {
+            return Ok(());
+        }
+        let mut made = UsdtAttachment {
+            cookies: Vec::new(),
+            links: UprobeLinks::empty(PROGRAM),
+            semaphores: Vec::new(),
+        };
+        let result = (|| -> anyhow::Result<()> {
+            let mut points = Vec::new();
+            for site in sites {
+                let cookie = self.next_cookie;
+                self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
+                specs_map(ebpf)?.insert(cookie, site.spec, 0)?;
+                made.cookies.push(cookie);
+                points.push(UprobePoint {
+                    file_offset: site.file_offset,
+                    cookie: u64::from(cookie),
+                });
+            }
+            made.links = UprobeLinks::attach(ebpf, PROGRAM, pid, &points)?;
+            for &addr in semaphores {
+                made.semaphores.push(RaisedSemaphore::raise(pid, addr)?);
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.attached.insert(pid, made);
+                Ok(())
+            }
+            Err(e) => {
+                made.release(ebpf);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn is_attached(&self, pid: u32) -> bool {
+        self.attached.contains_key(&pid)
+    }
+
+    /// Lowers the semaphores, detaches the uprobes and drops the specs of `pid`.
+    pub fn detach(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        if let Some(attachment) = self.attached.remove(&pid) {
+            attachment.release(ebpf);
+        }
+    }
+
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        for (_, attachment) in self.attached.drain() {
+            attachment.release(ebpf);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -328,14 +441,11 @@ mod tests {
 
     #[test]
     fn qemu_with_usdt_has_one_site_each() {
-        let path = xtask::cache::cache_dir().join("qemu-usdt/bin/qemu-system-x86_64");
-        let Ok(bytes) = fs::read(&path) else {
-            eprintln!(
-                "SKIPPED: {} not built (cargo xtask qemu-usdt)",
-                path.display()
-            );
+        let Some(path) = xtask::prereq::Prereq::new("qemu_with_usdt_has_one_site_each").usdt_qemu()
+        else {
             return;
         };
+        let bytes = fs::read(&path).unwrap();
         let sites = find_region_ops_sites(&bytes)
             .unwrap()
             .expect("probes present");

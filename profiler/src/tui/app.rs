@@ -35,10 +35,12 @@ pub struct App {
     /// Typing goes into the filter.
     pub(super) editing_filter: bool,
     pub(super) view: View,
-    /// The selected VM, followed across re-sorting; `selected_index` is where it was, for when
-    /// it disappears.
+    /// The selected VM; `selected_index` is where it was, for when it disappears.
     pub(super) selected: Option<VmKey>,
     selected_index: usize,
+    /// The user moved the selection: it follows that VM across re-ranking. Until then (and
+    /// after Home) it stays on row 1, so the screen opens on the top of the ranking.
+    following: bool,
     pub(super) help: bool,
     /// Detail view: closed windows scrolled back from the newest.
     pub(super) detail_scroll: usize,
@@ -136,7 +138,10 @@ impl App {
             KeyCode::Up | KeyCode::Char('k') => self.move_selection(-1),
             KeyCode::PageDown => self.move_selection(PAGE),
             KeyCode::PageUp => self.move_selection(-PAGE),
-            KeyCode::Home | KeyCode::Char('g') => self.move_selection(isize::MIN),
+            KeyCode::Home | KeyCode::Char('g') => {
+                self.move_selection(isize::MIN);
+                self.following = false;
+            }
             KeyCode::End | KeyCode::Char('G') => self.move_selection(isize::MAX),
             KeyCode::Enter => {
                 if let Some(key) = self.selected {
@@ -185,7 +190,11 @@ impl App {
     /// Typing edits the filter (the list follows as you type); Enter keeps it, Esc clears it.
     fn edit_filter(&mut self, code: KeyCode, ctrl: bool) {
         match code {
-            KeyCode::Enter => self.editing_filter = false,
+            KeyCode::Enter => {
+                self.editing_filter = false;
+                // The VM the filter found is the one the user wants: follow it from now on.
+                self.following |= !self.filter.is_empty() && self.selected.is_some();
+            }
             KeyCode::Esc => {
                 self.filter.clear();
                 self.editing_filter = false;
@@ -229,12 +238,18 @@ impl App {
         }
     }
 
-    /// Keeps the selected VM selected wherever it moved; if it is gone (exited, filtered out),
-    /// selects whatever is now at its old position.
+    /// Keeps the selection on row 1 until the user moves it; then keeps that VM selected
+    /// wherever it moved, and if it is gone (exited, filtered out), selects whatever is now at
+    /// its old position.
     fn fix_selection(&mut self) {
         let keys: Vec<VmKey> = self.rows().iter().map(|r| r.vm.key).collect();
         if keys.is_empty() {
             self.selected = None;
+            return;
+        }
+        if !self.following {
+            self.selected_index = 0;
+            self.selected = Some(keys[0]);
             return;
         }
         if let Some(pos) = self
@@ -262,6 +277,7 @@ impl App {
         let next = current.saturating_add_signed(delta).min(last);
         self.selected_index = next;
         self.selected = Some(keys[next]);
+        self.following = true;
     }
 }
 
@@ -342,6 +358,30 @@ pub(crate) mod tests {
         app.apply(snap);
         assert_eq!(app.selected_position(&app.rows()), Some(0));
         assert_eq!(selected_name(&app), "noisy-usb");
+    }
+
+    #[test]
+    fn until_the_user_moves_the_selection_it_stays_on_the_top_row() {
+        let mut app = App::new();
+        let mut snap = fixtures::snapshot();
+        app.apply(snap.clone());
+        assert_eq!(selected_name(&app), "noisy-usb");
+        // The ranking changes under an untouched selection: still row 1.
+        snap.vms.retain(|v| v.identity.name != "noisy-usb");
+        app.apply(snap);
+        assert_eq!(app.selected_position(&app.rows()), Some(0));
+        assert_eq!(selected_name(&app), "fresh-boot");
+        // Sorting by another key keeps it on top too.
+        press(&mut app, KeyCode::Char('s'));
+        assert_eq!(app.selected_position(&app.rows()), Some(0));
+        // Once moved it follows its VM; Home puts it back on the top row for good.
+        press(&mut app, KeyCode::Char('j'));
+        let followed = app.selected();
+        press(&mut app, KeyCode::Char('s'));
+        assert_eq!(app.selected(), followed);
+        press(&mut app, KeyCode::Home);
+        app.apply(fixtures::snapshot());
+        assert_eq!(app.selected_position(&app.rows()), Some(0));
     }
 
     #[test]

@@ -135,7 +135,7 @@ fn live(
         running: Counts::default(),
         running_elapsed: T - 12.0 * WINDOW_SECS,
         running_cpu_seconds: None,
-        history,
+        history: history.into(),
         exited: false,
     }
 }
@@ -332,6 +332,7 @@ pub fn snapshot() -> LiveSnapshot {
         vms: vec![quiet(), noisy(), exited(), legacy(), fresh()],
         cost: cost(),
         live_sources: vec![SYSCALL.into(), USDT.into()],
+        notes: Vec::new(),
     }
 }
 
@@ -341,11 +342,18 @@ pub fn hostile() -> LiveSnapshot {
     vm.identity.name = "\x1b[2J\x1b]0;pwned\x07".into();
     vm.identity.uuid = Some("\x1b[31mred\u{202E}txt.exe".into());
     vm.devices = vec!["usb-\x1b[5mblink".into(), "\u{9B}6n".into()];
-    for r in &mut vm.history {
-        r.vm.name = vm.identity.name.clone();
-        r.devices[0].name = "\x1b]8;;http://x\x07uhci".into();
-        r.timers[0].callback = "uhci\x1b[1Aframe".into();
-    }
+    let history: Vec<WindowRecord> = vm
+        .history
+        .iter()
+        .map(|r| {
+            let mut r = (**r).clone();
+            r.vm.name = vm.identity.name.clone();
+            r.devices[0].name = "\x1b]8;;http://x\x07uhci".into();
+            r.timers[0].callback = "uhci\x1b[1Aframe".into();
+            r
+        })
+        .collect();
+    vm.history = history.into();
     LiveSnapshot {
         vms: vec![vm, quiet()],
         live_sources: vec!["syscall\x1b[0m tracepoints".into()],
@@ -369,10 +377,10 @@ mod tests {
     #[test]
     fn fixture_numbers_are_realistic() {
         let s = snapshot();
-        let noisy = vm(&s, "noisy-usb").history.last().unwrap().clone();
+        let noisy = vm(&s, "noisy-usb").history.last().unwrap();
         let per_s = noisy.timer.unwrap() as f64 / noisy.seconds;
         assert!((1_900.0..1_970.0).contains(&per_s), "{per_s}");
-        let quiet = vm(&s, "quiet").history.last().unwrap().clone();
+        let quiet = vm(&s, "quiet").history.last().unwrap();
         let per_s = quiet.timer.unwrap() as f64 / quiet.seconds;
         assert!((8.5..9.5).contains(&per_s), "{per_s}");
         assert_eq!(start(1, 0.0), "2026-11-22T00:00:30.000Z");

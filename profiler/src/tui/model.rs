@@ -1,7 +1,7 @@
 //! What the screens show, computed from a [`LiveSnapshot`]: per-VM rates, ranking, filtering,
 //! and the text formats. Pure functions, no terminal.
 
-use std::cmp::Ordering;
+use std::{borrow::Borrow, cmp::Ordering};
 
 use crate::{
     live::{LiveSnapshot, LiveVm},
@@ -296,7 +296,7 @@ fn timer_rate(r: &WindowRecord) -> Option<f64> {
 pub fn sparkline_scale(vms: &[LiveVm], width: usize) -> f64 {
     vms.iter()
         .flat_map(|vm| &vm.history[vm.history.len().saturating_sub(width)..])
-        .filter_map(timer_rate)
+        .filter_map(|r| timer_rate(r))
         .fold(0.0, f64::max)
 }
 
@@ -304,12 +304,12 @@ pub fn sparkline_scale(vms: &[LiveVm], width: usize) -> f64 {
 /// from 0 to `max` (shared by all VMs, so 9/s looks low next to 1,900/s yet a spike still
 /// shows). A window without a timer count is a space; any activity is at least the second
 /// bar, so it never looks like zero.
-pub fn sparkline(history: &[WindowRecord], width: usize, max: f64) -> String {
+pub fn sparkline<R: Borrow<WindowRecord>>(history: &[R], width: usize, max: f64) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let top = (1.0 + max).ln();
     history[history.len().saturating_sub(width)..]
         .iter()
-        .map(|r| match timer_rate(r) {
+        .map(|r| match timer_rate(r.borrow()) {
             None => ' ',
             Some(v) if v <= 0.0 || top <= 0.0 => BARS[0],
             Some(v) => {
@@ -491,7 +491,7 @@ mod tests {
 
     #[test]
     fn top_device_is_busiest_by_reads_plus_writes() {
-        let mut r = fixtures::snapshot().vms[0].history.last().unwrap().clone();
+        let mut r = (**fixtures::snapshot().vms[0].history.last().unwrap()).clone();
         r.devices = vec![
             DeviceCount {
                 name: "uhci".into(),
@@ -513,7 +513,11 @@ mod tests {
 
     #[test]
     fn sparkline_is_log_scaled_to_a_shared_maximum() {
-        let mut h = fixtures::snapshot().vms[0].history.clone();
+        let mut h: Vec<WindowRecord> = fixtures::snapshot().vms[0]
+            .history
+            .iter()
+            .map(|r| (**r).clone())
+            .collect();
         h.truncate(5);
         for (r, t) in h
             .iter_mut()
@@ -527,7 +531,7 @@ mod tests {
         assert_eq!(sparkline(&h, 2, 1_933.0), "█▃");
         // Against a much busier neighbour the same windows sit lower.
         assert_eq!(sparkline(&h, 8, 1e6), "▁▃ ▅▂");
-        assert_eq!(sparkline(&[], 5, 10.0), "");
+        assert_eq!(sparkline::<WindowRecord>(&[], 5, 10.0), "");
         assert_eq!(sparkline(&h[..1], 5, 0.0), "▁");
     }
 
@@ -538,7 +542,7 @@ mod tests {
         let expect = noisy
             .history
             .iter()
-            .filter_map(timer_rate)
+            .filter_map(|r| timer_rate(r))
             .fold(0.0, f64::max);
         assert_eq!(sparkline_scale(&snap.vms, 12), expect);
         assert_eq!(sparkline_scale(&[], 12), 0.0);

@@ -87,9 +87,12 @@ impl App {
         } else {
             1
         };
-        let [header, body, footer] = Layout::vertical([
+        // The status line (the newest note) only when there is something to say.
+        let status_height = u16::from(!self.shown.notes.is_empty() && area.height >= 6);
+        let [header, body, status, footer] = Layout::vertical([
             Constraint::Length(header_height),
             Constraint::Fill(1),
+            Constraint::Length(status_height),
             Constraint::Length(1),
         ])
         .areas(area);
@@ -98,6 +101,7 @@ impl App {
             View::List => self.render_list(frame, body),
             View::Detail(_) => self.render_detail(frame, body),
         }
+        self.render_status(frame, status);
         self.render_footer(frame, footer);
         if self.help {
             render_help(frame, area);
@@ -311,7 +315,7 @@ impl App {
 
     /// The VM's Pulsar table: one row per closed window, then the running window.
     fn render_windows(&self, frame: &mut Frame, area: Rect, vm: &LiveVm) {
-        let mut rows: Vec<Row<'static>> = vm.history.iter().map(window_row).collect();
+        let mut rows: Vec<Row<'static>> = vm.history.iter().map(|r| window_row(r)).collect();
         if !vm.exited {
             rows.push(running_row(vm));
         }
@@ -355,6 +359,27 @@ impl App {
             Table::new(shown, widths).header(header).column_spacing(1),
             inner,
         );
+    }
+
+    /// The newest note, with how long ago it was said and how many came before it.
+    fn render_status(&self, frame: &mut Frame, area: Rect) {
+        let Some((t, note)) = self.shown.notes.last() else {
+            return;
+        };
+        if area.is_empty() {
+            return;
+        }
+        let age = (self.shown.t - t).max(0.0);
+        let mut spans = vec![
+            Span::styled("note ", Style::new().bold().yellow()),
+            Span::styled(format!("{age:.0} s ago "), dim()),
+        ];
+        let earlier = self.shown.notes.len() - 1;
+        if earlier > 0 {
+            spans.push(Span::styled(format!("(+{earlier} earlier) "), dim()));
+        }
+        spans.push(Span::raw(clean(&note.to_string())));
+        frame.render_widget(Line::from(spans), area);
     }
 
     fn render_footer(&self, frame: &mut Frame, area: Rect) {
@@ -614,7 +639,7 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
             }
         }
         Col::TopDevice => Cell::from(
-            last.and_then(top_device)
+            last.and_then(|r| top_device(r))
                 .map_or_else(|| "-".to_string(), |d| clean(&d.label())),
         ),
     });

@@ -312,6 +312,69 @@ fn the_list_scrolls_to_keep_the_selection_visible() {
     assert!(selected.contains("1 guest-00"), "{text}");
 }
 
+/// 100 VMs of similar rates. The first VM discovered led the first snapshot; by the next one
+/// it ranks #67. The screen must open on rank 1, not follow that VM down the list.
+#[test]
+fn top_opens_on_rank_1_with_100_vms() {
+    let template = fixtures::vm(&fixtures::snapshot(), "quiet").clone();
+    let snapshot = |leader_rate: u64| {
+        let mut snap = fixtures::snapshot();
+        snap.vms = (0..100u32)
+            .map(|i| {
+                let mut vm = template.clone();
+                vm.key.pid = 20_000 + i;
+                vm.identity.pid = 20_000 + i;
+                vm.identity.name = format!("vm-{i:03}");
+                let timer = if i == 0 {
+                    leader_rate
+                } else {
+                    30_000 - 10 * u64::from(i)
+                };
+                let history: Vec<crate::record::WindowRecord> = vm
+                    .history
+                    .iter()
+                    .map(|r| {
+                        let mut r = (**r).clone();
+                        r.vm.name = vm.identity.name.clone();
+                        r.vm.pid = vm.identity.pid;
+                        r.timer = Some(timer);
+                        r
+                    })
+                    .collect();
+                vm.history = history.into();
+                vm
+            })
+            .collect();
+        snap
+    };
+    let mut app = App::new();
+    app.apply(snapshot(40_000));
+    // vm-000 now sits between vm-066 (29,340) and vm-067 (29,330): rank 67.
+    app.apply(snapshot(29_335));
+    let rows = app.rows();
+    assert_eq!(rows[66].vm.identity.name, "vm-000");
+    assert_eq!(app.selected_position(&rows), Some(0));
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn a_note_shows_in_the_status_line() {
+    let mut snap = fixtures::snapshot();
+    snap.notes = vec![
+        (2.0, crate::names::Note::general("first")),
+        (
+            fixtures::T - 4.0,
+            crate::names::Note::vm(
+                "legacy-ubuntu",
+                "no QMP socket on its command line; KVM ports and pages are named by address",
+            ),
+        ),
+    ];
+    let mut app = App::new();
+    app.apply(snap);
+    insta::assert_snapshot!(screen(&app, 100, 24));
+}
+
 #[test]
 fn resizing_redraws_to_the_new_size() {
     let app = loaded();

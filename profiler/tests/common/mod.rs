@@ -13,33 +13,14 @@ use xtask::{
     launch::{DeviceSet, GuestSpec, RunningGuest, launch},
 };
 
-/// Returns `None` (after saying why) when the end-to-end prerequisites are missing. With
-/// `PROFILER_E2E_REQUIRE=1` (set by `cargo xtask test` as root) a missing prerequisite
-/// fails the test instead.
+pub use xtask::prereq::Prereq;
+
+/// Root and the test guest image, or `None` after saying why (a failure under
+/// `PROFILER_E2E_REQUIRE`, which `cargo xtask test` sets as root).
 pub fn e2e_guest_image(test: &str) -> Option<GuestImage> {
-    let skip = |why: &str| {
-        if std::env::var_os("PROFILER_E2E_REQUIRE").is_some() {
-            panic!("{test}: {why}");
-        }
-        eprintln!("SKIPPED {test}: {why}");
-        None
-    };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (eBPF); run `sudo -E cargo xtask test`");
-    }
-    let (Some(kernel), Some(initrd)) = (
-        std::env::var_os("PROFILER_GUEST_KERNEL"),
-        std::env::var_os("PROFILER_GUEST_INITRD"),
-    ) else {
-        return skip(
-            "PROFILER_GUEST_KERNEL/INITRD not set; run `cargo xtask test`, which builds the guest",
-        );
-    };
-    Some(GuestImage {
-        kernel: kernel.into(),
-        initrd: initrd.into(),
-    })
+    let p = Prereq::new(test);
+    p.root()?;
+    p.guest_image()
 }
 
 pub fn run_dir(test: &str) -> tempfile::TempDir {
@@ -91,16 +72,7 @@ pub fn recording_path(dir: &Path) -> PathBuf {
 /// The QEMU built with USDT probes (`cargo xtask qemu-usdt`), or `None` after saying why (a
 /// failure under `PROFILER_E2E_REQUIRE`).
 pub fn usdt_qemu(test: &str) -> Option<PathBuf> {
-    match std::env::var_os("PROFILER_QEMU_USDT") {
-        Some(p) => Some(p.into()),
-        None if std::env::var_os("PROFILER_E2E_REQUIRE").is_some() => {
-            panic!("{test}: PROFILER_QEMU_USDT not set")
-        }
-        None => {
-            eprintln!("SKIPPED {test}: PROFILER_QEMU_USDT not set; run `cargo xtask test`");
-            None
-        }
-    }
+    Prereq::new(test).usdt_qemu()
 }
 
 /// Boots `spec` (whose guest runs a port workload), records it with `extra` profiler
@@ -145,4 +117,82 @@ pub fn device_total(windows: &[&WindowRecord], name: &str) -> (u64, u64) {
         .flat_map(|w| &w.devices)
         .filter(|d| d.name == name)
         .fold((0, 0), |(r, w), d| (r + d.read, w + d.write))
+}
+
+fn sh(cmd: &mut Command) {
+    let status = cmd.status().expect("tool runs");
+    assert!(status.success(), "{cmd:?}: {status}");
+}
+
+/// GNU build-id of an ELF file, as hex, from `readelf -n`.
+fn build_id(path: &Path) -> String {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("binary has a build-id")
+        .trim()
+        .to_string()
+}
+
+/// A copy of the USDT QEMU with its symbols, DWARF and USDT notes removed, and its debug file
+/// in `<dir>/debug/.build-id/NN/REST.debug` — what a distribution ships, minus the probes.
+pub fn stripped_qemu_with_debug_file(qemu: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    // Named like QEMU so discovery recognises it.
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    let bin = dir.join("bin/qemu-system-x86_64");
+    let debug = dir.join("qemu.debug");
+    sh(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(qemu)
+        .arg(&debug));
+    sh(Command::new("objcopy")
+        .args([
+            "--strip-debug",
+            "--strip-unneeded",
+            "--remove-section=.note.stapsdt",
+        ])
+        .arg(qemu)
+        .arg(&bin));
+    let id = build_id(&bin);
+    let root = dir.join("debug");
+    let tree = root.join(".build-id").join(&id[..2]);
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::rename(&debug, tree.join(format!("{}.debug", &id[2..]))).unwrap();
+    (bin, root)
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Debian's stripped QEMU under KVM with no QMP socket (as under libvirt): SeaBIOS idles
+/// looking for a boot device.
+pub fn kvm_guest_without_qmp(name: &str) -> Option<KillOnDrop> {
+    let p = Prereq::new(name);
+    p.root()?;
+    p.kvm()?;
+    p.system_qemu()?;
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "pc,accel=kvm", "-m", "32"])
+        .args(["-display", "none", "-monitor", "none", "-nic", "none"])
+        .arg("-name")
+        .arg(format!("guest={name}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu starts");
+    // It opens /dev/kvm during start-up; give discovery a settled process.
+    std::thread::sleep(Duration::from_secs(1));
+    Some(KillOnDrop(child))
 }

@@ -4,9 +4,9 @@
 //! `kvm:kvm_pio`, `kvm:kvm_mmio`, `kvm:kvm_fast_mmio` and `kvm:kvm_userspace_exit`. None of
 //! them says by itself whether QEMU's device model handled the access; the order of events on
 //! one vCPU thread does. [`step`] is that per-thread state machine. It is shared code: the eBPF
-//! programs (`profiler-ebpf/src/probes/kvm.rs`) call it on every event, and the userspace unit
-//! tests (`profiler/src/probes/kvm.rs`) replay event sequences through the very same function,
-//! so the tested logic is the logic the kernel runs.
+//! programs (`profiler-ebpf/src/probes/kvm.rs`) run [`handle`] on every event with the eBPF maps as
+//! its [`KvmStore`], and the tests ([`replay`], `tests.rs` next to this file) run the very same
+//! [`handle`] with plain maps, so the tested logic is the logic the kernel runs.
 //!
 //! When each tracepoint fires (Linux x86, `arch/x86/kvm/x86.c` unless noted; checked against
 //! the 6.x sources, after Paolo Bonzini's 2022 PIO rework that went into 6.0):
@@ -490,10 +490,87 @@ pub fn step(s: KvmThreadState, event: KvmEvent, hints: PortHints) -> Step {
     }
 }
 
+/// Where [`handle`] keeps its state and counts: the eBPF maps (`KVM_THREADS`, `KVM_PORTS`,
+/// `COUNTERS`) in the kernel, plain maps in [`replay`]. Generic so the one glue function below is
+/// the code both run.
+pub trait KvmStore {
+    /// The state stored for thread `tid`, whatever process it was stored for.
+    fn thread(&self, tid: u32) -> Option<KvmThreadState>;
+    fn put_thread(&mut self, tid: u32, state: KvmThreadState);
+    fn drop_thread(&mut self, tid: u32);
+    /// The learned [`port_class`] of `key`; [`port_class::UNKNOWN`] when none was learned.
+    fn port_class(&self, key: PortKey) -> u32;
+    fn learn_port(&mut self, key: PortKey, class: u32);
+    /// Adds `n` to the counter `key`.
+    fn count(&mut self, key: crate::CounterKey, n: u64);
+}
+
+#[inline(always)]
+fn port_key(tgid: u32, port: u64, write: bool) -> PortKey {
+    PortKey {
+        tgid,
+        port: port as u32,
+        write: write as u32,
+    }
+}
+
+/// Runs one tracepoint event of thread `tid` of process `tgid` through the thread's state
+/// machine: loads its state (a reused thread id of another process starts afresh), looks up
+/// the port hints [`step`] asks for, stores what the VM taught about its ports, counts, and
+/// stores the next state (idle threads keep no entry).
+#[inline(always)]
+pub fn handle<S: KvmStore>(store: &mut S, tgid: u32, tid: u32, event: KvmEvent) {
+    let prev = match store.thread(tid) {
+        Some(state) if state.tgid == tgid => state,
+        _ => KvmThreadState::idle(tgid),
+    };
+    let hints = match hint_ports(&prev, &event) {
+        Some((y, w)) => PortHints {
+            read_y: store.port_class(port_key(tgid, y, false)),
+            write_w: store.port_class(port_key(tgid, w, true)),
+        },
+        None => PortHints::UNKNOWN,
+    };
+    let out = step(prev, event, hints);
+    for counted in out.counts {
+        if out.definite
+            && let Some((port, write, class)) = lesson(counted)
+        {
+            let key = port_key(tgid, port as u64, write);
+            if store.port_class(key) != class {
+                store.learn_port(key, class);
+            }
+        }
+        if counted.kind != 0 {
+            store.count(
+                crate::CounterKey {
+                    tgid,
+                    kind: counted.kind,
+                    id: counted.id,
+                },
+                counted.n as u64,
+            );
+        }
+    }
+    if out.next.state == thread_state::IDLE {
+        if prev.state != thread_state::IDLE {
+            store.drop_thread(tid);
+        }
+    } else if out.next != prev {
+        store.put_thread(tid, out.next);
+    }
+}
+
 /// Maximum vCPU threads with KVM state at once (LRU: exited threads' entries age out).
 pub const MAX_KVM_THREADS: u32 = 16384;
 /// Maximum learned (process, port, direction) classes (LRU).
 pub const MAX_KVM_PORTS: u32 = 65536;
+
+#[cfg(any(test, feature = "user"))]
+pub mod replay;
+
+#[cfg(test)]
+mod tests;
 
 #[cfg(feature = "user")]
 mod pod {

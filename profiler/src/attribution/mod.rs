@@ -1,0 +1,344 @@
+//! From raw counters to what a VM did: totals per count, per device, per timer callback.
+//!
+//! The probe layer hands out counters as the kernel keeps them, `(kind, id) -> n` per process
+//! ([`RawCounters`]), plus the region names its probes read. Which counters make a VM's `read`
+//! depends on the source that served it (USDT and symbols count regions; the KVM tracepoints
+//! count exits by port and page), and a device's name may come from QEMU itself, from its
+//! owner's QOM type, or from the VM's memory map. All of that is decided here, with no I/O:
+//! the names arrive as plain maps ([`VmNames`]) resolved elsewhere (`crate::names`).
+
+pub mod kvm;
+
+use std::collections::{BTreeMap, HashMap};
+
+use profiler_common::kind;
+
+use crate::{collector::Counts, mtree::MtreeMap, probes::policy::ReadWriteSource};
+
+/// A device as records and views name it: the region's name and, where known, the QOM type of
+/// the device that owns it (`uhci` owned by `piix3-usb-uhci`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceKey {
+    pub name: String,
+    pub owner: Option<String>,
+}
+
+impl DeviceKey {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            owner: None,
+        }
+    }
+}
+
+/// Cumulative (reads, writes) per device.
+pub type DeviceTotals = BTreeMap<DeviceKey, (u64, u64)>;
+
+/// Cumulative timer-callback runs per callback name.
+pub type CallbackTotals = BTreeMap<String, u64>;
+
+/// The name a read/write probe read for a `MemoryRegion`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionLabel {
+    Named(String),
+    /// A region without a name: one of QEMU's subpages, which dispatch the same access again
+    /// to the real region (seen by the symbols source only).
+    Unnamed,
+}
+
+/// One process's counters as the probes keep them, cumulative since it was first watched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawCounters {
+    /// (kind, id) -> count, summed over CPUs. Kinds: `profiler_common::kind` and the KVM
+    /// kinds of `profiler_common::kvm`.
+    pub by_key: BTreeMap<(u32, u64), u64>,
+    /// `MemoryRegion` pointer -> its name, for read/write ids.
+    pub regions: HashMap<u64, RegionLabel>,
+}
+
+impl RawCounters {
+    /// Total of one kind over all ids.
+    pub fn total(&self, kind: u32) -> u64 {
+        self.by_key
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The region ids the read/write probes counted.
+    pub fn region_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_key
+            .keys()
+            .filter(|(k, _)| *k == kind::READ || *k == kind::WRITE)
+            .map(|&(_, id)| id)
+    }
+
+    /// The timer callback addresses counted.
+    pub fn callback_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_key
+            .keys()
+            .filter(|(k, _)| *k == kind::TIMER_CALLBACK)
+            .map(|&(_, id)| id)
+    }
+}
+
+/// Names resolved for one VM (by `crate::names`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmNames<'a> {
+    /// `MemoryRegion` pointer -> QOM type of its owner device.
+    pub owners: Option<&'a HashMap<u64, String>>,
+    /// Callback link-time address -> function name.
+    pub callbacks: Option<&'a HashMap<u64, String>>,
+    /// The VM's memory map (QEMU's `info mtree -f`), naming KVM ports and pages.
+    pub address_map: Option<&'a MtreeMap>,
+}
+
+/// One VM's counts, devices and callbacks, cumulative (no CPU time: that is not a counter).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributed {
+    pub counts: Counts,
+    pub devices: DeviceTotals,
+    pub callbacks: CallbackTotals,
+}
+
+/// Turns raw counters into counts: `timer` and `fd_wakeups` always; `read`/`write` and the
+/// per-device split as `read_write` (the source that served this VM, `None`: unavailable)
+/// counts them; timer runs per callback name.
+pub fn attribute(
+    raw: &RawCounters,
+    read_write: Option<ReadWriteSource>,
+    names: &VmNames<'_>,
+) -> Attributed {
+    let mut counts = Counts {
+        timer: Some(raw.total(kind::TIMER)),
+        fd_wakeups: Some(raw.total(kind::FD_WAKEUP)),
+        ..Counts::default()
+    };
+    let devices = match read_write {
+        Some(ReadWriteSource::Usdt | ReadWriteSource::Symbols) => {
+            let devices = region_devices(raw, names);
+            counts.read = Some(devices.values().map(|(r, _)| r).sum());
+            counts.write = Some(devices.values().map(|(_, w)| w).sum());
+            devices
+        }
+        Some(ReadWriteSource::KvmTracepoints) => {
+            let k = kvm::kvm_counts(&raw.by_key);
+            counts.read = Some(k.reads_user());
+            counts.write = Some(k.writes_user());
+            counts.in_kernel = Some(k.in_kernel);
+            kvm_devices(&k, names.address_map)
+        }
+        None => DeviceTotals::new(),
+    };
+    let mut callbacks = CallbackTotals::new();
+    for (&(k, id), &n) in &raw.by_key {
+        if k == kind::TIMER_CALLBACK {
+            let name = names
+                .callbacks
+                .and_then(|c| c.get(&id))
+                .cloned()
+                .unwrap_or_else(|| format!("{id:#x}"));
+            *callbacks.entry(name).or_default() += n;
+        }
+    }
+    Attributed {
+        counts,
+        devices,
+        callbacks,
+    }
+}
+
+/// Reads/writes per region, summed by (name, owner): several regions may share a name (e.g.
+/// one per UHCI port range). Nameless subpage regions are left out: the access they dispatch
+/// is counted again at the real region.
+fn region_devices(raw: &RawCounters, names: &VmNames<'_>) -> DeviceTotals {
+    let mut out = DeviceTotals::new();
+    for (&(k, id), &n) in &raw.by_key {
+        if k != kind::READ && k != kind::WRITE {
+            continue;
+        }
+        let name = match raw.regions.get(&id) {
+            Some(RegionLabel::Unnamed) => continue,
+            Some(RegionLabel::Named(name)) => name.clone(),
+            None => format!("region@{id:#x}"),
+        };
+        let key = DeviceKey {
+            name,
+            owner: names.owners.and_then(|o| o.get(&id)).cloned(),
+        };
+        let entry = out.entry(key).or_default();
+        if k == kind::READ {
+            entry.0 += n;
+        } else {
+            entry.1 += n;
+        }
+    }
+    out
+}
+
+/// KVM exits to QEMU per port and page, named through the VM's memory map when known, else by
+/// address.
+fn kvm_devices(k: &kvm::KvmCounts, map: Option<&MtreeMap>) -> DeviceTotals {
+    let mut out = DeviceTotals::new();
+    let ports = k.by_port.iter().map(|(&port, &rw)| {
+        let name = if port == profiler_common::kvm::UNKNOWN_ID {
+            Some("port (unknown)".to_string())
+        } else {
+            map.and_then(|m| m.name_for_port(port)).map(String::from)
+        };
+        (name.unwrap_or_else(|| format!("port {port:#x}")), rw)
+    });
+    let pages = k.by_page.iter().map(|(&page, &rw)| {
+        let name = map.and_then(|m| m.name_for_gpa(page)).map(String::from);
+        (name.unwrap_or_else(|| format!("mmio {page:#x}")), rw)
+    });
+    for (name, (r, w)) in ports.chain(pages) {
+        let e = out.entry(DeviceKey::named(name)).or_default();
+        e.0 += r;
+        e.1 += w;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use profiler_common::kvm::{KVM_PIO_READ_USER, KVM_PIO_WRITE_IN_KERNEL, KVM_PIO_WRITE_USER};
+
+    use super::*;
+
+    fn raw(pairs: &[((u32, u64), u64)], regions: &[(u64, RegionLabel)]) -> RawCounters {
+        RawCounters {
+            by_key: pairs.iter().copied().collect(),
+            regions: regions.iter().cloned().collect(),
+        }
+    }
+
+    #[test]
+    fn timers_and_fd_wakeups_whatever_the_read_write_source() {
+        let r = raw(
+            &[
+                ((kind::TIMER, 1), 10),
+                ((kind::TIMER, 2), 5),
+                ((kind::FD_WAKEUP, 1), 3),
+                ((kind::NONBLOCKING_POLL, 1), 99),
+                ((kind::READ, 0x10), 4),
+            ],
+            &[],
+        );
+        let a = attribute(&r, None, &VmNames::default());
+        assert_eq!(
+            (
+                a.counts.timer,
+                a.counts.fd_wakeups,
+                a.counts.read,
+                a.counts.write
+            ),
+            (Some(15), Some(3), None, None)
+        );
+        assert!(a.devices.is_empty());
+        assert_eq!(a.counts.in_kernel, None);
+    }
+
+    #[test]
+    fn regions_sum_by_name_and_owner_and_subpages_are_not_counted_twice() {
+        let owners: HashMap<u64, String> = [(0x30, "qemu-xhci".to_string())].into();
+        let r = raw(
+            &[
+                ((kind::READ, 0x10), 7),
+                ((kind::READ, 0x11), 3),
+                ((kind::WRITE, 0x11), 2),
+                ((kind::READ, 0x20), 100),
+                ((kind::WRITE, 0x30), 1),
+                ((kind::READ, 0x40), 1),
+            ],
+            &[
+                (0x10, RegionLabel::Named("uhci".into())),
+                (0x11, RegionLabel::Named("uhci".into())),
+                (0x20, RegionLabel::Unnamed),
+                (0x30, RegionLabel::Named("operational".into())),
+            ],
+        );
+        let names = VmNames {
+            owners: Some(&owners),
+            ..VmNames::default()
+        };
+        let a = attribute(&r, Some(ReadWriteSource::Symbols), &names);
+        assert_eq!((a.counts.read, a.counts.write), (Some(11), Some(3)));
+        let devices: Vec<(DeviceKey, (u64, u64))> = a.devices.into_iter().collect();
+        assert_eq!(
+            devices,
+            [
+                (
+                    DeviceKey {
+                        name: "operational".into(),
+                        owner: Some("qemu-xhci".into())
+                    },
+                    (0, 1)
+                ),
+                (DeviceKey::named("region@0x40"), (1, 0)),
+                (DeviceKey::named("uhci"), (10, 2)),
+            ]
+        );
+    }
+
+    #[test]
+    fn kvm_exits_named_by_the_memory_map_else_by_address() {
+        let map = crate::mtree::parse_mtree_flat(
+            "FlatView #1\n AS \"I/O\", root: io\n Root memory region: io\n  \
+             0000000000000378-000000000000037f (prio 0, i/o): parallel\n",
+        );
+        let r = raw(
+            &[
+                ((KVM_PIO_READ_USER, 0x378), 100),
+                ((KVM_PIO_WRITE_USER, 0x402), 5),
+                ((KVM_PIO_WRITE_IN_KERNEL, 0x40), 9),
+                ((KVM_PIO_READ_USER, profiler_common::kvm::UNKNOWN_ID), 1),
+            ],
+            &[],
+        );
+        let names = VmNames {
+            address_map: Some(&map),
+            ..VmNames::default()
+        };
+        let a = attribute(&r, Some(ReadWriteSource::KvmTracepoints), &names);
+        assert_eq!(
+            (a.counts.read, a.counts.write, a.counts.in_kernel),
+            (Some(101), Some(5), Some(9))
+        );
+        assert_eq!(a.devices[&DeviceKey::named("parallel")], (100, 0));
+        assert_eq!(a.devices[&DeviceKey::named("port 0x402")], (0, 5));
+        assert_eq!(a.devices[&DeviceKey::named("port (unknown)")], (1, 0));
+        // Without a map every port is by address.
+        let a = attribute(
+            &r,
+            Some(ReadWriteSource::KvmTracepoints),
+            &VmNames::default(),
+        );
+        assert!(a.devices.contains_key(&DeviceKey::named("port 0x378")));
+    }
+
+    #[test]
+    fn callbacks_by_name_else_by_address() {
+        let names: HashMap<u64, String> = [(0x1000, "uhci_frame_timer".to_string())].into();
+        let r = raw(
+            &[
+                ((kind::TIMER_CALLBACK, 0x1000), 9000),
+                ((kind::TIMER_CALLBACK, 0x2000), 3),
+            ],
+            &[],
+        );
+        let a = attribute(
+            &r,
+            None,
+            &VmNames {
+                callbacks: Some(&names),
+                ..VmNames::default()
+            },
+        );
+        assert_eq!(a.callbacks["uhci_frame_timer"], 9000);
+        assert_eq!(a.callbacks["0x2000"], 3);
+        assert_eq!(r.callback_ids().collect::<Vec<_>>(), [0x1000, 0x2000]);
+    }
+}

@@ -1,0 +1,494 @@
+//! Which probe source serves each count of a VM: one pure function ([`plan`]) of what the VM's
+//! QEMU binary offers, the accelerator it runs under and whether the KVM tracepoints are
+//! attached. `profiler list` shows the plan without attaching anything; `record`, `top` and
+//! every later command attach the plan's candidates in order ([`settle`]), so both say the
+//! same thing for the same VM unless an attach itself fails (and then the record says why).
+
+use std::fmt;
+
+use crate::cmdline::Accel;
+
+/// What serves a VM's read/write counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReadWriteSource {
+    /// QEMU's `qemu:memory_region_ops_read/_write` USDT probes (dtrace trace backend).
+    Usdt,
+    /// uprobes on `memory_region_dispatch_read/_write`, found through QEMU's symbols.
+    Symbols,
+    /// The `kvm:kvm_pio` / `kvm_mmio` / `kvm_fast_mmio` / `kvm_userspace_exit` tracepoints.
+    KvmTracepoints,
+}
+
+impl ReadWriteSource {
+    /// The name records carry in `sources.read` / `sources.write`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReadWriteSource::Usdt => "usdt",
+            ReadWriteSource::Symbols => "symbols",
+            ReadWriteSource::KvmTracepoints => "kvm-tracepoints",
+        }
+    }
+}
+
+/// Why a VM's QEMU gives no read/write counts without a better build.
+pub const NO_USDT_REASON: &str = "this QEMU has no qemu:memory_region_ops_read/write USDT \
+     probes (built without the dtrace trace backend, e.g. Debian/Ubuntu packages); use a QEMU \
+     built with --enable-trace-backends=dtrace (Fedora/RHEL packages are; `cargo xtask \
+     qemu-usdt` builds one)";
+
+/// What fixes a stripped QEMU.
+pub const STRIPPED_FIX: &str = "no debug file found; install its debug symbols (Debian: \
+     qemu-system-x86-dbgsym, Fedora: qemu-debuginfo) or use a QEMU built with \
+     --enable-trace-backends=dtrace";
+
+/// Why no source serves a VM's read/write counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadWriteUnavailable {
+    /// The QEMU binary could not be read (`/proc/PID/exe`: permission, process gone).
+    ExeUnreadable(String),
+    /// Its USDT notes could not be parsed.
+    UsdtNotesUnreadable(String),
+    /// No USDT probes, and the symbols could not be read at all.
+    NoUsdtSymbolsUnreadable(String),
+    /// No USDT probes and a stripped binary without a debug file.
+    NoUsdtStripped,
+    /// No USDT probes; symbols present but without `memory_region_dispatch_read/_write`.
+    NoUsdtNoDispatch,
+    /// The best source could not be attached.
+    AttachFailed {
+        source: ReadWriteSource,
+        why: String,
+    },
+    /// A KVM guest whose binary offers nothing, and the KVM tracepoints are not attached.
+    KvmTracepoints {
+        binary: Box<ReadWriteUnavailable>,
+        why: String,
+    },
+}
+
+impl fmt::Display for ReadWriteUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ExeUnreadable(why) => f.write_str(why),
+            Self::UsdtNotesUnreadable(why) => write!(f, "reading its USDT notes: {why}"),
+            Self::NoUsdtSymbolsUnreadable(why) => write!(f, "{NO_USDT_REASON}; {why}"),
+            Self::NoUsdtStripped => {
+                write!(f, "stripped QEMU without USDT probes: {STRIPPED_FIX}")
+            }
+            Self::NoUsdtNoDispatch => f.write_str(
+                "no USDT probes, and memory_region_dispatch_read/memory_region_dispatch_write \
+                 not found in the symbols",
+            ),
+            Self::AttachFailed {
+                source: ReadWriteSource::Usdt,
+                why,
+            } => write!(f, "attaching the USDT probes: {why}"),
+            Self::AttachFailed {
+                source: ReadWriteSource::Symbols,
+                why,
+            } => write!(f, "attaching memory_region_dispatch probes: {why}"),
+            Self::AttachFailed {
+                source: ReadWriteSource::KvmTracepoints,
+                why,
+            } => write!(f, "KVM tracepoints: {why}"),
+            Self::KvmTracepoints { binary, why } => write!(f, "{binary}; KVM tracepoints: {why}"),
+        }
+    }
+}
+
+/// Why a VM's timer events cannot be split by QEMU callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallbacksUnavailable {
+    ExeUnreadable(String),
+    SymbolsUnreadable(String),
+    Stripped,
+    NoTimerMod,
+    AttachFailed(String),
+}
+
+impl fmt::Display for CallbacksUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ExeUnreadable(why) | Self::SymbolsUnreadable(why) => f.write_str(why),
+            Self::Stripped => write!(f, "stripped QEMU: {STRIPPED_FIX}"),
+            Self::NoTimerMod => f.write_str("timer_mod_ns not found in the symbols"),
+            Self::AttachFailed(why) => write!(f, "attaching the timer_mod probes: {why}"),
+        }
+    }
+}
+
+/// What a QEMU binary's file offers the probes, found without attaching anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BinaryOffer {
+    /// The binary could not be read.
+    Unreadable(String),
+    Readable {
+        /// `Ok(true)`: the `memory_region_ops_read/_write` USDT probes are there.
+        usdt: Result<bool, String>,
+        /// What its symbols (own or from a debug file) offer, or why they could not be read.
+        symbols: Result<SymbolsOffer, String>,
+    },
+}
+
+/// What a binary's symbols offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SymbolsOffer {
+    /// A full symbol table (`.symtab` or a debug file), not only the exported symbols.
+    pub full: bool,
+    /// `memory_region_dispatch_read/_write` were found.
+    pub dispatch: bool,
+    /// `timer_mod_ns` (or a sibling) was found.
+    pub timer_mod: bool,
+}
+
+/// Which source to try for each count of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePlan {
+    /// Read/write sources to attach, best first; the first that attaches serves the counts.
+    pub read_write: Vec<ReadWriteSource>,
+    /// Why no read/write source is available when `read_write` is empty.
+    pub read_write_none: Option<ReadWriteUnavailable>,
+    /// Whether timer callbacks can be named (the `timer_mod` probes and their symbols).
+    pub callbacks: Result<(), CallbacksUnavailable>,
+}
+
+impl SourcePlan {
+    /// What the plan gives when every attach succeeds: what `profiler list` shows.
+    pub fn expected(&self) -> VmSources {
+        VmSources {
+            read_write: match self.read_write.first() {
+                Some(&source) => Ok(source),
+                None => Err(self
+                    .read_write_none
+                    .clone()
+                    .expect("a plan without candidates says why")),
+            },
+            callbacks: self.callbacks.clone(),
+        }
+    }
+}
+
+/// The source policy: which sources can serve each count of a VM whose binary offers `offer`,
+/// running under `accel`, with the KVM tracepoints attached (`Ok`) or not (`Err`: why).
+///
+/// Read/write, best first: USDT (exact, names every region, any accelerator) → uprobes on
+/// `memory_region_dispatch_*` (same counts, needs symbols) → under KVM only, the kvm
+/// tracepoints (exits to QEMU, named by port/page). Timer callbacks need symbols.
+pub fn plan(offer: &BinaryOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+    let (usdt, symbols) = match offer {
+        BinaryOffer::Unreadable(why) => {
+            return with_kvm(
+                SourcePlan {
+                    read_write: Vec::new(),
+                    read_write_none: Some(ReadWriteUnavailable::ExeUnreadable(why.clone())),
+                    callbacks: Err(CallbacksUnavailable::ExeUnreadable(why.clone())),
+                },
+                accel,
+                kvm,
+            );
+        }
+        BinaryOffer::Readable { usdt, symbols } => (usdt, symbols),
+    };
+    let mut read_write = Vec::new();
+    if usdt == &Ok(true) {
+        read_write.push(ReadWriteSource::Usdt);
+    }
+    let symbols_dispatch = match symbols {
+        Ok(s) if s.full && s.dispatch => Ok(()),
+        Ok(s) if !s.full => Err(ReadWriteUnavailable::NoUsdtStripped),
+        Ok(_) => Err(ReadWriteUnavailable::NoUsdtNoDispatch),
+        Err(why) => Err(ReadWriteUnavailable::NoUsdtSymbolsUnreadable(why.clone())),
+    };
+    if symbols_dispatch.is_ok() {
+        read_write.push(ReadWriteSource::Symbols);
+    }
+    let read_write_none = match (usdt, symbols_dispatch) {
+        (_, Ok(())) | (Ok(true), _) => None,
+        // Notes that cannot be parsed say more than "no probes".
+        (Err(why), _) => Some(ReadWriteUnavailable::UsdtNotesUnreadable(why.clone())),
+        (Ok(false), Err(why)) => Some(why),
+    };
+    let callbacks = match symbols {
+        Ok(s) if !s.full => Err(CallbacksUnavailable::Stripped),
+        Ok(s) if !s.timer_mod => Err(CallbacksUnavailable::NoTimerMod),
+        Ok(_) => Ok(()),
+        Err(why) => Err(CallbacksUnavailable::SymbolsUnreadable(why.clone())),
+    };
+    with_kvm(
+        SourcePlan {
+            read_write,
+            read_write_none,
+            callbacks,
+        },
+        accel,
+        kvm,
+    )
+}
+
+/// Adds the KVM tracepoints as the last read/write candidate of a KVM guest.
+fn with_kvm(mut plan: SourcePlan, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+    if accel != Accel::Kvm {
+        return plan;
+    }
+    match kvm {
+        Ok(()) => {
+            plan.read_write.push(ReadWriteSource::KvmTracepoints);
+            plan.read_write_none = None;
+        }
+        Err(why) => {
+            if let Some(binary) = plan.read_write_none.take() {
+                plan.read_write_none = Some(ReadWriteUnavailable::KvmTracepoints {
+                    binary: Box::new(binary),
+                    why: why.clone(),
+                });
+            }
+        }
+    }
+    plan
+}
+
+/// Which source serves each count of one watched VM, after attaching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSources {
+    pub read_write: Result<ReadWriteSource, ReadWriteUnavailable>,
+    pub callbacks: Result<(), CallbacksUnavailable>,
+}
+
+/// The timer source: wait-syscall tracepoints, for every QEMU.
+pub const TIMER_SOURCE: &str = "syscall";
+
+impl VmSources {
+    /// The `sources` object of the records (strings are the record contract).
+    pub fn record(&self) -> crate::record::Sources {
+        let rw = match &self.read_write {
+            Ok(source) => source.label().to_string(),
+            Err(why) => format!("unavailable: {why}"),
+        };
+        crate::record::Sources {
+            timer: TIMER_SOURCE.into(),
+            read: rw.clone(),
+            write: rw,
+            timer_callbacks: match &self.callbacks {
+                Ok(()) => "symbols".into(),
+                Err(why) => format!("unavailable: {why}"),
+            },
+        }
+    }
+}
+
+/// The outcome of attaching a plan: the first candidate that attached serves the counts; if
+/// none did, the first attach failure says why (the plan's own reason when it had none).
+/// `attempts` are the candidates tried, in order, with their results.
+pub fn settle(
+    plan: &SourcePlan,
+    attempts: &[(ReadWriteSource, Result<(), String>)],
+) -> Result<ReadWriteSource, ReadWriteUnavailable> {
+    if let Some((source, _)) = attempts.iter().find(|(_, r)| r.is_ok()) {
+        return Ok(*source);
+    }
+    match attempts.first() {
+        Some((source, Err(why))) => Err(ReadWriteUnavailable::AttachFailed {
+            source: *source,
+            why: why.clone(),
+        }),
+        _ => Err(plan
+            .read_write_none
+            .clone()
+            .expect("a plan without candidates says why")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: SymbolsOffer = SymbolsOffer {
+        full: true,
+        dispatch: true,
+        timer_mod: true,
+    };
+    const STRIPPED: SymbolsOffer = SymbolsOffer {
+        full: false,
+        dispatch: false,
+        timer_mod: false,
+    };
+
+    fn readable(usdt: bool, symbols: SymbolsOffer) -> BinaryOffer {
+        BinaryOffer::Readable {
+            usdt: Ok(usdt),
+            symbols: Ok(symbols),
+        }
+    }
+
+    fn kvm_ok() -> Result<(), String> {
+        Ok(())
+    }
+
+    fn kvm_missing() -> Result<(), String> {
+        Err("tracepoint kvm:kvm_pio does not exist".into())
+    }
+
+    use ReadWriteSource::*;
+
+    #[test]
+    fn usdt_first_then_symbols_then_kvm_tracepoints_for_kvm_guests() {
+        let p = plan(&readable(true, FULL), Accel::Tcg, &kvm_ok());
+        assert_eq!(p.read_write, [Usdt, Symbols]);
+        assert_eq!(p.callbacks, Ok(()));
+        let p = plan(&readable(true, FULL), Accel::Kvm, &kvm_ok());
+        assert_eq!(p.read_write, [Usdt, Symbols, KvmTracepoints]);
+        let p = plan(&readable(false, STRIPPED), Accel::Kvm, &kvm_ok());
+        assert_eq!(p.read_write, [KvmTracepoints]);
+        assert_eq!(p.expected().read_write, Ok(KvmTracepoints));
+        assert_eq!(p.callbacks, Err(CallbacksUnavailable::Stripped));
+    }
+
+    #[test]
+    fn stripped_tcg_guest_is_unavailable_with_the_fix() {
+        let p = plan(&readable(false, STRIPPED), Accel::Tcg, &kvm_ok());
+        assert!(p.read_write.is_empty());
+        let sources = p.expected().record();
+        assert!(
+            sources
+                .read
+                .starts_with("unavailable: stripped QEMU without USDT probes"),
+            "{sources:?}"
+        );
+        assert!(sources.read.contains("qemu-system-x86-dbgsym"));
+        assert_eq!(sources.read, sources.write);
+        assert!(
+            sources
+                .timer_callbacks
+                .starts_with("unavailable: stripped QEMU")
+        );
+        // Xen and unknown accelerators never get the KVM tracepoints.
+        for accel in [Accel::Xen, Accel::Unknown] {
+            assert!(
+                plan(&readable(false, STRIPPED), accel, &kvm_ok())
+                    .read_write
+                    .is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn kvm_guest_without_tracepoints_says_both_reasons() {
+        let p = plan(&readable(false, STRIPPED), Accel::Kvm, &kvm_missing());
+        let why = p.expected().read_write.unwrap_err().to_string();
+        assert!(why.starts_with("stripped QEMU without USDT"), "{why}");
+        assert!(why.ends_with("KVM tracepoints: tracepoint kvm:kvm_pio does not exist"));
+    }
+
+    #[test]
+    fn debug_file_symbols_serve_reads_and_callbacks() {
+        let p = plan(&readable(false, FULL), Accel::Tcg, &kvm_ok());
+        assert_eq!(p.read_write, [Symbols]);
+        let s = p.expected().record();
+        assert_eq!(
+            (s.read.as_str(), s.timer_callbacks.as_str()),
+            ("symbols", "symbols")
+        );
+        let partial = SymbolsOffer {
+            dispatch: false,
+            ..FULL
+        };
+        let p = plan(&readable(false, partial), Accel::Tcg, &kvm_ok());
+        assert_eq!(
+            p.expected().read_write,
+            Err(ReadWriteUnavailable::NoUsdtNoDispatch)
+        );
+        assert_eq!(p.callbacks, Ok(()));
+        let no_timer = SymbolsOffer {
+            timer_mod: false,
+            ..FULL
+        };
+        assert_eq!(
+            plan(&readable(true, no_timer), Accel::Tcg, &kvm_ok()).callbacks,
+            Err(CallbacksUnavailable::NoTimerMod)
+        );
+    }
+
+    #[test]
+    fn unreadable_binaries_and_notes() {
+        let p = plan(
+            &BinaryOffer::Unreadable("cannot read /proc/7/exe (EACCES); run as root".into()),
+            Accel::Tcg,
+            &kvm_ok(),
+        );
+        let s = p.expected().record();
+        assert_eq!(
+            s.read,
+            "unavailable: cannot read /proc/7/exe (EACCES); run as root"
+        );
+        // An unreadable KVM guest binary still has the kernel's view.
+        let p = plan(&BinaryOffer::Unreadable("x".into()), Accel::Kvm, &kvm_ok());
+        assert_eq!(p.read_write, [KvmTracepoints]);
+
+        let bad_notes = BinaryOffer::Readable {
+            usdt: Err("note 3 is truncated".into()),
+            symbols: Ok(STRIPPED),
+        };
+        let why = plan(&bad_notes, Accel::Tcg, &kvm_ok())
+            .expected()
+            .read_write
+            .unwrap_err();
+        assert_eq!(
+            why.to_string(),
+            "reading its USDT notes: note 3 is truncated"
+        );
+        let no_symbols = BinaryOffer::Readable {
+            usdt: Ok(false),
+            symbols: Err("reading symbols of /x: not an ELF file".into()),
+        };
+        let p = plan(&no_symbols, Accel::Tcg, &kvm_ok());
+        let why = p.expected().read_write.unwrap_err().to_string();
+        assert!(
+            why.starts_with(NO_USDT_REASON) && why.ends_with("not an ELF file"),
+            "{why}"
+        );
+        assert_eq!(
+            p.callbacks,
+            Err(CallbacksUnavailable::SymbolsUnreadable(
+                "reading symbols of /x: not an ELF file".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn settle_takes_the_first_candidate_that_attached() {
+        let p = plan(&readable(true, FULL), Accel::Kvm, &kvm_ok());
+        assert_eq!(settle(&p, &[(Usdt, Ok(()))]), Ok(Usdt));
+        assert_eq!(
+            settle(&p, &[(Usdt, Err("EPERM".into())), (Symbols, Ok(()))]),
+            Ok(Symbols)
+        );
+        let all_failed = [
+            (Usdt, Err("EPERM".into())),
+            (Symbols, Err("EINVAL".into())),
+            (KvmTracepoints, Err("gone".into())),
+        ];
+        let why = settle(&p, &all_failed).unwrap_err();
+        assert_eq!(why.to_string(), "attaching the USDT probes: EPERM");
+        let none = plan(&readable(false, STRIPPED), Accel::Tcg, &kvm_ok());
+        assert_eq!(
+            settle(&none, &[]),
+            Err(ReadWriteUnavailable::NoUsdtStripped)
+        );
+    }
+
+    #[test]
+    fn labels_are_the_record_contract() {
+        assert_eq!(Usdt.label(), "usdt");
+        assert_eq!(Symbols.label(), "symbols");
+        assert_eq!(KvmTracepoints.label(), "kvm-tracepoints");
+        let s = VmSources {
+            read_write: Ok(Usdt),
+            callbacks: Ok(()),
+        }
+        .record();
+        assert_eq!(
+            (s.timer.as_str(), s.read.as_str(), s.write.as_str()),
+            ("syscall", "usdt", "usdt")
+        );
+    }
+}

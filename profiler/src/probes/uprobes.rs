@@ -1,0 +1,113 @@
+//! uprobe links of one program in one process, made all at once or not at all (libbpf's
+//! `bpf_link` discipline): what an attach made is undone when a later step of it fails.
+
+use std::{num::NonZeroU32, path::Path};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+    },
+};
+
+/// Loads the uprobe program `name` (once, at start-up).
+pub fn load(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    program(ebpf, name)?
+        .load()
+        .with_context(|| format!("loading eBPF program {name}"))
+}
+
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing from the object"))?
+        .try_into()?)
+}
+
+/// Where to attach: a file offset in the process's executable, and the BPF cookie the
+/// program reads there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UprobePoint {
+    pub file_offset: u64,
+    pub cookie: u64,
+}
+
+/// Links of one program in one process.
+#[derive(Debug)]
+pub struct UprobeLinks {
+    program: &'static str,
+    links: Vec<UProbeLinkId>,
+}
+
+impl UprobeLinks {
+    pub fn empty(program: &'static str) -> Self {
+        Self {
+            program,
+            links: Vec::new(),
+        }
+    }
+
+    /// Attaches `program` at every point of `pid`'s executable, scoped to that process (its
+    /// breakpoints go into that process only). On error, the links made so far are detached.
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        program: &'static str,
+        pid: u32,
+        points: &[UprobePoint],
+    ) -> anyhow::Result<Self> {
+        let mut made = Self::empty(program);
+        for point in points {
+            if let Err(e) = made.add(ebpf, pid, *point) {
+                made.detach(ebpf);
+                return Err(e);
+            }
+        }
+        Ok(made)
+    }
+
+    /// Attaches one more point; on error nothing is added.
+    pub fn add(&mut self, ebpf: &mut Ebpf, pid: u32, point: UprobePoint) -> anyhow::Result<()> {
+        let scope =
+            UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0 cannot be probed")?);
+        let target = format!("/proc/{pid}/exe");
+        let link = program(ebpf, self.program)?
+            .attach(
+                UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
+                    cookie: Some(point.cookie),
+                },
+                Path::new(&target),
+                scope,
+            )
+            .with_context(|| {
+                format!(
+                    "attaching a uprobe at file offset {:#x} of {target}",
+                    point.file_offset
+                )
+            })?;
+        self.links.push(link);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.links.is_empty()
+    }
+
+    /// Detaches every link (a process that already exited is fine).
+    pub fn detach(self, ebpf: &mut Ebpf) {
+        if self.links.is_empty() {
+            return;
+        }
+        if let Ok(program) = program(ebpf, self.program) {
+            for link in self.links {
+                let _ = program.detach(link);
+            }
+        }
+    }
+}
