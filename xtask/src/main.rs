@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: set-up, test guest, demo and the whole test suite.
 
+mod bench;
 mod demo;
 mod qemu_usdt;
 mod setup;
@@ -16,6 +17,7 @@ tasks:
   qemu-usdt  build Debian's QEMU source with USDT probes (dtrace backend) into the cache
   demo    set up, boot a noisy and a quiet guest, profile them, print the report
   test    set up, build the guest, run lints, unit tests and the root end-to-end tests
+  bench   measure the profiler's costs into docs/benchmarks.md (`cargo xtask bench` lists them)
 ";
 
 fn main() -> ExitCode {
@@ -27,6 +29,9 @@ fn main() -> ExitCode {
         Some("qemu-usdt") => qemu_usdt::qemu_usdt().map(|bin| println!("{}", bin.display())),
         Some("demo") => demo::demo(&root, &args[1..]),
         Some("test") => test::test(&root, &args[1..]),
+        Some("bench") => bench::bench(&root, &args[1..]),
+        // A process named like QEMU for the scale benchmarks (see bench/qemu_like.rs).
+        Some("qemu-like") => bench::qemu_like_main(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())

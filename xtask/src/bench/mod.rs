@@ -1,0 +1,110 @@
+//! `cargo xtask bench`: the profiler's costs, measured on this machine, written to
+//! docs/benchmarks.md (each figure with the command that produced it) and a JSON file beside
+//! it. Speed and overhead goals live here, not in timed tests.
+//!
+//! Each benchmark owns one section of docs/benchmarks.md, between
+//! `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, rewritten when it runs.
+
+mod qemu_like;
+mod top_history;
+
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, bail};
+
+pub use qemu_like::qemu_like_main;
+
+const USAGE: &str = "\
+usage: cargo xtask bench <benchmark> [options]
+
+benchmarks:
+  top-history [--vms N] [--windows W]
+      profiler top's CPU and memory with N QEMU-like processes after 5 windows and after W
+      (default 100 VMs, 120 one-second windows)
+";
+
+pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("top-history") => top_history::run(root, &args[1..]),
+        _ => {
+            eprint!("{USAGE}");
+            bail!("which benchmark?")
+        }
+    }
+}
+
+/// `--name N` from `args`, else `default`.
+fn flag(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a value"))?
+            .parse()
+            .with_context(|| format!("{name} takes a whole number")),
+        None => Ok(default),
+    }
+}
+
+/// Replaces (or appends) section `name` of docs/benchmarks.md with `body`, and writes
+/// `json` to docs/benchmarks/NAME.json.
+fn publish(root: &Path, name: &str, body: &str, json: &serde_json::Value) -> anyhow::Result<()> {
+    let docs = root.join("docs");
+    let md = docs.join("benchmarks.md");
+    let text = fs::read_to_string(&md).unwrap_or_else(|_| {
+        "# Benchmarks\n\nMeasured on this project's test machine kind (2 cores, nested \
+         virtualization, TCG guests): absolute numbers are high, ratios measured side by side \
+         in one run are what carry over. Each section is written by the `cargo xtask bench` \
+         command it names.\n"
+            .to_string()
+    });
+    let (open, close) = (
+        format!("<!-- bench:{name} -->"),
+        format!("<!-- /bench:{name} -->"),
+    );
+    let section = format!("{open}\n{}\n{close}", body.trim_end());
+    let text = match (text.find(&open), text.find(&close)) {
+        (Some(a), Some(b)) if b > a => {
+            format!("{}{section}{}", &text[..a], &text[b + close.len()..])
+        }
+        _ => format!("{}\n\n{section}\n", text.trim_end()),
+    };
+    fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
+    let dir = docs.join("benchmarks");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    fs::write(&path, serde_json::to_string_pretty(json)? + "\n")?;
+    eprintln!("xtask bench: wrote {} and {}", md.display(), path.display());
+    Ok(())
+}
+
+/// CPU ticks (user + system) and resident memory of a process.
+#[derive(Debug, Clone, Copy)]
+struct ProcUsage {
+    cpu_ticks: u64,
+    rss_bytes: u64,
+}
+
+fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let after = &stat[stat.rfind(')').context("malformed stat")? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Field 14/15 (utime, stime) are at 11/12 counting from field 3.
+    let cpu_ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(ProcUsage {
+        cpu_ticks,
+        rss_bytes: rss_kb * 1024,
+    })
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
