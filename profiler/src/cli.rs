@@ -72,6 +72,29 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Serve per-VM metrics for Prometheus (`/metrics`), a long-running collector.
+    Serve {
+        /// Address to listen on. A non-loopback address exposes this host's VM names and
+        /// counts to the network; it is said on stderr.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: std::net::SocketAddr,
+        /// Window length in seconds (records, textfile updates).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        window: u64,
+        /// Also append closed windows here as JSON lines, as `record` writes them; SIGHUP
+        /// reopens the file (logrotate).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Also write the metrics to DIR/qemu_profiler.prom each window, atomically, for
+        /// node_exporter's textfile collector.
+        #[arg(long)]
+        textfile_dir: Option<PathBuf>,
+        /// Seconds an exited VM's series stay before they are dropped.
+        #[arg(long, default_value_t = 300)]
+        exit_grace: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print a recording as Pulsar tables (Interval | Timer | Read | Write | CPU), per VM.
     Report {
         /// A recording written by `profiler record` (`-` for standard input).

@@ -63,6 +63,22 @@ pub struct VmObservation {
     pub callbacks: CallbackTotals,
 }
 
+impl VmObservation {
+    /// This observation updated with what could still be read after the VM exited: counts
+    /// that could be read replace the old ones (CPU time cannot be: the process is gone).
+    pub fn with_final(&self, fin: &FinalCounts) -> VmObservation {
+        let mut out = self.clone();
+        out.counts = merge_final(&self.counts, &fin.counts);
+        for (key, v) in &fin.devices {
+            out.devices.insert(key.clone(), *v);
+        }
+        for (name, v) in &fin.callbacks {
+            out.callbacks.insert(name.clone(), *v);
+        }
+        out
+    }
+}
+
 /// What could still be read of a VM after it exited.
 #[derive(Debug, Clone, Default)]
 pub struct FinalCounts {

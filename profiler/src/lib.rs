@@ -12,6 +12,7 @@ pub mod commands;
 pub mod discovery;
 pub mod elf;
 pub mod live;
+pub mod metrics;
 pub mod mtree;
 pub mod names;
 pub mod output;

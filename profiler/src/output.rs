@@ -62,6 +62,13 @@ impl<W: Write> RecordSink<W> {
         &self.pending
     }
 
+    /// Puts bytes another sink could not write in front of this one's (a reopened file takes
+    /// what the old one could not).
+    pub fn requeue(&mut self, mut bytes: Vec<u8>) {
+        bytes.append(&mut self.pending);
+        self.pending = bytes;
+    }
+
     /// [`Self::push`], with what changed said as a note: when writing starts failing (once
     /// per failure streak) and when it works again.
     pub fn write(&mut self, records: &[WindowRecord]) -> Option<Note> {

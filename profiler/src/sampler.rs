@@ -13,7 +13,7 @@ use std::{future::Future, ops::ControlFlow, time::Duration};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
-    collector::{RunningWindow, WindowClock},
+    collector::{RunningWindow, VmObservation, WindowClock},
     discovery::QemuProcess,
     names::Note,
     probes::{ProbeCost, ProbeLayer},
@@ -32,8 +32,14 @@ pub trait SessionView {
     /// Probe sources attached right now.
     fn live_sources(&self) -> Vec<String>;
     fn probe_cost(&self) -> ProbeCost;
+    /// The host-wide probe sources and whether they are attached.
+    fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)>;
     /// The QEMU processes the last sample saw (after the VM selection).
     fn processes(&self) -> &[QemuProcess];
+    /// Every live VM's cumulative counts at the last sample.
+    fn observations(&self) -> &[VmObservation];
+    /// VMs that exited at the last sample, with their final cumulative counts.
+    fn exits(&self) -> &[VmObservation];
 }
 
 impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
@@ -49,8 +55,17 @@ impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
     fn probe_cost(&self) -> ProbeCost {
         Session::probe_cost(self)
     }
+    fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)> {
+        Session::host_sources(self)
+    }
     fn processes(&self) -> &[QemuProcess] {
         Session::processes(self)
+    }
+    fn observations(&self) -> &[VmObservation] {
+        Session::observations(self)
+    }
+    fn exits(&self) -> &[VmObservation] {
+        Session::exits(self)
     }
 }
 

@@ -93,6 +93,10 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     watched: HashMap<u32, WatchedVm>,
     /// The processes seen by the last sample.
     last_seen: Vec<QemuProcess>,
+    /// Every live VM's cumulative counts at the last sample.
+    observed: Vec<VmObservation>,
+    /// VMs that exited at the last sample, with their final cumulative counts.
+    exited: Vec<VmObservation>,
 }
 
 impl<P: ProbeLayer> Session<P> {
@@ -125,6 +129,8 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             filter,
             watched: HashMap::new(),
             last_seen: Vec::new(),
+            observed: Vec::new(),
+            exited: Vec::new(),
         }
     }
 
@@ -204,7 +210,24 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         }
         self.last_seen = procs;
         let closed = self.collector.observe(t, &observations, &finals);
+        self.exited = self
+            .observed
+            .iter()
+            .filter_map(|o| finals.get(&o.key).map(|fin| o.with_final(fin)))
+            .collect();
+        self.observed = observations;
         Ok(SampleReport { closed, notes })
+    }
+
+    /// Every live VM's cumulative counts (since it was first watched) at the last sample;
+    /// `cpu_ticks` is the process's whole CPU time.
+    pub fn observations(&self) -> &[VmObservation] {
+        &self.observed
+    }
+
+    /// The VMs that exited at the last sample, with their final cumulative counts.
+    pub fn exits(&self) -> &[VmObservation] {
+        &self.exited
     }
 
     /// Closes every running window as partial (the profiler stops at `t`).
@@ -271,6 +294,11 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
     pub fn probe_cost(&self) -> ProbeCost {
         self.probes.cost()
+    }
+
+    /// The host-wide probe sources and whether they are attached.
+    pub fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)> {
+        self.probes.host_sources()
     }
 
     #[cfg(test)]
@@ -476,6 +504,14 @@ mod tests {
         assert_eq!(w.devices[0].name, "parallel");
         assert_eq!(w.sources.read, "usdt");
         assert!(r.session.running().is_empty());
+        // The cumulative view (what `serve` exports) has the final counts too.
+        assert!(r.session.observations().is_empty());
+        let exits = r.session.exits();
+        assert_eq!(exits.len(), 1);
+        assert_eq!(
+            (exits[0].counts.timer, exits[0].counts.read),
+            (Some(45), Some(12))
+        );
     }
 
     #[test]

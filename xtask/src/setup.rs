@@ -29,6 +29,9 @@ const PACKAGES: &[&str] = &[
     // a USDT test program (<sys/sdt.h>).
     "binutils",
     "systemtap-sdt-dev",
+    // `profiler serve` is tested against a real Prometheus server, and its alerting rules
+    // and exposition with promtool.
+    "prometheus",
 ];
 
 fn say(msg: &str) {

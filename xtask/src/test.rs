@@ -47,6 +47,26 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
             "warnings",
         ]))?;
 
+    // The alerting rules shipped for `profiler serve`, with their unit tests.
+    if crate::setup::which("promtool") {
+        eprintln!("xtask: promtool check rules / test rules (deploy/prometheus)");
+        let rules = root.join("deploy/prometheus");
+        run(Command::new("promtool").current_dir(&rules).args([
+            "check",
+            "rules",
+            "qemu-profiler-rules.yml",
+        ]))?;
+        run(Command::new("promtool").current_dir(&rules).args([
+            "test",
+            "rules",
+            "qemu-profiler-rules.test.yml",
+        ]))?;
+    } else if is_root() {
+        anyhow::bail!("promtool is missing although set-up ran (Debian package `prometheus`)");
+    } else {
+        eprintln!("xtask: promtool not installed: the alerting-rule tests are skipped");
+    }
+
     let mut tests = cargo_cmd();
     tests.args(["test", "--workspace", "--exclude", "profiler-ebpf"]);
     if is_root() {

@@ -3,6 +3,7 @@
 mod list;
 mod record;
 mod report;
+mod serve;
 mod top;
 
 use std::process::ExitCode;
@@ -25,6 +26,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             debug_roots: debug_roots(target.debug_dirs),
         }),
         Command::Report { file, format } => report::run(&file, format),
+        Command::Serve {
+            listen,
+            window,
+            output,
+            textfile_dir,
+            exit_grace,
+            target,
+        } => serve::run(serve::ServeOptions {
+            listen,
+            window,
+            output,
+            textfile_dir,
+            exit_grace,
+            filter: filter(&target),
+            debug_roots: debug_roots(target.debug_dirs),
+        }),
         Command::Top {
             window,
             output,

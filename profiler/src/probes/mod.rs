@@ -76,6 +76,10 @@ pub trait ProbeLayer {
     fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>>;
     /// The probes' own run count and run time so far.
     fn cost(&self) -> ProbeCost;
+    /// The host-wide sources and whether they are attached (`Err`: why not).
+    fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)> {
+        Vec::new()
+    }
 }
 
 /// Checks the privileges loading eBPF needs, with an error a person can act on.
@@ -314,6 +318,13 @@ impl ProbeLayer for EventProbes {
             }
         }
         Ok(out)
+    }
+
+    fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)> {
+        vec![
+            ("syscall-tracepoints", Ok(())),
+            ("kvm-tracepoints", self.kvm.status().clone()),
+        ]
     }
 
     fn cost(&self) -> ProbeCost {
