@@ -13,6 +13,7 @@
 pub mod exe;
 pub mod kvm;
 pub mod policy;
+pub mod refctr;
 pub mod symbols;
 pub mod timers;
 pub mod uprobes;
@@ -134,6 +135,8 @@ pub struct EventProbes {
     usdt: UsdtSource,
     symbols: SymbolSource,
     kvm: KvmSource,
+    /// Said while attaching, handed out with the watch that caused it.
+    pending_notes: Vec<Note>,
     /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
     _stats: Option<OwnedFd>,
 }
@@ -158,6 +161,7 @@ impl EventProbes {
             usdt,
             symbols,
             kvm,
+            pending_notes: Vec::new(),
             _stats: stats,
         })
     }
@@ -200,7 +204,15 @@ impl EventProbes {
     ) -> Result<(), String> {
         let result = match source {
             ReadWriteSource::Usdt => match exe.map(|e| &e.usdt) {
-                Some(Ok(Some(usdt))) => self.usdt.attach(&mut self.ebpf, pid, usdt),
+                Some(Ok(Some(usdt))) => self.usdt.attach(&mut self.ebpf, pid, usdt).map(|how| {
+                    if how == usdt::SemaphoreManagement::ByHand {
+                        self.pending_notes.push(Note::general(format!(
+                            "pid {pid}: another tracer holds QEMU's USDT sites without a \
+                             kernel-managed semaphore; the profiler raises the semaphores by \
+                             hand, and a SIGKILL of the profiler would leave them raised"
+                        )));
+                    }
+                }),
                 _ => Err(anyhow::anyhow!("no USDT probes")),
             },
             ReadWriteSource::Symbols => match exe.map(|e| &e.symbols) {
@@ -261,6 +273,7 @@ impl ProbeLayer for EventProbes {
         if let Err(why @ policy::CallbacksUnavailable::AttachFailed(_)) = &callbacks {
             notes.push(Note::vm(name, why.to_string()));
         }
+        notes.append(&mut self.pending_notes);
         let names = NameSources::from_symbols(
             symbols,
             callbacks.is_ok(),
@@ -399,7 +412,7 @@ pub(crate) mod tests {
     use super::{
         symbols::{DISPATCH_PROGRAM, SymbolSource},
         uprobes::UprobePoint,
-        usdt::{SPECS_MAP, SiteToAttach, UsdtSource},
+        usdt::{self, SPECS_MAP, SiteToAttach, UsdtSource},
         *,
     };
 
@@ -497,17 +510,14 @@ pub(crate) mod tests {
         let before = probe_fds();
 
         // The first site attaches; the second is past the end of the file.
-        let sites = [
-            SiteToAttach {
-                file_offset: entry,
-                spec: spec(),
-            },
-            SiteToAttach {
-                file_offset: 1 << 40,
-                spec: spec(),
-            },
-        ];
-        let err = usdt.attach_sites(&mut ebpf, pid, &sites, &[]).unwrap_err();
+        let site = |file_offset, semaphore_file_offset| SiteToAttach {
+            file_offset,
+            spec: spec(),
+            semaphore_file_offset,
+            semaphore_address: None,
+        };
+        let sites = [site(entry, None), site(1 << 40, None)];
+        let err = usdt.attach_sites(&mut ebpf, pid, &sites).unwrap_err();
         assert!(
             format!("{err:#}").contains("file offset 0x10000000000"),
             "{err:#}"
@@ -516,16 +526,21 @@ pub(crate) mod tests {
         assert_eq!(spec_entries(&mut ebpf), 0, "a spec was left in {SPECS_MAP}");
         assert!(!usdt.is_attached(pid));
 
-        // Every uprobe attaches, then raising a semaphore fails (an unmapped address).
+        // The first site attaches, the second's semaphore cannot be one (an odd offset).
         let err = usdt
-            .attach_sites(&mut ebpf, pid, &sites[..1], &[0x10])
+            .attach_sites(
+                &mut ebpf,
+                pid,
+                &[site(entry, None), site(entry, Some(0x1001))],
+            )
             .unwrap_err();
         assert!(format!("{err:#}").contains("semaphore"), "{err:#}");
         assert_eq!(probe_fds(), before);
         assert_eq!(spec_entries(&mut ebpf), 0);
 
-        // And a good attach holds one uprobe and one spec, until detached.
-        usdt.attach_sites(&mut ebpf, pid, &sites[..1], &[]).unwrap();
+        // And a good attach holds its uprobe and its spec, until detached.
+        let how = usdt.attach_sites(&mut ebpf, pid, &sites[..1]).unwrap();
+        assert_eq!(how, usdt::SemaphoreManagement::Kernel);
         assert!(probe_fds() > before);
         assert_eq!(spec_entries(&mut ebpf), 1);
         usdt.detach(&mut ebpf, pid);

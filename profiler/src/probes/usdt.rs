@@ -6,14 +6,11 @@
 //! `USDT_SPECS`.
 //!
 //! **Semaphores.** QEMU guards these probe sites with USDT semaphores: the site only runs while
-//! the semaphore (a `u16` in QEMU's data segment) is non-zero. The kernel can manage it through
-//! the uprobe `ref_ctr_offset`, but aya 0.14's uprobe attach does not expose that field, so the
-//! semaphore is raised by writing the process's memory through `/proc/PID/mem` after the
-//! uprobes are attached, and lowered again when the attachment is dropped — on a normal end,
-//! Ctrl-C, SIGTERM and unwinding panics alike. If QEMU exits first there is nothing to lower.
-//! If the profiler is SIGKILLed the semaphore stays raised: QEMU then evaluates the (now
-//! unprobed) site on every device access, a few instructions each, until the next attach and
-//! detach brings it back to zero.
+//! the semaphore (a `u16` in QEMU's data segment) is non-zero. The sites are attached with the
+//! semaphore managed by the kernel (uprobe `ref_ctr_offset`, see [`super::refctr`]), so it is
+//! lowered however the profiler ends, SIGKILL included. Only when the kernel refuses that form
+//! (another tracer holds a site without it) are plain uprobes used and the semaphore raised
+//! through `/proc/PID/mem`, lowered on drop.
 
 use std::{
     collections::HashMap,
@@ -30,6 +27,7 @@ use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, usdt_arg};
 
 use super::{
     exe::UsdtBinary,
+    refctr::{self, RefCountedUprobe},
     uprobes::{self, UprobeLinks, UprobePoint},
 };
 use crate::elf::usdt::{UsdtArg, UsdtArgLocation, UsdtProbe, parse_usdt_probes};
@@ -213,21 +211,41 @@ impl Drop for RaisedSemaphore {
     }
 }
 
-/// The read/write probes attached to one QEMU process: spec cookies in `USDT_SPECS`, uprobe
-/// links, raised semaphores.
+/// How the sites of one process are attached.
+#[derive(Debug)]
+enum SiteLinks {
+    /// Uprobes with a kernel-managed semaphore ([`refctr`]): nothing to undo by hand, and
+    /// nothing left raised if the profiler is killed.
+    Kernel(Vec<RefCountedUprobe>),
+    /// aya uprobes and semaphores raised through `/proc/PID/mem`: the fallback when the kernel
+    /// refuses the managed form (another tracer holds a site without it). A SIGKILL of the
+    /// profiler leaves these semaphores raised.
+    ByHand {
+        links: UprobeLinks,
+        semaphores: Vec<RaisedSemaphore>,
+    },
+}
+
+/// The read/write probes attached to one QEMU process: spec cookies in `USDT_SPECS` and the
+/// sites' links.
 #[derive(Debug)]
 struct UsdtAttachment {
     cookies: Vec<u32>,
-    links: UprobeLinks,
-    semaphores: Vec<RaisedSemaphore>,
+    sites: Option<SiteLinks>,
 }
 
 impl UsdtAttachment {
-    /// Undoes everything, in reverse order: semaphores first (the sites stop firing), then
-    /// the uprobes, then the specs they looked up.
+    /// Undoes everything, in reverse order: the sites first (semaphores down, uprobes gone),
+    /// then the specs they looked up.
     fn release(self, ebpf: &mut Ebpf) {
-        drop(self.semaphores);
-        self.links.detach(ebpf);
+        match self.sites {
+            Some(SiteLinks::Kernel(uprobes)) => drop(uprobes),
+            Some(SiteLinks::ByHand { links, semaphores }) => {
+                drop(semaphores);
+                links.detach(ebpf);
+            }
+            None => {}
+        }
         forget_specs(ebpf, &self.cookies);
     }
 }
@@ -247,11 +265,23 @@ fn forget_specs(ebpf: &mut Ebpf, cookies: &[u32]) {
     }
 }
 
-/// One probe site to attach: its file offset and its argument spec.
+/// One probe site to attach: its file offset, its argument spec, and its semaphore (file
+/// offset for the kernel, runtime address for the by-hand fallback).
 #[derive(Debug, Clone, Copy)]
 pub struct SiteToAttach {
     pub file_offset: u64,
     pub spec: UsdtSpec,
+    pub semaphore_file_offset: Option<u64>,
+    pub semaphore_address: Option<u64>,
+}
+
+/// How a process's USDT semaphores are managed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SemaphoreManagement {
+    /// By the kernel (uprobe `ref_ctr_offset`).
+    Kernel,
+    /// By the profiler, through `/proc/PID/mem`.
+    ByHand,
 }
 
 /// The USDT read/write source: the `usdt_memory_region_ops` program and its attachments, one
@@ -272,8 +302,8 @@ impl UsdtSource {
         })
     }
 
-    /// The specs and semaphore addresses of `exe`'s sites as mapped in `pid`.
-    pub fn resolve(pid: u32, exe: &UsdtBinary) -> anyhow::Result<(Vec<SiteToAttach>, Vec<u64>)> {
+    /// The sites of `exe` as mapped in `pid`: specs, file offsets, semaphores.
+    pub fn resolve(pid: u32, exe: &UsdtBinary) -> anyhow::Result<Vec<SiteToAttach>> {
         let inode = super::exe::exe_identity(pid)?.1;
         let bias = load_bias(pid, inode, |off| {
             exe.segments.iter().find_map(|s| s.vaddr_of(off))
@@ -296,67 +326,91 @@ impl UsdtSource {
                 sites.push(SiteToAttach {
                     file_offset: site.pc_file_offset,
                     spec: site_spec(site, k, &rip)?,
+                    semaphore_file_offset: site.semaphore_file_offset,
+                    semaphore_address: site.semaphore.map(|sem| bias.wrapping_add(sem)),
                 });
             }
         }
-        let semaphores = exe
-            .sites
-            .read
-            .iter()
-            .chain(&exe.sites.write)
-            .filter_map(|s| s.semaphore)
-            .map(|sem| bias.wrapping_add(sem))
-            .collect();
-        Ok((sites, semaphores))
+        Ok(sites)
     }
 
     /// Attaches `exe`'s read/write probes to process `pid`. All or nothing: on any error,
     /// every spec, uprobe and semaphore this call made is undone.
-    pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32, exe: &UsdtBinary) -> anyhow::Result<()> {
-        let (sites, semaphores) = Self::resolve(pid, exe)?;
-        self.attach_sites(ebpf, pid, &sites, &semaphores)
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &UsdtBinary,
+    ) -> anyhow::Result<SemaphoreManagement> {
+        let sites = Self::resolve(pid, exe)?;
+        self.attach_sites(ebpf, pid, &sites)
     }
 
-    /// [`Self::attach`] with the sites already resolved: specs into `USDT_SPECS` under fresh
-    /// cookies, a uprobe per site, then the semaphores, last, so the sites start firing only
-    /// once every uprobe is in.
+    /// [`Self::attach`] with the sites resolved: specs into `USDT_SPECS` under fresh cookies,
+    /// then the sites with kernel-managed semaphores; if the kernel refuses that form, aya
+    /// uprobes and semaphores raised by hand, last, so the sites fire only once every uprobe
+    /// is in.
     pub fn attach_sites(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
         sites: &[SiteToAttach],
-        semaphores: &[u64],
-    ) -> anyhow::Result<()> {
-        if self.attached.contains_key(&pid) {
-            return Ok(());
+    ) -> anyhow::Result<SemaphoreManagement> {
+        if let Some(a) = self.attached.get(&pid) {
+            return Ok(match a.sites {
+                Some(SiteLinks::ByHand { .. }) => SemaphoreManagement::ByHand,
+                _ => SemaphoreManagement::Kernel,
+            });
         }
         let mut made = UsdtAttachment {
             cookies: Vec::new(),
-            links: UprobeLinks::empty(PROGRAM),
-            semaphores: Vec::new(),
+            sites: None,
         };
-        let result = (|| -> anyhow::Result<()> {
-            let mut points = Vec::new();
+        let result = (|| -> anyhow::Result<SemaphoreManagement> {
+            let mut cookies = Vec::new();
             for site in sites {
                 let cookie = self.next_cookie;
                 self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
                 specs_map(ebpf)?.insert(cookie, site.spec, 0)?;
                 made.cookies.push(cookie);
-                points.push(UprobePoint {
-                    file_offset: site.file_offset,
-                    cookie: u64::from(cookie),
-                });
+                cookies.push(cookie);
             }
-            made.links = UprobeLinks::attach(ebpf, PROGRAM, pid, &points)?;
-            for &addr in semaphores {
-                made.semaphores.push(RaisedSemaphore::raise(pid, addr)?);
+            match attach_kernel_managed(ebpf, pid, sites, &cookies) {
+                Ok(uprobes) => {
+                    made.sites = Some(SiteLinks::Kernel(uprobes));
+                    Ok(SemaphoreManagement::Kernel)
+                }
+                // The kernel refuses a site already registered with another ref_ctr_offset
+                // (EINVAL): attach as such tools do.
+                Err(KernelAttachError::Refused) => {
+                    let points: Vec<UprobePoint> = sites
+                        .iter()
+                        .zip(&cookies)
+                        .map(|(site, &cookie)| UprobePoint {
+                            file_offset: site.file_offset,
+                            cookie: u64::from(cookie),
+                        })
+                        .collect();
+                    let links = UprobeLinks::attach(ebpf, PROGRAM, pid, &points)?;
+                    made.sites = Some(SiteLinks::ByHand {
+                        links,
+                        semaphores: Vec::new(),
+                    });
+                    for addr in sites.iter().filter_map(|s| s.semaphore_address) {
+                        let raised = RaisedSemaphore::raise(pid, addr)?;
+                        if let Some(SiteLinks::ByHand { semaphores, .. }) = &mut made.sites {
+                            semaphores.push(raised);
+                        }
+                    }
+                    Ok(SemaphoreManagement::ByHand)
+                }
+                Err(KernelAttachError::Failed(e)) => Err(e),
             }
-            Ok(())
         })();
         match result {
-            Ok(()) => {
+            Ok(how) => {
                 self.attached.insert(pid, made);
-                Ok(())
+                Ok(how)
             }
             Err(e) => {
                 made.release(ebpf);
@@ -369,7 +423,8 @@ impl UsdtSource {
         self.attached.contains_key(&pid)
     }
 
-    /// Lowers the semaphores, detaches the uprobes and drops the specs of `pid`.
+    /// Detaches the sites of `pid` (the kernel or the profiler lowers the semaphores) and
+    /// drops its specs.
     pub fn detach(&mut self, ebpf: &mut Ebpf, pid: u32) {
         if let Some(attachment) = self.attached.remove(&pid) {
             attachment.release(ebpf);
@@ -381,6 +436,51 @@ impl UsdtSource {
             attachment.release(ebpf);
         }
     }
+}
+
+/// Why the kernel-managed attach did not happen.
+enum KernelAttachError {
+    /// The kernel refused the managed form (EINVAL from `perf_event_open` on a guarded site):
+    /// worth the by-hand fallback.
+    Refused,
+    Failed(anyhow::Error),
+}
+
+/// Attaches every site with its semaphore managed by the kernel; all or nothing (what was
+/// made is dropped, which detaches it, on the first error).
+fn attach_kernel_managed(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    sites: &[SiteToAttach],
+    cookies: &[u32],
+) -> Result<Vec<RefCountedUprobe>, KernelAttachError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let program = uprobes::program(ebpf, PROGRAM).map_err(KernelAttachError::Failed)?;
+    let prog_fd = program
+        .fd()
+        .map_err(|e| KernelAttachError::Failed(e.into()))?
+        .as_fd()
+        .as_raw_fd();
+    let mut made = Vec::with_capacity(sites.len());
+    for (site, &cookie) in sites.iter().zip(cookies) {
+        let ref_ctr = site.semaphore_file_offset.unwrap_or(0);
+        match refctr::attach(prog_fd, pid, site.file_offset, ref_ctr, u64::from(cookie)) {
+            Ok(uprobe) => made.push(uprobe),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && ref_ctr != 0 => {
+                return Err(KernelAttachError::Refused);
+            }
+            Err(e) => {
+                return Err(KernelAttachError::Failed(anyhow::Error::new(e).context(
+                    format!(
+                        "attaching a uprobe at file offset {:#x} of /proc/{pid}/exe (semaphore at \
+                     file offset {ref_ctr:#x})",
+                        site.file_offset
+                    ),
+                )));
+            }
+        }
+    }
+    Ok(made)
 }
 
 #[cfg(test)]
