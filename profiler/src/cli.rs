@@ -72,6 +72,36 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Did these devices go quiet? A verdict per VM and device class, with the evidence and
+    /// the fix; exit 0 all quiet, 1 something noisy, 2 cannot tell (or no VM matched).
+    Check {
+        /// Judge this recording instead of recording live.
+        file: Option<PathBuf>,
+        /// Device classes that must be quiet, comma-separated (`usb,serial,parallel`);
+        /// `--list-classes` shows them all.
+        #[arg(long, value_delimiter = ',', required_unless_present_any = ["list_classes", "max_timer_rate"])]
+        quiet: Vec<String>,
+        /// Windows to judge (live).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        windows: u64,
+        /// Window length in seconds (live).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        window: u64,
+        /// Skip each VM's first SETTLE seconds (boot noise). Default: one window live, none
+        /// for a recording.
+        #[arg(long)]
+        settle: Option<u64>,
+        /// Also noisy: more timer events per second than this.
+        #[arg(long)]
+        max_timer_rate: Option<f64>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: crate::commands::CheckFormat,
+        /// List the device classes: what each matches and how it is disabled.
+        #[arg(long)]
+        list_classes: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Serve per-VM metrics for Prometheus (`/metrics`), a long-running collector.
     Serve {
         /// Address to listen on. A non-loopback address exposes this host's VM names and
@@ -101,5 +131,48 @@ pub enum Command {
         file: PathBuf,
         #[arg(long, value_enum, default_value = "table")]
         format: ReportFormat,
+        /// Also draw events per window per VM into this file (.svg, or .png where fonts exist).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Two recordings side by side (before/after a change): per-window means of every count,
+    /// the change in %, per device and per timer callback.
+    Compare {
+        before: PathBuf,
+        after: PathBuf,
+        /// Pair VM BEFORE_NAME of the first recording with AFTER_NAME of the second
+        /// (repeatable; default: by name, or the only VM of each).
+        #[arg(long = "pair")]
+        pairs: Vec<crate::analysis::compare::Pair>,
+        /// Seconds after each VM appeared that the means skip (boot).
+        #[arg(long, default_value_t = 0.0)]
+        settle: f64,
+        #[arg(long)]
+        json: bool,
+        /// Also draw before vs after into this file (.svg, or .png where fonts exist).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// How many VMs like the recorded ones fit on a host: each VM's idle cost, per profile
+    /// (VMs named alike), and the host's measured CPU against the number of VMs.
+    Capacity {
+        file: PathBuf,
+        /// Cores to plan for (default: the recorded host's).
+        #[arg(long)]
+        cores: Option<f64>,
+        /// Cores kept for the host itself.
+        #[arg(long, default_value_t = 0.0)]
+        reserve_cores: f64,
+        /// Share of the remaining cores the VMs' device models may use (0..1].
+        #[arg(long, default_value_t = 0.8)]
+        target_util: f64,
+        /// Seconds after a VM appeared that do not count (boot).
+        #[arg(long, default_value_t = 30.0)]
+        settle: f64,
+        #[arg(long)]
+        json: bool,
+        /// Also draw host CPU against VM count with the projection (.svg or .png).
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
 }

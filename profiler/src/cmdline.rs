@@ -57,6 +57,41 @@ pub struct ParsedCmdline {
     pub devices: Vec<String>,
     /// QMP monitors (`-qmp`, or `-chardev socket` + `-mon mode=control`).
     pub qmp: Vec<QmpEndpoint>,
+    /// `-nodefaults`: no default serial, parallel, VGA, ... devices.
+    #[serde(default)]
+    pub nodefaults: bool,
+    /// Default devices turned off with `-<opt> none` (`serial`, `parallel`, `vga`, ...).
+    #[serde(default)]
+    pub disabled: Vec<String>,
+}
+
+/// Shorthand options whose device the `pc` and `q35` machines create by default.
+const DEFAULT_DEVICE_OPTIONS: &[&str] = &["serial", "parallel", "vga"];
+
+/// The devices a VM really has, as far as its command line tells: the explicit ones, then
+/// `default:<opt>` for each device the machine creates by default (a serial port, a parallel
+/// port, VGA unless `-nodefaults` or `-<opt> none`; the floppy controller the `pc` machine
+/// always has).
+pub fn effective_devices(p: &ParsedCmdline) -> Vec<String> {
+    let mut out = p.devices.clone();
+    let pc_like =
+        |m: &str| m == "pc" || m.starts_with("pc-i440fx") || m.starts_with("pc-q35") || m == "q35";
+    let machine = p.machine.as_deref().unwrap_or("pc");
+    if !pc_like(machine) {
+        return out;
+    }
+    if !p.nodefaults {
+        for opt in DEFAULT_DEVICE_OPTIONS {
+            let explicit = p.devices.iter().any(|d| d.starts_with(&format!("{opt}:")));
+            if !explicit && !p.disabled.iter().any(|d| d == opt) {
+                out.push(format!("default:{opt}"));
+            }
+        }
+    }
+    if machine == "pc" || machine.starts_with("pc-i440fx") {
+        out.push("default:floppy".into());
+    }
+    out
 }
 
 /// Splits a QemuOpts string (`a=b,c=d`) into key/value pairs. A doubled comma is a literal
@@ -280,6 +315,8 @@ pub fn parse_cmdline(argv: &[String]) -> ParsedCmdline {
             {
                 parsed.devices.push(format!("{opt}:{value_str}"));
             }
+            "serial" | "parallel" | "vga" | "nic" => parsed.disabled.push(opt.to_string()),
+            "nodefaults" => parsed.nodefaults = true,
             "qmp" | "qmp-pretty" => {
                 if let Some(ep) = parse_chardev_spec(value_str) {
                     parsed.qmp.push(ep);
@@ -607,5 +644,36 @@ mod tests {
         assert!(!is_qemu_binary("/usr/bin/qemu-img"));
         assert!(!is_qemu_binary("/usr/bin/qemu-x86_64")); // user-mode emulation, no devices
         assert!(!is_qemu_binary("bash"));
+    }
+
+    #[test]
+    fn effective_devices_add_the_machine_defaults() {
+        let argv = |s: &str| -> Vec<String> { s.split_whitespace().map(String::from).collect() };
+        let p = parse_cmdline(&argv(
+            "qemu-system-x86_64 -usb -device usb-tablet -serial file:/x",
+        ));
+        assert_eq!(
+            effective_devices(&p),
+            [
+                "usb",
+                "usb-tablet",
+                "serial:file:/x",
+                "default:parallel",
+                "default:vga",
+                "default:floppy"
+            ]
+        );
+        let p = parse_cmdline(&argv(
+            "qemu-system-x86_64 -machine q35 -parallel none -vga none",
+        ));
+        assert_eq!(p.disabled, ["parallel", "vga"]);
+        assert_eq!(effective_devices(&p), ["default:serial"]);
+        let p = parse_cmdline(&argv(
+            "qemu-system-x86_64 -nodefaults -machine pc,accel=kvm",
+        ));
+        assert!(p.nodefaults);
+        assert_eq!(effective_devices(&p), ["default:floppy"]);
+        let p = parse_cmdline(&argv("qemu-system-x86_64 -machine microvm"));
+        assert!(effective_devices(&p).is_empty());
     }
 }

@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
 use crate::{
-    discovery::{VmIdentity, VmKey},
-    record::{DeviceCount, PartialReason, Sources, TimerCallbackCount, VmRef, WindowRecord},
+    discovery::{HostCpu, VmIdentity, VmKey},
+    record::{
+        DeviceCount, HostWindow, PartialReason, Sources, TimerCallbackCount, VmRef, WindowRecord,
+    },
 };
 
 /// Tolerance for comparing sample times with window boundaries.
@@ -341,6 +343,7 @@ impl Collector {
                 uuid: state.identity.uuid.clone(),
                 accel: state.identity.accel,
                 xen_domid: state.identity.xen_domid,
+                cmdline_devices: state.identity.devices.clone(),
             },
             timer: counts.timer,
             fd_wakeups: counts.fd_wakeups,
@@ -353,6 +356,7 @@ impl Collector {
             sources: state.sources.clone(),
             devices: device_deltas(&state.last_devices, &state.base_devices),
             timers: callback_deltas(&state.last_callbacks, &state.base_callbacks),
+            host: None,
         }
     }
 }
@@ -374,6 +378,55 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// Stamps the host's busy CPU onto the records of full windows: the host's CPU time is read
+/// at every sample, and the difference between two consecutive window boundaries belongs to
+/// the window between them.
+#[derive(Debug)]
+pub struct HostWindows {
+    clock: WindowClock,
+    ticks_per_second: u64,
+    /// The last boundary sampled: (window that starts there, host CPU then).
+    last_boundary: Option<(u64, HostCpu)>,
+}
+
+impl HostWindows {
+    pub fn new(clock: WindowClock, ticks_per_second: u64) -> Self {
+        Self {
+            clock,
+            ticks_per_second: ticks_per_second.max(1),
+            last_boundary: None,
+        }
+    }
+
+    /// A sample at `t` read `cpu` with `vms` VMs watched; `closed` are the records it closed.
+    pub fn stamp(&mut self, t: f64, cpu: Option<HostCpu>, vms: usize, closed: &mut [WindowRecord]) {
+        let index = self.clock.index_at(t);
+        if (t - self.clock.start_of(index)).abs() > EPSILON {
+            return;
+        }
+        let Some(cpu) = cpu else {
+            self.last_boundary = None;
+            return;
+        };
+        if let Some((prev, then)) = self.last_boundary
+            && prev + 1 == index
+        {
+            let host = HostWindow {
+                cpus: cpu.cpus,
+                busy_cpu_seconds: round3(
+                    cpu.busy_ticks.saturating_sub(then.busy_ticks) as f64
+                        / self.ticks_per_second as f64,
+                ),
+                vms_running: vms as u32,
+            };
+            for r in closed.iter_mut().filter(|r| r.window == prev && !r.partial) {
+                r.host = Some(host);
+            }
+        }
+        self.last_boundary = Some((index, cpu));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +441,7 @@ mod tests {
                 uuid: None,
                 xen_domid: None,
                 accel: Accel::Tcg,
+                devices: Vec::new(),
             },
         )
     }
@@ -640,5 +694,38 @@ mod tests {
         assert_eq!(r[0].counts.timer, Some(30));
         assert_eq!(r[0].elapsed, 3.0);
         assert_eq!(r[0].window, 0);
+    }
+
+    #[test]
+    fn host_busy_cpu_goes_on_full_windows_between_consecutive_boundaries() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        let mut h = HostWindows::new(c.clock(), 100);
+        let cpu = |busy| {
+            Some(HostCpu {
+                busy_ticks: busy,
+                cpus: 2,
+            })
+        };
+        let mut closed = c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        h.stamp(0.0, cpu(1000), 1, &mut closed);
+        let mut closed = c.observe(5.0, &[obs(&a, 1, 0)], NONE);
+        h.stamp(5.0, cpu(1100), 1, &mut closed);
+        let mut closed = c.observe(10.0, &[obs(&a, 2, 0)], NONE);
+        h.stamp(10.0, cpu(1350), 1, &mut closed);
+        assert_eq!(
+            closed[0].host,
+            Some(HostWindow {
+                cpus: 2,
+                busy_cpu_seconds: 3.5,
+                vms_running: 1
+            })
+        );
+        // A boundary without a reading breaks the chain: the next window gets nothing.
+        let mut closed = c.observe(20.0, &[obs(&a, 3, 0)], NONE);
+        h.stamp(20.0, None, 1, &mut closed);
+        let mut closed = c.observe(30.0, &[obs(&a, 4, 0)], NONE);
+        h.stamp(30.0, cpu(2000), 1, &mut closed);
+        assert!(closed.iter().all(|r| r.host.is_none()));
     }
 }

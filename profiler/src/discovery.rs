@@ -31,6 +31,10 @@ pub struct VmIdentity {
     pub uuid: Option<String>,
     pub xen_domid: Option<u32>,
     pub accel: Accel,
+    /// The emulated devices its command line creates, the machine's defaults included
+    /// ([`crate::cmdline::effective_devices`]).
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 /// A QEMU process found on the host.
@@ -77,6 +81,44 @@ pub fn parse_stat(content: &str) -> Option<ProcStat> {
             system: field(15)?,
         },
         start_ticks: field(22)?,
+    })
+}
+
+/// The host's CPU time so far, from the first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostCpu {
+    /// Clock ticks all CPUs spent neither idle nor waiting for I/O (guest time is part of user
+    /// time already).
+    pub busy_ticks: u64,
+    /// Online CPUs (`cpuN` lines).
+    pub cpus: u32,
+}
+
+/// Parses `/proc/stat`: `cpu  user nice system idle iowait irq softirq steal guest guest_nice`.
+pub fn parse_proc_stat(text: &str) -> Option<HostCpu> {
+    let mut lines = text.lines();
+    let first = lines.next()?;
+    let mut fields = first.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields.map_while(|f| f.parse().ok()).collect();
+    if v.len() < 4 {
+        return None;
+    }
+    // user nice system idle [iowait irq softirq steal]; guest and guest_nice are already
+    // counted in user and nice.
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v.get(4).copied().unwrap_or(0);
+    let cpus = lines
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count() as u32;
+    Some(HostCpu {
+        busy_ticks: total.saturating_sub(idle),
+        cpus: cpus.max(1),
     })
 }
 
@@ -208,6 +250,7 @@ pub fn read_qemu_process(
             uuid: cmdline.uuid.clone(),
             xen_domid: cmdline.xen_domid,
             accel,
+            devices: crate::cmdline::effective_devices(&cmdline),
         },
         cmdline,
         exe,
@@ -274,6 +317,11 @@ pub fn scan_qemu_processes_cached(
     let mut found: Vec<QemuProcess> = cache.known.values().map(|(p, _)| p.clone()).collect();
     found.sort_by_key(|p| p.key.pid);
     found
+}
+
+/// The host's CPU time so far.
+pub fn read_host_cpu(paths: &HostPaths) -> Option<HostCpu> {
+    parse_proc_stat(&fs::read_to_string(paths.proc_root.join("stat")).ok()?)
 }
 
 /// CPU ticks and start time of a process, if it still exists.
@@ -457,5 +505,22 @@ mod garbage_tests {
             let _ = parse_stat(&String::from_utf8_lossy(&bytes));
             let _ = detect_accel(&parse_cmdline(&with_qemu), None);
         }
+    }
+
+    #[test]
+    fn proc_stat_busy_time_and_cpus() {
+        let text = "cpu  100 5 50 1000 20 3 2 1 40 0\ncpu0 50 2 25 500 10 1 1 0 20 0\n\
+                    cpu1 50 3 25 500 10 2 1 1 20 0\nintr 12345\nctxt 999\n";
+        let h = parse_proc_stat(text).unwrap();
+        // user+nice+system+irq+softirq+steal = 100+5+50+3+2+1; idle and iowait excluded.
+        assert_eq!(
+            h,
+            HostCpu {
+                busy_ticks: 161,
+                cpus: 2
+            }
+        );
+        assert_eq!(parse_proc_stat("intr 1\n"), None);
+        assert_eq!(parse_proc_stat("cpu 1 2\n"), None);
     }
 }

@@ -4,6 +4,7 @@
 //! Pure logic (command-line parsing, windowing, reports) is I/O-free and unit-tested; the
 //! probe and session layers do the I/O.
 
+pub mod analysis;
 pub mod attribution;
 pub mod cli;
 pub mod cmdline;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod mtree;
 pub mod names;
 pub mod output;
+pub mod plot;
 pub mod probes;
 pub mod qmp;
 pub mod record;

@@ -229,6 +229,7 @@ mod tests {
                     uuid: None,
                     xen_domid: None,
                     accel: Accel::Tcg,
+                    devices: Vec::new(),
                 },
                 sources: Sources {
                     timer: "syscall".into(),
@@ -264,6 +265,7 @@ mod tests {
                 uuid: None,
                 accel: Accel::Tcg,
                 xen_domid: None,
+                cmdline_devices: Vec::new(),
             },
             timer: Some(10),
             fd_wakeups: Some(0),
@@ -279,6 +281,7 @@ mod tests {
             },
             devices: Vec::new(),
             timers: Vec::new(),
+            host: None,
         }
     }
 

@@ -481,6 +481,7 @@ mod tests {
                 uuid: Some("5f1c2a9e-7b3d-4c11-9a0e-2d4f6b8c1e37".into()),
                 xen_domid: None,
                 accel: Accel::Tcg,
+                devices: Vec::new(),
             },
             sources: Sources {
                 timer: "syscall".into(),

@@ -32,6 +32,23 @@ pub struct VmRef {
     pub accel: Accel,
     #[serde(default)]
     pub xen_domid: Option<u32>,
+    /// The emulated devices its command line creates: `-device` drivers, `opt:value`
+    /// shorthands (`usb`, `serial:file:/x`), and `default:<opt>` for what the machine creates
+    /// by default (`default:parallel`). Absent in recordings made before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmdline_devices: Vec<String>,
+}
+
+/// The host during one window, on the records of VMs that ran through all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HostWindow {
+    /// Online CPUs.
+    pub cpus: u32,
+    /// CPU time the whole host spent busy (not idle, not waiting for I/O) in the window,
+    /// summed over CPUs.
+    pub busy_cpu_seconds: f64,
+    /// QEMU processes the profiler watched at the window's end.
+    pub vms_running: u32,
 }
 
 /// Which probe source produced each count, or `unavailable: <reason>`.
@@ -111,6 +128,9 @@ pub struct WindowRecord {
     /// Timer events by QEMU callback, busiest first (empty without symbols).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timers: Vec<TimerCallbackCount>,
+    /// The host in this window (full windows only; for capacity planning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostWindow>,
 }
 
 impl WindowRecord {
@@ -164,6 +184,7 @@ pub(crate) mod tests {
                 uuid: None,
                 accel: Accel::Tcg,
                 xen_domid: None,
+                cmdline_devices: Vec::new(),
             },
             timer: Some(57990),
             fd_wakeups: Some(611),
@@ -179,6 +200,7 @@ pub(crate) mod tests {
             },
             devices: Vec::new(),
             timers: Vec::new(),
+            host: None,
         }
     }
 

@@ -459,6 +459,7 @@ mod tests {
                 uuid: None,
                 accel: Accel::Tcg,
                 xen_domid: None,
+                cmdline_devices: Vec::new(),
             },
             timer: Some(timer),
             fd_wakeups: Some(3),
@@ -474,6 +475,7 @@ mod tests {
             },
             devices: Vec::new(),
             timers: Vec::new(),
+            host: None,
         }
     }
 

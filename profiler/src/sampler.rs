@@ -233,6 +233,7 @@ mod tests {
                     uuid: None,
                     xen_domid: None,
                     accel: Accel::Tcg,
+                    devices: Vec::new(),
                 },
                 cmdline: ParsedCmdline::default(),
                 exe: "/usr/bin/qemu-system-x86_64".into(),

@@ -9,8 +9,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::{
     attribution::{self, RawCounters},
-    collector::{Collector, FinalCounts, RunningWindow, VmObservation, WindowClock},
-    discovery::{DiscoveryCache, HostPaths, QemuProcess, VmKey, scan_qemu_processes_cached},
+    collector::{Collector, FinalCounts, HostWindows, RunningWindow, VmObservation, WindowClock},
+    discovery::{
+        DiscoveryCache, HostCpu, HostPaths, QemuProcess, VmKey, read_host_cpu,
+        scan_qemu_processes_cached,
+    },
     names::{Note, VmNameCache},
     probes::{
         ProbeCost, ProbeLayer,
@@ -38,6 +41,10 @@ impl VmFilter {
 pub trait Discover {
     /// Every QEMU process running now.
     fn scan(&mut self) -> Vec<QemuProcess>;
+    /// The host's CPU time so far (`None`: not known).
+    fn host_cpu(&mut self) -> Option<HostCpu> {
+        None
+    }
 }
 
 /// The host's procfs (and libvirt's state files).
@@ -50,6 +57,9 @@ pub struct ProcDiscovery {
 impl Discover for ProcDiscovery {
     fn scan(&mut self) -> Vec<QemuProcess> {
         scan_qemu_processes_cached(&self.paths, &mut self.cache)
+    }
+    fn host_cpu(&mut self) -> Option<HostCpu> {
+        read_host_cpu(&self.paths)
     }
 }
 
@@ -97,6 +107,7 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     observed: Vec<VmObservation>,
     /// VMs that exited at the last sample, with their final cumulative counts.
     exited: Vec<VmObservation>,
+    host: HostWindows,
 }
 
 impl<P: ProbeLayer> Session<P> {
@@ -122,7 +133,12 @@ impl<P: ProbeLayer> Session<P> {
 
 impl<P: ProbeLayer, D: Discover> Session<P, D> {
     pub fn with_discovery(probes: P, discovery: D, collector: Collector, filter: VmFilter) -> Self {
+        let host = HostWindows::new(
+            collector.clock(),
+            crate::discovery::clock_ticks_per_second(),
+        );
         Self {
+            host,
             probes,
             discovery,
             collector,
@@ -143,6 +159,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             .into_iter()
             .filter(|p| filter.matches(p))
             .collect();
+        let host_cpu = self.discovery.host_cpu();
         let mut notes = self.probes.refresh();
         let counters = self.probes.read_counters()?;
 
@@ -209,7 +226,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             });
         }
         self.last_seen = procs;
-        let closed = self.collector.observe(t, &observations, &finals);
+        let mut closed = self.collector.observe(t, &observations, &finals);
+        self.host
+            .stamp(t, host_cpu, observations.len(), &mut closed);
         self.exited = self
             .observed
             .iter()
@@ -405,6 +424,7 @@ mod tests {
                 uuid: None,
                 xen_domid: None,
                 accel: Accel::Tcg,
+                devices: Vec::new(),
             },
             cmdline: ParsedCmdline::default(),
             exe: "/usr/bin/qemu-system-x86_64".into(),

@@ -1,5 +1,8 @@
 //! One module per subcommand.
 
+mod capacity;
+mod check;
+mod compare;
 mod list;
 mod record;
 mod report;
@@ -7,6 +10,8 @@ mod serve;
 mod top;
 
 use std::process::ExitCode;
+
+pub use check::CheckFormat;
 
 use crate::cli::{Cli, Command};
 
@@ -25,7 +30,66 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filter: filter(&target),
             debug_roots: debug_roots(target.debug_dirs),
         }),
-        Command::Report { file, format } => report::run(&file, format),
+        Command::Report { file, format, plot } => report::run(&file, format, plot),
+        Command::Compare {
+            before,
+            after,
+            pairs,
+            settle,
+            json,
+            plot,
+        } => compare::run(before, after, pairs, settle, json, plot),
+        Command::Capacity {
+            file,
+            cores,
+            reserve_cores,
+            target_util,
+            settle,
+            json,
+            plot,
+        } => {
+            if !(target_util > 0.0 && target_util <= 1.0) {
+                anyhow::bail!("--target-util must be in (0, 1], not {target_util}");
+            }
+            capacity::run(capacity::CapacityOptions {
+                file,
+                request: crate::analysis::capacity::CapacityRequest {
+                    cores,
+                    reserve_cores,
+                    target_util,
+                    settle,
+                },
+                json,
+                plot,
+            })
+        }
+        Command::Check {
+            list_classes: true, ..
+        } => {
+            print!("{}", check::list_classes());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            file,
+            quiet,
+            windows,
+            window,
+            settle,
+            max_timer_rate,
+            format,
+            list_classes: false,
+            target,
+        } => check::run(check::CheckOptions {
+            file,
+            quiet,
+            windows,
+            window,
+            settle,
+            max_timer_rate,
+            format,
+            filter: filter(&target),
+            debug_roots: debug_roots(target.debug_dirs),
+        }),
         Command::Serve {
             listen,
             window,

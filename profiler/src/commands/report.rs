@@ -1,18 +1,19 @@
 use std::{
     fs::File,
     io::{self, BufReader, Write as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
 use anyhow::Context as _;
 
 use crate::{
-    record::read_records,
+    record::{WindowRecord, read_records},
     report::{ReportFormat, render},
 };
 
-pub fn run(file: &Path, format: ReportFormat) -> anyhow::Result<ExitCode> {
+/// Reads a recording (`-` is standard input); warnings (a truncated last line) to stderr.
+pub fn load(file: &Path) -> anyhow::Result<Vec<WindowRecord>> {
     let (records, warnings) = if file == Path::new("-") {
         read_records(io::stdin().lock())?
     } else {
@@ -22,6 +23,15 @@ pub fn run(file: &Path, format: ReportFormat) -> anyhow::Result<ExitCode> {
     for w in warnings {
         eprintln!("profiler: warning: {}: {w}", file.display());
     }
+    Ok(records)
+}
+
+pub fn run(file: &Path, format: ReportFormat, plot: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let records = load(file)?;
     io::stdout().write_all(render(&records, format).as_bytes())?;
+    if let Some(path) = plot {
+        crate::plot::write(&path, &crate::plot::report_chart(&records)?)?;
+        eprintln!("profiler: wrote {}", path.display());
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -49,6 +49,7 @@ fn identity(name: &str, pid: u32, uuid: Option<&str>, accel: Accel) -> VmIdentit
         uuid: uuid.map(Into::into),
         xen_domid: None,
         accel,
+        devices: Vec::new(),
     }
 }
 
@@ -75,6 +76,7 @@ fn vm_ref(id: &VmIdentity) -> VmRef {
         uuid: id.uuid.clone(),
         accel: id.accel,
         xen_domid: id.xen_domid,
+        cmdline_devices: Vec::new(),
     }
 }
 
@@ -112,6 +114,7 @@ fn record(id: &VmIdentity, src: &Sources, w: u64, f: impl Fn(&mut WindowRecord))
         sources: src.clone(),
         devices: Vec::new(),
         timers: Vec::new(),
+        host: None,
     };
     f(&mut r);
     r

@@ -6,6 +6,7 @@
 //! `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, rewritten when it runs.
 
 mod qemu_like;
+mod remedies;
 mod top_history;
 
 use std::{fs, path::Path};
@@ -21,11 +22,14 @@ benchmarks:
   top-history [--vms N] [--windows W]
       profiler top's CPU and memory with N QEMU-like processes after 5 windows and after W
       (default 100 VMs, 120 one-second windows)
+  remedies [--window S] [--windows K]
+      what disabling USB (UHCI vs xHCI vs none) and the parallel port brings, on real guests
 ";
 
 pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("top-history") => top_history::run(root, &args[1..]),
+        Some("remedies") => remedies::run(root, &args[1..]),
         _ => {
             eprint!("{USAGE}");
             bail!("which benchmark?")
@@ -34,7 +38,7 @@ pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// `--name N` from `args`, else `default`.
-fn flag(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
+pub(crate) fn flag(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
     match args.iter().position(|a| a == name) {
         Some(i) => args
             .get(i + 1)
@@ -48,15 +52,31 @@ fn flag(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
 /// Replaces (or appends) section `name` of docs/benchmarks.md with `body`, and writes
 /// `json` to docs/benchmarks/NAME.json.
 fn publish(root: &Path, name: &str, body: &str, json: &serde_json::Value) -> anyhow::Result<()> {
-    let docs = root.join("docs");
-    let md = docs.join("benchmarks.md");
-    let text = fs::read_to_string(&md).unwrap_or_else(|_| {
+    publish_to(
+        root,
+        "benchmarks.md",
         "# Benchmarks\n\nMeasured on this project's test machine kind (2 cores, nested \
          virtualization, TCG guests): absolute numbers are high, ratios measured side by side \
-         in one run are what carry over. Each section is written by the `cargo xtask bench` \
-         command it names.\n"
-            .to_string()
-    });
+         in one run are what carry over. Each section is written by the `cargo xtask` command \
+         it names.\n",
+        name,
+        body,
+        json,
+    )
+}
+
+/// [`publish`] into `docs/DOC`, which starts with `intro` when it is created.
+pub(crate) fn publish_to(
+    root: &Path,
+    doc: &str,
+    intro: &str,
+    name: &str,
+    body: &str,
+    json: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let docs = root.join("docs");
+    let md = docs.join(doc);
+    let text = fs::read_to_string(&md).unwrap_or_else(|_| intro.to_string());
     let (open, close) = (
         format!("<!-- bench:{name} -->"),
         format!("<!-- /bench:{name} -->"),

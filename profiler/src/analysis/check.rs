@@ -1,0 +1,578 @@
+//! `profiler check`'s verdict: per VM and requested device class, quiet, noisy (with the
+//! evidence and the remedy) or cannot tell (no source sees that class on that VM). Pure: it
+//! works on window records, live or from a file.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::classes::DeviceClass;
+use crate::{record::WindowRecord, report::group_by_vm};
+
+/// What `check` was asked.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    pub classes: Vec<&'static DeviceClass>,
+    /// Windows starting less than this many seconds after a VM's first window are skipped
+    /// (boot-time noise, a just-attached probe).
+    pub settle: f64,
+    /// Also call a VM noisy when its timer events exceed this rate (per second).
+    pub max_timer_rate: Option<f64>,
+}
+
+/// A verdict on one class of one VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    Quiet {
+        /// Set when only part of the class could be seen (e.g. USB through its frame timers
+        /// only, without a read/write source).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        partly: Option<String>,
+    },
+    Noisy {
+        evidence: Vec<Evidence>,
+    },
+    CannotTell {
+        why: String,
+    },
+}
+
+/// One device or callback that made a class noisy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evidence {
+    /// `uhci (piix3-usb-uhci)`, `timer callback uhci_frame_timer`, `timer events`.
+    pub what: String,
+    pub events: u64,
+    /// Events per second over the windows checked.
+    pub per_second: f64,
+    /// The windows it happened in.
+    pub windows: Vec<u64>,
+}
+
+/// The verdict on one class, with whether the command line creates such a device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassVerdict {
+    pub class: String,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// The command-line device that creates it (`usb-tablet`, `default:parallel`); `None`
+    /// when none does; absent when the recording does not say.
+    pub configured: Option<String>,
+    #[serde(skip)]
+    pub configured_known: bool,
+    /// What to change, for a noisy class.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remedy: Option<RemedyOut>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RemedyOut {
+    pub qemu: String,
+    pub libvirt: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub measured: String,
+}
+
+/// All verdicts on one VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VmVerdict {
+    pub name: String,
+    pub pid: u32,
+    pub uuid: Option<String>,
+    pub accel: String,
+    /// The windows checked, and the seconds they cover.
+    pub windows: Vec<u64>,
+    pub seconds: f64,
+    pub read_source: String,
+    pub callbacks_source: String,
+    pub classes: Vec<ClassVerdict>,
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckReport {
+    pub vms: Vec<VmVerdict>,
+    /// 0 every requested class quiet on every VM; 1 something noisy; 2 cannot tell, or no VM.
+    pub exit_code: u8,
+}
+
+fn unavailable_reason(source: &str) -> Option<&str> {
+    source
+        .strip_prefix("unavailable: ")
+        .or_else(|| source.starts_with("unavailable").then_some("unavailable"))
+}
+
+fn parse_start(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Judges every VM in `records`.
+pub fn check(records: &[WindowRecord], req: &CheckRequest) -> CheckReport {
+    let mut vms = Vec::new();
+    for vm in group_by_vm(records) {
+        let first = vm.windows.first().and_then(|w| parse_start(&w.start));
+        let windows: Vec<&WindowRecord> = vm
+            .windows
+            .iter()
+            .copied()
+            .filter(|w| match (first, parse_start(&w.start)) {
+                (Some(first), Some(start)) => {
+                    (start - first).num_milliseconds() as f64 / 1000.0 >= req.settle - 1e-3
+                }
+                _ => true,
+            })
+            .collect();
+        let seconds: f64 = windows.iter().map(|w| w.seconds).sum();
+        let last = vm.windows.last().expect("a group has a window");
+        let read_source = last.sources.read.clone();
+        let callbacks_source = last.sources.timer_callbacks.clone();
+        let devices_known = !last.vm.cmdline_devices.is_empty();
+        let mut classes = Vec::new();
+        for class in &req.classes {
+            let configured = class.configured_by(&last.vm.cmdline_devices);
+            let verdict = judge(class, &windows, seconds, &read_source, &callbacks_source);
+            let remedy = matches!(verdict, Verdict::Noisy { .. }).then(|| RemedyOut {
+                qemu: class.remedy.qemu.into(),
+                libvirt: class.remedy.libvirt.into(),
+                measured: class.remedy.measured.into(),
+            });
+            classes.push(ClassVerdict {
+                class: class.id.into(),
+                verdict,
+                configured,
+                configured_known: devices_known,
+                remedy,
+            });
+        }
+        if let Some(max) = req.max_timer_rate {
+            classes.push(judge_timer_rate(&windows, seconds, max));
+        }
+        vms.push(VmVerdict {
+            name: vm.name.to_string(),
+            pid: vm.pid,
+            uuid: vm.uuid.map(String::from),
+            accel: vm.accel.to_string(),
+            windows: windows.iter().map(|w| w.window).collect(),
+            seconds,
+            read_source,
+            callbacks_source,
+            classes,
+        });
+    }
+    let verdicts = || vms.iter().flat_map(|v| &v.classes).map(|c| &c.verdict);
+    let exit_code = if verdicts().any(|v| matches!(v, Verdict::Noisy { .. })) {
+        1
+    } else if vms.is_empty() || verdicts().any(|v| matches!(v, Verdict::CannotTell { .. })) {
+        2
+    } else {
+        0
+    };
+    CheckReport { vms, exit_code }
+}
+
+fn judge(
+    class: &DeviceClass,
+    windows: &[&WindowRecord],
+    seconds: f64,
+    read_source: &str,
+    callbacks_source: &str,
+) -> Verdict {
+    if windows.is_empty() {
+        return Verdict::CannotTell {
+            why: "no window after the settle time".into(),
+        };
+    }
+    let by_regions =
+        !class.regions.is_empty() || !class.ports.is_empty() || !class.owners.is_empty();
+    let by_callbacks = !class.callbacks.is_empty();
+    let regions_seen = unavailable_reason(read_source).is_none();
+    let callbacks_seen = unavailable_reason(callbacks_source).is_none();
+    if !(by_regions && regions_seen || by_callbacks && callbacks_seen) {
+        let why = match (by_regions, unavailable_reason(read_source)) {
+            (true, Some(why)) => format!("no read/write source sees its registers: {why}"),
+            _ => format!(
+                "no source sees its timer callbacks: {}",
+                unavailable_reason(callbacks_source).unwrap_or("unavailable")
+            ),
+        };
+        return Verdict::CannotTell { why };
+    }
+    let mut found: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+    for w in windows {
+        for (what, n) in class.events_in(w) {
+            // Per-window labels carry that window's counts; key the evidence by the device or
+            // callback alone.
+            let key = what.split(" (").next().unwrap_or(&what).to_string();
+            let e = found.entry(key).or_default();
+            e.0 += n;
+            if e.1.last() != Some(&w.window) {
+                e.1.push(w.window);
+            }
+        }
+    }
+    if found.is_empty() {
+        let partly = match (by_regions && regions_seen, by_callbacks && callbacks_seen) {
+            (true, false) if by_callbacks => {
+                Some("seen through its registers only (no timer callbacks)".to_string())
+            }
+            (false, true) if by_regions => {
+                Some("seen through its timer callbacks only (no read/write source)".to_string())
+            }
+            _ => None,
+        };
+        return Verdict::Quiet { partly };
+    }
+    let mut evidence: Vec<Evidence> = found
+        .into_iter()
+        .map(|(what, (events, windows))| Evidence {
+            what,
+            events,
+            per_second: if seconds > 0.0 {
+                events as f64 / seconds
+            } else {
+                0.0
+            },
+            windows,
+        })
+        .collect();
+    evidence.sort_by(|a, b| b.events.cmp(&a.events).then(a.what.cmp(&b.what)));
+    Verdict::Noisy { evidence }
+}
+
+fn judge_timer_rate(windows: &[&WindowRecord], seconds: f64, max: f64) -> ClassVerdict {
+    let total: Option<u64> = windows.iter().map(|w| w.timer).sum();
+    let verdict = match total {
+        _ if windows.is_empty() || seconds <= 0.0 => Verdict::CannotTell {
+            why: "no window after the settle time".into(),
+        },
+        None => Verdict::CannotTell {
+            why: "timer events were not counted".into(),
+        },
+        Some(n) if n as f64 / seconds > max => Verdict::Noisy {
+            evidence: vec![Evidence {
+                what: format!("timer events (more than {max}/s)"),
+                events: n,
+                per_second: n as f64 / seconds,
+                windows: windows
+                    .iter()
+                    .filter(|w| w.timer.is_some_and(|t| t as f64 / w.seconds > max))
+                    .map(|w| w.window)
+                    .collect(),
+            }],
+        },
+        Some(_) => Verdict::Quiet { partly: None },
+    };
+    ClassVerdict {
+        class: "timers".into(),
+        verdict,
+        configured: None,
+        configured_known: false,
+        remedy: None,
+    }
+}
+
+/// The report for people: one block per VM, one line per class, the evidence and the fix
+/// under each noisy class, the verdict last.
+pub fn render_text(report: &CheckReport) -> String {
+    use std::fmt::Write as _;
+
+    use crate::report::{sanitize, thousands};
+    let mut out = String::new();
+    if report.vms.is_empty() {
+        out.push_str("no VM to check\n");
+    }
+    for vm in &report.vms {
+        let _ = writeln!(
+            out,
+            "VM {} (pid {}, {}{}): {} window(s), {:.0} s, read/write: {}, timer callbacks: {}",
+            sanitize(&vm.name),
+            vm.pid,
+            vm.accel,
+            vm.uuid
+                .as_deref()
+                .map(|u| format!(", {}", sanitize(u)))
+                .unwrap_or_default(),
+            vm.windows.len(),
+            vm.seconds,
+            sanitize(short(&vm.read_source)),
+            sanitize(short(&vm.callbacks_source)),
+        );
+        for c in &vm.classes {
+            let configured = match (&c.configured, c.configured_known) {
+                (Some(d), _) => format!("configured: {}", sanitize(d)),
+                (None, true) => "not configured".to_string(),
+                (None, false) => String::new(),
+            };
+            let (word, detail) = match &c.verdict {
+                Verdict::Quiet { partly: None } => ("quiet", None),
+                Verdict::Quiet { partly: Some(p) } => ("quiet", Some(p.clone())),
+                Verdict::Noisy { .. } => ("NOISY", None),
+                Verdict::CannotTell { why } => ("cannot tell", Some(sanitize(why))),
+            };
+            let _ = writeln!(out, "  {:<9} {word:<11} {configured}", c.class);
+            if let Some(detail) = detail {
+                let _ = writeln!(out, "            {detail}");
+            }
+            if let Verdict::Noisy { evidence } = &c.verdict {
+                for e in evidence {
+                    let _ = writeln!(
+                        out,
+                        "            {}: {} events ({:.1}/s) in window(s) {}",
+                        sanitize(&e.what),
+                        thousands(Some(e.events)),
+                        e.per_second,
+                        windows_list(&e.windows)
+                    );
+                }
+            }
+            if let Some(r) = &c.remedy {
+                let _ = writeln!(out, "            fix (QEMU):    {}", r.qemu);
+                let _ = writeln!(out, "            fix (libvirt): {}", r.libvirt);
+                if !r.measured.is_empty() {
+                    let _ = writeln!(out, "            measured:      {}", r.measured);
+                }
+            }
+        }
+    }
+    let verdict = match report.exit_code {
+        0 => "every requested class is quiet",
+        1 => "something is noisy",
+        _ => "cannot tell (a class could not be seen, or no VM matched)",
+    };
+    let _ = writeln!(out, "verdict: {verdict} (exit {})", report.exit_code);
+    out
+}
+
+/// `unavailable: <long reason>` → `unavailable`; sources as they are otherwise.
+fn short(source: &str) -> &str {
+    if source.starts_with("unavailable") {
+        "unavailable"
+    } else {
+        source
+    }
+}
+
+/// `[1, 2, 3, 7]` → `001-003, 007`.
+fn windows_list(windows: &[u64]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < windows.len() {
+        let start = windows[i];
+        let mut end = start;
+        while i + 1 < windows.len() && windows[i + 1] == end + 1 {
+            i += 1;
+            end = windows[i];
+        }
+        parts.push(if start == end {
+            format!("{start:03}")
+        } else {
+            format!("{start:03}-{end:03}")
+        });
+        i += 1;
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        analysis::classes::class,
+        cmdline::Accel,
+        record::{DeviceCount, Sources, TimerCallbackCount, VmRef},
+    };
+
+    fn window(name: &str, n: u64, read: &str, callbacks: &str) -> WindowRecord {
+        WindowRecord {
+            window: n,
+            start: format!("2026-11-22T00:00:{:02}.000Z", n * 10),
+            seconds: 10.0,
+            partial: false,
+            partial_reason: None,
+            vm: VmRef {
+                name: name.into(),
+                pid: 42,
+                uuid: None,
+                accel: Accel::Tcg,
+                xen_domid: None,
+                cmdline_devices: vec!["usb".into(), "usb-tablet".into(), "default:parallel".into()],
+            },
+            timer: Some(19_330),
+            fd_wakeups: Some(0),
+            read: Some(0),
+            write: Some(0),
+            in_kernel: None,
+            cpu_seconds: Some(0.5),
+            sources: Sources {
+                timer: "syscall".into(),
+                read: read.into(),
+                write: read.into(),
+                timer_callbacks: callbacks.into(),
+            },
+            devices: Vec::new(),
+            timers: Vec::new(),
+            host: None,
+        }
+    }
+
+    fn req(classes: &[&str]) -> CheckRequest {
+        CheckRequest {
+            classes: classes.iter().map(|c| class(c).unwrap()).collect(),
+            settle: 10.0,
+            max_timer_rate: None,
+        }
+    }
+
+    #[test]
+    fn a_polling_usb_controller_is_noisy_with_its_callback_and_device() {
+        let mut records: Vec<WindowRecord> = (0..4)
+            .map(|n| window("noisy", n, "usdt", "symbols"))
+            .collect();
+        for w in &mut records {
+            w.timers = vec![TimerCallbackCount {
+                callback: "uhci_frame_timer".into(),
+                count: 9_750,
+            }];
+            w.devices = vec![DeviceCount {
+                name: "uhci".into(),
+                owner: Some("piix3-usb-uhci".into()),
+                read: 246,
+                write: 0,
+            }];
+        }
+        let report = check(&records, &req(&["usb", "parallel"]));
+        assert_eq!(report.exit_code, 1);
+        let vm = &report.vms[0];
+        // Window 0 (the settle time) is not counted.
+        assert_eq!(vm.windows, [1, 2, 3]);
+        let usb = &vm.classes[0];
+        assert_eq!(usb.configured.as_deref(), Some("usb"));
+        let Verdict::Noisy { evidence } = &usb.verdict else {
+            panic!("{usb:?}")
+        };
+        assert_eq!(evidence[0].what, "timer callback uhci_frame_timer");
+        assert_eq!(evidence[0].events, 3 * 9_750);
+        assert!((evidence[0].per_second - 975.0).abs() < 1e-9);
+        assert_eq!(evidence[0].windows, [1, 2, 3]);
+        assert_eq!(evidence[1].what, "uhci");
+        assert!(
+            usb.remedy
+                .as_ref()
+                .unwrap()
+                .libvirt
+                .contains("model='none'")
+        );
+        // The parallel port is there (by default) and quiet.
+        let parallel = &vm.classes[1];
+        assert_eq!(parallel.verdict, Verdict::Quiet { partly: None });
+        assert_eq!(parallel.configured.as_deref(), Some("default:parallel"));
+        assert!(parallel.remedy.is_none());
+    }
+
+    #[test]
+    fn a_quiet_guest_passes() {
+        let records: Vec<WindowRecord> = (0..3)
+            .map(|n| window("quiet", n, "usdt", "symbols"))
+            .collect();
+        let report = check(&records, &req(&["usb", "parallel", "serial"]));
+        assert_eq!(report.exit_code, 0, "{report:#?}");
+    }
+
+    #[test]
+    fn what_cannot_be_seen_is_never_quiet() {
+        let stripped = "unavailable: stripped QEMU without USDT probes: no debug file found";
+        let records: Vec<WindowRecord> = (0..3)
+            .map(|n| window("stripped", n, stripped, "unavailable: stripped QEMU"))
+            .collect();
+        let report = check(&records, &req(&["usb", "parallel"]));
+        assert_eq!(report.exit_code, 2);
+        for c in &report.vms[0].classes {
+            let Verdict::CannotTell { why } = &c.verdict else {
+                panic!("{c:?}")
+            };
+            assert!(why.contains("stripped QEMU"), "{why}");
+        }
+        // USB through its frame timer only: quiet, but says so.
+        let records: Vec<WindowRecord> = (0..3)
+            .map(|n| window("symbols-only", n, stripped, "symbols"))
+            .collect();
+        let report = check(&records, &req(&["usb"]));
+        assert_eq!(report.exit_code, 0);
+        assert!(matches!(
+            &report.vms[0].classes[0].verdict,
+            Verdict::Quiet { partly: Some(p) } if p.contains("timer callbacks only")
+        ));
+        // No VM at all.
+        assert_eq!(check(&[], &req(&["usb"])).exit_code, 2);
+    }
+
+    #[test]
+    fn the_timer_rate_limit() {
+        let records: Vec<WindowRecord> = (0..3)
+            .map(|n| window("busy", n, "usdt", "symbols"))
+            .collect();
+        let mut r = req(&[]);
+        r.max_timer_rate = Some(100.0);
+        let report = check(&records, &r);
+        assert_eq!(report.exit_code, 1);
+        let Verdict::Noisy { evidence } = &report.vms[0].classes[0].verdict else {
+            panic!()
+        };
+        assert!((evidence[0].per_second - 1933.0).abs() < 1e-9);
+        r.max_timer_rate = Some(5000.0);
+        assert_eq!(check(&records, &r).exit_code, 0);
+    }
+
+    #[test]
+    fn json_shape() {
+        let records: Vec<WindowRecord> = (0..2)
+            .map(|n| window("quiet", n, "usdt", "symbols"))
+            .collect();
+        let v = serde_json::to_value(check(&records, &req(&["usb"]))).unwrap();
+        assert_eq!(v["exit_code"], 0);
+        assert_eq!(v["vms"][0]["classes"][0]["class"], "usb");
+        assert_eq!(v["vms"][0]["classes"][0]["verdict"], "quiet");
+        assert_eq!(v["vms"][0]["classes"][0]["configured"], "usb");
+    }
+
+    #[test]
+    fn text_names_the_device_the_windows_and_the_fix() {
+        let mut records: Vec<WindowRecord> = (0..4)
+            .map(|n| window("noisy", n, "usdt", "symbols"))
+            .collect();
+        for w in records.iter_mut().skip(2) {
+            w.timers = vec![TimerCallbackCount {
+                callback: "uhci_frame_timer".into(),
+                count: 9_750,
+            }];
+        }
+        let text = render_text(&check(&records, &req(&["usb", "parallel"])));
+        assert!(
+            text.contains("usb       NOISY       configured: usb"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "timer callback uhci_frame_timer: 19,500 events (650.0/s) in window(s) 002-003"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fix (libvirt): <controller type='usb' model='none'/>"),
+            "{text}"
+        );
+        assert!(
+            text.contains("parallel  quiet       configured: default:parallel"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("verdict: something is noisy (exit 1)\n"),
+            "{text}"
+        );
+        assert_eq!(windows_list(&[1, 2, 3, 7, 9, 10]), "001-003, 007, 009-010");
+    }
+}

@@ -1,0 +1,33 @@
+//! `profiler capacity RUN`: VMs per host from their measured idle cost.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use crate::analysis::capacity::{CapacityRequest, capacity, render_text};
+
+pub struct CapacityOptions {
+    pub file: PathBuf,
+    pub request: CapacityRequest,
+    pub json: bool,
+    pub plot: Option<PathBuf>,
+}
+
+pub fn run(opts: CapacityOptions) -> anyhow::Result<ExitCode> {
+    let records = super::report::load(&opts.file)?;
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as f64;
+    let report = capacity(&records, &opts.request, online);
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_text(&report));
+    }
+    if let Some(path) = opts.plot {
+        crate::plot::write(&path, &crate::plot::capacity_chart(&report)?)?;
+        eprintln!("profiler: wrote {}", path.display());
+    }
+    Ok(if report.vms.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,206 @@
+//! `profiler check`: a verdict on whether devices are quiet, with an exit code a pipeline can
+//! use: live (records a few windows with the shared sampler) or on a recording.
+
+use std::{io::IsTerminal as _, ops::ControlFlow, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::Instant,
+};
+
+use crate::{
+    analysis::{
+        check::{CheckReport, CheckRequest, check, render_text},
+        classes::{CLASSES, DeviceClass, class},
+    },
+    probes::EventProbes,
+    record::{WindowRecord, read_records},
+    report::sanitize,
+    sampler::{self, Sample, SampleSink},
+    session::{Session, VmFilter},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
+}
+
+pub struct CheckOptions {
+    pub file: Option<PathBuf>,
+    pub quiet: Vec<String>,
+    pub windows: u64,
+    pub window: u64,
+    pub settle: Option<u64>,
+    pub max_timer_rate: Option<f64>,
+    pub format: CheckFormat,
+    pub filter: VmFilter,
+    pub debug_roots: crate::elf::DebugRoots,
+}
+
+/// The classes named on the command line (`usb,serial`), or an error listing the known ones.
+pub fn parse_classes(names: &[String]) -> anyhow::Result<Vec<&'static DeviceClass>> {
+    names
+        .iter()
+        .flat_map(|n| n.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            class(n).with_context(|| {
+                format!(
+                    "unknown device class {:?}; known: {} (profiler check --list-classes)",
+                    sanitize(n),
+                    CLASSES.iter().map(|c| c.id).collect::<Vec<_>>().join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// `profiler check --list-classes`.
+pub fn list_classes() -> String {
+    let mut out = String::new();
+    for c in CLASSES {
+        out.push_str(&format!("{:<9} {}\n", c.id, c.title));
+        let list = |items: &[&str]| items.join(", ");
+        if !c.regions.is_empty() {
+            out.push_str(&format!("          regions: {}\n", list(c.regions)));
+        }
+        if !c.owners.is_empty() {
+            out.push_str(&format!("          device types: {}\n", list(c.owners)));
+        }
+        if !c.callbacks.is_empty() {
+            out.push_str(&format!(
+                "          timer callbacks: {}\n",
+                list(c.callbacks)
+            ));
+        }
+        if !c.ports.is_empty() {
+            let ports: Vec<String> = c
+                .ports
+                .iter()
+                .map(|(a, b)| {
+                    if a == b {
+                        format!("{a:#x}")
+                    } else {
+                        format!("{a:#x}-{b:#x}")
+                    }
+                })
+                .collect();
+            out.push_str(&format!(
+                "          ports (KVM, by address): {}\n",
+                ports.join(", ")
+            ));
+        }
+        out.push_str(&format!("          fix (QEMU): {}\n", c.remedy.qemu));
+        out.push_str(&format!("          fix (libvirt): {}\n", c.remedy.libvirt));
+        if !c.remedy.measured.is_empty() {
+            out.push_str(&format!("          measured: {}\n", c.remedy.measured));
+        }
+    }
+    out
+}
+
+/// Keeps every closed window; notes go to stderr.
+struct Collect(Vec<WindowRecord>);
+
+impl SampleSink for Collect {
+    fn on_sample(&mut self, s: &Sample<'_>) -> ControlFlow<()> {
+        for note in s.notes {
+            eprintln!("profiler: {note}");
+        }
+        self.0.extend_from_slice(s.closed);
+        if s.first && s.session.processes().is_empty() {
+            eprintln!("profiler: no QEMU process matches the selection yet");
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+async fn record_live(opts: &CheckOptions, settle: u64) -> anyhow::Result<Vec<WindowRecord>> {
+    let probes = EventProbes::load(opts.debug_roots.clone())?;
+    let window = opts.window;
+    // Whole windows: the settle time rounded up, then the windows judged.
+    let settle_windows = settle.div_ceil(window);
+    let duration = (settle_windows + opts.windows) * window;
+    eprintln!(
+        "profiler: checking for {duration} s ({} s to settle, then {} window(s) of {window} s)",
+        settle_windows * window,
+        opts.windows
+    );
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let stop = async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+    };
+    let mut session = Session::new(
+        probes,
+        window as f64,
+        chrono::Utc::now(),
+        opts.filter.clone(),
+    );
+    let mut sink = Collect(Vec::new());
+    sampler::run(
+        &mut session,
+        Instant::now(),
+        Some(duration as f64),
+        stop,
+        &mut sink,
+    )
+    .await?;
+    Ok(sink.0)
+}
+
+pub fn run(opts: CheckOptions) -> anyhow::Result<ExitCode> {
+    let classes = parse_classes(&opts.quiet)?;
+    if classes.is_empty() && opts.max_timer_rate.is_none() {
+        bail!("nothing to check: give --quiet CLASS[,CLASS...] and/or --max-timer-rate");
+    }
+    let (records, settle) = match &opts.file {
+        Some(path) => {
+            let file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let (records, warnings) = read_records(std::io::BufReader::new(file))
+                .with_context(|| format!("reading {}", path.display()))?;
+            for w in warnings {
+                eprintln!("profiler: {}: {w}", path.display());
+            }
+            let records: Vec<WindowRecord> = records
+                .into_iter()
+                .filter(|r| {
+                    (opts.filter.names.is_empty() && opts.filter.pids.is_empty())
+                        || opts.filter.names.contains(&r.vm.name)
+                        || opts.filter.pids.contains(&r.vm.pid)
+                })
+                .collect();
+            (records, opts.settle.unwrap_or(0))
+        }
+        None => {
+            let settle = opts.settle.unwrap_or(opts.window);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            (runtime.block_on(record_live(&opts, settle))?, settle)
+        }
+    };
+    let report: CheckReport = check(
+        &records,
+        &CheckRequest {
+            classes,
+            settle: settle as f64,
+            max_timer_rate: opts.max_timer_rate,
+        },
+    );
+    match opts.format {
+        CheckFormat::Text => print!("{}", render_text(&report)),
+        CheckFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    if report.vms.is_empty() && std::io::stderr().is_terminal() {
+        eprintln!("profiler: no VM matched; `profiler list` shows the QEMU processes");
+    }
+    Ok(ExitCode::from(report.exit_code))
+}
