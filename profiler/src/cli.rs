@@ -33,6 +33,11 @@ pub struct Target {
     /// (repeatable; /usr/lib/debug is always searched).
     #[arg(long = "debug-dir")]
     pub debug_dirs: Vec<PathBuf>,
+    /// KVM guests of libvirt (which holds their QMP monitor): ask libvirt for QEMU's memory
+    /// map (`info mtree -f`, read-only) to name their ports and pages. libvirt then marks the
+    /// domain tainted (custom-monitor).
+    #[arg(long)]
+    pub libvirt_monitor: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -313,7 +313,14 @@ pub fn parse_cmdline(argv: &[String]) -> ParsedCmdline {
             "serial" | "parallel" | "vga" | "nic" | "cdrom" | "soundhw" | "watchdog"
                 if value_str != "none" =>
             {
-                parsed.devices.push(format!("{opt}:{value_str}"));
+                // The backend or model only: `-serial file:/var/log/x` is `serial:file` (a
+                // path says nothing about the device, and may say too much about the host).
+                let kind = if opt == "cdrom" {
+                    "image"
+                } else {
+                    value_str.split([':', ',']).next().unwrap_or(value_str)
+                };
+                parsed.devices.push(format!("{opt}:{kind}"));
             }
             "serial" | "parallel" | "vga" | "nic" => parsed.disabled.push(opt.to_string()),
             "nodefaults" => parsed.nodefaults = true,
@@ -657,7 +664,7 @@ mod tests {
             [
                 "usb",
                 "usb-tablet",
-                "serial:file:/x",
+                "serial:file",
                 "default:parallel",
                 "default:vga",
                 "default:floppy"

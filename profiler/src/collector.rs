@@ -344,6 +344,7 @@ impl Collector {
                 accel: state.identity.accel,
                 xen_domid: state.identity.xen_domid,
                 cmdline_devices: state.identity.devices.clone(),
+                libvirt: state.identity.libvirt.clone(),
             },
             timer: counts.timer,
             fd_wakeups: counts.fd_wakeups,
@@ -442,6 +443,7 @@ mod tests {
                 xen_domid: None,
                 accel: Accel::Tcg,
                 devices: Vec::new(),
+                libvirt: None,
             },
         )
     }

@@ -12,7 +12,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::cmdline::{Accel, ParsedCmdline, is_qemu_binary, parse_cmdline};
+use crate::{
+    cmdline::{Accel, ParsedCmdline, is_qemu_binary, parse_cmdline},
+    libvirt::LibvirtDomain,
+};
 
 /// Identifies one QEMU process over its lifetime: a PID alone is reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -35,6 +38,9 @@ pub struct VmIdentity {
     /// ([`crate::cmdline::effective_devices`]).
     #[serde(default)]
     pub devices: Vec<String>,
+    /// The libvirt domain this process runs, when libvirt started it.
+    #[serde(default)]
+    pub libvirt: Option<LibvirtDomain>,
 }
 
 /// A QEMU process found on the host.
@@ -169,17 +175,38 @@ fn read_fd_targets(proc_pid: &Path) -> Option<Vec<String>> {
     )
 }
 
-/// libvirt's QEMU driver writes `/run/libvirt/qemu/NAME.pid`; map pid -> domain name.
-pub fn libvirt_domains(run_dir: &Path) -> HashMap<u32, String> {
+/// The domains libvirt's QEMU driver runs, by QEMU pid: from its live status files
+/// (`/run/libvirt/qemu/NAME.xml`, with uuid, Nova metadata and device aliases), else from its
+/// pid files (`NAME.pid`, the name only). Unreadable or malformed files are skipped.
+pub fn libvirt_domains(run_dir: &Path) -> HashMap<u32, LibvirtDomain> {
     let mut domains = HashMap::new();
     let Ok(entries) = fs::read_dir(run_dir) else {
         return domains;
     };
+    let mut pid_files = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("pid") {
-            continue;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("xml") => {
+                // A status file is small; a huge one is not libvirt's.
+                let Ok(meta) = fs::metadata(&path) else {
+                    continue;
+                };
+                if meta.len() > MAX_STATUS_BYTES {
+                    continue;
+                }
+                if let Ok(text) = fs::read_to_string(&path)
+                    && let Ok(domain) = crate::libvirt::parse_status(&text)
+                    && let Some(pid) = domain.pid
+                {
+                    domains.insert(pid, domain);
+                }
+            }
+            Some("pid") => pid_files.push(path),
+            _ => {}
         }
+    }
+    for path in pid_files {
         let (Some(name), Ok(content)) = (
             path.file_stem().and_then(|s| s.to_str()),
             fs::read_to_string(&path),
@@ -187,11 +214,18 @@ pub fn libvirt_domains(run_dir: &Path) -> HashMap<u32, String> {
             continue;
         };
         if let Ok(pid) = content.trim().parse() {
-            domains.insert(pid, name.to_string());
+            domains.entry(pid).or_insert_with(|| LibvirtDomain {
+                pid: Some(pid),
+                name: name.to_string(),
+                ..LibvirtDomain::default()
+            });
         }
     }
     domains
 }
+
+/// Largest libvirt status file read (they are tens of KB; qemuCaps makes some ~100 KB).
+const MAX_STATUS_BYTES: u64 = 8 << 20;
 
 /// Splits `/proc/PID/cmdline` (NUL-separated) into argv.
 pub fn split_cmdline(raw: &[u8]) -> Vec<String> {
@@ -221,7 +255,7 @@ impl Default for HostPaths {
 pub fn read_qemu_process(
     paths: &HostPaths,
     pid: u32,
-    libvirt: &HashMap<u32, String>,
+    libvirt: &HashMap<u32, LibvirtDomain>,
 ) -> Option<QemuProcess> {
     let dir = paths.proc_root.join(pid.to_string());
     let argv = split_cmdline(&fs::read(dir.join("cmdline")).ok()?);
@@ -234,11 +268,16 @@ pub fn read_qemu_process(
     let stat = parse_stat(&fs::read_to_string(dir.join("stat")).ok()?)?;
     let cmdline = parse_cmdline(&argv);
     let accel = detect_accel(&cmdline, read_fd_targets(&dir).as_deref());
+    let domain = libvirt.get(&pid).cloned();
     let name = cmdline
         .name
         .clone()
-        .or_else(|| libvirt.get(&pid).cloned())
+        .or_else(|| domain.as_ref().map(|d| d.name.clone()))
         .unwrap_or_else(|| format!("pid {pid}"));
+    let uuid = cmdline
+        .uuid
+        .clone()
+        .or_else(|| domain.as_ref().and_then(|d| d.uuid.clone()));
     Some(QemuProcess {
         key: VmKey {
             pid,
@@ -247,10 +286,11 @@ pub fn read_qemu_process(
         identity: VmIdentity {
             name,
             pid,
-            uuid: cmdline.uuid.clone(),
+            uuid,
             xen_domid: cmdline.xen_domid,
             accel,
             devices: crate::cmdline::effective_devices(&cmdline),
+            libvirt: domain,
         },
         cmdline,
         exe,
@@ -286,7 +326,7 @@ pub fn scan_qemu_processes_cached(
     let Ok(entries) = fs::read_dir(&paths.proc_root) else {
         return Vec::new();
     };
-    let mut libvirt: Option<HashMap<u32, String>> = None;
+    let mut libvirt: Option<HashMap<u32, LibvirtDomain>> = None;
     let mut seen = HashMap::new();
     for pid in entries
         .flatten()

@@ -230,6 +230,7 @@ mod tests {
                     xen_domid: None,
                     accel: Accel::Tcg,
                     devices: Vec::new(),
+                    libvirt: None,
                 },
                 sources: Sources {
                     timer: "syscall".into(),
@@ -266,6 +267,7 @@ mod tests {
                 accel: Accel::Tcg,
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
+                libvirt: None,
             },
             timer: Some(10),
             fd_wakeups: Some(0),

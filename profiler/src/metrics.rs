@@ -482,6 +482,7 @@ mod tests {
                 xen_domid: None,
                 accel: Accel::Tcg,
                 devices: Vec::new(),
+                libvirt: None,
             },
             sources: Sources {
                 timer: "syscall".into(),

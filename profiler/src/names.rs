@@ -124,6 +124,9 @@ enum AddressMap {
 pub struct VmNameCache {
     pid: u32,
     vm_name: String,
+    /// Its devices (command line, libvirt), for well-known port names.
+    devices: Vec<String>,
+    libvirt: Option<crate::libvirt::LibvirtDomain>,
     sources: NameSources,
     owners: HashMap<u64, String>,
     owners_tried: HashSet<u64>,
@@ -136,6 +139,51 @@ pub struct VmNameCache {
 }
 
 impl VmNameCache {
+    /// Starts resolving names for `vm` (with its QMP endpoint, if any). Notes say what
+    /// cannot be named. With `libvirt_monitor`, a libvirt domain whose QMP socket libvirt
+    /// holds has its memory map asked of libvirt instead.
+    pub fn for_vm(
+        vm: &crate::discovery::QemuProcess,
+        sources: NameSources,
+        libvirt_monitor: bool,
+    ) -> (Self, Vec<Note>) {
+        let through_libvirt = libvirt_monitor
+            && sources.address_map
+            && vm.cmdline.qmp.is_empty()
+            && vm.identity.libvirt.is_some();
+        let mut notes = Vec::new();
+        let (mut cache, more) = if through_libvirt {
+            let domain = vm.identity.libvirt.as_ref().expect("checked").name.clone();
+            notes.push(Note::vm(
+                &vm.identity.name,
+                format!(
+                    "asking libvirt for QEMU's memory map (`virsh qemu-monitor-command {} --hmp \
+                     'info mtree -f'`, read-only); libvirt marks the domain tainted \
+                     (custom-monitor)",
+                    crate::report::sanitize(&domain)
+                ),
+            ));
+            let no_qmp_fetch = NameSources {
+                address_map: false,
+                ..sources
+            };
+            let (mut cache, more) = Self::new(vm.key.pid, &vm.identity.name, no_qmp_fetch, None);
+            cache.address_map = Some(fetch_address_map_from_libvirt(domain));
+            (cache, more)
+        } else {
+            Self::new(
+                vm.key.pid,
+                &vm.identity.name,
+                sources,
+                vm.cmdline.qmp.first(),
+            )
+        };
+        notes.extend(more);
+        cache.devices = vm.identity.devices.clone();
+        cache.libvirt = vm.identity.libvirt.clone();
+        (cache, notes)
+    }
+
     /// Starts resolving names for VM `vm_name` (process `pid`); `qmp` is the QMP endpoint
     /// on its command line, if any. Notes say what cannot be named.
     pub fn new(
@@ -151,8 +199,8 @@ impl VmNameCache {
                 None => {
                     notes.push(Note::vm(
                         vm_name,
-                        "no QMP socket on its command line; KVM ports and pages are named by \
-                         address",
+                        "no QMP socket on its command line; KVM ports are named from the \
+                         well-known PC ports of its devices, the rest by address",
                     ));
                     None
                 }
@@ -163,6 +211,8 @@ impl VmNameCache {
         let cache = Self {
             pid,
             vm_name: vm_name.to_string(),
+            devices: Vec::new(),
+            libvirt: None,
             sources,
             owners: HashMap::new(),
             owners_tried: HashSet::new(),
@@ -244,6 +294,10 @@ impl ResolvedNames<'_> {
             owners: Some(&self.cache.owners),
             callbacks: Some(&self.cache.callbacks),
             address_map: self.map.as_deref(),
+            devices: crate::ports::VmDevices {
+                cmdline: &self.cache.devices,
+                libvirt: self.cache.libvirt.as_ref(),
+            },
         }
     }
 }
@@ -261,6 +315,77 @@ fn fetch_address_map(endpoint: QmpEndpoint) -> Arc<Mutex<AddressMap>> {
         }
     });
     slot
+}
+
+/// How long `virsh qemu-monitor-command` may take before it is given up.
+const VIRSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The memory map of libvirt domain `domain`, asked of libvirt (which holds QEMU's monitor)
+/// with the read-only `info mtree -f`, in the background.
+fn fetch_address_map_from_libvirt(domain: String) -> Arc<Mutex<AddressMap>> {
+    let slot = Arc::new(Mutex::new(AddressMap::Pending));
+    let out = slot.clone();
+    std::thread::spawn(move || {
+        let state = match virsh_info_mtree(&domain) {
+            Ok(text) => {
+                let map = crate::mtree::parse_mtree_flat(&text);
+                if map.is_empty() {
+                    AddressMap::Failed("libvirt returned no memory map".into())
+                } else {
+                    AddressMap::Ready(Arc::new(map))
+                }
+            }
+            Err(e) => AddressMap::Failed(e),
+        };
+        if let Ok(mut slot) = out.lock() {
+            *slot = state;
+        }
+    });
+    slot
+}
+
+fn virsh_info_mtree(domain: &str) -> Result<String, String> {
+    use std::{io::Read as _, process::Stdio};
+    let mut child = std::process::Command::new("virsh")
+        .args([
+            "-c",
+            "qemu:///system",
+            "qemu-monitor-command",
+            domain,
+            "--hmp",
+        ])
+        .arg("info mtree -f")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running virsh: {e}"))?;
+    let deadline = std::time::Instant::now() + VIRSH_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("virsh did not answer within {VIRSH_TIMEOUT:?}"));
+            }
+        }
+    };
+    let mut text = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut text);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    if !status.success() {
+        return Err(format!("virsh: {}", err.trim()));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -287,8 +412,8 @@ mod tests {
         assert_eq!(notes.len(), 1);
         assert_eq!(
             notes[0].to_string(),
-            "VM web01: no QMP socket on its command line; KVM ports and pages are named by \
-             address"
+            "VM web01: no QMP socket on its command line; KVM ports are named from the \
+             well-known PC ports of its devices, the rest by address"
         );
         let raw = RawCounters {
             by_key: [((profiler_common::kind::TIMER_CALLBACK, 0xabc), 5)].into(),

@@ -299,6 +299,8 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
             .configure_mesh()
             .x_desc("VMs running")
             .y_desc("host cores busy")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.2}"))
             .draw()
             .map_err(err)?;
         let grey = RGBColor(160, 160, 160);

@@ -37,6 +37,10 @@ pub struct VmRef {
     /// by default (`default:parallel`). Absent in recordings made before it existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cmdline_devices: Vec<String>,
+    /// The libvirt domain (name, uuid) and, for OpenStack guests, the Nova instance (display
+    /// name, project, user, flavor); absent for VMs libvirt did not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<crate::libvirt::LibvirtDomain>,
 }
 
 /// The host during one window, on the records of VMs that ran through all of it.
@@ -185,6 +189,7 @@ pub(crate) mod tests {
                 accel: Accel::Tcg,
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
+                libvirt: None,
             },
             timer: Some(57990),
             fd_wakeups: Some(611),

@@ -234,6 +234,7 @@ mod tests {
                     xen_domid: None,
                     accel: Accel::Tcg,
                     devices: Vec::new(),
+                    libvirt: None,
                 },
                 cmdline: ParsedCmdline::default(),
                 exe: "/usr/bin/qemu-system-x86_64".into(),

@@ -30,9 +30,24 @@ pub struct VmFilter {
 }
 
 impl VmFilter {
+    /// A VM matches by its name, its libvirt domain name, its Nova display name or its uuid,
+    /// or by pid.
     pub fn matches(&self, p: &QemuProcess) -> bool {
-        (self.names.is_empty() && self.pids.is_empty())
-            || self.names.contains(&p.identity.name)
+        if self.names.is_empty() && self.pids.is_empty() {
+            return true;
+        }
+        let id = &p.identity;
+        let libvirt = id.libvirt.as_ref();
+        let names = [
+            Some(id.name.as_str()),
+            libvirt.map(|l| l.name.as_str()),
+            libvirt.and_then(|l| l.nova.as_ref()?.name.as_deref()),
+            id.uuid.as_deref(),
+        ];
+        names
+            .into_iter()
+            .flatten()
+            .any(|n| self.names.iter().any(|want| want == n))
             || self.pids.contains(&p.key.pid)
     }
 }
@@ -108,6 +123,8 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     /// VMs that exited at the last sample, with their final cumulative counts.
     exited: Vec<VmObservation>,
     host: HostWindows,
+    /// Ask libvirt for the memory map of domains whose monitor it holds.
+    libvirt_monitor: bool,
 }
 
 impl<P: ProbeLayer> Session<P> {
@@ -147,7 +164,15 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             last_seen: Vec::new(),
             observed: Vec::new(),
             exited: Vec::new(),
+            libvirt_monitor: false,
         }
+    }
+
+    /// Ask libvirt (`virsh qemu-monitor-command`, read-only `info mtree -f`) for the memory
+    /// map of KVM domains whose QMP socket libvirt holds; libvirt marks them tainted.
+    pub fn with_libvirt_monitor(mut self, on: bool) -> Self {
+        self.libvirt_monitor = on;
+        self
     }
 
     /// Samples every VM at `t` seconds since the start.
@@ -196,12 +221,8 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                 // Newly seen: counting starts now, from zero.
                 let watched = self.probes.watch(p)?;
                 notes.extend(watched.notes);
-                let (names, name_notes) = VmNameCache::new(
-                    p.key.pid,
-                    &p.identity.name,
-                    watched.names,
-                    p.cmdline.qmp.first(),
-                );
+                let (names, name_notes) =
+                    VmNameCache::for_vm(p, watched.names, self.libvirt_monitor);
                 notes.extend(name_notes);
                 self.watched.insert(
                     p.key.pid,
@@ -425,6 +446,7 @@ mod tests {
                 xen_domid: None,
                 accel: Accel::Tcg,
                 devices: Vec::new(),
+                libvirt: None,
             },
             cmdline: ParsedCmdline::default(),
             exe: "/usr/bin/qemu-system-x86_64".into(),

@@ -48,9 +48,15 @@ pub fn density(root: &Path, args: &[String]) -> anyhow::Result<()> {
          record --window {window}` throughout",
         settle + hold * window
     );
+    let names: Vec<String> = (1..=vms)
+        .map(|i| format!("density-{profile}-{i:02}"))
+        .collect();
+    // Only this ramp's guests: anything else running on the host is in the host CPU anyway,
+    // but must not be counted as one of the VMs.
     let mut recorder = Command::new(&profiler)
         .args(["record", "--window", &window.to_string(), "--output"])
         .arg(&rec)
+        .args(names.iter().flat_map(|n| ["--vm", n.as_str()]))
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting profiler record")?;
@@ -58,8 +64,9 @@ pub fn density(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         // The host with no VM first.
         sleep(Duration::from_secs(hold * window + 1));
-        for i in 1..=vms {
-            let spec = GuestSpec::new(format!("density-{profile}-{i:02}"), devices);
+        for (i, name) in names.iter().enumerate() {
+            let i = i + 1;
+            let spec = GuestSpec::new(name.clone(), devices);
             let guest = launch(&spec, &image, &dir)?;
             guest.wait_ready(Duration::from_secs(300))?;
             eprintln!("xtask density: {i} VM(s) running");

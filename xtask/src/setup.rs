@@ -32,6 +32,10 @@ const PACKAGES: &[&str] = &[
     // `profiler serve` is tested against a real Prometheus server, and its alerting rules
     // and exposition with promtool.
     "prometheus",
+    // Guests as operators run them: a real libvirtd (started by the tests, no systemd).
+    "libvirt-daemon-system",
+    "libvirt-clients",
+    "libvirt-daemon-driver-qemu",
 ];
 
 fn say(msg: &str) {

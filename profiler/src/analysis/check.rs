@@ -400,6 +400,7 @@ mod tests {
                 accel: Accel::Tcg,
                 xen_domid: None,
                 cmdline_devices: vec!["usb".into(), "usb-tablet".into(), "default:parallel".into()],
+                libvirt: None,
             },
             timer: Some(19_330),
             fd_wakeups: Some(0),

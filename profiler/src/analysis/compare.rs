@@ -452,6 +452,7 @@ mod tests {
                 accel: Accel::Tcg,
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
+                libvirt: None,
             },
             timer: Some(timer),
             fd_wakeups: Some(10),

@@ -13,7 +13,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use profiler_common::kind;
 
-use crate::{collector::Counts, mtree::MtreeMap, probes::policy::ReadWriteSource};
+use crate::{
+    collector::Counts,
+    mtree::MtreeMap,
+    ports::{VmDevices, well_known_port_name},
+    probes::policy::ReadWriteSource,
+};
 
 /// A device as records and views name it: the region's name and, where known, the QOM type of
 /// the device that owns it (`uhci` owned by `piix3-usb-uhci`).
@@ -93,6 +98,9 @@ pub struct VmNames<'a> {
     pub callbacks: Option<&'a HashMap<u64, String>>,
     /// The VM's memory map (QEMU's `info mtree -f`), naming KVM ports and pages.
     pub address_map: Option<&'a MtreeMap>,
+    /// The VM's devices, naming the well-known ISA ports of those it has when there is no
+    /// memory map.
+    pub devices: VmDevices<'a>,
 }
 
 /// One VM's counts, devices and callbacks, cumulative (no CPU time: that is not a counter).
@@ -128,7 +136,7 @@ pub fn attribute(
             counts.read = Some(k.reads_user());
             counts.write = Some(k.writes_user());
             counts.in_kernel = Some(k.in_kernel);
-            kvm_devices(&k, names.address_map)
+            kvm_devices(&k, names.address_map, names.devices)
         }
         None => DeviceTotals::new(),
     };
@@ -178,15 +186,17 @@ fn region_devices(raw: &RawCounters, names: &VmNames<'_>) -> DeviceTotals {
     out
 }
 
-/// KVM exits to QEMU per port and page, named through the VM's memory map when known, else by
-/// address.
-fn kvm_devices(k: &kvm::KvmCounts, map: Option<&MtreeMap>) -> DeviceTotals {
+/// KVM exits to QEMU per port and page, named through the VM's memory map when known, else
+/// (ports of devices the VM has) from the well-known PC ports, else by address.
+fn kvm_devices(k: &kvm::KvmCounts, map: Option<&MtreeMap>, devices: VmDevices<'_>) -> DeviceTotals {
     let mut out = DeviceTotals::new();
     let ports = k.by_port.iter().map(|(&port, &rw)| {
         let name = if port == profiler_common::kvm::UNKNOWN_ID {
             Some("port (unknown)".to_string())
         } else {
-            map.and_then(|m| m.name_for_port(port)).map(String::from)
+            map.and_then(|m| m.name_for_port(port))
+                .map(String::from)
+                .or_else(|| well_known_port_name(port, devices))
         };
         (name.unwrap_or_else(|| format!("port {port:#x}")), rw)
     });

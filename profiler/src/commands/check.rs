@@ -37,6 +37,8 @@ pub struct CheckOptions {
     pub format: CheckFormat,
     pub filter: VmFilter,
     pub debug_roots: crate::elf::DebugRoots,
+    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
+    pub libvirt_monitor: bool,
 }
 
 /// The classes named on the command line (`usb,serial`), or an error listing the known ones.
@@ -142,7 +144,8 @@ async fn record_live(opts: &CheckOptions, settle: u64) -> anyhow::Result<Vec<Win
         window as f64,
         chrono::Utc::now(),
         opts.filter.clone(),
-    );
+    )
+    .with_libvirt_monitor(opts.libvirt_monitor);
     let mut sink = Collect(Vec::new());
     sampler::run(
         &mut session,

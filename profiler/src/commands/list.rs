@@ -24,6 +24,9 @@ struct ListedVm {
     sources: Sources,
     /// Where QEMU's symbols come from, or where a debug file was looked for.
     symbols: String,
+    /// The libvirt domain and, for OpenStack guests, the Nova instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    libvirt: Option<crate::libvirt::LibvirtDomain>,
 }
 
 /// Whether the KVM tracepoints can be attached, as `record` would find them (only asked when
@@ -57,6 +60,7 @@ pub fn run(json: bool, debug_roots: DebugRoots) -> anyhow::Result<ExitCode> {
                 qmp: p.cmdline.qmp.clone(),
                 sources: offered.sources.record(),
                 symbols: offered.symbols,
+                libvirt: p.identity.libvirt.clone(),
             }
         })
         .collect();
@@ -101,6 +105,22 @@ pub fn run(json: bool, debug_roots: DebugRoots) -> anyhow::Result<ExitCode> {
             sanitize(&vm.sources.timer_callbacks)
         );
         println!("{:pad$}symbols: {}", "", sanitize(&vm.symbols));
+        if let Some(l) = &vm.libvirt {
+            let mut line = format!("libvirt domain: {}", sanitize(&l.name));
+            if let Some(n) = &l.nova {
+                for (what, v) in [
+                    ("nova name", &n.name),
+                    ("project", &n.project),
+                    ("user", &n.user),
+                    ("flavor", &n.flavor),
+                ] {
+                    if let Some(v) = v {
+                        line.push_str(&format!(", {what}: {}", sanitize(v)));
+                    }
+                }
+            }
+            println!("{:pad$}{line}", "");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

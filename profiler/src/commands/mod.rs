@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             output,
             filter: filter(&target),
+            libvirt_monitor: target.libvirt_monitor,
             debug_roots: debug_roots(target.debug_dirs),
         }),
         Command::Report { file, format, plot } => report::run(&file, format, plot),
@@ -88,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_timer_rate,
             format,
             filter: filter(&target),
+            libvirt_monitor: target.libvirt_monitor,
             debug_roots: debug_roots(target.debug_dirs),
         }),
         Command::Serve {
@@ -104,6 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             textfile_dir,
             exit_grace,
             filter: filter(&target),
+            libvirt_monitor: target.libvirt_monitor,
             debug_roots: debug_roots(target.debug_dirs),
         }),
         Command::Top {
@@ -114,6 +117,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             window,
             output,
             filter: filter(&target),
+            libvirt_monitor: target.libvirt_monitor,
             debug_roots: debug_roots(target.debug_dirs),
         }),
     }

@@ -28,6 +28,8 @@ pub struct RecordOptions {
     pub output: PathBuf,
     pub filter: VmFilter,
     pub debug_roots: crate::elf::DebugRoots,
+    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
+    pub libvirt_monitor: bool,
 }
 
 fn open_output(path: &PathBuf) -> anyhow::Result<Box<dyn Write>> {
@@ -89,7 +91,8 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     };
 
     let start = Instant::now();
-    let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter);
+    let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter)
+        .with_libvirt_monitor(opts.libvirt_monitor);
     let mut sink = RecordToOutput {
         out,
         window: opts.window,

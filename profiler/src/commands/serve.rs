@@ -58,6 +58,8 @@ pub struct ServeOptions {
     pub exit_grace: u64,
     pub filter: VmFilter,
     pub debug_roots: crate::elf::DebugRoots,
+    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
+    pub libvirt_monitor: bool,
 }
 
 /// The file name node_exporter's textfile collector reads (it takes `*.prom`).
@@ -262,7 +264,8 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<ExitCode> {
         opts.window as f64,
         clock_ticks_per_second(),
     )));
-    let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter);
+    let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter)
+        .with_libvirt_monitor(opts.libvirt_monitor);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let sink = Serve {
         fleet: fleet.clone(),

@@ -29,6 +29,8 @@ pub struct TopOptions {
     pub window: u64,
     pub filter: VmFilter,
     pub debug_roots: crate::elf::DebugRoots,
+    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
+    pub libvirt_monitor: bool,
     /// Also write closed windows here, as `profiler record` would.
     pub output: Option<PathBuf>,
 }
@@ -100,7 +102,8 @@ pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let window_secs = opts.window as f64;
-    let mut session = Session::new(probes, window_secs, chrono::Utc::now(), opts.filter);
+    let mut session = Session::new(probes, window_secs, chrono::Utc::now(), opts.filter)
+        .with_libvirt_monitor(opts.libvirt_monitor);
     let (tx, rx) = watch::channel(LiveSnapshot {
         window_secs,
         ..LiveSnapshot::default()

@@ -50,6 +50,7 @@ fn identity(name: &str, pid: u32, uuid: Option<&str>, accel: Accel) -> VmIdentit
         xen_domid: None,
         accel,
         devices: Vec::new(),
+        libvirt: None,
     }
 }
 
@@ -77,6 +78,7 @@ fn vm_ref(id: &VmIdentity) -> VmRef {
         accel: id.accel,
         xen_domid: id.xen_domid,
         cmdline_devices: Vec::new(),
+        libvirt: None,
     }
 }
 

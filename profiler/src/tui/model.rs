@@ -239,7 +239,7 @@ pub fn ranked_rows<'a>(snapshot: &'a LiveSnapshot, key: SortKey, filter: &str) -
             VmRow {
                 vm,
                 rank: 0,
-                name: clean(&vm.identity.name),
+                name: display_name(&vm.identity),
                 rates,
                 basis,
             }
@@ -251,6 +251,19 @@ pub fn ranked_rows<'a>(snapshot: &'a LiveSnapshot, key: SortKey, filter: &str) -
     }
     rows.retain(|r| matches(&r.name, filter));
     rows
+}
+
+/// A VM's name for the list: its name, and an OpenStack guest's Nova display name after it
+/// (`instance-0000002a (web-frontend-01)`); sanitized.
+pub fn display_name(id: &crate::discovery::VmIdentity) -> String {
+    match id
+        .libvirt
+        .as_ref()
+        .and_then(|l| l.nova.as_ref()?.name.as_deref())
+    {
+        Some(nova) if nova != id.name => format!("{} ({})", clean(&id.name), clean(nova)),
+        _ => clean(&id.name),
+    }
 }
 
 /// Sum of the ranking rates over all VMs: what the host pays. A total is `None` only when no

@@ -289,8 +289,11 @@ impl App {
             );
             return;
         };
-        let [identity, tables] =
-            Layout::vertical([Constraint::Length(5), Constraint::Fill(1)]).areas(area);
+        let [identity, tables] = Layout::vertical([
+            Constraint::Length(if vm.identity.libvirt.is_some() { 6 } else { 5 }),
+            Constraint::Fill(1),
+        ])
+        .areas(area);
         render_identity(frame, identity, vm);
 
         let (windows, devices, callbacks) = if tables.width >= DETAIL_SIDE_BY_SIDE_MIN_WIDTH {
@@ -694,11 +697,31 @@ fn render_identity(frame: &mut Frame, area: Rect, vm: &LiveVm) {
             clean(&vm.sources.write)
         )
     };
-    let text = Text::from(vec![
-        Line::from(first),
-        Line::from(vec![label("devices"), Span::raw(" "), devices]),
-        Line::from(vec![label("sources"), Span::raw(" "), Span::raw(sources)]),
-    ]);
+    let mut lines = vec![Line::from(first)];
+    if let Some(l) = &id.libvirt {
+        let mut spans = vec![label("libvirt"), Span::raw(format!(" {}", clean(&l.name)))];
+        if let Some(n) = &l.nova {
+            for (what, v) in [
+                ("nova", &n.name),
+                ("project", &n.project),
+                ("flavor", &n.flavor),
+            ] {
+                if let Some(v) = v {
+                    spans.push(Span::raw("  "));
+                    spans.push(label(what));
+                    spans.push(Span::raw(format!(" {}", clean(v))));
+                }
+            }
+        }
+        lines.push(Line::from(spans));
+    }
+    lines.push(Line::from(vec![label("devices"), Span::raw(" "), devices]));
+    lines.push(Line::from(vec![
+        label("sources"),
+        Span::raw(" "),
+        Span::raw(sources),
+    ]));
+    let text = Text::from(lines);
     let title = Line::from(vec![
         Span::raw(" VM "),
         Span::styled(clean(&id.name), Style::new().bold()),

@@ -196,3 +196,138 @@ pub fn kvm_guest_without_qmp(name: &str) -> Option<KillOnDrop> {
     std::thread::sleep(Duration::from_secs(1));
     Some(KillOnDrop(child))
 }
+
+/// A real libvirtd (Debian's packages, no systemd): `virtlogd -d` and `libvirtd -d` are
+/// started when not running, and stopped on drop if this started them. `None` (after saying
+/// why; a failure under `PROFILER_E2E_REQUIRE`) when libvirt is not installed.
+pub struct Libvirtd {
+    started: Vec<String>,
+}
+
+impl Libvirtd {
+    const SOCKET: &'static str = "/run/libvirt/libvirt-sock";
+
+    pub fn start(test: &str) -> Option<Self> {
+        let p = Prereq::new(test);
+        p.root()?;
+        p.tool("libvirtd")?;
+        p.tool("virtlogd")?;
+        p.tool("virsh")?;
+        let mut started = Vec::new();
+        for daemon in ["virtlogd", "libvirtd"] {
+            let running = std::process::Command::new("pgrep")
+                .args(["-x", daemon])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !running {
+                let status = std::process::Command::new(daemon)
+                    .arg("-d")
+                    .status()
+                    .unwrap_or_else(|e| panic!("{daemon} -d: {e}"));
+                assert!(status.success(), "{daemon} -d: {status}");
+                started.push(daemon.to_string());
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !Path::new(Self::SOCKET).exists() || !virsh(&["version"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "libvirtd did not answer on {}",
+                Self::SOCKET
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(Self { started })
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        for daemon in self.started.iter().rev() {
+            let _ = std::process::Command::new("pkill")
+                .args(["-TERM", "-x", daemon])
+                .status();
+        }
+    }
+}
+
+/// `virsh -c qemu:///system ARGS`.
+pub fn virsh(args: &[&str]) -> Output {
+    std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .expect("virsh runs")
+}
+
+/// A transient libvirt domain (`virsh create`), destroyed on drop.
+pub struct LibvirtGuest {
+    pub name: String,
+    pub pid: u32,
+}
+
+impl LibvirtGuest {
+    /// Creates the domain from `xml` and waits for its QEMU process.
+    pub fn create(name: &str, xml: &str, dir: &Path) -> Self {
+        let _ = virsh(&["destroy", name]);
+        let file = dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        let out = virsh(&["create", file.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "virsh create {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pidfile = Path::new("/run/libvirt/qemu").join(format!("{name}.pid"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {}",
+                pidfile.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        Self {
+            name: name.into(),
+            pid,
+        }
+    }
+
+    /// The domain's uuid, as libvirt says.
+    pub fn uuid(&self) -> String {
+        String::from_utf8_lossy(&virsh(&["domuuid", &self.name]).stdout)
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for LibvirtGuest {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+    }
+}
+
+/// Where libvirt's QEMU (user libvirt-qemu) can read the test guest and write its serial log.
+pub fn libvirt_images(image: &GuestImage) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = Path::new("/var/lib/libvirt/images/profiler-e2e");
+    std::fs::create_dir_all(dir).unwrap();
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initrd.img");
+    std::fs::copy(&image.kernel, &kernel).unwrap();
+    std::fs::copy(&image.initrd, &initrd).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    for f in [&kernel, &initrd] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir.to_path_buf(), kernel, initrd)
+}
