@@ -62,7 +62,9 @@ pub struct PendingWait {
     pub syscall: u64,
     /// One of [`timeout_class`].
     pub timeout: u32,
-    pub _pad: u32,
+    /// The process the thread belongs to, so userspace can drop a process's entries when it
+    /// stops watching it (a thread killed inside its wait never reaches the exit probe).
+    pub tgid: u32,
 }
 
 /// Classification of a wait syscall's timeout argument.

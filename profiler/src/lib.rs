@@ -12,6 +12,8 @@ pub mod collector;
 pub mod commands;
 pub mod discovery;
 pub mod elf;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod libvirt;
 pub mod live;
 pub mod metrics;
@@ -26,5 +28,6 @@ pub mod record;
 pub mod report;
 pub mod sampler;
 pub mod session;
+pub mod text;
 pub mod tracefs;
 pub mod tui;

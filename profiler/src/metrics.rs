@@ -51,6 +51,8 @@ pub struct FleetState {
     pub notes: u64,
     /// Samples taken so far.
     pub samples: u64,
+    /// eBPF maps: (name, entries, capacity).
+    pub maps: Vec<(&'static str, usize, u32)>,
     ticks_per_second: u64,
 }
 
@@ -393,6 +395,28 @@ impl Collector for FleetCollector {
             .iter()
             .map(|(s, ok)| (vec![("source".to_string(), s.to_string())], i64::from(*ok)))
             .collect();
+        let entries: Vec<(Vec<(String, String)>, i64)> = state
+            .maps
+            .iter()
+            .map(|(m, n, _)| (vec![("map".to_string(), m.to_string())], *n as i64))
+            .collect();
+        gauge(
+            &mut encoder,
+            "bpf_map_entries",
+            "Entries in each of the profiler's eBPF maps now.",
+            &entries,
+        )?;
+        let capacity: Vec<(Vec<(String, String)>, i64)> = state
+            .maps
+            .iter()
+            .map(|(m, _, max)| (vec![("map".to_string(), m.to_string())], i64::from(*max)))
+            .collect();
+        gauge(
+            &mut encoder,
+            "bpf_map_capacity",
+            "Entries each of the profiler's eBPF maps can hold.",
+            &capacity,
+        )?;
         gauge(
             &mut encoder,
             "source_up",

@@ -195,7 +195,19 @@ impl VmNameCache {
         let mut notes = Vec::new();
         let address_map = if sources.address_map {
             match qmp {
-                Some(endpoint) => Some(fetch_address_map(endpoint.clone())),
+                Some(endpoint) => match trusted_endpoint(pid, endpoint) {
+                    Ok(()) => Some(fetch_address_map(endpoint.clone())),
+                    Err(why) => {
+                        notes.push(Note::vm(
+                            vm_name,
+                            format!(
+                                "not connecting to the QMP socket on its command line ({why}); \
+                                 KVM ports are named from the well-known PC ports"
+                            ),
+                        ));
+                        None
+                    }
+                },
                 None => {
                     notes.push(Note::vm(
                         vm_name,
@@ -317,6 +329,49 @@ fn fetch_address_map(endpoint: QmpEndpoint) -> Arc<Mutex<AddressMap>> {
     slot
 }
 
+/// Whether the profiler (root) may connect to the QMP endpoint a VM's command line names.
+/// Whoever starts a QEMU chooses that path: a Unix socket must be a socket owned by the QEMU
+/// process's user (so a command line cannot point root's client at another service's socket),
+/// a TCP endpoint must be on loopback.
+fn trusted_endpoint(pid: u32, endpoint: &QmpEndpoint) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    match endpoint {
+        QmpEndpoint::Unix(path) => {
+            let owner = std::fs::metadata(format!("/proc/{pid}"))
+                .map_err(|e| format!("process gone: {e}"))?
+                .uid();
+            let meta = std::fs::symlink_metadata(path)
+                .map_err(|e| format!("{}: {e}", crate::text::clean(path)))?;
+            if !meta.file_type().is_socket() {
+                return Err(format!("{} is not a socket", crate::text::clean(path)));
+            }
+            if meta.uid() != owner {
+                return Err(format!(
+                    "{} belongs to uid {}, QEMU runs as uid {owner}",
+                    crate::text::clean(path),
+                    meta.uid()
+                ));
+            }
+            Ok(())
+        }
+        QmpEndpoint::Tcp { host, .. } => {
+            let loopback = host == "localhost"
+                || host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} is not a loopback address",
+                    crate::text::clean(host)
+                ))
+            }
+        }
+    }
+}
+
 /// How long `virsh qemu-monitor-command` may take before it is given up.
 const VIRSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -427,15 +482,52 @@ mod tests {
     }
 
     #[test]
+    fn qmp_endpoints_root_may_connect_to() {
+        let me = std::process::id();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("q.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let unix = |p: &std::path::Path| QmpEndpoint::Unix(p.display().to_string());
+        assert_eq!(trusted_endpoint(me, &unix(&sock)), Ok(()));
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "").unwrap();
+        assert!(
+            trusted_endpoint(me, &unix(&file))
+                .unwrap_err()
+                .contains("not a socket")
+        );
+        assert!(trusted_endpoint(me, &unix(&dir.path().join("none"))).is_err());
+        // Someone else's socket (here: one owned by nobody) is refused.
+        // SAFETY: chown on a path we created.
+        let c = std::ffi::CString::new(sock.as_os_str().as_encoded_bytes()).unwrap();
+        if unsafe { libc::chown(c.as_ptr(), 65534, 65534) } == 0 {
+            let err = trusted_endpoint(me, &unix(&sock)).unwrap_err();
+            assert!(err.contains("belongs to uid 65534"), "{err}");
+        }
+        let tcp = |host: &str| QmpEndpoint::Tcp {
+            host: host.into(),
+            port: 4444,
+        };
+        assert!(trusted_endpoint(me, &tcp("127.0.0.1")).is_ok());
+        assert!(trusted_endpoint(me, &tcp("localhost")).is_ok());
+        assert!(trusted_endpoint(me, &tcp("[::1]")).is_ok());
+        assert!(trusted_endpoint(me, &tcp("10.0.0.5")).is_err());
+    }
+
+    #[test]
     fn a_failing_monitor_is_noted_once() {
         let dir = tempfile::tempdir().unwrap();
-        // Nothing listens there: the fetch fails at once.
-        let endpoint = QmpEndpoint::Unix(dir.path().join("nobody.qmp").display().to_string());
+        // A socket of ours that hangs up on every client: not a QMP monitor.
+        let path = dir.path().join("hangup.qmp");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || listener.incoming().for_each(drop));
+        let endpoint = QmpEndpoint::Unix(path.display().to_string());
         let sources = NameSources {
             address_map: true,
             ..NameSources::default()
         };
-        let (mut cache, notes) = VmNameCache::new(42, "db", sources, Some(&endpoint));
+        let (mut cache, notes) =
+            VmNameCache::new(std::process::id(), "db", sources, Some(&endpoint));
         assert!(notes.is_empty());
         let raw = RawCounters::default();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

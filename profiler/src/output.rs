@@ -1,7 +1,23 @@
 //! Writing window records so that a full disk loses nothing: lines that could not be written
 //! are kept in memory and retried with the next window, byte-exactly after a partial write.
 
-use std::io::{self, Write};
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
+};
+
+/// Creates (or truncates) an output file readable by its owner and group only: records and
+/// charts name the host's VMs.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(path)
+}
 
 use crate::{names::Note, record::WindowRecord};
 
@@ -57,6 +73,11 @@ impl<W: Write> RecordSink<W> {
         self.failing.is_some()
     }
 
+    /// Whether the reader went away (a closed pipe): nothing written later can arrive.
+    pub fn is_closed(&self) -> bool {
+        self.failing == Some(io::ErrorKind::BrokenPipe)
+    }
+
     /// Bytes not yet written.
     pub fn pending(&self) -> &[u8] {
         &self.pending
@@ -74,6 +95,9 @@ impl<W: Write> RecordSink<W> {
     pub fn write(&mut self, records: &[WindowRecord]) -> Option<Note> {
         let was_failing = self.is_failing();
         match self.push(records) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Some(Note::general(
+                "the output was closed (broken pipe): stopping",
+            )),
             Err(e) if !was_failing => Some(Note::general(format!(
                 "cannot write window records ({e}); keeping them in memory and retrying every \
                  window"

@@ -58,18 +58,20 @@ fn color(i: usize) -> RGBColor {
 /// Writes `svg` to `path`: as is for `.svg`, rendered to PNG for `.png`.
 pub fn write(path: &Path, svg: &str) -> anyhow::Result<()> {
     match path.extension().and_then(|e| e.to_str()) {
-        Some("svg") => {
-            std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
-        }
-        Some("png") => {
-            let png = svg_to_png(svg)?;
-            std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))
-        }
+        Some("svg") => write_private(path, svg.as_bytes()),
+        Some("png") => write_private(path, &svg_to_png(svg)?),
         _ => bail!(
             "{}: the plot's file name must end in .svg or .png",
             path.display()
         ),
     }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    crate::output::create_private(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Renders an SVG to PNG with the system's fonts.

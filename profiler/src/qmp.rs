@@ -163,6 +163,34 @@ pub fn device_names(endpoint: &QmpEndpoint, timeout: Duration) -> anyhow::Result
     Ok(map)
 }
 
+/// A whole session (greeting, capabilities, `info mtree -f`) against a peer that sends
+/// `server_bytes` and then closes: what the fuzzer and its regression tests drive.
+pub fn session_against(server_bytes: &[u8]) -> anyhow::Result<MtreeMap> {
+    let (client, mut server) = UnixStream::pair()?;
+    // The peer's half is written up front and closed: the client gets these bytes, then EOF.
+    let bytes = server_bytes.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = server.write_all(&bytes);
+        let _ = server.shutdown(std::net::Shutdown::Write);
+        // Keep reading what the client sends until it hangs up.
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut server, &mut sink);
+    });
+    let timeout = Duration::from_millis(200);
+    let result = QmpClient::handshake(
+        Stream::Unix(client),
+        "fuzz".into(),
+        timeout,
+        Instant::now() + timeout,
+    )
+    .and_then(|mut c| {
+        let text = c.hmp("info mtree -f")?;
+        Ok(crate::mtree::parse_mtree_flat(&text))
+    });
+    let _ = writer.join();
+    result
+}
+
 impl QmpClient {
     /// Runs the handshake on an already-connected stream (also used by the tests).
     fn handshake(

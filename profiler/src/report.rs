@@ -45,12 +45,10 @@ pub fn group_by_vm(records: &[WindowRecord]) -> Vec<VmWindows<'_>> {
     groups
 }
 
-/// Replaces control characters (escape sequences from a hostile `-name`) so that text from
-/// command lines cannot drive the terminal it is printed on.
+/// Text from outside made safe to print: [`crate::text::clean`], the one cleaning every
+/// name gets wherever it leaves the process.
 pub fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '\u{FFFD}' } else { c })
-        .collect()
+    crate::text::clean(s)
 }
 
 /// `1234567` -> `1,234,567`; `None` -> `n/a`.
@@ -377,20 +375,7 @@ fn render_markdown(groups: &[VmWindows<'_>]) -> String {
     out
 }
 
-fn csv_field(s: &str) -> String {
-    let s = sanitize(s);
-    if s.contains([',', '"', '\n']) || s.starts_with(['=', '+', '-', '@']) {
-        // Quote, and defuse spreadsheet formulas from hostile names.
-        let s = if s.starts_with(['=', '+', '-', '@']) {
-            format!("'{s}")
-        } else {
-            s
-        };
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
-}
+use crate::text::csv_field;
 
 fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()

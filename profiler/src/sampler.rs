@@ -40,6 +40,10 @@ pub trait SessionView {
     fn observations(&self) -> &[VmObservation];
     /// VMs that exited at the last sample, with their final cumulative counts.
     fn exits(&self) -> &[VmObservation];
+    /// Whether any VM matched the selection so far.
+    fn ever_matched(&self) -> bool;
+    /// Entries and capacity of each eBPF map.
+    fn map_entries(&self) -> Vec<(&'static str, usize, u32)>;
 }
 
 impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
@@ -66,6 +70,12 @@ impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
     }
     fn exits(&self) -> &[VmObservation] {
         Session::exits(self)
+    }
+    fn ever_matched(&self) -> bool {
+        Session::ever_matched(self)
+    }
+    fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
+        Session::map_entries(self)
     }
 }
 
@@ -196,6 +206,9 @@ mod tests {
                 names: NameSources::default(),
                 notes: vec![Note::general("watched")],
             })
+        }
+        fn replan(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
+            self.watch(vm)
         }
         fn unwatch(&mut self, _: u32) -> anyhow::Result<()> {
             Ok(())

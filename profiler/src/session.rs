@@ -30,6 +30,21 @@ pub struct VmFilter {
 }
 
 impl VmFilter {
+    /// Whether any VM was asked for by name or pid (empty means every VM).
+    pub fn is_selective(&self) -> bool {
+        !(self.names.is_empty() && self.pids.is_empty())
+    }
+
+    /// `--vm a --pid 42`, for messages.
+    pub fn describe(&self) -> String {
+        let names = self
+            .names
+            .iter()
+            .map(|n| format!("--vm {}", crate::text::clean(n)));
+        let pids = self.pids.iter().map(|p| format!("--pid {p}"));
+        names.chain(pids).collect::<Vec<_>>().join(" ")
+    }
+
     /// A VM matches by its name, its libvirt domain name, its Nova display name or its uuid,
     /// or by pid.
     pub fn matches(&self, p: &QemuProcess) -> bool {
@@ -91,6 +106,8 @@ pub struct SampleReport {
 #[derive(Debug)]
 struct WatchedVm {
     key: VmKey,
+    /// The accelerator its sources were chosen for.
+    accel: crate::cmdline::Accel,
     sources: VmSources,
     names: VmNameCache,
 }
@@ -125,6 +142,10 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     host: HostWindows,
     /// Ask libvirt for the memory map of domains whose monitor it holds.
     libvirt_monitor: bool,
+    /// Some VM matched the selection at some sample.
+    ever_matched: bool,
+    /// The window in which "nothing matches" was last said.
+    no_match_said: Option<u64>,
 }
 
 impl<P: ProbeLayer> Session<P> {
@@ -165,7 +186,14 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             observed: Vec::new(),
             exited: Vec::new(),
             libvirt_monitor: false,
+            ever_matched: false,
+            no_match_said: None,
         }
+    }
+
+    /// Whether any VM matched the selection so far.
+    pub fn ever_matched(&self) -> bool {
+        self.ever_matched
     }
 
     /// Ask libvirt (`virsh qemu-monitor-command`, read-only `info mtree -f`) for the memory
@@ -184,8 +212,23 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             .into_iter()
             .filter(|p| filter.matches(p))
             .collect();
+        let mut notes_first = Vec::new();
+        self.ever_matched |= !procs.is_empty();
+        if self.filter.is_selective() && !self.ever_matched {
+            // Said at the start and once per window until a VM appears: a typo must not cost
+            // a whole silent recording.
+            let window = self.collector.clock().index_at(t);
+            if self.no_match_said != Some(window) {
+                self.no_match_said = Some(window);
+                notes_first.push(Note::general(format!(
+                    "no QEMU process matches {} (yet); `profiler list` shows the running ones",
+                    self.filter.describe()
+                )));
+            }
+        }
         let host_cpu = self.discovery.host_cpu();
-        let mut notes = self.probes.refresh();
+        let mut notes = notes_first;
+        notes.extend(self.probes.refresh());
         let counters = self.probes.read_counters()?;
 
         let current: HashMap<u32, VmKey> = procs.iter().map(|p| (p.key.pid, p.key)).collect();
@@ -215,6 +258,28 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
         let mut observations = Vec::with_capacity(procs.len());
         for p in &procs {
+            // QEMU opens /dev/kvm while it starts: a VM first seen a moment before is TCG to
+            // the first look. Its sources are chosen again once the accelerator is known.
+            if let Some(vm) = self.watched.get(&p.key.pid)
+                && vm.accel != p.identity.accel
+            {
+                let watched = self.probes.replan(p)?;
+                notes.extend(watched.notes);
+                notes.push(Note::vm(
+                    &p.identity.name,
+                    format!(
+                        "runs under {} (it was {} when first seen): its sources were chosen again",
+                        p.identity.accel, vm.accel
+                    ),
+                ));
+                let (names, name_notes) =
+                    VmNameCache::for_vm(p, watched.names, self.libvirt_monitor);
+                notes.extend(name_notes);
+                let vm = self.watched.get_mut(&p.key.pid).expect("checked above");
+                vm.accel = p.identity.accel;
+                vm.sources = watched.sources;
+                vm.names = names;
+            }
             let raw = if self.watched.contains_key(&p.key.pid) {
                 counters.get(&p.key.pid).cloned().unwrap_or_default()
             } else {
@@ -228,6 +293,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                     p.key.pid,
                     WatchedVm {
                         key: p.key,
+                        accel: p.identity.accel,
                         sources: watched.sources,
                         names,
                     },
@@ -341,6 +407,11 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         self.probes.host_sources()
     }
 
+    /// Entries and capacity of each eBPF map.
+    pub fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
+        self.probes.map_entries()
+    }
+
     #[cfg(test)]
     pub(crate) fn probes(&self) -> &P {
         &self.probes
@@ -380,29 +451,45 @@ mod tests {
         read_write: HashMap<u32, ReadWriteSource>,
     }
 
-    impl ProbeLayer for FakeProbes {
-        fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<Watched> {
+    impl FakeProbes {
+        /// KVM guests get the kvm tracepoints; others what the test set.
+        fn watch_sources(&self, vm: &QemuProcess) -> Watched {
             let pid = vm.key.pid;
-            self.log.push(format!("watch {pid}"));
-            self.watched.insert(pid);
-            self.kernel.borrow_mut().remove(&pid);
-            let read_write = match self.read_write.get(&pid) {
-                Some(source) => Ok(*source),
-                None => Err(ReadWriteUnavailable::NoUsdtStripped),
+            let read_write = match (self.read_write.get(&pid), vm.identity.accel) {
+                (Some(source), _) => Ok(*source),
+                (None, Accel::Kvm) => Ok(ReadWriteSource::KvmTracepoints),
+                (None, _) => Err(ReadWriteUnavailable::NoUsdtStripped),
             };
             let notes = if read_write.is_err() {
                 vec![Note::vm(&vm.identity.name, "usdt source not used: test")]
             } else {
                 Vec::new()
             };
-            Ok(Watched {
+            Watched {
                 sources: VmSources {
                     read_write,
                     callbacks: Ok(()),
                 },
                 names: NameSources::default(),
                 notes,
-            })
+            }
+        }
+    }
+
+    impl ProbeLayer for FakeProbes {
+        fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<Watched> {
+            let pid = vm.key.pid;
+            self.log.push(format!("watch {pid}"));
+            self.watched.insert(pid);
+            self.kernel.borrow_mut().remove(&pid);
+            Ok(self.watch_sources(vm))
+        }
+        fn replan(&mut self, vm: &QemuProcess) -> anyhow::Result<Watched> {
+            self.log
+                .push(format!("replan {} {}", vm.key.pid, vm.identity.accel));
+            let mut w = self.watch_sources(vm);
+            w.notes.clear();
+            Ok(w)
         }
         fn unwatch(&mut self, pid: u32) -> anyhow::Result<()> {
             self.log.push(format!("unwatch {pid}"));
@@ -573,6 +660,63 @@ mod tests {
         assert_eq!(running.len(), 1);
         assert_eq!(running[0].identity.name, "new");
         assert_eq!(running[0].counts.timer, Some(0));
+    }
+
+    #[test]
+    fn a_selection_that_matches_nothing_is_said_each_window_until_a_vm_appears() {
+        let mut r = rig(
+            VmFilter {
+                names: vec!["web01".into()],
+                pids: Vec::new(),
+            },
+            &[],
+        );
+        let said = |report: &SampleReport| {
+            report
+                .notes
+                .iter()
+                .any(|n| n.text.starts_with("no QEMU process matches --vm web01"))
+        };
+        assert!(said(&r.session.sample(0.0).unwrap()));
+        assert!(!said(&r.session.sample(5.0).unwrap()), "once per window");
+        assert!(
+            said(&r.session.sample(10.0).unwrap()),
+            "again in the next window"
+        );
+        assert!(!r.session.ever_matched());
+        r.host.borrow_mut().push(qemu(10, 1, "web01"));
+        r.session.sample(11.0).unwrap();
+        assert!(r.session.ever_matched());
+        r.host.borrow_mut().clear();
+        assert!(!said(&r.session.sample(20.0).unwrap()), "it did match once");
+    }
+
+    #[test]
+    fn a_vm_that_turns_out_to_be_kvm_gets_its_sources_again_and_keeps_its_counts() {
+        let mut r = rig(VmFilter::default(), &[]);
+        r.host.borrow_mut().push(qemu(10, 1, "a"));
+        let report = r.session.sample(0.0).unwrap();
+        assert_eq!(report.notes.len(), 1, "stripped TCG: {:?}", report.notes);
+        r.set_timer(10, 4);
+        // The next look finds /dev/kvm open.
+        r.host.borrow_mut()[0].identity.accel = Accel::Kvm;
+        let report = r.session.sample(1.0).unwrap();
+        assert_eq!(r.log(), ["watch 10", "replan 10 kvm"]);
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.text.starts_with("runs under kvm (it was tcg")),
+            "{:?}",
+            report.notes
+        );
+        r.set_timer(10, 9);
+        let closed = r.session.sample(10.0).unwrap().closed;
+        assert_eq!(closed[0].sources.read, "kvm-tracepoints");
+        assert_eq!(closed[0].timer, Some(9), "counts kept across the re-plan");
+        // Once settled, no more re-planning.
+        r.session.sample(11.0).unwrap();
+        assert_eq!(r.log().len(), 2);
     }
 
     #[test]

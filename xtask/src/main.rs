@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod density;
+mod fuzz;
 mod qemu_usdt;
 mod setup;
 mod test;
@@ -19,6 +20,8 @@ tasks:
   demo    set up, boot a noisy and a quiet guest, profile them, print the report
   test    set up, build the guest, run lints, unit tests and the root end-to-end tests
   bench   measure the profiler's costs into docs/benchmarks.md (`cargo xtask bench` lists them)
+  fuzz [--seconds N] [TARGET...]
+          run the cargo-fuzz targets (fuzz/) for N seconds each; findings go to fuzz/regressions
   density --vms N --profile noisy|quiet [--window S] [--hold K]
           boot N guests one by one while recording; host CPU vs VM count into docs/capacity.md
 ";
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Some("test") => test::test(&root, &args[1..]),
         Some("bench") => bench::bench(&root, &args[1..]),
         Some("density") => density::density(&root, &args[1..]),
+        Some("fuzz") => fuzz::fuzz(&root, &args[1..]),
         // A process named like QEMU for the scale benchmarks (see bench/qemu_like.rs).
         Some("qemu-like") => bench::qemu_like_main(&args[1..]),
         Some("-h" | "--help" | "help") => {

@@ -48,11 +48,11 @@ fn timespec_class(ptr: u64) -> u32 {
 
 /// Remembers the current thread's wait; callers have checked that its process is watched.
 #[inline(always)]
-fn remember(tid: u32, syscall: u64, timeout: u32) -> u32 {
+fn remember(tgid: u32, tid: u32, syscall: u64, timeout: u32) -> u32 {
     let pending = PendingWait {
         syscall,
         timeout,
-        _pad: 0,
+        tgid,
     };
     let _ = PENDING.insert(tid, pending, 0);
     0
@@ -105,7 +105,7 @@ pub fn sys_enter_ppoll(ctx: TracePointContext) -> u32 {
     if !is_watched(tgid) {
         return 0;
     }
-    remember(tid, wait_syscall::PPOLL, timespec_class(tsp))
+    remember(tgid, tid, wait_syscall::PPOLL, timespec_class(tsp))
 }
 
 #[tracepoint]
@@ -128,7 +128,7 @@ pub fn sys_enter_epoll_pwait(ctx: TracePointContext) -> u32 {
     } else {
         timeout_class::FINITE
     };
-    remember(tid, wait_syscall::EPOLL_PWAIT, class)
+    remember(tgid, tid, wait_syscall::EPOLL_PWAIT, class)
 }
 
 #[tracepoint]
@@ -144,7 +144,7 @@ pub fn sys_enter_epoll_pwait2(ctx: TracePointContext) -> u32 {
     if !is_watched(tgid) {
         return 0;
     }
-    remember(tid, wait_syscall::EPOLL_PWAIT2, timespec_class(tsp))
+    remember(tgid, tid, wait_syscall::EPOLL_PWAIT2, timespec_class(tsp))
 }
 
 #[tracepoint]
@@ -166,7 +166,7 @@ pub fn sys_enter_io_uring_enter(ctx: TracePointContext) -> u32 {
     } else {
         timeout_class::IO_URING_SUBMIT_ONLY
     };
-    remember(tid, wait_syscall::IO_URING_ENTER, class)
+    remember(tgid, tid, wait_syscall::IO_URING_ENTER, class)
 }
 
 #[tracepoint]

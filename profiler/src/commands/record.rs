@@ -2,7 +2,6 @@
 //! output trouble go to stderr.
 
 use std::{
-    fs::File,
     io::{self, Write},
     ops::ControlFlow,
     path::PathBuf,
@@ -32,11 +31,12 @@ pub struct RecordOptions {
     pub libvirt_monitor: bool,
 }
 
-fn open_output(path: &PathBuf) -> anyhow::Result<Box<dyn Write>> {
+fn open_output(path: &std::path::Path) -> anyhow::Result<Box<dyn Write>> {
     if path.as_os_str() == "-" {
         Ok(Box::new(io::stdout()))
     } else {
-        let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let f = crate::output::create_private(path)
+            .with_context(|| format!("creating {}", path.display()))?;
         Ok(Box::new(f))
     }
 }
@@ -56,6 +56,9 @@ impl SampleSink for RecordToOutput {
         }
         if let Some(note) = self.out.write(s.closed) {
             eprintln!("profiler: {note}");
+        }
+        if self.out.is_closed() {
+            return ControlFlow::Break(());
         }
         if s.first {
             eprintln!(
@@ -79,8 +82,9 @@ pub fn run(opts: RecordOptions) -> anyhow::Result<ExitCode> {
 }
 
 async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
-    let out = RecordSink::new(open_output(&opts.output)?);
+    // Probes first: a run that cannot record must not leave an empty output file behind.
     let probes = EventProbes::load(opts.debug_roots.clone())?;
+    let out = RecordSink::new(open_output(&opts.output)?);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let stop = async move {
@@ -91,6 +95,7 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     };
 
     let start = Instant::now();
+    let selection = (opts.filter.is_selective()).then(|| opts.filter.describe());
     let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter)
         .with_libvirt_monitor(opts.libvirt_monitor);
     let mut sink = RecordToOutput {
@@ -106,10 +111,20 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
         &mut sink,
     )
     .await?;
+    if sink.out.is_closed() {
+        anyhow::bail!("the output was closed before the recording ended (broken pipe)");
+    }
     if let Err(leftover) = sink.out.finish() {
         eprintln!("profiler: these window records could not be written to the output:");
         io::stderr().write_all(&leftover)?;
         anyhow::bail!("the output could not take every window record (printed above instead)");
+    }
+    if let Some(selection) = selection
+        && !session.ever_matched()
+    {
+        anyhow::bail!(
+            "no QEMU process matched {selection} in {stopped_at:.0} s; nothing was recorded"
+        );
     }
     let cost = session.probe_cost();
     eprintln!(

@@ -134,6 +134,7 @@ impl SampleSink for Serve {
                 bpf_run_time_ns: cost.run_time.as_nanos() as u64,
                 collector_cpu_seconds: own_cpu_seconds(),
             };
+            fleet.maps = s.session.map_entries();
             fleet.sources_up = s
                 .session
                 .host_sources()

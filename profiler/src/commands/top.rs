@@ -97,7 +97,8 @@ pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
     let probes = EventProbes::load(opts.debug_roots.clone())?;
     let out = match &opts.output {
         Some(p) => Some(RecordSink::new(
-            File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            crate::output::create_private(p)
+                .with_context(|| format!("creating {}", p.display()))?,
         )),
         None => None,
     };

@@ -69,6 +69,9 @@ pub struct WatchedVm {
 pub trait ProbeLayer {
     /// Starts counting `vm`'s events from zero, attaching the sources the policy picks.
     fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm>;
+    /// Chooses `vm`'s sources again (its accelerator turned out different from what it was
+    /// when first seen: QEMU opens `/dev/kvm` while it starts), keeping its counters.
+    fn replan(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm>;
     /// Stops counting process `pid` and drops its counters (read them first).
     fn unwatch(&mut self, pid: u32) -> anyhow::Result<()>;
     /// Per-refresh upkeep before reading (attach counters to newly seen timer callbacks).
@@ -81,18 +84,76 @@ pub trait ProbeLayer {
     fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)> {
         Vec::new()
     }
+    /// Entries in each eBPF map now, and its capacity: (map, entries, max entries).
+    fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
+        Vec::new()
+    }
 }
 
-/// Checks the privileges loading eBPF needs, with an error a person can act on.
-pub fn check_privileges() -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "recording needs root: loading eBPF programs and attaching tracepoints needs \
-             CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (for tracefs). Run it with sudo."
-        );
+/// Entries of the hash map `name` with keys `K` and values `V` (0 if it cannot be read).
+fn count_entries<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &str) -> usize {
+    match ebpf.map(name).map(BpfHashMap::<&MapData, K, V>::try_from) {
+        Some(Ok(map)) => map.keys().filter(Result::is_ok).count(),
+        _ => 0,
     }
-    Ok(())
+}
+
+/// Capabilities the profiler uses: (number, name, what for).
+const NEEDED_CAPS: &[(u32, &str, &str)] = &[
+    (39, "CAP_BPF", "loading eBPF programs and maps"),
+    (38, "CAP_PERFMON", "attaching tracepoints and uprobes"),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "mounting tracefs, BPF run-time statistics",
+    ),
+    (19, "CAP_SYS_PTRACE", "reading QEMU's executable and memory"),
+];
+
+/// The effective capability set from `/proc/self/status` (`CapEff:` in hex).
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// The capabilities of `NEEDED_CAPS` missing from `effective`, by name and purpose.
+pub fn missing_caps(effective: u64) -> Vec<(&'static str, &'static str)> {
+    NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _, _)| effective & (1 << bit) == 0)
+        .map(|(_, name, why)| (*name, *why))
+        .collect()
+}
+
+/// Checks the privileges loading eBPF needs, with an error a person can act on: which
+/// capabilities are missing and what each is for.
+pub fn check_privileges() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let Some(effective) = parse_cap_eff(&status) else {
+        bail!("cannot read this process's capabilities from /proc/self/status");
+    };
+    let missing = missing_caps(effective);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(name, why)| format!("{name} ({why})"))
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    let who = if unsafe { libc::geteuid() } == 0 {
+        "running as root, but without"
+    } else {
+        "not root, and without"
+    };
+    bail!(
+        "recording needs root or these capabilities: {who} {}. Run it with sudo (or grant the \
+         capabilities, e.g. in a systemd unit's AmbientCapabilities).",
+        list.join(", ")
+    );
 }
 
 /// Loads the tracepoint program `name` and attaches it to `category:name`.
@@ -225,21 +286,11 @@ impl EventProbes {
         result.map_err(|e| format!("{e:#}"))
     }
 
-    /// Detaches every per-process probe and lowers the USDT semaphores (also done on drop).
-    pub fn detach_all(&mut self) {
-        self.usdt.detach_all(&mut self.ebpf);
-        self.symbols.detach_all(&mut self.ebpf);
-    }
-}
-
-impl ProbeLayer for EventProbes {
-    fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
+    /// Attaches what the source policy picks for `vm` (all or nothing per source) and says
+    /// which source serves each count.
+    fn attach_planned(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
         let pid = vm.key.pid;
         let name = &vm.identity.name;
-        self.forget_counters(pid)?;
-        self.watched_map()?.insert(pid, 1, 0)?;
-        self.watched.insert(pid);
-
         let (offer, exe) = self.catalog.offer(pid);
         let plan = policy::plan(&offer, vm.identity.accel, self.kvm.status());
         let mut attempts = Vec::new();
@@ -289,6 +340,30 @@ impl ProbeLayer for EventProbes {
         })
     }
 
+    /// Detaches every per-process probe and lowers the USDT semaphores (also done on drop).
+    pub fn detach_all(&mut self) {
+        self.usdt.detach_all(&mut self.ebpf);
+        self.symbols.detach_all(&mut self.ebpf);
+    }
+}
+
+impl ProbeLayer for EventProbes {
+    fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
+        let pid = vm.key.pid;
+        self.forget_counters(pid)?;
+        self.watched_map()?.insert(pid, 1, 0)?;
+        self.watched.insert(pid);
+        self.attach_planned(vm)
+    }
+
+    fn replan(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
+        // The per-process probes go and the plan's come; the kernel's counters stay (the kvm
+        // tracepoint programs counted the process all along).
+        self.usdt.detach(&mut self.ebpf, vm.key.pid);
+        self.symbols.detach(&mut self.ebpf, vm.key.pid);
+        self.attach_planned(vm)
+    }
+
     fn unwatch(&mut self, pid: u32) -> anyhow::Result<()> {
         if self.watched.remove(&pid) {
             // Already gone is fine: the process may have been removed concurrently.
@@ -297,6 +372,7 @@ impl ProbeLayer for EventProbes {
         self.usdt.detach(&mut self.ebpf, pid);
         self.symbols.detach(&mut self.ebpf, pid);
         forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
+        timers::forget_process(&mut self.ebpf, pid);
         self.kvm.forget(&mut self.ebpf, pid);
         self.forget_counters(pid)
     }
@@ -331,6 +407,61 @@ impl ProbeLayer for EventProbes {
             }
         }
         Ok(out)
+    }
+
+    fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
+        use profiler_common::{
+            MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_USDT_SPECS, MAX_WATCHED, PendingWait,
+            UsdtSpec,
+            kvm::{KvmThreadState, MAX_KVM_PORTS, MAX_KVM_THREADS, PortKey},
+        };
+        let counters = match self
+            .ebpf
+            .map("COUNTERS")
+            .map(PerCpuHashMap::<&MapData, CounterKey, u64>::try_from)
+        {
+            Some(Ok(map)) => map.keys().filter(Result::is_ok).count(),
+            _ => 0,
+        };
+        let e = &self.ebpf;
+        vec![
+            ("COUNTERS", counters, MAX_COUNTERS),
+            (
+                "WATCHED",
+                count_entries::<u32, u32>(e, "WATCHED"),
+                MAX_WATCHED,
+            ),
+            (
+                "PENDING",
+                count_entries::<u32, PendingWait>(e, timers::PENDING_MAP),
+                MAX_PENDING,
+            ),
+            (
+                "REGION_NAMES",
+                count_entries::<RegionKey, RegionName>(e, "REGION_NAMES"),
+                MAX_REGION_NAMES,
+            ),
+            (
+                "USDT_SPECS",
+                count_entries::<u32, UsdtSpec>(e, usdt::SPECS_MAP),
+                MAX_USDT_SPECS,
+            ),
+            (
+                "SEEN_CALLBACKS",
+                count_entries::<RegionKey, u64>(e, symbols::SEEN_CALLBACKS_MAP),
+                MAX_REGION_NAMES,
+            ),
+            (
+                "KVM_THREADS",
+                count_entries::<u32, KvmThreadState>(e, kvm::THREADS_MAP),
+                MAX_KVM_THREADS,
+            ),
+            (
+                "KVM_PORTS",
+                count_entries::<PortKey, u32>(e, kvm::PORTS_MAP),
+                MAX_KVM_PORTS,
+            ),
+        ]
     }
 
     fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)> {
@@ -495,6 +626,18 @@ pub(crate) mod tests {
         xtask::prereq::Prereq::new(test).root()?;
         crate::tracefs::ensure_tracefs().expect("tracefs");
         Some(Ebpf::load(EBPF_OBJECT).expect("loading the eBPF object"))
+    }
+
+    #[test]
+    fn capabilities_missing_by_name() {
+        let status = "Name:\tprofiler\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(parse_cap_eff(status), Some(0x1ff_ffff_ffff));
+        assert!(missing_caps(0x1ff_ffff_ffff).is_empty());
+        let no_bpf = 0x1ff_ffff_ffff & !(1 << 39) & !(1 << 38);
+        let missing: Vec<&str> = missing_caps(no_bpf).iter().map(|m| m.0).collect();
+        assert_eq!(missing, ["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(missing_caps(0).len(), 4);
+        assert_eq!(parse_cap_eff("CapEff: zz"), None);
     }
 
     #[test]

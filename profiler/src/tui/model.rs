@@ -9,36 +9,7 @@ use crate::{
     report::thousands,
 };
 
-/// Makes text from outside (VM names, uuids, device and callback names: anyone who starts a
-/// QEMU sets them) safe to put on a terminal. Stricter than [`crate::report::sanitize`]: besides
-/// control characters (C0, DEL, C1 — every escape sequence starts with one), it replaces the
-/// invisible formatting characters that can make text lie about itself (bidi overrides and
-/// isolates, zero-width characters, line and paragraph separators), and caps the length.
-pub fn clean(s: &str) -> String {
-    const MAX_CHARS: usize = 256;
-    let mut out: String = s
-        .chars()
-        .take(MAX_CHARS)
-        .map(|c| if is_unsafe(c) { '\u{FFFD}' } else { c })
-        .collect();
-    if s.chars().nth(MAX_CHARS).is_some() {
-        out.push('…');
-    }
-    out
-}
-
-fn is_unsafe(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061C}'                  // Arabic letter mark
-            | '\u{200B}'..='\u{200F}'   // zero-width space/joiners, LRM, RLM
-            | '\u{2028}'..='\u{202E}'   // line/paragraph separators, bidi embeddings/overrides
-            | '\u{2060}'..='\u{2069}'   // word joiner, invisible operators, bidi isolates
-            | '\u{FEFF}'                // zero-width no-break space
-            | '\u{FFF9}'..='\u{FFFB}' // interlinear annotation
-        )
-}
+pub use crate::text::clean;
 
 /// `count` events over `seconds` as a rate; `None` when the count is unavailable or the span
 /// is empty (there is no rate yet, which is not a rate of 0).
@@ -577,7 +548,7 @@ mod tests {
     fn clean_neutralizes_escapes_and_invisible_characters() {
         let hostile = "\x1b[2J\x1b]0;pwned\x07evil\u{202E}gnp.exe\u{200B}\u{9B}31m";
         let c = clean(hostile);
-        assert!(!c.chars().any(is_unsafe), "{c:?}");
+        assert!(!c.chars().any(crate::text::is_unsafe), "{c:?}");
         assert_eq!(c, "�[2J�]0;pwned�evil�gnp.exe��31m");
         assert_eq!(clean("plain-name_01 ünï"), "plain-name_01 ünï");
         let long = "x".repeat(1000);

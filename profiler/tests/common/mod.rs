@@ -213,14 +213,19 @@ impl Libvirtd {
         p.tool("libvirtd")?;
         p.tool("virtlogd")?;
         p.tool("virsh")?;
+        // Running means answering: a daemon stopped earlier can linger as a zombie in a
+        // container whose init does not reap, and pgrep would still find it.
         let mut started = Vec::new();
-        for daemon in ["virtlogd", "libvirtd"] {
-            let running = std::process::Command::new("pgrep")
-                .args(["-x", daemon])
-                .stdout(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !running {
+        if !virsh(&["version"]).status.success() {
+            for (daemon, socket) in [
+                ("virtlogd", "/run/libvirt/virtlogd-sock"),
+                ("libvirtd", Self::SOCKET),
+            ] {
+                if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                    continue;
+                }
+                // A stale socket of a daemon that is gone.
+                let _ = std::fs::remove_file(socket);
                 let status = std::process::Command::new(daemon)
                     .arg("-d")
                     .status()
@@ -230,7 +235,7 @@ impl Libvirtd {
             }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !Path::new(Self::SOCKET).exists() || !virsh(&["version"]).status.success() {
+        while !virsh(&["version"]).status.success() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "libvirtd did not answer on {}",

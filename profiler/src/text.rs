@@ -1,0 +1,72 @@
+//! The one cleaning applied to text from outside — VM names, uuids, device, callback and
+//! Nova names: anyone who starts a QEMU or defines a domain sets them — wherever it leaves the
+//! process: the terminal (`top`, `list`, `report`, `check`), CSV, metric labels, notes.
+
+/// Makes text from outside safe to show. Besides control characters (C0, DEL, C1 — every
+/// terminal escape sequence starts with one), it replaces the invisible formatting characters
+/// that can make text lie about itself (bidi overrides and isolates, zero-width characters,
+/// line and paragraph separators) with U+FFFD, and caps the length at 256 characters.
+pub fn clean(s: &str) -> String {
+    const MAX_CHARS: usize = 256;
+    let mut out: String = s
+        .chars()
+        .take(MAX_CHARS)
+        .map(|c| if is_unsafe(c) { '\u{FFFD}' } else { c })
+        .collect();
+    if s.chars().nth(MAX_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+pub(crate) fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'                  // Arabic letter mark
+            | '\u{200B}'..='\u{200F}'   // zero-width space/joiners, LRM, RLM
+            | '\u{2028}'..='\u{202E}'   // line/paragraph separators, bidi embeddings/overrides
+            | '\u{2060}'..='\u{2069}'   // word joiner, invisible operators, bidi isolates
+            | '\u{FEFF}'                // zero-width no-break space
+            | '\u{FFF9}'..='\u{FFFB}' // interlinear annotation
+        )
+}
+
+/// A CSV cell: cleaned, quoted when needed, and a leading `=`, `+`, `-`, `@` (or tab / CR, which
+/// some spreadsheets also read as a formula start) defused with `'`, so a hostile VM name
+/// cannot run a formula in whoever opens the file.
+pub fn csv_field(s: &str) -> String {
+    let s = clean(s);
+    let formula = s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let s = if formula { format!("'{s}") } else { s };
+    if formula || s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_invisible_characters_are_replaced() {
+        assert_eq!(clean("\x1b[2Jx"), "\u{FFFD}[2Jx");
+        assert_eq!(clean("a\u{202E}b"), "a\u{FFFD}b");
+        assert_eq!(clean("\u{9b}6n"), "\u{FFFD}6n");
+        assert_eq!(clean("web-01"), "web-01");
+        let long = "x".repeat(300);
+        assert_eq!(clean(&long).chars().count(), 257);
+    }
+
+    #[test]
+    fn csv_cells_cannot_be_formulas() {
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("+1"), "\"'+1\"");
+        assert_eq!(csv_field("@SUM"), "\"'@SUM\"");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("\x1bx"), "\u{FFFD}x");
+    }
+}
