@@ -32,6 +32,14 @@ pub mod kind {
     pub const TIMER_CALLBACK: u32 = 8;
 }
 
+/// Flags of a process in the `WATCHED` map.
+pub mod watch_flag {
+    /// Its waits are counted by the `syscalls:*` tracepoints (the fallback for a QEMU whose
+    /// C library's wait functions cannot be probed). Otherwise uprobes on its libc count them
+    /// and the tracepoints ignore it.
+    pub const WAITS_BY_SYSCALL: u32 = 1;
+}
+
 /// Which wait syscall a counter came from. Stored in [`CounterKey::id`] for wait counters.
 pub mod wait_syscall {
     pub const PPOLL: u64 = 1;
@@ -83,12 +91,29 @@ pub mod timeout_class {
     pub const IO_URING_SUBMIT_ONLY: u32 = 5;
 }
 
+/// The fleet the maps are sized for: a dense host's VMs.
+pub const SIZED_FOR_VMS: u32 = 2000;
 /// Maximum number of QEMU processes watched at once.
 pub const MAX_WATCHED: u32 = 8192;
-/// Maximum number of distinct counters.
-pub const MAX_COUNTERS: u32 = 65536;
-/// Maximum number of threads inside a wait syscall at once.
+/// Maximum number of distinct counters: 256 per VM (its wait kinds, the regions it touches
+/// read and write, its timer callbacks; a busy guest with USB, serial, VGA, HPET, virtio uses
+/// about 60) for [`SIZED_FOR_VMS`] VMs. Allocated as used, not up front.
+pub const MAX_COUNTERS: u32 = 256 * SIZED_FOR_VMS;
+/// Maximum number of threads inside a wait at once.
 pub const MAX_PENDING: u32 = 65536;
+
+/// Slots of the `DROPPED` array: updates a full map refused, per map.
+pub mod dropped {
+    pub const COUNTERS: u32 = 0;
+    pub const REGION_NAMES: u32 = 1;
+    pub const PENDING: u32 = 2;
+    pub const SEEN_CALLBACKS: u32 = 3;
+    /// Number of slots.
+    pub const SLOTS: u32 = 4;
+    /// Map name of each slot, for reports.
+    pub const NAMES: [&str; SLOTS as usize] =
+        ["COUNTERS", "REGION_NAMES", "PENDING", "SEEN_CALLBACKS"];
+}
 
 /// How to fetch one USDT argument from the probe's registers, as libbpf's `usdt.bpf.h` does.
 #[repr(C)]
@@ -118,6 +143,48 @@ pub mod usdt_arg {
 
 /// Maximum USDT arguments per probe (SystemTap allows 12).
 pub const USDT_MAX_ARGS: usize = 12;
+
+/// The BPF cookie of a USDT site: its spec id in `USDT_SPECS` (bits 0-31) and, when the
+/// counted argument (the `MemoryRegion *`) is a whole 64-bit register, a fast path that
+/// needs no map lookup to count: the counter kind (bits 32-39), the register's byte offset
+/// in `pt_regs` / 8 (bits 40-47) and [`usdt_cookie::FAST`].
+pub mod usdt_cookie {
+    use super::{UsdtSpec, usdt_arg};
+
+    /// The site's cookie carries kind and register.
+    pub const FAST: u64 = 1 << 63;
+
+    /// The cookie of site `spec` stored under `id`.
+    pub fn encode(id: u32, spec: &UsdtSpec) -> u64 {
+        let Some(arg) = spec.args.get(spec.region_arg as usize) else {
+            return u64::from(id);
+        };
+        let whole_register = arg.arg_type == usdt_arg::REG
+            && arg.bitshift == 0
+            && arg.reg_off % 8 == 0
+            && arg.reg_off / 8 < 21
+            && spec.kind < 256;
+        if !whole_register {
+            return u64::from(id);
+        }
+        FAST | (u64::from(arg.reg_off / 8) << 40) | (u64::from(spec.kind) << 32) | u64::from(id)
+    }
+
+    /// (kind, `pt_regs` byte offset) of a fast cookie.
+    pub fn fast(cookie: u64) -> Option<(u32, u16)> {
+        (cookie & FAST != 0).then(|| {
+            (
+                ((cookie >> 32) & 0xff) as u32,
+                (((cookie >> 40) & 0xff) * 8) as u16,
+            )
+        })
+    }
+
+    /// The spec id of any cookie.
+    pub fn id(cookie: u64) -> u32 {
+        cookie as u32
+    }
+}
 
 /// One attached USDT site: what it counts and where its arguments are. Looked up by the
 /// uprobe's BPF cookie.
@@ -155,10 +222,56 @@ pub struct RegionName {
     pub name: [u8; REGION_NAME_LEN],
 }
 
-/// Maximum USDT sites attached at once (2 per QEMU process for read/write).
+/// Maximum USDT sites attached at once (a handful per QEMU process for read/write).
 pub const MAX_USDT_SPECS: u32 = 16384;
-/// Maximum distinct (process, region) names.
-pub const MAX_REGION_NAMES: u32 = 65536;
+/// Maximum distinct (process, region) names and (process, callback) pairs: 128 per VM.
+pub const MAX_REGION_NAMES: u32 = 128 * SIZED_FOR_VMS;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(arg: UsdtArgSpec) -> UsdtSpec {
+        let mut args = [UsdtArgSpec::default(); USDT_MAX_ARGS];
+        args[1] = arg;
+        UsdtSpec {
+            args,
+            arg_count: 6,
+            kind: kind::WRITE,
+            region_arg: 1,
+            name_arg: 5,
+        }
+    }
+
+    #[test]
+    fn usdt_cookies_carry_a_whole_register_and_the_kind() {
+        let rsi = UsdtArgSpec {
+            arg_type: usdt_arg::REG,
+            reg_off: 104,
+            ..UsdtArgSpec::default()
+        };
+        let c = usdt_cookie::encode(7, &spec(rsi));
+        assert_eq!(usdt_cookie::fast(c), Some((kind::WRITE, 104)));
+        assert_eq!(usdt_cookie::id(c), 7);
+        // A narrowed register, a memory operand, a bad argument index: the map path.
+        for slow in [
+            UsdtArgSpec {
+                bitshift: 32,
+                ..rsi
+            },
+            UsdtArgSpec {
+                arg_type: usdt_arg::REG_DEREF,
+                ..rsi
+            },
+        ] {
+            let c = usdt_cookie::encode(9, &spec(slow));
+            assert_eq!((usdt_cookie::fast(c), usdt_cookie::id(c)), (None, 9));
+        }
+        let mut bad = spec(rsi);
+        bad.region_arg = 99;
+        assert_eq!(usdt_cookie::encode(3, &bad), 3);
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

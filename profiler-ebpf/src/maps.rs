@@ -1,35 +1,64 @@
 //! Maps shared by all probes.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{HashMap, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray},
 };
 use profiler_common::{
     CounterKey, MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_WATCHED, PendingWait, RegionKey,
-    RegionName,
+    RegionName, dropped,
 };
 
-/// QEMU processes (tgids) userspace wants counted. Anything else returns at the first lookup,
-/// so other processes pay one hash lookup per traced syscall.
+/// `-EEXIST`: an insert lost a race with another CPU (not a full map).
+const EEXIST: i32 = -17;
+
+/// QEMU processes (tgids) userspace wants counted, with their
+/// [`profiler_common::watch_flag`]s. Anything else returns at the first lookup.
 #[map]
 pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
-/// Event counters, per CPU so the hot path needs no atomics.
+/// Event counters, shared by all CPUs and added to atomically: per-CPU values would cost
+/// `entries × CPUs × 8` bytes, hundreds of MB on a large host at 2,000 VMs. Entries are
+/// allocated as they are first used.
 #[map]
-pub static COUNTERS: PerCpuHashMap<CounterKey, u64> =
-    PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+pub static COUNTERS: HashMap<CounterKey, u64> =
+    HashMap::with_max_entries(MAX_COUNTERS, BPF_F_NO_PREALLOC);
 
 /// (process, MemoryRegion pointer) -> region name, written once per region by the read/write
 /// probes (USDT or symbols).
 #[map]
 pub static REGION_NAMES: HashMap<RegionKey, RegionName> =
-    HashMap::with_max_entries(MAX_REGION_NAMES, 0);
+    HashMap::with_max_entries(MAX_REGION_NAMES, BPF_F_NO_PREALLOC);
 
-/// Per-thread state between a wait syscall's entry and its exit, keyed by thread id.
+/// Per-thread state between a wait's entry and its return, keyed by thread id.
 #[map]
 pub static PENDING: HashMap<u32, PendingWait> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+/// Updates refused by a full map, per [`dropped`] slot: counts that would otherwise be lost
+/// silently.
+#[map]
+pub static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(dropped::SLOTS, 0);
+
+/// Notes one update refused by the map of `slot`.
+#[inline(always)]
+pub fn note_dropped(slot: u32) {
+    if let Some(value) = DROPPED.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Notes a refused insert of the map of `slot` unless it only lost a race (`-EEXIST`).
+#[inline(always)]
+pub fn note_insert(slot: u32, result: Result<(), i32>) {
+    if let Err(e) = result
+        && e != EEXIST
+    {
+        note_dropped(slot);
+    }
+}
 
 /// (tgid, tid) of the current task.
 #[inline(always)]
@@ -44,26 +73,57 @@ pub fn is_watched(tgid: u32) -> bool {
     unsafe { WATCHED.get(tgid).is_some() }
 }
 
-/// Adds one to the counter `key` on this CPU.
+/// The [`profiler_common::watch_flag`]s of process `tgid`, if it is watched.
+#[inline(always)]
+pub fn watch_flags(tgid: u32) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    unsafe { WATCHED.get(tgid) }.copied()
+}
+
+/// Adds one to the counter `key`.
 #[inline(always)]
 pub fn count(key: &CounterKey) {
     add(key, 1)
 }
 
-/// Adds `n` to the counter `key` on this CPU (PIO string I/O moves `count` elements per exit).
+/// Adds `n` to `*value` atomically (other CPUs add to the same counter): BPF's `lock xadd`.
+#[inline(always)]
+pub fn atomic_add(value: *mut u64, n: u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `value` is a valid, aligned map value that lives as long as the map.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({value} + 0) += {n}",
+            value = in(reg) value,
+            n = in(reg) n,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as above (host builds only type-check the programs).
+    unsafe {
+        *value += n
+    };
+}
+
+/// Adds `n` to the counter `key` (PIO string I/O moves `count` elements per exit).
 #[inline(always)]
 pub fn add(key: &CounterKey, n: u64) {
     match COUNTERS.get_ptr_mut(key) {
-        // SAFETY: per-CPU value, only this CPU writes it while this program runs.
-        Some(value) => unsafe { *value += n },
-        None => {
-            // A concurrent insert on another CPU is harmless: per-CPU slots are separate, and a
-            // lost race (EEXIST) is retried through the pointer path.
-            if COUNTERS.insert(key, n, BPF_NOEXIST as u64).is_err()
-                && let Some(value) = COUNTERS.get_ptr_mut(key)
-            {
-                unsafe { *value += n };
-            }
-        }
+        Some(value) => atomic_add(value, n),
+        None => add_new(key, n),
+    }
+}
+
+/// Creates the counter `key` with `n` (the caller found none).
+#[inline(always)]
+pub fn add_new(key: &CounterKey, n: u64) {
+    match COUNTERS.insert(key, n, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        // Another CPU created it first: add to theirs.
+        Err(EEXIST) => match COUNTERS.get_ptr_mut(key) {
+            Some(value) => atomic_add(value, n),
+            None => note_dropped(dropped::COUNTERS),
+        },
+        Err(_) => note_dropped(dropped::COUNTERS),
     }
 }

@@ -38,6 +38,15 @@ pub struct Target {
     /// domain tainted (custom-monitor).
     #[arg(long)]
     pub libvirt_monitor: bool,
+    /// What counts timer and fd wakeups: `auto` uses uprobes on each QEMU's C library (only
+    /// QEMU pays) and falls back to the syscall tracepoints (every syscall on the host pays
+    /// while they are attached) for a QEMU they cannot serve.
+    #[arg(long, value_enum, default_value_t)]
+    pub timer_source: crate::probes::policy::TimerChoice,
+    /// Keep the probes' cost to each QEMU under PCT % of a core: a busy VM's uprobes are then
+    /// attached for only part of each window, and its counts scaled and marked estimated.
+    #[arg(long, value_name = "PCT")]
+    pub max_overhead: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +60,9 @@ pub enum Command {
         /// does (repeatable).
         #[arg(long = "debug-dir")]
         debug_dirs: Vec<PathBuf>,
+        /// The timer source to show, as `record --timer-source` would pick it.
+        #[arg(long, value_enum, default_value_t)]
+        timer_source: crate::probes::policy::TimerChoice,
     },
     /// Record per-VM events in fixed windows, one JSON line per VM per closed window.
     Record {

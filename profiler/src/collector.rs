@@ -358,6 +358,9 @@ impl Collector {
             devices: device_deltas(&state.last_devices, &state.base_devices),
             timers: callback_deltas(&state.last_callbacks, &state.base_callbacks),
             host: None,
+            dropped_updates: 0,
+            estimated: false,
+            probed_seconds: None,
         }
     }
 }

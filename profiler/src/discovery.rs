@@ -308,7 +308,31 @@ pub fn scan_qemu_processes(paths: &HostPaths) -> Vec<QemuProcess> {
 #[derive(Debug, Default)]
 pub struct DiscoveryCache {
     /// By PID: the process as last read, and how many full reads it has had.
-    known: HashMap<u32, (QemuProcess, u8)>,
+    known: HashMap<u32, KnownProcess>,
+}
+
+/// A QEMU process discovery has read, with its `stat` file kept open: a refresh re-reads it
+/// with one `pread` instead of open, read, close (at 2,000 VMs, 4,000 syscalls a second
+/// fewer). A kept handle stays bound to the process it was opened for: once that process
+/// is gone, reading it fails, so a reused PID is never read through it.
+#[derive(Debug)]
+struct KnownProcess {
+    process: QemuProcess,
+    reads: u8,
+    stat: Option<fs::File>,
+}
+
+impl KnownProcess {
+    fn read_stat(&mut self, paths: &HostPaths, pid: u32) -> Option<ProcStat> {
+        use std::os::unix::fs::FileExt as _;
+        if self.stat.is_none() {
+            self.stat = fs::File::open(paths.proc_root.join(pid.to_string()).join("stat")).ok();
+        }
+        let file = self.stat.as_ref()?;
+        let mut buf = [0u8; 1024];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        parse_stat(std::str::from_utf8(&buf[..n]).ok()?)
+    }
 }
 
 /// Full reads of a new process before its identity is trusted: QEMU opens `/dev/kvm` during
@@ -333,28 +357,36 @@ pub fn scan_qemu_processes_cached(
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
     {
         let mut reads = 1;
-        if let Some((mut p, n)) = cache.known.remove(&pid) {
-            let Some(stat) = read_stat(paths, pid) else {
-                continue;
-            };
-            // Same process (a reused PID has another start time), identity settled.
-            if stat.start_ticks == p.key.start_ticks {
-                if n >= FULL_READS {
-                    p.cpu = stat.cpu;
-                    seen.insert(pid, (p, n));
+        if let Some(mut known) = cache.known.remove(&pid) {
+            // Same process (a reused PID has another start time, and a kept handle of the
+            // old one reads nothing), identity settled.
+            if let Some(stat) = known.read_stat(paths, pid)
+                && stat.start_ticks == known.process.key.start_ticks
+            {
+                if known.reads >= FULL_READS {
+                    known.process.cpu = stat.cpu;
+                    seen.insert(pid, known);
                     continue;
                 }
-                reads = n + 1;
+                reads = known.reads + 1;
             }
         }
         let libvirt = libvirt.get_or_insert_with(|| libvirt_domains(&paths.libvirt_run));
-        if let Some(p) = read_qemu_process(paths, pid, libvirt) {
-            seen.insert(pid, (p, reads));
+        if let Some(process) = read_qemu_process(paths, pid, libvirt) {
+            seen.insert(
+                pid,
+                KnownProcess {
+                    process,
+                    reads,
+                    stat: None,
+                },
+            );
         }
     }
-    // Processes not seen any more have exited: forgotten with the old map.
+    // Processes not seen any more have exited: forgotten (and their handles closed) with the
+    // old map.
     cache.known = seen;
-    let mut found: Vec<QemuProcess> = cache.known.values().map(|(p, _)| p.clone()).collect();
+    let mut found: Vec<QemuProcess> = cache.known.values().map(|k| k.process.clone()).collect();
     found.sort_by_key(|p| p.key.pid);
     found
 }

@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod attribution;
+pub mod budget;
 pub mod cli;
 pub mod cmdline;
 pub mod collector;

@@ -53,6 +53,8 @@ pub struct FleetState {
     pub samples: u64,
     /// eBPF maps: (name, entries, capacity).
     pub maps: Vec<(&'static str, usize, u32)>,
+    /// Updates each eBPF map refused because it was full, since the start.
+    pub dropped: Vec<(&'static str, u64)>,
     ticks_per_second: u64,
 }
 
@@ -439,12 +441,13 @@ impl Collector for FleetCollector {
         let mut own = [
             CounterFamily::new(
                 "bpf_program_runs",
-                "Runs of the profiler's eBPF programs (kernel BPF statistics).",
+                "Runs of the profiler's eBPF programs (kernel BPF statistics, sampled one \
+                 refresh in 10 and scaled).",
             ),
             CounterFamily::new(
                 "bpf_program_run",
-                "Time spent in the profiler's eBPF programs (0 when the kernel keeps no BPF \
-                 run-time statistics).",
+                "Time spent in the profiler's eBPF programs (kernel BPF statistics, sampled one \
+                 refresh in 10 and scaled; 0 when the kernel keeps none).",
             )
             .seconds(),
             CounterFamily::new(
@@ -453,6 +456,11 @@ impl Collector for FleetCollector {
             )
             .seconds(),
             CounterFamily::new("samples", "Samples the profiler has taken."),
+            CounterFamily::new(
+                "bpf_map_dropped_updates",
+                "Updates an eBPF map refused because it was full: events or names lost, so \
+                 counts are low by up to this many.",
+            ),
             CounterFamily::new(
                 "notes",
                 "Diagnostics the profiler has logged (sources not used, names not available, \
@@ -463,7 +471,10 @@ impl Collector for FleetCollector {
         own[1].push(Vec::new(), state.cost.bpf_run_time_ns as f64 / 1e9);
         own[2].push(Vec::new(), state.cost.collector_cpu_seconds);
         own[3].push(Vec::new(), state.samples);
-        own[4].push(Vec::new(), state.notes);
+        for (map, n) in &state.dropped {
+            own[4].push(vec![("map".to_string(), map.to_string())], *n);
+        }
+        own[5].push(Vec::new(), state.notes);
         for family in &own {
             family.encode(&mut encoder)?;
         }
@@ -543,6 +554,7 @@ mod tests {
             300.0,
         );
         s.sources_up = vec![("syscall-tracepoints", true), ("kvm-tracepoints", false)];
+        s.dropped = vec![("COUNTERS", 3), ("PENDING", 0)];
         Arc::new(Mutex::new(s))
     }
 
@@ -564,6 +576,8 @@ mod tests {
             "qemu_profiler_source_up{source=\"kvm-tracepoints\"} 0",
             "qemu_profiler_vms{read_source=\"unavailable\"} 1",
             "qemu_profiler_samples_total 1",
+            "qemu_profiler_bpf_map_dropped_updates_total{map=\"COUNTERS\"} 3",
+            "qemu_profiler_bpf_map_dropped_updates_total{map=\"PENDING\"} 0",
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }

@@ -135,6 +135,26 @@ pub struct WindowRecord {
     /// The host in this window (full windows only; for capacity planning).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<HostWindow>,
+    /// Updates the probes could not store in this window because a kernel map was full (any
+    /// VM's: this VM's counts may be low by up to this many). Absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_updates: u64,
+    /// The counts that come from uprobes were measured for only `probed_seconds` of the
+    /// window (`--max-overhead` duty-cycled the probes) and scaled to the whole window.
+    /// Absent when exact.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub estimated: bool,
+    /// Seconds of the window the uprobes were on, when `estimated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probed_seconds: Option<f64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl WindowRecord {
@@ -206,6 +226,9 @@ pub(crate) mod tests {
             devices: Vec::new(),
             timers: Vec::new(),
             host: None,
+            dropped_updates: 0,
+            estimated: false,
+            probed_seconds: None,
         }
     }
 

@@ -143,11 +143,20 @@ fn rows(g: &VmWindows<'_>) -> Vec<[String; 5]> {
     g.windows
         .iter()
         .map(|w| {
+            // Counts scaled from a duty-cycled share of the window (`--max-overhead`).
+            let count = |v: Option<u64>| {
+                let text = thousands(v);
+                if w.estimated && v.is_some() {
+                    format!("~{text}")
+                } else {
+                    text
+                }
+            };
             [
                 interval(w),
-                thousands(w.timer),
-                thousands(w.read),
-                thousands(w.write),
+                count(w.timer),
+                count(w.read),
+                count(w.write),
                 cpu(w.cpu_seconds),
             ]
         })
@@ -256,11 +265,20 @@ fn aligned<const N: usize>(head: [&str; N], rows: &[[String; N]], indent: &str) 
 }
 
 fn footnotes(g: &VmWindows<'_>) -> Vec<String> {
-    g.windows
+    let mut notes: Vec<String> = g
+        .windows
         .iter()
         .filter(|w| w.partial)
         .map(|w| format!("{:03}: {}", w.window, reason_text(w)))
-        .collect()
+        .collect();
+    let estimated = g.windows.iter().filter(|w| w.estimated).count();
+    if estimated > 0 {
+        notes.push(format!(
+            "~: estimated — {estimated} window(s) counted by uprobes for part of the window only \
+             (--max-overhead) and scaled"
+        ));
+    }
+    notes
 }
 
 fn render_table(groups: &[VmWindows<'_>]) -> String {
@@ -462,6 +480,9 @@ mod tests {
             devices: Vec::new(),
             timers: Vec::new(),
             host: None,
+            dropped_updates: 0,
+            estimated: false,
+            probed_seconds: None,
         }
     }
 

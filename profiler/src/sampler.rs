@@ -44,6 +44,8 @@ pub trait SessionView {
     fn ever_matched(&self) -> bool;
     /// Entries and capacity of each eBPF map.
     fn map_entries(&self) -> Vec<(&'static str, usize, u32)>;
+    /// Updates each eBPF map refused because it was full, since the start.
+    fn dropped(&self) -> Vec<(&'static str, u64)>;
 }
 
 impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
@@ -76,6 +78,9 @@ impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
     }
     fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
         Session::map_entries(self)
+    }
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        Session::dropped(self)
     }
 }
 
@@ -202,6 +207,7 @@ mod tests {
                 sources: VmSources {
                     read_write: Err(ReadWriteUnavailable::NoUsdtStripped),
                     callbacks: Err(crate::probes::policy::CallbacksUnavailable::Stripped),
+                    timer: Ok(crate::probes::policy::TimerSource::LibcUprobes),
                 },
                 names: NameSources::default(),
                 notes: vec![Note::general("watched")],

@@ -17,7 +17,7 @@ use crate::{
     names::{Note, VmNameCache},
     probes::{
         ProbeCost, ProbeLayer,
-        policy::{ReadWriteSource, VmSources},
+        policy::{ReadWriteSource, TimerSource, VmSources},
     },
     record::WindowRecord,
 };
@@ -121,7 +121,13 @@ impl WatchedVm {
     fn attribute(&mut self, raw: &RawCounters, notes: &mut Vec<Note>) -> attribution::Attributed {
         notes.extend(self.names.update(raw));
         let resolved = self.names.names();
-        attribution::attribute(raw, self.read_write(), &resolved.as_names())
+        let mut attributed = attribution::attribute(raw, self.read_write(), &resolved.as_names());
+        if self.sources.timer.is_err() {
+            // Nothing counted its waits: unknown, not zero.
+            attributed.counts.timer = None;
+            attributed.counts.fd_wakeups = None;
+        }
+        attributed
     }
 }
 
@@ -146,6 +152,59 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     ever_matched: bool,
     /// The window in which "nothing matches" was last said.
     no_match_said: Option<u64>,
+    drops: DropLedger,
+    /// Duty cycles under `--max-overhead`.
+    budgeted: Option<crate::budget::BudgetedVms>,
+    /// When the last sample was taken.
+    last_t: Option<f64>,
+}
+
+/// Updates the probes dropped (a full kernel map), by window, so each closed record says how
+/// many were lost while it was open.
+#[derive(Debug, Default)]
+struct DropLedger {
+    /// Cumulative drops per map at the last sample.
+    last: BTreeMap<&'static str, u64>,
+    /// Drops per window index.
+    by_window: BTreeMap<u64, u64>,
+    /// The window in which drops were last said.
+    said: Option<u64>,
+}
+
+impl DropLedger {
+    /// Takes the cumulative drops `now` seen by a sample in `window`; says (once per window)
+    /// which maps are full.
+    fn sample(&mut self, window: u64, now: Vec<(&'static str, u64)>) -> Option<Note> {
+        let mut new = Vec::new();
+        for (map, total) in now {
+            let before = self.last.insert(map, total).unwrap_or(0);
+            if total > before {
+                new.push((map, total - before));
+            }
+        }
+        if new.is_empty() {
+            return None;
+        }
+        *self.by_window.entry(window).or_default() += new.iter().map(|(_, n)| n).sum::<u64>();
+        if self.said == Some(window) {
+            return None;
+        }
+        self.said = Some(window);
+        let what: Vec<String> = new.iter().map(|(m, n)| format!("{n} by {m}")).collect();
+        Some(Note::general(format!(
+            "updates dropped because a kernel map is full ({}): counts are low by up to that \
+             many; watch fewer VMs (--vm/--pid)",
+            what.join(", ")
+        )))
+    }
+
+    /// Stamps closed records with their window's drops, and forgets windows before `oldest`.
+    fn stamp(&mut self, closed: &mut [WindowRecord], oldest: u64) {
+        for r in closed.iter_mut() {
+            r.dropped_updates = self.by_window.get(&r.window).copied().unwrap_or(0);
+        }
+        self.by_window = self.by_window.split_off(&oldest);
+    }
 }
 
 impl<P: ProbeLayer> Session<P> {
@@ -188,6 +247,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             libvirt_monitor: false,
             ever_matched: false,
             no_match_said: None,
+            drops: DropLedger::default(),
+            budgeted: None,
+            last_t: None,
         }
     }
 
@@ -201,6 +263,71 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
     pub fn with_libvirt_monitor(mut self, on: bool) -> Self {
         self.libvirt_monitor = on;
         self
+    }
+
+    /// Keeps each VM's uprobe cost within `percent` of a core (`--max-overhead`): the cost
+    /// of one hit is measured here first. `None`: no budget.
+    pub fn with_overhead_budget(mut self, percent: Option<f64>) -> anyhow::Result<Self> {
+        let Some(percent) = percent else {
+            return Ok(self);
+        };
+        anyhow::ensure!(
+            percent > 0.0 && percent <= 100.0,
+            "--max-overhead must be in (0, 100], not {percent}"
+        );
+        let hit_cost = self.probes.uprobe_hit_cost()?;
+        self.budgeted = Some(crate::budget::BudgetedVms::new(
+            crate::budget::OverheadBudget {
+                max_fraction: percent / 100.0,
+                hit_cost,
+            },
+        ));
+        Ok(self)
+    }
+
+    /// The overhead budget, when there is one.
+    pub fn overhead_budget(&self) -> Option<crate::budget::OverheadBudget> {
+        self.budgeted.as_ref().map(|b| b.budget())
+    }
+
+    /// Duty cycles: each VM's uprobe hits so far decide whether its probes are on for the
+    /// next interval.
+    fn cycle_duties(
+        &mut self,
+        counters: &HashMap<u32, RawCounters>,
+        t: f64,
+        secs: f64,
+        notes: &mut Vec<Note>,
+    ) {
+        let Some(budgeted) = &mut self.budgeted else {
+            return;
+        };
+        let clock = self.collector.clock();
+        let window = clock.index_at(t);
+        let intervals = (clock.end_of(window) - clock.start_of(window))
+            .round()
+            .max(1.0) as u32;
+        for (pid, vm) in &self.watched {
+            let uprobed = crate::budget::Uprobed::of(&vm.sources);
+            let hits = counters.get(pid).map_or(0, |raw| uprobed.hits(raw));
+            let tick = crate::budget::Tick {
+                t,
+                secs,
+                window,
+                window_intervals: intervals,
+            };
+            let Some(on) = budgeted.observe(*pid, uprobed, hits, tick) else {
+                continue;
+            };
+            match self.probes.set_probing(*pid, on) {
+                Ok(Some(attach)) => budgeted.applied(*pid, on, t, attach.as_secs_f64()),
+                // The last pause is still closing links: try again next time.
+                Ok(None) => {}
+                Err(e) => notes.push(Note::general(format!(
+                    "pid {pid}: resuming its probes after a budget pause: {e:#}"
+                ))),
+            }
+        }
     }
 
     /// Samples every VM at `t` seconds since the start.
@@ -230,6 +357,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         let mut notes = notes_first;
         notes.extend(self.probes.refresh());
         let counters = self.probes.read_counters()?;
+        // What was dropped since the last sample happened before `t`, in the window open then.
+        let open_window = self.collector.clock().index_at((t - 1e-3).max(0.0));
+        notes.extend(self.drops.sample(open_window, self.probes.dropped()));
 
         let current: HashMap<u32, VmKey> = procs.iter().map(|p| (p.key.pid, p.key)).collect();
         // Exited VMs (or PIDs now held by a new QEMU): their last events are still in the
@@ -313,9 +443,26 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             });
         }
         self.last_seen = procs;
+        let secs = self.last_t.map_or(0.0, |last| t - last);
+        self.last_t = Some(t);
+        self.cycle_duties(&counters, t, secs, &mut notes);
         let mut closed = self.collector.observe(t, &observations, &finals);
         self.host
             .stamp(t, host_cpu, observations.len(), &mut closed);
+        // A VM's window stays open for at most one window past the current one.
+        self.drops.stamp(&mut closed, open_window.saturating_sub(2));
+        if let Some(budgeted) = &mut self.budgeted {
+            let clock = self.collector.clock();
+            let bounds = |w| (clock.start_of(w), clock.end_of(w));
+            budgeted.stamp(
+                &mut closed,
+                bounds,
+                clock.start_of(open_window.saturating_sub(2)),
+            );
+            for key in finals.keys() {
+                budgeted.forget(key.pid);
+            }
+        }
         self.exited = self
             .observed
             .iter()
@@ -338,7 +485,17 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
     /// Closes every running window as partial (the profiler stops at `t`).
     pub fn finish(&mut self, t: f64) -> Vec<WindowRecord> {
-        self.collector.finish(t)
+        let mut closed = self.collector.finish(t);
+        self.drops.stamp(&mut closed, 0);
+        if let Some(budgeted) = &mut self.budgeted {
+            let clock = self.collector.clock();
+            budgeted.stamp(
+                &mut closed,
+                |w| (clock.start_of(w), clock.end_of(w).min(t)),
+                0.0,
+            );
+        }
+        closed
     }
 
     /// The running windows.
@@ -368,7 +525,18 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
     /// Probe sources attached right now, for the live header.
     pub fn live_sources(&self) -> Vec<String> {
-        let mut live = vec!["syscall tracepoints (timer, fd)".to_string()];
+        let mut live = Vec::new();
+        let timer_by = |source: TimerSource| {
+            self.watched
+                .values()
+                .any(|vm| vm.sources.timer == Ok(source))
+        };
+        if timer_by(TimerSource::LibcUprobes) {
+            live.push("libc uprobes (timer, fd)".to_string());
+        }
+        if timer_by(TimerSource::SyscallTracepoints) {
+            live.push("syscall tracepoints (timer, fd)".to_string());
+        }
         let has = |source: ReadWriteSource| {
             self.watched
                 .values()
@@ -412,6 +580,12 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         self.probes.map_entries()
     }
 
+    /// Updates each eBPF map refused because it was full, since the start (as of the last
+    /// sample).
+    pub fn dropped(&self) -> Vec<(&'static str, u64)> {
+        self.drops.last.iter().map(|(m, n)| (*m, *n)).collect()
+    }
+
     #[cfg(test)]
     pub(crate) fn probes(&self) -> &P {
         &self.probes
@@ -449,6 +623,8 @@ mod tests {
         watched: BTreeSet<u32>,
         log: Vec<String>,
         read_write: HashMap<u32, ReadWriteSource>,
+        /// Cumulative updates the fake COUNTERS map refused.
+        dropped: Rc<std::cell::Cell<u64>>,
     }
 
     impl FakeProbes {
@@ -469,6 +645,7 @@ mod tests {
                 sources: VmSources {
                     read_write,
                     callbacks: Ok(()),
+                    timer: Ok(crate::probes::policy::TimerSource::LibcUprobes),
                 },
                 names: NameSources::default(),
                 notes,
@@ -511,6 +688,21 @@ mod tests {
         }
         fn cost(&self) -> ProbeCost {
             ProbeCost::default()
+        }
+        fn dropped(&self) -> Vec<(&'static str, u64)> {
+            vec![("COUNTERS", self.dropped.get()), ("PENDING", 0)]
+        }
+        fn set_probing(
+            &mut self,
+            pid: u32,
+            on: bool,
+        ) -> anyhow::Result<Option<std::time::Duration>> {
+            self.log
+                .push(format!("probing {pid} {}", if on { "on" } else { "off" }));
+            Ok(Some(std::time::Duration::ZERO))
+        }
+        fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
+            Ok(1e-6)
         }
     }
 
@@ -555,6 +747,7 @@ mod tests {
             watched: BTreeSet::new(),
             log: Vec::new(),
             read_write: read_write.iter().copied().collect(),
+            dropped: Rc::default(),
         };
         let collector = Collector::new(
             10.0,
@@ -605,6 +798,89 @@ mod tests {
                 .read
                 .starts_with("unavailable: stripped")
         );
+    }
+
+    #[test]
+    fn dropped_updates_stamp_the_window_they_happened_in_and_are_said_once() {
+        let mut r = rig(VmFilter::default(), &[]);
+        r.host.borrow_mut().push(qemu(10, 1, "a"));
+        r.session.sample(0.0).unwrap();
+        let dropped = r.session.probes().dropped.clone();
+        dropped.set(7);
+        let notes = r.session.sample(4.0).unwrap().notes;
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].to_string().contains("7 by COUNTERS"),
+            "{}",
+            notes[0]
+        );
+        dropped.set(9);
+        assert!(
+            r.session.sample(8.0).unwrap().notes.is_empty(),
+            "once per window"
+        );
+        let report = r.session.sample(10.0).unwrap();
+        assert_eq!(report.closed[0].dropped_updates, 9);
+        // The next window lost nothing, and its record says so by leaving the field out.
+        let report = r.session.sample(20.0).unwrap();
+        assert_eq!(report.closed[0].dropped_updates, 0);
+        let line = serde_json::to_string(&report.closed[0]).unwrap();
+        assert!(!line.contains("dropped_updates"), "{line}");
+        dropped.set(10);
+        let closed = r.session.finish(25.0);
+        assert_eq!(closed[0].dropped_updates, 0, "not sampled before the stop");
+    }
+
+    /// A VM whose waits (libc uprobes, two hits each) would cost 4 % of a core under a 1 %
+    /// budget is probed for a block of a quarter of each window (rounded up), and its window
+    /// is scaled and marked.
+    #[test]
+    fn a_budget_duty_cycles_a_busy_vm_and_scales_its_window() {
+        let mut r = rig(VmFilter::default(), &[]);
+        r.session = std::mem::replace(&mut r.session, rig(VmFilter::default(), &[]).session)
+            .with_overhead_budget(Some(1.0))
+            .unwrap();
+        r.host.borrow_mut().push(qemu(10, 1, "busy"));
+        r.session.sample(0.0).unwrap();
+        let mut timer = 0;
+        let mut probing = true;
+        for t in 1..=10 {
+            // 20,000 waits a second while probed, none counted while paused.
+            if probing {
+                timer += 20_000;
+            }
+            r.set_timer(10, timer);
+            let report = r.session.sample(f64::from(t)).unwrap();
+            probing = r
+                .log()
+                .iter()
+                .rev()
+                .find(|l| l.starts_with("probing 10"))
+                .is_none_or(|l| l.ends_with("on"));
+            if t == 10 {
+                let w = &report.closed[0];
+                assert!(w.estimated, "{w:?}");
+                let probed = w.probed_seconds.unwrap();
+                assert!((2.0..=4.0).contains(&probed), "{probed}");
+                // The estimate is the rate while probed times the window.
+                assert_eq!(w.timer, Some(200_000), "{w:?}");
+            }
+        }
+        // One block per window: off once the block is over, on again at the next window.
+        assert_eq!(
+            r.log(),
+            ["watch 10", "probing 10 off", "probing 10 on"],
+            "{:?}",
+            r.log()
+        );
+        // Without a budget nothing is paused.
+        let mut plain = rig(VmFilter::default(), &[]);
+        plain.host.borrow_mut().push(qemu(10, 1, "busy"));
+        for t in 0..=10 {
+            plain.set_timer(10, 20_000 * t);
+            plain.session.sample(t as f64).unwrap();
+        }
+        assert_eq!(plain.log(), ["watch 10"]);
     }
 
     #[test]
@@ -734,7 +1010,7 @@ mod tests {
         assert_eq!(r.session.processes().len(), 2);
         assert_eq!(
             r.session.live_sources(),
-            ["syscall tracepoints (timer, fd)", "uprobes timer callbacks"]
+            ["libc uprobes (timer, fd)", "uprobes timer callbacks"]
         );
     }
 }

@@ -75,8 +75,15 @@ fn top_ranks_noisy_above_quiet_and_q_restores_the_terminal() {
     assert!(screen.contains(&quiet.pid().to_string()));
 
     tmux(&["send-keys", "-t", &session, "q"]);
-    sleep(Duration::from_secs(2));
-    let after = capture(&session);
+    // Quitting detaches every probe; on a loaded machine that can take a moment.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let after = loop {
+        sleep(Duration::from_millis(500));
+        let after = capture(&session);
+        if after.contains("TOP-EXITED") || Instant::now() > deadline {
+            break after;
+        }
+    };
     assert!(after.contains("TOP-EXITED rc=0"), "{after}");
     assert!(
         after.contains("icanon") && !after.contains("-icanon"),
@@ -142,10 +149,7 @@ fn top_shows_notes_in_its_status_line_and_stays_intact() {
     let lines: Vec<&str> = screen.lines().collect();
     assert!(lines[0].starts_with("window 00"), "{screen}");
     assert!(lines[1].starts_with("host  1 VMs"), "{screen}");
-    assert!(
-        lines[2].starts_with("probes  syscall tracepoints"),
-        "{screen}"
-    );
+    assert!(lines[2].starts_with("probes  libc uprobes"), "{screen}");
     assert!(lines[3].starts_with("cost  BPF "), "{screen}");
     assert!(lines[2].contains("kvm tracepoints"), "{screen}");
     let status = lines

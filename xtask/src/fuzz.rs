@@ -43,7 +43,12 @@ fn elf_seeds(root: &Path, corpus: &Path, target: &str) -> anyhow::Result<()> {
     if !matches!(target, "elf_usdt_notes" | "elf_symbols" | "dwarf_members") {
         return Ok(());
     }
-    let source = root.join("profiler/tests/fixtures/elf/usdt_demo_main.c");
+    // The demo is two files: the probes and their semaphores live in the second.
+    let fixtures = root.join("profiler/tests/fixtures/elf");
+    let sources = [
+        fixtures.join("usdt_demo_main.c"),
+        fixtures.join("usdt_demo_sema.c"),
+    ];
     for (name, flags) in [
         ("usdt-demo-g", &["-g", "-O1"][..]),
         ("usdt-demo", &["-O2", "-s"]),
@@ -56,12 +61,12 @@ fn elf_seeds(root: &Path, corpus: &Path, target: &str) -> anyhow::Result<()> {
             .args(flags)
             .arg("-o")
             .arg(&out)
-            .arg(&source)
+            .args(&sources)
             .status();
         if !status.is_ok_and(|s| s.success()) {
             eprintln!(
                 "xtask fuzz: could not compile {} (no ELF seed)",
-                source.display()
+                sources[0].display()
             );
         }
     }

@@ -19,7 +19,8 @@ tasks:
   qemu-usdt  build Debian's QEMU source with USDT probes (dtrace backend) into the cache
   demo    set up, boot a noisy and a quiet guest, profile them, print the report
   test    set up, build the guest, run lints, unit tests and the root end-to-end tests
-  bench   measure the profiler's costs into docs/benchmarks.md (`cargo xtask bench` lists them)
+  bench [--quick] [NAME]
+          measure the profiler's costs into docs/benchmarks.md (`cargo xtask bench help` lists them)
   fuzz [--seconds N] [TARGET...]
           run the cargo-fuzz targets (fuzz/) for N seconds each; findings go to fuzz/regressions
   density --vms N --profile noisy|quiet [--window S] [--hold K]
@@ -40,6 +41,8 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::fuzz(&root, &args[1..]),
         // A process named like QEMU for the scale benchmarks (see bench/qemu_like.rs).
         Some("qemu-like") => bench::qemu_like_main(&args[1..]),
+        // A syscall loop timing itself (see bench/loops.rs).
+        Some("syscall-loop") => bench::syscall_loop_main(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())

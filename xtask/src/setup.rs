@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "libvirt-daemon-system",
     "libvirt-clients",
     "libvirt-daemon-driver-qemu",
+    // `xtask bench` compares the profiler's cost with bpftrace's on the same probes.
+    "bpftrace",
 ];
 
 fn say(msg: &str) {

@@ -1,4 +1,5 @@
 pub mod kvm;
+pub mod libc_waits;
 pub mod symbols;
 pub mod timers;
 pub mod usdt;

@@ -18,10 +18,13 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use profiler_common::{
-    CounterKey, MAX_REGION_NAMES, REGION_NAME_LEN, RegionKey, RegionName, UNNAMED_REGION_MARK, kind,
+    CounterKey, MAX_REGION_NAMES, REGION_NAME_LEN, RegionKey, RegionName, UNNAMED_REGION_MARK,
+    dropped, kind,
 };
 
-use crate::maps::{COUNTERS, REGION_NAMES, count, current_ids, is_watched};
+use crate::maps::{
+    COUNTERS, REGION_NAMES, add_new, atomic_add, count, current_ids, is_watched, note_insert,
+};
 
 /// (process, callback address) of every QEMU timer callback armed since watching began.
 #[map]
@@ -33,12 +36,11 @@ fn cookie(ctx: &ProbeContext) -> u64 {
     unsafe { bpf_get_attach_cookie(ctx.as_ptr()) }
 }
 
+/// One map lookup per event: the uprobe is scoped to the watched process and detached when
+/// it is unwatched, so the process is not looked up again.
 #[uprobe]
 pub fn region_dispatch(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
-    if !is_watched(tgid) {
-        return 0;
-    }
     let cookie = cookie(&ctx);
     let Some(region) = ctx.arg::<u64>(0) else {
         return 0;
@@ -48,10 +50,13 @@ pub fn region_dispatch(ctx: ProbeContext) -> u32 {
         kind: (cookie >> 32) as u32,
         id: region,
     };
-    if COUNTERS.get_ptr_mut(key).is_none() {
-        remember_name(tgid, region, cookie & 0xffff_ffff);
+    match COUNTERS.get_ptr_mut(key) {
+        Some(value) => atomic_add(value, 1),
+        None => {
+            remember_name(tgid, region, cookie & 0xffff_ffff);
+            add_new(&key, 1);
+        }
     }
-    count(&key);
     0
 }
 
@@ -80,12 +85,18 @@ fn remember_name(tgid: u32, region: u64, name_offset: u64) {
         // goes through a nameless "subpage" region whose ops dispatch again to the real
         // region). Marked so userspace does not count the access twice.
         name.name[0] = UNNAMED_REGION_MARK;
-        let _ = REGION_NAMES.insert(name_key, name, 0);
+        note_insert(
+            dropped::REGION_NAMES,
+            REGION_NAMES.insert(name_key, name, 0),
+        );
         return;
     }
     // SAFETY: bounded copy checked by the helper.
     if unsafe { bpf_probe_read_user_str_bytes(name_ptr as *const u8, &mut name.name) }.is_ok() {
-        let _ = REGION_NAMES.insert(name_key, name, 0);
+        note_insert(
+            dropped::REGION_NAMES,
+            REGION_NAMES.insert(name_key, name, 0),
+        );
     }
 }
 
@@ -110,7 +121,10 @@ pub fn timer_mod(ctx: ProbeContext) -> u32 {
     };
     // SAFETY: presence check only.
     if unsafe { SEEN_CALLBACKS.get(key) }.is_none() {
-        let _ = SEEN_CALLBACKS.insert(key, 1, BPF_NOEXIST as u64);
+        note_insert(
+            dropped::SEEN_CALLBACKS,
+            SEEN_CALLBACKS.insert(key, 1, BPF_NOEXIST as u64),
+        );
     }
     0
 }

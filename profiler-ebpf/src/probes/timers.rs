@@ -9,9 +9,11 @@
 //! from offset 16; `ret` of `sys_exit_*` is at offset 16.
 
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
-use profiler_common::{CounterKey, PendingWait, kind, timeout_class, wait_syscall};
+use profiler_common::{CounterKey, PendingWait, dropped, kind, timeout_class, wait_syscall};
 
-use crate::maps::{PENDING, count, current_ids, is_watched};
+use profiler_common::watch_flag;
+
+use crate::maps::{PENDING, count, current_ids, note_insert, watch_flags};
 
 const ARGS: usize = 16;
 const RET: usize = 16;
@@ -33,7 +35,7 @@ struct KernelTimespec {
 
 /// Class of a `struct __kernel_timespec *` timeout (ppoll, epoll_pwait2).
 #[inline(always)]
-fn timespec_class(ptr: u64) -> u32 {
+pub fn timespec_class(ptr: u64) -> u32 {
     if ptr == 0 {
         return timeout_class::INFINITE;
     }
@@ -46,32 +48,58 @@ fn timespec_class(ptr: u64) -> u32 {
     }
 }
 
+/// Class of an `int timeout` in milliseconds (epoll_pwait).
+#[inline(always)]
+pub fn millis_class(timeout_ms: i32) -> u32 {
+    if timeout_ms < 0 {
+        timeout_class::INFINITE
+    } else if timeout_ms == 0 {
+        timeout_class::ZERO
+    } else {
+        timeout_class::FINITE
+    }
+}
+
+/// Whether the syscall tracepoints count process `tgid` (it may be watched through its libc's
+/// wait functions instead).
+#[inline(always)]
+fn counts_syscalls(tgid: u32) -> bool {
+    watch_flags(tgid).is_some_and(|f| f & watch_flag::WAITS_BY_SYSCALL != 0)
+}
+
 /// Remembers the current thread's wait; callers have checked that its process is watched.
 #[inline(always)]
-fn remember(tgid: u32, tid: u32, syscall: u64, timeout: u32) -> u32 {
+pub fn remember(tgid: u32, tid: u32, syscall: u64, timeout: u32) -> u32 {
     let pending = PendingWait {
         syscall,
         timeout,
         tgid,
     };
-    let _ = PENDING.insert(tid, pending, 0);
+    note_insert(dropped::PENDING, PENDING.insert(tid, pending, 0));
     0
 }
 
 #[inline(always)]
 fn classify_exit(ctx: &TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !counts_syscalls(tgid) {
         return 0;
     }
+    // SAFETY: fixed syscall exit layout.
+    let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
+    classify(tgid, tid, ret)
+}
+
+/// Classifies the return value `ret` of the current thread's wait (remembered at its entry):
+/// 0 after a finite timeout is a timer, > 0 an fd. Shared with the libc uprobes.
+#[inline(always)]
+pub fn classify(tgid: u32, tid: u32, ret: i64) -> u32 {
     // SAFETY: the value is copied out before the entry is removed.
     let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
         // Entered before we started watching: the timeout is unknown, skip it.
         return 0;
     };
     let _ = PENDING.remove(tid);
-    // SAFETY: fixed syscall exit layout.
-    let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
     let kind = if pending.syscall == wait_syscall::IO_URING_ENTER {
         if pending.timeout != timeout_class::IO_URING_GETEVENTS {
             return 0;
@@ -102,7 +130,7 @@ pub fn sys_enter_ppoll(ctx: TracePointContext) -> u32 {
     // ppoll(ufds, nfds, tsp, sigmask, sigsetsize)
     let tsp = arg(&ctx, 2);
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !counts_syscalls(tgid) {
         return 0;
     }
     remember(tgid, tid, wait_syscall::PPOLL, timespec_class(tsp))
@@ -117,17 +145,10 @@ pub fn sys_exit_ppoll(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_epoll_pwait(ctx: TracePointContext) -> u32 {
     // epoll_pwait(epfd, events, maxevents, int timeout_ms, sigmask, sigsetsize)
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !counts_syscalls(tgid) {
         return 0;
     }
-    let timeout_ms = arg(&ctx, 3) as i32;
-    let class = if timeout_ms < 0 {
-        timeout_class::INFINITE
-    } else if timeout_ms == 0 {
-        timeout_class::ZERO
-    } else {
-        timeout_class::FINITE
-    };
+    let class = millis_class(arg(&ctx, 3) as i32);
     remember(tgid, tid, wait_syscall::EPOLL_PWAIT, class)
 }
 
@@ -141,7 +162,7 @@ pub fn sys_enter_epoll_pwait2(ctx: TracePointContext) -> u32 {
     // epoll_pwait2(epfd, events, maxevents, const struct __kernel_timespec *timeout, ...)
     let tsp = arg(&ctx, 3);
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !counts_syscalls(tgid) {
         return 0;
     }
     remember(tgid, tid, wait_syscall::EPOLL_PWAIT2, timespec_class(tsp))
@@ -156,7 +177,7 @@ pub fn sys_exit_epoll_pwait2(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_io_uring_enter(ctx: TracePointContext) -> u32 {
     // io_uring_enter(fd, to_submit, min_complete, flags, argp, argsz)
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !counts_syscalls(tgid) {
         return 0;
     }
     let min_complete = arg(&ctx, 2) as u32;

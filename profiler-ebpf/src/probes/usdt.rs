@@ -6,6 +6,12 @@
 //! `USDT_SPECS`, which says where each argument lives (the argument spec of the note,
 //! decoded like libbpf's `usdt.bpf.h`). Counters are keyed by the `MemoryRegion` pointer;
 //! the region's name is read from user memory only the first time a region is seen.
+//!
+//! The hot path is one map lookup: where the region argument is a whole register (QEMU's
+//! builds), the cookie itself carries the counter kind and the register
+//! ([`profiler_common::usdt_cookie`]), and the spec is read only for a region's first event.
+//! The uprobe is scoped to the watched process and detached when it is unwatched, so the
+//! program does not look the process up again.
 
 use aya_ebpf::{
     EbpfContext,
@@ -19,10 +25,10 @@ use aya_ebpf::{
 };
 use profiler_common::{
     CounterKey, MAX_USDT_SPECS, REGION_NAME_LEN, RegionKey, RegionName, USDT_MAX_ARGS, UsdtArgSpec,
-    UsdtSpec, usdt_arg,
+    UsdtSpec, dropped, usdt_arg, usdt_cookie,
 };
 
-use crate::maps::{COUNTERS, REGION_NAMES, count, current_ids, is_watched};
+use crate::maps::{COUNTERS, REGION_NAMES, add_new, atomic_add, current_ids, note_insert};
 
 /// Cookie -> argument layout of one attached USDT site.
 #[map]
@@ -67,32 +73,52 @@ fn fetch_arg(ctx: &ProbeContext, spec: &UsdtArgSpec) -> Option<u64> {
 
 #[uprobe]
 pub fn usdt_memory_region_ops(ctx: ProbeContext) -> u32 {
-    let (tgid, _) = current_ids();
-    if !is_watched(tgid) {
-        return 0;
-    }
     // SAFETY: the helper only reads the attach cookie.
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    // SAFETY: the spec is copied out of the map.
-    let Some(spec) = (unsafe { USDT_SPECS.get(cookie) }).copied() else {
-        return 0;
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (kind, region) = match usdt_cookie::fast(cookie) {
+        Some((kind, reg_off)) => {
+            // SAFETY: reads within the kernel's pt_regs of this probe hit (offset < 168).
+            let Ok(region) = (unsafe {
+                bpf_probe_read_kernel(
+                    (ctx.as_ptr() as *const u8).add(reg_off as usize & 0xff) as *const u64
+                )
+            }) else {
+                return 0;
+            };
+            (kind, region)
+        }
+        None => {
+            // SAFETY: the spec is copied out of the map.
+            let Some(spec) = (unsafe { USDT_SPECS.get(usdt_cookie::id(cookie)) }).copied() else {
+                return 0;
+            };
+            let region_idx = spec.region_arg as usize;
+            if region_idx >= USDT_MAX_ARGS {
+                return 0;
+            }
+            let Some(region) = fetch_arg(&ctx, &spec.args[region_idx]) else {
+                return 0;
+            };
+            (spec.kind, region)
+        }
     };
-    let region_idx = spec.region_arg as usize;
-    if region_idx >= USDT_MAX_ARGS {
-        return 0;
-    }
-    let Some(region) = fetch_arg(&ctx, &spec.args[region_idx]) else {
-        return 0;
-    };
+    let (tgid, _) = current_ids();
     let key = CounterKey {
         tgid,
-        kind: spec.kind,
+        kind,
         id: region,
     };
-    if COUNTERS.get_ptr_mut(key).is_none() {
-        remember_name(&ctx, &spec, tgid, region);
+    match COUNTERS.get_ptr_mut(key) {
+        Some(value) => atomic_add(value, 1),
+        None => {
+            // A region's first event: its name, then its counter.
+            // SAFETY: the spec is copied out of the map.
+            if let Some(spec) = (unsafe { USDT_SPECS.get(usdt_cookie::id(cookie)) }).copied() {
+                remember_name(&ctx, &spec, tgid, region);
+            }
+            add_new(&key, 1);
+        }
     }
-    count(&key);
     0
 }
 
@@ -120,6 +146,9 @@ fn remember_name(ctx: &ProbeContext, spec: &UsdtSpec, tgid: u32, region: u64) {
     };
     // SAFETY: bpf_probe_read_user_str_bytes checks the user address and bounds the copy.
     if unsafe { bpf_probe_read_user_str_bytes(name_ptr as *const u8, &mut name.name) }.is_ok() {
-        let _ = REGION_NAMES.insert(name_key, name, 0);
+        note_insert(
+            dropped::REGION_NAMES,
+            REGION_NAMES.insert(name_key, name, 0),
+        );
     }
 }

@@ -394,6 +394,9 @@ mod tests {
                 busy_cpu_seconds: busy,
                 vms_running: vms,
             }),
+            dropped_updates: 0,
+            estimated: false,
+            probed_seconds: None,
         }
     }
 

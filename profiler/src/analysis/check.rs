@@ -417,6 +417,9 @@ mod tests {
             devices: Vec::new(),
             timers: Vec::new(),
             host: None,
+            dropped_updates: 0,
+            estimated: false,
+            probed_seconds: None,
         }
     }
 

@@ -485,6 +485,9 @@ mod tests {
                 Vec::new()
             },
             host: None,
+            dropped_updates: 0,
+            estimated: false,
+            probed_seconds: None,
         }
     }
 

@@ -36,7 +36,7 @@ pub struct CheckOptions {
     pub max_timer_rate: Option<f64>,
     pub format: CheckFormat,
     pub filter: VmFilter,
-    pub debug_roots: crate::elf::DebugRoots,
+    pub probe: crate::probes::ProbeOptions,
     /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
     pub libvirt_monitor: bool,
 }
@@ -121,7 +121,7 @@ impl SampleSink for Collect {
 }
 
 async fn record_live(opts: &CheckOptions, settle: u64) -> anyhow::Result<Vec<WindowRecord>> {
-    let probes = EventProbes::load(opts.debug_roots.clone())?;
+    let probes = EventProbes::load(opts.probe.clone())?;
     let window = opts.window;
     // Whole windows: the settle time rounded up, then the windows judged.
     let settle_windows = settle.div_ceil(window);
@@ -145,7 +145,8 @@ async fn record_live(opts: &CheckOptions, settle: u64) -> anyhow::Result<Vec<Win
         chrono::Utc::now(),
         opts.filter.clone(),
     )
-    .with_libvirt_monitor(opts.libvirt_monitor);
+    .with_libvirt_monitor(opts.libvirt_monitor)
+    .with_overhead_budget(opts.probe.max_overhead)?;
     let mut sink = Collect(Vec::new());
     sampler::run(
         &mut session,

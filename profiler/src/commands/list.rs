@@ -5,8 +5,7 @@ use serde::Serialize;
 use crate::{
     cmdline::{Accel, QmpEndpoint},
     discovery::{HostPaths, scan_qemu_processes},
-    elf::DebugRoots,
-    probes::{exe::ExeCatalog, kvm, offered_sources},
+    probes::{ProbeOptions, exe::ExeCatalog, kvm, libc_waits::LibcCatalog, offered_sources},
     record::Sources,
     report::sanitize,
 };
@@ -36,10 +35,11 @@ fn kvm_offer() -> Result<(), String> {
     kvm::offered(&tracefs)
 }
 
-pub fn run(json: bool, debug_roots: DebugRoots) -> anyhow::Result<ExitCode> {
+pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
     let procs = scan_qemu_processes(&HostPaths::default());
     // Reading a QEMU binary's notes and symbols costs tens of MB of I/O: once per binary.
-    let mut catalog = ExeCatalog::new(debug_roots);
+    let mut catalog = ExeCatalog::new(options.debug_roots);
+    let mut libc_catalog = LibcCatalog::default();
     let kvm = if procs.iter().any(|p| p.identity.accel == Accel::Kvm) {
         kvm_offer()
     } else {
@@ -48,7 +48,13 @@ pub fn run(json: bool, debug_roots: DebugRoots) -> anyhow::Result<ExitCode> {
     let vms: Vec<ListedVm> = procs
         .iter()
         .map(|p| {
-            let offered = offered_sources(&mut catalog, p, &kvm);
+            let offered = offered_sources(
+                &mut catalog,
+                &mut libc_catalog,
+                options.timer_choice,
+                p,
+                &kvm,
+            );
             ListedVm {
                 name: p.identity.name.clone(),
                 pid: p.key.pid,
@@ -122,5 +128,20 @@ pub fn run(json: bool, debug_roots: DebugRoots) -> anyhow::Result<ExitCode> {
             println!("{:pad$}{line}", "");
         }
     }
+    println!("{}", capacity_line(vms.len()));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the kernel maps hold, and whether this host's QEMUs fit.
+fn capacity_line(vms: usize) -> String {
+    let sized = profiler_common::SIZED_FOR_VMS as usize;
+    let fit = if vms > sized {
+        format!(
+            "{vms} QEMU processes exceed that: some updates will be dropped (counted in records' \
+             dropped_updates); select fewer with --vm/--pid"
+        )
+    } else {
+        "updates a full map refuses are counted, never lost silently".to_string()
+    };
+    format!("probe maps sized for {sized} VMs; {fit}")
 }

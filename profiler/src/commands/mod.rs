@@ -17,7 +17,18 @@ use crate::cli::{Cli, Command};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::List { json, debug_dirs } => list::run(json, debug_roots(debug_dirs)),
+        Command::List {
+            json,
+            debug_dirs,
+            timer_source,
+        } => list::run(
+            json,
+            crate::probes::ProbeOptions {
+                debug_roots: debug_roots(debug_dirs),
+                timer_choice: timer_source,
+                max_overhead: None,
+            },
+        ),
         Command::Record {
             window,
             duration,
@@ -29,7 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             filter: filter(&target),
             libvirt_monitor: target.libvirt_monitor,
-            debug_roots: debug_roots(target.debug_dirs),
+            probe: probe_options(target),
         }),
         Command::Report { file, format, plot } => report::run(&file, format, plot),
         Command::Compare {
@@ -90,7 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             filter: filter(&target),
             libvirt_monitor: target.libvirt_monitor,
-            debug_roots: debug_roots(target.debug_dirs),
+            probe: probe_options(target),
         }),
         Command::Serve {
             listen,
@@ -107,7 +118,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             exit_grace,
             filter: filter(&target),
             libvirt_monitor: target.libvirt_monitor,
-            debug_roots: debug_roots(target.debug_dirs),
+            probe: probe_options(target),
         }),
         Command::Top {
             window,
@@ -118,7 +129,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             filter: filter(&target),
             libvirt_monitor: target.libvirt_monitor,
-            debug_roots: debug_roots(target.debug_dirs),
+            probe: probe_options(target),
         }),
     }
 }
@@ -127,6 +138,14 @@ fn filter(target: &crate::cli::Target) -> crate::session::VmFilter {
     crate::session::VmFilter {
         names: target.vms.clone(),
         pids: target.pids.clone(),
+    }
+}
+
+fn probe_options(target: crate::cli::Target) -> crate::probes::ProbeOptions {
+    crate::probes::ProbeOptions {
+        debug_roots: debug_roots(target.debug_dirs),
+        timer_choice: target.timer_source,
+        max_overhead: target.max_overhead,
     }
 }
 

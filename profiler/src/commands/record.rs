@@ -26,7 +26,7 @@ pub struct RecordOptions {
     pub duration: Option<u64>,
     pub output: PathBuf,
     pub filter: VmFilter,
-    pub debug_roots: crate::elf::DebugRoots,
+    pub probe: crate::probes::ProbeOptions,
     /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
     pub libvirt_monitor: bool,
 }
@@ -83,7 +83,7 @@ pub fn run(opts: RecordOptions) -> anyhow::Result<ExitCode> {
 
 async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     // Probes first: a run that cannot record must not leave an empty output file behind.
-    let probes = EventProbes::load(opts.debug_roots.clone())?;
+    let probes = EventProbes::load(opts.probe.clone())?;
     let out = RecordSink::new(open_output(&opts.output)?);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -97,7 +97,11 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let selection = (opts.filter.is_selective()).then(|| opts.filter.describe());
     let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter)
-        .with_libvirt_monitor(opts.libvirt_monitor);
+        .with_libvirt_monitor(opts.libvirt_monitor)
+        .with_overhead_budget(opts.probe.max_overhead)?;
+    if let Some(b) = session.overhead_budget() {
+        eprintln!("profiler: {}", crate::budget::describe(&b));
+    }
     let mut sink = RecordToOutput {
         out,
         window: opts.window,
@@ -128,9 +132,11 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     }
     let cost = session.probe_cost();
     eprintln!(
-        "profiler: stopped after {stopped_at:.1} s; eBPF programs ran {} times, {:.1} ms in total",
+        "profiler: stopped after {stopped_at:.1} s; eBPF programs ran about {} times, {:.1} ms in \
+         total (kernel BPF statistics, sampled one refresh in {})",
         cost.run_count,
-        cost.run_time.as_secs_f64() * 1e3
+        cost.run_time.as_secs_f64() * 1e3,
+        crate::probes::STATS_EVERY
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -57,7 +57,7 @@ pub struct ServeOptions {
     /// Seconds an exited VM's series stay.
     pub exit_grace: u64,
     pub filter: VmFilter,
-    pub debug_roots: crate::elf::DebugRoots,
+    pub probe: crate::probes::ProbeOptions,
     /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
     pub libvirt_monitor: bool,
 }
@@ -135,6 +135,7 @@ impl SampleSink for Serve {
                 collector_cpu_seconds: own_cpu_seconds(),
             };
             fleet.maps = s.session.map_entries();
+            fleet.dropped = s.session.dropped();
             fleet.sources_up = s
                 .session
                 .host_sources()
@@ -231,7 +232,7 @@ fn respond(req: &Request<Incoming>, fleet: &Arc<Mutex<FleetState>>) -> Response<
 }
 
 pub fn run(opts: ServeOptions) -> anyhow::Result<ExitCode> {
-    let probes = EventProbes::load(opts.debug_roots.clone())?;
+    let probes = EventProbes::load(opts.probe.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -266,7 +267,8 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<ExitCode> {
         clock_ticks_per_second(),
     )));
     let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter)
-        .with_libvirt_monitor(opts.libvirt_monitor);
+        .with_libvirt_monitor(opts.libvirt_monitor)
+        .with_overhead_budget(opts.probe.max_overhead)?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let sink = Serve {
         fleet: fleet.clone(),

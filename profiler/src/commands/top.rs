@@ -28,7 +28,7 @@ use crate::{
 pub struct TopOptions {
     pub window: u64,
     pub filter: VmFilter,
-    pub debug_roots: crate::elf::DebugRoots,
+    pub probe: crate::probes::ProbeOptions,
     /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
     pub libvirt_monitor: bool,
     /// Also write closed windows here, as `profiler record` would.
@@ -94,7 +94,7 @@ impl SampleSink for Publish {
 pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
     // Everything that can fail for an ordinary reason (not root, no tracefs) fails here,
     // before the terminal switches to full screen.
-    let probes = EventProbes::load(opts.debug_roots.clone())?;
+    let probes = EventProbes::load(opts.probe.clone())?;
     let out = match &opts.output {
         Some(p) => Some(RecordSink::new(
             crate::output::create_private(p)
@@ -104,7 +104,8 @@ pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
     };
     let window_secs = opts.window as f64;
     let mut session = Session::new(probes, window_secs, chrono::Utc::now(), opts.filter)
-        .with_libvirt_monitor(opts.libvirt_monitor);
+        .with_libvirt_monitor(opts.libvirt_monitor)
+        .with_overhead_budget(opts.probe.max_overhead)?;
     let (tx, rx) = watch::channel(LiveSnapshot {
         window_secs,
         ..LiveSnapshot::default()

@@ -1009,11 +1009,11 @@ mod tests {
 
         // What the eBPF programs counted for this QEMU, plus its outstanding last access.
         let mut counted: BTreeMap<(u32, u64), u64> = BTreeMap::new();
-        let counters: aya::maps::PerCpuHashMap<&MapData, profiler_common::CounterKey, u64> =
-            aya::maps::PerCpuHashMap::try_from(ebpf.map("COUNTERS").unwrap()).unwrap();
-        for (key, per_cpu) in counters.iter().filter_map(Result::ok) {
+        let counters: Vec<(profiler_common::CounterKey, u64)> =
+            crate::probes::batch::read_hash(ebpf.map("COUNTERS").unwrap()).unwrap();
+        for (key, n) in counters {
             if key.tgid == pid && k::is_kvm_kind(key.kind) {
-                *counted.entry((key.kind, key.id)).or_default() += per_cpu.iter().sum::<u64>();
+                *counted.entry((key.kind, key.id)).or_default() += n;
             }
         }
         let outstanding = outstanding_counts(&ebpf, pid).unwrap();

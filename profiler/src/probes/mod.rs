@@ -10,8 +10,11 @@
 //! [`ProbeLayer`] is the seam the session works through, so the session is tested on fake
 //! counters (`crate::session` tests) and this layer on the real kernel (root tests).
 
+pub mod batch;
+pub mod detacher;
 pub mod exe;
 pub mod kvm;
+pub mod libc_waits;
 pub mod policy;
 pub mod refctr;
 pub mod symbols;
@@ -28,15 +31,17 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
 };
-use profiler_common::{CounterKey, RegionKey, RegionName, UNNAMED_REGION_MARK};
+use profiler_common::{CounterKey, RegionKey, RegionName, UNNAMED_REGION_MARK, watch_flag};
 
 use self::{
     exe::{ExeAnalysis, ExeCatalog},
     kvm::KvmSource,
-    policy::{ReadWriteSource, VmSources},
+    libc_waits::{LibcCatalog, LibcOffer, LibcWaitSource},
+    policy::{ProcessOffer, ReadWriteSource, TimerChoice, TimerSource, VmSources},
     symbols::SymbolSource,
+    timers::SyscallWaits,
     usdt::UsdtSource,
 };
 use crate::{
@@ -49,10 +54,70 @@ use crate::{
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
 
 /// The profiler's own cost in the kernel, from BPF run-time statistics.
+///
+/// While statistics are on, the kernel times every BPF program run on the host (two clock
+/// reads per run: measured by `xtask bench events` as a fifth of a USDT event's cost here), so
+/// the profiler turns them on for one refresh in [`STATS_EVERY`] and scales what it measured
+/// to the whole run: an estimate from a 1-in-10 sample.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProbeCost {
     pub run_count: u64,
     pub run_time: Duration,
+}
+
+/// BPF statistics are on for one refresh in this many.
+pub const STATS_EVERY: u64 = 10;
+
+/// Kernel BPF run-time statistics, on for one refresh in [`STATS_EVERY`].
+#[derive(Debug)]
+struct StatsSampler {
+    /// Held while statistics are on (the kernel keeps them on while any holder has one).
+    fd: Option<OwnedFd>,
+    refreshes: u64,
+    on_since: Option<std::time::Instant>,
+    on_total: Duration,
+    /// The kernel refused (no CAP_SYS_ADMIN, old kernel): counts stay zero.
+    refused: bool,
+}
+
+impl StatsSampler {
+    fn start() -> Self {
+        let mut s = Self {
+            fd: None,
+            refreshes: 0,
+            on_since: None,
+            on_total: Duration::ZERO,
+            refused: false,
+        };
+        s.turn(true);
+        s
+    }
+
+    fn turn(&mut self, on: bool) {
+        if on && self.fd.is_none() && !self.refused {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => {
+                    self.fd = Some(fd);
+                    self.on_since = Some(std::time::Instant::now());
+                }
+                Err(_) => self.refused = true,
+            }
+        } else if !on && let Some(since) = self.on_since.take() {
+            self.fd = None;
+            self.on_total += since.elapsed();
+        }
+    }
+
+    /// Once per refresh.
+    fn tick(&mut self) {
+        self.refreshes += 1;
+        self.turn(self.refreshes.is_multiple_of(STATS_EVERY));
+    }
+
+    /// Seconds the statistics were on so far.
+    fn on_seconds(&self) -> f64 {
+        (self.on_total + self.on_since.map_or(Duration::ZERO, |s| s.elapsed())).as_secs_f64()
+    }
 }
 
 /// What watching one VM gave.
@@ -88,14 +153,29 @@ pub trait ProbeLayer {
     fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
         Vec::new()
     }
+    /// Updates each map refused because it was full, since the start: (map, updates).
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+    /// Detaches (`on == false`) or re-attaches the uprobes serving watched VM `pid`, keeping
+    /// its counters: the overhead budget's duty cycle. Kernel tracepoints stay. A pause takes
+    /// effect at once (closing a link removes its breakpoint first, then waits out a grace
+    /// period, which happens in the background); a resume is done on return, with how long
+    /// the attach took, or `None` while the last pause's links are still being closed.
+    fn set_probing(&mut self, _pid: u32, _on: bool) -> anyhow::Result<Option<Duration>> {
+        Ok(Some(Duration::ZERO))
+    }
+    /// Seconds one uprobe hit costs the probed thread on this host, measured.
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
+        anyhow::bail!("this probe layer cannot measure uprobe costs")
+    }
 }
 
 /// Entries of the hash map `name` with keys `K` and values `V` (0 if it cannot be read).
 fn count_entries<K: aya::Pod, V: aya::Pod>(ebpf: &Ebpf, name: &str) -> usize {
-    match ebpf.map(name).map(BpfHashMap::<&MapData, K, V>::try_from) {
-        Some(Ok(map)) => map.keys().filter(Result::is_ok).count(),
-        _ => 0,
-    }
+    ebpf.map(name)
+        .and_then(|m| batch::read_hash::<K, V>(m).ok())
+        .map_or(0, |entries| entries.len())
 }
 
 /// Capabilities the profiler uses: (number, name, what for).
@@ -156,6 +236,32 @@ pub fn check_privileges() -> anyhow::Result<()> {
     );
 }
 
+/// Raises this process's open-file limit to its hard limit: each watched VM holds a BPF link
+/// per uprobe (the libc waits alone are 6) and a kept `/proc` handle, so 2,000 VMs need
+/// over 14,000 descriptors where the usual soft limit is 1,024. Returns the limit now.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 /// Loads the tracepoint program `name` and attaches it to `category:name`.
 pub fn attach_tracepoint(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow::Result<()> {
     let program: &mut aya::programs::TracePoint = ebpf
@@ -188,29 +294,65 @@ fn forget_region_keys<V: aya::Pod>(ebpf: &mut Ebpf, map: &str, tgid: u32) {
     }
 }
 
+/// What serves one watched VM, kept to re-attach its uprobes after a pause.
+#[derive(Debug, Clone)]
+struct Served {
+    sources: VmSources,
+    exe: Option<std::sync::Arc<ExeAnalysis>>,
+    libc: Option<LibcOffer>,
+    paused: bool,
+}
+
+/// What the user chose about the probes.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeOptions {
+    /// Where QEMU debug files are searched.
+    pub debug_roots: crate::elf::DebugRoots,
+    /// Which timer sources may be used.
+    pub timer_choice: TimerChoice,
+    /// `--max-overhead`: percent of a core each VM's uprobes may cost (applied by the session).
+    pub max_overhead: Option<f64>,
+}
+
 /// The real probes: the eBPF object and every source family.
 pub struct EventProbes {
     ebpf: Ebpf,
     catalog: ExeCatalog,
+    libc_catalog: LibcCatalog,
+    timer_choice: TimerChoice,
     watched: HashSet<u32>,
+    libc: LibcWaitSource,
+    syscall_waits: SyscallWaits,
     usdt: UsdtSource,
     symbols: SymbolSource,
     kvm: KvmSource,
     /// Said while attaching, handed out with the watch that caused it.
     pending_notes: Vec<Note>,
-    /// Keeps BPF run-time statistics enabled while we run (None: kernel refused).
-    _stats: Option<OwnedFd>,
+    /// What serves each watched VM, to re-attach it after a pause.
+    served: HashMap<u32, Served>,
+    /// Closes paused VMs' links off the sampling thread.
+    detacher: detacher::Detacher,
+    /// BPF run-time statistics, sampled.
+    stats: StatsSampler,
+    loaded_at: std::time::Instant,
 }
 
 impl EventProbes {
-    /// Loads the programs and attaches the host-wide ones (timers, KVM); debug files are
-    /// searched under `debug_roots`.
-    pub fn load(debug_roots: crate::elf::DebugRoots) -> anyhow::Result<Self> {
+    /// Loads the programs and attaches the host-wide ones (KVM; the syscall tracepoints wait
+    /// until a VM needs them); debug files are searched under `debug_roots`, timer sources are
+    /// chosen as `timer_choice` allows.
+    pub fn load(options: ProbeOptions) -> anyhow::Result<Self> {
+        let ProbeOptions {
+            debug_roots,
+            timer_choice,
+            max_overhead: _,
+        } = options;
         check_privileges()?;
+        raise_fd_limit();
         let tracefs = crate::tracefs::ensure_tracefs()?;
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
-        timers::attach(&mut ebpf)?;
+        let syscall_waits = SyscallWaits::load(&mut ebpf)?;
+        let libc = LibcWaitSource::load(&mut ebpf)?;
         let usdt = UsdtSource::load(&mut ebpf)?;
         let symbols = SymbolSource::load(&mut ebpf)?;
         // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
@@ -218,12 +360,19 @@ impl EventProbes {
         Ok(Self {
             ebpf,
             catalog: ExeCatalog::new(debug_roots),
+            libc_catalog: LibcCatalog::default(),
+            timer_choice,
             watched: HashSet::new(),
+            libc,
+            syscall_waits,
             usdt,
             symbols,
             kvm,
             pending_notes: Vec::new(),
-            _stats: stats,
+            served: HashMap::new(),
+            detacher: detacher::Detacher::new(),
+            stats: StatsSampler::start(),
+            loaded_at: std::time::Instant::now(),
         })
     }
 
@@ -235,21 +384,31 @@ impl EventProbes {
         )?)
     }
 
-    fn counters_map(&mut self) -> anyhow::Result<PerCpuHashMap<&mut MapData, CounterKey, u64>> {
-        Ok(PerCpuHashMap::try_from(
+    fn counters_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, CounterKey, u64>> {
+        Ok(BpfHashMap::try_from(
             self.ebpf
                 .map_mut("COUNTERS")
                 .context("map COUNTERS missing")?,
         )?)
     }
 
+    /// Every counter, in a few syscalls.
+    fn all_counters(&self) -> anyhow::Result<Vec<(CounterKey, u64)>> {
+        let map = self.ebpf.map("COUNTERS").context("map COUNTERS missing")?;
+        Ok(batch::read_hash(map)?)
+    }
+
     fn forget_counters(&mut self, tgid: u32) -> anyhow::Result<()> {
-        let mut map = self.counters_map()?;
-        let stale: Vec<CounterKey> = map
-            .keys()
-            .filter_map(Result::ok)
+        let stale: Vec<CounterKey> = self
+            .all_counters()?
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| k.tgid == tgid)
             .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut map = self.counters_map()?;
         for key in stale {
             let _ = map.remove(&key);
         }
@@ -291,8 +450,16 @@ impl EventProbes {
     fn attach_planned(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
         let pid = vm.key.pid;
         let name = &vm.identity.name;
-        let (offer, exe) = self.catalog.offer(pid);
+        let (binary, exe) = self.catalog.offer(pid);
+        let libc = self.libc_catalog.offer(pid);
+        let offer = ProcessOffer {
+            binary,
+            libc: libc.as_ref().map(|_| ()).map_err(Clone::clone),
+            timer_choice: self.timer_choice,
+        };
         let plan = policy::plan(&offer, vm.identity.accel, self.kvm.status());
+        let libc = libc.ok();
+        let timer = self.attach_timer(&plan, pid, libc.as_ref(), name);
         let mut attempts = Vec::new();
         for &source in &plan.read_write {
             let result = self.attach_read_write(source, pid, exe.as_deref());
@@ -303,13 +470,15 @@ impl EventProbes {
             }
         }
         let read_write = policy::settle(&plan, &attempts);
-        let mut notes: Vec<Note> = attempts
-            .iter()
-            .filter_map(|(source, r)| r.as_ref().err().map(|why| (source, why)))
-            .map(|(source, why)| {
-                Note::vm(name, format!("{} source not used: {why}", source.label()))
-            })
-            .collect();
+        let (timer, mut notes) = timer;
+        notes.extend(
+            attempts
+                .iter()
+                .filter_map(|(source, r)| r.as_ref().err().map(|why| (source, why)))
+                .map(|(source, why)| {
+                    Note::vm(name, format!("{} source not used: {why}", source.label()))
+                }),
+        );
         let symbols = exe.as_ref().and_then(|e| e.symbols.as_ref().ok());
         let callbacks = match (&plan.callbacks, symbols) {
             (Ok(()), Some(symbols)) => self
@@ -330,20 +499,152 @@ impl EventProbes {
             callbacks.is_ok(),
             read_write == Ok(ReadWriteSource::KvmTracepoints),
         );
-        Ok(WatchedVm {
-            sources: VmSources {
-                read_write,
-                callbacks,
+        let sources = VmSources {
+            read_write,
+            callbacks,
+            timer,
+        };
+        self.served.insert(
+            pid,
+            Served {
+                sources: sources.clone(),
+                exe: exe.clone(),
+                libc,
+                paused: false,
             },
+        );
+        Ok(WatchedVm {
+            sources,
             names,
             notes,
         })
     }
 
+    /// Attaches the plan's timer candidates to `pid` in order until one serves it; says which
+    /// (or why none), with a note for each candidate that failed.
+    fn attach_timer(
+        &mut self,
+        plan: &policy::SourcePlan,
+        pid: u32,
+        libc: Option<&LibcOffer>,
+        name: &str,
+    ) -> (Result<TimerSource, String>, Vec<Note>) {
+        let mut attempts = Vec::new();
+        for &source in &plan.timer {
+            let result = match source {
+                TimerSource::LibcUprobes => match libc {
+                    Some(offer) => self.libc.attach(&mut self.ebpf, pid, offer),
+                    None => Err(anyhow::anyhow!("no C library offer")),
+                },
+                TimerSource::SyscallTracepoints => self
+                    .syscall_waits
+                    .acquire(&mut self.ebpf, pid)
+                    .and_then(|()| {
+                        self.set_watch_flags(pid, watch_flag::WAITS_BY_SYSCALL)
+                            .inspect_err(|_| self.syscall_waits.release(&mut self.ebpf, pid))
+                    }),
+            }
+            .map_err(|e| format!("{e:#}"));
+            let attached = result.is_ok();
+            attempts.push((source, result));
+            if attached {
+                break;
+            }
+        }
+        let notes = attempts
+            .iter()
+            .filter_map(|(source, r)| r.as_ref().err().map(|why| (source, why)))
+            .map(|(source, why)| {
+                Note::vm(
+                    name,
+                    format!("{} timer source not used: {why}", source.label()),
+                )
+            })
+            .collect();
+        (policy::settle_timer(plan, &attempts), notes)
+    }
+
+    fn set_watch_flags(&mut self, pid: u32, flags: u32) -> anyhow::Result<()> {
+        self.watched_map()?.insert(pid, flags, 0)?;
+        Ok(())
+    }
+
+    /// Stops counting `pid`'s waits, whichever source did.
+    fn detach_timer(&mut self, pid: u32) {
+        self.libc.detach(&mut self.ebpf, pid);
+        self.syscall_waits.release(&mut self.ebpf, pid);
+        if self.watched.contains(&pid) {
+            let _ = self.set_watch_flags(pid, 0);
+        }
+    }
+
+    /// Takes the uprobe links serving `pid` for the detacher (a budget pause); counters and
+    /// tracepoints stay.
+    fn pause_uprobes(&mut self, pid: u32, sources: &VmSources) -> Vec<detacher::Detach> {
+        let mut items = Vec::new();
+        if sources.timer == Ok(TimerSource::LibcUprobes) {
+            items.extend(self.libc.take(&mut self.ebpf, pid));
+        }
+        items.extend(self.usdt.take(&mut self.ebpf, pid));
+        items.extend(self.symbols.pause(&mut self.ebpf, pid));
+        items
+    }
+
+    /// Attaches again what served `pid` before its pause.
+    fn resume_uprobes(&mut self, pid: u32, served: &Served) -> anyhow::Result<()> {
+        if served.sources.timer == Ok(TimerSource::LibcUprobes)
+            && let Some(libc) = &served.libc
+        {
+            self.libc.attach(&mut self.ebpf, pid, libc)?;
+        }
+        if served.sources.read_write == Ok(ReadWriteSource::Usdt) {
+            self.attach_read_write(ReadWriteSource::Usdt, pid, served.exe.as_deref())
+                .map_err(anyhow::Error::msg)?;
+        }
+        // Dispatch, timer_mod and every callback discovered so far, as they were.
+        self.symbols.resume(&mut self.ebpf, pid)
+    }
+
+    /// What one uprobe hit costs a thread here: this process's own zero-timeout `ppoll`s,
+    /// timed without and with the libc wait probes (entry and return: two hits per call; the
+    /// programs return at once, this process is not watched). The best of three tries.
+    fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
+        const CALLS: u32 = 5000;
+        let pid = std::process::id();
+        let offer = self
+            .libc_catalog
+            .offer(pid)
+            .map_err(|why| anyhow::anyhow!("measuring the uprobe cost: {why}"))?;
+        let time_calls = || {
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            let start = std::time::Instant::now();
+            for _ in 0..CALLS {
+                // SAFETY: no fds, a valid timespec, no signal mask.
+                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
+            }
+            start.elapsed().as_secs_f64()
+        };
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let bare = time_calls();
+            self.libc.attach(&mut self.ebpf, pid, &offer)?;
+            let probed = time_calls();
+            self.libc.detach(&mut self.ebpf, pid);
+            best = best.min((probed - bare) / f64::from(2 * CALLS));
+        }
+        Ok(best.max(1e-9))
+    }
+
     /// Detaches every per-process probe and lowers the USDT semaphores (also done on drop).
     pub fn detach_all(&mut self) {
+        self.detacher.drain();
         self.usdt.detach_all(&mut self.ebpf);
         self.symbols.detach_all(&mut self.ebpf);
+        self.libc.detach_all(&mut self.ebpf);
+        self.syscall_waits.detach_all(&mut self.ebpf);
     }
 }
 
@@ -351,7 +652,8 @@ impl ProbeLayer for EventProbes {
     fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
         let pid = vm.key.pid;
         self.forget_counters(pid)?;
-        self.watched_map()?.insert(pid, 1, 0)?;
+        // Watched with no flags until its timer source is chosen.
+        self.watched_map()?.insert(pid, 0, 0)?;
         self.watched.insert(pid);
         self.attach_planned(vm)
     }
@@ -361,6 +663,7 @@ impl ProbeLayer for EventProbes {
         // tracepoint programs counted the process all along).
         self.usdt.detach(&mut self.ebpf, vm.key.pid);
         self.symbols.detach(&mut self.ebpf, vm.key.pid);
+        self.detach_timer(vm.key.pid);
         self.attach_planned(vm)
     }
 
@@ -371,6 +674,8 @@ impl ProbeLayer for EventProbes {
         }
         self.usdt.detach(&mut self.ebpf, pid);
         self.symbols.detach(&mut self.ebpf, pid);
+        self.detach_timer(pid);
+        self.served.remove(&pid);
         forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
         timers::forget_process(&mut self.ebpf, pid);
         self.kvm.forget(&mut self.ebpf, pid);
@@ -378,29 +683,26 @@ impl ProbeLayer for EventProbes {
     }
 
     fn refresh(&mut self) -> Vec<Note> {
+        self.stats.tick();
         self.symbols.refresh_callbacks(&mut self.ebpf);
         Vec::new()
     }
 
     fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
-        let map = self.counters_map()?;
         let mut out: HashMap<u32, RawCounters> = HashMap::new();
-        for entry in map.iter() {
-            // A key deleted between iteration steps is skipped, not fatal.
-            let Ok((key, per_cpu)) = entry else { continue };
-            let sum: u64 = per_cpu.iter().copied().sum();
+        for (key, value) in self.all_counters()? {
             *out.entry(key.tgid)
                 .or_default()
                 .by_key
                 .entry((key.kind, key.id))
-                .or_default() += sum;
+                .or_default() += value;
         }
         if let Some(Ok(names)) = self
             .ebpf
             .map("REGION_NAMES")
-            .map(BpfHashMap::<&MapData, RegionKey, RegionName>::try_from)
+            .map(batch::read_hash::<RegionKey, RegionName>)
         {
-            for (key, name) in names.iter().filter_map(Result::ok) {
+            for (key, name) in names {
                 if let Some(c) = out.get_mut(&key.tgid) {
                     c.regions.insert(key.region, region_label(&name));
                 }
@@ -409,23 +711,75 @@ impl ProbeLayer for EventProbes {
         Ok(out)
     }
 
+    fn set_probing(&mut self, pid: u32, on: bool) -> anyhow::Result<Option<Duration>> {
+        let Some(served) = self.served.get(&pid).cloned() else {
+            return Ok(Some(Duration::ZERO));
+        };
+        if served.paused != on {
+            return Ok(Some(Duration::ZERO));
+        }
+        if !on {
+            let items = self.pause_uprobes(pid, &served.sources);
+            self.detacher.submit(pid, items);
+            if let Some(s) = self.served.get_mut(&pid) {
+                s.paused = true;
+            }
+            return Ok(Some(Duration::ZERO));
+        }
+        // Re-attaching while the old links are still being closed would count twice.
+        if self.detacher.is_pending(pid) {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = self.resume_uprobes(pid, &served) {
+            // Half a resume is no resume: leave it paused and say why.
+            let items = self.pause_uprobes(pid, &served.sources);
+            self.detacher.submit(pid, items);
+            return Err(e);
+        }
+        if let Some(s) = self.served.get_mut(&pid) {
+            s.paused = false;
+        }
+        Ok(Some(started.elapsed()))
+    }
+
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
+        self.measure_uprobe_hit_cost()
+    }
+
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        use profiler_common::dropped;
+        let Some(Ok(array)) = self
+            .ebpf
+            .map("DROPPED")
+            .map(PerCpuArray::<&MapData, u64>::try_from)
+        else {
+            return Vec::new();
+        };
+        (0..dropped::SLOTS)
+            .map(|slot| {
+                let total = array
+                    .get(&slot, 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (dropped::NAMES[slot as usize], total)
+            })
+            .collect()
+    }
+
     fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
         use profiler_common::{
             MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_USDT_SPECS, MAX_WATCHED, PendingWait,
             UsdtSpec,
             kvm::{KvmThreadState, MAX_KVM_PORTS, MAX_KVM_THREADS, PortKey},
         };
-        let counters = match self
-            .ebpf
-            .map("COUNTERS")
-            .map(PerCpuHashMap::<&MapData, CounterKey, u64>::try_from)
-        {
-            Some(Ok(map)) => map.keys().filter(Result::is_ok).count(),
-            _ => 0,
-        };
         let e = &self.ebpf;
         vec![
-            ("COUNTERS", counters, MAX_COUNTERS),
+            (
+                "COUNTERS",
+                count_entries::<CounterKey, u64>(e, "COUNTERS"),
+                MAX_COUNTERS,
+            ),
             (
                 "WATCHED",
                 count_entries::<u32, u32>(e, "WATCHED"),
@@ -465,6 +819,8 @@ impl ProbeLayer for EventProbes {
     }
 
     fn host_sources(&self) -> Vec<(&'static str, Result<(), String>)> {
+        // The syscall tracepoints are loaded (verified) at start and attached only while a
+        // VM needs them: usable either way.
         vec![
             ("syscall-tracepoints", Ok(())),
             ("kvm-tracepoints", self.kvm.status().clone()),
@@ -472,14 +828,24 @@ impl ProbeLayer for EventProbes {
     }
 
     fn cost(&self) -> ProbeCost {
-        let mut cost = ProbeCost::default();
+        let mut measured = ProbeCost::default();
         for (_, program) in self.ebpf.programs() {
             if let Ok(info) = program.info() {
-                cost.run_count += info.run_count();
-                cost.run_time += info.run_time();
+                measured.run_count += info.run_count();
+                measured.run_time += info.run_time();
             }
         }
-        cost
+        // Scale the sampled share up to the whole run.
+        let on = self.stats.on_seconds();
+        let factor = if on > 0.0 {
+            (self.loaded_at.elapsed().as_secs_f64() / on).max(1.0)
+        } else {
+            1.0
+        };
+        ProbeCost {
+            run_count: (measured.run_count as f64 * factor).round() as u64,
+            run_time: measured.run_time.mul_f64(factor),
+        }
     }
 }
 
@@ -513,14 +879,21 @@ pub struct OfferedSources {
 /// tracepoints can be used (`kvm`, see [`kvm::offered`]): what `record` will attach.
 pub fn offered_sources(
     catalog: &mut ExeCatalog,
+    libc_catalog: &mut LibcCatalog,
+    timer_choice: TimerChoice,
     vm: &QemuProcess,
     kvm: &Result<(), String>,
 ) -> OfferedSources {
-    let (offer, exe) = catalog.offer(vm.key.pid);
+    let (binary, exe) = catalog.offer(vm.key.pid);
+    let offer = ProcessOffer {
+        binary,
+        libc: libc_catalog.offer(vm.key.pid).map(|_| ()),
+        timer_choice,
+    };
     let plan = policy::plan(&offer, vm.identity.accel, kvm);
     OfferedSources {
         sources: plan.expected(),
-        symbols: match (&exe, &offer) {
+        symbols: match (&exe, &offer.binary) {
             (Some(exe), _) => exe.describe_symbols(),
             (None, policy::BinaryOffer::Unreadable(why)) => why.clone(),
             (None, _) => String::new(),
@@ -622,10 +995,67 @@ pub(crate) mod tests {
         ATTACHING.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn root_ebpf(test: &str) -> Option<Ebpf> {
+    pub(crate) fn root_ebpf(test: &str) -> Option<Ebpf> {
         xtask::prereq::Prereq::new(test).root()?;
         crate::tracefs::ensure_tracefs().expect("tracefs");
         Some(Ebpf::load(EBPF_OBJECT).expect("loading the eBPF object"))
+    }
+
+    #[test]
+    fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back() {
+        let _one_at_a_time = attaching();
+        let Some(mut ebpf) = root_ebpf("root_a_budget_pause_detaches_every_symbols_link") else {
+            return;
+        };
+        let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
+        let (sleeper, entry) = sleeper();
+        let pid = sleeper.0.id();
+        let exe = Arc::new(
+            symbols::analyze(
+                &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+                &crate::elf::DebugRoots::system(),
+            )
+            .unwrap(),
+        );
+        let before = probe_fds();
+        let points = [
+            UprobePoint {
+                file_offset: entry,
+                cookie: 1,
+            },
+            UprobePoint {
+                file_offset: entry,
+                cookie: 2,
+            },
+        ];
+        symbols
+            .attach_dispatch_at(&mut ebpf, pid, &exe, &points)
+            .unwrap();
+        let attached = probe_fds();
+        assert!(attached > before);
+        for _ in 0..3 {
+            // The links are handed out, to be closed elsewhere; closing them detaches.
+            drop(symbols.pause(&mut ebpf, pid));
+            assert_eq!(probe_fds(), before, "a link survived the pause");
+            assert!(!symbols.dispatch_attached(pid));
+            symbols.resume(&mut ebpf, pid).unwrap();
+            assert_eq!(probe_fds(), attached, "resume brings back what was there");
+            assert!(symbols.dispatch_attached(pid));
+        }
+        symbols.detach(&mut ebpf, pid);
+        assert_eq!(probe_fds(), before);
+    }
+
+    #[test]
+    fn the_fd_limit_is_raised_to_the_hard_limit() {
+        let now = raise_fd_limit();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid struct.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!((now, lim.rlim_cur), (lim.rlim_max, lim.rlim_max));
     }
 
     #[test]

@@ -30,6 +30,40 @@ impl ReadWriteSource {
     }
 }
 
+/// What counts a VM's timer and fd wakeups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TimerSource {
+    /// uprobes on its C library's `ppoll` / `epoll_pwait` / `epoll_pwait2`, scoped to the
+    /// process: nothing else on the host pays.
+    LibcUprobes,
+    /// The `syscalls:sys_{enter,exit}_*` tracepoints of the wait syscalls: any QEMU, but while
+    /// attached every syscall of every task on the host takes the slow path.
+    SyscallTracepoints,
+}
+
+impl TimerSource {
+    /// The name records carry in `sources.timer`.
+    pub fn label(self) -> &'static str {
+        match self {
+            TimerSource::LibcUprobes => "libc-uprobes",
+            TimerSource::SyscallTracepoints => "syscall",
+        }
+    }
+}
+
+/// Which timer sources the user allows (`--timer-source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimerChoice {
+    /// libc uprobes where the process's C library has the wait functions, else the syscall
+    /// tracepoints.
+    #[default]
+    Auto,
+    /// libc uprobes only (a QEMU they cannot serve has no timer counts).
+    Libc,
+    /// The syscall tracepoints for every QEMU.
+    Syscall,
+}
+
 /// Why a VM's QEMU gives no read/write counts without a better build.
 pub const NO_USDT_REASON: &str = "this QEMU has no qemu:memory_region_ops_read/write USDT \
      probes (built without the dtrace trace backend, e.g. Debian/Ubuntu packages); use a QEMU \
@@ -150,6 +184,10 @@ pub struct SourcePlan {
     pub read_write_none: Option<ReadWriteUnavailable>,
     /// Whether timer callbacks can be named (the `timer_mod` probes and their symbols).
     pub callbacks: Result<(), CallbacksUnavailable>,
+    /// Timer sources to attach, best first.
+    pub timer: Vec<TimerSource>,
+    /// Why no timer source is allowed when `timer` is empty.
+    pub timer_none: Option<String>,
 }
 
 impl SourcePlan {
@@ -164,7 +202,34 @@ impl SourcePlan {
                     .expect("a plan without candidates says why")),
             },
             callbacks: self.callbacks.clone(),
+            timer: match self.timer.first() {
+                Some(&source) => Ok(source),
+                None => Err(self
+                    .timer_none
+                    .clone()
+                    .expect("a plan without timer candidates says why")),
+            },
         }
+    }
+}
+
+/// The timer sources for a process whose C library offers the wait functions (`Ok`) or not
+/// (`Err`: why), as `choice` allows, best first. The syscall tracepoints serve any process.
+pub fn timer_plan(
+    libc: &Result<(), String>,
+    choice: TimerChoice,
+) -> (Vec<TimerSource>, Option<String>) {
+    use TimerSource::*;
+    match (choice, libc) {
+        (TimerChoice::Auto, Ok(())) => (vec![LibcUprobes, SyscallTracepoints], None),
+        (TimerChoice::Auto, Err(_)) | (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
+        (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes], None),
+        (TimerChoice::Libc, Err(why)) => (
+            Vec::new(),
+            Some(format!(
+                "--timer-source libc, and its C library cannot be probed: {why}"
+            )),
+        ),
     }
 }
 
@@ -174,14 +239,17 @@ impl SourcePlan {
 /// Read/write, best first: USDT (exact, names every region, any accelerator) → uprobes on
 /// `memory_region_dispatch_*` (same counts, needs symbols) → under KVM only, the kvm
 /// tracepoints (exits to QEMU, named by port/page). Timer callbacks need symbols.
-pub fn plan(offer: &BinaryOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
-    let (usdt, symbols) = match offer {
+pub fn plan(offer: &ProcessOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+    let (timer, timer_none) = timer_plan(&offer.libc, offer.timer_choice);
+    let (usdt, symbols) = match &offer.binary {
         BinaryOffer::Unreadable(why) => {
             return with_kvm(
                 SourcePlan {
                     read_write: Vec::new(),
                     read_write_none: Some(ReadWriteUnavailable::ExeUnreadable(why.clone())),
                     callbacks: Err(CallbacksUnavailable::ExeUnreadable(why.clone())),
+                    timer,
+                    timer_none,
                 },
                 accel,
                 kvm,
@@ -219,10 +287,23 @@ pub fn plan(offer: &BinaryOffer, accel: Accel, kvm: &Result<(), String>) -> Sour
             read_write,
             read_write_none,
             callbacks,
+            timer,
+            timer_none,
         },
         accel,
         kvm,
     )
+}
+
+/// Everything the policy decides on for one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessOffer {
+    /// What its QEMU binary offers.
+    pub binary: BinaryOffer,
+    /// Whether its C library's wait functions can be probed (`Err`: why not).
+    pub libc: Result<(), String>,
+    /// The timer sources the user allows.
+    pub timer_choice: TimerChoice,
 }
 
 /// Adds the KVM tracepoints as the last read/write candidate of a KVM guest.
@@ -252,10 +333,9 @@ fn with_kvm(mut plan: SourcePlan, accel: Accel, kvm: &Result<(), String>) -> Sou
 pub struct VmSources {
     pub read_write: Result<ReadWriteSource, ReadWriteUnavailable>,
     pub callbacks: Result<(), CallbacksUnavailable>,
+    /// What counts its timer and fd wakeups (`Err`: why nothing does).
+    pub timer: Result<TimerSource, String>,
 }
-
-/// The timer source: wait-syscall tracepoints, for every QEMU.
-pub const TIMER_SOURCE: &str = "syscall";
 
 impl VmSources {
     /// The `sources` object of the records (strings are the record contract).
@@ -265,7 +345,10 @@ impl VmSources {
             Err(why) => format!("unavailable: {why}"),
         };
         crate::record::Sources {
-            timer: TIMER_SOURCE.into(),
+            timer: match &self.timer {
+                Ok(source) => source.label().into(),
+                Err(why) => format!("unavailable: {why}"),
+            },
             read: rw.clone(),
             write: rw,
             timer_callbacks: match &self.callbacks {
@@ -273,6 +356,24 @@ impl VmSources {
                 Err(why) => format!("unavailable: {why}"),
             },
         }
+    }
+}
+
+/// The outcome of attaching the timer candidates: the first that attached, else the first
+/// failure (the plan's own reason when it had no candidate).
+pub fn settle_timer(
+    plan: &SourcePlan,
+    attempts: &[(TimerSource, Result<(), String>)],
+) -> Result<TimerSource, String> {
+    if let Some((source, _)) = attempts.iter().find(|(_, r)| r.is_ok()) {
+        return Ok(*source);
+    }
+    match attempts.first() {
+        Some((source, Err(why))) => Err(format!("attaching the {} source: {why}", source.label())),
+        _ => Err(plan
+            .timer_none
+            .clone()
+            .expect("a plan without timer candidates says why")),
     }
 }
 
@@ -312,6 +413,20 @@ mod tests {
         dispatch: false,
         timer_mod: false,
     };
+
+    /// The plan for a binary, with a libc that offers the wait functions and the default
+    /// timer choice.
+    fn plan(offer: &BinaryOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+        super::plan(
+            &ProcessOffer {
+                binary: offer.clone(),
+                libc: Ok(()),
+                timer_choice: TimerChoice::Auto,
+            },
+            accel,
+            kvm,
+        )
+    }
 
     fn readable(usdt: bool, symbols: SymbolsOffer) -> BinaryOffer {
         BinaryOffer::Readable {
@@ -484,11 +599,70 @@ mod tests {
         let s = VmSources {
             read_write: Ok(Usdt),
             callbacks: Ok(()),
+            timer: Ok(TimerSource::LibcUprobes),
         }
         .record();
         assert_eq!(
             (s.timer.as_str(), s.read.as_str(), s.write.as_str()),
-            ("syscall", "usdt", "usdt")
+            ("libc-uprobes", "usdt", "usdt")
+        );
+        assert_eq!(TimerSource::SyscallTracepoints.label(), "syscall");
+    }
+
+    #[test]
+    fn timer_source_libc_first_syscall_tracepoints_as_fallback() {
+        use TimerSource::*;
+        let no_libc: Result<(), String> = Err("no C library mapped".into());
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::Auto).0,
+            [LibcUprobes, SyscallTracepoints]
+        );
+        assert_eq!(
+            timer_plan(&no_libc, TimerChoice::Auto).0,
+            [SyscallTracepoints]
+        );
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::Syscall).0,
+            [SyscallTracepoints]
+        );
+        assert_eq!(timer_plan(&Ok(()), TimerChoice::Libc).0, [LibcUprobes]);
+        let (none, why) = timer_plan(&no_libc, TimerChoice::Libc);
+        assert!(none.is_empty());
+        assert_eq!(
+            why.as_deref(),
+            Some("--timer-source libc, and its C library cannot be probed: no C library mapped")
+        );
+
+        // The plan carries them, an unreadable binary included; list shows the first.
+        let offer = ProcessOffer {
+            binary: BinaryOffer::Unreadable("gone".into()),
+            libc: no_libc.clone(),
+            timer_choice: TimerChoice::Libc,
+        };
+        let p = super::plan(&offer, Accel::Tcg, &kvm_ok());
+        assert!(
+            p.expected()
+                .record()
+                .timer
+                .starts_with("unavailable: --timer-source libc")
+        );
+        let p = plan(&readable(true, FULL), Accel::Tcg, &kvm_ok());
+        assert_eq!(p.expected().timer, Ok(LibcUprobes));
+
+        // Settling: the first that attached; else the first failure, named.
+        assert_eq!(
+            settle_timer(
+                &p,
+                &[
+                    (LibcUprobes, Err("EINVAL".into())),
+                    (SyscallTracepoints, Ok(()))
+                ]
+            ),
+            Ok(SyscallTracepoints)
+        );
+        assert_eq!(
+            settle_timer(&p, &[(LibcUprobes, Err("EINVAL".into()))]),
+            Err("attaching the libc-uprobes source: EINVAL".into())
         );
     }
 }

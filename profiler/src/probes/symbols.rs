@@ -137,6 +137,9 @@ struct SymbolProcess {
     callbacks: UprobeLinks,
     /// Callback link-time addresses tried already (attached or not).
     callbacks_tried: BTreeSet<u64>,
+    /// Detached for a budget pause: (program, points) to attach again.
+    paused: Vec<(&'static str, Vec<UprobePoint>)>,
+    is_paused: bool,
 }
 
 impl SymbolProcess {
@@ -148,7 +151,10 @@ impl SymbolProcess {
     }
 
     fn is_empty(&self) -> bool {
-        self.dispatch.is_none() && self.timer_mod.is_none() && self.callbacks.is_empty()
+        self.dispatch.is_none()
+            && self.timer_mod.is_none()
+            && self.callbacks.is_empty()
+            && !self.is_paused
     }
 }
 
@@ -184,6 +190,8 @@ impl SymbolSource {
                     timer_mod: None,
                     callbacks: UprobeLinks::empty(CALLBACK_PROGRAM),
                     callbacks_tried: BTreeSet::new(),
+                    paused: Vec::new(),
+                    is_paused: false,
                 }))
             }
         }
@@ -304,6 +312,10 @@ impl SymbolSource {
             let Some(process) = self.processes.get_mut(&pid) else {
                 continue;
             };
+            // Paused by the budget: taken up when it resumes (the map keeps it).
+            if process.is_paused {
+                continue;
+            }
             let vaddr = address.wrapping_sub(process.bias);
             // Remember failures too (e.g. a callback in a shared library), so they are not
             // retried every second.
@@ -322,6 +334,66 @@ impl SymbolSource {
             }
         }
         attached
+    }
+
+    /// Takes every link of `pid` (to be closed in the background) but remembers where they
+    /// were, discovered callbacks included, for [`Self::resume`] (a budget pause).
+    pub fn pause(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<super::detacher::Detach> {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return Vec::new();
+        };
+        if process.is_paused {
+            return Vec::new();
+        }
+        process.is_paused = true;
+        let callbacks =
+            std::mem::replace(&mut process.callbacks, UprobeLinks::empty(CALLBACK_PROGRAM));
+        let mut taken = Vec::new();
+        for links in [
+            process.dispatch.take(),
+            process.timer_mod.take(),
+            Some(callbacks),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !links.is_empty() {
+                process
+                    .paused
+                    .push((links.program(), links.points().to_vec()));
+            }
+            taken.extend(links.take(ebpf));
+        }
+        taken
+    }
+
+    /// Attaches again what [`Self::pause`] detached (all or nothing).
+    pub fn resume(&mut self, ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return Ok(());
+        };
+        let mut made: Vec<UprobeLinks> = Vec::new();
+        for (program, points) in &process.paused {
+            match UprobeLinks::attach(ebpf, program, pid, points) {
+                Ok(links) => made.push(links),
+                Err(e) => {
+                    for links in made {
+                        links.detach(ebpf);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        process.paused.clear();
+        process.is_paused = false;
+        for links in made {
+            match links.program() {
+                DISPATCH_PROGRAM => process.dispatch = Some(links),
+                TIMER_MOD_PROGRAM => process.timer_mod = Some(links),
+                _ => process.callbacks = links,
+            }
+        }
+        Ok(())
     }
 
     /// Detaches everything of `pid` and drops its discovered callbacks.

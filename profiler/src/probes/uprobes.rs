@@ -39,6 +39,8 @@ pub struct UprobePoint {
 pub struct UprobeLinks {
     program: &'static str,
     links: Vec<UProbeLinkId>,
+    /// Where each link is, to attach them again after a pause.
+    points: Vec<UprobePoint>,
 }
 
 impl UprobeLinks {
@@ -46,7 +48,17 @@ impl UprobeLinks {
         Self {
             program,
             links: Vec::new(),
+            points: Vec::new(),
         }
+    }
+
+    /// The points attached.
+    pub fn points(&self) -> &[UprobePoint] {
+        &self.points
+    }
+
+    pub fn program(&self) -> &'static str {
+        self.program
     }
 
     /// Attaches `program` at every point of `pid`'s executable, scoped to that process (its
@@ -57,9 +69,27 @@ impl UprobeLinks {
         pid: u32,
         points: &[UprobePoint],
     ) -> anyhow::Result<Self> {
+        Self::attach_in(
+            ebpf,
+            program,
+            pid,
+            Path::new(&format!("/proc/{pid}/exe")),
+            points,
+        )
+    }
+
+    /// [`Self::attach`] at file offsets of `target`, a file mapped in `pid` (a shared
+    /// library, named through `/proc/PID/map_files` so it is the inode the process maps).
+    pub fn attach_in(
+        ebpf: &mut Ebpf,
+        program: &'static str,
+        pid: u32,
+        target: &Path,
+        points: &[UprobePoint],
+    ) -> anyhow::Result<Self> {
         let mut made = Self::empty(program);
         for point in points {
-            if let Err(e) = made.add(ebpf, pid, *point) {
+            if let Err(e) = made.add_in(ebpf, pid, target, *point) {
                 made.detach(ebpf);
                 return Err(e);
             }
@@ -67,27 +97,38 @@ impl UprobeLinks {
         Ok(made)
     }
 
-    /// Attaches one more point; on error nothing is added.
+    /// Attaches one more point in `pid`'s executable; on error nothing is added.
     pub fn add(&mut self, ebpf: &mut Ebpf, pid: u32, point: UprobePoint) -> anyhow::Result<()> {
+        self.add_in(ebpf, pid, Path::new(&format!("/proc/{pid}/exe")), point)
+    }
+
+    fn add_in(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        target: &Path,
+        point: UprobePoint,
+    ) -> anyhow::Result<()> {
         let scope =
             UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0 cannot be probed")?);
-        let target = format!("/proc/{pid}/exe");
         let link = program(ebpf, self.program)?
             .attach(
                 UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
                     cookie: Some(point.cookie),
                 },
-                Path::new(&target),
+                target,
                 scope,
             )
             .with_context(|| {
                 format!(
-                    "attaching a uprobe at file offset {:#x} of {target}",
-                    point.file_offset
+                    "attaching a uprobe at file offset {:#x} of {}",
+                    point.file_offset,
+                    target.display()
                 )
             })?;
         self.links.push(link);
+        self.points.push(point);
         Ok(())
     }
 
@@ -97,6 +138,20 @@ impl UprobeLinks {
 
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
+    }
+
+    /// The links themselves, to be closed elsewhere (closing one detaches it: see
+    /// [`super::detacher`]).
+    pub fn take(self, ebpf: &mut Ebpf) -> Vec<super::detacher::Detach> {
+        let mut taken: Vec<super::detacher::Detach> = Vec::new();
+        if let Ok(program) = program(ebpf, self.program) {
+            for link in self.links {
+                if let Ok(link) = program.take_link(link) {
+                    taken.push(Box::new(link));
+                }
+            }
+        }
+        taken
     }
 
     /// Detaches every link (a process that already exited is fine).

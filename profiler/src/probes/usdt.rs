@@ -369,11 +369,11 @@ impl UsdtSource {
         let result = (|| -> anyhow::Result<SemaphoreManagement> {
             let mut cookies = Vec::new();
             for site in sites {
-                let cookie = self.next_cookie;
+                let id = self.next_cookie;
                 self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
-                specs_map(ebpf)?.insert(cookie, site.spec, 0)?;
-                made.cookies.push(cookie);
-                cookies.push(cookie);
+                specs_map(ebpf)?.insert(id, site.spec, 0)?;
+                made.cookies.push(id);
+                cookies.push(profiler_common::usdt_cookie::encode(id, &site.spec));
             }
             match attach_kernel_managed(ebpf, pid, sites, &cookies) {
                 Ok(uprobes) => {
@@ -388,7 +388,7 @@ impl UsdtSource {
                         .zip(&cookies)
                         .map(|(site, &cookie)| UprobePoint {
                             file_offset: site.file_offset,
-                            cookie: u64::from(cookie),
+                            cookie,
                         })
                         .collect();
                     let links = UprobeLinks::attach(ebpf, PROGRAM, pid, &points)?;
@@ -436,6 +436,27 @@ impl UsdtSource {
             attachment.release(ebpf);
         }
     }
+
+    /// `pid`'s sites, to be closed in the background (a budget pause); its specs go now (the
+    /// hot path does not need them, and a site whose spec is gone counts nothing).
+    pub fn take(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<super::detacher::Detach> {
+        let Some(attachment) = self.attached.remove(&pid) else {
+            return Vec::new();
+        };
+        let mut taken: Vec<super::detacher::Detach> = Vec::new();
+        match attachment.sites {
+            Some(SiteLinks::Kernel(uprobes)) => {
+                taken.extend(uprobes.into_iter().map(|u| Box::new(u) as _));
+            }
+            Some(SiteLinks::ByHand { links, semaphores }) => {
+                taken.extend(semaphores.into_iter().map(|s| Box::new(s) as _));
+                taken.extend(links.take(ebpf));
+            }
+            None => {}
+        }
+        forget_specs(ebpf, &attachment.cookies);
+        taken
+    }
 }
 
 /// Why the kernel-managed attach did not happen.
@@ -452,7 +473,7 @@ fn attach_kernel_managed(
     ebpf: &mut Ebpf,
     pid: u32,
     sites: &[SiteToAttach],
-    cookies: &[u32],
+    cookies: &[u64],
 ) -> Result<Vec<RefCountedUprobe>, KernelAttachError> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let program = uprobes::program(ebpf, PROGRAM).map_err(KernelAttachError::Failed)?;
@@ -464,7 +485,7 @@ fn attach_kernel_managed(
     let mut made = Vec::with_capacity(sites.len());
     for (site, &cookie) in sites.iter().zip(cookies) {
         let ref_ctr = site.semaphore_file_offset.unwrap_or(0);
-        match refctr::attach(prog_fd, pid, site.file_offset, ref_ctr, u64::from(cookie)) {
+        match refctr::attach(prog_fd, pid, site.file_offset, ref_ctr, cookie) {
             Ok(uprobe) => made.push(uprobe),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && ref_ctr != 0 => {
                 return Err(KernelAttachError::Refused);

@@ -117,6 +117,9 @@ fn record(id: &VmIdentity, src: &Sources, w: u64, f: impl Fn(&mut WindowRecord))
         devices: Vec::new(),
         timers: Vec::new(),
         host: None,
+        dropped_updates: 0,
+        estimated: false,
+        probed_seconds: None,
     };
     f(&mut r);
     r

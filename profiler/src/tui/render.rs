@@ -596,12 +596,17 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
     // A running window that has just started covers no time yet: its counts exist but have no
     // rate. Show that as pending, not as unavailable.
     let just_started = running && vm.running_elapsed <= 0.0;
-    let rate_cell = |v: Option<f64>, counted: bool, fmt: fn(f64) -> String| {
-        let span = if v.is_none() && counted && just_started {
+    // Counts of a window whose uprobes were duty-cycled (`--max-overhead`) are estimates.
+    let estimated = !running && last.is_some_and(|r| r.estimated);
+    let rate_cell = |v: Option<f64>, counted: bool, fmt: fn(f64) -> String, scaled: bool| {
+        let mut span = if v.is_none() && counted && just_started {
             Span::styled("…", dim())
         } else {
             value_span(v, fmt)
         };
+        if scaled && estimated && v.is_some() {
+            span.content = format!("{ESTIMATED_MARK}{}", span.content).into();
+        }
         let style = span.style.patch(value_style);
         right(span.style(style))
     };
@@ -626,11 +631,16 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
             crate::cmdline::Accel::Unknown => "?",
             a => a.as_str(),
         }),
-        Col::Timer => rate_cell(timer, c.timer.is_some(), fmt_rate),
-        Col::Read => rate_cell(read, c.read.is_some(), fmt_rate),
-        Col::Write => rate_cell(write, c.write.is_some(), fmt_rate),
-        Col::Fd => rate_cell(fd, c.fd_wakeups.is_some(), fmt_rate),
-        Col::Cpu => rate_cell(cpu_percent, vm.running_cpu_seconds.is_some(), fmt_percent),
+        Col::Timer => rate_cell(timer, c.timer.is_some(), fmt_rate, true),
+        Col::Read => rate_cell(read, c.read.is_some(), fmt_rate, true),
+        Col::Write => rate_cell(write, c.write.is_some(), fmt_rate, true),
+        Col::Fd => rate_cell(fd, c.fd_wakeups.is_some(), fmt_rate, true),
+        Col::Cpu => rate_cell(
+            cpu_percent,
+            vm.running_cpu_seconds.is_some(),
+            fmt_percent,
+            false,
+        ),
         Col::History => {
             if vm.history.is_empty() {
                 Cell::from(Span::styled("running", dim().italic()))
@@ -738,17 +748,27 @@ fn render_identity(frame: &mut Frame, area: Rect, vm: &LiveVm) {
     );
 }
 
+/// Marks a count scaled from a duty-cycled share of its window (`--max-overhead`).
+pub const ESTIMATED_MARK: &str = "~";
+
 fn window_row(r: &WindowRecord) -> Row<'static> {
+    let count = |v: Option<u64>| {
+        let mut span = count_span(v);
+        if r.estimated && v.is_some() {
+            span.content = format!("{ESTIMATED_MARK}{}", span.content).into();
+        }
+        right(span)
+    };
     Row::new([
         Cell::from(format!(
             "{:03}{}",
             r.window,
             if r.partial { "*" } else { "" }
         )),
-        right(count_span(r.timer)),
-        right(count_span(r.read)),
-        right(count_span(r.write)),
-        right(count_span(r.fd_wakeups)),
+        count(r.timer),
+        count(r.read),
+        count(r.write),
+        count(r.fd_wakeups),
         right(cpu_seconds_span(r.cpu_seconds)),
     ])
 }

@@ -12,7 +12,7 @@ use super::{
     app::tests::{loaded, press, type_str},
     fixtures, run,
 };
-use crate::live::LiveSnapshot;
+use crate::{live::LiveSnapshot, record::WindowRecord};
 
 fn draw(app: &App, width: u16, height: u16) -> Terminal<TestBackend> {
     let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
@@ -87,6 +87,38 @@ fn waiting_for_the_first_sample() {
 #[test]
 fn detail_80x24() {
     let mut app = loaded();
+    open_detail(&mut app, "noisy-usb");
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+/// A VM whose uprobes a `--max-overhead` budget duty-cycled: its windows' counts are scaled
+/// estimates, marked `~` in the list and in its windows.
+#[test]
+fn estimated_counts_are_marked() {
+    let mut snapshot = fixtures::snapshot();
+    let vm = snapshot
+        .vms
+        .iter_mut()
+        .find(|v| v.identity.name == "noisy-usb")
+        .unwrap();
+    let windows: Vec<WindowRecord> = vm
+        .history
+        .iter()
+        .map(|r| {
+            let mut r = (**r).clone();
+            r.estimated = true;
+            r.probed_seconds = Some(7.5);
+            r
+        })
+        .collect();
+    vm.history = windows.into();
+    let mut app = App::new();
+    app.apply(snapshot);
+    let list = screen(&app, 80, 24);
+    let row = list.lines().find(|l| l.contains("noisy-usb")).unwrap();
+    assert!(row.contains('~'), "{list}");
+    let quiet = list.lines().find(|l| l.contains("quiet")).unwrap();
+    assert!(!quiet.contains('~'), "{list}");
     open_detail(&mut app, "noisy-usb");
     insta::assert_snapshot!(screen(&app, 80, 24));
 }

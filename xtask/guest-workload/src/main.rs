@@ -5,12 +5,17 @@
 //!   `workload=OP:PORT:COUNT[,OP:PORT:COUNT...]`  OP is `inb` or `outb`, PORT is hex
 //!                                                 (`0x378`) or decimal, COUNT a u64
 //!   `workload_delay=SECS`                         seconds to sleep first (default 0)
+//!   `workload_rounds=K`                           do the ops K times (default 1)
+//!   `workload_sync=DEV`                           before each round, read a line from DEV
+//!                                                 (a second serial port the host writes to
+//!                                                 once its tracer is attached)
 //!
 //! Protocol on /dev/ttyS0 (the host watches the serial log):
 //!   `PROFILER-WORKLOAD-START`
-//!   `PROFILER-WORKLOAD-TIMING ops=N elapsed_ns=T ns_per_op=X`  (before DONE, so a host
-//!                                                               that saw DONE can read it)
-//!   `PROFILER-WORKLOAD-DONE ops=N`
+//!   `PROFILER-WORKLOAD-WAITING round=I`           (with workload_sync: ready for the go line)
+//!   `PROFILER-WORKLOAD-TIMING ops=N elapsed_ns=T ns_per_op=X round=I`  (per round, before
+//!                                                  DONE, so a host that saw DONE can read it)
+//!   `PROFILER-WORKLOAD-DONE ops=N`                 (N: all rounds)
 //!   `PROFILER-WORKLOAD-ERROR <reason>`  on failure (exit status 1)
 //! Without `workload=` on the command line it does nothing and exits 0.
 
@@ -36,20 +41,37 @@ struct Op {
 struct Config {
     ops: Vec<Op>,
     delay: Duration,
+    rounds: u32,
+    sync: Option<String>,
 }
 
 /// Parses a kernel command line. `Ok(None)` means no workload was requested.
 fn parse_cmdline(cmdline: &str) -> Result<Option<Config>, String> {
     let mut ops = None;
     let mut delay = Duration::ZERO;
+    let mut rounds = 1;
+    let mut sync = None;
     for arg in cmdline.split_whitespace() {
         if let Some(spec) = arg.strip_prefix("workload=") {
             ops = Some(parse_ops(spec)?);
         } else if let Some(secs) = arg.strip_prefix("workload_delay=") {
             delay = parse_delay(secs)?;
+        } else if let Some(k) = arg.strip_prefix("workload_rounds=") {
+            rounds = k
+                .parse()
+                .ok()
+                .filter(|&k| k > 0)
+                .ok_or_else(|| format!("bad workload_rounds `{k}` (a count > 0)"))?;
+        } else if let Some(dev) = arg.strip_prefix("workload_sync=") {
+            sync = Some(dev.to_string());
         }
     }
-    Ok(ops.map(|ops| Config { ops, delay }))
+    Ok(ops.map(|ops| Config {
+        ops,
+        delay,
+        rounds,
+        sync,
+    }))
 }
 
 fn parse_ops(spec: &str) -> Result<Vec<Op>, String> {
@@ -128,22 +150,46 @@ fn main() -> ExitCode {
         serial.line(&format!("PROFILER-WORKLOAD-ERROR {e}"));
         return ExitCode::FAILURE;
     }
-    let started = Instant::now();
-    let mut total = 0u64;
-    for op in &config.ops {
-        run_op(op);
-        total += op.count;
-    }
-    let elapsed = started.elapsed().as_nanos();
-    let per_op = if total == 0 {
-        0
-    } else {
-        elapsed / u128::from(total)
+    let mut sync = match config.sync.as_deref().map(std::fs::File::open) {
+        Some(Ok(f)) => Some(std::io::BufReader::new(f)),
+        Some(Err(e)) => {
+            serial.line(&format!(
+                "PROFILER-WORKLOAD-ERROR opening the sync port: {e}"
+            ));
+            return ExitCode::FAILURE;
+        }
+        None => None,
     };
-    serial.line(&format!(
-        "PROFILER-WORKLOAD-TIMING ops={total} elapsed_ns={elapsed} ns_per_op={per_op}"
-    ));
-    serial.line(&format!("PROFILER-WORKLOAD-DONE ops={total}"));
+    let mut all = 0u64;
+    for round in 0..config.rounds {
+        if let Some(sync) = &mut sync {
+            use std::io::BufRead as _;
+            serial.line(&format!("PROFILER-WORKLOAD-WAITING round={round}"));
+            let mut line = String::new();
+            if sync.read_line(&mut line).unwrap_or(0) == 0 {
+                serial.line("PROFILER-WORKLOAD-ERROR the sync port closed");
+                return ExitCode::FAILURE;
+            }
+        }
+        let started = Instant::now();
+        let mut total = 0u64;
+        for op in &config.ops {
+            run_op(op);
+            total += op.count;
+        }
+        let elapsed = started.elapsed().as_nanos();
+        let per_op = if total == 0 {
+            0
+        } else {
+            elapsed / u128::from(total)
+        };
+        serial.line(&format!(
+            "PROFILER-WORKLOAD-TIMING ops={total} elapsed_ns={elapsed} ns_per_op={per_op} \
+             round={round}"
+        ));
+        all += total;
+    }
+    serial.line(&format!("PROFILER-WORKLOAD-DONE ops={all}"));
     ExitCode::SUCCESS
 }
 
@@ -238,6 +284,22 @@ mod tests {
             ]
         );
         assert_eq!(c.delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn rounds_and_sync_port() {
+        let c = parse_cmdline("workload=inb:0x378:10 workload_rounds=12 workload_sync=/dev/ttyS1")
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.rounds, c.sync.as_deref()), (12, Some("/dev/ttyS1")));
+        let c = parse_cmdline("workload=inb:0x378:10").unwrap().unwrap();
+        assert_eq!((c.rounds, c.sync), (1, None));
+        for bad in ["workload_rounds=0", "workload_rounds=x"] {
+            assert!(
+                parse_cmdline(&format!("workload=inb:1:1 {bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -5,20 +5,38 @@
 //! Each benchmark owns one section of docs/benchmarks.md, between
 //! `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`, rewritten when it runs.
 
+mod budget;
+mod events;
+mod loops;
 mod qemu_like;
 mod remedies;
+mod scale;
+mod tax;
 mod top_history;
+mod tracers;
 
 use std::{fs, path::Path};
 
 use anyhow::{Context as _, bail};
 
+pub use loops::syscall_loop_main;
 pub use qemu_like::qemu_like_main;
 
 const USAGE: &str = "\
-usage: cargo xtask bench <benchmark> [options]
+usage: cargo xtask bench [--quick] | cargo xtask bench <benchmark> [options]
+
+Without a benchmark: the cost set (tax, events, budget, scale, attach, self-cost), each section of
+docs/benchmarks.md rewritten; --quick runs fewer rounds and sizes (up to 100 VMs).
 
 benchmarks:
+  tax [--quick]       unrelated getppid/ppoll loops and a watched QEMU's ppoll, per timer source
+                      and against bpftrace
+  events [--quick]    ns per guest port read per read/write source, against bpftrace and QEMU's
+                      log trace backend
+  budget [--quick]    --max-overhead on a busy guest: its QEMU's CPU, and the estimates' error
+  scale [--quick]     collector CPU and memory with 1, 10, 100, 500, 2,000 QEMU-like processes
+  attach              time to attach to 50 running USDT QEMUs
+  self-cost [--quick] the demo's own cost
   top-history [--vms N] [--windows W]
       profiler top's CPU and memory with N QEMU-like processes after 5 windows and after W
       (default 100 VMs, 120 one-second windows)
@@ -27,14 +45,114 @@ benchmarks:
 ";
 
 pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
     match args.first().map(String::as_str) {
         Some("top-history") => top_history::run(root, &args[1..]),
         Some("remedies") => remedies::run(root, &args[1..]),
+        Some(name @ ("tax" | "events" | "budget" | "scale" | "attach" | "self-cost")) => {
+            cost_set(root, &[name], quick)
+        }
+        Some("help" | "-h" | "--help") => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        None | Some("--quick") => cost_set(
+            root,
+            &["tax", "events", "budget", "scale", "attach", "self-cost"],
+            quick,
+        ),
         _ => {
             eprint!("{USAGE}");
             bail!("which benchmark?")
         }
     }
+}
+
+/// Runs the named sections of the cost set and publishes each.
+fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
+    crate::setup::setup(root)?;
+    let profiler = crate::demo::build_profiler(root)?;
+    let dir = xtask::cache::cache_subdir(&format!("run/bench-{}", std::process::id()))?;
+    let command = |name: &str| {
+        let all = names.len() > 1;
+        match (all, quick) {
+            (true, false) => "cargo xtask bench".to_string(),
+            (true, true) => "cargo xtask bench --quick".to_string(),
+            (false, false) => format!("cargo xtask bench {name}"),
+            (false, true) => format!("cargo xtask bench {name} --quick"),
+        }
+    };
+    let needs_guest = names
+        .iter()
+        .any(|n| matches!(*n, "events" | "budget" | "self-cost"));
+    let image = if needs_guest {
+        Some(xtask::guest::build_guest(root)?)
+    } else {
+        None
+    };
+    let needs_usdt = names
+        .iter()
+        .any(|n| matches!(*n, "events" | "budget" | "attach"));
+    let usdt_qemu = if needs_usdt {
+        Some(crate::qemu_usdt::qemu_usdt()?)
+    } else {
+        None
+    };
+    for &name in names {
+        eprintln!("xtask bench: {name}");
+        let (body, json) = match name {
+            "tax" => {
+                let (rounds, calls) = if quick { (2, 300_000) } else { (5, 1_000_000) };
+                tax::run(&profiler, &dir, rounds, calls, &command(name))?
+            }
+            "events" => {
+                let (rounds, reads) = if quick { (1, 100_000) } else { (3, 300_000) };
+                events::run(
+                    image.as_ref().expect("built"),
+                    &profiler,
+                    usdt_qemu.as_ref().expect("built"),
+                    &dir,
+                    rounds,
+                    reads,
+                    &command(name),
+                )?
+            }
+            "budget" => budget::run(
+                image.as_ref().expect("built"),
+                &profiler,
+                usdt_qemu.as_ref().expect("built"),
+                &dir,
+                if quick { 1 } else { 3 },
+                0.5,
+                &command(name),
+            )?,
+            "scale" => {
+                let (sizes, span): (&[usize], u64) = if quick {
+                    (&[1, 10, 100], 10)
+                } else {
+                    (&[1, 10, 100, 500, 2000], 20)
+                };
+                scale::run_scale(&profiler, &dir, sizes, span, &command(name))?
+            }
+            "attach" => scale::run_attach(
+                &profiler,
+                usdt_qemu.as_ref().expect("built"),
+                &dir,
+                50,
+                &command(name),
+            )?,
+            "self-cost" => scale::run_self_cost(
+                image.as_ref().expect("built"),
+                &profiler,
+                &dir,
+                if quick { 15 } else { 30 },
+                &command(name),
+            )?,
+            _ => unreachable!("names are checked above"),
+        };
+        publish(root, name, &body, &json)?;
+    }
+    Ok(())
 }
 
 /// `--name N` from `args`, else `default`.

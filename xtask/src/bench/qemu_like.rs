@@ -52,8 +52,31 @@ impl QemuLikeFleet {
         Ok(fleet)
     }
 
+    /// One process per name in `names` (`-name guest=NAME`).
+    pub fn start_named(names: &[&str], timeout_ms: u64) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut fleet = Self(Vec::with_capacity(names.len()));
+        for name in names {
+            let child = Command::new(&exe)
+                .arg0("qemu-system-x86_64")
+                .args(["qemu-like", "--timeout-ms", &timeout_ms.to_string()])
+                .args(["-name", &format!("guest={name}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a QEMU-like process")?;
+            fleet.0.push(child);
+        }
+        Ok(fleet)
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(Child::id).collect()
     }
 }
 

@@ -1,0 +1,461 @@
+//! The overhead budget (`--max-overhead PCT`): how much of a core the probes may cost one
+//! VM's QEMU, and the duty cycle that keeps a busy VM within it.
+//!
+//! A uprobe costs the probed process a trap per hit. When a VM's hits would cost more than the
+//! budget, its uprobes are attached only for some refresh intervals of each window (evenly
+//! spread, by a credit counter) and its counts are scaled by the share of the window they
+//! were on, and marked estimated. Kernel tracepoints (KVM, the syscall fallback) are not
+//! duty-cycled. Pure: the session feeds it hits and times.
+
+/// The budget: a fraction of one core per VM, and what one uprobe hit costs on this host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverheadBudget {
+    /// Fraction of one core (0.01 = 1 %).
+    pub max_fraction: f64,
+    /// Seconds of the probed thread's time per uprobe hit (measured at start).
+    pub hit_cost: f64,
+}
+
+/// Never sample less than this share of a window: the counts still come from somewhere.
+pub const MIN_DUTY: f64 = 0.05;
+
+/// One VM's probing rate and the share of each window it can be probed for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DutyCycle {
+    /// Hits per second while probing, smoothed (`None`: not measured yet).
+    rate: Option<f64>,
+    /// The share of time to probe.
+    duty: f64,
+}
+
+impl Default for DutyCycle {
+    fn default() -> Self {
+        Self {
+            rate: None,
+            duty: 1.0,
+        }
+    }
+}
+
+/// Weight of the newest measurement in the smoothed rate.
+const SMOOTHING: f64 = 0.5;
+
+impl DutyCycle {
+    /// The share of time the probes are on.
+    pub fn duty(&self) -> f64 {
+        self.duty
+    }
+
+    /// The estimated cost, as a fraction of a core, of probing all the time.
+    pub fn full_cost(&self, budget: &OverheadBudget) -> Option<f64> {
+        self.rate.map(|r| r * budget.hit_cost)
+    }
+
+    /// `hits` made over `secs` of probing: updates the rate and the duty.
+    pub fn measured(&mut self, budget: &OverheadBudget, hits: u64, secs: f64) {
+        if secs <= 0.0 {
+            return;
+        }
+        let rate = hits as f64 / secs;
+        self.rate = Some(match self.rate {
+            Some(old) => old + SMOOTHING * (rate - old),
+            None => rate,
+        });
+        self.duty = match self.full_cost(budget) {
+            Some(cost) if cost > budget.max_fraction => {
+                (budget.max_fraction / cost).clamp(MIN_DUTY, 1.0)
+            }
+            _ => 1.0,
+        };
+    }
+
+    /// Refresh intervals to probe at the start of a window of `intervals`: one block, so a
+    /// window costs one pause and one resume (a pause takes the kernel a grace period per
+    /// link), and at least one.
+    pub fn block(&self, intervals: u32) -> u32 {
+        ((self.duty * f64::from(intervals)).ceil() as u32).clamp(1, intervals.max(1))
+    }
+}
+
+use std::collections::HashMap;
+
+use profiler_common::kind;
+
+use crate::{
+    attribution::RawCounters,
+    probes::policy::{ReadWriteSource, TimerSource, VmSources},
+    record::WindowRecord,
+};
+
+/// Which of a VM's counts come from uprobes (and are scaled when they are duty-cycled).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Uprobed {
+    pub timer: bool,
+    pub read_write: bool,
+    pub callbacks: bool,
+}
+
+impl Uprobed {
+    pub fn of(sources: &VmSources) -> Self {
+        Self {
+            timer: sources.timer == Ok(TimerSource::LibcUprobes),
+            read_write: matches!(
+                sources.read_write,
+                Ok(ReadWriteSource::Usdt | ReadWriteSource::Symbols)
+            ),
+            callbacks: sources.callbacks.is_ok(),
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.timer || self.read_write || self.callbacks
+    }
+
+    /// uprobe hits behind `raw`: one per device access and callback run, two per wait (entry
+    /// and return).
+    pub fn hits(self, raw: &RawCounters) -> u64 {
+        let mut hits = 0;
+        if self.read_write {
+            hits += raw.total(kind::READ) + raw.total(kind::WRITE);
+        }
+        if self.callbacks {
+            hits += raw.total(kind::TIMER_CALLBACK);
+        }
+        if self.timer {
+            let waits: u64 = [
+                kind::TIMER,
+                kind::FD_WAKEUP,
+                kind::NONBLOCKING_POLL,
+                kind::WAIT_ERROR,
+            ]
+            .iter()
+            .map(|&k| raw.total(k))
+            .sum();
+            hits += 2 * waits;
+        }
+        hits
+    }
+}
+
+/// One sample, as the duty cycles see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tick {
+    /// Its time (seconds since the start) and the length of the interval it ends.
+    pub t: f64,
+    pub secs: f64,
+    /// The window the next interval lies in, and how many refresh intervals a window has.
+    pub window: u64,
+    pub window_intervals: u32,
+}
+
+/// A span of profiler time in which a VM's uprobes were attached. A pause ends it when it is
+/// asked for: closing a link removes its breakpoint at once (the grace period the kernel then
+/// waits, about a second here, counts nothing).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Period {
+    start: f64,
+    end: Option<f64>,
+}
+
+impl Period {
+    /// Seconds of overlap with `[from, to]`; a period not known to have ended lasts until `to`.
+    fn overlap(&self, from: f64, to: f64) -> f64 {
+        let end = self.end.unwrap_or(to);
+        (end.min(to) - self.start.max(from)).max(0.0)
+    }
+}
+
+/// One budgeted VM.
+#[derive(Debug, Default)]
+struct BudgetedVm {
+    duty: DutyCycle,
+    /// Cumulative hits at the last sample.
+    last_hits: Option<u64>,
+    uprobed: Uprobed,
+    /// Its uprobes are attached.
+    on: bool,
+    /// The window its intervals are being counted in, how many so far, and how many of them
+    /// are probed.
+    window: Option<u64>,
+    intervals: u32,
+    block: u32,
+    /// The block was set before any rate was known (the VM's first window).
+    provisional: bool,
+    periods: Vec<Period>,
+}
+
+/// The duty cycles of every VM under a budget, and when each was probed.
+#[derive(Debug)]
+pub struct BudgetedVms {
+    budget: OverheadBudget,
+    vms: HashMap<u32, BudgetedVm>,
+}
+
+impl BudgetedVms {
+    pub fn new(budget: OverheadBudget) -> Self {
+        Self {
+            budget,
+            vms: HashMap::new(),
+        }
+    }
+
+    pub fn budget(&self) -> OverheadBudget {
+        self.budget
+    }
+
+    /// A sample at `tick`: VM `pid` (served as `uprobed`) has made `hits` uprobe hits so far.
+    /// Returns whether its probes must go on (`Some(true)`) or off (`Some(false)`) for the
+    /// next interval.
+    pub fn observe(&mut self, pid: u32, uprobed: Uprobed, hits: u64, tick: Tick) -> Option<bool> {
+        let Tick {
+            t,
+            secs,
+            window,
+            window_intervals,
+        } = tick;
+        let budget = self.budget;
+        let vm = self.vms.entry(pid).or_insert_with(|| BudgetedVm {
+            on: true,
+            ..BudgetedVm::default()
+        });
+        vm.uprobed = uprobed;
+        let Some(last) = vm.last_hits.replace(hits) else {
+            // Just watched: attached from now.
+            vm.periods.push(Period {
+                start: t,
+                end: None,
+            });
+            vm.window = Some(window);
+            vm.intervals = 1;
+            vm.block = window_intervals;
+            vm.provisional = true;
+            return None;
+        };
+        if vm.on && vm.periods.last().is_some_and(|p| p.start <= t - secs) {
+            // A whole interval probed: a clean measurement.
+            vm.duty.measured(&budget, hits.saturating_sub(last), secs);
+            if vm.provisional && vm.window == Some(window) && uprobed.any() {
+                // The first rate: the rest of the first window follows it too.
+                vm.provisional = false;
+                vm.block = vm.duty.block(window_intervals).max(vm.intervals);
+            }
+        }
+        if vm.window != Some(window) {
+            vm.window = Some(window);
+            vm.intervals = 0;
+            vm.provisional = false;
+            vm.block = if uprobed.any() {
+                vm.duty.block(window_intervals)
+            } else {
+                window_intervals
+            };
+        }
+        let want = vm.intervals < vm.block;
+        vm.intervals += 1;
+        (want != vm.on).then_some(want)
+    }
+
+    /// The probes of `pid` went on at `t`, attached after `attach` seconds; or off at `t`.
+    pub fn applied(&mut self, pid: u32, on: bool, t: f64, attach: f64) {
+        let Some(vm) = self.vms.get_mut(&pid) else {
+            return;
+        };
+        vm.on = on;
+        if on {
+            vm.periods.push(Period {
+                start: t + attach,
+                end: None,
+            });
+        } else if let Some(p) = vm.periods.last_mut() {
+            p.end = Some(t);
+        }
+    }
+
+    /// Scales the counts of closed records whose VM was probed for only part of the window
+    /// (`bounds(window)` = its start and end in profiler time), and marks them estimated;
+    /// forgets periods that ended before `forget_before`.
+    pub fn stamp(
+        &mut self,
+        closed: &mut [WindowRecord],
+        bounds: impl Fn(u64) -> (f64, f64),
+        forget_before: f64,
+    ) {
+        for r in closed.iter_mut() {
+            let Some(vm) = self.vms.get(&r.vm.pid) else {
+                continue;
+            };
+            let (from, to) = bounds(r.window);
+            let on: f64 = vm.periods.iter().map(|p| p.overlap(from, to)).sum();
+            // Probed the whole time it was seen (or not at all: nothing to scale from).
+            if on <= 0.0 || on >= r.seconds - 1e-3 {
+                continue;
+            }
+            scale_record(r, on, vm.uprobed);
+        }
+        for vm in self.vms.values_mut() {
+            vm.periods
+                .retain(|p| p.end.is_none_or(|end| end >= forget_before));
+        }
+    }
+
+    /// Forgets an exited VM (after its last records are stamped).
+    pub fn forget(&mut self, pid: u32) {
+        self.vms.remove(&pid);
+    }
+
+    /// The share of time VM `pid`'s probes are on now (1 when not budgeted).
+    pub fn duty(&self, pid: u32) -> f64 {
+        self.vms.get(&pid).map_or(1.0, |v| v.duty.duty())
+    }
+}
+
+/// Scales the uprobe-served counts of `r`, probed for `on` of its seconds, to the window.
+pub fn scale_record(r: &mut WindowRecord, on: f64, uprobed: Uprobed) {
+    let secs = r.seconds;
+    let s = |n: u64| scale(n, on, secs);
+    if uprobed.timer {
+        r.timer = r.timer.map(s);
+        r.fd_wakeups = r.fd_wakeups.map(s);
+    }
+    if uprobed.read_write {
+        r.read = r.read.map(s);
+        r.write = r.write.map(s);
+        for d in &mut r.devices {
+            d.read = s(d.read);
+            d.write = s(d.write);
+        }
+    }
+    if uprobed.callbacks {
+        for t in &mut r.timers {
+            t.count = s(t.count);
+        }
+    }
+    r.estimated = true;
+    r.probed_seconds = Some((on * 1000.0).round() / 1000.0);
+}
+
+/// What the budget means here, for the user.
+pub fn describe(b: &OverheadBudget) -> String {
+    format!(
+        "overhead budget {:.2} % of a core per VM; one uprobe hit costs {:.2} µs here (measured), \
+         so a VM's uprobes are duty-cycled above {:.0} hits/s and its counts marked estimated",
+        b.max_fraction * 100.0,
+        b.hit_cost * 1e6,
+        b.max_fraction / b.hit_cost
+    )
+}
+
+/// Scales a count observed during `on_secs` of a window's `secs` to the whole window.
+pub fn scale(count: u64, on_secs: f64, secs: f64) -> u64 {
+    if on_secs <= 0.0 || on_secs >= secs {
+        return count;
+    }
+    (count as f64 * secs / on_secs).round() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: OverheadBudget = OverheadBudget {
+        max_fraction: 0.01,
+        hit_cost: 1e-6,
+    };
+
+    #[test]
+    fn a_quiet_vm_is_always_probed() {
+        let mut d = DutyCycle::default();
+        for _ in 0..10 {
+            // 1,000 hits/s × 1 µs = 0.1 % of a core.
+            d.measured(&BUDGET, 1000, 1.0);
+        }
+        assert_eq!((d.duty(), d.block(30)), (1.0, 30));
+    }
+
+    #[test]
+    fn a_busy_vm_is_probed_a_share_of_each_window() {
+        let mut d = DutyCycle::default();
+        // 40,000 hits/s × 1 µs = 4 % of a core: a quarter of the time keeps 1 %.
+        d.measured(&BUDGET, 40_000, 1.0);
+        assert!((d.duty() - 0.25).abs() < 1e-9, "{}", d.duty());
+        assert_eq!(d.block(30), 8);
+        assert_eq!(d.block(4), 1);
+        let cost = d.full_cost(&BUDGET).unwrap() * d.duty();
+        assert!(cost <= BUDGET.max_fraction + 1e-12);
+    }
+
+    #[test]
+    fn the_duty_follows_the_rate_and_has_a_floor() {
+        let mut d = DutyCycle::default();
+        d.measured(&BUDGET, 10_000_000, 1.0);
+        assert_eq!(d.duty(), MIN_DUTY);
+        assert_eq!(d.block(10), 1, "at least one interval per window");
+        for _ in 0..20 {
+            d.measured(&BUDGET, 5_000, 1.0);
+        }
+        assert_eq!(d.duty(), 1.0);
+    }
+
+    /// A window of 10 one-second intervals with a VM at 4 % of a core: probed in one block
+    /// of 3 at the window's start (quarter duty, rounded up); the resume takes 0.01 s; the
+    /// record is scaled by the time really probed.
+    #[test]
+    fn a_window_is_probed_in_one_block_and_scaled_by_the_time_really_probed() {
+        let mut b = BudgetedVms::new(BUDGET);
+        let u = Uprobed {
+            timer: true,
+            read_write: false,
+            callbacks: false,
+        };
+        let mut hits = 0;
+        let mut on = true;
+        let mut changes = Vec::new();
+        let tick = |t: f64| Tick {
+            t,
+            secs: 1.0,
+            window: (t / 10.0).floor() as u64,
+            window_intervals: 10,
+        };
+        assert_eq!(b.observe(1, u, 0, tick(0.0)), None);
+        for t in 1..=20u32 {
+            let t = f64::from(t);
+            if on {
+                hits += 40_000;
+            }
+            if let Some(want) = b.observe(1, u, hits, tick(t)) {
+                changes.push((t, want));
+                b.applied(1, want, t, if want { 0.01 } else { 0.0 });
+                on = want;
+            }
+        }
+        // Window 0 (first seen at 0): on until the rate is known at 1, then for the rest of
+        // its block of 3; window 1: on at 10 for 3 intervals, off at 13.
+        assert_eq!(
+            changes,
+            [(3.0, false), (10.0, true), (13.0, false), (20.0, true)]
+        );
+        let mut r = crate::record::tests::sample();
+        r.vm.pid = 1;
+        r.seconds = 10.0;
+        r.timer = Some(120_000);
+        r.fd_wakeups = Some(0);
+        r.window = 1;
+        b.stamp(
+            std::slice::from_mut(&mut r),
+            |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0),
+            0.0,
+        );
+        // Probed from 10.01 to 13: 2.99 s; 120,000 waits counted → 401,338 in 10 s.
+        assert!(r.estimated);
+        assert_eq!(r.probed_seconds, Some(2.99));
+        assert_eq!(r.timer, Some(401_338));
+    }
+
+    #[test]
+    fn scaling_to_the_whole_window() {
+        assert_eq!(scale(250, 2.5, 10.0), 1000);
+        assert_eq!(scale(250, 10.0, 10.0), 250);
+        assert_eq!(scale(250, 0.0, 10.0), 250);
+        assert_eq!(scale(3, 3.0, 10.0), 10);
+    }
+}

@@ -1,0 +1,332 @@
+//! The timer source that taxes nothing but QEMU: uprobes on its C library's wait functions
+//! (`ppoll`, `epoll_pwait`, `epoll_pwait2`), scoped to each QEMU process (see
+//! `profiler-ebpf/src/probes/libc_waits.rs` for the kernel side).
+//!
+//! Why not the `syscalls:*` tracepoints: enabling any of them moves every task of the host
+//! onto the slow syscall path, so every syscall of every process pays while the profiler runs.
+//! A uprobe scoped to one process puts its breakpoint in that process's memory only; other
+//! processes mapping the same libc run it untouched. The functions are dynamic symbols, so no
+//! debug symbols are needed. The tracepoints stay as the fallback (a static QEMU, a libc
+//! without these symbols, an attach that fails), attached only while some VM needs them.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use aya::Ebpf;
+
+use super::uprobes::{self, UprobeLinks, UprobePoint};
+use crate::elf::SymbolTable;
+
+/// Entry programs, each remembering its function's timeout class.
+pub const PPOLL_PROGRAM: &str = "libc_ppoll";
+pub const EPOLL_PWAIT_PROGRAM: &str = "libc_epoll_pwait";
+pub const EPOLL_PWAIT2_PROGRAM: &str = "libc_epoll_pwait2";
+/// The return program shared by all three: classifies the result.
+pub const RETURN_PROGRAM: &str = "libc_wait_return";
+
+/// The wait functions and their entry programs.
+const FUNCTIONS: &[(&str, &str)] = &[
+    ("ppoll", PPOLL_PROGRAM),
+    ("epoll_pwait", EPOLL_PWAIT_PROGRAM),
+    ("epoll_pwait2", EPOLL_PWAIT2_PROGRAM),
+];
+
+/// A file mapped into a process, as `/proc/PID/maps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedFile {
+    /// Start and end of its first mapping (names it under `/proc/PID/map_files/`).
+    pub start: u64,
+    pub end: u64,
+    /// Device (`major:minor`, hex as in maps) and inode: the file's identity.
+    pub dev: String,
+    pub inode: u64,
+    /// The path maps shows (may end in ` (deleted)` after a package upgrade).
+    pub path: String,
+}
+
+impl MappedFile {
+    /// The path that reaches this exact inode from our mount namespace, even when the file
+    /// was deleted or lives in a container's root: `/proc/PID/map_files/START-END`.
+    pub fn reach(&self, pid: u32) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            self.start, self.end
+        ))
+    }
+}
+
+/// Whether a mapped file's name is a C library: glibc's `libc.so.6` (or an old
+/// `libc-2.NN.so`), or musl's `libc.so` / `ld-musl-ARCH.so.1` (musl's libc is its loader).
+fn is_libc_name(path: &str) -> bool {
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.starts_with("libc.so")
+        || (base.starts_with("libc-") && base.ends_with(".so"))
+        || base.starts_with("ld-musl-")
+}
+
+/// The C library mapped in a process, from its `/proc/PID/maps` text.
+pub fn find_libc(maps: &str) -> Option<MappedFile> {
+    maps.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (range, _perms, _off, dev, inode) =
+            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        // The path is the rest of the line (it may contain spaces).
+        let path = f.collect::<Vec<_>>().join(" ");
+        if !path.starts_with('/') || !is_libc_name(&path) {
+            return None;
+        }
+        let (start, end) = range.split_once('-')?;
+        let inode: u64 = inode.parse().ok()?;
+        (inode != 0).then_some(())?;
+        Some(MappedFile {
+            start: u64::from_str_radix(start, 16).ok()?,
+            end: u64::from_str_radix(end, 16).ok()?,
+            dev: dev.to_string(),
+            inode,
+            path,
+        })
+    })
+}
+
+/// File offsets of the wait functions in one C library (`None`: not exported, e.g.
+/// `epoll_pwait2` before glibc 2.35).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitFunctions {
+    /// (function, entry program, file offset), for those found.
+    pub found: Vec<(&'static str, &'static str, u64)>,
+}
+
+impl WaitFunctions {
+    /// Reads them from the library's dynamic symbols. `ppoll` is required: it is where QEMU's
+    /// main loop and AioContexts sleep.
+    pub fn from_elf_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
+        let symbols = SymbolTable::from_elf_bytes(bytes)?;
+        let found: Vec<_> = FUNCTIONS
+            .iter()
+            .filter_map(|&(function, program)| {
+                let sym = symbols.lookup(function)?;
+                let offset = symbols.vaddr_to_file_offset(sym.vaddr)?;
+                Some((function, program, offset))
+            })
+            .collect();
+        anyhow::ensure!(
+            found.iter().any(|(f, _, _)| *f == "ppoll"),
+            "it does not export ppoll"
+        );
+        Ok(Self { found })
+    }
+}
+
+/// What a process's C library offers the libc source, read once per library file.
+#[derive(Debug, Default)]
+pub struct LibcCatalog {
+    by_identity: HashMap<(String, u64), Result<Arc<WaitFunctions>, String>>,
+}
+
+/// A process's libc and its wait functions, ready to attach.
+#[derive(Debug, Clone)]
+pub struct LibcOffer {
+    pub libc: MappedFile,
+    pub functions: Arc<WaitFunctions>,
+}
+
+impl LibcCatalog {
+    /// `pid`'s C library and its wait functions, or why the libc source cannot serve it.
+    pub fn offer(&mut self, pid: u32) -> Result<LibcOffer, String> {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
+        let libc = find_libc(&maps).ok_or_else(|| {
+            "no C library mapped (a static QEMU?); its waits are counted by the syscall \
+             tracepoints"
+                .to_string()
+        })?;
+        let functions = self
+            .by_identity
+            .entry((libc.dev.clone(), libc.inode))
+            .or_insert_with(|| {
+                std::fs::read(libc.reach(pid))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|bytes| WaitFunctions::from_elf_bytes(&bytes))
+                    .map(Arc::new)
+                    .map_err(|e| format!("{}: {e:#}", libc.path))
+            })
+            .clone()?;
+        Ok(LibcOffer { libc, functions })
+    }
+}
+
+/// The libc uprobes of every process they serve.
+#[derive(Debug, Default)]
+pub struct LibcWaitSource {
+    processes: HashMap<u32, Vec<UprobeLinks>>,
+}
+
+impl LibcWaitSource {
+    /// Loads the entry and return programs (attached per process later).
+    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        for (_, program) in FUNCTIONS {
+            uprobes::load(ebpf, program)?;
+        }
+        uprobes::load(ebpf, RETURN_PROGRAM)?;
+        Ok(Self::default())
+    }
+
+    /// Attaches an entry probe and a return probe to each wait function of `pid`'s libc: all
+    /// of them, or none.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32, offer: &LibcOffer) -> anyhow::Result<()> {
+        self.detach(ebpf, pid);
+        let target = offer.libc.reach(pid);
+        let mut made: Vec<UprobeLinks> = Vec::new();
+        for &(function, program, offset) in &offer.functions.found {
+            let point = [UprobePoint {
+                file_offset: offset,
+                cookie: 0,
+            }];
+            let result =
+                UprobeLinks::attach_in(ebpf, program, pid, &target, &point).and_then(|entry| {
+                    made.push(entry);
+                    UprobeLinks::attach_in(ebpf, RETURN_PROGRAM, pid, &target, &point)
+                });
+            match result {
+                Ok(ret) => made.push(ret),
+                Err(e) => {
+                    for links in made {
+                        links.detach(ebpf);
+                    }
+                    return Err(e).with_context(|| format!("{function} in {}", offer.libc.path));
+                }
+            }
+        }
+        self.processes.insert(pid, made);
+        Ok(())
+    }
+
+    pub fn is_attached(&self, pid: u32) -> bool {
+        self.processes.contains_key(&pid)
+    }
+
+    pub fn detach(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        for links in self.processes.remove(&pid).into_iter().flatten() {
+            links.detach(ebpf);
+        }
+    }
+
+    /// `pid`'s links, to be closed in the background (a budget pause).
+    pub fn take(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<super::detacher::Detach> {
+        self.processes
+            .remove(&pid)
+            .into_iter()
+            .flatten()
+            .flat_map(|links| links.take(ebpf))
+            .collect()
+    }
+
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.detach(ebpf, pid);
+        }
+    }
+}
+
+/// A path that names `libc` for people (the maps path).
+pub fn describe(libc: &MappedFile) -> &Path {
+    Path::new(&libc.path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c1a00000-55d0c1b00000 r--p 00000000 fe:01 1311 /usr/bin/qemu-system-x86_64
+7f3a1c000000-7f3a1c021000 rw-p 00000000 00:00 0 
+7f3a2d028000-7f3a2d04e000 r--p 00000000 fe:01 2233 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f3a2d04e000-7f3a2d1a3000 r-xp 00026000 fe:01 2233 /usr/lib/x86_64-linux-gnu/libc.so.6
+7ffd1c9e0000-7ffd1ca01000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn finds_glibc_and_names_its_first_mapping() {
+        let libc = find_libc(MAPS).unwrap();
+        assert_eq!(libc.path, "/usr/lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!((libc.dev.as_str(), libc.inode), ("fe:01", 2233));
+        assert_eq!(
+            libc.reach(42),
+            Path::new("/proc/42/map_files/7f3a2d028000-7f3a2d04e000")
+        );
+    }
+
+    #[test]
+    fn libc_names() {
+        for yes in [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib64/libc-2.17.so",
+            "/lib/ld-musl-x86_64.so.1",
+            "/usr/lib/libc.so",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6 (deleted)",
+        ] {
+            assert!(is_libc_name(yes), "{yes}");
+        }
+        for no in [
+            "/usr/lib/x86_64-linux-gnu/libcap.so.2",
+            "/usr/lib/libcurl.so.4",
+            "/usr/bin/qemu-system-x86_64",
+            "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0",
+        ] {
+            assert!(!is_libc_name(no), "{no}");
+        }
+        // A deleted libc (upgraded under a running QEMU) is still found, by its old path.
+        let deleted = MAPS.replace("libc.so.6\n", "libc.so.6 (deleted)\n");
+        assert!(find_libc(&deleted).unwrap().path.ends_with("(deleted)"));
+        assert_eq!(find_libc("7f-8f r-xp 0 00:00 0 [vdso]\n"), None);
+    }
+
+    #[test]
+    fn random_maps_never_panic() {
+        let mut rng = crate::elf::test_support::Rng(0x11bc);
+        let pieces = [
+            "7f3a2d028000-7f3a2d04e000",
+            "r-xp",
+            "00026000",
+            "fe:01",
+            "2233",
+            "/lib/libc.so.6",
+            "-",
+            " ",
+            "\n",
+            "zz",
+            "0",
+            "(deleted)",
+        ];
+        for _ in 0..5000 {
+            let n = rng.below(24);
+            let text: String = (0..n).map(|_| pieces[rng.below(pieces.len())]).collect();
+            let _ = find_libc(&text);
+        }
+    }
+
+    #[test]
+    fn this_machines_libc_exports_the_wait_functions() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let Some(libc) = find_libc(&maps) else {
+            eprintln!("skipped: this test binary maps no C library");
+            return;
+        };
+        let bytes = std::fs::read(libc.path.trim_end_matches(" (deleted)")).unwrap();
+        let functions = WaitFunctions::from_elf_bytes(&bytes).unwrap();
+        let names: Vec<&str> = functions.found.iter().map(|f| f.0).collect();
+        assert!(
+            names.contains(&"ppoll") && names.contains(&"epoll_pwait"),
+            "{names:?}"
+        );
+        // Offsets are file offsets inside the library.
+        assert!(functions.found.iter().all(|f| (f.2 as usize) < bytes.len()));
+        assert!(WaitFunctions::from_elf_bytes(b"not an elf").is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! End-to-end: `--max-overhead` keeps a busy guest's probes within budget by duty-cycling
+//! them, and its scaled counts stay close to what an unbudgeted profiler counts exactly at
+//! the same time (as root, on the USDT QEMU).
+
+mod common;
+
+use std::{
+    process::{Child, Stdio},
+    thread::sleep,
+    time::Duration,
+};
+
+use common::*;
+use xtask::launch::{DeviceSet, GuestSpec, launch};
+
+fn recorder(extra: &[&str], out: &std::path::Path) -> Child {
+    profiler()
+        .args([
+            "record",
+            "--window",
+            "5",
+            "--duration",
+            "32",
+            "--vm",
+            "e2e-budget",
+        ])
+        .args(extra)
+        .arg("--output")
+        .arg(out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("profiler starts")
+}
+
+/// Events per second over the full windows after the first, of one count.
+fn rate(path: &std::path::Path, count: fn(&profiler::record::WindowRecord) -> Option<u64>) -> f64 {
+    let records = load(path);
+    let full: Vec<_> = records
+        .iter()
+        .filter(|r| !r.partial && r.window > 0)
+        .collect();
+    assert!(full.len() >= 3, "{records:#?}");
+    let n: u64 = full.iter().map(|r| count(r).expect("counted")).sum();
+    n as f64 / full.iter().map(|r| r.seconds).sum::<f64>()
+}
+
+#[test]
+fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
+    let test = "budget";
+    let Some(image) = e2e_guest_image(test) else {
+        return;
+    };
+    let Some(qemu) = usdt_qemu(test) else {
+        return;
+    };
+    let dir = run_dir(test);
+    // A UHCI tablet: ~1,000 frame-timer runs and several thousand waits a second.
+    let mut spec = GuestSpec::new("e2e-budget", DeviceSet::Noisy);
+    spec.qemu = qemu;
+    let guest = launch(&spec, &image, dir.path()).expect("launch");
+    guest.wait_ready(Duration::from_secs(180)).expect("boots");
+    sleep(Duration::from_secs(3));
+
+    let (exact, budgeted) = (
+        dir.path().join("exact.jsonl"),
+        dir.path().join("budget.jsonl"),
+    );
+    let a = recorder(&[], &exact);
+    let b = recorder(&["--max-overhead", "0.2"], &budgeted);
+    let out_b = b.wait_with_output().unwrap();
+    let out_a = a.wait_with_output().unwrap();
+    let stderr_b = String::from_utf8_lossy(&out_b.stderr);
+    assert!(
+        out_a.status.success() && out_b.status.success(),
+        "{stderr_b}"
+    );
+    assert!(
+        stderr_b.contains("overhead budget 0.20 % of a core"),
+        "{stderr_b}"
+    );
+
+    let records = load(&budgeted);
+    for (name, path) in [("exact", &exact), ("budgeted", &budgeted)] {
+        for r in load(path) {
+            eprintln!(
+                "{name} window {} ({} s, probed {:?}): timer {:?}, callbacks {}",
+                r.window,
+                r.seconds,
+                r.probed_seconds,
+                r.timer,
+                r.timers.iter().map(|t| t.count).sum::<u64>()
+            );
+        }
+    }
+    // Its rate is known within the first window; from the third on, every window is probed
+    // for one block at its start and scaled.
+    let settled: Vec<_> = records
+        .iter()
+        .filter(|r| !r.partial && r.window > 1)
+        .collect();
+    assert!(settled.len() >= 3, "{records:#?}");
+    assert!(
+        settled
+            .iter()
+            .all(|r| r.estimated && r.probed_seconds.unwrap() < r.seconds - 0.5),
+        "every settled window of the busy guest is duty-cycled: {settled:#?}"
+    );
+    assert!(load(&exact).iter().all(|r| !r.estimated));
+
+    // The estimates against the exact counts of the same seconds (windows not aligned: rates
+    // over the same span). The guest's frame timer is steady; waits vary more.
+    let callbacks =
+        |r: &profiler::record::WindowRecord| Some(r.timers.iter().map(|t| t.count).sum::<u64>());
+    for (what, f) in [
+        (
+            "timer",
+            (|r: &profiler::record::WindowRecord| r.timer) as fn(&_) -> _,
+        ),
+        ("callback runs", callbacks),
+    ] {
+        let (e, b) = (rate(&exact, f), rate(&budgeted, f));
+        let error = (b - e).abs() / e;
+        eprintln!(
+            "{what}: exact {e:.0}/s, estimated {b:.0}/s ({:.1} % off)",
+            error * 100.0
+        );
+        assert!(error < 0.10, "{what}: exact {e:.0}/s, estimated {b:.0}/s");
+    }
+    drop(guest);
+}

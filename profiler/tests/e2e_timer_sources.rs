@@ -1,0 +1,203 @@
+//! End-to-end: both timer sources count a process that waits like QEMU exactly, and the
+//! syscall tracepoints are attached only while a VM needs them (as root).
+//!
+//! The workload (`fixtures/waits/waits.c`) makes a known number of timed-out waits, fd-woken
+//! waits and zero-timeout polls through the C library, as QEMU's event loop does.
+
+mod common;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+const TIMERS: u64 = 400;
+const FDS: u64 = 300;
+const ZEROS: u64 = 1000;
+
+/// Builds the workload with the system C compiler.
+fn build_waits(dir: &Path, p: &Prereq) -> Option<PathBuf> {
+    p.tool("cc")?;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/waits/waits.c");
+    let bin = dir.join("waits");
+    let out = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("cc runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(bin)
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The workload, named like QEMU, waiting for `dir/go`.
+fn start_waits(bin: &Path, dir: &Path, name: &str) -> KillOnDrop {
+    let child = Command::new(bin)
+        .arg0("qemu-system-x86_64")
+        .arg(dir.join("go"))
+        .arg(dir.join("done"))
+        .args([TIMERS, FDS, ZEROS].map(|n| n.to_string()))
+        .args(["-name", &format!("guest={name}")])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("workload starts");
+    KillOnDrop(child)
+}
+
+/// Runs of the loaded eBPF program named `name` (kernel BPF statistics, enabled by the
+/// profiler while it runs); 0 when no such program is loaded.
+fn program_runs(name: &str) -> u64 {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(name))
+        .map(|p| p.run_count())
+        .sum()
+}
+
+/// Some ppoll calls of this (unwatched) process.
+fn unrelated_ppolls(n: usize) {
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    for _ in 0..n {
+        // SAFETY: no fds, a valid timespec.
+        unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// Records the workload with `--timer-source source`; returns (timer, fd_wakeups, label) summed
+/// over the recording, and the runs of `sys_enter_ppoll` while the workload ran.
+fn record_with(source: &str, bin: &Path) -> (u64, u64, String, u64) {
+    let dir = run_dir(&format!("timer-source-{source}"));
+    let name = format!("waits-{source}");
+    let workload = start_waits(bin, dir.path(), &name);
+    let rec = recording_path(dir.path());
+    let mut recorder = KillOnDrop(
+        profiler()
+            .args(["record", "--window", "2", "--timer-source", source])
+            .args(["--vm", &name, "--output"])
+            .arg(&rec)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("profiler starts"),
+    );
+    // Watched once the first sample has attached its probes: its first window is written
+    // after 2 s.
+    wait_for("the first window", Duration::from_secs(30), || {
+        std::fs::read_to_string(&rec).is_ok_and(|t| t.contains(&name))
+    });
+    let runs_before = program_runs("sys_enter_ppoll");
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    wait_for("the workload", Duration::from_secs(60), || {
+        dir.path().join("done").exists()
+    });
+    let runs = program_runs("sys_enter_ppoll") - runs_before;
+    // Its last waits land in a window that closes within 2 s.
+    sleep(Duration::from_millis(2500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(recorder.0.id() as i32, libc::SIGTERM) };
+    let status = recorder.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    drop(workload);
+    let records = load(&rec);
+    let windows = of(&records, &name);
+    assert!(!windows.is_empty());
+    let sum = |f: fn(&&profiler::record::WindowRecord) -> Option<u64>| -> u64 {
+        windows.iter().map(|w| f(w).expect("counted")).sum()
+    };
+    (
+        sum(|w| w.timer),
+        sum(|w| w.fd_wakeups),
+        windows[0].sources.timer.clone(),
+        runs,
+    )
+}
+
+#[test]
+fn both_timer_sources_count_exactly_and_only_the_fallback_taxes_others() {
+    let p = Prereq::new("both_timer_sources_count_exactly");
+    let Some(()) = p.root() else { return };
+    let build = run_dir("waits-build");
+    let Some(bin) = build_waits(build.path(), &p) else {
+        return;
+    };
+    let (timer, fds, label, runs) = record_with("libc", &bin);
+    assert_eq!(label, "libc-uprobes");
+    assert_eq!((timer, fds), (TIMERS, FDS), "libc uprobes");
+    assert_eq!(
+        runs, 0,
+        "the syscall tracepoints ran while only the libc source was needed"
+    );
+
+    let (timer, fds, label, runs) = record_with("syscall", &bin);
+    assert_eq!(label, "syscall");
+    assert_eq!((timer, fds), (TIMERS, FDS), "syscall tracepoints");
+    assert!(
+        runs >= TIMERS / 2 + FDS / 2 + ZEROS,
+        "sys_enter_ppoll ran {runs} times"
+    );
+}
+
+#[test]
+fn the_syscall_tracepoints_detach_when_their_last_vm_exits() {
+    let p = Prereq::new("the_syscall_tracepoints_detach_when_their_last_vm_exits");
+    let Some(()) = p.root() else { return };
+    let dir = run_dir("syscall-detach");
+    let Some(bin) = build_waits(dir.path(), &p) else {
+        return;
+    };
+    let name = "waits-detach";
+    let workload = start_waits(&bin, dir.path(), name);
+    let mut recorder = KillOnDrop(
+        profiler()
+            .args(["record", "--window", "1", "--timer-source", "syscall"])
+            .args(["--vm", name, "--output", "/dev/null"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("profiler starts"),
+    );
+    // Attached: this test's own ppolls run the program.
+    wait_for("the tracepoints to attach", Duration::from_secs(30), || {
+        let before = program_runs("sys_enter_ppoll");
+        unrelated_ppolls(100);
+        program_runs("sys_enter_ppoll") >= before + 100
+    });
+    drop(workload);
+    // The next sample sees the VM gone and detaches them: ppolls no longer run the program.
+    wait_for("the tracepoints to detach", Duration::from_secs(10), || {
+        let before = program_runs("sys_enter_ppoll");
+        unrelated_ppolls(100);
+        program_runs("sys_enter_ppoll") == before
+    });
+    assert!(
+        recorder.0.try_wait().unwrap().is_none(),
+        "the profiler runs on"
+    );
+}

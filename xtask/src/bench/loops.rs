@@ -1,0 +1,150 @@
+//! Syscall loops whose time per call shows what a tracer costs a process: a `getppid` loop
+//! (any syscall: the slow syscall path), a zero-timeout `ppoll` loop (a wait function, what
+//! QEMU's main loop calls ~4,500 times a second on a UHCI-tablet guest). Run unrelated, or
+//! named like QEMU so the profiler watches them.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// What a loop calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopKind {
+    Getppid,
+    /// `ppoll(NULL, 0, {0,0}, NULL)`: returns at once.
+    PpollZero,
+}
+
+impl LoopKind {
+    pub fn arg(self) -> &'static str {
+        match self {
+            LoopKind::Getppid => "getppid",
+            LoopKind::PpollZero => "ppoll",
+        }
+    }
+}
+
+/// `xtask syscall-loop --kind getppid|ppoll --calls N [--go PATH]`: (after PATH exists) makes
+/// N calls and prints `ns_per_call=X`.
+pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
+    let value = |name: &str| -> Option<&String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let kind = match value("--kind").map(String::as_str) {
+        Some("getppid") => LoopKind::Getppid,
+        Some("ppoll") => LoopKind::PpollZero,
+        other => bail!("--kind getppid|ppoll, not {other:?}"),
+    };
+    let calls: u64 = value("--calls")
+        .context("--calls N")?
+        .parse()
+        .context("--calls takes a count")?;
+    if let Some(go) = value("--go") {
+        while !Path::new(go).exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let started = Instant::now();
+    match kind {
+        LoopKind::Getppid => {
+            for _ in 0..calls {
+                // SAFETY: no arguments; glibc does not cache getppid, each call is a syscall.
+                std::hint::black_box(unsafe { libc::getppid() });
+            }
+        }
+        LoopKind::PpollZero => {
+            for _ in 0..calls {
+                // SAFETY: no fds; a valid timespec; no signal mask.
+                std::hint::black_box(unsafe {
+                    libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null())
+                });
+            }
+        }
+    }
+    let ns = started.elapsed().as_nanos() as f64 / calls.max(1) as f64;
+    println!("ns_per_call={ns:.1}");
+    Ok(())
+}
+
+/// Runs a loop in a new process and returns its ns per call. `qemu_name`: named like QEMU
+/// (`-name guest=NAME`), so a profiler selecting that name watches it; it starts only once
+/// `go` exists, so a tracer can attach to it first (`ready` is called with its pid).
+pub fn run_loop(
+    kind: LoopKind,
+    calls: u64,
+    qemu_name: Option<&str>,
+    go: Option<&Path>,
+    ready: impl FnOnce(u32) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    if qemu_name.is_some() {
+        cmd.arg0("qemu-system-x86_64");
+    }
+    cmd.args(["syscall-loop", "--kind", kind.arg(), "--calls"])
+        .arg(calls.to_string());
+    if let Some(go) = go {
+        let _ = std::fs::remove_file(go);
+        cmd.arg("--go").arg(go);
+    }
+    if let Some(name) = qemu_name {
+        cmd.args(["-name", &format!("guest={name}")]);
+    }
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting a syscall loop")?;
+    ready(child.id())?;
+    if let Some(go) = go {
+        std::fs::write(go, "")?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("the syscall loop failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("ns_per_call=")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("unexpected loop output {text:?}"))
+}
+
+/// The median of `values` (NaN when empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+    }
+}
