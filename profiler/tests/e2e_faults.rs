@@ -142,8 +142,9 @@ fn fifty_qemus_killed_while_serve_and_top_run_leave_nothing_behind() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Long enough to be found and attached to (one refresh), then SIGKILL.
-        sleep(Duration::from_millis(1300));
+        // Long enough to be found and attached to by both profilers (one refresh each, and
+        // each uprobe opened there may wait behind the other one's closes), then SIGKILL.
+        sleep(Duration::from_millis(1800));
         vm.kill().unwrap();
         vm.wait().unwrap();
         if i == 9 {

@@ -64,12 +64,19 @@ fn start_waits(bin: &Path, dir: &Path, name: &str) -> KillOnDrop {
 
 /// Runs of the loaded eBPF program named `name` (kernel BPF statistics, enabled by the
 /// profiler while it runs); 0 when no such program is loaded.
+/// Runs of the loaded programs named `name`: counted while BPF statistics are on, which the
+/// profiler does only now and then (one refresh in ten), so callers hold [`bpf_stats_on`].
 fn program_runs(name: &str) -> u64 {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| p.name_as_str() == Some(name))
         .map(|p| p.run_count())
         .sum()
+}
+
+/// BPF run statistics on while the returned fd lives.
+fn bpf_stats_on() -> std::os::fd::OwnedFd {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS")
 }
 
 /// Some ppoll calls of this (unwatched) process.
@@ -113,12 +120,14 @@ fn record_with(source: &str, bin: &Path) -> (u64, u64, String, u64) {
     wait_for("the first window", Duration::from_secs(30), || {
         std::fs::read_to_string(&rec).is_ok_and(|t| t.contains(&name))
     });
+    let stats = bpf_stats_on();
     let runs_before = program_runs("sys_enter_ppoll");
     std::fs::write(dir.path().join("go"), "").unwrap();
     wait_for("the workload", Duration::from_secs(60), || {
         dir.path().join("done").exists()
     });
     let runs = program_runs("sys_enter_ppoll") - runs_before;
+    drop(stats);
     // Its last waits land in a window that closes within 2 s.
     sleep(Duration::from_millis(2500));
     // SAFETY: signalling our own child.
@@ -183,6 +192,7 @@ fn the_syscall_tracepoints_detach_when_their_last_vm_exits() {
             .spawn()
             .expect("profiler starts"),
     );
+    let _stats = bpf_stats_on();
     // Attached: this test's own ppolls run the program.
     wait_for("the tracepoints to attach", Duration::from_secs(30), || {
         let before = program_runs("sys_enter_ppoll");

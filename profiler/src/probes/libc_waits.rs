@@ -140,22 +140,34 @@ impl LibcCatalog {
     pub fn offer(&mut self, pid: u32) -> Result<LibcOffer, String> {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
-        let libc = find_libc(&maps).ok_or_else(|| {
+        self.offer_in(&maps, |libc| std::fs::read(libc.reach(pid)))
+    }
+
+    /// The offer of a process whose maps are `maps`; `read` reads its C library. What the
+    /// library's ELF says is kept per library file; a failed read is not (the process may
+    /// just have exited, and the next QEMU must not lose the source for it).
+    fn offer_in(
+        &mut self,
+        maps: &str,
+        read: impl FnOnce(&MappedFile) -> std::io::Result<Vec<u8>>,
+    ) -> Result<LibcOffer, String> {
+        let libc = find_libc(maps).ok_or_else(|| {
             "no C library mapped (a static QEMU?); its waits are counted by the syscall \
              tracepoints"
                 .to_string()
         })?;
-        let functions = self
-            .by_identity
-            .entry((libc.dev.clone(), libc.inode))
-            .or_insert_with(|| {
-                std::fs::read(libc.reach(pid))
-                    .map_err(anyhow::Error::from)
-                    .and_then(|bytes| WaitFunctions::from_elf_bytes(&bytes))
+        let identity = (libc.dev.clone(), libc.inode);
+        let functions = match self.by_identity.get(&identity) {
+            Some(known) => known.clone()?,
+            None => {
+                let bytes = read(&libc).map_err(|e| format!("reading {}: {e}", libc.path))?;
+                let parsed = WaitFunctions::from_elf_bytes(&bytes)
                     .map(Arc::new)
-                    .map_err(|e| format!("{}: {e:#}", libc.path))
-            })
-            .clone()?;
+                    .map_err(|e| format!("{}: {e:#}", libc.path));
+                self.by_identity.insert(identity, parsed.clone());
+                parsed?
+            }
+        };
         Ok(LibcOffer { libc, functions })
     }
 }
@@ -260,6 +272,24 @@ mod tests {
             libc.reach(42),
             Path::new("/proc/42/map_files/7f3a2d028000-7f3a2d04e000")
         );
+    }
+
+    #[test]
+    fn a_failed_read_is_not_remembered_but_what_the_elf_says_is() {
+        let mut catalog = LibcCatalog::default();
+        let gone = catalog.offer_in(MAPS, |_| {
+            Err(std::io::Error::from_raw_os_error(libc::ENOENT))
+        });
+        assert!(
+            gone.unwrap_err()
+                .contains("reading /usr/lib/x86_64-linux-gnu/libc.so.6")
+        );
+        // The next process with the same library is read again; garbage is an ELF verdict,
+        // kept: no third read.
+        let garbage = catalog.offer_in(MAPS, |_| Ok(b"not an ELF".to_vec()));
+        assert!(garbage.is_err());
+        let again = catalog.offer_in(MAPS, |_| panic!("read twice"));
+        assert_eq!(again.unwrap_err(), garbage.unwrap_err());
     }
 
     #[test]

@@ -278,6 +278,22 @@ pub fn attach_tracepoint(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow:
 }
 
 /// Removes every entry of process `tgid` from a map keyed by [`RegionKey`].
+/// The detacher's job key for the syscall tracepoints' links (no process has this pid).
+const TRACEPOINTS_JOB: u32 = u32::MAX;
+
+/// Whether process `pid` still runs (a VM may exit while it is being attached to): a killed
+/// process lingers in /proc as a zombie, and an exiting one has no memory map (`exe`) left.
+fn process_alive(pid: u32) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, after_comm) = stat.rsplit_once(')')?;
+            after_comm.trim_start().chars().next()
+        });
+    matches!(state, Some(s) if s != 'Z' && s != 'X')
+        && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok()
+}
+
 fn forget_region_keys<V: aya::Pod>(ebpf: &mut Ebpf, map: &str, tgid: u32) {
     if let Some(Ok(mut map)) = ebpf
         .map_mut(map)
@@ -330,8 +346,11 @@ pub struct EventProbes {
     pending_notes: Vec<Note>,
     /// What serves each watched VM, to re-attach it after a pause.
     served: HashMap<u32, Served>,
-    /// Closes paused VMs' links off the sampling thread.
+    /// Closes paused and gone VMs' links off the sampling thread.
     detacher: detacher::Detacher,
+    /// Unwatched VMs whose links are still being closed: their map entries are cleared again
+    /// once they are (a live process may hit a probe until its link is gone).
+    closing: HashSet<u32>,
     /// BPF run-time statistics, sampled.
     stats: StatsSampler,
     loaded_at: std::time::Instant,
@@ -371,6 +390,7 @@ impl EventProbes {
             pending_notes: Vec::new(),
             served: HashMap::new(),
             detacher: detacher::Detacher::new(),
+            closing: HashSet::new(),
             stats: StatsSampler::start(),
             loaded_at: std::time::Instant::now(),
         })
@@ -450,6 +470,7 @@ impl EventProbes {
     fn attach_planned(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
         let pid = vm.key.pid;
         let name = &vm.identity.name;
+        let _attaching = self.detacher.hold();
         let (binary, exe) = self.catalog.offer(pid);
         let libc = self.libc_catalog.offer(pid);
         let offer = ProcessOffer {
@@ -457,7 +478,11 @@ impl EventProbes {
             libc: libc.as_ref().map(|_| ()).map_err(Clone::clone),
             timer_choice: self.timer_choice,
         };
-        let plan = policy::plan(&offer, vm.identity.accel, self.kvm.status());
+        let mut plan = policy::plan(&offer, vm.identity.accel, self.kvm.status());
+        if !process_alive(pid) {
+            // Gone while it was being looked at: nothing to attach (its exit is recorded).
+            plan = plan.exited();
+        }
         let libc = libc.ok();
         let timer = self.attach_timer(&plan, pid, libc.as_ref(), name);
         let mut attempts = Vec::new();
@@ -465,7 +490,7 @@ impl EventProbes {
             let result = self.attach_read_write(source, pid, exe.as_deref());
             let attached = result.is_ok();
             attempts.push((source, result));
-            if attached {
+            if attached || !process_alive(pid) {
                 break;
             }
         }
@@ -536,18 +561,23 @@ impl EventProbes {
                     Some(offer) => self.libc.attach(&mut self.ebpf, pid, offer),
                     None => Err(anyhow::anyhow!("no C library offer")),
                 },
-                TimerSource::SyscallTracepoints => self
-                    .syscall_waits
-                    .acquire(&mut self.ebpf, pid)
-                    .and_then(|()| {
-                        self.set_watch_flags(pid, watch_flag::WAITS_BY_SYSCALL)
-                            .inspect_err(|_| self.syscall_waits.release(&mut self.ebpf, pid))
-                    }),
+                TimerSource::SyscallTracepoints => {
+                    // Links still being closed from their last user would count twice.
+                    self.detacher.wait_for(TRACEPOINTS_JOB);
+                    self.syscall_waits
+                        .acquire(&mut self.ebpf, pid)
+                        .and_then(|()| {
+                            self.set_watch_flags(pid, watch_flag::WAITS_BY_SYSCALL)
+                                .inspect_err(|_| self.release_syscall_waits(pid))
+                        })
+                }
             }
             .map_err(|e| format!("{e:#}"));
             let attached = result.is_ok();
             attempts.push((source, result));
-            if attached {
+            // A VM that exited meanwhile needs no fallback (and the tracepoints' attach and
+            // detach would stall sampling for seconds).
+            if attached || !process_alive(pid) {
                 break;
             }
         }
@@ -569,10 +599,19 @@ impl EventProbes {
         Ok(())
     }
 
+    /// Stops counting `pid` by the syscall tracepoints; the last user's links are closed in
+    /// the background.
+    fn release_syscall_waits(&mut self, pid: u32) {
+        let links = self.syscall_waits.release(&mut self.ebpf, pid);
+        if !links.is_empty() {
+            self.detacher.submit(TRACEPOINTS_JOB, links);
+        }
+    }
+
     /// Stops counting `pid`'s waits, whichever source did.
     fn detach_timer(&mut self, pid: u32) {
         self.libc.detach(&mut self.ebpf, pid);
-        self.syscall_waits.release(&mut self.ebpf, pid);
+        self.release_syscall_waits(pid);
         if self.watched.contains(&pid) {
             let _ = self.set_watch_flags(pid, 0);
         }
@@ -627,6 +666,7 @@ impl EventProbes {
             }
             start.elapsed().as_secs_f64()
         };
+        let _attaching = self.detacher.hold();
         let mut best = f64::INFINITY;
         for _ in 0..3 {
             let bare = time_calls();
@@ -638,8 +678,35 @@ impl EventProbes {
         Ok(best.max(1e-9))
     }
 
-    /// Detaches every per-process probe and lowers the USDT semaphores (also done on drop).
+    /// Every uprobe link of `pid` (USDT sites, symbols, libc waits), for the detacher.
+    fn take_uprobes(&mut self, pid: u32) -> Vec<detacher::Detach> {
+        let mut items = self.usdt.take(&mut self.ebpf, pid);
+        items.extend(self.symbols.take(&mut self.ebpf, pid));
+        items.extend(self.libc.take(&mut self.ebpf, pid));
+        items
+    }
+
+    /// Clears the map entries of `pid` (it is not watched).
+    fn forget_process(&mut self, pid: u32) -> anyhow::Result<()> {
+        forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
+        timers::forget_process(&mut self.ebpf, pid);
+        self.kvm.forget(&mut self.ebpf, pid);
+        self.forget_counters(pid)
+    }
+
+    /// Detaches every per-process probe and lowers the USDT semaphores (also done on drop):
+    /// every link closed at once, since each close waits for a grace period.
     pub fn detach_all(&mut self) {
+        let pids: HashSet<u32> = self
+            .watched
+            .iter()
+            .chain(self.served.keys())
+            .copied()
+            .collect();
+        for pid in pids {
+            let items = self.take_uprobes(pid);
+            self.detacher.submit(pid, items);
+        }
         self.detacher.drain();
         self.usdt.detach_all(&mut self.ebpf);
         self.symbols.detach_all(&mut self.ebpf);
@@ -672,18 +739,24 @@ impl ProbeLayer for EventProbes {
             // Already gone is fine: the process may have been removed concurrently.
             let _ = self.watched_map()?.remove(&pid);
         }
-        self.usdt.detach(&mut self.ebpf, pid);
-        self.symbols.detach(&mut self.ebpf, pid);
+        // Closing a uprobe link waits for a grace period (about a second here for a QEMU's
+        // links): off the sampling thread, or a VM that lives a second is never seen.
+        let items = self.take_uprobes(pid);
+        self.detacher.submit(pid, items);
+        self.closing.insert(pid);
         self.detach_timer(pid);
         self.served.remove(&pid);
-        forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
-        timers::forget_process(&mut self.ebpf, pid);
-        self.kvm.forget(&mut self.ebpf, pid);
-        self.forget_counters(pid)
+        self.forget_process(pid)
     }
 
     fn refresh(&mut self) -> Vec<Note> {
+        for (pid, _) in self.detacher.finished() {
+            if self.closing.remove(&pid) && !self.watched.contains(&pid) {
+                let _ = self.forget_process(pid);
+            }
+        }
         self.stats.tick();
+        let _attaching = self.detacher.hold();
         self.symbols.refresh_callbacks(&mut self.ebpf);
         Vec::new()
     }
@@ -731,7 +804,10 @@ impl ProbeLayer for EventProbes {
             return Ok(None);
         }
         let started = std::time::Instant::now();
-        if let Err(e) = self.resume_uprobes(pid, &served) {
+        let attaching = self.detacher.hold();
+        let resumed = self.resume_uprobes(pid, &served);
+        drop(attaching);
+        if let Err(e) = resumed {
             // Half a resume is no resume: leave it paused and say why.
             let items = self.pause_uprobes(pid, &served.sources);
             self.detacher.submit(pid, items);

@@ -191,6 +191,19 @@ pub struct SourcePlan {
 }
 
 impl SourcePlan {
+    /// The plan for a process that exited before anything was attached: nothing to try (a
+    /// fallback would only cost time, the syscall tracepoints' seconds to detach above all).
+    pub fn exited(self) -> Self {
+        const WHY: &str = "the process exited before its probes were attached";
+        Self {
+            read_write: Vec::new(),
+            read_write_none: Some(ReadWriteUnavailable::ExeUnreadable(WHY.into())),
+            callbacks: Err(CallbacksUnavailable::ExeUnreadable(WHY.into())),
+            timer: Vec::new(),
+            timer_none: Some(WHY.into()),
+        }
+    }
+
     /// What the plan gives when every attach succeeds: what `profiler list` shows.
     pub fn expected(&self) -> VmSources {
         VmSources {
@@ -589,6 +602,18 @@ mod tests {
             settle(&none, &[]),
             Err(ReadWriteUnavailable::NoUsdtStripped)
         );
+    }
+
+    #[test]
+    fn a_process_gone_before_the_attach_tries_nothing_and_says_so() {
+        let p = plan(&readable(true, FULL), Accel::Kvm, &kvm_ok()).exited();
+        assert!(p.read_write.is_empty() && p.timer.is_empty());
+        let sources = p.expected();
+        let why = "the process exited before its probes were attached";
+        assert_eq!(sources.read_write.unwrap_err().to_string(), why);
+        assert_eq!(sources.callbacks.unwrap_err().to_string(), why);
+        assert_eq!(sources.timer.unwrap_err(), why);
+        assert_eq!(settle_timer(&p, &[]), Err(why.to_string()));
     }
 
     #[test]

@@ -396,6 +396,22 @@ impl SymbolSource {
         Ok(())
     }
 
+    /// Every link of `pid`, to be closed in the background (the VM is gone); its discovered
+    /// callbacks are dropped.
+    pub fn take(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<super::detacher::Detach> {
+        let mut taken = Vec::new();
+        if let Some(process) = self.processes.remove(&pid) {
+            for links in [process.dispatch, process.timer_mod, Some(process.callbacks)]
+                .into_iter()
+                .flatten()
+            {
+                taken.extend(links.take(ebpf));
+            }
+        }
+        super::forget_region_keys::<u64>(ebpf, SEEN_CALLBACKS_MAP, pid);
+        taken
+    }
+
     /// Detaches everything of `pid` and drops its discovered callbacks.
     pub fn detach(&mut self, ebpf: &mut Ebpf, pid: u32) {
         if let Some(process) = self.processes.remove(&pid) {

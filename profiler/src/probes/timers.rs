@@ -74,11 +74,23 @@ impl SyscallWaits {
         Ok(())
     }
 
-    /// Stops counting `pid`; the last user detaches the tracepoints.
-    pub fn release(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        if self.users.remove(&pid) && self.users.is_empty() {
-            self.detach_all(ebpf);
+    /// Stops counting `pid`; the last user takes the tracepoint links with it, to be closed
+    /// off the sampling thread (each close waits for the kernel's grace periods: seconds
+    /// here, during which a perf_event_open elsewhere waits too).
+    #[must_use = "closing the returned links detaches the tracepoints"]
+    pub fn release(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<super::detacher::Detach> {
+        if !(self.users.remove(&pid) && self.users.is_empty()) {
+            return Vec::new();
         }
+        let mut taken: Vec<super::detacher::Detach> = Vec::new();
+        for (name, link) in self.links.drain(..) {
+            if let Ok(p) = program(ebpf, &name)
+                && let Ok(link) = p.take_link(link)
+            {
+                taken.push(Box::new(link));
+            }
+        }
+        taken
     }
 
     pub fn is_attached(&self) -> bool {

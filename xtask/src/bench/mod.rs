@@ -11,6 +11,7 @@ mod loops;
 mod qemu_like;
 mod remedies;
 mod scale;
+mod soak;
 mod tax;
 mod top_history;
 mod tracers;
@@ -37,6 +38,8 @@ benchmarks:
   scale [--quick]     collector CPU and memory with 1, 10, 100, 500, 2,000 QEMU-like processes
   attach              time to attach to 50 running USDT QEMUs
   self-cost [--quick] the demo's own cost
+  soak [--minutes M]  profiler serve against churning guests for M minutes (30): CPU, memory,
+                      descriptors and map entries flat
   top-history [--vms N] [--windows W]
       profiler top's CPU and memory with N QEMU-like processes after 5 windows and after W
       (default 100 VMs, 120 one-second windows)
@@ -49,6 +52,13 @@ pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("top-history") => top_history::run(root, &args[1..]),
         Some("remedies") => remedies::run(root, &args[1..]),
+        Some("soak") => {
+            crate::setup::setup(root)?;
+            let image = xtask::guest::build_guest(root)?;
+            let profiler = crate::demo::build_profiler(root)?;
+            let dir = xtask::cache::cache_subdir(&format!("run/soak-{}", std::process::id()))?;
+            soak::run(root, &image, &profiler, &dir, &args[1..])
+        }
         Some(name @ ("tax" | "events" | "budget" | "scale" | "attach" | "self-cost")) => {
             cost_set(root, &[name], quick)
         }

@@ -1,0 +1,204 @@
+//! `cargo xtask bench soak [--minutes M]`: the profiler for M minutes (30 by default) against
+//! churning guests: real TCG guests that boot, run and are killed in turn, and QEMU-like
+//! processes that come and go every few seconds. `profiler serve` (the mode that stays up for
+//! months) watches them; its CPU, memory, open descriptors and eBPF map entries are sampled
+//! every minute. Flat means: the last third of the run costs what the first third did, and
+//! nothing grows with the number of VMs that came and went.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+use xtask::{
+    guest::GuestImage,
+    launch::{DeviceSet, GuestSpec, RunningGuest, launch},
+};
+
+use super::{flag, proc_usage, qemu_like::QemuLikeFleet, ticks_per_second};
+
+/// Real guests alive at once, and how long each lives.
+const GUESTS: usize = 2;
+const GUEST_LIFE: Duration = Duration::from_secs(90);
+/// QEMU-like processes replaced per churn step, and the step.
+const LIKE: usize = 20;
+const LIKE_STEP: Duration = Duration::from_secs(5);
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// `qemu_profiler_bpf_map_entries{map="COUNTERS"}` and the watched-VM count from /metrics.
+fn scrape(port: u16) -> Option<(f64, f64)> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body).ok()?;
+    let text = String::from_utf8_lossy(&body);
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        value("qemu_profiler_bpf_map_entries{map=\"COUNTERS\"}"),
+        value("qemu_profiler_vms{"),
+    ))
+}
+
+pub fn run(
+    root: &Path,
+    image: &GuestImage,
+    profiler: &Path,
+    dir: &Path,
+    args: &[String],
+) -> anyhow::Result<()> {
+    let minutes = flag(args, "--minutes", 30)?;
+    if minutes < 3 {
+        bail!("--minutes must be at least 3");
+    }
+    let port = 19464;
+    let serve = Serve(
+        Command::new(profiler)
+            .args(["serve", "--window", "10", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting profiler serve")?,
+    );
+    let pid = serve.0.id();
+    eprintln!(
+        "xtask bench soak: {minutes} min; {GUESTS} real guests living {} s each, {LIKE} \
+         QEMU-like processes replaced every {} s; profiler serve pid {pid}",
+        GUEST_LIFE.as_secs(),
+        LIKE_STEP.as_secs()
+    );
+    let started = Instant::now();
+    let end = started + Duration::from_secs(minutes * 60);
+    let mut guests: Vec<(RunningGuest, Instant)> = Vec::new();
+    let mut like: Option<QemuLikeFleet> = None;
+    let mut guests_started = 0usize;
+    let mut like_started = 0usize;
+    let mut next_like = Instant::now();
+    let mut next_sample = Instant::now() + Duration::from_secs(60);
+    let mut last = proc_usage(pid)?;
+    let mut last_t = Instant::now();
+    let mut rows = Vec::new();
+    while Instant::now() < end {
+        // Guests: replace any that lived their time, keep GUESTS alive.
+        guests.retain(|(_, born)| born.elapsed() < GUEST_LIFE);
+        while guests.len() < GUESTS {
+            let mut spec = GuestSpec::new(
+                format!("soak-{guests_started:03}"),
+                if guests_started.is_multiple_of(2) {
+                    DeviceSet::Noisy
+                } else {
+                    DeviceSet::Quiet
+                },
+            );
+            spec.memory_mb = 192;
+            guests.push((launch(&spec, image, dir)?, Instant::now()));
+            guests_started += 1;
+        }
+        if Instant::now() >= next_like {
+            // Dropping the old fleet kills it: these VMs exit mid-window.
+            drop(like.take());
+            like = Some(QemuLikeFleet::start(
+                LIKE,
+                &format!("soak-like{like_started:05}"),
+                20,
+            )?);
+            like_started += LIKE;
+            next_like += LIKE_STEP;
+        }
+        if Instant::now() >= next_sample {
+            let now = proc_usage(pid)?;
+            let secs = last_t.elapsed().as_secs_f64();
+            let cpu = (now.cpu_ticks - last.cpu_ticks) as f64 / ticks_per_second() / secs * 100.0;
+            let (counters, vms) = scrape(port).unwrap_or((f64::NAN, f64::NAN));
+            let minute = started.elapsed().as_secs_f64() / 60.0;
+            let row = json!({
+                "minute": (minute * 10.0).round() / 10.0,
+                "cpu_percent": cpu,
+                "rss_mib": now.rss_bytes as f64 / (1 << 20) as f64,
+                "fds": open_fds(pid),
+                "counters_entries": counters,
+                "vms_watched": vms,
+                "vms_started_so_far": guests_started + like_started,
+            });
+            eprintln!("xtask bench soak: {row}");
+            rows.push(row);
+            last = now;
+            last_t = Instant::now();
+            next_sample += Duration::from_secs(60);
+        }
+        sleep(Duration::from_millis(500));
+    }
+    drop(like);
+    drop(guests);
+    drop(serve);
+    let third = (rows.len() / 3).max(1);
+    let mean = |rs: &[serde_json::Value], k: &str| {
+        rs.iter().filter_map(|r| r[k].as_f64()).sum::<f64>() / rs.len().max(1) as f64
+    };
+    let (first, last_rows) = (&rows[..third], &rows[rows.len() - third..]);
+    let cpu_ratio = mean(last_rows, "cpu_percent") / mean(first, "cpu_percent").max(1e-9);
+    let rss_ratio = mean(last_rows, "rss_mib") / mean(first, "rss_mib").max(1e-9);
+    let fds_ratio = mean(last_rows, "fds") / mean(first, "fds").max(1e-9);
+    let mut table = String::new();
+    for r in rows.iter().step_by(5.min(rows.len()).max(1)) {
+        table.push_str(&format!(
+            "| {} | {:.2} | {:.1} | {} | {} | {} |\n",
+            r["minute"],
+            r["cpu_percent"].as_f64().unwrap_or(0.0),
+            r["rss_mib"].as_f64().unwrap_or(0.0),
+            r["fds"],
+            r["counters_entries"],
+            r["vms_started_so_far"],
+        ));
+    }
+    let verdict = |x: f64| if x <= 1.2 { "flat" } else { "GROWING" };
+    let command = format!("cargo xtask bench soak --minutes {minutes}");
+    let body = format!(
+        "## Soak: {minutes} minutes against churning guests\n\n\
+         `{command}`: `profiler serve --window 10` while {GUESTS} real TCG guests (UHCI-tablet \
+         and quiet, alternately) boot, run {} s and are killed, over and over, and {LIKE} \
+         QEMU-like processes are replaced every {} s ({} VMs came and went in all). Sampled \
+         every minute (every fifth row shown; all in the JSON):\n\n\
+         | minute | CPU (% of a core) | RSS (MiB) | open fds | COUNTERS entries | VMs started so far |\n\
+         |---:|---:|---:|---:|---:|---:|\n{table}\n\
+         Last third against the first: CPU {cpu_ratio:.2}× ({}), RSS {rss_ratio:.2}× ({}), open \
+         descriptors {fds_ratio:.2}× ({}).\n",
+        GUEST_LIFE.as_secs(),
+        LIKE_STEP.as_secs(),
+        guests_started + like_started,
+        verdict(cpu_ratio),
+        verdict(rss_ratio),
+        verdict(fds_ratio),
+    );
+    super::publish(
+        root,
+        "soak",
+        &body,
+        &json!({"command": command, "minutes": minutes, "samples": rows,
+                "cpu_ratio": cpu_ratio, "rss_ratio": rss_ratio, "fds_ratio": fds_ratio}),
+    )
+}
