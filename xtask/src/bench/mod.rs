@@ -38,8 +38,9 @@ benchmarks:
   scale [--quick]     collector CPU and memory with 1, 10, 100, 500, 2,000 QEMU-like processes
   attach              time to attach to 50 running USDT QEMUs
   self-cost [--quick] the demo's own cost
-  soak [--minutes M]  profiler serve against churning guests for M minutes (30): CPU, memory,
-                      descriptors and map entries flat
+  soak [--minutes M] [--step S]
+                      profiler serve against churning guests for M minutes (30), 20 QEMU-like
+                      processes replaced every S seconds (60): CPU, memory, descriptors flat
   top-history [--vms N] [--windows W]
       profiler top's CPU and memory with N QEMU-like processes after 5 windows and after W
       (default 100 VMs, 120 one-second windows)

@@ -24,9 +24,13 @@ use super::{flag, proc_usage, qemu_like::QemuLikeFleet, ticks_per_second};
 /// Real guests alive at once, and how long each lives.
 const GUESTS: usize = 2;
 const GUEST_LIFE: Duration = Duration::from_secs(90);
-/// QEMU-like processes replaced per churn step, and the step.
+/// QEMU-like processes replaced per churn step (every `--step` seconds, 60 by default).
+///
+/// Each exiting VM leaves about eight uprobe links to close, and the kernel closes perf-event
+/// uprobes one at a time (each waits a grace period inside the trace-event mutex: measured
+/// here, a 5 s step with 20 VMs — four exits a second — piled up closes faster than they
+/// drained, ~900 more link fds each minute). 20 every 60 s is a busy cloud host's churn.
 const LIKE: usize = 20;
-const LIKE_STEP: Duration = Duration::from_secs(5);
 
 struct Serve(Child);
 
@@ -71,6 +75,7 @@ pub fn run(
     args: &[String],
 ) -> anyhow::Result<()> {
     let minutes = flag(args, "--minutes", 30)?;
+    let like_step = Duration::from_secs(flag(args, "--step", 60)?.max(1));
     if minutes < 3 {
         bail!("--minutes must be at least 3");
     }
@@ -84,12 +89,17 @@ pub fn run(
             .spawn()
             .context("starting profiler serve")?,
     );
+    let mut serve = serve;
+    sleep(Duration::from_secs(2));
+    if let Some(status) = serve.0.try_wait()? {
+        bail!("profiler serve exited at once ({status}); is 127.0.0.1:{port} taken?");
+    }
     let pid = serve.0.id();
     eprintln!(
         "xtask bench soak: {minutes} min; {GUESTS} real guests living {} s each, {LIKE} \
          QEMU-like processes replaced every {} s; profiler serve pid {pid}",
         GUEST_LIFE.as_secs(),
-        LIKE_STEP.as_secs()
+        like_step.as_secs()
     );
     let started = Instant::now();
     let end = started + Duration::from_secs(minutes * 60);
@@ -127,7 +137,7 @@ pub fn run(
                 20,
             )?);
             like_started += LIKE;
-            next_like += LIKE_STEP;
+            next_like += like_step;
         }
         if Instant::now() >= next_sample {
             let now = proc_usage(pid)?;
@@ -176,7 +186,10 @@ pub fn run(
         ));
     }
     let verdict = |x: f64| if x <= 1.2 { "flat" } else { "GROWING" };
-    let command = format!("cargo xtask bench soak --minutes {minutes}");
+    let command = format!(
+        "cargo xtask bench soak --minutes {minutes} --step {}",
+        like_step.as_secs()
+    );
     let body = format!(
         "## Soak: {minutes} minutes against churning guests\n\n\
          `{command}`: `profiler serve --window 10` while {GUESTS} real TCG guests (UHCI-tablet \
@@ -188,7 +201,7 @@ pub fn run(
          Last third against the first: CPU {cpu_ratio:.2}× ({}), RSS {rss_ratio:.2}× ({}), open \
          descriptors {fds_ratio:.2}× ({}).\n",
         GUEST_LIFE.as_secs(),
-        LIKE_STEP.as_secs(),
+        like_step.as_secs(),
         guests_started + like_started,
         verdict(cpu_ratio),
         verdict(rss_ratio),
