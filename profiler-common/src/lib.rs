@@ -30,6 +30,10 @@ pub mod kind {
     pub const WRITE: u32 = 7;
     /// A QEMU timer callback ran (id: the callback's address).
     pub const TIMER_CALLBACK: u32 = 8;
+    /// Bookkeeping, not an event: runs of a budgeted VM's uprobes that count no event one for
+    /// one (wait entries and returns, `timer_mod` discovery, callbacks), so the overhead budget
+    /// knows the traps it really costs. Counted only under [`super::watch_flag::COUNT_HITS`].
+    pub const UPROBE_HIT: u32 = 9;
 }
 
 /// Flags of a process in the `WATCHED` map.
@@ -38,6 +42,9 @@ pub mod watch_flag {
     /// C library's wait functions cannot be probed). Otherwise uprobes on its libc count them
     /// and the tracepoints ignore it.
     pub const WAITS_BY_SYSCALL: u32 = 1;
+    /// An overhead budget duty-cycles its uprobes: the wait and timer uprobe programs count
+    /// their runs ([`super::kind::UPROBE_HIT`]).
+    pub const COUNT_HITS: u32 = 2;
 }
 
 /// Which wait syscall a counter came from. Stored in [`CounterKey::id`] for wait counters.

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use profiler_common::{
     CounterKey, MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_WATCHED, PendingWait, RegionKey,
-    RegionName, dropped,
+    RegionName, dropped, kind, watch_flag,
 };
 
 /// `-EEXIST`: an insert lost a race with another CPU (not a full map).
@@ -78,6 +78,24 @@ pub fn is_watched(tgid: u32) -> bool {
 pub fn watch_flags(tgid: u32) -> Option<u32> {
     // SAFETY: the value is copied out at once.
     unsafe { WATCHED.get(tgid) }.copied()
+}
+
+/// Whether process `tgid` is watched; for a budgeted one, also counts this uprobe run
+/// (`kind::UPROBE_HIT`): the programs that call this already look the process up, so the
+/// budget's bookkeeping costs an atomic add only where it is asked for.
+#[inline(always)]
+pub fn watched_uprobe_hit(tgid: u32) -> bool {
+    let Some(flags) = watch_flags(tgid) else {
+        return false;
+    };
+    if flags & watch_flag::COUNT_HITS != 0 {
+        count(&CounterKey {
+            tgid,
+            kind: kind::UPROBE_HIT,
+            id: 0,
+        });
+    }
+    true
 }
 
 /// Adds one to the counter `key`.

@@ -46,6 +46,11 @@ impl DutyCycle {
         self.duty
     }
 
+    /// Hits per second while probing, as last measured (smoothed).
+    pub fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+
     /// The estimated cost, as a fraction of a core, of probing all the time.
     pub fn full_cost(&self, budget: &OverheadBudget) -> Option<f64> {
         self.rate.map(|r| r * budget.hit_cost)
@@ -111,27 +116,14 @@ impl Uprobed {
         self.timer || self.read_write || self.callbacks
     }
 
-    /// uprobe hits behind `raw`: one per device access and callback run, two per wait (entry
-    /// and return).
+    /// uprobe hits behind `raw`: one per device access (each read/write probe run counts
+    /// one), plus the runs the wait and timer programs counted themselves
+    /// ([`kind::UPROBE_HIT`]: wait entries and returns, `timer_mod`, callbacks), which no
+    /// count of events can stand for (`timer_mod` runs, waits of classes not counted).
     pub fn hits(self, raw: &RawCounters) -> u64 {
-        let mut hits = 0;
+        let mut hits = raw.total(kind::UPROBE_HIT);
         if self.read_write {
             hits += raw.total(kind::READ) + raw.total(kind::WRITE);
-        }
-        if self.callbacks {
-            hits += raw.total(kind::TIMER_CALLBACK);
-        }
-        if self.timer {
-            let waits: u64 = [
-                kind::TIMER,
-                kind::FD_WAKEUP,
-                kind::NONBLOCKING_POLL,
-                kind::WAIT_ERROR,
-            ]
-            .iter()
-            .map(|&k| raw.total(k))
-            .sum();
-            hits += 2 * waits;
         }
         hits
     }
@@ -303,6 +295,17 @@ impl BudgetedVms {
         self.vms.remove(&pid);
     }
 
+    /// Every budgeted VM's measured hit rate and duty, by pid.
+    pub fn states(&self) -> Vec<(u32, DutyCycle)> {
+        let mut out: Vec<_> = self
+            .vms
+            .iter()
+            .map(|(&pid, v)| (pid, v.duty.clone()))
+            .collect();
+        out.sort_by_key(|(pid, _)| *pid);
+        out
+    }
+
     /// The share of time VM `pid`'s probes are on now (1 when not budgeted).
     pub fn duty(&self, pid: u32) -> f64 {
         self.vms.get(&pid).map_or(1.0, |v| v.duty.duty())
@@ -343,6 +346,20 @@ pub fn describe(b: &OverheadBudget) -> String {
         b.hit_cost * 1e6,
         b.max_fraction / b.hit_cost
     )
+}
+
+/// One VM's duty cycle, for the user: its measured uprobe hits while probed and what they
+/// would cost unbudgeted.
+pub fn describe_vm(name: &str, d: &DutyCycle, b: &OverheadBudget) -> String {
+    match d.rate() {
+        Some(rate) => format!(
+            "{name}: {rate:.0} uprobe hits/s while probed (counted by its probes), {:.2} % of a \
+             core if always probed; probed {:.0} % of the time",
+            rate * b.hit_cost * 100.0,
+            d.duty() * 100.0
+        ),
+        None => format!("{name}: no uprobe rate measured yet"),
+    }
 }
 
 /// Scales a count observed during `on_secs` of a window's `secs` to the whole window.

@@ -290,6 +290,21 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         self.budgeted.as_ref().map(|b| b.budget())
     }
 
+    /// Under a budget: each VM seen by the last sample (by name) with its duty cycle.
+    pub fn duty_cycles(&self) -> Vec<(String, crate::budget::DutyCycle)> {
+        let Some(budgeted) = &self.budgeted else {
+            return Vec::new();
+        };
+        budgeted
+            .states()
+            .into_iter()
+            .filter_map(|(pid, d)| {
+                let p = self.last_seen.iter().find(|p| p.key.pid == pid)?;
+                Some((p.identity.name.clone(), d))
+            })
+            .collect()
+    }
+
     /// Duty cycles: each VM's uprobe hits so far decide whether its probes are on for the
     /// next interval.
     fn cycle_duties(
@@ -850,6 +865,13 @@ mod tests {
                 timer += 20_000;
             }
             r.set_timer(10, timer);
+            // The programs count their own runs: an entry and a return per wait.
+            r.kernel
+                .borrow_mut()
+                .get_mut(&10)
+                .unwrap()
+                .by_key
+                .insert((kind::UPROBE_HIT, 0), 2 * timer);
             let report = r.session.sample(f64::from(t)).unwrap();
             probing = r
                 .log()

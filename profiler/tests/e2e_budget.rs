@@ -126,5 +126,26 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
         );
         assert!(error < 0.10, "{what}: exact {e:.0}/s, estimated {b:.0}/s");
     }
+
+    // The budget's basis is the runs its probes counted: at least an entry and a return per
+    // wait and one run per callback (the timer_mod probes add more), never a model of them.
+    let counted: f64 = stderr_b
+        .lines()
+        .find_map(|l| {
+            l.split("overhead budget: e2e-budget: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no measured rate for the guest: {stderr_b}"));
+    let waits = rate(&exact, |r| r.timer) + rate(&exact, |r| r.fd_wakeups);
+    let floor = 2.0 * waits + rate(&exact, callbacks);
+    eprintln!("counted {counted:.0} uprobe runs/s; waits and callbacks alone make {floor:.0}");
+    assert!(
+        counted > 0.9 * floor,
+        "counted {counted:.0} runs/s, below the {floor:.0} its waits and callbacks make"
+    );
     drop(guest);
 }

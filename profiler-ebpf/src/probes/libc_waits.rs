@@ -13,13 +13,13 @@ use aya_ebpf::{
 use profiler_common::wait_syscall;
 
 use super::timers::{classify, millis_class, remember, timespec_class};
-use crate::maps::{current_ids, is_watched};
+use crate::maps::{current_ids, watched_uprobe_hit};
 
 /// `int ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *tmo_p, const sigset_t *)`.
 #[uprobe]
 pub fn libc_ppoll(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !watched_uprobe_hit(tgid) {
         return 0;
     }
     let tsp: u64 = ctx.arg(2).unwrap_or(0);
@@ -30,7 +30,7 @@ pub fn libc_ppoll(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn libc_epoll_pwait(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !watched_uprobe_hit(tgid) {
         return 0;
     }
     let timeout: u64 = ctx.arg(3).unwrap_or(0);
@@ -47,7 +47,7 @@ pub fn libc_epoll_pwait(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn libc_epoll_pwait2(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !watched_uprobe_hit(tgid) {
         return 0;
     }
     let tsp: u64 = ctx.arg(3).unwrap_or(0);
@@ -58,7 +58,7 @@ pub fn libc_epoll_pwait2(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn libc_wait_return(ctx: RetProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !is_watched(tgid) {
+    if !watched_uprobe_hit(tgid) {
         return 0;
     }
     let ret: u64 = ctx.ret();

@@ -23,7 +23,8 @@ use profiler_common::{
 };
 
 use crate::maps::{
-    COUNTERS, REGION_NAMES, add_new, atomic_add, count, current_ids, is_watched, note_insert,
+    COUNTERS, REGION_NAMES, add_new, atomic_add, count, current_ids, note_insert,
+    watched_uprobe_hit,
 };
 
 /// (process, callback address) of every QEMU timer callback armed since watching began.
@@ -103,7 +104,7 @@ fn remember_name(tgid: u32, region: u64, name_offset: u64) {
 #[uprobe]
 pub fn timer_mod(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
-    if !is_watched(tgid) {
+    if !watched_uprobe_hit(tgid) {
         return 0;
     }
     let cb_offset = cookie(&ctx);
@@ -132,7 +133,7 @@ pub fn timer_mod(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn timer_callback(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
-    if !is_watched(tgid) {
+    if !watched_uprobe_hit(tgid) {
         return 0;
     }
     count(&CounterKey {

@@ -138,5 +138,13 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
         cost.run_time.as_secs_f64() * 1e3,
         crate::probes::STATS_EVERY
     );
+    if let Some(b) = session.overhead_budget() {
+        for (name, duty) in session.duty_cycles() {
+            eprintln!(
+                "profiler: overhead budget: {}",
+                crate::budget::describe_vm(&name, &duty, &b)
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

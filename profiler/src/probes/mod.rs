@@ -354,6 +354,8 @@ pub struct EventProbes {
     /// BPF run-time statistics, sampled.
     stats: StatsSampler,
     loaded_at: std::time::Instant,
+    /// Watch flags every process gets: under a budget its uprobe runs are counted.
+    base_flags: u32,
 }
 
 impl EventProbes {
@@ -364,7 +366,7 @@ impl EventProbes {
         let ProbeOptions {
             debug_roots,
             timer_choice,
-            max_overhead: _,
+            max_overhead,
         } = options;
         check_privileges()?;
         raise_fd_limit();
@@ -393,6 +395,11 @@ impl EventProbes {
             closing: HashSet::new(),
             stats: StatsSampler::start(),
             loaded_at: std::time::Instant::now(),
+            base_flags: if max_overhead.is_some() {
+                watch_flag::COUNT_HITS
+            } else {
+                0
+            },
         })
     }
 
@@ -595,6 +602,7 @@ impl EventProbes {
     }
 
     fn set_watch_flags(&mut self, pid: u32, flags: u32) -> anyhow::Result<()> {
+        let flags = flags | self.base_flags;
         self.watched_map()?.insert(pid, flags, 0)?;
         Ok(())
     }
@@ -667,14 +675,24 @@ impl EventProbes {
             start.elapsed().as_secs_f64()
         };
         let _attaching = self.detacher.hold();
+        // Watched as a budgeted VM is, so each hit runs the whole program (remember, classify,
+        // the hit count), not only the early return of an unwatched process.
+        self.watched_map()?.insert(pid, watch_flag::COUNT_HITS, 0)?;
         let mut best = f64::INFINITY;
+        let mut result = Ok(());
         for _ in 0..3 {
             let bare = time_calls();
-            self.libc.attach(&mut self.ebpf, pid, &offer)?;
+            if let Err(e) = self.libc.attach(&mut self.ebpf, pid, &offer) {
+                result = Err(e);
+                break;
+            }
             let probed = time_calls();
             self.libc.detach(&mut self.ebpf, pid);
             best = best.min((probed - bare) / f64::from(2 * CALLS));
         }
+        let _ = self.watched_map()?.remove(&pid);
+        self.forget_counters(pid)?;
+        result?;
         Ok(best.max(1e-9))
     }
 
@@ -719,8 +737,8 @@ impl ProbeLayer for EventProbes {
     fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
         let pid = vm.key.pid;
         self.forget_counters(pid)?;
-        // Watched with no flags until its timer source is chosen.
-        self.watched_map()?.insert(pid, 0, 0)?;
+        // Watched with no source flags until its timer source is chosen.
+        self.set_watch_flags(pid, 0)?;
         self.watched.insert(pid);
         self.attach_planned(vm)
     }

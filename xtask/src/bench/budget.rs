@@ -34,6 +34,39 @@ fn record(profiler: &Path, extra: &[&str], secs: u64, out: &Path) -> anyhow::Res
         .context("starting profiler record")
 }
 
+/// Program runs per second, from `profiler record`'s closing line.
+fn program_runs_per_s(said: &str) -> Option<f64> {
+    said.lines().find_map(|l| {
+        let secs: f64 = l
+            .split("stopped after ")
+            .nth(1)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        let runs: f64 = l
+            .split("ran about ")
+            .nth(1)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        Some(runs / secs)
+    })
+}
+
+/// The budget's measured uprobe hits per second of the bench VM, from its closing lines.
+fn counted_hits_per_s(said: &str) -> Option<f64> {
+    said.lines().find_map(|l| {
+        l.split(&format!("overhead budget: {VM}: "))
+            .nth(1)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// (events per second of `f` over windows ≥ 2, share of those windows estimated).
 fn settled_rate(path: &Path, f: impl Fn(&serde_json::Value) -> u64) -> anyhow::Result<(f64, f64)> {
     let text = std::fs::read_to_string(path)?;
@@ -81,6 +114,7 @@ pub fn run(
     const SETTLE: u64 = 7;
     const SPAN: u64 = 20;
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let (mut runs, mut counted) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         for k in 0..configs.len() {
             let i = (k + round) % configs.len();
@@ -101,8 +135,16 @@ pub fn run(
                     * 100.0;
             if let Some(c) = child {
                 let out = c.wait_with_output()?;
+                let said = String::from_utf8_lossy(&out.stderr);
                 if !out.status.success() {
-                    bail!("{label} failed: {}", String::from_utf8_lossy(&out.stderr));
+                    bail!("{label} failed: {said}");
+                }
+                // Alone on the guest: BPF statistics are host-wide (run counts grow while any
+                // holder has them on), so another profiler's sampling would inflate them.
+                match i {
+                    1 => runs.extend(program_runs_per_s(&said)),
+                    2 => counted.extend(counted_hits_per_s(&said)),
+                    _ => {}
                 }
             }
             eprintln!("xtask bench budget: round {round} {label:<32} QEMU {pct:.2} % of a core");
@@ -121,26 +163,6 @@ pub fn run(
             String::from_utf8_lossy(&out_b.stderr)
         );
     }
-    // What the probes really ran on this guest (the unbudgeted profiler's own BPF statistics,
-    // its programs only) against the hits the budget's model counts.
-    let said_exact = String::from_utf8_lossy(&out_a.stderr);
-    let runs_per_s = said_exact.lines().find_map(|l| {
-        let secs: f64 = l
-            .split("stopped after ")
-            .nth(1)?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()?;
-        let runs: f64 = l
-            .split("ran about ")
-            .nth(1)?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()?;
-        Some(runs / secs)
-    });
     let said = String::from_utf8_lossy(&out_b.stderr);
     let hit_line = said
         .lines()
@@ -174,35 +196,31 @@ pub fn run(
     }
     let med: Vec<f64> = cpu.iter().map(|v| median(v)).collect();
     let added = |i: usize| med[i] - med[0];
-    // The model: two hits per wait (entry, return), one per access and callback run.
-    let per_s = |f: &dyn Fn(&serde_json::Value) -> u64| settled_rate(&exact, f).map(|r| r.0);
-    let field = |k: &'static str| move |v: &serde_json::Value| v[k].as_u64().unwrap_or(0);
-    let waits = per_s(&field("timer"))? + per_s(&field("fd_wakeups"))?;
-    let modelled =
-        2.0 * waits + per_s(&callbacks)? + per_s(&field("read"))? + per_s(&field("write"))?;
+    // The budget's basis (the uprobe runs the budgeted profiler counted for this VM, its
+    // programs counting their own runs) against what the unbudgeted profiler's programs
+    // really ran (BPF statistics) and what QEMU paid, each from the rounds run alone.
+    let some_median = |v: &[f64]| (!v.is_empty()).then(|| median(v));
+    let (runs_per_s, counted) = (some_median(&runs), some_median(&counted));
     let hit_cost_us: Option<f64> = hit_line
         .split("costs ")
         .nth(1)
         .and_then(|r| r.split(' ').next())
         .and_then(|v| v.parse().ok());
+    let fmt = |v: Option<f64>, digits: usize| v.map_or("?".into(), |v| format!("{v:.digits$}"));
     let model_line = format!(
-        "The model behind the budget counts {modelled:.0} uprobe hits/s on this guest (two per \
-         wait, one per access and callback run) × {} µs = {} % of a core; the profiler's \
-         programs really ran {} times/s (its BPF statistics), and QEMU paid {:+.2} % of a core: \
-         {} µs per program run. The gap is what the model does not see (the `timer_mod` probes \
-         that discover callbacks, waits QEMU makes outside the counted classes) and what a \
-         uprobe costs a large process beyond the calibration loop's; `--max-overhead` bounds \
-         the modelled cost, so on this machine it must be set about {} times below the CPU \
-         share it is meant to keep.",
-        hit_cost_us.map_or("?".into(), |c| format!("{c:.2}")),
-        hit_cost_us.map_or("?".into(), |c| format!("{:.2}", modelled * c / 1e4)),
-        runs_per_s.map_or("?".into(), |r| format!("{r:.0}")),
+        "The budget's basis: in its rounds the budgeted profiler counted {} uprobe hits/s on \
+         this guest while probing (its wait, timer and callback programs count their own runs; \
+         each read/write probe run is one access) × {} µs = {} % of a core if always probed. \
+         In its rounds the unbudgeted profiler's programs ran {} times/s (its BPF statistics; \
+         counted ÷ ran = {}), and QEMU paid {:+.2} % of a core for them: {} µs per program run \
+         (medians).",
+        fmt(counted, 0),
+        fmt(hit_cost_us, 2),
+        fmt(counted.zip(hit_cost_us).map(|(h, c)| h * c / 1e4), 2),
+        fmt(runs_per_s, 0),
+        fmt(counted.zip(runs_per_s).map(|(h, r)| h / r), 2),
         added(1),
-        runs_per_s.map_or("?".into(), |r| format!("{:.2}", added(1) * 1e4 / r)),
-        hit_cost_us.map_or("?".into(), |c| format!(
-            "{:.0}",
-            added(1) / (modelled * c / 1e4)
-        )),
+        fmt(runs_per_s.map(|r| added(1) * 1e4 / r), 2),
     );
     let body = format!(
         "## The overhead budget on a busy guest\n\n\
@@ -238,7 +256,7 @@ pub fn run(
         "said": hit_line,
         "estimates": errors,
         "estimated_share": share,
-        "modelled_hits_per_s": modelled,
+        "counted_hits_per_s": counted,
         "program_runs_per_s": runs_per_s,
     });
     Ok((body, json))

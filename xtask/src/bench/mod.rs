@@ -134,7 +134,7 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
                 usdt_qemu.as_ref().expect("built"),
                 &dir,
                 if quick { 1 } else { 3 },
-                // Below the modelled cost of the UHCI guest's probes (~0.2 % here), so the
+                // Below the counted cost of the UHCI guest's probes (~1.4 % here), so the
                 // duty cycle engages and its estimates can be checked.
                 0.1,
                 &command(name),
