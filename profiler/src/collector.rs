@@ -58,8 +58,8 @@ pub use crate::attribution::{CallbackTotals, DeviceKey, DeviceTotals};
 #[derive(Debug, Clone)]
 pub struct VmObservation {
     pub key: VmKey,
-    pub identity: VmIdentity,
-    pub sources: Sources,
+    pub identity: std::sync::Arc<VmIdentity>,
+    pub sources: std::sync::Arc<Sources>,
     pub counts: Counts,
     pub devices: DeviceTotals,
     pub callbacks: CallbackTotals,
@@ -156,8 +156,8 @@ impl WindowClock {
 /// The open window of one VM.
 #[derive(Debug, Clone)]
 struct VmState {
-    identity: VmIdentity,
-    sources: Sources,
+    identity: std::sync::Arc<VmIdentity>,
+    sources: std::sync::Arc<Sources>,
     window: u64,
     /// When this window's coverage started (window start, or first sight of the VM).
     coverage_start: f64,
@@ -177,8 +177,8 @@ struct VmState {
 #[derive(Debug, Clone)]
 pub struct RunningWindow {
     pub key: VmKey,
-    pub identity: VmIdentity,
-    pub sources: Sources,
+    pub identity: std::sync::Arc<VmIdentity>,
+    pub sources: std::sync::Arc<Sources>,
     pub window: u64,
     pub elapsed: f64,
     pub counts: Counts,
@@ -354,7 +354,7 @@ impl Collector {
             cpu_seconds: counts
                 .cpu_ticks
                 .map(|t| round3(t as f64 / self.ticks_per_second as f64)),
-            sources: state.sources.clone(),
+            sources: (*state.sources).clone(),
             devices: device_deltas(&state.last_devices, &state.base_devices),
             timers: callback_deltas(&state.last_callbacks, &state.base_callbacks),
             host: None,
@@ -463,8 +463,8 @@ mod tests {
     fn obs(v: &(VmKey, VmIdentity), timer: u64, cpu: u64) -> VmObservation {
         VmObservation {
             key: v.0,
-            identity: v.1.clone(),
-            sources: sources(),
+            identity: v.1.clone().into(),
+            sources: sources().into(),
             counts: Counts {
                 timer: Some(timer),
                 fd_wakeups: Some(timer / 10),

@@ -77,10 +77,10 @@ pub struct LiveSnapshot {
 #[derive(Debug, Clone)]
 pub struct LiveVm {
     pub key: VmKey,
-    pub identity: VmIdentity,
+    pub identity: std::sync::Arc<VmIdentity>,
     /// Emulated devices named on its command line (`-device` drivers, `-usb`, ...).
     pub devices: Vec<String>,
-    pub sources: Sources,
+    pub sources: std::sync::Arc<Sources>,
     /// Counts of the running window so far, and the seconds it covers.
     pub running: Counts,
     pub running_elapsed: f64,
@@ -231,13 +231,15 @@ mod tests {
                     accel: Accel::Tcg,
                     devices: Vec::new(),
                     libvirt: None,
-                },
+                }
+                .into(),
                 sources: Sources {
                     timer: "syscall".into(),
                     read: "unavailable: x".into(),
                     write: "unavailable: x".into(),
                     timer_callbacks: "unavailable: test fixture".into(),
-                },
+                }
+                .into(),
                 window: 0,
                 elapsed: 2.0,
                 counts: Counts {

@@ -518,7 +518,8 @@ mod tests {
                 accel: Accel::Tcg,
                 devices: Vec::new(),
                 libvirt: None,
-            },
+            }
+            .into(),
             sources: Sources {
                 timer: "syscall".into(),
                 read: read.into(),
@@ -528,7 +529,8 @@ mod tests {
                 } else {
                     "unavailable: stripped".into()
                 },
-            },
+            }
+            .into(),
             counts: Counts {
                 timer: Some(1000),
                 fd_wakeups: Some(10),

@@ -254,8 +254,9 @@ mod tests {
                     accel: Accel::Tcg,
                     devices: Vec::new(),
                     libvirt: None,
-                },
-                cmdline: ParsedCmdline::default(),
+                }
+                .into(),
+                cmdline: ParsedCmdline::default().into(),
                 exe: "/usr/bin/qemu-system-x86_64".into(),
                 cpu: CpuTicks::default(),
             }]

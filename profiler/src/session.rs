@@ -109,6 +109,8 @@ struct WatchedVm {
     /// The accelerator its sources were chosen for.
     accel: crate::cmdline::Accel,
     sources: VmSources,
+    /// `sources` as records say it, built once.
+    record_sources: std::sync::Arc<crate::record::Sources>,
     names: VmNameCache,
 }
 
@@ -402,6 +404,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         }
 
         let mut observations = Vec::with_capacity(procs.len());
+        let no_counters = RawCounters::default();
         for p in &procs {
             // QEMU opens /dev/kvm while it starts: a VM first seen a moment before is TCG to
             // the first look. Its sources are chosen again once the accelerator is known.
@@ -422,11 +425,12 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                 notes.extend(name_notes);
                 let vm = self.watched.get_mut(&p.key.pid).expect("checked above");
                 vm.accel = p.identity.accel;
+                vm.record_sources = std::sync::Arc::new(watched.sources.record());
                 vm.sources = watched.sources;
                 vm.names = names;
             }
             let raw = if self.watched.contains_key(&p.key.pid) {
-                counters.get(&p.key.pid).cloned().unwrap_or_default()
+                counters.get(&p.key.pid).unwrap_or(&no_counters)
             } else {
                 // Newly seen: counting starts now, from zero.
                 let watched = self.probes.watch(p)?;
@@ -439,19 +443,20 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                     WatchedVm {
                         key: p.key,
                         accel: p.identity.accel,
+                        record_sources: std::sync::Arc::new(watched.sources.record()),
                         sources: watched.sources,
                         names,
                     },
                 );
-                RawCounters::default()
+                &no_counters
             };
             let vm = self.watched.get_mut(&p.key.pid).expect("watched above");
-            let mut a = vm.attribute(&raw, &mut notes);
+            let mut a = vm.attribute(raw, &mut notes);
             a.counts.cpu_ticks = Some(p.cpu.total());
             observations.push(VmObservation {
                 key: p.key,
                 identity: p.identity.clone(),
-                sources: vm.sources.record(),
+                sources: vm.record_sources.clone(),
                 counts: a.counts,
                 devices: a.devices,
                 callbacks: a.callbacks,
@@ -741,8 +746,9 @@ mod tests {
                 accel: Accel::Tcg,
                 devices: Vec::new(),
                 libvirt: None,
-            },
-            cmdline: ParsedCmdline::default(),
+            }
+            .into(),
+            cmdline: ParsedCmdline::default().into(),
             exe: "/usr/bin/qemu-system-x86_64".into(),
             cpu: CpuTicks::default(),
         }
@@ -997,7 +1003,7 @@ mod tests {
         assert_eq!(report.notes.len(), 1, "stripped TCG: {:?}", report.notes);
         r.set_timer(10, 4);
         // The next look finds /dev/kvm open.
-        r.host.borrow_mut()[0].identity.accel = Accel::Kvm;
+        std::sync::Arc::make_mut(&mut r.host.borrow_mut()[0].identity).accel = Accel::Kvm;
         let report = r.session.sample(1.0).unwrap();
         assert_eq!(r.log(), ["watch 10", "replan 10 kvm"]);
         assert!(

@@ -137,9 +137,9 @@ fn live(
             pid: id.pid,
             start_ticks,
         },
-        identity: id,
+        identity: id.into(),
         devices: devices.iter().map(|d| d.to_string()).collect(),
-        sources: src,
+        sources: src.into(),
         running: Counts::default(),
         running_elapsed: T - 12.0 * WINDOW_SECS,
         running_cpu_seconds: None,
@@ -347,8 +347,8 @@ pub fn snapshot() -> LiveSnapshot {
 /// One VM whose command line tries to clear the screen, retitle the terminal, and more.
 pub fn hostile() -> LiveSnapshot {
     let mut vm = noisy();
-    vm.identity.name = "\x1b[2J\x1b]0;pwned\x07".into();
-    vm.identity.uuid = Some("\x1b[31mred\u{202E}txt.exe".into());
+    std::sync::Arc::make_mut(&mut vm.identity).name = "\x1b[2J\x1b]0;pwned\x07".into();
+    std::sync::Arc::make_mut(&mut vm.identity).uuid = Some("\x1b[31mred\u{202E}txt.exe".into());
     vm.devices = vec!["usb-\x1b[5mblink".into(), "\u{9B}6n".into()];
     let history: Vec<WindowRecord> = vm
         .history

@@ -316,8 +316,8 @@ fn the_list_scrolls_to_keep_the_selection_visible() {
         .map(|i| {
             let mut vm = template.clone();
             vm.key.pid = 10_000 + i;
-            vm.identity.pid = 10_000 + i;
-            vm.identity.name = format!("guest-{i:02}");
+            std::sync::Arc::make_mut(&mut vm.identity).pid = 10_000 + i;
+            std::sync::Arc::make_mut(&mut vm.identity).name = format!("guest-{i:02}");
             vm
         })
         .collect();
@@ -355,8 +355,8 @@ fn top_opens_on_rank_1_with_100_vms() {
             .map(|i| {
                 let mut vm = template.clone();
                 vm.key.pid = 20_000 + i;
-                vm.identity.pid = 20_000 + i;
-                vm.identity.name = format!("vm-{i:03}");
+                std::sync::Arc::make_mut(&mut vm.identity).pid = 20_000 + i;
+                std::sync::Arc::make_mut(&mut vm.identity).name = format!("vm-{i:03}");
                 let timer = if i == 0 {
                     leader_rate
                 } else {
