@@ -22,16 +22,16 @@ use super::{loops::median, proc_usage, ticks_per_second};
 const VM: &str = "bench-budget";
 
 fn record(profiler: &Path, extra: &[&str], secs: u64, out: &Path) -> anyhow::Result<Child> {
-    Command::new(profiler)
-        .args(["record", "--window", "5", "--duration", &secs.to_string()])
+    let mut cmd = Command::new(profiler);
+    cmd.args(["record", "--window", "5", "--duration", &secs.to_string()])
         .args(["--vm", VM])
         .args(extra)
         .arg("--output")
         .arg(out)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting profiler record")
+        .stderr(Stdio::piped());
+    super::die_with_parent(&mut cmd, libc::SIGTERM);
+    cmd.spawn().context("starting profiler record")
 }
 
 /// Program runs per second, from `profiler record`'s closing line.

@@ -259,3 +259,18 @@ fn ticks_per_second() -> f64 {
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }
+
+/// Makes `cmd`'s process get `signal` when this one dies (an interrupted bench must not leave
+/// QEMU-like fleets or profilers running). SIGTERM lets a profiler detach in order.
+pub fn die_with_parent(cmd: &mut std::process::Command, signal: i32) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -35,21 +35,9 @@ pub struct QemuLikeFleet(Vec<Child>);
 impl QemuLikeFleet {
     /// Starts `n` processes named `qemu-system-x86_64` (argv[0]) with `-name guest=PREFIX-NNN`.
     pub fn start(n: usize, prefix: &str, timeout_ms: u64) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut fleet = Self(Vec::with_capacity(n));
-        for i in 0..n {
-            let child = Command::new(&exe)
-                .arg0("qemu-system-x86_64")
-                .args(["qemu-like", "--timeout-ms", &timeout_ms.to_string()])
-                .args(["-name", &format!("guest={prefix}-{i:04}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting a QEMU-like process")?;
-            fleet.0.push(child);
-        }
-        Ok(fleet)
+        let names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:04}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Self::start_named(&names, timeout_ms)
     }
 
     /// One process per name in `names` (`-name guest=NAME`).
@@ -57,16 +45,18 @@ impl QemuLikeFleet {
         let exe = std::env::current_exe()?;
         let mut fleet = Self(Vec::with_capacity(names.len()));
         for name in names {
-            let child = Command::new(&exe)
-                .arg0("qemu-system-x86_64")
+            let mut cmd = Command::new(&exe);
+            cmd.arg0("qemu-system-x86_64")
                 .args(["qemu-like", "--timeout-ms", &timeout_ms.to_string()])
                 .args(["-name", &format!("guest={name}")])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting a QEMU-like process")?;
-            fleet.0.push(child);
+                .stderr(Stdio::null());
+            // An interrupted bench leaves no fleet behind.
+            super::die_with_parent(&mut cmd, libc::SIGKILL);
+            fleet
+                .0
+                .push(cmd.spawn().context("starting a QEMU-like process")?);
         }
         Ok(fleet)
     }

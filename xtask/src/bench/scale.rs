@@ -30,15 +30,15 @@ struct Recorder {
 impl Recorder {
     fn start(profiler: &Path, args: &[&str], out: &Path) -> anyhow::Result<Self> {
         let started = Instant::now();
-        let mut child = Command::new(profiler)
-            .arg("record")
+        let mut cmd = Command::new(profiler);
+        cmd.arg("record")
             .args(args)
             .arg("--output")
             .arg(out)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting profiler record")?;
+            .stderr(Stdio::piped());
+        super::die_with_parent(&mut cmd, libc::SIGTERM);
+        let mut child = cmd.spawn().context("starting profiler record")?;
         let stderr = child.stderr.take().expect("piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {

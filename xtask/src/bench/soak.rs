@@ -80,15 +80,13 @@ pub fn run(
         bail!("--minutes must be at least 3");
     }
     let port = 19464;
-    let serve = Serve(
-        Command::new(profiler)
-            .args(["serve", "--window", "10", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting profiler serve")?,
-    );
+    let mut cmd = Command::new(profiler);
+    cmd.args(["serve", "--window", "10", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    super::die_with_parent(&mut cmd, libc::SIGTERM);
+    let serve = Serve(cmd.spawn().context("starting profiler serve")?);
     let mut serve = serve;
     sleep(Duration::from_secs(2));
     if let Some(status) = serve.0.try_wait()? {

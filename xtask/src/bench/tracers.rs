@@ -34,6 +34,7 @@ impl Tracer {
         let _ = std::fs::remove_file(&records);
         let mut cmd = Command::new(profiler);
         cmd.args(["record", "--window", "1"]).args(args);
+        super::die_with_parent(&mut cmd, libc::SIGTERM);
         for vm in vms {
             cmd.args(["--vm", vm]);
         }
