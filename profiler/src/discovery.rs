@@ -81,20 +81,17 @@ pub struct ProcStat {
 /// spaces and parentheses, so fields are counted from the last `)`.
 pub fn parse_stat(content: &str) -> Option<ProcStat> {
     let after_comm = &content[content.rfind(')')? + 1..];
-    // after_comm starts at field 3 (state): fields 14, 15 and 22 are wanted, nothing after.
+    // after_comm starts at field 3 (state); fields 14, 15 and 22 are wanted, nothing after.
     let mut fields = after_comm.split_whitespace().skip(14 - 3);
-    let mut next = || -> Option<u64> { fields.next()?.parse().ok() };
-    let user = next()?;
-    let system = next()?;
-    let start_ticks = fields_nth(&mut fields, 22 - 16)?;
+    // The next wanted field, `skip` fields after the last one taken.
+    let mut field = |skip: usize| -> Option<u64> { fields.nth(skip)?.parse().ok() };
+    let user = field(0)?;
+    let system = field(0)?;
+    let start_ticks = field(22 - 16)?;
     Some(ProcStat {
         cpu: CpuTicks { user, system },
         start_ticks,
     })
-}
-
-fn fields_nth<'a>(fields: &mut impl Iterator<Item = &'a str>, n: usize) -> Option<u64> {
-    fields.nth(n)?.parse().ok()
 }
 
 /// The host's CPU time so far, from the first line of `/proc/stat`.
