@@ -1095,6 +1095,31 @@ pub(crate) mod tests {
         Some(Ebpf::load(EBPF_OBJECT).expect("loading the eBPF object"))
     }
 
+    /// The symbols analysis of process `pid`'s executable.
+    fn analyzed_exe(pid: u32) -> Arc<symbols::ExeSymbols> {
+        Arc::new(
+            symbols::analyze(
+                &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+                &crate::elf::DebugRoots::system(),
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Two dispatch points, cookies 1 and 2.
+    fn two_points(first: u64, second: u64) -> [UprobePoint; 2] {
+        [
+            UprobePoint {
+                file_offset: first,
+                cookie: 1,
+            },
+            UprobePoint {
+                file_offset: second,
+                cookie: 2,
+            },
+        ]
+    }
+
     #[test]
     fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back() {
         let _one_at_a_time = attaching();
@@ -1104,24 +1129,9 @@ pub(crate) mod tests {
         let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
         let (sleeper, entry) = sleeper();
         let pid = sleeper.0.id();
-        let exe = Arc::new(
-            symbols::analyze(
-                &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
-                &crate::elf::DebugRoots::system(),
-            )
-            .unwrap(),
-        );
+        let exe = analyzed_exe(pid);
         let before = probe_fds();
-        let points = [
-            UprobePoint {
-                file_offset: entry,
-                cookie: 1,
-            },
-            UprobePoint {
-                file_offset: entry,
-                cookie: 2,
-            },
-        ];
+        let points = two_points(entry, entry);
         symbols
             .attach_dispatch_at(&mut ebpf, pid, &exe, &points)
             .unwrap();
@@ -1225,24 +1235,10 @@ pub(crate) mod tests {
         let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
         let (sleeper, entry) = sleeper();
         let pid = sleeper.0.id();
-        let exe = Arc::new(
-            symbols::analyze(
-                &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
-                &crate::elf::DebugRoots::system(),
-            )
-            .unwrap(),
-        );
+        let exe = analyzed_exe(pid);
         let before = probe_fds();
-        let points = [
-            UprobePoint {
-                file_offset: entry,
-                cookie: 1,
-            },
-            UprobePoint {
-                file_offset: 1 << 40,
-                cookie: 2,
-            },
-        ];
+        // The second is past the end of the file.
+        let points = two_points(entry, 1 << 40);
         assert!(
             symbols
                 .attach_dispatch_at(&mut ebpf, pid, &exe, &points)
