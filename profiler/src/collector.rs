@@ -34,12 +34,14 @@ pub struct Counts {
 }
 
 fn delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
-    // A counter that went backwards (reset) contributes 0 rather than wrapping.
-    Some(now?.saturating_sub(base?))
+    // A counter that went backwards (reset) contributes 0 rather than wrapping. One that
+    // became available since `base` (a VM first seen before it opened /dev/kvm, its sources
+    // chosen again) counts from 0: every cumulative count starts there when the VM is watched.
+    Some(now?.saturating_sub(base.unwrap_or(0)))
 }
 
 impl Counts {
-    /// `self - base`, field by field; unavailable stays unavailable.
+    /// `self - base`, field by field; unavailable now stays unavailable.
     pub fn since(&self, base: &Counts) -> Counts {
         Counts {
             timer: delta(self.timer, base.timer),
@@ -499,6 +501,21 @@ mod tests {
         assert_eq!(c.index_at(61.0), 2);
         assert_eq!(c.start_of(2), 60.0);
         assert_eq!(c.end_of(2), 90.0);
+    }
+
+    /// A VM first seen before QEMU opened /dev/kvm has no read count until its sources are
+    /// chosen again; the kernel counted it since it was watched, so the window has it.
+    #[test]
+    fn a_count_that_becomes_available_counts_from_zero() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        let mut later = obs(&a, 10, 5);
+        later.counts.read = Some(42);
+        c.observe(5.0, &[later.clone()], NONE);
+        let closed = c.observe(10.0, &[later], NONE);
+        assert_eq!(closed[0].read, Some(42));
+        assert_eq!(closed[0].write, None, "still unavailable");
     }
 
     #[test]
