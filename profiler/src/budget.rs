@@ -82,7 +82,7 @@ impl DutyCycle {
     }
 }
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use profiler_common::kind;
 
@@ -173,6 +173,8 @@ struct BudgetedVm {
     block: u32,
     /// The block was set before any rate was known (the VM's first window).
     provisional: bool,
+    /// What scaling added to its closed windows so far.
+    added: EstimateAddition,
     periods: Vec<Period>,
 }
 
@@ -181,6 +183,8 @@ struct BudgetedVm {
 pub struct BudgetedVms {
     budget: OverheadBudget,
     vms: HashMap<u32, BudgetedVm>,
+    /// What VMs that exited at the last sample had added (kept one sample, for `serve`).
+    forgotten: HashMap<u32, EstimateAddition>,
 }
 
 impl BudgetedVms {
@@ -188,6 +192,7 @@ impl BudgetedVms {
         Self {
             budget,
             vms: HashMap::new(),
+            forgotten: HashMap::new(),
         }
     }
 
@@ -272,8 +277,10 @@ impl BudgetedVms {
         bounds: impl Fn(u64) -> (f64, f64),
         forget_before: f64,
     ) {
+        // What the last sample's exited VMs had added has been read by now.
+        self.forgotten.clear();
         for r in closed.iter_mut() {
-            let Some(vm) = self.vms.get(&r.vm.pid) else {
+            let Some(vm) = self.vms.get_mut(&r.vm.pid) else {
                 continue;
             };
             let (from, to) = bounds(r.window);
@@ -282,7 +289,8 @@ impl BudgetedVms {
             if on <= 0.0 || on >= r.seconds - 1e-3 {
                 continue;
             }
-            scale_record(r, on, vm.uprobed);
+            let added = scale_record(r, on, vm.uprobed);
+            vm.added.absorb(&added);
         }
         for vm in self.vms.values_mut() {
             vm.periods
@@ -292,7 +300,28 @@ impl BudgetedVms {
 
     /// Forgets an exited VM (after its last records are stamped).
     pub fn forget(&mut self, pid: u32) {
-        self.vms.remove(&pid);
+        if let Some(vm) = self.vms.remove(&pid)
+            && !vm.added.is_empty()
+        {
+            self.forgotten.insert(pid, vm.added);
+        }
+    }
+
+    /// What scaling has added to each VM's closed windows so far (VMs with any estimated
+    /// window): `(pid, exited at the last sample, addition)`.
+    pub fn additions(&self) -> Vec<(u32, bool, EstimateAddition)> {
+        let live = self
+            .vms
+            .iter()
+            .filter(|(_, v)| !v.added.is_empty())
+            .map(|(&pid, v)| (pid, false, v.added.clone()));
+        let gone = self
+            .forgotten
+            .iter()
+            .map(|(&pid, a)| (pid, true, a.clone()));
+        let mut out: Vec<_> = live.chain(gone).collect();
+        out.sort_by_key(|(pid, exited, _)| (*pid, *exited));
+        out
     }
 
     /// Every budgeted VM's measured hit rate and duty, by pid.
@@ -312,29 +341,78 @@ impl BudgetedVms {
     }
 }
 
-/// Scales the uprobe-served counts of `r`, probed for `on` of its seconds, to the window.
-pub fn scale_record(r: &mut WindowRecord, on: f64, uprobed: Uprobed) {
+/// What scaling added to a VM's closed windows (the estimate minus what was counted), per
+/// count: `serve` adds it to the kernel's cumulative counts, so its counters carry the
+/// estimates too (rising at each window's close).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EstimateAddition {
+    pub timer: u64,
+    pub fd_wakeups: u64,
+    pub read: u64,
+    pub write: u64,
+    /// By (device name, owner): (reads, writes).
+    pub devices: BTreeMap<(String, Option<String>), (u64, u64)>,
+    /// By callback name.
+    pub callbacks: BTreeMap<String, u64>,
+}
+
+impl EstimateAddition {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn absorb(&mut self, other: &EstimateAddition) {
+        self.timer += other.timer;
+        self.fd_wakeups += other.fd_wakeups;
+        self.read += other.read;
+        self.write += other.write;
+        for (k, (r, w)) in &other.devices {
+            let e = self.devices.entry(k.clone()).or_default();
+            e.0 += r;
+            e.1 += w;
+        }
+        for (k, n) in &other.callbacks {
+            *self.callbacks.entry(k.clone()).or_default() += n;
+        }
+    }
+}
+
+/// Scales the uprobe-served counts of `r`, probed for `on` of its seconds, to the window;
+/// returns what that added.
+pub fn scale_record(r: &mut WindowRecord, on: f64, uprobed: Uprobed) -> EstimateAddition {
     let secs = r.seconds;
-    let s = |n: u64| scale(n, on, secs);
+    let mut added = EstimateAddition::default();
+    // Scales `n`, adding the difference to `sum`.
+    let s = |n: u64, sum: &mut u64| {
+        let scaled = scale(n, on, secs);
+        *sum += scaled.saturating_sub(n);
+        scaled
+    };
     if uprobed.timer {
-        r.timer = r.timer.map(s);
-        r.fd_wakeups = r.fd_wakeups.map(s);
+        r.timer = r.timer.map(|n| s(n, &mut added.timer));
+        r.fd_wakeups = r.fd_wakeups.map(|n| s(n, &mut added.fd_wakeups));
     }
     if uprobed.read_write {
-        r.read = r.read.map(s);
-        r.write = r.write.map(s);
+        r.read = r.read.map(|n| s(n, &mut added.read));
+        r.write = r.write.map(|n| s(n, &mut added.write));
         for d in &mut r.devices {
-            d.read = s(d.read);
-            d.write = s(d.write);
+            let e = added
+                .devices
+                .entry((d.name.clone(), d.owner.clone()))
+                .or_default();
+            d.read = s(d.read, &mut e.0);
+            d.write = s(d.write, &mut e.1);
         }
     }
     if uprobed.callbacks {
         for t in &mut r.timers {
-            t.count = s(t.count);
+            let e = added.callbacks.entry(t.callback.clone()).or_default();
+            t.count = s(t.count, e);
         }
     }
     r.estimated = true;
     r.probed_seconds = Some((on * 1000.0).round() / 1000.0);
+    added
 }
 
 /// What the budget means here, for the user.
@@ -466,6 +544,20 @@ mod tests {
         assert!(r.estimated);
         assert_eq!(r.probed_seconds, Some(2.99));
         assert_eq!(r.timer, Some(401_338));
+        // What the estimate added is kept for counters (serve): scaled minus counted.
+        let added = |b: &BudgetedVms| b.additions();
+        assert_eq!(added(&b).len(), 1);
+        let (pid, exited, a) = &added(&b)[0];
+        assert_eq!(
+            (*pid, *exited, a.timer, a.fd_wakeups),
+            (1, false, 281_338, 0)
+        );
+        // An exited VM's addition is handed out once more, marked, then dropped.
+        b.forget(1);
+        assert!(added(&b)[0].1);
+        assert_eq!(added(&b)[0].2.timer, 281_338);
+        b.stamp(&mut [], |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0), 0.0);
+        assert!(added(&b).is_empty());
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct FleetState {
     pub maps: Vec<(&'static str, usize, u32)>,
     /// Updates each eBPF map refused because it was full, since the start.
     pub dropped: Vec<(&'static str, u64)>,
+    /// Under `--max-overhead`: what scaling added to each VM's closed windows, added to its
+    /// counters so they carry the estimates.
+    estimates: BTreeMap<VmKey, crate::budget::EstimateAddition>,
     ticks_per_second: u64,
 }
 
@@ -97,6 +100,22 @@ impl FleetState {
         }
         self.vms
             .retain(|_, vm| vm.exited_at.is_none_or(|at| t - at < grace));
+        self.estimates.retain(|key, _| self.vms.contains_key(key));
+    }
+
+    /// Folds in what the budget's scaling added so far, `(pid, exited at this sample,
+    /// addition)` (after [`Self::update`] of the same sample).
+    pub fn set_estimates(&mut self, additions: Vec<(u32, bool, crate::budget::EstimateAddition)>) {
+        for (pid, exited, added) in additions {
+            let key = self
+                .vms
+                .iter()
+                .find(|(k, vm)| k.pid == pid && vm.exited_at.is_some() == exited)
+                .map(|(k, _)| *k);
+            if let Some(key) = key {
+                self.estimates.insert(key, added);
+            }
+        }
     }
 
     pub fn vms(&self) -> impl Iterator<Item = &VmSeries> {
@@ -310,29 +329,37 @@ impl Collector for FleetCollector {
             "User + system CPU time of the VM's QEMU process.",
         )
         .seconds();
+        let none = crate::budget::EstimateAddition::default();
         for vm in state.vms() {
             let o = &vm.observation;
             let labels = vm_labels(&o.identity);
             let c = &o.counts;
+            // Counted, plus what the budget's estimates added to closed windows.
+            let add = state.estimates.get(&o.key).unwrap_or(&none);
             if let Some(n) = c.timer {
-                timer.push(labels.clone(), n);
+                timer.push(labels.clone(), n + add.timer);
             }
             if let Some(n) = c.fd_wakeups {
-                fd.push(labels.clone(), n);
+                fd.push(labels.clone(), n + add.fd_wakeups);
             }
             if available(&o.sources.read)
                 && let (Some(r), Some(w)) = (c.read, c.write)
             {
-                reads.push(labels.clone(), r);
-                writes.push(labels.clone(), w);
+                reads.push(labels.clone(), r + add.read);
+                writes.push(labels.clone(), w + add.write);
                 for (key, (r, w)) in &o.devices {
                     let owner = key.owner.as_deref().unwrap_or("");
                     let l = with(
                         labels.clone(),
                         &[("device", &key.name), ("device_type", owner)],
                     );
-                    device_reads.push(l.clone(), *r);
-                    device_writes.push(l, *w);
+                    let (ar, aw) = add
+                        .devices
+                        .get(&(key.name.clone(), key.owner.clone()))
+                        .copied()
+                        .unwrap_or_default();
+                    device_reads.push(l.clone(), *r + ar);
+                    device_writes.push(l, *w + aw);
                 }
             }
             if let Some(n) = c.in_kernel {
@@ -340,7 +367,8 @@ impl Collector for FleetCollector {
             }
             if available(&o.sources.timer_callbacks) {
                 for (name, n) in &o.callbacks {
-                    callbacks.push(with(labels.clone(), &[("callback", name)]), *n);
+                    let a = add.callbacks.get(name).copied().unwrap_or(0);
+                    callbacks.push(with(labels.clone(), &[("callback", name)]), *n + a);
                 }
             }
             if let Some(ticks) = c.cpu_ticks {
@@ -590,6 +618,55 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    /// Under a budget the counters carry what scaling added to closed windows; an exited VM
+    /// keeps its addition for its grace period, and a new VM reusing its PID does not get it.
+    #[test]
+    fn budget_estimates_are_added_to_the_counters() {
+        let state = state();
+        let mut added = crate::budget::EstimateAddition {
+            timer: 500,
+            read: 70,
+            ..Default::default()
+        };
+        added.devices.insert(("uhci".into(), None), (70, 0));
+        added.callbacks.insert("uhci_frame_timer".into(), 900);
+        state
+            .lock()
+            .unwrap()
+            .set_estimates(vec![(10, false, added.clone())]);
+        let text = openmetrics_text(&state);
+        for line in [
+            "qemu_profiler_timer_events_total{vm=\"noisy\",pid=\"10\"} 1500",
+            "qemu_profiler_fd_wakeups_total{vm=\"noisy\",pid=\"10\"} 10",
+            "qemu_profiler_reads_total{vm=\"noisy\",pid=\"10\"} 773",
+            "qemu_profiler_device_reads_total{vm=\"noisy\",pid=\"10\",device=\"uhci\"} 770",
+            "qemu_profiler_timer_callback_runs_total{vm=\"noisy\",pid=\"10\",callback=\"uhci_frame_timer\"} 9900",
+            "qemu_profiler_timer_events_total{vm=\"quiet",
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+        // It exits (its final counts, the addition handed out once more), and a new VM takes
+        // its PID: the addition stays with the exited one.
+        let mut s = state.lock().unwrap();
+        let mut gone = obs(10, "noisy", "usdt");
+        gone.counts.timer = Some(1100);
+        let mut new = obs(10, "fresh", "usdt");
+        new.key.start_ticks = 2;
+        s.update(1.0, &[new], &[gone], 300.0);
+        added.timer = 600;
+        s.set_estimates(vec![(10, true, added)]);
+        drop(s);
+        let text = openmetrics_text(&state);
+        assert!(
+            text.contains("qemu_profiler_timer_events_total{vm=\"noisy\",pid=\"10\"} 1700"),
+            "{text}"
+        );
+        assert!(
+            text.contains("qemu_profiler_timer_events_total{vm=\"fresh\",pid=\"10\"} 1000"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub trait SessionView {
     fn map_entries(&self) -> Vec<(&'static str, usize, u32)>;
     /// Updates each eBPF map refused because it was full, since the start.
     fn dropped(&self) -> Vec<(&'static str, u64)>;
+    /// Under a budget: what scaling added to each VM's closed windows so far.
+    fn estimate_additions(&self) -> Vec<(u32, bool, crate::budget::EstimateAddition)>;
 }
 
 impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
@@ -81,6 +83,9 @@ impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
     }
     fn dropped(&self) -> Vec<(&'static str, u64)> {
         Session::dropped(self)
+    }
+    fn estimate_additions(&self) -> Vec<(u32, bool, crate::budget::EstimateAddition)> {
+        Session::estimate_additions(self)
     }
 }
 

@@ -292,6 +292,14 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         self.budgeted.as_ref().map(|b| b.budget())
     }
 
+    /// Under a budget: what scaling has added to each VM's closed windows, `(pid, exited at
+    /// the last sample, addition)`, for counters that carry the estimates (`serve`).
+    pub fn estimate_additions(&self) -> Vec<(u32, bool, crate::budget::EstimateAddition)> {
+        self.budgeted
+            .as_ref()
+            .map_or_else(Vec::new, |b| b.additions())
+    }
+
     /// Under a budget: each VM seen by the last sample (by name) with its duty cycle.
     pub fn duty_cycles(&self) -> Vec<(String, crate::budget::DutyCycle)> {
         let Some(budgeted) = &self.budgeted else {

@@ -67,6 +67,40 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
     );
     let a = recorder(&[], &exact);
     let b = recorder(&["--max-overhead", "0.2"], &budgeted);
+    // serve under the same budget: its counters must carry the estimates, not only what was
+    // counted while probed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let serve = KillOnDrop(
+        profiler()
+            .args([
+                "serve",
+                "--window",
+                "5",
+                "--vm",
+                "e2e-budget",
+                "--max-overhead",
+                "0.2",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("profiler serve starts"),
+    );
+    let serve_started = std::time::Instant::now();
+    sleep(Duration::from_secs(31));
+    let scraped = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .expect("scrape")
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let served_for = serve_started.elapsed().as_secs_f64();
+    drop(serve);
     let out_b = b.wait_with_output().unwrap();
     let out_a = a.wait_with_output().unwrap();
     let stderr_b = String::from_utf8_lossy(&out_b.stderr);
@@ -126,6 +160,20 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
         );
         assert!(error < 0.10, "{what}: exact {e:.0}/s, estimated {b:.0}/s");
     }
+
+    // serve's counter: counted plus what scaling added to its closed windows (the running
+    // window, a second old, is still as counted).
+    let served: f64 = scraped
+        .lines()
+        .find(|l| l.starts_with("qemu_profiler_timer_events_total{vm=\"e2e-budget\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no timer counter for the guest:\n{scraped}"));
+    let expected = rate(&exact, |r| r.timer) * served_for;
+    eprintln!("serve under the budget: {served:.0} timer events, exact rate gives {expected:.0}");
+    assert!(
+        (served / expected - 1.0).abs() < 0.15,
+        "serve's counter {served:.0} vs {expected:.0} from the exact rate"
+    );
 
     // The budget's basis is the runs its probes counted: at least an entry and a return per
     // wait and one run per callback (the timer_mod probes add more), never a model of them.

@@ -128,6 +128,7 @@ impl SampleSink for Serve {
                 s.session.exits(),
                 self.exit_grace,
             );
+            fleet.set_estimates(s.session.estimate_additions());
             let cost = s.session.probe_cost();
             fleet.cost = ProfilerCost {
                 bpf_run_count: cost.run_count,
@@ -232,14 +233,6 @@ fn respond(req: &Request<Incoming>, fleet: &Arc<Mutex<FleetState>>) -> Response<
 }
 
 pub fn run(opts: ServeOptions) -> anyhow::Result<ExitCode> {
-    // The exported counters are the kernel's cumulative counts: under a duty cycle they would
-    // grow only while probed, and Prometheus' rate() would undercount silently. Only closed
-    // windows are scaled (record, top, check).
-    anyhow::ensure!(
-        opts.probe.max_overhead.is_none(),
-        "serve does not take --max-overhead yet: its counters would count only the probed part \
-         of each window; use it with record, top or check"
-    );
     let probes = EventProbes::load(opts.probe.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
