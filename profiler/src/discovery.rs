@@ -261,37 +261,48 @@ pub fn read_qemu_process(
     pid: u32,
     libvirt: &HashMap<u32, LibvirtDomain>,
 ) -> Option<QemuProcess> {
-    look_at_process(paths, pid, libvirt).ok()
+    match look_at_process(paths, pid, libvirt) {
+        Looked::Qemu(p) => Some(*p),
+        Looked::NoCommandLine | Looked::Other => None,
+    }
 }
 
-/// What a process that is not QEMU turned out to be.
-enum NotQemu {
+/// What a process turned out to be.
+enum Looked {
+    Qemu(Box<QemuProcess>),
     /// An empty command line and no executable: a kernel thread (or a zombie). Neither execs
     /// into QEMU in practice, so discovery looks at it again only now and then.
     NoCommandLine,
     Other,
 }
 
-fn look_at_process(
+fn look_at_process(paths: &HostPaths, pid: u32, libvirt: &HashMap<u32, LibvirtDomain>) -> Looked {
+    match read_qemu_process_inner(paths, pid, libvirt) {
+        Ok(p) => Looked::Qemu(Box::new(p)),
+        Err(looked) => looked,
+    }
+}
+
+fn read_qemu_process_inner(
     paths: &HostPaths,
     pid: u32,
     libvirt: &HashMap<u32, LibvirtDomain>,
-) -> Result<QemuProcess, NotQemu> {
+) -> Result<QemuProcess, Looked> {
     let dir = paths.proc_root.join(pid.to_string());
-    let argv = split_cmdline(&fs::read(dir.join("cmdline")).map_err(|_| NotQemu::Other)?);
+    let argv = split_cmdline(&fs::read(dir.join("cmdline")).map_err(|_| Looked::Other)?);
     let exe = fs::read_link(dir.join("exe")).unwrap_or_default();
     if argv.is_empty() && exe.as_os_str().is_empty() {
-        return Err(NotQemu::NoCommandLine);
+        return Err(Looked::NoCommandLine);
     }
     let argv0_is_qemu = argv.first().is_some_and(|a| is_qemu_binary(a));
     let exe_is_qemu = is_qemu_binary(&exe.to_string_lossy());
     if !(argv0_is_qemu || exe_is_qemu) {
-        return Err(NotQemu::Other);
+        return Err(Looked::Other);
     }
     let stat = fs::read_to_string(dir.join("stat"))
         .ok()
         .and_then(|text| parse_stat(&text))
-        .ok_or(NotQemu::Other)?;
+        .ok_or(Looked::Other)?;
     let cmdline = parse_cmdline(&argv);
     let accel = detect_accel(&cmdline, read_fd_targets(&dir).as_deref());
     let domain = libvirt.get(&pid).cloned();
@@ -414,20 +425,20 @@ pub fn scan_qemu_processes_cached(
         }
         let libvirt = libvirt.get_or_insert_with(|| libvirt_domains(&paths.libvirt_run));
         match look_at_process(paths, pid, libvirt) {
-            Ok(process) => {
+            Looked::Qemu(process) => {
                 seen.insert(
                     pid,
                     KnownProcess {
-                        process,
+                        process: *process,
                         reads,
                         stat: None,
                     },
                 );
             }
-            Err(NotQemu::NoCommandLine) => {
+            Looked::NoCommandLine => {
                 no_command_line.insert(pid, NO_COMMAND_LINE_RECHECK);
             }
-            Err(NotQemu::Other) => {}
+            Looked::Other => {}
         }
     }
     // Processes not seen any more have exited: forgotten (and their handles closed) with the
