@@ -226,11 +226,23 @@ impl Libvirtd {
                 }
                 // A stale socket of a daemon that is gone.
                 let _ = std::fs::remove_file(socket);
-                let status = std::process::Command::new(daemon)
-                    .arg("-d")
-                    .status()
-                    .unwrap_or_else(|e| panic!("{daemon} -d: {e}"));
-                assert!(status.success(), "{daemon} -d: {status}");
+                // An instance stopped by the previous test may still hold its pidfile lock
+                // while it shuts down; the new one then exits 1 at once. Try again briefly.
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let status = std::process::Command::new(daemon)
+                        .arg("-d")
+                        .status()
+                        .unwrap_or_else(|e| panic!("{daemon} -d: {e}"));
+                    if status.success() {
+                        break;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{daemon} -d: {status} (for 20 s)"
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
                 started.push(daemon.to_string());
             }
         }
@@ -254,7 +266,29 @@ impl Drop for Libvirtd {
                 .args(["-TERM", "-x", daemon])
                 .status();
         }
+        // Let them finish shutting down (a zombie counts as gone: nothing may reap it here),
+        // so the next test's daemons do not find the pidfile still locked.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline && self.started.iter().any(|d| live_process(d)) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
+}
+
+/// Whether a process named `comm` runs (not a zombie).
+fn live_process(comm: &str) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        let Some((head, tail)) = stat.rsplit_once(") ") else {
+            return false;
+        };
+        head.split_once(" (").is_some_and(|(_, name)| name == comm) && !tail.starts_with('Z')
+    })
 }
 
 /// `virsh -c qemu:///system ARGS`.
