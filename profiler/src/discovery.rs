@@ -261,48 +261,37 @@ pub fn read_qemu_process(
     pid: u32,
     libvirt: &HashMap<u32, LibvirtDomain>,
 ) -> Option<QemuProcess> {
-    match look_at_process(paths, pid, libvirt) {
-        Looked::Qemu(p) => Some(*p),
-        Looked::NoCommandLine | Looked::Other => None,
-    }
+    look_at_process(paths, pid, libvirt).ok()
 }
 
-/// What a process turned out to be.
-enum Looked {
-    Qemu(Box<QemuProcess>),
+/// What a process that is not QEMU turned out to be.
+enum NotQemu {
     /// An empty command line and no executable: a kernel thread (or a zombie). Neither execs
     /// into QEMU in practice, so discovery looks at it again only now and then.
     NoCommandLine,
     Other,
 }
 
-fn look_at_process(paths: &HostPaths, pid: u32, libvirt: &HashMap<u32, LibvirtDomain>) -> Looked {
-    match read_qemu_process_inner(paths, pid, libvirt) {
-        Ok(p) => Looked::Qemu(Box::new(p)),
-        Err(looked) => looked,
-    }
-}
-
-fn read_qemu_process_inner(
+fn look_at_process(
     paths: &HostPaths,
     pid: u32,
     libvirt: &HashMap<u32, LibvirtDomain>,
-) -> Result<QemuProcess, Looked> {
+) -> Result<QemuProcess, NotQemu> {
     let dir = paths.proc_root.join(pid.to_string());
-    let argv = split_cmdline(&fs::read(dir.join("cmdline")).map_err(|_| Looked::Other)?);
+    let argv = split_cmdline(&fs::read(dir.join("cmdline")).map_err(|_| NotQemu::Other)?);
     let exe = fs::read_link(dir.join("exe")).unwrap_or_default();
     if argv.is_empty() && exe.as_os_str().is_empty() {
-        return Err(Looked::NoCommandLine);
+        return Err(NotQemu::NoCommandLine);
     }
     let argv0_is_qemu = argv.first().is_some_and(|a| is_qemu_binary(a));
     let exe_is_qemu = is_qemu_binary(&exe.to_string_lossy());
     if !(argv0_is_qemu || exe_is_qemu) {
-        return Err(Looked::Other);
+        return Err(NotQemu::Other);
     }
     let stat = fs::read_to_string(dir.join("stat"))
         .ok()
         .and_then(|text| parse_stat(&text))
-        .ok_or(Looked::Other)?;
+        .ok_or(NotQemu::Other)?;
     let cmdline = parse_cmdline(&argv);
     let accel = detect_accel(&cmdline, read_fd_targets(&dir).as_deref());
     let domain = libvirt.get(&pid).cloned();
@@ -425,20 +414,20 @@ pub fn scan_qemu_processes_cached(
         }
         let libvirt = libvirt.get_or_insert_with(|| libvirt_domains(&paths.libvirt_run));
         match look_at_process(paths, pid, libvirt) {
-            Looked::Qemu(process) => {
+            Ok(process) => {
                 seen.insert(
                     pid,
                     KnownProcess {
-                        process: *process,
+                        process,
                         reads,
                         stat: None,
                     },
                 );
             }
-            Looked::NoCommandLine => {
+            Err(NotQemu::NoCommandLine) => {
                 no_command_line.insert(pid, NO_COMMAND_LINE_RECHECK);
             }
-            Looked::Other => {}
+            Err(NotQemu::Other) => {}
         }
     }
     // Processes not seen any more have exited: forgotten (and their handles closed) with the
