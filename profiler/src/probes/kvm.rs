@@ -237,32 +237,9 @@ pub fn attach(ebpf: &mut Ebpf, tracefs: &Path) -> anyhow::Result<()> {
 /// Drops the per-thread states and learned port classes of process `tgid` (call when it is
 /// unwatched; both maps are LRU, so stale entries also age out).
 pub fn forget_process(ebpf: &mut Ebpf, tgid: u32) -> anyhow::Result<()> {
-    let mut threads: BpfHashMap<&mut MapData, u32, KvmThreadState> = BpfHashMap::try_from(
-        ebpf.map_mut(THREADS_MAP)
-            .with_context(|| format!("map {THREADS_MAP} missing"))?,
-    )?;
-    let stale: Vec<u32> = threads
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, state)| state.tgid == tgid)
-        .map(|(tid, _)| tid)
-        .collect();
-    for tid in stale {
-        // Already gone (LRU eviction, concurrent removal) is fine.
-        let _ = threads.remove(&tid);
-    }
-    let mut ports: BpfHashMap<&mut MapData, PortKey, u32> = BpfHashMap::try_from(
-        ebpf.map_mut(PORTS_MAP)
-            .with_context(|| format!("map {PORTS_MAP} missing"))?,
-    )?;
-    let stale: Vec<PortKey> = ports
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|key| key.tgid == tgid)
-        .collect();
-    for key in stale {
-        let _ = ports.remove(&key);
-    }
+    use super::batch::remove_where;
+    remove_where::<u32, KvmThreadState>(ebpf, THREADS_MAP, |_, state| state.tgid == tgid);
+    remove_where::<PortKey, u32>(ebpf, PORTS_MAP, |key, _| key.tgid == tgid);
     Ok(())
 }
 

@@ -295,19 +295,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 fn forget_region_keys<V: aya::Pod>(ebpf: &mut Ebpf, map: &str, tgid: u32) {
-    if let Some(Ok(mut map)) = ebpf
-        .map_mut(map)
-        .map(BpfHashMap::<&mut MapData, RegionKey, V>::try_from)
-    {
-        let stale: Vec<RegionKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        for k in stale {
-            let _ = map.remove(&k);
-        }
-    }
+    batch::remove_where::<RegionKey, V>(ebpf, map, |k, _| k.tgid == tgid);
 }
 
 /// What serves one watched VM, kept to re-attach its uprobes after a pause.
@@ -411,14 +399,6 @@ impl EventProbes {
         )?)
     }
 
-    fn counters_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, CounterKey, u64>> {
-        Ok(BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("COUNTERS")
-                .context("map COUNTERS missing")?,
-        )?)
-    }
-
     /// Every counter, in a few syscalls.
     fn all_counters(&self) -> anyhow::Result<Vec<(CounterKey, u64)>> {
         let map = self.ebpf.map("COUNTERS").context("map COUNTERS missing")?;
@@ -426,19 +406,7 @@ impl EventProbes {
     }
 
     fn forget_counters(&mut self, tgid: u32) -> anyhow::Result<()> {
-        let stale: Vec<CounterKey> = self
-            .all_counters()?
-            .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.tgid == tgid)
-            .collect();
-        if stale.is_empty() {
-            return Ok(());
-        }
-        let mut map = self.counters_map()?;
-        for key in stale {
-            let _ = map.remove(&key);
-        }
+        batch::remove_where::<CounterKey, u64>(&mut self.ebpf, "COUNTERS", |k, _| k.tgid == tgid);
         Ok(())
     }
 
@@ -707,6 +675,7 @@ impl EventProbes {
     /// Clears the map entries of `pid` (it is not watched).
     fn forget_process(&mut self, pid: u32) -> anyhow::Result<()> {
         forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
+        forget_region_keys::<u64>(&mut self.ebpf, symbols::SEEN_CALLBACKS_MAP, pid);
         timers::forget_process(&mut self.ebpf, pid);
         self.kvm.forget(&mut self.ebpf, pid);
         self.forget_counters(pid)

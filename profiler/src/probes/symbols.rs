@@ -396,8 +396,7 @@ impl SymbolSource {
         Ok(())
     }
 
-    /// Every link of `pid`, to be closed in the background (the VM is gone); its discovered
-    /// callbacks are dropped.
+    /// Every link of `pid`, to be closed in the background (the VM is gone).
     pub fn take(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<super::detacher::Detach> {
         let mut taken = Vec::new();
         if let Some(process) = self.processes.remove(&pid) {
@@ -408,7 +407,8 @@ impl SymbolSource {
                 taken.extend(links.take(ebpf));
             }
         }
-        super::forget_region_keys::<u64>(ebpf, SEEN_CALLBACKS_MAP, pid);
+        // Its discovered callbacks are forgotten with its other map entries
+        // (`EventProbes::forget_process`), not here: at exit every VM is taken at once.
         taken
     }
 

@@ -117,21 +117,7 @@ pub const PENDING_MAP: &str = "PENDING";
 /// Drops the wait states of process `tgid`'s threads: a thread killed inside its wait never
 /// reaches the exit probe that would remove its entry.
 pub fn forget_process(ebpf: &mut Ebpf, tgid: u32) {
-    use aya::maps::{HashMap as BpfHashMap, MapData};
-    use profiler_common::PendingWait;
-    let Some(Ok(mut map)) = ebpf
-        .map_mut(PENDING_MAP)
-        .map(BpfHashMap::<&mut MapData, u32, PendingWait>::try_from)
-    else {
-        return;
-    };
-    let stale: Vec<u32> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, w)| w.tgid == tgid)
-        .map(|(tid, _)| tid)
-        .collect();
-    for tid in stale {
-        let _ = map.remove(&tid);
-    }
+    super::batch::remove_where::<u32, profiler_common::PendingWait>(ebpf, PENDING_MAP, |_, w| {
+        w.tgid == tgid
+    });
 }
