@@ -45,6 +45,9 @@ pub mod watch_flag {
     /// An overhead budget duty-cycles its uprobes: the wait and timer uprobe programs count
     /// their runs ([`super::kind::UPROBE_HIT`]).
     pub const COUNT_HITS: u32 = 2;
+    /// Its waits are counted by the hrtimer tracepoints (`--timer-source hrtimer`): the
+    /// sleep timers its wait syscalls arm, expired (a timer) or cancelled (woken earlier).
+    pub const WAITS_BY_HRTIMER: u32 = 4;
 }
 
 /// Which wait syscall a counter came from. Stored in [`CounterKey::id`] for wait counters.
@@ -109,17 +112,33 @@ pub const MAX_COUNTERS: u32 = 256 * SIZED_FOR_VMS;
 /// Maximum number of threads inside a wait at once.
 pub const MAX_PENDING: u32 = 65536;
 
+/// A watched thread asleep in a wait syscall with a finite timeout, by the address of the
+/// sleep timer it armed (hrtimer source): what the timer's expiry or cancel is counted for.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Sleeper {
+    pub tgid: u32,
+    /// One of [`wait_syscall`] (as u32).
+    pub syscall: u32,
+}
+
 /// Slots of the `DROPPED` array: updates a full map refused, per map.
 pub mod dropped {
     pub const COUNTERS: u32 = 0;
     pub const REGION_NAMES: u32 = 1;
     pub const PENDING: u32 = 2;
     pub const SEEN_CALLBACKS: u32 = 3;
+    pub const SLEEPERS: u32 = 4;
     /// Number of slots.
-    pub const SLOTS: u32 = 4;
+    pub const SLOTS: u32 = 5;
     /// Map name of each slot, for reports.
-    pub const NAMES: [&str; SLOTS as usize] =
-        ["COUNTERS", "REGION_NAMES", "PENDING", "SEEN_CALLBACKS"];
+    pub const NAMES: [&str; SLOTS as usize] = [
+        "COUNTERS",
+        "REGION_NAMES",
+        "PENDING",
+        "SEEN_CALLBACKS",
+        "SLEEPERS",
+    ];
 }
 
 /// How to fetch one USDT argument from the probe's registers, as libbpf's `usdt.bpf.h` does.
@@ -284,6 +303,7 @@ mod tests {
 mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::PendingWait {}
+    unsafe impl aya::Pod for super::Sleeper {}
     unsafe impl aya::Pod for super::UsdtArgSpec {}
     unsafe impl aya::Pod for super::UsdtSpec {}
     unsafe impl aya::Pod for super::RegionKey {}

@@ -730,7 +730,10 @@ mod tests {
         let hz = clock_ticks_per_second();
         // Half a second of a busy loop (the machine may be busy too: at least a tenth).
         assert!(after >= before + hz / 10, "{before} -> {after} ticks");
-        assert!(stat.abs_diff(after) <= hz / 10, "clock {after}, stat {stat}");
+        assert!(
+            stat.abs_diff(after) <= hz / 10,
+            "clock {after}, stat {stat}"
+        );
         // Exited (a zombie, not reaped yet, its PID still listed): gone at once.
         busy.0.kill().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -738,7 +741,10 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "still seen");
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(fs::metadata(format!("/proc/{pid}")).is_ok(), "not reaped yet");
+        assert!(
+            fs::metadata(format!("/proc/{pid}")).is_ok(),
+            "not reaped yet"
+        );
     }
 
     #[test]

@@ -565,6 +565,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         if timer_by(TimerSource::SyscallTracepoints) {
             live.push("syscall tracepoints (timer, fd)".to_string());
         }
+        if timer_by(TimerSource::HrtimerTracepoints) {
+            live.push("hrtimer tracepoints (timer, fd of timed waits)".to_string());
+        }
         let has = |source: ReadWriteSource| {
             self.watched
                 .values()

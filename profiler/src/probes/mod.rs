@@ -13,12 +13,14 @@
 pub mod batch;
 pub mod detacher;
 pub mod exe;
+pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;
 pub mod policy;
 pub mod refctr;
 pub mod symbols;
 pub mod timers;
+pub mod tracepoint_group;
 pub mod uprobes;
 pub mod usdt;
 
@@ -277,9 +279,9 @@ pub fn attach_tracepoint(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow:
     Ok(())
 }
 
-/// Removes every entry of process `tgid` from a map keyed by [`RegionKey`].
-/// The detacher's job key for the syscall tracepoints' links (no process has this pid).
+/// The detacher's job keys for the shared tracepoints' links (no process has these pids).
 const TRACEPOINTS_JOB: u32 = u32::MAX;
+const HRTIMER_TRACEPOINTS_JOB: u32 = u32::MAX - 1;
 
 /// Whether process `pid` still runs (a VM may exit while it is being attached to): a killed
 /// process lingers in /proc as a zombie, and an exiting one has no memory map (`exe`) left.
@@ -294,6 +296,7 @@ fn process_alive(pid: u32) -> bool {
         && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok()
 }
 
+/// Removes every entry of process `tgid` from a map keyed by [`RegionKey`].
 fn forget_region_keys<V: aya::Pod>(ebpf: &mut Ebpf, map: &str, tgid: u32) {
     batch::remove_where::<RegionKey, V>(ebpf, map, |k, _| k.tgid == tgid);
 }
@@ -327,6 +330,7 @@ pub struct EventProbes {
     watched: HashSet<u32>,
     libc: LibcWaitSource,
     syscall_waits: SyscallWaits,
+    hrtimer_waits: hrtimers::HrtimerWaits,
     usdt: UsdtSource,
     symbols: SymbolSource,
     kvm: KvmSource,
@@ -360,7 +364,8 @@ impl EventProbes {
         raise_fd_limit();
         let tracefs = crate::tracefs::ensure_tracefs()?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
-        let syscall_waits = SyscallWaits::load(&mut ebpf)?;
+        let syscall_waits = timers::load(&mut ebpf)?;
+        let hrtimer_waits = hrtimers::HrtimerWaits::load(&mut ebpf, &tracefs);
         let libc = LibcWaitSource::load(&mut ebpf)?;
         let usdt = UsdtSource::load(&mut ebpf)?;
         let symbols = SymbolSource::load(&mut ebpf)?;
@@ -374,6 +379,7 @@ impl EventProbes {
             watched: HashSet::new(),
             libc,
             syscall_waits,
+            hrtimer_waits,
             usdt,
             symbols,
             kvm,
@@ -546,6 +552,15 @@ impl EventProbes {
                                 .inspect_err(|_| self.release_syscall_waits(pid))
                         })
                 }
+                TimerSource::HrtimerTracepoints => {
+                    self.detacher.wait_for(HRTIMER_TRACEPOINTS_JOB);
+                    self.hrtimer_waits
+                        .acquire(&mut self.ebpf, pid)
+                        .and_then(|()| {
+                            self.set_watch_flags(pid, watch_flag::WAITS_BY_HRTIMER)
+                                .inspect_err(|_| self.release_hrtimer_waits(pid))
+                        })
+                }
             }
             .map_err(|e| format!("{e:#}"));
             let attached = result.is_ok();
@@ -584,10 +599,19 @@ impl EventProbes {
         }
     }
 
+    /// Stops counting `pid` by the hrtimer tracepoints.
+    fn release_hrtimer_waits(&mut self, pid: u32) {
+        let links = self.hrtimer_waits.release(&mut self.ebpf, pid);
+        if !links.is_empty() {
+            self.detacher.submit(HRTIMER_TRACEPOINTS_JOB, links);
+        }
+    }
+
     /// Stops counting `pid`'s waits, whichever source did.
     fn detach_timer(&mut self, pid: u32) {
         self.libc.detach(&mut self.ebpf, pid);
         self.release_syscall_waits(pid);
+        self.release_hrtimer_waits(pid);
         if self.watched.contains(&pid) {
             let _ = self.set_watch_flags(pid, 0);
         }
@@ -677,6 +701,7 @@ impl EventProbes {
         forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
         forget_region_keys::<u64>(&mut self.ebpf, symbols::SEEN_CALLBACKS_MAP, pid);
         timers::forget_process(&mut self.ebpf, pid);
+        hrtimers::forget_process(&mut self.ebpf, pid);
         self.kvm.forget(&mut self.ebpf, pid);
         self.forget_counters(pid)
     }
@@ -699,6 +724,7 @@ impl EventProbes {
         self.symbols.detach_all(&mut self.ebpf);
         self.libc.detach_all(&mut self.ebpf);
         self.syscall_waits.detach_all(&mut self.ebpf);
+        self.hrtimer_waits.detach_all(&mut self.ebpf);
     }
 }
 
@@ -854,6 +880,11 @@ impl ProbeLayer for EventProbes {
                 MAX_PENDING,
             ),
             (
+                "SLEEPERS",
+                count_entries::<u64, profiler_common::Sleeper>(e, hrtimers::SLEEPERS_MAP),
+                MAX_PENDING,
+            ),
+            (
                 "REGION_NAMES",
                 count_entries::<RegionKey, RegionName>(e, "REGION_NAMES"),
                 MAX_REGION_NAMES,
@@ -886,6 +917,7 @@ impl ProbeLayer for EventProbes {
         // VM needs them: usable either way.
         vec![
             ("syscall-tracepoints", Ok(())),
+            ("hrtimer-tracepoints", self.hrtimer_waits.status()),
             ("kvm-tracepoints", self.kvm.status().clone()),
         ]
     }

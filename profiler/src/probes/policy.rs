@@ -39,6 +39,9 @@ pub enum TimerSource {
     /// The `syscalls:sys_{enter,exit}_*` tracepoints of the wait syscalls: any QEMU, but while
     /// attached every syscall of every task on the host takes the slow path.
     SyscallTracepoints,
+    /// The `timer:hrtimer_*` tracepoints of the sleep timers its waits arm: no trap in the
+    /// QEMU, nothing for syscalls; fd wakeups only of waits that armed a timer.
+    HrtimerTracepoints,
 }
 
 impl TimerSource {
@@ -47,6 +50,7 @@ impl TimerSource {
         match self {
             TimerSource::LibcUprobes => "libc-uprobes",
             TimerSource::SyscallTracepoints => "syscall",
+            TimerSource::HrtimerTracepoints => "hrtimer",
         }
     }
 }
@@ -62,6 +66,10 @@ pub enum TimerChoice {
     Libc,
     /// The syscall tracepoints for every QEMU.
     Syscall,
+    /// The hrtimer tracepoints for every QEMU: timer wakeups exact at the least cost to
+    /// QEMU and the host; fd wakeups only where they end a wait with a finite timeout
+    /// (docs/events.md).
+    Hrtimer,
 }
 
 /// Why a VM's QEMU gives no read/write counts without a better build.
@@ -237,6 +245,7 @@ pub fn timer_plan(
         (TimerChoice::Auto, Ok(())) => (vec![LibcUprobes, SyscallTracepoints], None),
         (TimerChoice::Auto, Err(_)) | (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
         (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes], None),
+        (TimerChoice::Hrtimer, _) => (vec![HrtimerTracepoints], None),
         (TimerChoice::Libc, Err(why)) => (
             Vec::new(),
             Some(format!(
@@ -635,7 +644,7 @@ mod tests {
     }
 
     #[test]
-    fn timer_source_libc_first_syscall_tracepoints_as_fallback() {
+    fn timer_source_libc_first_syscall_tracepoints_as_fallback_hrtimer_on_request() {
         use TimerSource::*;
         let no_libc: Result<(), String> = Err("no C library mapped".into());
         assert_eq!(
@@ -651,6 +660,15 @@ mod tests {
             [SyscallTracepoints]
         );
         assert_eq!(timer_plan(&Ok(()), TimerChoice::Libc).0, [LibcUprobes]);
+        // The hrtimer tracepoints serve any process, only when asked for, without fallback
+        // (a silent switch would change what fd_wakeups means).
+        for libc in [Ok(()), no_libc.clone()] {
+            assert_eq!(
+                timer_plan(&libc, TimerChoice::Hrtimer),
+                (vec![HrtimerTracepoints], None)
+            );
+        }
+        assert_eq!(HrtimerTracepoints.label(), "hrtimer");
         let (none, why) = timer_plan(&no_libc, TimerChoice::Libc);
         assert!(none.is_empty());
         assert_eq!(

@@ -1,0 +1,116 @@
+//! Timer vs fd wakeups from the sleep timers of QEMU's waits (`--timer-source hrtimer`).
+//!
+//! A wait syscall with a finite timeout (`ppoll`, `epoll_pwait`, `epoll_pwait2`) arms an
+//! on-stack hrtimer whose function is `hrtimer_wakeup`, in the waiting thread's context
+//! (`timer:hrtimer_start`). The timer then either expires (`timer:hrtimer_expire_entry`, in
+//! interrupt context: the deadline woke the thread, a `timer` event) or is cancelled while
+//! still queued (`timer:hrtimer_cancel`: something else woke it first, an fd, counted as an
+//! fd wakeup). Nothing runs for other syscalls, and a process that arms no timer pays nothing;
+//! the price is that a wait that arms no timer is not seen (zero and infinite timeouts, an fd
+//! ready at entry), so fd wakeups are partial.
+//!
+//! Tracepoint layouts (tracefs `events/timer/*/format`, checked by userspace at load):
+//! `hrtimer_start`: hrtimer @8, function @16; `hrtimer_expire_entry` and `hrtimer_cancel`:
+//! hrtimer @8.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap},
+    programs::TracePointContext,
+};
+use profiler_common::{CounterKey, MAX_PENDING, Sleeper, dropped, kind, wait_syscall, watch_flag};
+
+use crate::maps::{count, current_ids, note_insert, watch_flags};
+
+const HRTIMER: usize = 8;
+const START_FUNCTION: usize = 16;
+/// `offsetof(struct pt_regs, orig_ax)` on x86-64: the number of the syscall in progress.
+const PT_REGS_ORIG_AX: usize = 120;
+/// x86-64 syscall numbers of the waits QEMU's event loops make with a timeout.
+const NR_PPOLL: u64 = 271;
+const NR_EPOLL_PWAIT: u64 = 281;
+const NR_EPOLL_PWAIT2: u64 = 441;
+
+/// The address of the kernel's `hrtimer_wakeup` (slot 0), written by userspace from
+/// `/proc/kallsyms`: the function of every sleep timer.
+#[map]
+pub static HRTIMER_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Armed sleep timers of watched threads in a wait syscall, by the timer's address.
+#[map]
+pub static SLEEPERS: HashMap<u64, Sleeper> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+/// The syscall the current task is in (`orig_ax` of its user registers), if readable.
+#[inline(always)]
+fn current_syscall() -> Option<u64> {
+    // SAFETY: helpers of tracing programs; the task's saved registers are read with
+    // bpf_probe_read_kernel, which validates the address.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        bpf_probe_read_kernel(regs.add(PT_REGS_ORIG_AX) as *const u64).ok()
+    }
+}
+
+#[tracepoint]
+pub fn hrtimer_start(ctx: TracePointContext) -> u32 {
+    let (tgid, _) = current_ids();
+    let Some(flags) = watch_flags(tgid) else {
+        return 0;
+    };
+    if flags & watch_flag::WAITS_BY_HRTIMER == 0 {
+        return 0;
+    }
+    // SAFETY: fields of the tracepoint record at the offsets userspace checked.
+    let (timer, function) = unsafe {
+        (
+            ctx.read_at::<u64>(HRTIMER).unwrap_or(0),
+            ctx.read_at::<u64>(START_FUNCTION).unwrap_or(0),
+        )
+    };
+    // Only sleep timers: an interrupt can arm other timers while this task is current.
+    if timer == 0 || HRTIMER_WAKEUP.get(0).copied() != Some(function) {
+        return 0;
+    }
+    // Only the event loops' waits: futex and nanosleep timeouts arm the same kind of timer.
+    let syscall = match current_syscall() {
+        Some(NR_PPOLL) => wait_syscall::PPOLL,
+        Some(NR_EPOLL_PWAIT) => wait_syscall::EPOLL_PWAIT,
+        Some(NR_EPOLL_PWAIT2) => wait_syscall::EPOLL_PWAIT2,
+        _ => return 0,
+    };
+    let sleeper = Sleeper {
+        tgid,
+        syscall: syscall as u32,
+    };
+    note_insert(dropped::SLEEPERS, SLEEPERS.insert(timer, sleeper, 0));
+    0
+}
+
+/// Counts the end of an armed sleep timer as `kind`, if it is one of ours.
+#[inline(always)]
+fn ended(ctx: &TracePointContext, kind: u32) -> u32 {
+    // SAFETY: field of the tracepoint record at the offset userspace checked.
+    let timer = unsafe { ctx.read_at::<u64>(HRTIMER).unwrap_or(0) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(sleeper) = (unsafe { SLEEPERS.get(timer) }).copied() else {
+        return 0;
+    };
+    let _ = SLEEPERS.remove(timer);
+    count(&CounterKey {
+        tgid: sleeper.tgid,
+        kind,
+        id: u64::from(sleeper.syscall),
+    });
+    0
+}
+
+#[tracepoint]
+pub fn hrtimer_expire_entry(ctx: TracePointContext) -> u32 {
+    ended(&ctx, kind::TIMER)
+}
+
+#[tracepoint]
+pub fn hrtimer_cancel(ctx: TracePointContext) -> u32 {
+    ended(&ctx, kind::FD_WAKEUP)
+}

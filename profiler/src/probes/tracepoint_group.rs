@@ -1,0 +1,109 @@
+//! A set of host-wide tracepoint programs shared by the VMs that need them: attached when the
+//! first user comes (all or none), detached when the last one goes. The wait-syscall
+//! tracepoints tax every syscall on the host while attached, the hrtimer ones every timer, so
+//! neither stays attached for nobody.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{TracePoint, trace_point::TracePointLinkId},
+};
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut TracePoint> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF program {name} missing from the object"))?
+        .try_into()?)
+}
+
+/// Tracepoints of one category, each served by the program of the same name.
+#[derive(Debug)]
+pub struct TracepointGroup {
+    category: &'static str,
+    programs: Vec<String>,
+    /// (program, link) of every tracepoint, when attached.
+    links: Vec<(String, TracePointLinkId)>,
+    /// The VMs counted by them.
+    users: BTreeSet<u32>,
+}
+
+impl TracepointGroup {
+    /// Loads the programs (verifying them now, so a later attach cannot fail on that).
+    pub fn load(
+        ebpf: &mut Ebpf,
+        category: &'static str,
+        programs: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        for name in &programs {
+            program(ebpf, name)?
+                .load()
+                .with_context(|| format!("loading eBPF program {name}"))?;
+        }
+        Ok(Self {
+            category,
+            programs,
+            links: Vec::new(),
+            users: BTreeSet::new(),
+        })
+    }
+
+    /// Counts `pid`: attaches every tracepoint if none is (all or none).
+    pub fn acquire(&mut self, ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
+        if self.links.is_empty() {
+            for name in self.programs.clone() {
+                let attached = program(ebpf, &name).and_then(|p| {
+                    p.attach(self.category, &name).with_context(|| {
+                        format!("attaching to tracepoint {}:{name}", self.category)
+                    })
+                });
+                match attached {
+                    Ok(link) => self.links.push((name, link)),
+                    Err(e) => {
+                        self.detach_all(ebpf);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.users.insert(pid);
+        Ok(())
+    }
+
+    /// Stops counting `pid`; the last user takes the tracepoint links with it, to be closed
+    /// off the sampling thread (each close waits for the kernel's grace periods: seconds
+    /// here, during which a perf_event_open elsewhere waits too).
+    #[must_use = "closing the returned links detaches the tracepoints"]
+    pub fn release(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<super::detacher::Detach> {
+        if !(self.users.remove(&pid) && self.users.is_empty()) {
+            return Vec::new();
+        }
+        let mut taken: Vec<super::detacher::Detach> = Vec::new();
+        for (name, link) in self.links.drain(..) {
+            if let Ok(p) = program(ebpf, &name)
+                && let Ok(link) = p.take_link(link)
+            {
+                taken.push(Box::new(link));
+            }
+        }
+        taken
+    }
+
+    pub fn is_attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        for (name, link) in self.links.drain(..) {
+            if let Ok(p) = program(ebpf, &name) {
+                let _ = p.detach(link);
+            }
+        }
+        self.users.clear();
+    }
+}
