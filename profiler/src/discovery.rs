@@ -5,7 +5,7 @@
 //! a new QEMU is a new VM.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -52,8 +52,9 @@ pub struct QemuProcess {
     /// second was a measurable share of the collector's cost at hundreds of VMs.
     pub identity: Arc<VmIdentity>,
     pub cmdline: Arc<ParsedCmdline>,
-    /// The executable, as `/proc/PID/exe` points to it (may end in " (deleted)").
-    pub exe: PathBuf,
+    /// The executable, as `/proc/PID/exe` points to it (may end in " (deleted)"); shared
+    /// like the identity.
+    pub exe: Arc<Path>,
     pub cpu: CpuTicks,
 }
 
@@ -405,7 +406,7 @@ fn look_at_process(
             libvirt: domain,
         }),
         cmdline: Arc::new(cmdline),
-        exe,
+        exe: exe.into(),
         cpu: stat.cpu,
     })
 }
@@ -472,15 +473,50 @@ pub fn scan_qemu_processes_cached(
     let Ok(entries) = fs::read_dir(&paths.proc_root) else {
         return Vec::new();
     };
-    let mut libvirt: Option<HashMap<u32, LibvirtDomain>> = None;
-    let mut seen = HashMap::new();
-    let mut no_command_line = HashMap::new();
-    for pid in entries
+    let pids = entries
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-    {
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    scan_pids(paths, cache, pids, None)
+}
+
+/// Like [`scan_qemu_processes_cached`], but looks only at the QEMUs already known and at the
+/// PIDs in `execs` (the processes that exec'd since the last scan: a new QEMU is always one
+/// of them), not at every process on the host. A known QEMU's exit must show without a look
+/// at `/proc`: only for [`HostPaths::process_clocks`] (pidfds); otherwise a full scan.
+pub fn scan_qemu_processes_hinted(
+    paths: &HostPaths,
+    cache: &mut DiscoveryCache,
+    execs: &[u32],
+) -> Vec<QemuProcess> {
+    if !paths.process_clocks {
+        return scan_qemu_processes_cached(paths, cache);
+    }
+    let execs: HashSet<u32> = execs.iter().copied().collect();
+    let mut pids: Vec<u32> = cache.known.keys().chain(&execs).copied().collect();
+    pids.sort_unstable();
+    pids.dedup();
+    scan_pids(paths, cache, pids.into_iter(), Some(&execs))
+}
+
+/// Looks at `pids`: every process (`execs` is `None`: a full scan) or the known QEMUs and
+/// the PIDs that exec'd.
+fn scan_pids(
+    paths: &HostPaths,
+    cache: &mut DiscoveryCache,
+    pids: impl Iterator<Item = u32>,
+    execs: Option<&HashSet<u32>>,
+) -> Vec<QemuProcess> {
+    let mut libvirt: Option<HashMap<u32, LibvirtDomain>> = None;
+    // Rebuilt each refresh: sized as last time, so that they do not grow (rehash) again.
+    let mut seen = HashMap::with_capacity(cache.known.len());
+    let mut no_command_line = HashMap::with_capacity(cache.no_command_line.len());
+    for pid in pids {
         let mut reads = 1;
-        if let Some(mut known) = cache.known.remove(&pid) {
+        // A known QEMU that exec'd runs another program now: looked at anew.
+        let exec_d = execs.is_some_and(|e| e.contains(&pid));
+        if let Some(mut known) = cache.known.remove(&pid)
+            && !exec_d
+        {
             // Settled, with a clock: the exit check follows, for all of them at once.
             if let Some(cpu) = known.clock.as_ref().and_then(ProcessClock::read) {
                 known.process.cpu = cpu;
@@ -511,7 +547,8 @@ pub fn scan_qemu_processes_cached(
                 reads = known.reads + 1;
             }
         }
-        if let Some(left) = cache.no_command_line.get(&pid)
+        if execs.is_none()
+            && let Some(left) = cache.no_command_line.get(&pid)
             && *left > 0
         {
             no_command_line.insert(pid, left - 1);
@@ -555,7 +592,10 @@ pub fn scan_qemu_processes_cached(
     // Processes not seen any more have exited: forgotten (and their handles closed) with the
     // old maps.
     cache.known = seen;
-    cache.no_command_line = no_command_line;
+    // A hinted scan did not visit the kernel threads: their countdowns stay.
+    if execs.is_none() {
+        cache.no_command_line = no_command_line;
+    }
     let mut found: Vec<QemuProcess> = cache.known.values().map(|k| k.process.clone()).collect();
     found.sort_by_key(|p| p.key.pid);
     found
@@ -745,6 +785,63 @@ mod tests {
             fs::metadata(format!("/proc/{pid}")).is_ok(),
             "not reaped yet"
         );
+    }
+
+    #[test]
+    fn a_hinted_scan_looks_only_at_known_qemus_and_processes_that_exec_d() {
+        use std::os::unix::process::CommandExt as _;
+        struct Child(std::process::Child);
+        impl Drop for Child {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Child(
+            std::process::Command::new("sleep")
+                .arg0("qemu-system-x86_64")
+                .arg("30")
+                .spawn()
+                .unwrap(),
+        );
+        let pid = child.0.id();
+        let paths = HostPaths::default();
+        let mut cache = DiscoveryCache::default();
+        let has = |found: Vec<QemuProcess>| found.iter().any(|p| p.key.pid == pid);
+        // Until it has exec'd sleep, it is the test binary: wait for the exec.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| !c.starts_with(b"qemu")) {
+            assert!(std::time::Instant::now() < deadline, "never exec'd");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Not known and not among the execs: not looked at.
+        assert!(!has(scan_qemu_processes_hinted(&paths, &mut cache, &[])));
+        // Among them: found, then known.
+        assert!(has(scan_qemu_processes_hinted(&paths, &mut cache, &[pid])));
+        for _ in 0..=FULL_READS {
+            assert!(has(scan_qemu_processes_hinted(&paths, &mut cache, &[])));
+        }
+        assert!(cache.known[&pid].clock.is_some(), "settled on its clock");
+        // Exited (a zombie until reaped): gone without a look at /proc.
+        child.0.kill().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while has(scan_qemu_processes_hinted(&paths, &mut cache, &[])) {
+            assert!(std::time::Instant::now() < deadline, "still seen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A fake tree has no pidfds: a hinted scan is a full one there.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("42");
+        fs::create_dir_all(d.join("fd")).unwrap();
+        fs::write(d.join("cmdline"), b"qemu-system-x86_64\0").unwrap();
+        fs::write(
+            d.join("stat"),
+            "42 (q) S 1 1 1 0 -1 0 0 0 0 0 1 0 0 0 20 0 1 0 7 0 0",
+        )
+        .unwrap();
+        let fake = HostPaths::fake(dir.path().into(), dir.path().join("none"));
+        let found = scan_qemu_processes_hinted(&fake, &mut DiscoveryCache::default(), &[]);
+        assert_eq!(found.len(), 1);
     }
 
     #[test]

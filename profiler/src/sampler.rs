@@ -262,7 +262,7 @@ mod tests {
                 }
                 .into(),
                 cmdline: ParsedCmdline::default().into(),
-                exe: "/usr/bin/qemu-system-x86_64".into(),
+                exe: std::path::Path::new("/usr/bin/qemu-system-x86_64").into(),
                 cpu: CpuTicks::default(),
             }]
         }

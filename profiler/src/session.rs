@@ -12,7 +12,7 @@ use crate::{
     collector::{Collector, FinalCounts, HostWindows, RunningWindow, VmObservation, WindowClock},
     discovery::{
         DiscoveryCache, HostCpu, HostPaths, QemuProcess, VmKey, read_host_cpu,
-        scan_qemu_processes_cached,
+        scan_qemu_processes_cached, scan_qemu_processes_hinted,
     },
     names::{Note, VmNameCache},
     probes::{
@@ -71,6 +71,12 @@ impl VmFilter {
 pub trait Discover {
     /// Every QEMU process running now.
     fn scan(&mut self) -> Vec<QemuProcess>;
+    /// The same, told which PIDs exec'd since the last scan (`None`: not known), so that it
+    /// need not look at every process.
+    fn scan_hinted(&mut self, execs: Option<Vec<u32>>) -> Vec<QemuProcess> {
+        let _ = execs;
+        self.scan()
+    }
     /// The host's CPU time so far (`None`: not known).
     fn host_cpu(&mut self) -> Option<HostCpu> {
         None
@@ -82,11 +88,32 @@ pub trait Discover {
 pub struct ProcDiscovery {
     paths: HostPaths,
     cache: DiscoveryCache,
+    /// Scans since the last full one.
+    since_full: u32,
 }
+
+/// A hinted scan trusts the exec hints and pidfds; every this many scans, one looks at all of
+/// `/proc` anyway (a process the hints missed would be found this much later).
+const FULL_SCAN_EVERY: u32 = 30;
 
 impl Discover for ProcDiscovery {
     fn scan(&mut self) -> Vec<QemuProcess> {
+        self.since_full = 0;
         scan_qemu_processes_cached(&self.paths, &mut self.cache)
+    }
+    fn scan_hinted(&mut self, execs: Option<Vec<u32>>) -> Vec<QemuProcess> {
+        match execs {
+            // The first scan is a full one (since_full starts at 0 only after it).
+            Some(execs) if self.since_full > 0 && self.since_full < FULL_SCAN_EVERY => {
+                self.since_full += 1;
+                scan_qemu_processes_hinted(&self.paths, &mut self.cache, &execs)
+            }
+            _ => {
+                let found = self.scan();
+                self.since_full = 1;
+                found
+            }
+        }
     }
     fn host_cpu(&mut self) -> Option<HostCpu> {
         read_host_cpu(&self.paths)
@@ -358,9 +385,10 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
     /// Samples every VM at `t` seconds since the start.
     pub fn sample(&mut self, t: f64) -> anyhow::Result<SampleReport> {
         let filter = &self.filter;
+        let execs = self.probes.take_execs();
         let procs: Vec<QemuProcess> = self
             .discovery
-            .scan()
+            .scan_hinted(execs)
             .into_iter()
             .filter(|p| filter.matches(p))
             .collect();
@@ -760,7 +788,7 @@ mod tests {
             }
             .into(),
             cmdline: ParsedCmdline::default().into(),
-            exe: "/usr/bin/qemu-system-x86_64".into(),
+            exe: std::path::Path::new("/usr/bin/qemu-system-x86_64").into(),
             cpu: CpuTicks::default(),
         }
     }

@@ -1,3 +1,4 @@
+pub mod execs;
 pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;

@@ -13,6 +13,7 @@
 pub mod batch;
 pub mod detacher;
 pub mod exe;
+pub mod execs;
 pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;
@@ -170,6 +171,11 @@ pub trait ProbeLayer {
     /// Seconds one uprobe hit costs the probed thread on this host, measured.
     fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
         anyhow::bail!("this probe layer cannot measure uprobe costs")
+    }
+    /// The PIDs that exec'd since the last call, for discovery (`None`: not watched, or
+    /// some were lost).
+    fn take_execs(&mut self) -> Option<Vec<u32>> {
+        None
     }
 }
 
@@ -348,6 +354,10 @@ pub struct EventProbes {
     loaded_at: std::time::Instant,
     /// Watch flags every process gets: under a budget its uprobe runs are counted.
     base_flags: u32,
+    /// Region names read from `REGION_NAMES`, by process and region.
+    region_labels: HashMap<u32, HashMap<u64, RegionLabel>>,
+    /// Exec events for discovery, or why there are none (discovery then reads all of /proc).
+    execs: Result<execs::ExecWatch, String>,
 }
 
 impl EventProbes {
@@ -371,6 +381,7 @@ impl EventProbes {
         let symbols = SymbolSource::load(&mut ebpf)?;
         // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
         let kvm = KvmSource::attach(&mut ebpf, &tracefs);
+        let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
         Ok(Self {
             ebpf,
             catalog: ExeCatalog::new(debug_roots),
@@ -394,6 +405,8 @@ impl EventProbes {
             } else {
                 0
             },
+            region_labels: HashMap::new(),
+            execs,
         })
     }
 
@@ -699,6 +712,7 @@ impl EventProbes {
     /// Clears the map entries of `pid` (it is not watched).
     fn forget_process(&mut self, pid: u32) -> anyhow::Result<()> {
         forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
+        self.region_labels.remove(&pid);
         forget_region_keys::<u64>(&mut self.ebpf, symbols::SEEN_CALLBACKS_MAP, pid);
         timers::forget_process(&mut self.ebpf, pid);
         hrtimers::forget_process(&mut self.ebpf, pid);
@@ -774,6 +788,10 @@ impl ProbeLayer for EventProbes {
         Vec::new()
     }
 
+    fn take_execs(&mut self) -> Option<Vec<u32>> {
+        self.execs.as_mut().ok()?.drain(&self.ebpf)
+    }
+
     fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
         let mut out: HashMap<u32, RawCounters> = HashMap::new();
         for (key, value) in self.all_counters()? {
@@ -783,15 +801,35 @@ impl ProbeLayer for EventProbes {
                 .entry((key.kind, key.id))
                 .or_default() += value;
         }
-        if let Some(Ok(names)) = self
-            .ebpf
-            .map("REGION_NAMES")
-            .map(batch::read_hash::<RegionKey, RegionName>)
+        // A region's name is written once, before or just after its first count: the map
+        // is read again only when a counted region has no name yet (a full read scans every
+        // bucket, a fixed cost each refresh however few regions there are).
+        let unnamed = out.iter().any(|(tgid, c)| {
+            let known = self.region_labels.get(tgid);
+            c.by_key.keys().any(|&(kind, id)| {
+                (kind == profiler_common::kind::READ || kind == profiler_common::kind::WRITE)
+                    && !known.is_some_and(|k| k.contains_key(&id))
+            })
+        });
+        if unnamed
+            && let Some(Ok(names)) = self
+                .ebpf
+                .map("REGION_NAMES")
+                .map(batch::read_hash::<RegionKey, RegionName>)
         {
             for (key, name) in names {
-                if let Some(c) = out.get_mut(&key.tgid) {
-                    c.regions.insert(key.region, region_label(&name));
+                if self.watched.contains(&key.tgid) {
+                    self.region_labels
+                        .entry(key.tgid)
+                        .or_default()
+                        .entry(key.region)
+                        .or_insert_with(|| region_label(&name));
                 }
+            }
+        }
+        for (tgid, c) in &mut out {
+            if let Some(labels) = self.region_labels.get(tgid) {
+                c.regions.clone_from(labels);
             }
         }
         Ok(out)
@@ -918,6 +956,10 @@ impl ProbeLayer for EventProbes {
         vec![
             ("syscall-tracepoints", Ok(())),
             ("hrtimer-tracepoints", self.hrtimer_waits.status()),
+            (
+                "exec-tracepoint",
+                self.execs.as_ref().map(|_| ()).map_err(Clone::clone),
+            ),
             ("kvm-tracepoints", self.kvm.status().clone()),
         ]
     }

@@ -14,10 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{
-    Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
-};
+use aya::Ebpf;
 use profiler_common::{RegionKey, kind};
 
 use super::uprobes::{self, UprobeLinks, UprobePoint};
@@ -296,17 +293,18 @@ impl SymbolSource {
     /// Attaches a run counter to every timer callback QEMU armed since the last refresh
     /// (`SEEN_CALLBACKS`, filled by the timer_mod probe). Returns the number attached.
     pub fn refresh_callbacks(&mut self, ebpf: &mut Ebpf) -> usize {
+        // Every refresh: no VM with callback probes, no read; else one batched read (iterating
+        // took two syscalls per callback of every VM).
+        if self.processes.is_empty() {
+            return 0;
+        }
         let Some(Ok(seen)) = ebpf
             .map(SEEN_CALLBACKS_MAP)
-            .map(BpfHashMap::<&MapData, RegionKey, u64>::try_from)
+            .map(super::batch::read_hash::<RegionKey, u64>)
         else {
             return 0;
         };
-        let found: Vec<(u32, u64)> = seen
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| (k.tgid, k.region))
-            .collect();
+        let found: Vec<(u32, u64)> = seen.into_iter().map(|(k, _)| (k.tgid, k.region)).collect();
         let mut attached = 0;
         for (pid, address) in found {
             let Some(process) = self.processes.get_mut(&pid) else {
