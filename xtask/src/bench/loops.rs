@@ -18,6 +18,9 @@ pub enum LoopKind {
     Getppid,
     /// `ppoll(NULL, 0, {0,0}, NULL)`: returns at once.
     PpollZero,
+    /// `ppoll(NULL, 0, {0,20µs}, NULL)`: sleeps and times out, as QEMU's timer waits do; its
+    /// figure is CPU time per call (the sleep is not a cost).
+    PpollTimed,
 }
 
 impl LoopKind {
@@ -25,6 +28,7 @@ impl LoopKind {
         match self {
             LoopKind::Getppid => "getppid",
             LoopKind::PpollZero => "ppoll",
+            LoopKind::PpollTimed => "ppoll-timed",
         }
     }
 }
@@ -40,7 +44,8 @@ pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
     let kind = match value("--kind").map(String::as_str) {
         Some("getppid") => LoopKind::Getppid,
         Some("ppoll") => LoopKind::PpollZero,
-        other => bail!("--kind getppid|ppoll, not {other:?}"),
+        Some("ppoll-timed") => LoopKind::PpollTimed,
+        other => bail!("--kind getppid|ppoll|ppoll-timed, not {other:?}"),
     };
     let calls: u64 = value("--calls")
         .context("--calls N")?
@@ -55,7 +60,12 @@ pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    let timed = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 20_000,
+    };
     let started = Instant::now();
+    let cpu_before = own_cpu_ns();
     match kind {
         LoopKind::Getppid => {
             for _ in 0..calls {
@@ -71,13 +81,35 @@ pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
                 });
             }
         }
+        LoopKind::PpollTimed => {
+            for _ in 0..calls {
+                // SAFETY: as above.
+                std::hint::black_box(unsafe {
+                    libc::ppoll(std::ptr::null_mut(), 0, &timed, std::ptr::null())
+                });
+            }
+        }
     }
-    let ns = started.elapsed().as_nanos() as f64 / calls.max(1) as f64;
+    let spent = match kind {
+        LoopKind::PpollTimed => own_cpu_ns() - cpu_before,
+        _ => started.elapsed().as_nanos() as f64,
+    };
+    let ns = spent / calls.max(1) as f64;
     println!("ns_per_call={ns:.1}");
     Ok(())
 }
 
-/// Runs a loop in a new process and returns its ns per call. `qemu_name`: named like QEMU
+/// CPU time of this process so far (user and system), ns.
+fn own_cpu_ns() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let ns = |t: libc::timeval| t.tv_sec as f64 * 1e9 + t.tv_usec as f64 * 1e3;
+    ns(usage.ru_utime) + ns(usage.ru_stime)
+}
+
+/// Runs a loop in a new process and returns its ns per call (CPU ns for a timed loop). `qemu_name`: named like QEMU
 /// (`-name guest=NAME`), so a profiler selecting that name watches it; it starts only once
 /// `go` exists, so a tracer can attach to it first (`ready` is called with its pid).
 pub fn run_loop(

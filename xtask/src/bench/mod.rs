@@ -232,6 +232,8 @@ pub(crate) fn publish_to(
 #[derive(Debug, Clone, Copy)]
 struct ProcUsage {
     cpu_ticks: u64,
+    /// The same CPU time in seconds, at ns resolution where the CPU clock can be read.
+    cpu_seconds: f64,
     rss_bytes: u64,
 }
 
@@ -250,8 +252,25 @@ fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
         .context("no VmRSS")?;
     Ok(ProcUsage {
         cpu_ticks,
+        cpu_seconds: process_cpu_clock(pid).unwrap_or(cpu_ticks as f64 / ticks_per_second()),
         rss_bytes: rss_kb * 1024,
     })
+}
+
+/// CPU time of process `pid` (all threads) in seconds from its CPU clock: nanoseconds, where
+/// `stat`'s ticks are 10 ms (0.05 % of a core over a 20 s span).
+fn process_cpu_clock(pid: u32) -> Option<f64> {
+    // The kernel's encoding of another process's CPU clock (clock_getcpuclockid).
+    let clock = ((!(pid as libc::clockid_t)) << 3) | 2;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write to.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
 }
 
 fn ticks_per_second() -> f64 {

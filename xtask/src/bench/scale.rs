@@ -167,7 +167,7 @@ fn one_size(profiler: &Path, dir: &Path, n: usize, span: u64) -> anyhow::Result<
     let secs = t.elapsed().as_secs_f64();
     rec.stop()?;
     drop(fleet);
-    let cpu_s = (b.cpu_ticks - a.cpu_ticks) as f64 / ticks_per_second();
+    let cpu_s = b.cpu_seconds - a.cpu_seconds;
     let cpu_pct = cpu_s / secs * 100.0;
     // One refresh per second.
     let us_per_refresh = cpu_s / secs * 1e6;
@@ -250,7 +250,8 @@ pub fn run_scale(
          `{command}`: N processes named like QEMU, each waking from `ppoll` with the period \
          shown (so all sizes fit on 2 cores), watched by `profiler record --window 5` (one \
          refresh a second). CPU of the profiler process (discovery, map reads, windowing, \
-         output) over {span} s past its first window; RSS at the end; timer events per second \
+         output) over {span} s past its first window, from its CPU clock (ns; `stat`'s ticks \
+         would be 0.05 % steps); RSS at the end; timer events per second \
          per VM over its full windows against the rate its period allows (a `ppoll` timeout \
          plus the loop's own time: slightly below).\n\n\
          | VMs | timer source | period (ms) | CPU (% of a core) | µs per refresh | µs per VM per refresh | RSS (MiB) | timer/s per VM (min–max) |\n\

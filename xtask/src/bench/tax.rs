@@ -19,15 +19,17 @@ enum Config {
     Nothing,
     ProfilerLibc,
     ProfilerSyscall,
+    ProfilerHrtimer,
     /// bpftrace on `syscalls:sys_{enter,exit}_ppoll`, filtered on the watched QEMU's pid,
     /// classifying returns as the profiler does.
     Bpftrace,
 }
 
-const CONFIGS: [Config; 4] = [
+const CONFIGS: [Config; 5] = [
     Config::Nothing,
     Config::ProfilerLibc,
     Config::ProfilerSyscall,
+    Config::ProfilerHrtimer,
     Config::Bpftrace,
 ];
 
@@ -37,6 +39,7 @@ impl Config {
             Config::Nothing => "nothing",
             Config::ProfilerLibc => "profiler, libc uprobes (default)",
             Config::ProfilerSyscall => "profiler, syscall tracepoints (--timer-source syscall)",
+            Config::ProfilerHrtimer => "profiler, hrtimer tracepoints (--timer-source hrtimer)",
             Config::Bpftrace => "bpftrace, ppoll tracepoints with a pid filter",
         }
     }
@@ -46,6 +49,7 @@ impl Config {
             Config::Nothing => "nothing",
             Config::ProfilerLibc => "profiler_libc",
             Config::ProfilerSyscall => "profiler_syscall",
+            Config::ProfilerHrtimer => "profiler_hrtimer",
             Config::Bpftrace => "bpftrace",
         }
     }
@@ -63,17 +67,22 @@ fn bpftrace_script(pid: u32) -> String {
 const WATCHED: &str = "bench-watched";
 const VM: &str = "bench-vm";
 
-/// ns per call of the three loops under `config`.
+/// Figures of one round: ns per call of the unrelated `getppid` and `ppoll` loops and of the
+/// watched zero-timeout `ppoll` loop, CPU ns per call of the watched timed `ppoll` loop.
+const FIGURES: usize = 4;
+
+/// The figures of one round under `config`.
 fn one_round(
     config: Config,
     profiler: &Path,
     dir: &Path,
     vm_pid: u32,
     calls: u64,
-) -> anyhow::Result<[f64; 3]> {
+) -> anyhow::Result<[f64; FIGURES]> {
     let source = match config {
         Config::ProfilerLibc => Some("libc"),
         Config::ProfilerSyscall => Some("syscall"),
+        Config::ProfilerHrtimer => Some("hrtimer"),
         _ => None,
     };
     let tracer = match (config, source) {
@@ -90,30 +99,28 @@ fn one_round(
     };
     let getppid = run_loop(LoopKind::Getppid, 2 * calls, None, None, |_| Ok(()))?;
     let ppoll = run_loop(LoopKind::PpollZero, calls, None, None, |_| Ok(()))?;
-    // The watched loop: named like QEMU; each tracer attaches to it before it starts.
+    // The watched loops: named like QEMU; each tracer attaches to them before they start.
     let go = dir.join("go");
-    let mut extra: Option<Tracer> = None;
-    let watched = run_loop(
-        LoopKind::PpollZero,
-        calls,
-        Some(WATCHED),
-        Some(&go),
-        |pid| {
+    let watched_loop = |kind: LoopKind, calls: u64| -> anyhow::Result<f64> {
+        let mut extra: Option<Tracer> = None;
+        let figure = run_loop(kind, calls, Some(WATCHED), Some(&go), |pid| {
             match (&tracer, config) {
-                (Some(t), Config::ProfilerLibc | Config::ProfilerSyscall) => {
-                    t.wait_records([format!("\"pid\":{pid}")])?
-                }
                 (_, Config::Bpftrace) => {
                     extra = Some(Tracer::bpftrace(&bpftrace_script(pid), None)?);
                 }
+                (Some(t), _) => t.wait_records([format!("\"pid\":{pid}")])?,
                 _ => {}
             }
             Ok(())
-        },
-    )?;
-    drop(extra);
+        })?;
+        drop(extra);
+        Ok(figure)
+    };
+    let watched = watched_loop(LoopKind::PpollZero, calls)?;
+    // Each timed call sleeps ~20 µs plus the timer slack: fewer of them.
+    let watched_timed = watched_loop(LoopKind::PpollTimed, calls / 20)?;
     drop(tracer);
-    Ok([getppid, ppoll, watched])
+    Ok([getppid, ppoll, watched, watched_timed])
 }
 
 /// Runs the rounds and returns (markdown section, JSON).
@@ -127,7 +134,7 @@ pub fn run(
     // The VM the tracers watch while the unrelated loops run: a QEMU-like process.
     let vm = QemuLikeFleet::start_named(&[VM], 10)?;
     let vm_pid = vm.pids()[0];
-    let mut samples: Vec<Vec<[f64; 3]>> = vec![Vec::new(); CONFIGS.len()];
+    let mut samples: Vec<Vec<[f64; FIGURES]>> = vec![Vec::new(); CONFIGS.len()];
     for round in 0..rounds {
         // Rotate the order each round so drift on the machine spreads over all configs.
         for k in 0..CONFIGS.len() {
@@ -135,27 +142,47 @@ pub fn run(
             let r = one_round(CONFIGS[i], profiler, dir, vm_pid, calls)?;
             eprintln!(
                 "xtask bench tax: round {round} {:<55} getppid {:7.1} ns, ppoll {:7.1} ns, watched \
-                 ppoll {:7.1} ns",
+                 ppoll {:7.1} ns, watched timed ppoll {:7.1} CPU ns",
                 CONFIGS[i].label(),
                 r[0],
                 r[1],
-                r[2]
+                r[2],
+                r[3]
             );
             samples[i].push(r);
         }
     }
     drop(vm);
     let med = |i: usize, j: usize| median(&samples[i].iter().map(|r| r[j]).collect::<Vec<_>>());
-    let base = [med(0, 0), med(0, 1), med(0, 2)];
+    // Added by config `i` to figure `j`: the median over rounds of its difference to
+    // "nothing" in the same round (configurations run back to back), which cancels the
+    // machine's drift between rounds.
+    let paired = |i: usize, j: usize| -> Vec<f64> {
+        samples[i]
+            .iter()
+            .zip(&samples[0])
+            .map(|(r, b)| r[j] - b[j])
+            .collect()
+    };
+    let added = |i: usize, j: usize| median(&paired(i, j));
+    // How far "nothing" itself moves between rounds: differences within it are noise.
+    let spread = |j: usize| {
+        let v: Vec<f64> = samples[0].iter().map(|r| r[j]).collect();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        (hi - lo) / 2.0
+    };
+    let base: [f64; FIGURES] = std::array::from_fn(|j| med(0, j));
     let mut rows = String::new();
     let mut json_rows = Vec::new();
     for (i, config) in CONFIGS.iter().enumerate() {
-        let m = [med(i, 0), med(i, 1), med(i, 2)];
+        let m: [f64; FIGURES] = std::array::from_fn(|j| med(i, j));
         let cell = |j: usize| {
             if i == 0 {
-                format!("{:.0}", m[j])
+                format!("{:.0} (±{:.0})", m[j], spread(j))
             } else {
-                let added = m[j] - base[j];
+                let added = added(i, j);
                 format!(
                     "{:.0} ({:+.0}, {:+.1} %)",
                     m[j],
@@ -165,50 +192,81 @@ pub fn run(
             }
         };
         rows.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             config.label(),
             cell(0),
             cell(1),
-            cell(2)
+            cell(2),
+            cell(3)
         ));
         json_rows.push(json!({
             "config": config.key(),
             "getppid_ns": m[0], "ppoll_ns": m[1], "watched_ppoll_ns": m[2],
+            "watched_timed_ppoll_cpu_ns": m[3],
+            "added": (0..FIGURES).map(|j| added(i, j)).collect::<Vec<_>>(),
             "rounds": samples[i],
         }));
     }
-    let (libc, sys) = (1, 2);
-    let getppid_pct = (med(libc, 0) - base[0]) / base[0] * 100.0;
-    let ppoll_added = med(libc, 1) - base[1];
-    let watched_libc = med(libc, 2) - base[2];
-    let watched_sys = med(sys, 2) - base[2];
+    let (libc, sys, hrtimer) = (1, 2, 3);
+    let getppid_pct = added(libc, 0) / base[0] * 100.0;
+    let ppoll_added = added(libc, 1);
+    let watched_libc = added(libc, 2);
+    let watched_sys = added(sys, 2);
+    let hr_getppid_pct = added(hrtimer, 0) / base[0] * 100.0;
+    let hr_ppoll = added(hrtimer, 1);
+    let (hr_zero, hr_timed) = (added(hrtimer, 2), added(hrtimer, 3));
+    let (sys_timed, libc_timed) = (added(sys, 3), added(libc, 3));
+    let timed_noise = spread(3);
+    // A timed wait's CPU moves by microseconds between rounds here: a difference smaller
+    // than that spread is not a measured difference.
+    let timed_verdict = |ours: f64| {
+        if ours <= sys_timed {
+            "met".to_string()
+        } else if ours - sys_timed <= timed_noise {
+            format!("within the ±{timed_noise:.0} ns spread")
+        } else {
+            "MISSED".to_string()
+        }
+    };
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     let body = format!(
         "## What recording costs other processes, and a watched QEMU\n\n\
          `{command}`: ns per call (median of {rounds} rounds; configurations interleaved, \
          order rotated each round) of a `getppid` loop ({} calls) and a zero-timeout `ppoll` \
          loop ({calls} calls) in processes the profiler does not watch, and of the same `ppoll` \
-         loop in a process named like QEMU that it watches. Each tracer watches one QEMU-like \
-         process (waking from `ppoll` every 10 ms) besides. In brackets: added per call, and \
-         relative to nothing running.\n\n\
-         | running | unrelated `getppid` (ns) | unrelated `ppoll` (ns) | watched QEMU's `ppoll` (ns) |\n\
-         |---|---|---|---|\n{rows}\n\
+         loop in a process named like QEMU that it watches; and the CPU time per call of a \
+         watched `ppoll` loop whose 20 µs timeout expires each time ({} calls; QEMU's timer \
+         waits). Each tracer watches one QEMU-like process (waking from `ppoll` every 10 ms) \
+         besides. In brackets: added per call, and relative to nothing running.\n\n\
+         | running | unrelated `getppid` (ns) | unrelated `ppoll` (ns) | watched QEMU's `ppoll` (ns) | watched QEMU's timed `ppoll` (CPU ns) |\n\
+         |---|---|---|---|---|\n{rows}\n\
          Targets: unrelated syscalls ≤ 2 % slower while recording — {getppid_pct:+.1} % with the \
          default source ({}); an unrelated `ppoll` ≤ 60 ns added — {ppoll_added:+.0} ns ({}); a \
          watched QEMU pays no more per wait than the syscall tracepoints cost it — \
-         {watched_libc:+.0} ns with libc uprobes vs {watched_sys:+.0} ns with the tracepoints \
-         ({}).\n\n\
+         {watched_libc:+.0} ns per zero-timeout poll ({}) and {libc_timed:+.0} ns per timed wait \
+         ({}) with libc uprobes, against {watched_sys:+.0} / {sys_timed:+.0} ns with the syscall \
+         tracepoints; with `--timer-source hrtimer` {hr_zero:+.0} ns ({}) and {hr_timed:+.0} ns \
+         ({}), unrelated `getppid` {hr_getppid_pct:+.1} %, `ppoll` {hr_ppoll:+.0} ns. \
+         Added figures are medians of each round's difference to \"nothing\" in that round; \
+         \"nothing\" shows its own round-to-round spread (±).\n\n\
          Why: the syscall tracepoints, once any is enabled, put every task on the host on the \
          slow syscall path (the `getppid` column); the libc uprobes put a breakpoint in the \
          watched QEMU's memory only. A uprobe costs the watched process a trap into the \
          kernel on entry and another on return — on this nested-virtualization machine each \
-         trap is far slower than on bare metal, which is what bounds the last figure; the \
+         trap is far slower than on bare metal, which is what bounds the watched figures; the \
          tracepoints remain selectable with `--timer-source syscall` where the host-wide tax \
-         is preferred.\n",
+         is preferred. The hrtimer tracepoints run only where a sleep timer is armed, expires \
+         or is cancelled: no trap, no slow syscall path, and a zero-timeout poll arms no \
+         timer; their price is partial `fd_wakeups` (docs/events.md), so they are not the \
+         default.\n",
         2 * calls,
+        calls / 20,
         verdict(getppid_pct <= 2.0),
         verdict(ppoll_added <= 60.0),
         verdict(watched_libc <= watched_sys),
+        timed_verdict(libc_timed),
+        verdict(hr_zero <= watched_sys),
+        timed_verdict(hr_timed),
     );
     let json = json!({
         "command": command,
@@ -220,6 +278,12 @@ pub fn run(
             "unrelated_ppoll_added_ns": ppoll_added,
             "watched_added_ns_libc": watched_libc,
             "watched_added_ns_syscall": watched_sys,
+            "watched_added_ns_hrtimer": hr_zero,
+            "watched_timed_added_cpu_ns_libc": libc_timed,
+            "watched_timed_added_cpu_ns_syscall": sys_timed,
+            "watched_timed_added_cpu_ns_hrtimer": hr_timed,
+            "unrelated_getppid_percent_hrtimer": hr_getppid_pct,
+            "unrelated_ppoll_added_ns_hrtimer": hr_ppoll,
         },
     });
     Ok((body, json))
