@@ -616,6 +616,16 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A child process, killed and reaped when the test ends, pass or fail.
+    struct Reaped(std::process::Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     #[test]
     fn stat_with_hostile_comm() {
         // comm may contain spaces and ')' — count fields from the last ')'.
@@ -731,14 +741,7 @@ mod tests {
         use std::os::unix::process::CommandExt as _;
         // A real process named like QEMU that burns CPU (unprivileged: any process's CPU
         // clock can be read, and a pidfd opened, by its parent).
-        struct Busy(std::process::Child);
-        impl Drop for Busy {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        let mut busy = Busy(
+        let mut busy = Reaped(
             std::process::Command::new("sh")
                 .arg0("qemu-system-x86_64")
                 .args(["-c", "while :; do :; done"])
@@ -790,14 +793,7 @@ mod tests {
     #[test]
     fn a_hinted_scan_looks_only_at_known_qemus_and_processes_that_exec_d() {
         use std::os::unix::process::CommandExt as _;
-        struct Child(std::process::Child);
-        impl Drop for Child {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        let mut child = Child(
+        let mut child = Reaped(
             std::process::Command::new("sleep")
                 .arg0("qemu-system-x86_64")
                 .arg("30")

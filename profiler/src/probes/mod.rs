@@ -285,9 +285,30 @@ pub fn attach_tracepoint(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow:
     Ok(())
 }
 
-/// The detacher's job keys for the shared tracepoints' links (no process has these pids).
-const TRACEPOINTS_JOB: u32 = u32::MAX;
-const HRTIMER_TRACEPOINTS_JOB: u32 = u32::MAX - 1;
+/// The timer sources whose tracepoints all their VMs share.
+#[derive(Debug, Clone, Copy)]
+enum SharedWaits {
+    Syscall,
+    Hrtimer,
+}
+
+impl SharedWaits {
+    /// The detacher's job key for its links (no process has these pids).
+    fn job(self) -> u32 {
+        match self {
+            SharedWaits::Syscall => u32::MAX,
+            SharedWaits::Hrtimer => u32::MAX - 1,
+        }
+    }
+
+    /// The watch flag that makes its programs count a process.
+    fn flag(self) -> u32 {
+        match self {
+            SharedWaits::Syscall => watch_flag::WAITS_BY_SYSCALL,
+            SharedWaits::Hrtimer => watch_flag::WAITS_BY_HRTIMER,
+        }
+    }
+}
 
 /// Whether process `pid` still runs (a VM may exit while it is being attached to): a killed
 /// process lingers in /proc as a zombie, and an exiting one has no memory map (`exe`) left.
@@ -555,25 +576,8 @@ impl EventProbes {
                     Some(offer) => self.libc.attach(&mut self.ebpf, pid, offer),
                     None => Err(anyhow::anyhow!("no C library offer")),
                 },
-                TimerSource::SyscallTracepoints => {
-                    // Links still being closed from their last user would count twice.
-                    self.detacher.wait_for(TRACEPOINTS_JOB);
-                    self.syscall_waits
-                        .acquire(&mut self.ebpf, pid)
-                        .and_then(|()| {
-                            self.set_watch_flags(pid, watch_flag::WAITS_BY_SYSCALL)
-                                .inspect_err(|_| self.release_syscall_waits(pid))
-                        })
-                }
-                TimerSource::HrtimerTracepoints => {
-                    self.detacher.wait_for(HRTIMER_TRACEPOINTS_JOB);
-                    self.hrtimer_waits
-                        .acquire(&mut self.ebpf, pid)
-                        .and_then(|()| {
-                            self.set_watch_flags(pid, watch_flag::WAITS_BY_HRTIMER)
-                                .inspect_err(|_| self.release_hrtimer_waits(pid))
-                        })
-                }
+                TimerSource::SyscallTracepoints => self.acquire_shared(SharedWaits::Syscall, pid),
+                TimerSource::HrtimerTracepoints => self.acquire_shared(SharedWaits::Hrtimer, pid),
             }
             .map_err(|e| format!("{e:#}"));
             let attached = result.is_ok();
@@ -603,28 +607,35 @@ impl EventProbes {
         Ok(())
     }
 
-    /// Stops counting `pid` by the syscall tracepoints; the last user's links are closed in
-    /// the background.
-    fn release_syscall_waits(&mut self, pid: u32) {
-        let links = self.syscall_waits.release(&mut self.ebpf, pid);
+    /// Stops counting `pid` by shared tracepoints; the last user's links are closed in the
+    /// background.
+    fn release_shared(&mut self, shared: SharedWaits, pid: u32) {
+        let links = match shared {
+            SharedWaits::Syscall => self.syscall_waits.release(&mut self.ebpf, pid),
+            SharedWaits::Hrtimer => self.hrtimer_waits.release(&mut self.ebpf, pid),
+        };
         if !links.is_empty() {
-            self.detacher.submit(TRACEPOINTS_JOB, links);
+            self.detacher.submit(shared.job(), links);
         }
     }
 
-    /// Stops counting `pid` by the hrtimer tracepoints.
-    fn release_hrtimer_waits(&mut self, pid: u32) {
-        let links = self.hrtimer_waits.release(&mut self.ebpf, pid);
-        if !links.is_empty() {
-            self.detacher.submit(HRTIMER_TRACEPOINTS_JOB, links);
-        }
+    /// Counts `pid` by shared tracepoints, attaching them for their first user.
+    fn acquire_shared(&mut self, shared: SharedWaits, pid: u32) -> anyhow::Result<()> {
+        // Links still being closed from their last user would count twice.
+        self.detacher.wait_for(shared.job());
+        match shared {
+            SharedWaits::Syscall => self.syscall_waits.acquire(&mut self.ebpf, pid),
+            SharedWaits::Hrtimer => self.hrtimer_waits.acquire(&mut self.ebpf, pid),
+        }?;
+        self.set_watch_flags(pid, shared.flag())
+            .inspect_err(|_| self.release_shared(shared, pid))
     }
 
     /// Stops counting `pid`'s waits, whichever source did.
     fn detach_timer(&mut self, pid: u32) {
         self.libc.detach(&mut self.ebpf, pid);
-        self.release_syscall_waits(pid);
-        self.release_hrtimer_waits(pid);
+        self.release_shared(SharedWaits::Syscall, pid);
+        self.release_shared(SharedWaits::Hrtimer, pid);
         if self.watched.contains(&pid) {
             let _ = self.set_watch_flags(pid, 0);
         }
