@@ -109,6 +109,16 @@ pub const MAX_WATCHED: u32 = 8192;
 /// read and write, its timer callbacks; a busy guest with USB, serial, VGA, HPET, virtio uses
 /// about 60) for [`SIZED_FOR_VMS`] VMs. Allocated as used, not up front.
 pub const MAX_COUNTERS: u32 = 256 * SIZED_FOR_VMS;
+/// Slots of the `COUNTER_META` array, beside the counter store's values.
+pub mod counter_meta {
+    /// The next never-used slot of `COUNTER_VALUES` (may grow past the array: full).
+    pub const NEXT_SLOT: u32 = 0;
+    /// Keys inserted into `COUNTER_SLOTS` so far: the index is read again when this moved.
+    pub const INSERTS: u32 = 1;
+    /// Number of slots.
+    pub const SLOTS: u32 = 2;
+}
+
 /// Maximum number of threads inside a wait at once.
 pub const MAX_PENDING: u32 = 65536;
 

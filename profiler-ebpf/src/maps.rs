@@ -1,14 +1,14 @@
 //! Maps shared by all probes.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, Queue},
 };
 use profiler_common::{
     CounterKey, MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_WATCHED, PendingWait, RegionKey,
-    RegionName, dropped, kind, watch_flag,
+    RegionName, counter_meta, dropped, kind, watch_flag,
 };
 
 /// `-EEXIST`: an insert lost a race with another CPU (not a full map).
@@ -19,12 +19,26 @@ const EEXIST: i32 = -17;
 #[map]
 pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
-/// Event counters, shared by all CPUs and added to atomically: per-CPU values would cost
-/// `entries × CPUs × 8` bytes, hundreds of MB on a large host at 2,000 VMs. Entries are
-/// allocated as they are first used.
+/// The counter store, in three maps. `COUNTER_SLOTS` maps each counter's key to its slot in
+/// `COUNTER_VALUES`, where the count is (added to atomically by all CPUs: per-CPU values would
+/// cost `entries × CPUs × 8` bytes, hundreds of MB on a large host at 2,000 VMs). Userspace
+/// reads the values through a memory mapping of the array, without a syscall, and reads the
+/// key → slot index only when `COUNTER_META[INSERTS]` says keys were added: a full read of a
+/// hash map scans every bucket, a fixed cost per refresh that dominated at a few hundred VMs.
+/// Slots are allocated as keys are first used: from `FREE_COUNTER_SLOTS` (slots of forgotten
+/// processes, pushed back by userspace), else never-used ones (`COUNTER_META[NEXT_SLOT]`).
 #[map]
-pub static COUNTERS: HashMap<CounterKey, u64> =
+pub static COUNTER_SLOTS: HashMap<CounterKey, u32> =
     HashMap::with_max_entries(MAX_COUNTERS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static COUNTER_VALUES: Array<u64> = Array::with_max_entries(MAX_COUNTERS, BPF_F_MMAPABLE);
+
+#[map]
+pub static COUNTER_META: Array<u64> = Array::with_max_entries(counter_meta::SLOTS, BPF_F_MMAPABLE);
+
+#[map]
+pub static FREE_COUNTER_SLOTS: Queue<u32> = Queue::with_max_entries(MAX_COUNTERS, 0);
 
 /// (process, MemoryRegion pointer) -> region name, written once per region by the read/write
 /// probes (USDT or symbols).
@@ -123,25 +137,83 @@ pub fn atomic_add(value: *mut u64, n: u64) {
     };
 }
 
+/// `*value += n` atomically, returning the value before: BPF's `atomic_fetch_add` (Linux 5.12).
+#[inline(always)]
+fn atomic_fetch_add(value: *mut u64, n: u64) -> u64 {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `value` is a valid, aligned map value that lives as long as the map.
+    unsafe {
+        let mut old = n;
+        core::arch::asm!(
+            "{old} = atomic_fetch_add((u64 *)({value} + 0), {old})",
+            value = in(reg) value,
+            old = inout(reg) old,
+        );
+        old
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as above (host builds only type-check the programs).
+    unsafe {
+        let old = *value;
+        *value += n;
+        old
+    }
+}
+
+/// The count of counter `key`, if it has a slot.
+#[inline(always)]
+pub fn counter(key: &CounterKey) -> Option<*mut u64> {
+    // SAFETY: the slot is copied out at once.
+    let slot = unsafe { COUNTER_SLOTS.get(key) }.copied()?;
+    COUNTER_VALUES.get_ptr_mut(slot)
+}
+
 /// Adds `n` to the counter `key` (PIO string I/O moves `count` elements per exit).
 #[inline(always)]
 pub fn add(key: &CounterKey, n: u64) {
-    match COUNTERS.get_ptr_mut(key) {
+    match counter(key) {
         Some(value) => atomic_add(value, n),
         None => add_new(key, n),
     }
 }
 
-/// Creates the counter `key` with `n` (the caller found none).
+/// A slot for a new counter: a freed one, else one never used.
 #[inline(always)]
+fn new_slot() -> Option<u32> {
+    if let Ok(Some(slot)) = FREE_COUNTER_SLOTS.pop() {
+        return Some(slot);
+    }
+    let next = COUNTER_META.get_ptr_mut(counter_meta::NEXT_SLOT)?;
+    let slot = atomic_fetch_add(next, 1);
+    (slot < u64::from(MAX_COUNTERS)).then_some(slot as u32)
+}
+
+/// Creates the counter `key` with `n` (the caller found none).
+#[inline(never)]
 pub fn add_new(key: &CounterKey, n: u64) {
-    match COUNTERS.insert(key, n, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        // Another CPU created it first: add to theirs.
-        Err(EEXIST) => match COUNTERS.get_ptr_mut(key) {
-            Some(value) => atomic_add(value, n),
-            None => note_dropped(dropped::COUNTERS),
-        },
-        Err(_) => note_dropped(dropped::COUNTERS),
+    let Some(slot) = new_slot() else {
+        return note_dropped(dropped::COUNTERS);
+    };
+    let Some(value) = COUNTER_VALUES.get_ptr_mut(slot) else {
+        return note_dropped(dropped::COUNTERS);
+    };
+    // A stored count, not an added one: a reused slot holds its last owner's count. Written
+    // before the key points at it, so no reader sees the old count under the new key.
+    // SAFETY: the slot is this program's until the insert below publishes it.
+    unsafe { *value = n };
+    match COUNTER_SLOTS.insert(key, slot, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if let Some(inserts) = COUNTER_META.get_ptr_mut(counter_meta::INSERTS) {
+                atomic_add(inserts, 1);
+            }
+        }
+        Err(e) => {
+            let _ = FREE_COUNTER_SLOTS.push(slot, 0);
+            // Another CPU created it first: add to theirs.
+            match counter(key) {
+                Some(value) if e == EEXIST => atomic_add(value, n),
+                _ => note_dropped(dropped::COUNTERS),
+            }
+        }
     }
 }

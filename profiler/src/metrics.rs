@@ -490,6 +490,12 @@ impl Collector for FleetCollector {
                  counts are low by up to this many.",
             ),
             CounterFamily::new(
+                "bpf_program_skipped_runs",
+                "Probe runs the kernel skipped because another BPF program or BPF map operation \
+                 held the CPU (a recursion miss): events of any process, counts may be low by up \
+                 to this many.",
+            ),
+            CounterFamily::new(
                 "notes",
                 "Diagnostics the profiler has logged (sources not used, names not available, \
                  output failing).",
@@ -500,9 +506,13 @@ impl Collector for FleetCollector {
         own[2].push(Vec::new(), state.cost.collector_cpu_seconds);
         own[3].push(Vec::new(), state.samples);
         for (map, n) in &state.dropped {
-            own[4].push(vec![("map".to_string(), map.to_string())], *n);
+            if *map == crate::probes::NESTED_RUNS {
+                own[5].push(Vec::new(), *n);
+            } else {
+                own[4].push(vec![("map".to_string(), map.to_string())], *n);
+            }
         }
-        own[5].push(Vec::new(), state.notes);
+        own[6].push(Vec::new(), state.notes);
         for family in &own {
             family.encode(&mut encoder)?;
         }
@@ -584,7 +594,11 @@ mod tests {
             300.0,
         );
         s.sources_up = vec![("syscall-tracepoints", true), ("kvm-tracepoints", false)];
-        s.dropped = vec![("COUNTERS", 3), ("PENDING", 0)];
+        s.dropped = vec![
+            ("COUNTERS", 3),
+            ("PENDING", 0),
+            (crate::probes::NESTED_RUNS, 2),
+        ];
         Arc::new(Mutex::new(s))
     }
 
@@ -608,6 +622,7 @@ mod tests {
             "qemu_profiler_samples_total 1",
             "qemu_profiler_bpf_map_dropped_updates_total{map=\"COUNTERS\"} 3",
             "qemu_profiler_bpf_map_dropped_updates_total{map=\"PENDING\"} 0",
+            "qemu_profiler_bpf_program_skipped_runs_total 2",
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }

@@ -232,3 +232,86 @@ fn the_syscall_tracepoints_detach_when_their_last_vm_exits() {
         "the profiler runs on"
     );
 }
+
+/// Counter slots handed out so far by the newest loaded profiler (`COUNTER_META[NEXT_SLOT]`).
+fn counter_slots_used() -> u64 {
+    let id = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some("COUNTER_META"))
+        .map(|m| m.id())
+        .max()
+        .expect("a profiler's COUNTER_META is loaded");
+    let data = aya::maps::MapData::from_id(id).unwrap();
+    let meta: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    meta.get(&profiler_common::counter_meta::NEXT_SLOT, 0)
+        .unwrap()
+}
+
+#[test]
+fn a_gone_vms_counter_slots_serve_the_next_vm_without_its_counts() {
+    let p = Prereq::new("a_gone_vms_counter_slots_serve_the_next_vm");
+    let Some(()) = p.root() else { return };
+    let build = run_dir("waits-build-reuse");
+    let Some(bin) = build_waits(build.path(), &p) else {
+        return;
+    };
+    let dir = run_dir("counter-slot-reuse");
+    let rec = recording_path(dir.path());
+    let mut recorder = KillOnDrop(
+        profiler()
+            .args([
+                "record",
+                "--window",
+                "1",
+                "--timer-source",
+                "libc",
+                "--output",
+            ])
+            .arg(&rec)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("profiler starts"),
+    );
+    let run = |name: &str| {
+        let run = run_dir(name);
+        let workload = start_waits(&bin, run.path(), name);
+        wait_for(
+            "the workload's first window",
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&rec).is_ok_and(|t| t.contains(name)),
+        );
+        std::fs::write(run.path().join("go"), "").unwrap();
+        wait_for("the workload", Duration::from_secs(60), || {
+            run.path().join("done").exists()
+        });
+        // Its last waits land in a window that closes within a second.
+        sleep(Duration::from_millis(1500));
+        drop(workload);
+    };
+    run("slots-first");
+    // Gone: its counters are forgotten (after its uprobes are detached) and their slots freed.
+    sleep(Duration::from_secs(4));
+    let used = counter_slots_used();
+    run("slots-second");
+    let used_after = counter_slots_used();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(recorder.0.id() as i32, libc::SIGTERM) };
+    assert!(recorder.0.wait().unwrap().success());
+    let records = load(&rec);
+    for name in ["slots-first", "slots-second"] {
+        let windows = of(&records, name);
+        let sum = |f: fn(&&profiler::record::WindowRecord) -> Option<u64>| -> u64 {
+            windows.iter().map(|w| f(w).expect("counted")).sum()
+        };
+        assert_eq!(
+            (sum(|w| w.timer), sum(|w| w.fd_wakeups)),
+            (TIMERS, FDS + LATE),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        used_after, used,
+        "the second VM's counters took new slots instead of the first one's"
+    );
+}

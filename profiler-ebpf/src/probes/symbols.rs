@@ -23,8 +23,7 @@ use profiler_common::{
 };
 
 use crate::maps::{
-    COUNTERS, REGION_NAMES, add_new, atomic_add, count, current_ids, note_insert,
-    watched_uprobe_hit,
+    REGION_NAMES, add_new, atomic_add, count, counter, current_ids, note_insert, watched_uprobe_hit,
 };
 
 /// (process, callback address) of every QEMU timer callback armed since watching began.
@@ -51,7 +50,7 @@ pub fn region_dispatch(ctx: ProbeContext) -> u32 {
         kind: (cookie >> 32) as u32,
         id: region,
     };
-    match COUNTERS.get_ptr_mut(key) {
+    match counter(&key) {
         Some(value) => atomic_add(value, 1),
         None => {
             remember_name(tgid, region, cookie & 0xffff_ffff);

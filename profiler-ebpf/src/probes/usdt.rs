@@ -28,7 +28,7 @@ use profiler_common::{
     UsdtSpec, dropped, usdt_arg, usdt_cookie,
 };
 
-use crate::maps::{COUNTERS, REGION_NAMES, add_new, atomic_add, current_ids, note_insert};
+use crate::maps::{REGION_NAMES, add_new, atomic_add, counter, current_ids, note_insert};
 
 /// Cookie -> argument layout of one attached USDT site.
 #[map]
@@ -108,7 +108,7 @@ pub fn usdt_memory_region_ops(ctx: ProbeContext) -> u32 {
         kind,
         id: region,
     };
-    match COUNTERS.get_ptr_mut(key) {
+    match counter(&key) {
         Some(value) => atomic_add(value, 1),
         None => {
             // A region's first event: its name, then its counter.

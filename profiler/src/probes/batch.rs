@@ -156,29 +156,29 @@ mod tests {
         };
         let n = 10_000u32;
         {
-            let mut map: BpfHashMap<&mut MapData, CounterKey, u64> =
-                BpfHashMap::try_from(ebpf.map_mut("COUNTERS").unwrap()).unwrap();
+            let mut map: BpfHashMap<&mut MapData, CounterKey, u32> =
+                BpfHashMap::try_from(ebpf.map_mut("COUNTER_SLOTS").unwrap()).unwrap();
             for i in 0..n {
                 let key = CounterKey {
                     tgid: i % 97,
                     kind: 1 + i % 8,
                     id: u64::from(i),
                 };
-                map.insert(key, u64::from(i) * 3, 0).unwrap();
+                map.insert(key, i * 3, 0).unwrap();
             }
         }
-        let map = ebpf.map("COUNTERS").unwrap();
-        let mut batched: Vec<(CounterKey, u64)> = read_batched(match map {
+        let map = ebpf.map("COUNTER_SLOTS").unwrap();
+        let mut batched: Vec<(CounterKey, u32)> = read_batched(match map {
             Map::HashMap(d) => d,
-            _ => panic!("COUNTERS is a hash map"),
+            _ => panic!("COUNTER_SLOTS is a hash map"),
         })
         .unwrap();
-        let mut iterated: Vec<(CounterKey, u64)> = iterate(map).unwrap();
+        let mut iterated: Vec<(CounterKey, u32)> = iterate(map).unwrap();
         batched.sort();
         iterated.sort();
         assert_eq!(batched.len(), n as usize);
         assert_eq!(batched, iterated);
-        assert!(batched.iter().all(|(k, v)| *v == k.id * 3));
+        assert!(batched.iter().all(|(k, v)| u64::from(*v) == k.id * 3));
         // And an empty map reads as empty.
         assert!(
             read_hash::<u32, u32>(ebpf.map("WATCHED").unwrap())

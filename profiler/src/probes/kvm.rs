@@ -986,8 +986,10 @@ mod tests {
 
         // What the eBPF programs counted for this QEMU, plus its outstanding last access.
         let mut counted: BTreeMap<(u32, u64), u64> = BTreeMap::new();
-        let counters: Vec<(profiler_common::CounterKey, u64)> =
-            crate::probes::batch::read_hash(ebpf.map("COUNTERS").unwrap()).unwrap();
+        let counters = crate::probes::counters::CounterStore::open(&ebpf)
+            .unwrap()
+            .read(&ebpf)
+            .unwrap();
         for (key, n) in counters {
             if key.tgid == pid && k::is_kvm_kind(key.kind) {
                 *counted.entry((key.kind, key.id)).or_default() += n;

@@ -11,6 +11,7 @@
 //! counters (`crate::session` tests) and this layer on the real kernel (root tests).
 
 pub mod batch;
+pub mod counters;
 pub mod detacher;
 pub mod exe;
 pub mod execs;
@@ -18,6 +19,7 @@ pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;
 pub mod policy;
+pub mod prog_info;
 pub mod refctr;
 pub mod symbols;
 pub mod timers;
@@ -36,7 +38,7 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
 };
-use profiler_common::{CounterKey, RegionKey, RegionName, UNNAMED_REGION_MARK, watch_flag};
+use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, watch_flag};
 
 use self::{
     exe::{ExeAnalysis, ExeCatalog},
@@ -67,6 +69,10 @@ pub struct ProbeCost {
     pub run_count: u64,
     pub run_time: Duration,
 }
+
+/// The [`ProbeLayer::dropped`] entry of program runs the kernel skipped as nested (see
+/// [`prog_info`]); the others are maps.
+pub const NESTED_RUNS: &str = "nested runs";
 
 /// BPF statistics are on for one refresh in this many.
 pub const STATS_EVERY: u64 = 10;
@@ -156,7 +162,8 @@ pub trait ProbeLayer {
     fn map_entries(&self) -> Vec<(&'static str, usize, u32)> {
         Vec::new()
     }
-    /// Updates each map refused because it was full, since the start: (map, updates).
+    /// Updates each map refused because it was full, since the start: (map, updates); and
+    /// ([`NESTED_RUNS`], program runs the kernel skipped).
     fn dropped(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
@@ -379,6 +386,7 @@ pub struct EventProbes {
     region_labels: HashMap<u32, HashMap<u64, RegionLabel>>,
     /// Exec events for discovery, or why there are none (discovery then reads all of /proc).
     execs: Result<execs::ExecWatch, String>,
+    counters: counters::CounterStore,
 }
 
 impl EventProbes {
@@ -403,6 +411,7 @@ impl EventProbes {
         // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
         let kvm = KvmSource::attach(&mut ebpf, &tracefs);
         let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
+        let counters = counters::CounterStore::open(&ebpf)?;
         Ok(Self {
             ebpf,
             catalog: ExeCatalog::new(debug_roots),
@@ -428,6 +437,7 @@ impl EventProbes {
             },
             region_labels: HashMap::new(),
             execs,
+            counters,
         })
     }
 
@@ -439,15 +449,16 @@ impl EventProbes {
         )?)
     }
 
-    /// Every counter, in a few syscalls.
-    fn all_counters(&self) -> anyhow::Result<Vec<(CounterKey, u64)>> {
-        let map = self.ebpf.map("COUNTERS").context("map COUNTERS missing")?;
-        Ok(batch::read_hash(map)?)
+    fn nested_runs(&self) -> u64 {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.fd().ok())
+            .filter_map(|fd| prog_info::recursion_misses(std::os::fd::AsFd::as_fd(fd)).ok())
+            .sum()
     }
 
     fn forget_counters(&mut self, tgid: u32) -> anyhow::Result<()> {
-        batch::remove_where::<CounterKey, u64>(&mut self.ebpf, "COUNTERS", |k, _| k.tgid == tgid);
-        Ok(())
+        self.counters.forget(&mut self.ebpf, tgid).map(drop)
     }
 
     /// Attaches one read/write source to `pid` (all or nothing).
@@ -805,7 +816,7 @@ impl ProbeLayer for EventProbes {
 
     fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
         let mut out: HashMap<u32, RawCounters> = HashMap::new();
-        for (key, value) in self.all_counters()? {
+        for (key, value) in self.counters.read(&self.ebpf)? {
             *out.entry(key.tgid)
                 .or_default()
                 .by_key
@@ -902,6 +913,7 @@ impl ProbeLayer for EventProbes {
                     .unwrap_or(0);
                 (dropped::NAMES[slot as usize], total)
             })
+            .chain([(NESTED_RUNS, self.nested_runs())])
             .collect()
     }
 
@@ -913,11 +925,7 @@ impl ProbeLayer for EventProbes {
         };
         let e = &self.ebpf;
         vec![
-            (
-                "COUNTERS",
-                count_entries::<CounterKey, u64>(e, "COUNTERS"),
-                MAX_COUNTERS,
-            ),
+            ("COUNTERS", self.counters.known(), MAX_COUNTERS),
             (
                 "WATCHED",
                 count_entries::<u32, u32>(e, "WATCHED"),
