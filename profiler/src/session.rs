@@ -11,8 +11,8 @@ use crate::{
     attribution::{self, RawCounters},
     collector::{Collector, FinalCounts, HostWindows, RunningWindow, VmObservation, WindowClock},
     discovery::{
-        DiscoveryCache, HostCpu, HostPaths, QemuProcess, VmKey, read_host_cpu,
-        scan_qemu_processes_cached, scan_qemu_processes_hinted,
+        DiscoveryCache, HostCpu, HostPaths, QemuProcess, VmKey, scan_qemu_processes_cached,
+        scan_qemu_processes_hinted,
     },
     names::{Note, VmNameCache},
     probes::{
@@ -90,6 +90,7 @@ pub struct ProcDiscovery {
     cache: DiscoveryCache,
     /// Scans since the last full one.
     since_full: u32,
+    host_cpu: crate::discovery::HostCpuReader,
 }
 
 /// A hinted scan trusts the exec hints and pidfds; every this many scans, one looks at all of
@@ -116,7 +117,7 @@ impl Discover for ProcDiscovery {
         }
     }
     fn host_cpu(&mut self) -> Option<HostCpu> {
-        read_host_cpu(&self.paths)
+        self.host_cpu.read(&self.paths)
     }
 }
 
@@ -219,11 +220,26 @@ impl DropLedger {
             return None;
         }
         self.said = Some(window);
-        let what: Vec<String> = new.iter().map(|(m, n)| format!("{n} by {m}")).collect();
+        let (nested, full): (Vec<_>, Vec<_>) = new
+            .iter()
+            .partition(|(m, _)| *m == crate::probes::NESTED_RUNS);
+        let mut causes = Vec::new();
+        if !full.is_empty() {
+            let what: Vec<String> = full.iter().map(|(m, n)| format!("{n} by {m}")).collect();
+            causes.push(format!(
+                "updates dropped because a kernel map is full ({}); watch fewer VMs (--vm/--pid)",
+                what.join(", ")
+            ));
+        }
+        if let Some((_, n)) = nested.first() {
+            causes.push(format!(
+                "{n} probe runs skipped by the kernel because another BPF program or BPF map \
+                 operation held the CPU (events of any process; some may be this VM's)"
+            ));
+        }
         Some(Note::general(format!(
-            "updates dropped because a kernel map is full ({}): counts are low by up to that \
-             many; watch fewer VMs (--vm/--pid)",
-            what.join(", ")
+            "{}: counts are low by up to that many",
+            causes.join("; ")
         )))
     }
 
@@ -1079,5 +1095,34 @@ mod tests {
             r.session.live_sources(),
             ["libc uprobes (timer, fd)", "uprobes timer callbacks"]
         );
+    }
+
+    #[test]
+    fn skipped_nested_runs_are_said_as_such_and_counted_in_their_window() {
+        use crate::probes::NESTED_RUNS;
+        let mut ledger = DropLedger::default();
+        assert!(
+            ledger
+                .sample(0, vec![("COUNTERS", 0), (NESTED_RUNS, 0)])
+                .is_none()
+        );
+        let note = ledger
+            .sample(1, vec![("COUNTERS", 0), (NESTED_RUNS, 3)])
+            .expect("said")
+            .to_string();
+        assert!(
+            note.contains("3 probe runs skipped") && !note.contains("map is full"),
+            "{note}"
+        );
+        let both = ledger
+            .sample(2, vec![("COUNTERS", 2), (NESTED_RUNS, 4)])
+            .expect("said")
+            .to_string();
+        assert!(
+            both.contains("2 by COUNTERS") && both.contains("1 probe runs skipped"),
+            "{both}"
+        );
+        assert_eq!(ledger.by_window.get(&1), Some(&3));
+        assert_eq!(ledger.by_window.get(&2), Some(&3));
     }
 }
