@@ -291,7 +291,7 @@ fn libvirt_domain_on_the_usdt_qemu_names_its_uhci_controller() {
 #[test]
 fn libvirt_kvm_domain_ports_named_from_the_well_known_table() {
     let test = "libvirt_kvm_ports";
-    if Prereq::new(test).root().is_none() || Prereq::new(test).kvm().is_none() {
+    if Prereq::new(test).root().is_none() || Prereq::new(test).kvm_for_the_kvm_group().is_none() {
         return;
     }
     let Some(_libvirtd) = Libvirtd::start(test) else {

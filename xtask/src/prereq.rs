@@ -149,6 +149,28 @@ impl Prereq {
         }
     }
 
+    /// `/dev/kvm` open to the `kvm` group, as libvirt's QEMU (user `libvirt-qemu`, group
+    /// `kvm`) needs it: udev's rule sets that, and `cargo xtask setup` where no udev ran.
+    pub fn kvm_for_the_kvm_group(&self) -> Option<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        self.kvm()?;
+        let kvm_gid = fs::read_to_string("/etc/group").ok().and_then(|groups| {
+            groups.lines().find_map(|l| {
+                let mut f = l.split(':');
+                (f.next() == Some("kvm")).then(|| f.nth(1)?.parse::<u32>().ok())?
+            })
+        });
+        let meta = fs::metadata("/dev/kvm").ok()?;
+        if kvm_gid == Some(meta.gid()) && meta.mode() & 0o060 == 0o060 {
+            Some(())
+        } else {
+            self.missing(
+                "/dev/kvm is not read-write for the kvm group, so libvirt's QEMU cannot use it \
+                 (`cargo xtask setup` sets root:kvm 0660 as udev would)",
+            )
+        }
+    }
+
     /// Debian's QEMU (`qemu-system-x86_64` on `PATH`) runs.
     pub fn system_qemu(&self) -> Option<()> {
         let runs = Command::new("qemu-system-x86_64")

@@ -167,6 +167,33 @@ fn nightly_has_rust_src() -> bool {
     .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")))
 }
 
+/// Gives `/dev/kvm` the group and mode Debian's udev rule gives it (`root:kvm 0660`) where no
+/// udev ran to apply it: libvirt's QEMU runs as `libvirt-qemu`, a member of `kvm`, and fails
+/// with "Could not access KVM kernel module: Permission denied" on a `root:root 0600` node.
+/// Containers and minimal hosts without udev come up that way.
+fn kvm_device_for_the_kvm_group() -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let dev = Path::new("/dev/kvm");
+    let Ok(meta) = std::fs::metadata(dev) else {
+        return Ok(());
+    };
+    let Some(kvm_gid) = output(Command::new("getent").args(["group", "kvm"]))
+        .and_then(|line| line.split(':').nth(2)?.trim().parse::<u32>().ok())
+    else {
+        return Ok(());
+    };
+    if meta.gid() == kvm_gid && meta.mode() & 0o060 == 0o060 {
+        return Ok(());
+    }
+    say("/dev/kvm: root:kvm 0660, as udev's rule sets it (no udev applied it here)");
+    std::os::unix::fs::chown(dev, None, Some(kvm_gid)).context("chgrp kvm /dev/kvm")?;
+    std::fs::set_permissions(
+        dev,
+        std::fs::Permissions::from_mode((meta.mode() & 0o7777) | 0o660),
+    )
+    .context("chmod g+rw /dev/kvm")
+}
+
 pub fn setup(_root: &Path) -> anyhow::Result<()> {
     let root = is_root();
     let debian = is_debian();
@@ -203,6 +230,7 @@ pub fn setup(_root: &Path) -> anyhow::Result<()> {
 
     let mut apt = Apt::new();
     apt.install(PACKAGES)?;
+    kvm_device_for_the_kvm_group()?;
 
     if !nightly_has_rust_src() {
         say("rustup component add rust-src --toolchain nightly");
