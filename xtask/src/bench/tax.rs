@@ -231,12 +231,14 @@ pub fn run(
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     let body = format!(
         "## What recording costs other processes, and a watched QEMU\n\n\
-         `{command}`: ns per call (median of {rounds} rounds; configurations interleaved, \
+         `{command}`: CPU ns per call (median of {rounds} rounds; configurations interleaved, \
          order rotated each round) of a `getppid` loop ({} calls) and a zero-timeout `ppoll` \
          loop ({calls} calls) in processes the profiler does not watch, and of the same `ppoll` \
-         loop in a process named like QEMU that it watches; and the CPU time per call of a \
-         watched `ppoll` loop whose 20 µs timeout expires each time ({} calls; QEMU's timer \
-         waits). Each tracer watches one QEMU-like process (waking from `ppoll` every 10 ms) \
+         loop in a process named like QEMU that it watches — each loop's figure is its fastest \
+         of 20 equal chunks by thread CPU time, so the shared machine's preemptions and stray \
+         interrupts drop out while a cost every call pays stays in; and the CPU time per call \
+         of a watched `ppoll` loop whose 20 µs timeout expires each time ({} calls; QEMU's \
+         timer waits). Each tracer watches one QEMU-like process (waking from `ppoll` every 10 ms) \
          besides. In brackets: added per call, and relative to nothing running.\n\n\
          | running | unrelated `getppid` (ns) | unrelated `ppoll` (ns) | watched QEMU's `ppoll` (ns) | watched QEMU's timed `ppoll` (CPU ns) |\n\
          |---|---|---|---|---|\n{rows}\n\
