@@ -100,9 +100,22 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Records the workload with `--timer-source source`; returns (timer, fd_wakeups, label) summed
-/// over the recording, and the runs of `sys_enter_ppoll` while the workload ran.
-fn record_with(source: &str, bin: &Path) -> (u64, u64, String, u64) {
+/// What one recording of the workload counted.
+struct Recorded {
+    /// `timer` summed over the recording.
+    timer: u64,
+    /// `fd_wakeups` summed over the recording.
+    fds: u64,
+    /// `sources.timer`.
+    label: String,
+    /// Runs of `sys_enter_ppoll` while the workload ran.
+    runs: u64,
+    /// `dropped_updates` summed over the recording (full maps and skipped nested runs).
+    dropped: u64,
+}
+
+/// Records the workload with `--timer-source source`.
+fn record_with(source: &str, bin: &Path) -> Recorded {
     let dir = run_dir(&format!("timer-source-{source}"));
     let name = format!("waits-{source}");
     let workload = start_waits(bin, dir.path(), &name);
@@ -142,12 +155,13 @@ fn record_with(source: &str, bin: &Path) -> (u64, u64, String, u64) {
     let sum = |f: fn(&&profiler::record::WindowRecord) -> Option<u64>| -> u64 {
         windows.iter().map(|w| f(w).expect("counted")).sum()
     };
-    (
-        sum(|w| w.timer),
-        sum(|w| w.fd_wakeups),
-        windows[0].sources.timer.clone(),
+    Recorded {
+        timer: sum(|w| w.timer),
+        fds: sum(|w| w.fd_wakeups),
+        label: windows[0].sources.timer.clone(),
         runs,
-    )
+        dropped: windows.iter().map(|w| w.dropped_updates).sum(),
+    }
 }
 
 #[test]
@@ -158,7 +172,13 @@ fn every_timer_source_counts_exactly_and_only_the_fallback_taxes_others() {
     let Some(bin) = build_waits(build.path(), &p) else {
         return;
     };
-    let (timer, fds, label, runs) = record_with("libc", &bin);
+    let Recorded {
+        timer,
+        fds,
+        label,
+        runs,
+        ..
+    } = record_with("libc", &bin);
     assert_eq!(label, "libc-uprobes");
     assert_eq!((timer, fds), (TIMERS, FDS + LATE), "libc uprobes");
     assert_eq!(
@@ -166,7 +186,13 @@ fn every_timer_source_counts_exactly_and_only_the_fallback_taxes_others() {
         "the syscall tracepoints ran while only the libc source was needed"
     );
 
-    let (timer, fds, label, runs) = record_with("syscall", &bin);
+    let Recorded {
+        timer,
+        fds,
+        label,
+        runs,
+        ..
+    } = record_with("syscall", &bin);
     assert_eq!(label, "syscall");
     assert_eq!((timer, fds), (TIMERS, FDS + LATE), "syscall tracepoints");
     assert!(
@@ -177,18 +203,31 @@ fn every_timer_source_counts_exactly_and_only_the_fallback_taxes_others() {
     // The sleep timers: every timed-out wait, and the fd wakeups that cancelled a wait's
     // timer (not those ready at entry, which arm none). The workload's nanosleep naps before
     // it starts arm the same kind of timer and must not count.
-    let (timer, fds, label, runs) = record_with("hrtimer", &bin);
+    let Recorded {
+        timer,
+        fds,
+        label,
+        runs,
+        dropped,
+    } = record_with("hrtimer", &bin);
     assert_eq!(label, "hrtimer");
     // Never more than happened; in one fresh-clone CI run 3 of the 400 expiries were not
-    // counted (cause not established; a skipped nested BPF run is the suspect): within 2 %.
+    // counted (cause not established; a skipped nested BPF run is the suspect, and the records
+    // now say how many runs the kernel skipped): within 2 %.
     assert!(
         timer <= TIMERS && timer * 100 >= TIMERS * 98,
-        "hrtimer tracepoints: {timer} timers of {TIMERS}"
+        "hrtimer tracepoints: {timer} timers of {TIMERS} ({dropped} updates dropped)"
     );
     assert!(
         fds <= LATE && fds * 100 >= LATE * 98,
-        "hrtimer tracepoints: {fds} fd wakeups of {LATE}"
+        "hrtimer tracepoints: {fds} fd wakeups of {LATE} ({dropped} updates dropped)"
     );
+    if timer < TIMERS || fds < LATE {
+        eprintln!(
+            "hrtimer tracepoints: {timer} of {TIMERS} timers, {fds} of {LATE} fd wakeups, \
+             {dropped} updates dropped"
+        );
+    }
     assert_eq!(
         runs, 0,
         "the syscall tracepoints ran for the hrtimer source"
