@@ -152,16 +152,11 @@ impl Prereq {
     /// `/dev/kvm` open to the `kvm` group, as libvirt's QEMU (user `libvirt-qemu`, group
     /// `kvm`) needs it: udev's rule sets that, and `cargo xtask setup` where no udev ran.
     pub fn kvm_for_the_kvm_group(&self) -> Option<()> {
-        use std::os::unix::fs::MetadataExt as _;
         self.kvm()?;
-        let kvm_gid = fs::read_to_string("/etc/group").ok().and_then(|groups| {
-            groups.lines().find_map(|l| {
-                let mut f = l.split(':');
-                (f.next() == Some("kvm")).then(|| f.nth(1)?.parse::<u32>().ok())?
-            })
-        });
-        let meta = fs::metadata("/dev/kvm").ok()?;
-        if kvm_gid == Some(meta.gid()) && meta.mode() & 0o060 == 0o060 {
+        let open = kvm_gid()
+            .zip(fs::metadata("/dev/kvm").ok())
+            .is_some_and(|(gid, meta)| kvm_open_to_group(&meta, gid));
+        if open {
             Some(())
         } else {
             self.missing(
@@ -183,6 +178,23 @@ impl Prereq {
             self.missing("qemu-system-x86_64 is not installed (`cargo xtask setup` installs it)")
         }
     }
+}
+
+/// The `kvm` group's id (from `/etc/group`: Debian's packages create it there).
+pub fn kvm_gid() -> Option<u32> {
+    fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut fields = l.split(':');
+            (fields.next() == Some("kvm")).then(|| fields.nth(1)?.parse().ok())?
+        })
+}
+
+/// Whether the `/dev/kvm` node (`meta`) is read-write for group `gid`, as udev's rule leaves it.
+pub fn kvm_open_to_group(meta: &fs::Metadata, gid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    meta.gid() == gid && meta.mode() & 0o060 == 0o060
 }
 
 fn is_executable(path: &Path) -> bool {

@@ -177,12 +177,10 @@ fn kvm_device_for_the_kvm_group() -> anyhow::Result<()> {
     let Ok(meta) = std::fs::metadata(dev) else {
         return Ok(());
     };
-    let Some(kvm_gid) = output(Command::new("getent").args(["group", "kvm"]))
-        .and_then(|line| line.split(':').nth(2)?.trim().parse::<u32>().ok())
-    else {
+    let Some(kvm_gid) = xtask::prereq::kvm_gid() else {
         return Ok(());
     };
-    if meta.gid() == kvm_gid && meta.mode() & 0o060 == 0o060 {
+    if xtask::prereq::kvm_open_to_group(&meta, kvm_gid) {
         return Ok(());
     }
     say("/dev/kvm: root:kvm 0660, as udev's rule sets it (no udev applied it here)");

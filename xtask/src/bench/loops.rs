@@ -77,14 +77,14 @@ pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
             });
         }),
         LoopKind::PpollTimed => {
-            let cpu_before = own_cpu_ns();
+            let cpu_before = thread_cpu_ns();
             for _ in 0..calls {
                 // SAFETY: as above.
                 std::hint::black_box(unsafe {
                     libc::ppoll(std::ptr::null_mut(), 0, &timed, std::ptr::null())
                 });
             }
-            (own_cpu_ns() - cpu_before) / calls.max(1) as f64
+            (thread_cpu_ns() - cpu_before) / calls.max(1) as f64
         }
     };
     println!("ns_per_call={ns:.1}");
@@ -121,16 +121,6 @@ fn thread_cpu_ns() -> f64 {
     // SAFETY: a valid clock id and a pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
-}
-
-/// CPU time of this process so far (user and system), ns.
-fn own_cpu_ns() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let ns = |t: libc::timeval| t.tv_sec as f64 * 1e9 + t.tv_usec as f64 * 1e3;
-    ns(usage.ru_utime) + ns(usage.ru_stime)
 }
 
 /// Runs a loop in a new process and returns its ns per call (CPU ns for a timed loop). `qemu_name`: named like QEMU
