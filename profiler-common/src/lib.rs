@@ -48,6 +48,9 @@ pub mod watch_flag {
     /// Its waits are counted by the hrtimer tracepoints (`--timer-source hrtimer`): the
     /// sleep timers its wait syscalls arm, expired (a timer) or cancelled (woken earlier).
     pub const WAITS_BY_HRTIMER: u32 = 4;
+    /// Its waits are counted by uprobes at its C library's wait results, and
+    /// `timer:hrtimer_start` marks its threads whose `ppoll` armed a sleep timer.
+    pub const WAITS_BY_LIBC_RESULT: u32 = 8;
 }
 
 /// Which wait syscall a counter came from. Stored in [`CounterKey::id`] for wait counters.

@@ -88,7 +88,7 @@ use profiler_common::kind;
 
 use crate::{
     attribution::RawCounters,
-    probes::policy::{ReadWriteSource, TimerSource, VmSources},
+    probes::policy::{ReadWriteSource, VmSources},
     record::WindowRecord,
 };
 
@@ -103,7 +103,10 @@ pub struct Uprobed {
 impl Uprobed {
     pub fn of(sources: &VmSources) -> Self {
         Self {
-            timer: sources.timer == Ok(TimerSource::LibcUprobes),
+            timer: sources
+                .timer
+                .as_ref()
+                .is_ok_and(|t| t.libc_probes().is_some()),
             read_write: matches!(
                 sources.read_write,
                 Ok(ReadWriteSource::Usdt | ReadWriteSource::Symbols)

@@ -606,6 +606,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         if timer_by(TimerSource::LibcUprobes) {
             live.push("libc uprobes (timer, fd)".to_string());
         }
+        if timer_by(TimerSource::LibcEntryReturnUprobes) {
+            live.push("libc entry/return uprobes (timer, fd)".to_string());
+        }
         if timer_by(TimerSource::SyscallTracepoints) {
             live.push("syscall tracepoints (timer, fd)".to_string());
         }

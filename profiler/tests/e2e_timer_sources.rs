@@ -70,7 +70,8 @@ fn start_waits(bin: &Path, dir: &Path, name: &str) -> KillOnDrop {
 fn program_runs(name: &str) -> u64 {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| p.name_as_str() == Some(name))
+        // The kernel keeps 15 bytes of a program's name.
+        .filter(|p| p.name_as_str() == Some(&name[..name.len().min(15)]))
         .map(|p| p.run_count())
         .sum()
 }
@@ -110,6 +111,10 @@ struct Recorded {
     label: String,
     /// Runs of `sys_enter_ppoll` while the workload ran.
     runs: u64,
+    /// Runs of the libc result probe (`libc_wait_result`) and of the libc entry probe of
+    /// `ppoll` while the workload ran.
+    result_runs: u64,
+    entry_runs: u64,
     /// `dropped_updates` summed over the recording (full maps and skipped nested runs).
     dropped: u64,
 }
@@ -135,12 +140,14 @@ fn record_with(source: &str, bin: &Path) -> Recorded {
         std::fs::read_to_string(&rec).is_ok_and(|t| t.contains(&name))
     });
     let stats = bpf_stats_on();
-    let runs_before = program_runs("sys_enter_ppoll");
+    let programs = ["sys_enter_ppoll", "libc_wait_result", "libc_ppoll"];
+    let before = programs.map(program_runs);
     std::fs::write(dir.path().join("go"), "").unwrap();
     wait_for("the workload", Duration::from_secs(60), || {
         dir.path().join("done").exists()
     });
-    let runs = program_runs("sys_enter_ppoll") - runs_before;
+    let after = programs.map(program_runs);
+    let [runs, result_runs, entry_runs] = [0, 1, 2].map(|i| after[i] - before[i]);
     drop(stats);
     // Its last waits land in a window that closes within 2 s.
     sleep(Duration::from_millis(2500));
@@ -160,6 +167,8 @@ fn record_with(source: &str, bin: &Path) -> Recorded {
         fds: sum(|w| w.fd_wakeups),
         label: windows[0].sources.timer.clone(),
         runs,
+        result_runs,
+        entry_runs,
         dropped: windows.iter().map(|w| w.dropped_updates).sum(),
     }
 }
@@ -172,11 +181,16 @@ fn every_timer_source_counts_exactly_and_only_the_fallback_taxes_others() {
     let Some(bin) = build_waits(build.path(), &p) else {
         return;
     };
+    let waits = TIMERS + FDS + ZEROS + LATE;
+    // One probe per wait, after its syscall: a zero-timeout ppoll's 0 (a thousand of them)
+    // must not pass for a timed-out ppoll's.
     let Recorded {
         timer,
         fds,
         label,
         runs,
+        result_runs,
+        entry_runs,
         ..
     } = record_with("libc", &bin);
     assert_eq!(label, "libc-uprobes");
@@ -185,6 +199,29 @@ fn every_timer_source_counts_exactly_and_only_the_fallback_taxes_others() {
         runs, 0,
         "the syscall tracepoints ran while only the libc source was needed"
     );
+    assert!(
+        (waits..waits + 50).contains(&result_runs) && entry_runs == 0,
+        "{waits} waits ran the result probe {result_runs} times, the entry probe {entry_runs}"
+    );
+
+    // The two-trap fallback counts the same.
+    let Recorded {
+        timer,
+        fds,
+        label,
+        runs,
+        result_runs,
+        entry_runs,
+        ..
+    } = record_with("libc-entry-return", &bin);
+    assert_eq!(label, "libc-entry-return-uprobes");
+    assert_eq!(
+        (timer, fds),
+        (TIMERS, FDS + LATE),
+        "libc entry/return uprobes"
+    );
+    assert_eq!((runs, result_runs), (0, 0));
+    assert!(entry_runs >= TIMERS / 2 + FDS / 2 + ZEROS, "{entry_runs}");
 
     let Recorded {
         timer,
@@ -209,6 +246,7 @@ fn every_timer_source_counts_exactly_and_only_the_fallback_taxes_others() {
         label,
         runs,
         dropped,
+        ..
     } = record_with("hrtimer", &bin);
     assert_eq!(label, "hrtimer");
     // Never more than happened; in one fresh-clone CI run 3 of the 400 expiries were not

@@ -9,6 +9,10 @@
 //! the price is that a wait that arms no timer is not seen (zero and infinite timeouts, an fd
 //! ready at entry), so fd wakeups are partial.
 //!
+//! The libc source's result probes use `hrtimer_start` too (`WAITS_BY_LIBC_RESULT`): it marks
+//! a thread whose `ppoll` armed a sleep timer, which is what tells a timed-out ppoll from a
+//! zero-timeout one (see `libc_waits.rs`).
+//!
 //! Tracepoint layouts (tracefs `events/timer/*/format`, checked by userspace at load):
 //! `hrtimer_start`: hrtimer @8, function @16; `hrtimer_expire_entry` and `hrtimer_cancel`:
 //! hrtimer @8.
@@ -19,8 +23,11 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::TracePointContext,
 };
-use profiler_common::{CounterKey, MAX_PENDING, Sleeper, dropped, kind, wait_syscall, watch_flag};
+use profiler_common::{
+    CounterKey, MAX_PENDING, Sleeper, dropped, kind, timeout_class, wait_syscall, watch_flag,
+};
 
+use super::timers::remember;
 use crate::maps::{count, current_ids, note_insert, watch_flags};
 
 const HRTIMER: usize = 8;
@@ -54,11 +61,11 @@ fn current_syscall() -> Option<u64> {
 
 #[tracepoint]
 pub fn hrtimer_start(ctx: TracePointContext) -> u32 {
-    let (tgid, _) = current_ids();
+    let (tgid, tid) = current_ids();
     let Some(flags) = watch_flags(tgid) else {
         return 0;
     };
-    if flags & watch_flag::WAITS_BY_HRTIMER == 0 {
+    if flags & (watch_flag::WAITS_BY_HRTIMER | watch_flag::WAITS_BY_LIBC_RESULT) == 0 {
         return 0;
     }
     // SAFETY: fields of the tracepoint record at the offsets userspace checked.
@@ -79,6 +86,14 @@ pub fn hrtimer_start(ctx: TracePointContext) -> u32 {
         Some(NR_EPOLL_PWAIT2) => wait_syscall::EPOLL_PWAIT2,
         _ => return 0,
     };
+    if flags & watch_flag::WAITS_BY_LIBC_RESULT != 0 {
+        // The libc result probe counts this wait; it only needs to know that a ppoll armed
+        // its timer (libc_waits.rs: a ppoll's 0 is otherwise ambiguous).
+        if syscall == wait_syscall::PPOLL {
+            remember(tgid, tid, syscall, timeout_class::FINITE);
+        }
+        return 0;
+    }
     let sleeper = Sleeper {
         tgid,
         syscall: syscall as u32,

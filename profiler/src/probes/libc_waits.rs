@@ -18,6 +18,8 @@ use std::{
 use anyhow::Context as _;
 use aya::Ebpf;
 
+use profiler_common::wait_syscall;
+
 use super::uprobes::{self, UprobeLinks, UprobePoint};
 use crate::elf::SymbolTable;
 
@@ -27,6 +29,18 @@ pub const EPOLL_PWAIT_PROGRAM: &str = "libc_epoll_pwait";
 pub const EPOLL_PWAIT2_PROGRAM: &str = "libc_epoll_pwait2";
 /// The return program shared by all three: classifies the result.
 pub const RETURN_PROGRAM: &str = "libc_wait_return";
+/// The one program of the result probes (after each syscall instruction).
+pub const RESULT_PROGRAM: &str = "libc_wait_result";
+
+/// How the libc source probes a process's wait functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LibcProbes {
+    /// One uprobe on the jump after each syscall instruction: one trap per wait (needs
+    /// `timer:hrtimer_start` for ppoll's timeouts, attached by the caller).
+    Result,
+    /// A uprobe at entry and a return probe: two traps per wait, any C library.
+    EntryReturn,
+}
 
 /// The wait functions and their entry programs.
 const FUNCTIONS: &[(&str, &str)] = &[
@@ -99,6 +113,92 @@ pub fn find_libc(maps: &str) -> Option<MappedFile> {
 pub struct WaitFunctions {
     /// (function, entry program, file offset), for those found.
     pub found: Vec<(&'static str, &'static str, u64)>,
+    /// Where the result program goes: the file offsets of the jumps right after each syscall
+    /// of each function found, with the function's [`wait_syscall`] as the cookie; or why
+    /// this library's code is not the pattern ([`result_jumps`]).
+    pub results: Result<Vec<UprobePoint>, String>,
+}
+
+/// `cmp $-4096,%rax` (glibc's check for an error return) and `cmp $-4095,%rax` (older builds,
+/// followed by `jae`).
+const CMP_RAX_ERRNO: [[u8; 6]; 2] = [
+    [0x48, 0x3d, 0x00, 0xf0, 0xff, 0xff],
+    [0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff],
+];
+const SYSCALL: [u8; 2] = [0x0f, 0x05];
+
+/// Offsets in `code` (one function's bytes) of the conditional jump that follows each
+/// `syscall; cmp $-4096,%rax` (or `cmp $-4095,%rax`): there `rax` is the kernel's result and
+/// the argument registers what the kernel got, and the kernel emulates a jump without a
+/// single-step (a breakpoint on the `cmp` itself costs ten times as much on this machine).
+/// Every `0f 05` byte pair in the function must be such a site; otherwise (another
+/// compiler's code, musl's shared syscall stub, a pair inside another instruction) the
+/// function is refused rather than half-probed: a wait through a site without a probe would
+/// go uncounted.
+pub fn result_jumps(code: &[u8]) -> Result<Vec<usize>, String> {
+    let mut jumps = Vec::new();
+    let mut pairs = 0;
+    for at in 0..code.len().saturating_sub(1) {
+        if code[at..at + 2] != SYSCALL {
+            continue;
+        }
+        pairs += 1;
+        let cmp = at + 2;
+        let jump = cmp + 6;
+        let is_cmp = code
+            .get(cmp..jump)
+            .is_some_and(|c| CMP_RAX_ERRNO.iter().any(|p| p == c));
+        // ja/jae rel8, or ja/jae rel32.
+        let is_jump = matches!(
+            code.get(jump..),
+            Some([0x77 | 0x73, _, ..] | [0x0f, 0x87 | 0x83, _, _, _, _, ..])
+        );
+        if is_cmp && is_jump {
+            jumps.push(jump);
+        }
+    }
+    if pairs == 0 {
+        return Err("no syscall instruction in it (a wrapper around another function?)".into());
+    }
+    if jumps.len() != pairs {
+        return Err(format!(
+            "{} of its {pairs} syscall sites are not followed by glibc's error check",
+            pairs - jumps.len()
+        ));
+    }
+    Ok(jumps)
+}
+
+/// The result probe points of the functions `found` in a library with these `symbols`.
+fn result_points(
+    bytes: &[u8],
+    symbols: &SymbolTable,
+    found: &[(&'static str, &'static str, u64)],
+) -> Result<Vec<UprobePoint>, String> {
+    let mut points = Vec::new();
+    for &(function, _, offset) in found {
+        let size = symbols
+            .lookup(function)
+            .map(|s| s.size)
+            .filter(|&s| s > 0)
+            .ok_or_else(|| format!("{function}: its symbol has no size"))?;
+        let code = usize::try_from(offset)
+            .ok()
+            .and_then(|start| bytes.get(start..start.checked_add(size as usize)?))
+            .ok_or_else(|| format!("{function}: its code is outside the file"))?;
+        let cookie = match function {
+            "ppoll" => wait_syscall::PPOLL,
+            "epoll_pwait" => wait_syscall::EPOLL_PWAIT,
+            _ => wait_syscall::EPOLL_PWAIT2,
+        };
+        for jump in result_jumps(code).map_err(|why| format!("{function}: {why}"))? {
+            points.push(UprobePoint {
+                file_offset: offset + jump as u64,
+                cookie,
+            });
+        }
+    }
+    Ok(points)
 }
 
 impl WaitFunctions {
@@ -118,7 +218,8 @@ impl WaitFunctions {
             found.iter().any(|(f, _, _)| *f == "ppoll"),
             "it does not export ppoll"
         );
-        Ok(Self { found })
+        let results = result_points(bytes, &symbols, &found);
+        Ok(Self { found, results })
     }
 }
 
@@ -185,12 +286,52 @@ impl LibcWaitSource {
             uprobes::load(ebpf, program)?;
         }
         uprobes::load(ebpf, RETURN_PROGRAM)?;
+        uprobes::load(ebpf, RESULT_PROGRAM)?;
         Ok(Self::default())
     }
 
-    /// Attaches an entry probe and a return probe to each wait function of `pid`'s libc: all
-    /// of them, or none.
-    pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32, offer: &LibcOffer) -> anyhow::Result<()> {
+    /// Attaches the probes of `how` to the wait functions of `pid`'s libc: all of them, or
+    /// none.
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        offer: &LibcOffer,
+        how: LibcProbes,
+    ) -> anyhow::Result<()> {
+        match how {
+            LibcProbes::Result => self.attach_results(ebpf, pid, offer),
+            LibcProbes::EntryReturn => self.attach_entry_return(ebpf, pid, offer),
+        }
+    }
+
+    /// One result probe after each syscall of each wait function.
+    fn attach_results(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        offer: &LibcOffer,
+    ) -> anyhow::Result<()> {
+        self.detach(ebpf, pid);
+        let points = offer
+            .functions
+            .results
+            .as_ref()
+            .map_err(|why| anyhow::anyhow!("no result sites in {}: {why}", offer.libc.path))?;
+        let links =
+            UprobeLinks::attach_in(ebpf, RESULT_PROGRAM, pid, &offer.libc.reach(pid), points)
+                .with_context(|| format!("the wait results in {}", offer.libc.path))?;
+        self.processes.insert(pid, vec![links]);
+        Ok(())
+    }
+
+    /// An entry probe and a return probe on each wait function.
+    fn attach_entry_return(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        offer: &LibcOffer,
+    ) -> anyhow::Result<()> {
         self.detach(ebpf, pid);
         let target = offer.libc.reach(pid);
         let mut made: Vec<UprobeLinks> = Vec::new();
@@ -341,6 +482,64 @@ mod tests {
         }
     }
 
+    /// glibc 2.41's `epoll_pwait`, from its first syscall to the jump after its second (two
+    /// sites: the single-threaded one and the cancellable one).
+    const EPOLL_PWAIT_BYTES: &[u8] = &[
+        0xb8, 0x19, 0x01, 0x00, 0x00, // mov $0x119,%eax
+        0x0f, 0x05, // syscall
+        0x48, 0x3d, 0x00, 0xf0, 0xff, 0xff, // cmp $-4096,%rax
+        0x77, 0x6f, // ja
+        0xc3, // ret
+        0x8b, 0x7c, 0x24, 0x04, // mov 0x4(%rsp),%edi
+        0x0f, 0x05, // syscall
+        0x48, 0x3d, 0x00, 0xf0, 0xff, 0xff, // cmp $-4096,%rax
+        0x0f, 0x87, 0x32, 0x00, 0x00, 0x00, // ja rel32
+        0x89, 0xef, // mov %ebp,%edi
+    ];
+
+    #[test]
+    fn result_jumps_are_the_jumps_after_each_syscall_check() {
+        assert_eq!(result_jumps(EPOLL_PWAIT_BYTES), Ok(vec![13, 28]));
+        // Older glibc: cmp $-4095 and jae.
+        let old = [
+            0x0f, 0x05, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, 0x01, 0xc3,
+        ];
+        assert_eq!(result_jumps(&old), Ok(vec![8]));
+        // A site without the check (musl's stub returns rax as is): the function is refused,
+        // not half-probed.
+        let mut unchecked = EPOLL_PWAIT_BYTES.to_vec();
+        unchecked[22] = 0x90;
+        assert_eq!(
+            result_jumps(&unchecked),
+            Err("1 of its 2 syscall sites are not followed by glibc's error check".into())
+        );
+        // The check cut off by the end of the function.
+        assert!(result_jumps(&EPOLL_PWAIT_BYTES[..14]).is_err());
+        assert!(result_jumps(&[0xc3]).unwrap_err().contains("no syscall"));
+        assert!(result_jumps(&[]).is_err());
+    }
+
+    #[test]
+    fn random_code_never_panics_and_jumps_stay_inside() {
+        let mut rng = crate::elf::test_support::Rng(0x5c);
+        let pieces: [&[u8]; 6] = [
+            &[0x0f, 0x05],
+            &[0x48, 0x3d, 0x00, 0xf0, 0xff, 0xff],
+            &[0x77],
+            &[0x0f, 0x87],
+            &[0xc3],
+            &[0x00],
+        ];
+        for _ in 0..5000 {
+            let code: Vec<u8> = (0..rng.below(12))
+                .flat_map(|_| pieces[rng.below(pieces.len())].iter().copied())
+                .collect();
+            if let Ok(jumps) = result_jumps(&code) {
+                assert!(jumps.iter().all(|&j| j + 2 <= code.len()), "{code:x?}");
+            }
+        }
+    }
+
     #[test]
     fn this_machines_libc_exports_the_wait_functions() {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -357,6 +556,16 @@ mod tests {
         );
         // Offsets are file offsets inside the library.
         assert!(functions.found.iter().all(|f| (f.2 as usize) < bytes.len()));
+        // glibc's wait functions have the result sites, at conditional jumps inside them.
+        if libc.path.contains("libc.so.6") {
+            let points = functions.results.as_ref().unwrap();
+            assert!(points.iter().any(|p| p.cookie == wait_syscall::PPOLL));
+            for p in points {
+                let at = p.file_offset as usize;
+                assert!(matches!(bytes[at], 0x77 | 0x73 | 0x0f), "{p:?}");
+                assert_eq!(bytes[at - 8..at - 6], SYSCALL, "{p:?}");
+            }
+        }
         assert!(WaitFunctions::from_elf_bytes(b"not an elf").is_err());
     }
 }

@@ -43,7 +43,7 @@ use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, watch_flag};
 use self::{
     exe::{ExeAnalysis, ExeCatalog},
     kvm::KvmSource,
-    libc_waits::{LibcCatalog, LibcOffer, LibcWaitSource},
+    libc_waits::{LibcCatalog, LibcOffer, LibcProbes, LibcWaitSource},
     policy::{ProcessOffer, ReadWriteSource, TimerChoice, TimerSource, VmSources},
     symbols::SymbolSource,
     timers::SyscallWaits,
@@ -305,14 +305,6 @@ impl SharedWaits {
         match self {
             SharedWaits::Syscall => u32::MAX,
             SharedWaits::Hrtimer => u32::MAX - 1,
-        }
-    }
-
-    /// The watch flag that makes its programs count a process.
-    fn flag(self) -> u32 {
-        match self {
-            SharedWaits::Syscall => watch_flag::WAITS_BY_SYSCALL,
-            SharedWaits::Hrtimer => watch_flag::WAITS_BY_HRTIMER,
         }
     }
 }
@@ -583,12 +575,16 @@ impl EventProbes {
         let mut attempts = Vec::new();
         for &source in &plan.timer {
             let result = match source {
-                TimerSource::LibcUprobes => match libc {
-                    Some(offer) => self.libc.attach(&mut self.ebpf, pid, offer),
+                TimerSource::LibcUprobes | TimerSource::LibcEntryReturnUprobes => match libc {
+                    Some(offer) => self.attach_libc(source, pid, offer),
                     None => Err(anyhow::anyhow!("no C library offer")),
                 },
-                TimerSource::SyscallTracepoints => self.acquire_shared(SharedWaits::Syscall, pid),
-                TimerSource::HrtimerTracepoints => self.acquire_shared(SharedWaits::Hrtimer, pid),
+                TimerSource::SyscallTracepoints => {
+                    self.acquire_shared(SharedWaits::Syscall, pid, watch_flag::WAITS_BY_SYSCALL)
+                }
+                TimerSource::HrtimerTracepoints => {
+                    self.acquire_shared(SharedWaits::Hrtimer, pid, watch_flag::WAITS_BY_HRTIMER)
+                }
             }
             .map_err(|e| format!("{e:#}"));
             let attached = result.is_ok();
@@ -630,16 +626,47 @@ impl EventProbes {
         }
     }
 
-    /// Counts `pid` by shared tracepoints, attaching them for their first user.
-    fn acquire_shared(&mut self, shared: SharedWaits, pid: u32) -> anyhow::Result<()> {
+    /// Counts `pid` by shared tracepoints (their programs act on `flags`), attaching them for
+    /// their first user.
+    fn acquire_shared(&mut self, shared: SharedWaits, pid: u32, flags: u32) -> anyhow::Result<()> {
         // Links still being closed from their last user would count twice.
         self.detacher.wait_for(shared.job());
         match shared {
             SharedWaits::Syscall => self.syscall_waits.acquire(&mut self.ebpf, pid),
             SharedWaits::Hrtimer => self.hrtimer_waits.acquire(&mut self.ebpf, pid),
         }?;
-        self.set_watch_flags(pid, shared.flag())
+        self.set_watch_flags(pid, flags)
             .inspect_err(|_| self.release_shared(shared, pid))
+    }
+
+    /// The libc source for `pid`, probed as `source` says: the result probes also need
+    /// `timer:hrtimer_start` (it marks a ppoll that armed its timeout). All or nothing.
+    fn attach_libc(
+        &mut self,
+        source: TimerSource,
+        pid: u32,
+        offer: &LibcOffer,
+    ) -> anyhow::Result<()> {
+        let how = source.libc_probes().context("not a libc source")?;
+        if how == LibcProbes::Result {
+            // Checked first: no tracepoint is attached for a library without result sites.
+            if let Err(why) = &offer.functions.results {
+                bail!(
+                    "no result sites in {}: {why}",
+                    libc_waits::describe(&offer.libc).display()
+                );
+            }
+            self.acquire_shared(SharedWaits::Hrtimer, pid, watch_flag::WAITS_BY_LIBC_RESULT)
+                .context("timer:hrtimer_start (tells a ppoll's timeout from a zero timeout)")?;
+        }
+        self.libc
+            .attach(&mut self.ebpf, pid, offer, how)
+            .inspect_err(|_| {
+                if how == LibcProbes::Result {
+                    self.release_shared(SharedWaits::Hrtimer, pid);
+                    let _ = self.set_watch_flags(pid, 0);
+                }
+            })
     }
 
     /// Stops counting `pid`'s waits, whichever source did.
@@ -656,7 +683,11 @@ impl EventProbes {
     /// tracepoints stay.
     fn pause_uprobes(&mut self, pid: u32, sources: &VmSources) -> Vec<detacher::Detach> {
         let mut items = Vec::new();
-        if sources.timer == Ok(TimerSource::LibcUprobes) {
+        if sources
+            .timer
+            .as_ref()
+            .is_ok_and(|t| t.libc_probes().is_some())
+        {
             items.extend(self.libc.take(&mut self.ebpf, pid));
         }
         items.extend(self.usdt.take(&mut self.ebpf, pid));
@@ -666,10 +697,13 @@ impl EventProbes {
 
     /// Attaches again what served `pid` before its pause.
     fn resume_uprobes(&mut self, pid: u32, served: &Served) -> anyhow::Result<()> {
-        if served.sources.timer == Ok(TimerSource::LibcUprobes)
-            && let Some(libc) = &served.libc
+        if let Ok(how) = served.sources.timer.as_ref().map(|t| t.libc_probes())
+            && let (Some(how), Some(libc)) = (how, &served.libc)
         {
-            self.libc.attach(&mut self.ebpf, pid, libc)?;
+            // A ppoll's timer mark left while the probes were away must not classify the
+            // next zero-timeout poll.
+            timers::forget_process(&mut self.ebpf, pid);
+            self.libc.attach(&mut self.ebpf, pid, libc, how)?;
         }
         if served.sources.read_write == Ok(ReadWriteSource::Usdt) {
             self.attach_read_write(ReadWriteSource::Usdt, pid, served.exe.as_deref())
@@ -705,17 +739,23 @@ impl EventProbes {
         // Watched as a budgeted VM is, so each hit runs the whole program (remember, classify,
         // the hit count), not only the early return of an unwatched process.
         self.watched_map()?.insert(pid, watch_flag::COUNT_HITS, 0)?;
+        // The probes the libc source would use here: one hit per call at the result, two at
+        // entry and return.
+        let (how, hits) = match offer.functions.results {
+            Ok(_) => (LibcProbes::Result, 1),
+            Err(_) => (LibcProbes::EntryReturn, 2),
+        };
         let mut best = f64::INFINITY;
         let mut result = Ok(());
         for _ in 0..3 {
             let bare = time_calls();
-            if let Err(e) = self.libc.attach(&mut self.ebpf, pid, &offer) {
+            if let Err(e) = self.libc.attach(&mut self.ebpf, pid, &offer, how) {
                 result = Err(e);
                 break;
             }
             let probed = time_calls();
             self.libc.detach(&mut self.ebpf, pid);
-            best = best.min((probed - bare) / f64::from(2 * CALLS));
+            best = best.min((probed - bare) / f64::from(hits * CALLS));
         }
         let _ = self.watched_map()?.remove(&pid);
         self.forget_counters(pid)?;

@@ -34,8 +34,12 @@ impl ReadWriteSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TimerSource {
     /// uprobes on its C library's `ppoll` / `epoll_pwait` / `epoll_pwait2`, scoped to the
-    /// process: nothing else on the host pays.
+    /// process: nothing else on the host pays. One per wait, after the syscall instruction
+    /// (with `timer:hrtimer_start` telling a ppoll's timeout from a zero-timeout poll).
     LibcUprobes,
+    /// The same functions probed at entry and return: two traps per wait, for a C library
+    /// whose syscall sites are not glibc's pattern.
+    LibcEntryReturnUprobes,
     /// The `syscalls:sys_{enter,exit}_*` tracepoints of the wait syscalls: any QEMU, but while
     /// attached every syscall of every task on the host takes the slow path.
     SyscallTracepoints,
@@ -49,8 +53,21 @@ impl TimerSource {
     pub fn label(self) -> &'static str {
         match self {
             TimerSource::LibcUprobes => "libc-uprobes",
+            TimerSource::LibcEntryReturnUprobes => "libc-entry-return-uprobes",
             TimerSource::SyscallTracepoints => "syscall",
             TimerSource::HrtimerTracepoints => "hrtimer",
+        }
+    }
+}
+
+impl TimerSource {
+    /// How the libc source probes, if it is one.
+    pub fn libc_probes(self) -> Option<super::libc_waits::LibcProbes> {
+        use super::libc_waits::LibcProbes;
+        match self {
+            TimerSource::LibcUprobes => Some(LibcProbes::Result),
+            TimerSource::LibcEntryReturnUprobes => Some(LibcProbes::EntryReturn),
+            TimerSource::SyscallTracepoints | TimerSource::HrtimerTracepoints => None,
         }
     }
 }
@@ -64,6 +81,9 @@ pub enum TimerChoice {
     Auto,
     /// libc uprobes only (a QEMU they cannot serve has no timer counts).
     Libc,
+    /// libc uprobes at the wait functions' entry and return only (two traps per wait: to
+    /// compare, or where the result sites misbehave).
+    LibcEntryReturn,
     /// The syscall tracepoints for every QEMU.
     Syscall,
     /// The hrtimer tracepoints for every QEMU: timer wakeups exact at the least cost to
@@ -242,14 +262,21 @@ pub fn timer_plan(
 ) -> (Vec<TimerSource>, Option<String>) {
     use TimerSource::*;
     match (choice, libc) {
-        (TimerChoice::Auto, Ok(())) => (vec![LibcUprobes, SyscallTracepoints], None),
+        (TimerChoice::Auto, Ok(())) => (
+            vec![LibcUprobes, LibcEntryReturnUprobes, SyscallTracepoints],
+            None,
+        ),
         (TimerChoice::Auto, Err(_)) | (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
-        (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes], None),
+        (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes, LibcEntryReturnUprobes], None),
+        (TimerChoice::LibcEntryReturn, Ok(())) => (vec![LibcEntryReturnUprobes], None),
         (TimerChoice::Hrtimer, _) => (vec![HrtimerTracepoints], None),
-        (TimerChoice::Libc, Err(why)) => (
+        (choice @ (TimerChoice::Libc | TimerChoice::LibcEntryReturn), Err(why)) => (
             Vec::new(),
             Some(format!(
-                "--timer-source libc, and its C library cannot be probed: {why}"
+                "--timer-source {}, and its C library cannot be probed: {why}",
+                clap::ValueEnum::to_possible_value(&choice)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
             )),
         ),
     }
@@ -649,7 +676,7 @@ mod tests {
         let no_libc: Result<(), String> = Err("no C library mapped".into());
         assert_eq!(
             timer_plan(&Ok(()), TimerChoice::Auto).0,
-            [LibcUprobes, SyscallTracepoints]
+            [LibcUprobes, LibcEntryReturnUprobes, SyscallTracepoints]
         );
         assert_eq!(
             timer_plan(&no_libc, TimerChoice::Auto).0,
@@ -659,7 +686,24 @@ mod tests {
             timer_plan(&Ok(()), TimerChoice::Syscall).0,
             [SyscallTracepoints]
         );
-        assert_eq!(timer_plan(&Ok(()), TimerChoice::Libc).0, [LibcUprobes]);
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::Libc).0,
+            [LibcUprobes, LibcEntryReturnUprobes]
+        );
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::LibcEntryReturn).0,
+            [LibcEntryReturnUprobes]
+        );
+        assert_eq!(LibcEntryReturnUprobes.label(), "libc-entry-return-uprobes");
+        assert_eq!(
+            timer_plan(&no_libc, TimerChoice::LibcEntryReturn)
+                .1
+                .as_deref(),
+            Some(
+                "--timer-source libc-entry-return, and its C library cannot be probed: no C \
+                 library mapped"
+            )
+        );
         // The hrtimer tracepoints serve any process, only when asked for, without fallback
         // (a silent switch would change what fd_wakeups means).
         for libc in [Ok(()), no_libc.clone()] {
