@@ -15,6 +15,7 @@ mod soak;
 mod tax;
 mod top_history;
 mod tracers;
+mod watched;
 
 use std::{fs, path::Path};
 
@@ -26,12 +27,14 @@ pub use qemu_like::qemu_like_main;
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] | cargo xtask bench <benchmark> [options]
 
-Without a benchmark: the cost set (tax, events, budget, scale, attach, self-cost), each section of
+Without a benchmark: the cost set (tax, watched, events, budget, scale, attach, self-cost), each
+section of
 docs/benchmarks.md rewritten; --quick runs fewer rounds and sizes (up to 100 VMs).
 
 benchmarks:
   tax [--quick]       unrelated getppid/ppoll loops and a watched QEMU's ppoll, per timer source
                       and against bpftrace
+  watched [--quick]   a real guest's QEMU CPU per second while watched, per timer source
   events [--quick]    ns per guest port read per read/write source, against bpftrace and QEMU's
                       log trace backend
   budget [--quick]    --max-overhead on a busy guest: its QEMU's CPU, and the estimates' error
@@ -60,16 +63,24 @@ pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
             let dir = xtask::cache::cache_subdir(&format!("run/soak-{}", std::process::id()))?;
             soak::run(root, &image, &profiler, &dir, &args[1..])
         }
-        Some(name @ ("tax" | "events" | "budget" | "scale" | "attach" | "self-cost")) => {
-            cost_set(root, &[name], quick)
-        }
+        Some(
+            name @ ("tax" | "watched" | "events" | "budget" | "scale" | "attach" | "self-cost"),
+        ) => cost_set(root, &[name], quick),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(())
         }
         None | Some("--quick") => cost_set(
             root,
-            &["tax", "events", "budget", "scale", "attach", "self-cost"],
+            &[
+                "tax",
+                "watched",
+                "events",
+                "budget",
+                "scale",
+                "attach",
+                "self-cost",
+            ],
             quick,
         ),
         _ => {
@@ -95,7 +106,7 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
     };
     let needs_guest = names
         .iter()
-        .any(|n| matches!(*n, "events" | "budget" | "self-cost"));
+        .any(|n| matches!(*n, "watched" | "events" | "budget" | "self-cost"));
     let image = if needs_guest {
         Some(xtask::guest::build_guest(root)?)
     } else {
@@ -115,6 +126,17 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
             "tax" => {
                 let (rounds, calls) = if quick { (2, 300_000) } else { (5, 1_000_000) };
                 tax::run(&profiler, &dir, rounds, calls, &command(name))?
+            }
+            "watched" => {
+                let (rounds, secs) = if quick { (2, 10) } else { (5, 20) };
+                watched::run(
+                    image.as_ref().expect("built"),
+                    &profiler,
+                    &dir,
+                    rounds,
+                    secs,
+                    &command(name),
+                )?
             }
             "events" => {
                 let (rounds, reads) = if quick { (1, 100_000) } else { (3, 300_000) };

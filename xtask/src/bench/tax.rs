@@ -18,6 +18,7 @@ use super::{
 enum Config {
     Nothing,
     ProfilerLibc,
+    ProfilerLibcEntryReturn,
     ProfilerSyscall,
     ProfilerHrtimer,
     /// bpftrace on `syscalls:sys_{enter,exit}_ppoll`, filtered on the watched QEMU's pid,
@@ -25,9 +26,10 @@ enum Config {
     Bpftrace,
 }
 
-const CONFIGS: [Config; 5] = [
+const CONFIGS: [Config; 6] = [
     Config::Nothing,
     Config::ProfilerLibc,
+    Config::ProfilerLibcEntryReturn,
     Config::ProfilerSyscall,
     Config::ProfilerHrtimer,
     Config::Bpftrace,
@@ -37,7 +39,10 @@ impl Config {
     fn label(self) -> &'static str {
         match self {
             Config::Nothing => "nothing",
-            Config::ProfilerLibc => "profiler, libc uprobes (default)",
+            Config::ProfilerLibc => "profiler, libc uprobes at the results (default)",
+            Config::ProfilerLibcEntryReturn => {
+                "profiler, libc uprobes at entry and return (--timer-source libc-entry-return)"
+            }
             Config::ProfilerSyscall => "profiler, syscall tracepoints (--timer-source syscall)",
             Config::ProfilerHrtimer => "profiler, hrtimer tracepoints (--timer-source hrtimer)",
             Config::Bpftrace => "bpftrace, ppoll tracepoints with a pid filter",
@@ -48,6 +53,7 @@ impl Config {
         match self {
             Config::Nothing => "nothing",
             Config::ProfilerLibc => "profiler_libc",
+            Config::ProfilerLibcEntryReturn => "profiler_libc_entry_return",
             Config::ProfilerSyscall => "profiler_syscall",
             Config::ProfilerHrtimer => "profiler_hrtimer",
             Config::Bpftrace => "bpftrace",
@@ -81,6 +87,7 @@ fn one_round(
 ) -> anyhow::Result<[f64; FIGURES]> {
     let source = match config {
         Config::ProfilerLibc => Some("libc"),
+        Config::ProfilerLibcEntryReturn => Some("libc-entry-return"),
         Config::ProfilerSyscall => Some("syscall"),
         Config::ProfilerHrtimer => Some("hrtimer"),
         _ => None,
@@ -207,7 +214,7 @@ pub fn run(
             "rounds": samples[i],
         }));
     }
-    let (libc, sys, hrtimer) = (1, 2, 3);
+    let (libc, entry_return, sys, hrtimer) = (1, 2, 3, 4);
     let getppid_pct = added(libc, 0) / base[0] * 100.0;
     let ppoll_added = added(libc, 1);
     let watched_libc = added(libc, 2);
@@ -216,6 +223,7 @@ pub fn run(
     let hr_ppoll = added(hrtimer, 1);
     let (hr_zero, hr_timed) = (added(hrtimer, 2), added(hrtimer, 3));
     let (sys_timed, libc_timed) = (added(sys, 3), added(libc, 3));
+    let (er_zero, er_timed) = (added(entry_return, 2), added(entry_return, 3));
     let timed_noise = spread(3);
     // A timed wait's CPU moves by microseconds between rounds here: a difference smaller
     // than that spread is not a measured difference.
@@ -247,15 +255,17 @@ pub fn run(
          watched QEMU pays no more per wait than the syscall tracepoints cost it — \
          {watched_libc:+.0} ns per zero-timeout poll ({}) and {libc_timed:+.0} ns per timed wait \
          ({}) with libc uprobes, against {watched_sys:+.0} / {sys_timed:+.0} ns with the syscall \
-         tracepoints; with `--timer-source hrtimer` {hr_zero:+.0} ns ({}) and {hr_timed:+.0} ns \
+         tracepoints ({er_zero:+.0} / {er_timed:+.0} ns with the two-trap entry and return \
+         probes); with `--timer-source hrtimer` {hr_zero:+.0} ns ({}) and {hr_timed:+.0} ns \
          ({}), unrelated `getppid` {hr_getppid_pct:+.1} %, `ppoll` {hr_ppoll:+.0} ns. \
          Added figures are medians of each round's difference to \"nothing\" in that round; \
          \"nothing\" shows its own round-to-round spread (±).\n\n\
          Why: the syscall tracepoints, once any is enabled, put every task on the host on the \
          slow syscall path (the `getppid` column); the libc uprobes put a breakpoint in the \
-         watched QEMU's memory only. A uprobe costs the watched process a trap into the \
-         kernel on entry and another on return — on this nested-virtualization machine each \
-         trap is far slower than on bare metal, which is what bounds the watched figures; the \
+         watched QEMU's memory only: one per wait, on the jump after its syscall (the \
+         fallback probes entry and return, two traps). A trap into the kernel on this \
+         nested-virtualization machine is far slower than on bare metal, which is what bounds \
+         the watched figures; the \
          tracepoints remain selectable with `--timer-source syscall` where the host-wide tax \
          is preferred. The hrtimer tracepoints run only where a sleep timer is armed, expires \
          or is cancelled: no trap, no slow syscall path, and a zero-timeout poll arms no \
@@ -282,6 +292,8 @@ pub fn run(
             "watched_added_ns_syscall": watched_sys,
             "watched_added_ns_hrtimer": hr_zero,
             "watched_timed_added_cpu_ns_libc": libc_timed,
+            "watched_added_ns_libc_entry_return": er_zero,
+            "watched_timed_added_cpu_ns_libc_entry_return": er_timed,
             "watched_timed_added_cpu_ns_syscall": sys_timed,
             "watched_timed_added_cpu_ns_hrtimer": hr_timed,
             "unrelated_getppid_percent_hrtimer": hr_getppid_pct,
