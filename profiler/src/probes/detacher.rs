@@ -32,8 +32,11 @@ pub struct Detacher {
     tx: Option<Sender<Job>>,
     done: Arc<Mutex<Vec<(u32, Duration)>>>,
     pending: std::collections::BTreeSet<u32>,
-    /// Attaches under way: the closer waits while this is not zero.
+    /// Attaches under way: the closer waits while this is not zero…
     holds: Arc<AtomicUsize>,
+    /// …unless someone waits for closes to finish ([`Detacher::wait_for`], typically inside
+    /// an attach that holds the closer: waiting out the hold there would never end).
+    waiters: Arc<AtomicUsize>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -66,16 +69,22 @@ impl Detacher {
         let (tx, rx) = channel::<Job>();
         let done = Arc::new(Mutex::new(Vec::new()));
         let holds = Arc::new(AtomicUsize::new(0));
-        let (worker_done, worker_holds) = (done.clone(), holds.clone());
+        let waiters = Arc::new(AtomicUsize::new(0));
+        let gate = Gate {
+            holds: holds.clone(),
+            waiters: waiters.clone(),
+        };
+        let worker_done = done.clone();
         let worker = std::thread::Builder::new()
             .name("detacher".into())
-            .spawn(move || work(rx, worker_done, worker_holds))
+            .spawn(move || work(rx, worker_done, gate))
             .ok();
         Self {
             tx: worker.as_ref().map(|_| tx),
             done,
             pending: Default::default(),
             holds,
+            waiters,
             worker,
         }
     }
@@ -101,12 +110,12 @@ impl Detacher {
                     // No worker: close here.
                     let job = e.0;
                     self.pending.remove(&pid);
-                    let took = close_all(job.items, job.requested, &AtomicUsize::new(0));
+                    let took = close_all(job.items, job.requested, &Gate::open());
                     lock(&self.done).push((pid, took));
                 }
             }
             None => {
-                let took = close_all(job.items, job.requested, &AtomicUsize::new(0));
+                let took = close_all(job.items, job.requested, &Gate::open());
                 lock(&self.done).push((pid, took));
             }
         }
@@ -125,11 +134,14 @@ impl Detacher {
         }
     }
 
-    /// Blocks until the detach of `pid` under way (if any) is done.
+    /// Blocks until the detach of `pid` under way (if any) is done; the closer goes on
+    /// meanwhile even if an attach holds it (the caller's own, usually).
     pub fn wait_for(&mut self, pid: u32) {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
         while self.is_pending(pid) {
             std::thread::sleep(Duration::from_millis(5));
         }
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Pauses that took effect since the last call: (pid, time from the request until every
@@ -164,12 +176,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// At most this many links are closed at once (concurrent closes share grace periods).
 const BATCH: usize = 16;
 
-/// Closes every item, a batch at a time, each batch after any hold is released; returns the
-/// time since `requested`. With no holds (at exit) nothing waits.
-fn close_all(items: Vec<Detach>, requested: Instant, holds: &AtomicUsize) -> Duration {
+/// When the closer may close: no attach holds it, or someone waits for it.
+struct Gate {
+    holds: Arc<AtomicUsize>,
+    waiters: Arc<AtomicUsize>,
+}
+
+impl Gate {
+    /// Never closed (no worker: closing on the caller's thread).
+    fn open() -> Self {
+        Self {
+            holds: Arc::new(AtomicUsize::new(0)),
+            waiters: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.holds.load(Ordering::SeqCst) > 0 && self.waiters.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// Closes every item, a batch at a time, each batch once the gate is open; returns the time
+/// since `requested`. With no holds (at exit) nothing waits.
+fn close_all(items: Vec<Detach>, requested: Instant, gate: &Gate) -> Duration {
     let mut items = items;
     while !items.is_empty() {
-        while holds.load(Ordering::SeqCst) > 0 {
+        while gate.is_closed() {
             std::thread::sleep(Duration::from_millis(2));
         }
         let batch: Vec<Detach> = items.drain(..items.len().min(BATCH)).collect();
@@ -182,7 +214,7 @@ fn close_all(items: Vec<Detach>, requested: Instant, holds: &AtomicUsize) -> Dur
     requested.elapsed()
 }
 
-fn work(rx: Receiver<Job>, done: Arc<Mutex<Vec<(u32, Duration)>>>, holds: Arc<AtomicUsize>) {
+fn work(rx: Receiver<Job>, done: Arc<Mutex<Vec<(u32, Duration)>>>, gate: Gate) {
     while let Ok(first) = rx.recv() {
         // Everything queued meanwhile is closed in the same batches.
         let mut jobs = vec![first];
@@ -190,7 +222,7 @@ fn work(rx: Receiver<Job>, done: Arc<Mutex<Vec<(u32, Duration)>>>, holds: Arc<At
         let requested = jobs.iter().map(|j| j.requested).min().expect("one job");
         let pids: Vec<u32> = jobs.iter().map(|j| j.pid).collect();
         let items: Vec<Detach> = jobs.into_iter().flat_map(|j| j.items).collect();
-        let took = close_all(items, requested, &holds);
+        let took = close_all(items, requested, &gate);
         lock(&done).extend(pids.into_iter().map(|pid| (pid, took)));
     }
 }
@@ -234,8 +266,15 @@ mod tests {
         // Each pause's time runs from its request to its last close.
         assert!(finished.iter().all(|f| f.1 >= Duration::from_millis(400)));
         assert!(!d.is_pending(7));
+        // Waiting for a close inside an attach's own hold (re-attaching shared tracepoints
+        // whose last user just left) goes through the hold instead of waiting on itself.
+        let hold = d.hold();
+        d.submit(10, items(2));
+        d.wait_for(10);
+        assert_eq!(*lock(&closed), 5);
+        drop(hold);
         d.submit(9, items(3));
         d.drain();
-        assert_eq!(*lock(&closed), 6, "drain waits for everything");
+        assert_eq!(*lock(&closed), 8, "drain waits for everything");
     }
 }
