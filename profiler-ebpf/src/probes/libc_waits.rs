@@ -72,17 +72,17 @@ pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
             regs.r10,
         )
     };
-    // The mark of a sleep timer armed in this wait (a ppoll's), consumed whatever the result.
-    // SAFETY: the value is copied out before the entry is removed.
-    let armed = match (unsafe { PENDING.get(tid) }).copied() {
-        Some(PendingWait {
-            syscall: marked, ..
-        }) => {
-            let _ = PENDING.remove(tid);
-            marked == syscall
-        }
-        None => false,
-    };
+    // The mark of a sleep timer armed in this ppoll, consumed whatever the result. Only
+    // ppolls are marked (the epoll waits' timeouts are in the registers): no lookup for those.
+    let armed = syscall == wait_syscall::PPOLL
+        // SAFETY: the value is copied out before the entry is removed.
+        && match (unsafe { PENDING.get(tid) }).copied() {
+            Some(PendingWait { syscall: marked, .. }) => {
+                let _ = PENDING.remove(tid);
+                marked == syscall
+            }
+            None => false,
+        };
     let timeout = match syscall {
         // The timespec the kernel got (glibc's copy) now holds the time left: not the
         // timeout, except that NULL is still NULL (an infinite wait cannot return 0 anyway).

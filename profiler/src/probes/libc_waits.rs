@@ -236,6 +236,16 @@ pub struct LibcOffer {
     pub functions: Arc<WaitFunctions>,
 }
 
+impl LibcOffer {
+    /// Where the result probes go, or why this library has no such sites.
+    pub fn result_points(&self) -> anyhow::Result<&[UprobePoint]> {
+        self.functions
+            .results
+            .as_deref()
+            .map_err(|why| anyhow::anyhow!("no result sites in {}: {why}", self.libc.path))
+    }
+}
+
 impl LibcCatalog {
     /// `pid`'s C library and its wait functions, or why the libc source cannot serve it.
     pub fn offer(&mut self, pid: u32) -> Result<LibcOffer, String> {
@@ -313,11 +323,7 @@ impl LibcWaitSource {
         offer: &LibcOffer,
     ) -> anyhow::Result<()> {
         self.detach(ebpf, pid);
-        let points = offer
-            .functions
-            .results
-            .as_ref()
-            .map_err(|why| anyhow::anyhow!("no result sites in {}: {why}", offer.libc.path))?;
+        let points = offer.result_points()?;
         let links =
             UprobeLinks::attach_in(ebpf, RESULT_PROGRAM, pid, &offer.libc.reach(pid), points)
                 .with_context(|| format!("the wait results in {}", offer.libc.path))?;

@@ -650,12 +650,7 @@ impl EventProbes {
         let how = source.libc_probes().context("not a libc source")?;
         if how == LibcProbes::Result {
             // Checked first: no tracepoint is attached for a library without result sites.
-            if let Err(why) = &offer.functions.results {
-                bail!(
-                    "no result sites in {}: {why}",
-                    libc_waits::describe(&offer.libc).display()
-                );
-            }
+            offer.result_points()?;
             self.acquire_shared(SharedWaits::Hrtimer, pid, watch_flag::WAITS_BY_LIBC_RESULT)
                 .context("timer:hrtimer_start (tells a ppoll's timeout from a zero timeout)")?;
         }
@@ -664,6 +659,8 @@ impl EventProbes {
             .inspect_err(|_| {
                 if how == LibcProbes::Result {
                     self.release_shared(SharedWaits::Hrtimer, pid);
+                    // Back to no source flags (the process stays watched: the next candidate
+                    // sets its own).
                     let _ = self.set_watch_flags(pid, 0);
                 }
             })
@@ -741,7 +738,7 @@ impl EventProbes {
         self.watched_map()?.insert(pid, watch_flag::COUNT_HITS, 0)?;
         // The probes the libc source would use here: one hit per call at the result, two at
         // entry and return.
-        let (how, hits) = match offer.functions.results {
+        let (how, hits) = match offer.result_points() {
             Ok(_) => (LibcProbes::Result, 1),
             Err(_) => (LibcProbes::EntryReturn, 2),
         };
