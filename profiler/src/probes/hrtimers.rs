@@ -21,7 +21,9 @@ use profiler_common::Sleeper;
 use super::{detacher::Detach, tracepoint_group::TracepointGroup};
 
 /// The programs, named after their tracepoints in `timer:`.
-const PROGRAMS: [&str; 3] = ["hrtimer_start", "hrtimer_expire_entry", "hrtimer_cancel"];
+const PROGRAMS: [&str; 3] = [START_PROGRAM, "hrtimer_expire_entry", "hrtimer_cancel"];
+/// The one the libc result probes need (it marks a ppoll that armed its timeout).
+pub const START_PROGRAM: &str = "hrtimer_start";
 /// Field offsets the programs read: (event, field, offset).
 const LAYOUT: [(&str, &str, usize); 4] = [
     ("hrtimer_start", "hrtimer", 8),
@@ -73,6 +75,9 @@ fn check_layout(tracefs: &Path) -> anyhow::Result<()> {
 pub struct HrtimerWaits {
     /// The tracepoints, or why this host cannot have them.
     group: Result<TracepointGroup, String>,
+    /// `hrtimer_start` alone, for the libc result probes (the same program: while both are
+    /// attached it runs twice per timer, and its map updates are idempotent).
+    starts: Option<TracepointGroup>,
 }
 
 impl HrtimerWaits {
@@ -94,7 +99,28 @@ impl HrtimerWaits {
             TracepointGroup::load(ebpf, "timer", PROGRAMS.map(String::from).to_vec())
         })()
         .map_err(|e| format!("{e:#}"));
-        Self { group }
+        let starts = group
+            .is_ok()
+            .then(|| TracepointGroup::loaded("timer", vec![START_PROGRAM.to_string()]));
+        Self { group, starts }
+    }
+
+    /// Attaches `timer:hrtimer_start` alone for `pid` (the libc result probes).
+    pub fn acquire_starts(&mut self, ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
+        match (&mut self.starts, &self.group) {
+            (Some(starts), _) => starts.acquire(ebpf, pid),
+            (None, Err(why)) => bail!("the hrtimer tracepoints are not available: {why}"),
+            (None, Ok(_)) => bail!("the hrtimer tracepoints are not available"),
+        }
+    }
+
+    /// Stops `hrtimer_start` for `pid` (see [`TracepointGroup::release`]).
+    #[must_use = "closing the returned links detaches the tracepoint"]
+    pub fn release_starts(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<Detach> {
+        match &mut self.starts {
+            Some(starts) => starts.release(ebpf, pid),
+            None => Vec::new(),
+        }
     }
 
     /// Counts `pid`'s waits: attaches the tracepoints if none is (all or none).
@@ -126,6 +152,9 @@ impl HrtimerWaits {
     pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
         if let Ok(group) = &mut self.group {
             group.detach_all(ebpf);
+        }
+        if let Some(starts) = &mut self.starts {
+            starts.detach_all(ebpf);
         }
     }
 }

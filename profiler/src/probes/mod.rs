@@ -297,6 +297,8 @@ pub fn attach_tracepoint(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow:
 enum SharedWaits {
     Syscall,
     Hrtimer,
+    /// `timer:hrtimer_start` alone, for the libc result probes.
+    HrtimerStarts,
 }
 
 impl SharedWaits {
@@ -305,6 +307,7 @@ impl SharedWaits {
         match self {
             SharedWaits::Syscall => u32::MAX,
             SharedWaits::Hrtimer => u32::MAX - 1,
+            SharedWaits::HrtimerStarts => u32::MAX - 2,
         }
     }
 }
@@ -441,9 +444,15 @@ impl EventProbes {
         )?)
     }
 
+    /// Runs the kernel skipped because another BPF program was running on that CPU, of the
+    /// programs whose skip can lose a count. Not `hrtimer_start`'s: it only records sleep
+    /// timers, which their sleeper arms in its own process context where no other program
+    /// can be running; its skips are of timers armed in interrupts (the tick), which it
+    /// ignores anyway.
     fn nested_runs(&self) -> u64 {
         self.ebpf
             .programs()
+            .filter(|(name, _)| *name != hrtimers::START_PROGRAM)
             .filter_map(|(_, p)| p.fd().ok())
             .filter_map(|fd| prog_info::recursion_misses(std::os::fd::AsFd::as_fd(fd)).ok())
             .sum()
@@ -620,6 +629,7 @@ impl EventProbes {
         let links = match shared {
             SharedWaits::Syscall => self.syscall_waits.release(&mut self.ebpf, pid),
             SharedWaits::Hrtimer => self.hrtimer_waits.release(&mut self.ebpf, pid),
+            SharedWaits::HrtimerStarts => self.hrtimer_waits.release_starts(&mut self.ebpf, pid),
         };
         if !links.is_empty() {
             self.detacher.submit(shared.job(), links);
@@ -634,6 +644,7 @@ impl EventProbes {
         match shared {
             SharedWaits::Syscall => self.syscall_waits.acquire(&mut self.ebpf, pid),
             SharedWaits::Hrtimer => self.hrtimer_waits.acquire(&mut self.ebpf, pid),
+            SharedWaits::HrtimerStarts => self.hrtimer_waits.acquire_starts(&mut self.ebpf, pid),
         }?;
         self.set_watch_flags(pid, flags)
             .inspect_err(|_| self.release_shared(shared, pid))
@@ -651,14 +662,18 @@ impl EventProbes {
         if how == LibcProbes::Result {
             // Checked first: no tracepoint is attached for a library without result sites.
             offer.result_points()?;
-            self.acquire_shared(SharedWaits::Hrtimer, pid, watch_flag::WAITS_BY_LIBC_RESULT)
-                .context("timer:hrtimer_start (tells a ppoll's timeout from a zero timeout)")?;
+            self.acquire_shared(
+                SharedWaits::HrtimerStarts,
+                pid,
+                watch_flag::WAITS_BY_LIBC_RESULT,
+            )
+            .context("timer:hrtimer_start (tells a ppoll's timeout from a zero timeout)")?;
         }
         self.libc
             .attach(&mut self.ebpf, pid, offer, how)
             .inspect_err(|_| {
                 if how == LibcProbes::Result {
-                    self.release_shared(SharedWaits::Hrtimer, pid);
+                    self.release_shared(SharedWaits::HrtimerStarts, pid);
                     // Back to no source flags (the process stays watched: the next candidate
                     // sets its own).
                     let _ = self.set_watch_flags(pid, 0);
@@ -671,6 +686,7 @@ impl EventProbes {
         self.libc.detach(&mut self.ebpf, pid);
         self.release_shared(SharedWaits::Syscall, pid);
         self.release_shared(SharedWaits::Hrtimer, pid);
+        self.release_shared(SharedWaits::HrtimerStarts, pid);
         if self.watched.contains(&pid) {
             let _ = self.set_watch_flags(pid, 0);
         }

@@ -41,12 +41,17 @@ impl TracepointGroup {
                 .load()
                 .with_context(|| format!("loading eBPF program {name}"))?;
         }
-        Ok(Self {
+        Ok(Self::loaded(category, programs))
+    }
+
+    /// A group of programs another group already loaded (one program, two sets of users).
+    pub fn loaded(category: &'static str, programs: Vec<String>) -> Self {
+        Self {
             category,
             programs,
             links: Vec::new(),
             users: BTreeSet::new(),
-        })
+        }
     }
 
     /// Counts `pid`: attaches every tracepoint if none is (all or none).
