@@ -18,9 +18,9 @@ pub mod execs;
 pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;
+pub mod perf_uprobe;
 pub mod policy;
 pub mod prog_info;
-pub mod refctr;
 pub mod symbols;
 pub mod timers;
 pub mod tracepoint_group;
@@ -1044,17 +1044,30 @@ impl ProbeLayer for EventProbes {
                 measured.run_time += info.run_time();
             }
         }
-        // Scale the sampled share up to the whole run.
-        let on = self.stats.on_seconds();
-        let factor = if on > 0.0 {
-            (self.loaded_at.elapsed().as_secs_f64() / on).max(1.0)
-        } else {
-            1.0
-        };
+        // Statistics the administrator turned on for the whole host (the sysctl) counted every
+        // run, not one refresh in ten: nothing to scale then.
+        let host_wide = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .is_ok_and(|v| v.trim() == "1");
+        let factor = stats_scale(
+            self.loaded_at.elapsed().as_secs_f64(),
+            self.stats.on_seconds(),
+            host_wide,
+        );
         ProbeCost {
             run_count: (measured.run_count as f64 * factor).round() as u64,
             run_time: measured.run_time.mul_f64(factor),
         }
+    }
+}
+
+/// What the counts sampled over `on` of `elapsed` seconds are multiplied by to cover the whole
+/// run; 1 when the statistics were on all along (`host_wide`: the
+/// `kernel.bpf_stats_enabled` sysctl), or never.
+fn stats_scale(elapsed: f64, on: f64, host_wide: bool) -> f64 {
+    if host_wide || on <= 0.0 {
+        1.0
+    } else {
+        (elapsed / on).max(1.0)
     }
 }
 
@@ -1107,6 +1120,22 @@ pub fn offered_sources(
             (None, policy::BinaryOffer::Unreadable(why)) => why.clone(),
             (None, _) => String::new(),
         },
+    }
+}
+
+#[cfg(test)]
+mod stats_scale_tests {
+    use super::stats_scale;
+
+    #[test]
+    fn sampled_statistics_scale_to_the_run_unless_on_all_along() {
+        // On for 3 s of 30: ten times what was measured.
+        assert_eq!(stats_scale(30.0, 3.0, false), 10.0);
+        // The sysctl kept them on: already the whole run.
+        assert_eq!(stats_scale(30.0, 3.0, true), 1.0);
+        // Never on, or on longer than the run by clock skew: never below 1.
+        assert_eq!(stats_scale(30.0, 0.0, false), 1.0);
+        assert_eq!(stats_scale(30.0, 31.0, false), 1.0);
     }
 }
 

@@ -1,16 +1,18 @@
 //! uprobe links of one program in one process, made all at once or not at all (libbpf's
 //! `bpf_link` discipline): what an attach made is undone when a later step of it fails.
 
-use std::{num::NonZeroU32, path::Path};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    programs::{
-        UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
-    },
+    programs::{ProbeKind, UProbe},
 };
+
+use super::perf_uprobe::{self, PerfUprobe, UprobeSite};
 
 /// Loads the uprobe program `name` (once, at start-up).
 pub fn load(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
@@ -38,7 +40,9 @@ pub struct UprobePoint {
 #[derive(Debug)]
 pub struct UprobeLinks {
     program: &'static str,
-    links: Vec<UProbeLinkId>,
+    /// Opened disabled, by hand ([`perf_uprobe`]): aya's enabled per-task events would cost
+    /// the process at every context switch.
+    links: Vec<PerfUprobe>,
     /// Where each link is, to attach them again after a pause.
     points: Vec<UprobePoint>,
 }
@@ -109,24 +113,27 @@ impl UprobeLinks {
         target: &Path,
         point: UprobePoint,
     ) -> anyhow::Result<()> {
-        let scope =
-            UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0 cannot be probed")?);
-        let link = program(ebpf, self.program)?
-            .attach(
-                UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(point.file_offset),
-                    cookie: Some(point.cookie),
-                },
-                target,
-                scope,
+        anyhow::ensure!(pid != 0, "pid 0 cannot be probed");
+        let program = program(ebpf, self.program)?;
+        let retprobe = matches!(program.kind(), ProbeKind::Return);
+        let prog_fd = program
+            .fd()
+            .with_context(|| format!("eBPF program {} not loaded", self.program))?
+            .as_fd()
+            .as_raw_fd();
+        let site = UprobeSite {
+            target,
+            file_offset: point.file_offset,
+            ref_ctr_offset: None,
+            retprobe,
+        };
+        let link = perf_uprobe::attach(prog_fd, pid, &site, point.cookie).with_context(|| {
+            format!(
+                "attaching a uprobe at file offset {:#x} of {}",
+                point.file_offset,
+                target.display()
             )
-            .with_context(|| {
-                format!(
-                    "attaching a uprobe at file offset {:#x} of {}",
-                    point.file_offset,
-                    target.display()
-                )
-            })?;
+        })?;
         self.links.push(link);
         self.points.push(point);
         Ok(())
@@ -142,27 +149,15 @@ impl UprobeLinks {
 
     /// The links themselves, to be closed elsewhere (closing one detaches it: see
     /// [`super::detacher`]).
-    pub fn take(self, ebpf: &mut Ebpf) -> Vec<super::detacher::Detach> {
-        let mut taken: Vec<super::detacher::Detach> = Vec::new();
-        if let Ok(program) = program(ebpf, self.program) {
-            for link in self.links {
-                if let Ok(link) = program.take_link(link) {
-                    taken.push(Box::new(link));
-                }
-            }
-        }
-        taken
+    pub fn take(self, _ebpf: &mut Ebpf) -> Vec<super::detacher::Detach> {
+        self.links
+            .into_iter()
+            .map(|link| Box::new(link) as super::detacher::Detach)
+            .collect()
     }
 
     /// Detaches every link (a process that already exited is fine).
-    pub fn detach(self, ebpf: &mut Ebpf) {
-        if self.links.is_empty() {
-            return;
-        }
-        if let Ok(program) = program(ebpf, self.program) {
-            for link in self.links {
-                let _ = program.detach(link);
-            }
-        }
+    pub fn detach(self, _ebpf: &mut Ebpf) {
+        drop(self.links);
     }
 }

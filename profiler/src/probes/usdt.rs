@@ -7,7 +7,7 @@
 //!
 //! **Semaphores.** QEMU guards these probe sites with USDT semaphores: the site only runs while
 //! the semaphore (a `u16` in QEMU's data segment) is non-zero. The sites are attached with the
-//! semaphore managed by the kernel (uprobe `ref_ctr_offset`, see [`super::refctr`]), so it is
+//! semaphore managed by the kernel (uprobe `ref_ctr_offset`, see [`super::perf_uprobe`]), so it is
 //! lowered however the profiler ends, SIGKILL included. Only when the kernel refuses that form
 //! (another tracer holds a site without it) are plain uprobes used and the semaphore raised
 //! through `/proc/PID/mem`, lowered on drop.
@@ -27,7 +27,7 @@ use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, usdt_arg};
 
 use super::{
     exe::UsdtBinary,
-    refctr::{self, RefCountedUprobe},
+    perf_uprobe::{self, PerfUprobe, UprobeSite},
     uprobes::{self, UprobeLinks, UprobePoint},
 };
 use crate::elf::usdt::{UsdtArg, UsdtArgLocation, UsdtProbe, parse_usdt_probes};
@@ -214,9 +214,9 @@ impl Drop for RaisedSemaphore {
 /// How the sites of one process are attached.
 #[derive(Debug)]
 enum SiteLinks {
-    /// Uprobes with a kernel-managed semaphore ([`refctr`]): nothing to undo by hand, and
+    /// Uprobes with a kernel-managed semaphore ([`perf_uprobe`]): nothing to undo by hand, and
     /// nothing left raised if the profiler is killed.
-    Kernel(Vec<RefCountedUprobe>),
+    Kernel(Vec<PerfUprobe>),
     /// aya uprobes and semaphores raised through `/proc/PID/mem`: the fallback when the kernel
     /// refuses the managed form (another tracer holds a site without it). A SIGKILL of the
     /// profiler leaves these semaphores raised.
@@ -474,7 +474,7 @@ fn attach_kernel_managed(
     pid: u32,
     sites: &[SiteToAttach],
     cookies: &[u64],
-) -> Result<Vec<RefCountedUprobe>, KernelAttachError> {
+) -> Result<Vec<PerfUprobe>, KernelAttachError> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let program = uprobes::program(ebpf, PROGRAM).map_err(KernelAttachError::Failed)?;
     let prog_fd = program
@@ -482,10 +482,17 @@ fn attach_kernel_managed(
         .map_err(|e| KernelAttachError::Failed(e.into()))?
         .as_fd()
         .as_raw_fd();
+    let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
     let mut made = Vec::with_capacity(sites.len());
     for (site, &cookie) in sites.iter().zip(cookies) {
         let ref_ctr = site.semaphore_file_offset.unwrap_or(0);
-        match refctr::attach(prog_fd, pid, site.file_offset, ref_ctr, cookie) {
+        let uprobe_site = UprobeSite {
+            target: &exe,
+            file_offset: site.file_offset,
+            ref_ctr_offset: site.semaphore_file_offset,
+            retprobe: false,
+        };
+        match perf_uprobe::attach(prog_fd, pid, &uprobe_site, cookie) {
             Ok(uprobe) => made.push(uprobe),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && ref_ctr != 0 => {
                 return Err(KernelAttachError::Refused);

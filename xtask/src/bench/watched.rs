@@ -23,9 +23,15 @@ use xtask::{
 
 use super::{loops::median, process_cpu_clock, tracers::Tracer};
 
-/// (record key, `--timer-source`, label); `None`: nothing running.
-const CONFIGS: [(&str, Option<&str>, &str); 5] = [
+/// (record key, `--timer-source`, label); `None`: nothing running, or (`bare_traps`) plain
+/// tracefs breakpoints at the result sites.
+const CONFIGS: [(&str, Option<&str>, &str); 6] = [
     ("nothing", None, "nothing"),
+    (
+        BARE_TRAPS,
+        None,
+        "bare breakpoints at the result sites (tracefs, no BPF)",
+    ),
     (
         "libc",
         Some("libc"),
@@ -41,6 +47,124 @@ const CONFIGS: [(&str, Option<&str>, &str); 5] = [
 ];
 
 const VM: &str = "watched-noisy";
+const BARE_TRAPS: &str = "bare_traps";
+const TRACEFS: &str = "/sys/kernel/tracing";
+const TRACEFS_GROUP: &str = "profiler_bench";
+
+/// `cmp $-4096,%rax` / `cmp $-4095,%rax`, glibc's error check after a `syscall`.
+const CMP_RAX_ERRNO: [[u8; 6]; 2] = [
+    [0x48, 0x3d, 0x00, 0xf0, 0xff, 0xff],
+    [0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff],
+];
+
+/// File offsets in the C library at `path` of the conditional jump after each
+/// `syscall; cmp $-4096,%rax` of `ppoll`, `epoll_pwait` and `epoll_pwait2`: where the
+/// profiler's libc result probes go (profiler/src/probes/libc_waits.rs finds them the same
+/// way and refuses a function with any other syscall site; this only measures).
+fn libc_result_sites(path: &Path) -> anyhow::Result<Vec<u64>> {
+    use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let elf = object::File::parse(&*bytes)?;
+    let mut sites = Vec::new();
+    for symbol in elf.dynamic_symbols() {
+        let name = symbol.name().unwrap_or("");
+        if !["ppoll", "epoll_pwait", "epoll_pwait2"].contains(&name) || symbol.size() == 0 {
+            continue;
+        }
+        // The segment holding the function turns its address into a file offset.
+        let Some(file_start) = elf.segments().find_map(|seg| {
+            let (off, size) = seg.file_range();
+            (seg.address() <= symbol.address() && symbol.address() < seg.address() + size)
+                .then(|| off + symbol.address() - seg.address())
+        }) else {
+            continue;
+        };
+        let start = file_start as usize;
+        let Some(code) = bytes.get(start..start + symbol.size() as usize) else {
+            continue;
+        };
+        for at in 0..code.len().saturating_sub(10) {
+            if code[at..at + 2] == [0x0f, 0x05]
+                && CMP_RAX_ERRNO.iter().any(|c| code[at + 2..at + 8] == *c)
+                && matches!(code[at + 8], 0x77 | 0x73 | 0x0f)
+            {
+                sites.push(file_start + at as u64 + 8);
+            }
+        }
+    }
+    // A function can have several dynamic symbols (versions).
+    sites.sort_unstable();
+    sites.dedup();
+    anyhow::ensure!(
+        !sites.is_empty(),
+        "no result site found in {}",
+        path.display()
+    );
+    Ok(sites)
+}
+
+/// The C library process `pid` maps, by the path in its `/proc/PID/maps`.
+fn mapped_libc(pid: u32) -> anyhow::Result<std::path::PathBuf> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            p.rsplit('/')
+                .next()
+                .is_some_and(|f| f.starts_with("libc.so"))
+        })
+        .map(std::path::PathBuf::from)
+        .context("the QEMU maps no libc.so")
+}
+
+/// Plain tracefs uprobes (no BPF program) at `sites` of `libc`, enabled while this lives: what
+/// the breakpoint alone costs, the floor under any uprobe source. They are not scoped to a
+/// process (tracefs uprobes are host-wide), which changes nothing for the QEMU's own CPU.
+struct BareTraps {
+    names: Vec<String>,
+}
+
+impl BareTraps {
+    fn new(libc: &Path, sites: &[u64]) -> anyhow::Result<Self> {
+        let mut traps = Self { names: Vec::new() };
+        for (i, site) in sites.iter().enumerate() {
+            let name = format!("wait_result_{i}");
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(format!("{TRACEFS}/uprobe_events"))
+                .and_then(|mut f| {
+                    use std::io::Write as _;
+                    writeln!(f, "p:{TRACEFS_GROUP}/{name} {}:{site:#x}", libc.display())
+                })
+                .context("defining a tracefs uprobe")?;
+            traps.names.push(name.clone());
+            std::fs::write(
+                format!("{TRACEFS}/events/{TRACEFS_GROUP}/{name}/enable"),
+                "1",
+            )
+            .context("enabling a tracefs uprobe")?;
+        }
+        Ok(traps)
+    }
+}
+
+impl Drop for BareTraps {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = std::fs::write(
+                format!("{TRACEFS}/events/{TRACEFS_GROUP}/{name}/enable"),
+                "0",
+            );
+            let _ = std::fs::OpenOptions::new()
+                .append(true)
+                .open(format!("{TRACEFS}/uprobe_events"))
+                .and_then(|mut f| {
+                    use std::io::Write as _;
+                    writeln!(f, "-:{TRACEFS_GROUP}/{name}")
+                });
+        }
+    }
+}
 
 /// x86-64 syscall numbers named in the mix.
 const SYSCALL_NAMES: [(u64, &str); 8] = [
@@ -108,20 +232,23 @@ pub fn run(
     // Past boot's tail.
     sleep(Duration::from_secs(5));
     let mix = syscall_mix(pid, 5)?;
+    let libc_file = mapped_libc(pid)?;
+    let sites = libc_result_sites(&libc_file)?;
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
     for round in 0..rounds {
         for k in 0..CONFIGS.len() {
             let i = (k + round) % CONFIGS.len();
             let (key, source, label) = CONFIGS[i];
-            let tracer = match source {
-                Some(source) => Some(Tracer::profiler(
+            let tracer: Option<Box<dyn std::any::Any>> = match source {
+                Some(source) => Some(Box::new(Tracer::profiler(
                     profiler,
                     &["--timer-source", source],
                     &[VM],
                     &[VM],
                     dir,
                     &format!("watched-{key}"),
-                )?),
+                )?)),
+                None if key == BARE_TRAPS => Some(Box::new(BareTraps::new(&libc_file, &sites)?)),
                 None => None,
             };
             let cpu = cpu_per_second(pid, secs)?;
@@ -181,12 +308,13 @@ pub fn run(
         .map(|(id, rate)| format!("{} {:.0}/s", named(**id), rate))
         .collect::<Vec<_>>()
         .join(", ");
-    let (libc, entry_return, sys, hrtimer) = (added(1), added(2), added(3), added(4));
+    let (bare, libc, entry_return, sys, hrtimer) =
+        (added(1), added(2), added(3), added(4), added(5));
     // The two side by side in each round: the machine's drift between rounds (nothing's
     // spread) cancels out of this difference.
-    let libc_minus_sys: Vec<f64> = samples[1]
+    let libc_minus_sys: Vec<f64> = samples[2]
         .iter()
-        .zip(&samples[3])
+        .zip(&samples[4])
         .map(|(l, s)| l - s)
         .collect();
     let (lo, hi) = libc_minus_sys
@@ -202,6 +330,7 @@ pub fn run(
         lo * 1e3,
         hi * 1e3
     );
+    let libc_path = libc_file.display().to_string();
     let per_call = |added: f64| added / mix.get(&271).copied().unwrap_or(f64::NAN) * 1e9;
     let body = format!(
         "## What a watched QEMU pays per second, per timer source\n\n\
@@ -221,10 +350,11 @@ pub fn run(
          the QEMU takes while they are attached. Per `ppoll` of this QEMU that is about \
          {:.1} µs (libc results), {:.1} µs (entry and return), {:.1} µs (syscall \
          tracepoints), {:.1} µs (hrtimer): several times the same probes' cost per call in \
-         the tight loops of the tax section, presumably because their code and maps stay in \
-         the caches and TLB between calls where a real QEMU's main loop evicts them (not \
-         verified). What bounds the libc figure is \
-         the trap each wait-function call takes, zero-timeout polls included.\n",
+         the tight loops of the tax section. What bounds the libc figure is the breakpoint \
+         itself: plain tracefs uprobes at the same {n_sites} result sites of {libc_path}, no \
+         BPF program, cost this QEMU {:+.2} ms/s ({:.1} µs per `ppoll`), so the profiler's \
+         programs add {:+.2} ms/s on top of the trap each wait-function call takes, \
+         zero-timeout polls included.\n",
         libc * 1e3,
         sys * 1e3,
         entry_return * 1e3,
@@ -233,13 +363,19 @@ pub fn run(
         per_call(entry_return) / 1e3,
         per_call(sys) / 1e3,
         per_call(hrtimer) / 1e3,
+        bare * 1e3,
+        per_call(bare) / 1e3,
+        (libc - bare) * 1e3,
+        n_sites = sites.len(),
+        libc_path = libc_path,
     );
     let json = json!({
         "command": command, "rounds": rounds, "seconds": secs,
         "syscalls_per_second": mix.iter().map(|(id, r)| (named(*id), *r)).collect::<BTreeMap<_, _>>(),
         "configs": json_rows,
         "libc_minus_syscall_per_round": libc_minus_sys,
-        "targets": {"added_libc": libc, "added_syscall": sys,
+        "bare_trap_sites": sites, "libc": libc_path,
+        "targets": {"added_bare_traps": bare, "added_libc": libc, "added_syscall": sys,
                     "added_libc_entry_return": entry_return, "added_hrtimer": hrtimer},
     });
     Ok((body, json))
