@@ -273,10 +273,11 @@ pub fn run_scale(
          | VMs | timer source | period (ms) | CPU (% of a core) | µs per refresh | µs per VM per refresh | RSS (MiB) | timer/s per VM (min–max) |\n\
          |---:|---|---:|---:|---:|---:|---:|---|\n{rows}\n\
          Above 500 VMs the timer source is the syscall tracepoints (`--timer-source syscall`): \
-         eight libc uprobes per process make 16,000 uprobes on one C library at 2,000, whose \
-         registration walks every process mapping it and whose removal waits a grace period \
-         each, serially when the profiler exits (measured: about 26 minutes of uninterruptible \
-         exit). The collector's cost does not depend on the source.\n\n\
+         the libc uprobes (six per process at glibc 2.41's result sites, eight with the entry \
+         and return probes measured here) make 12,000 to 16,000 uprobes on one C library at \
+         2,000, whose registration walks every process mapping it and whose removal waits a \
+         grace period each, serially when the profiler exits (measured with eight per process: \
+         about 26 minutes of uninterruptible exit). The collector's cost does not depend on the source.\n\n\
          Targets: ≤ 0.3 % of a core at 500 VMs — {}; ≤ 1.2 % at 2,000 — {}; ≤ 64 MB — \
          {rss_max:.1} MiB at most ({}).\n",
         target(500, 0.3),

@@ -124,19 +124,24 @@ struct BareTraps {
     names: Vec<String>,
 }
 
+/// Writes one command to tracefs's `uprobe_events` in a single `write(2)`: tracefs parses
+/// each write on its own, and `writeln!` on a `File` writes piece by piece.
+fn uprobe_events_command(line: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(format!("{TRACEFS}/uprobe_events"))?
+        .write_all(format!("{line}\n").as_bytes())
+}
+
 impl BareTraps {
     fn new(libc: &Path, sites: &[u64]) -> anyhow::Result<Self> {
         let mut traps = Self { names: Vec::new() };
         for (i, site) in sites.iter().enumerate() {
             let name = format!("wait_result_{i}");
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(format!("{TRACEFS}/uprobe_events"))
-                .and_then(|mut f| {
-                    use std::io::Write as _;
-                    writeln!(f, "p:{TRACEFS_GROUP}/{name} {}:{site:#x}", libc.display())
-                })
-                .context("defining a tracefs uprobe")?;
+            let define = format!("p:{TRACEFS_GROUP}/{name} {}:{site:#x}", libc.display());
+            uprobe_events_command(&define)
+                .with_context(|| format!("defining a tracefs uprobe: {define}"))?;
             traps.names.push(name.clone());
             std::fs::write(
                 format!("{TRACEFS}/events/{TRACEFS_GROUP}/{name}/enable"),
@@ -155,13 +160,7 @@ impl Drop for BareTraps {
                 format!("{TRACEFS}/events/{TRACEFS_GROUP}/{name}/enable"),
                 "0",
             );
-            let _ = std::fs::OpenOptions::new()
-                .append(true)
-                .open(format!("{TRACEFS}/uprobe_events"))
-                .and_then(|mut f| {
-                    use std::io::Write as _;
-                    writeln!(f, "-:{TRACEFS_GROUP}/{name}")
-                });
+            let _ = uprobe_events_command(&format!("-:{TRACEFS_GROUP}/{name}"));
         }
     }
 }
@@ -350,11 +349,12 @@ pub fn run(
          the QEMU takes while they are attached. Per `ppoll` of this QEMU that is about \
          {:.1} µs (libc results), {:.1} µs (entry and return), {:.1} µs (syscall \
          tracepoints), {:.1} µs (hrtimer): several times the same probes' cost per call in \
-         the tight loops of the tax section. What bounds the libc figure is the breakpoint \
-         itself: plain tracefs uprobes at the same {n_sites} result sites of {libc_path}, no \
-         BPF program, cost this QEMU {:+.2} ms/s ({:.1} µs per `ppoll`), so the profiler's \
-         programs add {:+.2} ms/s on top of the trap each wait-function call takes, \
-         zero-timeout polls included.\n",
+         the tight loops of the tax section. The floor under any uprobe source: plain \
+         tracefs uprobes at the same {n_sites} result sites of {libc_path}, no BPF program, \
+         cost this QEMU {:+.2} ms/s ({:.1} µs per `ppoll`); the profiler's result probes \
+         (their programs, the perf-event dispatch and the `hrtimer_start` mark) add {:+.2} \
+         ms/s to that. Every wait-function call takes the trap, zero-timeout polls \
+         included.\n",
         libc * 1e3,
         sys * 1e3,
         entry_return * 1e3,
