@@ -28,6 +28,16 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UPr
         .try_into()?)
 }
 
+/// The descriptor of the loaded uprobe program `name`, to attach it by hand
+/// ([`perf_uprobe`]).
+pub fn program_fd(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<std::os::fd::RawFd> {
+    Ok(program(ebpf, name)?
+        .fd()
+        .with_context(|| format!("eBPF program {name} not loaded"))?
+        .as_fd()
+        .as_raw_fd())
+}
+
 /// Where to attach: a file offset in the process's executable, and the BPF cookie the
 /// program reads there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,13 +124,8 @@ impl UprobeLinks {
         point: UprobePoint,
     ) -> anyhow::Result<()> {
         anyhow::ensure!(pid != 0, "pid 0 cannot be probed");
-        let program = program(ebpf, self.program)?;
-        let retprobe = matches!(program.kind(), ProbeKind::Return);
-        let prog_fd = program
-            .fd()
-            .with_context(|| format!("eBPF program {} not loaded", self.program))?
-            .as_fd()
-            .as_raw_fd();
+        let retprobe = matches!(program(ebpf, self.program)?.kind(), ProbeKind::Return);
+        let prog_fd = program_fd(ebpf, self.program)?;
         let site = UprobeSite {
             target,
             file_offset: point.file_offset,

@@ -475,13 +475,7 @@ fn attach_kernel_managed(
     sites: &[SiteToAttach],
     cookies: &[u64],
 ) -> Result<Vec<PerfUprobe>, KernelAttachError> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let program = uprobes::program(ebpf, PROGRAM).map_err(KernelAttachError::Failed)?;
-    let prog_fd = program
-        .fd()
-        .map_err(|e| KernelAttachError::Failed(e.into()))?
-        .as_fd()
-        .as_raw_fd();
+    let prog_fd = uprobes::program_fd(ebpf, PROGRAM).map_err(KernelAttachError::Failed)?;
     let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
     let mut made = Vec::with_capacity(sites.len());
     for (site, &cookie) in sites.iter().zip(cookies) {
