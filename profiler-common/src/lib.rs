@@ -55,6 +55,8 @@ pub mod watch_flag {
 
 /// Which wait syscall a counter came from. Stored in [`CounterKey::id`] for wait counters.
 pub mod wait_syscall {
+    /// A [`super::PendingWait`] whose mark was consumed: an entry kept for reuse, not a wait.
+    pub const NONE: u64 = 0;
     pub const PPOLL: u64 = 1;
     pub const EPOLL_PWAIT: u64 = 2;
     pub const EPOLL_PWAIT2: u64 = 3;

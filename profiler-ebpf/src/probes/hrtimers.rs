@@ -23,11 +23,9 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::TracePointContext,
 };
-use profiler_common::{
-    CounterKey, MAX_PENDING, Sleeper, dropped, kind, timeout_class, wait_syscall, watch_flag,
-};
+use profiler_common::{CounterKey, MAX_PENDING, Sleeper, dropped, kind, wait_syscall, watch_flag};
 
-use super::timers::remember;
+use super::timers::mark_ppoll_timer;
 use crate::maps::{count, current_ids, note_insert, watch_flags};
 
 const HRTIMER: usize = 8;
@@ -90,7 +88,7 @@ pub fn hrtimer_start(ctx: TracePointContext) -> u32 {
         // The libc result probe counts this wait; it only needs to know that a ppoll armed
         // its timer (libc_waits.rs: a ppoll's 0 is otherwise ambiguous).
         if syscall == wait_syscall::PPOLL {
-            remember(tgid, tid, syscall, timeout_class::FINITE);
+            mark_ppoll_timer(tgid, tid);
         }
         return 0;
     }

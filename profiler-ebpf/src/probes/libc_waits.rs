@@ -28,10 +28,10 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use profiler_common::{CounterKey, PendingWait, kind, timeout_class, wait_syscall};
+use profiler_common::{CounterKey, kind, timeout_class, wait_syscall};
 
-use super::timers::{classify, millis_class, remember, timespec_class};
-use crate::maps::{PENDING, count, current_ids, watched_uprobe_hit};
+use super::timers::{classify, millis_class, remember, take_ppoll_timer_mark, timespec_class};
+use crate::maps::{count, current_ids, watched_uprobe_hit};
 
 /// The kind of the wait that just returned `ret` (the raw kernel result), `syscall` being one
 /// of [`wait_syscall`], with timeout class `timeout` (unknown for a ppoll) and whether the
@@ -74,15 +74,9 @@ pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
     };
     // The mark of a sleep timer armed in this ppoll, consumed whatever the result. Only
     // ppolls are marked (the epoll waits' timeouts are in the registers): no lookup for those.
-    let armed = syscall == wait_syscall::PPOLL
-        // SAFETY: the value is copied out before the entry is removed.
-        && match (unsafe { PENDING.get(tid) }).copied() {
-            Some(PendingWait { syscall: marked, .. }) => {
-                let _ = PENDING.remove(tid);
-                marked == syscall
-            }
-            None => false,
-        };
+    // The mark of a sleep timer armed in this ppoll, consumed whatever the result. Only
+    // ppolls are marked (the epoll waits' timeouts are in the registers): no lookup for those.
+    let armed = syscall == wait_syscall::PPOLL && take_ppoll_timer_mark(tid);
     let timeout = match syscall {
         // The timespec the kernel got (glibc's copy) now holds the time left: not the
         // timeout, except that NULL is still NULL (an infinite wait cannot return 0 anyway).

@@ -79,6 +79,46 @@ pub fn remember(tgid: u32, tid: u32, syscall: u64, timeout: u32) -> u32 {
     0
 }
 
+/// Marks the current thread's `ppoll` as having armed its sleep timer, for the libc result
+/// probe ([`take_ppoll_timer_mark`]). The thread's entry is created once and then rewritten in
+/// place: a hash map insert and delete take the bucket's lock with interrupts disabled, which
+/// costs a QEMU doing thousands of timed waits a second measurably more than this lookup and
+/// store. Entries of exited processes are dropped by userspace (`forget_process`).
+#[inline(always)]
+pub fn mark_ppoll_timer(tgid: u32, tid: u32) {
+    match PENDING.get_ptr_mut(tid) {
+        // SAFETY: a preallocated map value; only this thread writes its own entry (userspace
+        // deletes entries of exited processes only).
+        Some(pending) => unsafe {
+            *pending = PendingWait {
+                syscall: wait_syscall::PPOLL,
+                timeout: timeout_class::FINITE,
+                tgid,
+            }
+        },
+        None => {
+            remember(tgid, tid, wait_syscall::PPOLL, timeout_class::FINITE);
+        }
+    }
+}
+
+/// Whether the current thread's `ppoll` armed its sleep timer ([`mark_ppoll_timer`]); the
+/// mark is consumed, the entry kept.
+#[inline(always)]
+pub fn take_ppoll_timer_mark(tid: u32) -> bool {
+    let Some(pending) = PENDING.get_ptr_mut(tid) else {
+        return false;
+    };
+    // SAFETY: as in `mark_ppoll_timer`.
+    unsafe {
+        if (*pending).syscall != wait_syscall::PPOLL {
+            return false;
+        }
+        (*pending).syscall = wait_syscall::NONE;
+    }
+    true
+}
+
 #[inline(always)]
 fn classify_exit(ctx: &TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
@@ -100,6 +140,10 @@ pub fn classify(tgid: u32, tid: u32, ret: i64) -> u32 {
         return 0;
     };
     let _ = PENDING.remove(tid);
+    // A consumed ppoll-timer mark of the libc result probes (`mark_ppoll_timer`).
+    if pending.syscall == wait_syscall::NONE {
+        return 0;
+    }
     let kind = if pending.syscall == wait_syscall::IO_URING_ENTER {
         if pending.timeout != timeout_class::IO_URING_GETEVENTS {
             return 0;
