@@ -237,6 +237,15 @@ pub fn run(
         }
     };
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    // The same for the unrelated getppid loop: a few ns either way is the machine's.
+    let getppid_noise = spread(0);
+    let getppid_verdict = if getppid_pct <= 2.0 {
+        "met".to_string()
+    } else if added(libc, 0) <= getppid_noise {
+        format!("MISSED by less than nothing's own ±{getppid_noise:.0} ns spread")
+    } else {
+        "MISSED".to_string()
+    };
     let body = format!(
         "## What recording costs other processes, and a watched QEMU\n\n\
          `{command}`: CPU ns per call (median of {rounds} rounds; configurations interleaved, \
@@ -273,7 +282,7 @@ pub fn run(
          default.\n",
         2 * calls,
         calls / 20,
-        verdict(getppid_pct <= 2.0),
+        getppid_verdict,
         verdict(ppoll_added <= 60.0),
         verdict(watched_libc <= watched_sys),
         timed_verdict(libc_timed),
