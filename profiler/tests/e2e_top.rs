@@ -39,7 +39,7 @@ fn top_ranks_noisy_above_quiet_and_q_restores_the_terminal() {
     let script = format!(
         "{profiler} top --window 2 --vm e2e-top-noisy --vm e2e-top-quiet; \
          echo TOP-EXITED rc=$?; stty -a | tr ' ' '\\n' | grep -E '^-?(icanon|echo)$' | tr '\\n' ' '; \
-         echo; sleep 60"
+         echo; echo TTY-CHECKED; sleep 60"
     );
     tmux(&[
         "new-session",
@@ -82,7 +82,9 @@ fn top_ranks_noisy_above_quiet_and_q_restores_the_terminal() {
     let after = loop {
         sleep(Duration::from_millis(500));
         let after = capture(&session);
-        if after.contains("TOP-EXITED") || Instant::now() > deadline {
+        // The mode line comes after the exit line: wait for the marker printed after both
+        // (a capture between the two once failed the check below).
+        if after.contains("TTY-CHECKED") || Instant::now() > deadline {
             break after;
         }
     };

@@ -74,8 +74,6 @@ pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
     };
     // The mark of a sleep timer armed in this ppoll, consumed whatever the result. Only
     // ppolls are marked (the epoll waits' timeouts are in the registers): no lookup for those.
-    // The mark of a sleep timer armed in this ppoll, consumed whatever the result. Only
-    // ppolls are marked (the epoll waits' timeouts are in the registers): no lookup for those.
     let armed = syscall == wait_syscall::PPOLL && take_ppoll_timer_mark(tid);
     let timeout = match syscall {
         // The timespec the kernel got (glibc's copy) now holds the time left: not the

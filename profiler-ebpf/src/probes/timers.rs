@@ -87,8 +87,10 @@ pub fn remember(tgid: u32, tid: u32, syscall: u64, timeout: u32) -> u32 {
 #[inline(always)]
 pub fn mark_ppoll_timer(tgid: u32, tid: u32) {
     match PENDING.get_ptr_mut(tid) {
-        // SAFETY: a preallocated map value; only this thread writes its own entry (userspace
-        // deletes entries of exited processes only).
+        // SAFETY: a preallocated map value, valid memory for the map's life; only this thread
+        // writes its own entry. Userspace deletes a process's entries when it has exited or
+        // before its paused uprobes are attached again; a store racing that delete lands in a
+        // freed element, at worst one misclassified wait.
         Some(pending) => unsafe {
             *pending = PendingWait {
                 syscall: wait_syscall::PPOLL,
