@@ -22,10 +22,6 @@ use xtask::{
 
 use super::{loops::median, tracers::Tracer};
 
-/// Turns the kernel's BPF run-time statistics on for everyone (what the profiler's
-/// `BPF_ENABLE_STATS` does while it runs).
-const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
 /// The port the workload reads: the parallel port's data register.
 const PORT: &str = "0x378";
 
@@ -233,6 +229,10 @@ fn measure(
             let config = subject.configs[i];
             guest.wait_for_line(&format!("WAITING round={round}"), Duration::from_secs(60))?;
             let pid = guest.pid();
+            // Held for this round only.
+            let stats = (config == Config::BpftraceCountStats)
+                .then(super::bpf_stats_on)
+                .transpose()?;
             let tracer = match config {
                 Config::Nothing => None,
                 Config::Profiler => Some(Tracer::profiler(
@@ -244,9 +244,6 @@ fn measure(
                     &format!("events-{}-{round}", subject.key),
                 )?),
                 Config::BpftraceCount | Config::BpftraceKeyed | Config::BpftraceCountStats => {
-                    if config == Config::BpftraceCountStats {
-                        std::fs::write(STATS_SYSCTL, "1")?;
-                    }
                     Some(Tracer::bpftrace(
                         &bpftrace_script(
                             subject.key,
@@ -276,9 +273,7 @@ fn measure(
             if config == Config::LogBackend {
                 set_log_trace(&guest, false)?;
             }
-            if config == Config::BpftraceCountStats {
-                std::fs::write(STATS_SYSCTL, "0")?;
-            }
+            drop(stats);
             if let Some(t) = tracer {
                 // A window closes (with this round's reads) within a second.
                 std::thread::sleep(Duration::from_millis(1500));

@@ -301,6 +301,15 @@ fn ticks_per_second() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
+/// Turns the kernel's BPF run-time statistics on for every program until the returned
+/// descriptor is dropped (`BPF_ENABLE_STATS`, what the profiler does while it runs): unlike
+/// the `kernel.bpf_stats_enabled` sysctl, an interrupted bench cannot leave them on.
+pub fn bpf_stats_on() -> anyhow::Result<std::os::fd::OwnedFd> {
+    use anyhow::Context as _;
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling the kernel's BPF run-time statistics")
+}
+
 /// Makes `cmd`'s process get `signal` when this one dies (an interrupted bench must not leave
 /// QEMU-like fleets or profilers running). SIGTERM lets a profiler detach in order.
 pub fn die_with_parent(cmd: &mut std::process::Command, signal: i32) {

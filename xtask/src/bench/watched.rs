@@ -257,8 +257,7 @@ fn program_rates(
         dir,
         &format!("watched-programs-{source}"),
     )?;
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("enabling the kernel's BPF run-time statistics")?;
+    let _stats = super::bpf_stats_on()?;
     let (a, t0) = (program_stats(before), Instant::now());
     sleep(Duration::from_secs(secs));
     let (b, elapsed) = (program_stats(before), t0.elapsed().as_secs_f64());
