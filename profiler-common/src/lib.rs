@@ -36,7 +36,7 @@ pub mod kind {
     pub const UPROBE_HIT: u32 = 9;
 }
 
-/// Flags of a process in the `WATCHED` map.
+/// Flags of a watched process ([`WatchEntry::flags`]).
 pub mod watch_flag {
     /// Its waits are counted by the `syscalls:*` tracepoints (the fallback for a QEMU whose
     /// C library's wait functions cannot be probed). Otherwise uprobes on its libc count them
@@ -124,8 +124,107 @@ pub mod counter_meta {
     pub const SLOTS: u32 = 2;
 }
 
+/// Slots of the `WATCH_TABLE` array, where the programs find a watched process: slot
+/// `tgid % WATCH_SLOTS` ([`watch_slot`]). A process whose slot another one holds is in the
+/// `WATCHED` hash instead, and its slot says so ([`WatchEntry::overflow`]). One array load
+/// answers "not watched" for every other process of the host: a hash lookup costs ~150–290 ns
+/// on this machine kind, and the host-wide tracepoints ask it for every task.
+pub const WATCH_SLOTS: u32 = 65536;
+
+/// The `WATCH_TABLE` slot of process `tgid`.
+pub const fn watch_slot(tgid: u32) -> u32 {
+    tgid & (WATCH_SLOTS - 1)
+}
+
+/// A watched process, as the programs find it: in its `WATCH_TABLE` slot, written by
+/// userspace through a memory mapping (`tgid` last, cleared first), or in the `WATCHED` hash.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchEntry {
+    /// The process (0: the slot is free).
+    pub tgid: u32,
+    /// Its [`watch_flag`]s.
+    pub flags: u32,
+    /// First slot of its wait counters in `COUNTER_VALUES` ([`wait_block`]), or
+    /// [`wait_block::NONE`]: its wait counters are then keyed in `COUNTER_SLOTS` like any other.
+    pub wait_block: u32,
+    /// In a `WATCH_TABLE` slot: non-zero while processes of this slot are in the `WATCHED`
+    /// hash (the slot is another's).
+    pub overflow: u32,
+}
+
+/// A watched process's wait counters, at fixed offsets of a block of `COUNTER_VALUES` that
+/// userspace allocates when it starts watching the process: the wait programs, which run on
+/// every wait of every QEMU thread, count with one array store instead of a hash lookup.
+pub mod wait_block {
+    use super::{kind, wait_syscall};
+
+    /// Counters per block.
+    pub const SLOTS: u32 = 16;
+    /// "No block": count through `COUNTER_SLOTS`.
+    pub const NONE: u32 = u32::MAX;
+
+    /// The block offset of counter (`kind`, `id`), if it is a wait counter: a kind of the
+    /// first four for each of ppoll, epoll_pwait, epoll_pwait2 (0–11), io_uring waits (12),
+    /// uprobe hits (13).
+    #[inline(always)]
+    pub fn offset(kind: u32, id: u64) -> Option<u32> {
+        match (kind, id) {
+            (kind::TIMER..=kind::WAIT_ERROR, wait_syscall::PPOLL..=wait_syscall::EPOLL_PWAIT2) => {
+                Some((id as u32 - 1) * 4 + (kind - kind::TIMER))
+            }
+            (kind::IO_URING_WAIT, wait_syscall::IO_URING_ENTER) => Some(12),
+            (kind::UPROBE_HIT, 0) => Some(13),
+            _ => None,
+        }
+    }
+
+    /// The counter (kind, id) at block offset `offset`: the inverse of [`offset`].
+    pub fn counter(offset: u32) -> Option<(u32, u64)> {
+        match offset {
+            0..12 => Some((kind::TIMER + offset % 4, u64::from(offset / 4 + 1))),
+            12 => Some((kind::IO_URING_WAIT, wait_syscall::IO_URING_ENTER)),
+            13 => Some((kind::UPROBE_HIT, 0)),
+            _ => None,
+        }
+    }
+}
+
 /// Maximum number of threads inside a wait at once.
 pub const MAX_PENDING: u32 = 65536;
+
+/// Slots of the `PPOLL_MARKS` array: the libc result source's per-thread marks of a `ppoll`
+/// that armed its sleep timer, at slot `tid % MARK_SLOTS` ([`mark_slot`]) for the thread that
+/// claimed the slot first; a thread whose slot another holds keeps its mark in `PENDING`.
+pub const MARK_SLOTS: u32 = 65536;
+
+/// The `PPOLL_MARKS` slot of thread `tid`.
+pub const fn mark_slot(tid: u32) -> u32 {
+    tid & (MARK_SLOTS - 1)
+}
+
+/// A `PPOLL_MARKS` slot.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PpollMark {
+    /// The thread that holds the slot ([`PpollMark::owner_of`]); 0: free.
+    pub owner: u64,
+    /// Non-zero: its current `ppoll` armed its sleep timer.
+    pub armed: u64,
+}
+
+impl PpollMark {
+    /// The owner word of thread `tid` of process `tgid` (so userspace can free a process's
+    /// slots).
+    pub const fn owner_of(tid: u32, tgid: u32) -> u64 {
+        ((tid as u64) << 32) | tgid as u64
+    }
+
+    /// The process of an owner word.
+    pub const fn owner_tgid(owner: u64) -> u32 {
+        owner as u32
+    }
+}
 
 /// A watched thread asleep in a wait syscall with a finite timeout, by the address of the
 /// sleep timer it armed (hrtimer source): what the timer's expiry or cancel is counted for.
@@ -285,6 +384,26 @@ mod tests {
     }
 
     #[test]
+    fn wait_block_offsets_are_distinct_and_invert() {
+        let mut seen = [false; wait_block::SLOTS as usize];
+        for kind in 0..=kind::UPROBE_HIT + 1 {
+            for id in 0..=wait_syscall::IO_URING_ENTER + 1 {
+                let Some(offset) = wait_block::offset(kind, id) else {
+                    continue;
+                };
+                assert!(!seen[offset as usize], "offset {offset} twice");
+                seen[offset as usize] = true;
+                assert_eq!(wait_block::counter(offset), Some((kind, id)));
+            }
+        }
+        // Every wait kind of every wait syscall has one, and the hits.
+        assert_eq!(seen.iter().filter(|s| **s).count(), 14);
+        assert_eq!(wait_block::offset(kind::READ, 1), None);
+        assert_eq!(wait_block::counter(14), None);
+        assert_eq!(watch_slot(WATCH_SLOTS + 5), 5);
+    }
+
+    #[test]
     fn usdt_cookies_carry_a_whole_register_and_the_kind() {
         let rsi = UsdtArgSpec {
             arg_type: usdt_arg::REG,
@@ -319,6 +438,8 @@ mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::PendingWait {}
     unsafe impl aya::Pod for super::Sleeper {}
+    unsafe impl aya::Pod for super::WatchEntry {}
+    unsafe impl aya::Pod for super::PpollMark {}
     unsafe impl aya::Pod for super::UsdtArgSpec {}
     unsafe impl aya::Pod for super::UsdtSpec {}
     unsafe impl aya::Pod for super::RegionKey {}

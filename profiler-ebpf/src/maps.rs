@@ -8,16 +8,21 @@ use aya_ebpf::{
 };
 use profiler_common::{
     CounterKey, MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_WATCHED, PendingWait, RegionKey,
-    RegionName, counter_meta, dropped, kind, watch_flag,
+    RegionName, WATCH_SLOTS, WatchEntry, counter_meta, dropped, kind, wait_block, watch_flag,
+    watch_slot,
 };
 
 /// `-EEXIST`: an insert lost a race with another CPU (not a full map).
 const EEXIST: i32 = -17;
 
-/// QEMU processes (tgids) userspace wants counted, with their
-/// [`profiler_common::watch_flag`]s. Anything else returns at the first lookup.
+/// QEMU processes (tgids) userspace wants counted, by [`watch_slot`]: see
+/// [`profiler_common::WATCH_SLOTS`]. Anything else returns after one array load.
 #[map]
-pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(MAX_WATCHED, 0);
+pub static WATCH_TABLE: Array<WatchEntry> = Array::with_max_entries(WATCH_SLOTS, BPF_F_MMAPABLE);
+
+/// Watched processes whose `WATCH_TABLE` slot another one holds.
+#[map]
+pub static WATCHED: HashMap<u32, WatchEntry> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
 /// The counter store, in three maps. `COUNTER_SLOTS` maps each counter's key to its slot in
 /// `COUNTER_VALUES`, where the count is (added to atomically by all CPUs: per-CPU values would
@@ -81,35 +86,65 @@ pub fn current_ids() -> (u32, u32) {
     ((pid_tgid >> 32) as u32, pid_tgid as u32)
 }
 
+/// Process `tgid`, if it is watched.
+#[inline(always)]
+pub fn watched(tgid: u32) -> Option<WatchEntry> {
+    // The idle task (0) would match a free slot.
+    if tgid == 0 {
+        return None;
+    }
+    let entry = WATCH_TABLE.get_ptr(watch_slot(tgid))?;
+    // SAFETY: a map value, valid for the map's life; userspace writes it through its mapping
+    // (`tgid` last when it fills the slot, first when it clears it), so each field is read
+    // once, volatile.
+    unsafe {
+        if core::ptr::read_volatile(&(*entry).tgid) == tgid {
+            return Some(WatchEntry {
+                tgid,
+                flags: core::ptr::read_volatile(&(*entry).flags),
+                wait_block: core::ptr::read_volatile(&(*entry).wait_block),
+                overflow: 0,
+            });
+        }
+        if core::ptr::read_volatile(&(*entry).overflow) == 0 {
+            return None;
+        }
+        WATCHED.get(tgid).copied()
+    }
+}
+
 #[inline(always)]
 pub fn is_watched(tgid: u32) -> bool {
-    // SAFETY: the value is only checked for presence.
-    unsafe { WATCHED.get(tgid).is_some() }
+    watched(tgid).is_some()
 }
 
-/// The [`profiler_common::watch_flag`]s of process `tgid`, if it is watched.
-#[inline(always)]
-pub fn watch_flags(tgid: u32) -> Option<u32> {
-    // SAFETY: the value is copied out at once.
-    unsafe { WATCHED.get(tgid) }.copied()
-}
-
-/// Whether process `tgid` is watched; for a budgeted one, also counts this uprobe run
-/// (`kind::UPROBE_HIT`): the programs that call this already look the process up, so the
+/// Whether process `tgid` is watched (returned); for a budgeted one, also counts this uprobe
+/// run (`kind::UPROBE_HIT`): the programs that call this already look the process up, so the
 /// budget's bookkeeping costs an atomic add only where it is asked for.
 #[inline(always)]
-pub fn watched_uprobe_hit(tgid: u32) -> bool {
-    let Some(flags) = watch_flags(tgid) else {
-        return false;
-    };
-    if flags & watch_flag::COUNT_HITS != 0 {
-        count(&CounterKey {
-            tgid,
-            kind: kind::UPROBE_HIT,
-            id: 0,
-        });
+pub fn watched_uprobe_hit(tgid: u32) -> Option<WatchEntry> {
+    let watched = watched(tgid)?;
+    if watched.flags & watch_flag::COUNT_HITS != 0 {
+        count_wait(&watched, kind::UPROBE_HIT, 0);
     }
-    true
+    Some(watched)
+}
+
+/// Adds one to wait counter (`kind`, `id`) of the watched process `watched`: in its wait block
+/// when it has one (an array store), else keyed like any counter.
+#[inline(always)]
+pub fn count_wait(watched: &WatchEntry, kind: u32, id: u64) {
+    if watched.wait_block != wait_block::NONE
+        && let Some(offset) = wait_block::offset(kind, id)
+        && let Some(value) = COUNTER_VALUES.get_ptr_mut(watched.wait_block.wrapping_add(offset))
+    {
+        return atomic_add(value, 1);
+    }
+    count(&CounterKey {
+        tgid: watched.tgid,
+        kind,
+        id,
+    });
 }
 
 /// Adds one to the counter `key`.
@@ -156,6 +191,33 @@ fn atomic_fetch_add(value: *mut u64, n: u64) -> u64 {
     unsafe {
         let old = *value;
         *value += n;
+        old
+    }
+}
+
+/// Stores `new` in `*value` if it holds `expected`; returns what it held: BPF's
+/// `cmpxchg` (Linux 5.12).
+#[inline(always)]
+pub fn atomic_cmpxchg(value: *mut u64, expected: u64, new: u64) -> u64 {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `value` is a valid, aligned map value that lives as long as the map.
+    unsafe {
+        let mut old = expected;
+        core::arch::asm!(
+            "r0 = cmpxchg_64({value} + 0, r0, {new})",
+            value = in(reg) value,
+            new = in(reg) new,
+            inout("r0") old,
+        );
+        old
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as above (host builds only type-check the programs).
+    unsafe {
+        let old = *value;
+        if old == expected {
+            *value = new;
+        }
         old
     }
 }

@@ -23,10 +23,10 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::TracePointContext,
 };
-use profiler_common::{CounterKey, MAX_PENDING, Sleeper, dropped, kind, wait_syscall, watch_flag};
+use profiler_common::{MAX_PENDING, Sleeper, dropped, kind, wait_syscall, watch_flag};
 
 use super::timers::mark_ppoll_timer;
-use crate::maps::{count, current_ids, note_insert, watch_flags};
+use crate::maps::{count_wait, current_ids, note_insert, watched};
 
 const HRTIMER: usize = 8;
 const START_FUNCTION: usize = 16;
@@ -60,7 +60,7 @@ fn current_syscall() -> Option<u64> {
 #[tracepoint]
 pub fn hrtimer_start(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
-    let Some(flags) = watch_flags(tgid) else {
+    let Some(flags) = watched(tgid).map(|w| w.flags) else {
         return 0;
     };
     if flags & (watch_flag::WAITS_BY_HRTIMER | watch_flag::WAITS_BY_LIBC_RESULT) == 0 {
@@ -110,11 +110,14 @@ fn ended(ctx: &TracePointContext, kind: u32) -> u32 {
         return 0;
     };
     let _ = SLEEPERS.remove(timer);
-    count(&CounterKey {
+    // Its wait block, if the process is still watched (else the key: a late count of a
+    // process just forgotten).
+    let watched = watched(sleeper.tgid).unwrap_or(profiler_common::WatchEntry {
         tgid: sleeper.tgid,
-        kind,
-        id: u64::from(sleeper.syscall),
+        wait_block: profiler_common::wait_block::NONE,
+        ..Default::default()
     });
+    count_wait(&watched, kind, u64::from(sleeper.syscall));
     0
 }
 

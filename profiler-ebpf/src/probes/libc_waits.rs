@@ -28,10 +28,10 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use profiler_common::{CounterKey, kind, timeout_class, wait_syscall};
+use profiler_common::{kind, timeout_class, wait_syscall};
 
 use super::timers::{classify, millis_class, remember, take_ppoll_timer_mark, timespec_class};
-use crate::maps::{count, current_ids, watched_uprobe_hit};
+use crate::maps::{count_wait, current_ids, watched_uprobe_hit};
 
 /// The kind of the wait that just returned `ret` (the raw kernel result), `syscall` being one
 /// of [`wait_syscall`], with timeout class `timeout` (unknown for a ppoll) and whether the
@@ -58,9 +58,9 @@ fn result_kind(ret: i64, timeout: u32, armed: bool) -> Option<u32> {
 #[uprobe]
 pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !watched_uprobe_hit(tgid) {
+    let Some(watched) = watched_uprobe_hit(tgid) else {
         return 0;
-    }
+    };
     // SAFETY: the helper only reads the attach cookie; the registers are this probe hit's
     // pt_regs (the program's context).
     let (syscall, ret, rdx, r10) = unsafe {
@@ -74,7 +74,7 @@ pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
     };
     // The mark of a sleep timer armed in this ppoll, consumed whatever the result. Only
     // ppolls are marked (the epoll waits' timeouts are in the registers): no lookup for those.
-    let armed = syscall == wait_syscall::PPOLL && take_ppoll_timer_mark(tid);
+    let armed = syscall == wait_syscall::PPOLL && take_ppoll_timer_mark(tgid, tid);
     let timeout = match syscall {
         // The timespec the kernel got (glibc's copy) now holds the time left: not the
         // timeout, except that NULL is still NULL (an infinite wait cannot return 0 anyway).
@@ -86,11 +86,7 @@ pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
     };
     // A ppoll that returned 0 without arming a timer had a zero timeout.
     if let Some(kind) = result_kind(ret, timeout, armed) {
-        count(&CounterKey {
-            tgid,
-            kind,
-            id: syscall,
-        });
+        count_wait(&watched, kind, syscall);
     }
     0
 }
@@ -99,7 +95,7 @@ pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn libc_ppoll(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !watched_uprobe_hit(tgid) {
+    if watched_uprobe_hit(tgid).is_none() {
         return 0;
     }
     let tsp: u64 = ctx.arg(2).unwrap_or(0);
@@ -110,7 +106,7 @@ pub fn libc_ppoll(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn libc_epoll_pwait(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !watched_uprobe_hit(tgid) {
+    if watched_uprobe_hit(tgid).is_none() {
         return 0;
     }
     let timeout: u64 = ctx.arg(3).unwrap_or(0);
@@ -127,7 +123,7 @@ pub fn libc_epoll_pwait(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn libc_epoll_pwait2(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !watched_uprobe_hit(tgid) {
+    if watched_uprobe_hit(tgid).is_none() {
         return 0;
     }
     let tsp: u64 = ctx.arg(3).unwrap_or(0);
@@ -138,9 +134,9 @@ pub fn libc_epoll_pwait2(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn libc_wait_return(ctx: RetProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !watched_uprobe_hit(tgid) {
+    let Some(watched) = watched_uprobe_hit(tgid) else {
         return 0;
-    }
+    };
     let ret: u64 = ctx.ret();
-    classify(tgid, tid, ret as i32 as i64)
+    classify(&watched, tid, ret as i32 as i64)
 }

@@ -103,7 +103,7 @@ fn remember_name(tgid: u32, region: u64, name_offset: u64) {
 #[uprobe]
 pub fn timer_mod(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
-    if !watched_uprobe_hit(tgid) {
+    if watched_uprobe_hit(tgid).is_none() {
         return 0;
     }
     let cb_offset = cookie(&ctx);
@@ -132,7 +132,7 @@ pub fn timer_mod(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn timer_callback(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
-    if !watched_uprobe_hit(tgid) {
+    if watched_uprobe_hit(tgid).is_none() {
         return 0;
     }
     count(&CounterKey {

@@ -8,12 +8,19 @@
 //! Syscall tracepoint layout (see tracefs `events/syscalls/*/format`): arguments are u64s
 //! from offset 16; `ret` of `sys_exit_*` is at offset 16.
 
-use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
-use profiler_common::{CounterKey, PendingWait, dropped, kind, timeout_class, wait_syscall};
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    helpers::bpf_probe_read_user,
+    macros::{map, tracepoint},
+    maps::Array,
+    programs::TracePointContext,
+};
+use profiler_common::{
+    MARK_SLOTS, PendingWait, PpollMark, WatchEntry, dropped, kind, mark_slot, timeout_class,
+    wait_syscall, watch_flag,
+};
 
-use profiler_common::watch_flag;
-
-use crate::maps::{PENDING, count, current_ids, note_insert, watch_flags};
+use crate::maps::{PENDING, atomic_cmpxchg, count_wait, current_ids, note_insert, watched};
 
 const ARGS: usize = 16;
 const RET: usize = 16;
@@ -60,11 +67,11 @@ pub fn millis_class(timeout_ms: i32) -> u32 {
     }
 }
 
-/// Whether the syscall tracepoints count process `tgid` (it may be watched through its libc's
+/// Process `tgid` if the syscall tracepoints count it (it may be watched through its libc's
 /// wait functions instead).
 #[inline(always)]
-fn counts_syscalls(tgid: u32) -> bool {
-    watch_flags(tgid).is_some_and(|f| f & watch_flag::WAITS_BY_SYSCALL != 0)
+fn counts_syscalls(tgid: u32) -> Option<WatchEntry> {
+    watched(tgid).filter(|w| w.flags & watch_flag::WAITS_BY_SYSCALL != 0)
 }
 
 /// Remembers the current thread's wait; callers have checked that its process is watched.
@@ -79,13 +86,34 @@ pub fn remember(tgid: u32, tid: u32, syscall: u64, timeout: u32) -> u32 {
     0
 }
 
+/// The libc result source's marks of a `ppoll` that armed its sleep timer, one slot per
+/// thread ([`profiler_common::MARK_SLOTS`]): marking and consuming are an array load and a
+/// store where a `PENDING` entry costs a hash lookup each (~150–290 ns here, on every ppoll).
+/// Freed by userspace when the process is forgotten (`forget_process`).
+#[map]
+pub static PPOLL_MARKS: Array<PpollMark> = Array::with_max_entries(MARK_SLOTS, BPF_F_MMAPABLE);
+
 /// Marks the current thread's `ppoll` as having armed its sleep timer, for the libc result
-/// probe ([`take_ppoll_timer_mark`]). The thread's entry is created once and then rewritten in
-/// place: a hash map insert and delete take the bucket's lock with interrupts disabled, which
-/// costs a QEMU doing thousands of timed waits a second measurably more than this lookup and
-/// store. Entries of exited processes are dropped by userspace (`forget_process`).
+/// probe ([`take_ppoll_timer_mark`]): in the thread's `PPOLL_MARKS` slot if it holds it or
+/// can claim it, else in its `PENDING` entry, created once and then rewritten in place (a
+/// hash insert and delete take the bucket's lock with interrupts disabled). `PENDING` entries
+/// of exited processes are dropped by userspace (`forget_process`).
 #[inline(always)]
 pub fn mark_ppoll_timer(tgid: u32, tid: u32) {
+    let owner = PpollMark::owner_of(tid, tgid);
+    if let Some(mark) = PPOLL_MARKS.get_ptr_mut(mark_slot(tid)) {
+        // SAFETY: a map value, valid for the map's life. Only its owner writes `armed`; the
+        // owner word is claimed atomically, and cleared by userspace only for a forgotten
+        // process (a store racing that lands in a free slot, whose next claim rewrites it).
+        unsafe {
+            let held = core::ptr::read_volatile(&(*mark).owner);
+            if held == owner || (held == 0 && atomic_cmpxchg(&raw mut (*mark).owner, 0, owner) == 0)
+            {
+                core::ptr::write_volatile(&mut (*mark).armed, 1);
+                return;
+            }
+        }
+    }
     match PENDING.get_ptr_mut(tid) {
         // SAFETY: a preallocated map value, valid memory for the map's life; only this thread
         // writes its own entry. Userspace deletes a process's entries when it has exited or
@@ -105,9 +133,22 @@ pub fn mark_ppoll_timer(tgid: u32, tid: u32) {
 }
 
 /// Whether the current thread's `ppoll` armed its sleep timer ([`mark_ppoll_timer`]); the
-/// mark is consumed, the entry kept.
+/// mark is consumed, the slot or entry kept.
 #[inline(always)]
-pub fn take_ppoll_timer_mark(tid: u32) -> bool {
+pub fn take_ppoll_timer_mark(tgid: u32, tid: u32) -> bool {
+    if let Some(mark) = PPOLL_MARKS.get_ptr(mark_slot(tid)) {
+        let mark = mark.cast_mut();
+        // SAFETY: as in `mark_ppoll_timer`.
+        unsafe {
+            if core::ptr::read_volatile(&(*mark).owner) == PpollMark::owner_of(tid, tgid) {
+                let armed = core::ptr::read_volatile(&(*mark).armed) != 0;
+                if armed {
+                    core::ptr::write_volatile(&mut (*mark).armed, 0);
+                }
+                return armed;
+            }
+        }
+    }
     let Some(pending) = PENDING.get_ptr_mut(tid) else {
         return false;
     };
@@ -124,18 +165,18 @@ pub fn take_ppoll_timer_mark(tid: u32) -> bool {
 #[inline(always)]
 fn classify_exit(ctx: &TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if !counts_syscalls(tgid) {
+    let Some(watched) = counts_syscalls(tgid) else {
         return 0;
-    }
+    };
     // SAFETY: fixed syscall exit layout.
     let ret = unsafe { ctx.read_at::<i64>(RET).unwrap_or(-1) };
-    classify(tgid, tid, ret)
+    classify(&watched, tid, ret)
 }
 
 /// Classifies the return value `ret` of the current thread's wait (remembered at its entry):
 /// 0 after a finite timeout is a timer, > 0 an fd. Shared with the libc uprobes.
 #[inline(always)]
-pub fn classify(tgid: u32, tid: u32, ret: i64) -> u32 {
+pub fn classify(watched: &WatchEntry, tid: u32, ret: i64) -> u32 {
     // SAFETY: the value is copied out before the entry is removed.
     let Some(pending) = (unsafe { PENDING.get(tid) }).copied() else {
         // Entered before we started watching: the timeout is unknown, skip it.
@@ -163,11 +204,7 @@ pub fn classify(tgid: u32, tid: u32, ret: i64) -> u32 {
             _ => return 0,
         }
     };
-    count(&CounterKey {
-        tgid,
-        kind,
-        id: pending.syscall,
-    });
+    count_wait(watched, kind, pending.syscall);
     0
 }
 
@@ -176,7 +213,7 @@ pub fn sys_enter_ppoll(ctx: TracePointContext) -> u32 {
     // ppoll(ufds, nfds, tsp, sigmask, sigsetsize)
     let tsp = arg(&ctx, 2);
     let (tgid, tid) = current_ids();
-    if !counts_syscalls(tgid) {
+    if counts_syscalls(tgid).is_none() {
         return 0;
     }
     remember(tgid, tid, wait_syscall::PPOLL, timespec_class(tsp))
@@ -191,7 +228,7 @@ pub fn sys_exit_ppoll(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_epoll_pwait(ctx: TracePointContext) -> u32 {
     // epoll_pwait(epfd, events, maxevents, int timeout_ms, sigmask, sigsetsize)
     let (tgid, tid) = current_ids();
-    if !counts_syscalls(tgid) {
+    if counts_syscalls(tgid).is_none() {
         return 0;
     }
     let class = millis_class(arg(&ctx, 3) as i32);
@@ -208,7 +245,7 @@ pub fn sys_enter_epoll_pwait2(ctx: TracePointContext) -> u32 {
     // epoll_pwait2(epfd, events, maxevents, const struct __kernel_timespec *timeout, ...)
     let tsp = arg(&ctx, 3);
     let (tgid, tid) = current_ids();
-    if !counts_syscalls(tgid) {
+    if counts_syscalls(tgid).is_none() {
         return 0;
     }
     remember(tgid, tid, wait_syscall::EPOLL_PWAIT2, timespec_class(tsp))
@@ -223,7 +260,7 @@ pub fn sys_exit_epoll_pwait2(ctx: TracePointContext) -> u32 {
 pub fn sys_enter_io_uring_enter(ctx: TracePointContext) -> u32 {
     // io_uring_enter(fd, to_submit, min_complete, flags, argp, argsz)
     let (tgid, tid) = current_ids();
-    if !counts_syscalls(tgid) {
+    if counts_syscalls(tgid).is_none() {
         return 0;
     }
     let min_complete = arg(&ctx, 2) as u32;

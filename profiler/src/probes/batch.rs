@@ -181,7 +181,7 @@ mod tests {
         assert!(batched.iter().all(|(k, v)| u64::from(*v) == k.id * 3));
         // And an empty map reads as empty.
         assert!(
-            read_hash::<u32, u32>(ebpf.map("WATCHED").unwrap())
+            read_hash::<u32, profiler_common::WatchEntry>(ebpf.map("WATCHED").unwrap())
                 .unwrap()
                 .is_empty()
         );

@@ -5,21 +5,16 @@
 //! programs added keys since the last read (`COUNTER_META[INSERTS]`); in between, a refresh
 //! is one memory load per counter and no syscall.
 
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::{collections::HashMap, sync::atomic::Ordering};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{Map, MapData, Queue},
+    maps::{MapData, Queue},
 };
-use profiler_common::{CounterKey, MAX_COUNTERS, counter_meta};
+use profiler_common::{CounterKey, MAX_COUNTERS, counter_meta, wait_block};
 
-use super::batch;
+use super::{batch, mapped::MappedArray};
 
 /// Counter key → slot in [`VALUES_MAP`].
 pub const SLOTS_MAP: &str = "COUNTER_SLOTS";
@@ -30,64 +25,6 @@ pub const META_MAP: &str = "COUNTER_META";
 /// Slots of forgotten keys, for the programs to reuse.
 pub const FREE_MAP: &str = "FREE_COUNTER_SLOTS";
 
-/// A read-only, shared mapping of a `BPF_F_MMAPABLE` array of `u64`.
-struct MappedArray {
-    base: NonNull<AtomicU64>,
-    entries: u32,
-    bytes: usize,
-}
-
-// SAFETY: the mapping is plain shared memory, read only with atomic loads; it stays valid
-// until `Drop` unmaps it.
-unsafe impl Send for MappedArray {}
-unsafe impl Sync for MappedArray {}
-
-impl MappedArray {
-    fn map(ebpf: &Ebpf, name: &str, entries: u32) -> anyhow::Result<Self> {
-        let Some(Map::Array(data)) = ebpf.map(name) else {
-            anyhow::bail!("map {name} missing or not an array");
-        };
-        let page = 4096;
-        let bytes = (entries as usize * 8).div_ceil(page) * page;
-        // SAFETY: a fresh shared read-only mapping of the map's fd; the kernel checks the
-        // length against the array and that the map was created mmapable.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error()).with_context(|| format!("mmap of map {name}"));
-        }
-        Ok(Self {
-            base: NonNull::new(ptr.cast()).context("mmap returned NULL")?,
-            entries,
-            bytes,
-        })
-    }
-
-    /// Entry `index` as the programs last wrote it (0 out of range).
-    fn load(&self, index: u32) -> u64 {
-        if index >= self.entries {
-            return 0;
-        }
-        // SAFETY: in range of the mapping; the programs write these words atomically.
-        unsafe { self.base.add(index as usize).as_ref() }.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for MappedArray {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `map` mapped; nothing borrows it past `self`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
-    }
-}
-
 /// Reads and forgets the programs' counters.
 pub struct CounterStore {
     values: MappedArray,
@@ -95,43 +32,98 @@ pub struct CounterStore {
     /// Every key and its slot, as of the index read when `INSERTS` was `index_inserts`.
     index: Vec<(CounterKey, u32)>,
     index_inserts: Option<u64>,
+    /// Each watched process's wait block ([`wait_block`]): its first slot.
+    wait_blocks: HashMap<u32, u32>,
+    /// Blocks of forgotten processes, for the next ones (never given to the programs'
+    /// allocator, which takes single slots).
+    free_blocks: Vec<u32>,
+}
+
+/// Entry `index` of a mapped `u64` array (0 out of range).
+fn load(array: &MappedArray, index: u32) -> u64 {
+    array
+        .u64_at(index, 0)
+        .map_or(0, |v| v.load(Ordering::Relaxed))
 }
 
 impl CounterStore {
     pub fn open(ebpf: &Ebpf) -> anyhow::Result<Self> {
         Ok(Self {
-            values: MappedArray::map(ebpf, VALUES_MAP, MAX_COUNTERS)?,
-            meta: MappedArray::map(ebpf, META_MAP, counter_meta::SLOTS)?,
+            values: MappedArray::map(ebpf, VALUES_MAP, MAX_COUNTERS, 8)?,
+            meta: MappedArray::map(ebpf, META_MAP, counter_meta::SLOTS, 8)?,
             index: Vec::new(),
             index_inserts: None,
+            wait_blocks: HashMap::new(),
+            free_blocks: Vec::new(),
         })
+    }
+
+    /// The first slot of process `tgid`'s wait block, allocated (zeroed) at its first call:
+    /// [`wait_block::NONE`] when the store is full (its wait counters are then keyed).
+    pub fn wait_block(&mut self, tgid: u32) -> u32 {
+        if let Some(&block) = self.wait_blocks.get(&tgid) {
+            return block;
+        }
+        let block = match self.free_blocks.pop() {
+            Some(block) => block,
+            None => {
+                // Taken from the never-used slots the programs also allocate from.
+                let Some(next) = self.meta.u64_at(counter_meta::NEXT_SLOT, 0) else {
+                    return wait_block::NONE;
+                };
+                let first = next.fetch_add(u64::from(wait_block::SLOTS), Ordering::Relaxed);
+                if first + u64::from(wait_block::SLOTS) > u64::from(MAX_COUNTERS) {
+                    return wait_block::NONE;
+                }
+                first as u32
+            }
+        };
+        for offset in 0..wait_block::SLOTS {
+            if let Some(value) = self.values.u64_at(block + offset, 0) {
+                value.store(0, Ordering::Relaxed);
+            }
+        }
+        self.wait_blocks.insert(tgid, block);
+        block
     }
 
     /// Every counter and its count. Keys a program adds while this runs are seen next time.
     pub fn read(&mut self, ebpf: &Ebpf) -> anyhow::Result<Vec<(CounterKey, u64)>> {
         // Read before the index: an insert racing the index read moves it again.
-        let inserts = self.meta.load(counter_meta::INSERTS);
+        let inserts = load(&self.meta, counter_meta::INSERTS);
         if self.index_inserts != Some(inserts) {
             self.index = read_index(ebpf)?;
             self.index_inserts = Some(inserts);
         }
-        Ok(self
+        let values = &self.values;
+        let keyed = self
             .index
             .iter()
-            .map(|&(key, slot)| (key, self.values.load(slot)))
-            .collect())
+            .map(|&(key, slot)| (key, load(values, slot)));
+        // A block's counters exist once counted, as a keyed counter does once inserted.
+        let blocks = self.wait_blocks.iter().flat_map(|(&tgid, &block)| {
+            (0..wait_block::SLOTS).filter_map(move |offset| {
+                let (kind, id) = wait_block::counter(offset)?;
+                let value = load(values, block + offset);
+                (value > 0).then_some((CounterKey { tgid, kind, id }, value))
+            })
+        });
+        Ok(keyed.chain(blocks).collect())
     }
 
-    /// Counters known as of the last read.
+    /// Counter slots in use as of the last read (keyed ones and whole wait blocks).
     pub fn known(&self) -> usize {
-        self.index.len()
+        self.index.len() + self.wait_blocks.len() * wait_block::SLOTS as usize
     }
 
-    /// Removes process `tgid`'s counters and gives their slots back to the programs. Returns
-    /// how many were removed.
+    /// Removes process `tgid`'s counters and gives their slots back to the programs (its wait
+    /// block to the next process watched). Returns how many keyed counters were removed.
     pub fn forget(&mut self, ebpf: &mut Ebpf, tgid: u32) -> anyhow::Result<usize> {
+        if let Some(block) = self.wait_blocks.remove(&tgid) {
+            self.free_blocks.push(block);
+        }
         // Its keys added since the last read are only in the map: read it whole.
-        let inserts = self.meta.load(counter_meta::INSERTS);
+        let inserts = load(&self.meta, counter_meta::INSERTS);
         let (gone, kept): (Vec<_>, Vec<_>) = read_index(ebpf)?
             .into_iter()
             .partition(|(k, _)| k.tgid == tgid);
@@ -234,5 +226,39 @@ mod tests {
         freed.sort();
         assert_eq!(freed, vec![0, 1]);
         assert!(free.pop(0).is_err(), "only the forgotten process's slots");
+    }
+
+    #[test]
+    fn root_wait_blocks_read_as_counters_and_are_reused_zeroed() {
+        use profiler_common::{kind, wait_syscall};
+        let _one_at_a_time = super::super::tests::attaching();
+        let Some(mut ebpf) = super::super::tests::root_ebpf("root_wait_blocks") else {
+            return;
+        };
+        let mut store = CounterStore::open(&ebpf).unwrap();
+        // Taken from the never-used slots, after the programs' own.
+        program_insert(&mut ebpf, key(10, 1), 0, 5);
+        let mut meta: aya::maps::Array<&mut MapData, u64> =
+            aya::maps::Array::try_from(ebpf.map_mut(META_MAP).unwrap()).unwrap();
+        meta.set(counter_meta::NEXT_SLOT, 1, 0).unwrap();
+        let block = store.wait_block(20);
+        assert_eq!(block, 1);
+        assert_eq!(store.wait_block(20), block, "one block per process");
+        assert_eq!(store.wait_block(21), 1 + wait_block::SLOTS);
+        // Counted where the programs count: only counters that moved are read.
+        let timer = wait_block::offset(kind::TIMER, wait_syscall::EPOLL_PWAIT).unwrap();
+        set_value(&mut ebpf, block + timer, 3);
+        let mut counts = store.read(&ebpf).unwrap();
+        counts.sort();
+        let timer_key = CounterKey {
+            tgid: 20,
+            kind: kind::TIMER,
+            id: wait_syscall::EPOLL_PWAIT,
+        };
+        assert_eq!(counts, vec![(key(10, 1), 5), (timer_key, 3)]);
+        // A forgotten process's block goes to the next one, zeroed.
+        store.forget(&mut ebpf, 20).unwrap();
+        assert_eq!(store.wait_block(22), block);
+        assert_eq!(store.read(&ebpf).unwrap(), vec![(key(10, 1), 5)]);
     }
 }

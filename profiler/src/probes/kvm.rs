@@ -936,9 +936,9 @@ mod tests {
         let pid = qemu_child.0.id();
 
         // Watch before the vCPU runs its first instruction, then let it go.
-        BpfHashMap::<&mut MapData, u32, u32>::try_from(ebpf.map_mut("WATCHED").unwrap())
-            .unwrap()
-            .insert(pid, 1, 0)
+        let mut watch_table = crate::probes::watch_table::WatchTable::open(&ebpf).unwrap();
+        watch_table
+            .set(&mut ebpf, pid, 1, profiler_common::wait_block::NONE)
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut qmp = loop {

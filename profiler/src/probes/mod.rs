@@ -18,6 +18,7 @@ pub mod execs;
 pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;
+pub mod mapped;
 pub mod perf_uprobe;
 pub mod policy;
 pub mod prog_info;
@@ -26,6 +27,7 @@ pub mod timers;
 pub mod tracepoint_group;
 pub mod uprobes;
 pub mod usdt;
+pub mod watch_table;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,7 +38,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{MapData, PerCpuArray},
 };
 use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, watch_flag};
 
@@ -382,6 +384,8 @@ pub struct EventProbes {
     /// Exec events for discovery, or why there are none (discovery then reads all of /proc).
     execs: Result<execs::ExecWatch, String>,
     counters: counters::CounterStore,
+    /// Where the programs find the watched processes.
+    watch_table: watch_table::WatchTable,
 }
 
 impl EventProbes {
@@ -407,6 +411,7 @@ impl EventProbes {
         let kvm = KvmSource::attach(&mut ebpf, &tracefs);
         let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
         let counters = counters::CounterStore::open(&ebpf)?;
+        let watch_table = watch_table::WatchTable::open(&ebpf)?;
         Ok(Self {
             ebpf,
             catalog: ExeCatalog::new(debug_roots),
@@ -433,15 +438,8 @@ impl EventProbes {
             region_labels: HashMap::new(),
             execs,
             counters,
+            watch_table,
         })
-    }
-
-    fn watched_map(&mut self) -> anyhow::Result<BpfHashMap<&mut MapData, u32, u32>> {
-        Ok(BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("WATCHED")
-                .context("map WATCHED missing")?,
-        )?)
     }
 
     /// Runs the kernel skipped because another BPF program was running on that CPU, of the
@@ -619,8 +617,8 @@ impl EventProbes {
 
     fn set_watch_flags(&mut self, pid: u32, flags: u32) -> anyhow::Result<()> {
         let flags = flags | self.base_flags;
-        self.watched_map()?.insert(pid, flags, 0)?;
-        Ok(())
+        let wait_block = self.counters.wait_block(pid);
+        self.watch_table.set(&mut self.ebpf, pid, flags, wait_block)
     }
 
     /// Stops counting `pid` by shared tracepoints; the last user's links are closed in the
@@ -751,7 +749,9 @@ impl EventProbes {
         let _attaching = self.detacher.hold();
         // Watched as a budgeted VM is, so each hit runs the whole program (remember, classify,
         // the hit count), not only the early return of an unwatched process.
-        self.watched_map()?.insert(pid, watch_flag::COUNT_HITS, 0)?;
+        let wait_block = self.counters.wait_block(pid);
+        self.watch_table
+            .set(&mut self.ebpf, pid, watch_flag::COUNT_HITS, wait_block)?;
         // The probes the libc source would use here: one hit per call at the result, two at
         // entry and return.
         let (how, hits) = match offer.result_points() {
@@ -770,7 +770,7 @@ impl EventProbes {
             self.libc.detach(&mut self.ebpf, pid);
             best = best.min((probed - bare) / f64::from(hits * CALLS));
         }
-        let _ = self.watched_map()?.remove(&pid);
+        self.watch_table.remove(&mut self.ebpf, pid)?;
         self.forget_counters(pid)?;
         result?;
         Ok(best.max(1e-9))
@@ -839,7 +839,7 @@ impl ProbeLayer for EventProbes {
     fn unwatch(&mut self, pid: u32) -> anyhow::Result<()> {
         if self.watched.remove(&pid) {
             // Already gone is fine: the process may have been removed concurrently.
-            let _ = self.watched_map()?.remove(&pid);
+            self.watch_table.remove(&mut self.ebpf, pid)?;
         }
         // Closing a uprobe link waits for a grace period (about a second here for a QEMU's
         // links): off the sampling thread, or a VM that lives a second is never seen.
@@ -979,11 +979,7 @@ impl ProbeLayer for EventProbes {
         let e = &self.ebpf;
         vec![
             ("COUNTERS", self.counters.known(), MAX_COUNTERS),
-            (
-                "WATCHED",
-                count_entries::<u32, u32>(e, "WATCHED"),
-                MAX_WATCHED,
-            ),
+            ("WATCHED", self.watch_table.len(), MAX_WATCHED),
             (
                 "PENDING",
                 count_entries::<u32, PendingWait>(e, timers::PENDING_MAP),
@@ -1148,6 +1144,7 @@ pub(crate) mod tests {
         sync::Arc,
     };
 
+    use aya::maps::HashMap as BpfHashMap;
     use object::{Object as _, ObjectSegment as _};
     use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind};
 
@@ -1262,6 +1259,155 @@ pub(crate) mod tests {
                 cookie: 2,
             },
         ]
+    }
+
+    #[test]
+    fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed() {
+        use profiler_common::{WATCH_SLOTS, wait_block, wait_syscall};
+        let _one_at_a_time = attaching();
+        let Some(mut ebpf) = root_ebpf("root_watch_table") else {
+            return;
+        };
+        let pid = std::process::id();
+        let offer = LibcCatalog::default().offer(pid).unwrap();
+        offer.result_points().expect("this glibc's wait results");
+        let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
+        let mut counters = counters::CounterStore::open(&ebpf).unwrap();
+        let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
+        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result)
+            .unwrap();
+        let polls = |n: u32| {
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            for _ in 0..n {
+                // SAFETY: no fds, a valid timespec, no signal mask.
+                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
+            }
+        };
+        let counted = |counters: &mut counters::CounterStore, ebpf: &Ebpf| -> u64 {
+            counters
+                .read(ebpf)
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| {
+                    k.tgid == pid && k.kind == kind::NONBLOCKING_POLL && k.id == wait_syscall::PPOLL
+                })
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let flags = watch_flag::WAITS_BY_LIBC_RESULT;
+        polls(100);
+        assert_eq!(counted(&mut counters, &ebpf), 0, "not watched yet");
+        // In its own slot, counted in its wait block.
+        let block = counters.wait_block(pid);
+        assert_ne!(block, wait_block::NONE);
+        table.set(&mut ebpf, pid, flags, block).unwrap();
+        polls(1000);
+        assert_eq!(counted(&mut counters, &ebpf), 1000, "in its slot");
+        table.remove(&mut ebpf, pid).unwrap();
+        counters.forget(&mut ebpf, pid).unwrap();
+        polls(100);
+        assert_eq!(counted(&mut counters, &ebpf), 0, "forgotten");
+        // Its slot held by another process: in the hash, found through the slot's mark.
+        let other = pid + WATCH_SLOTS;
+        table.set(&mut ebpf, other, 0, wait_block::NONE).unwrap();
+        let block = counters.wait_block(pid);
+        table.set(&mut ebpf, pid, flags, block).unwrap();
+        polls(1000);
+        assert_eq!(counted(&mut counters, &ebpf), 1000, "in the overflow hash");
+        table.remove(&mut ebpf, pid).unwrap();
+        counters.forget(&mut ebpf, pid).unwrap();
+        polls(100);
+        assert_eq!(counted(&mut counters, &ebpf), 0, "overflow forgotten");
+        // Without a wait block (the store was full): keyed like any counter.
+        table.set(&mut ebpf, pid, flags, wait_block::NONE).unwrap();
+        polls(500);
+        assert_eq!(counted(&mut counters, &ebpf), 500, "keyed");
+        libc.detach(&mut ebpf, pid);
+        table.remove(&mut ebpf, pid).unwrap();
+        table.remove(&mut ebpf, other).unwrap();
+        counters.forget(&mut ebpf, pid).unwrap();
+    }
+
+    #[test]
+    fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
+        use profiler_common::{MARK_SLOTS, PpollMark, mark_slot, wait_syscall};
+        use std::{mem::offset_of, sync::atomic::Ordering};
+        let _one_at_a_time = attaching();
+        let Some(mut ebpf) = root_ebpf("root_ppoll_marks") else {
+            return;
+        };
+        let pid = std::process::id();
+        // SAFETY: no arguments.
+        let tid = unsafe { libc::gettid() } as u32;
+        let offer = LibcCatalog::default().offer(pid).unwrap();
+        let tracefs = crate::tracefs::ensure_tracefs().unwrap();
+        let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
+        let mut hrtimers = hrtimers::HrtimerWaits::load(&mut ebpf, &tracefs);
+        let mut counters = counters::CounterStore::open(&ebpf).unwrap();
+        let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
+        hrtimers.acquire_starts(&mut ebpf, pid).unwrap();
+        let block = counters.wait_block(pid);
+        table
+            .set(&mut ebpf, pid, watch_flag::WAITS_BY_LIBC_RESULT, block)
+            .unwrap();
+        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result)
+            .unwrap();
+        // Timed-out ppolls (a timer) alternate with zero-timeout ones: each mark is consumed
+        // by its own wait's result.
+        let waits = |n: u32| {
+            for _ in 0..n {
+                for nanos in [200_000, 0] {
+                    let timeout = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: nanos,
+                    };
+                    // SAFETY: no fds, a valid timespec, no signal mask.
+                    unsafe { libc::ppoll(std::ptr::null_mut(), 0, &timeout, std::ptr::null()) };
+                }
+            }
+        };
+        let ppolls = |counters: &mut counters::CounterStore, ebpf: &Ebpf| -> (u64, u64) {
+            let counts = counters.read(ebpf).unwrap();
+            let of = |kind| {
+                counts
+                    .iter()
+                    .filter(|(k, _)| k.tgid == pid && k.kind == kind && k.id == wait_syscall::PPOLL)
+                    .map(|(_, n)| n)
+                    .sum()
+            };
+            (of(kind::TIMER), of(kind::NONBLOCKING_POLL))
+        };
+        waits(200);
+        assert_eq!(
+            ppolls(&mut counters, &ebpf),
+            (200, 200),
+            "in the thread's slot"
+        );
+        let marks =
+            mapped::MappedArray::map(&ebpf, timers::MARKS_MAP, MARK_SLOTS, size_of::<PpollMark>())
+                .unwrap();
+        let owner = marks
+            .u64_at(mark_slot(tid), offset_of!(PpollMark, owner))
+            .unwrap();
+        assert_eq!(owner.load(Ordering::Relaxed), PpollMark::owner_of(tid, pid));
+        // Forgetting the process frees its threads' slots.
+        timers::forget_process(&mut ebpf, pid);
+        assert_eq!(owner.load(Ordering::Relaxed), 0);
+        // The slot held by another thread: the marks go to `PENDING`, as exact.
+        let other = PpollMark::owner_of(tid.wrapping_add(MARK_SLOTS), pid + 1);
+        owner.store(other, Ordering::Relaxed);
+        waits(200);
+        assert_eq!(ppolls(&mut counters, &ebpf), (400, 400), "in PENDING");
+        assert_eq!(owner.load(Ordering::Relaxed), other, "not claimed");
+        owner.store(0, Ordering::Relaxed);
+        libc.detach(&mut ebpf, pid);
+        drop(hrtimers.release_starts(&mut ebpf, pid));
+        table.remove(&mut ebpf, pid).unwrap();
+        timers::forget_process(&mut ebpf, pid);
+        counters.forget(&mut ebpf, pid).unwrap();
     }
 
     #[test]

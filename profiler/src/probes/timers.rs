@@ -6,7 +6,12 @@
 //! syscall path, so they are attached only while some watched VM is counted by them, and
 //! detached when the last one goes.
 
+use std::{mem::offset_of, sync::atomic::Ordering};
+
 use aya::Ebpf;
+use profiler_common::{MARK_SLOTS, PpollMark};
+
+use super::mapped::MappedArray;
 
 /// Syscalls QEMU sleeps in. Each has an enter program (remembers the timeout) and an exit
 /// program (classifies the result); both are named after their tracepoint.
@@ -32,10 +37,36 @@ pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<SyscallWaits> {
 /// The per-thread wait state map (thread id -> [`profiler_common::PendingWait`]).
 pub const PENDING_MAP: &str = "PENDING";
 
+/// The libc result source's per-thread ppoll marks ([`profiler_common::PpollMark`]).
+pub const MARKS_MAP: &str = "PPOLL_MARKS";
+
 /// Drops the wait states of process `tgid`'s threads: a thread killed inside its wait never
-/// reaches the exit probe that would remove its entry.
+/// reaches the exit probe that would remove its entry, and a mark left while its probes were
+/// paused must not classify its next zero-timeout poll. Its threads' `PPOLL_MARKS` slots are
+/// freed for other threads.
 pub fn forget_process(ebpf: &mut Ebpf, tgid: u32) {
     super::batch::remove_where::<u32, profiler_common::PendingWait>(ebpf, PENDING_MAP, |_, w| {
         w.tgid == tgid
     });
+    // Not mapped: the whole file has no other use for it.
+    if let Ok(marks) = MappedArray::map(ebpf, MARKS_MAP, MARK_SLOTS, size_of::<PpollMark>()) {
+        free_marks(&marks, tgid);
+    }
+}
+
+/// Frees the `PPOLL_MARKS` slots of process `tgid`'s threads.
+fn free_marks(marks: &MappedArray, tgid: u32) {
+    let owner = |slot| marks.u64_at(slot, offset_of!(PpollMark, owner));
+    let armed = |slot| marks.u64_at(slot, offset_of!(PpollMark, armed));
+    for slot in 0..MARK_SLOTS {
+        let Some(held) = owner(slot) else { break };
+        let word = held.load(Ordering::Relaxed);
+        if word != 0 && PpollMark::owner_tgid(word) == tgid {
+            if let Some(armed) = armed(slot) {
+                armed.store(0, Ordering::Relaxed);
+            }
+            // Only if still the same thread's (the programs claim free slots atomically).
+            let _ = held.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
 }
