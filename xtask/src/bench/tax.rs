@@ -274,7 +274,10 @@ pub fn run(
          watched QEMU's memory only: one per wait, on the jump after its syscall (the \
          fallback probes entry and return, two traps). A trap into the kernel on this \
          nested-virtualization machine is far slower than on bare metal, which is what bounds \
-         the watched figures; the \
+         the watched figures. A trap after a sleep costs more than one in a tight loop (cold \
+         caches and TLB): per timed wait the result probe adds {:+.0} ns over its \
+         zero-timeout figure, the entry and return probes' two traps {:+.0} ns, the syscall \
+         tracepoints {:+.0} ns. The \
          tracepoints remain selectable with `--timer-source syscall` where the host-wide tax \
          is preferred. The hrtimer tracepoints run only where a sleep timer is armed, expires \
          or is cancelled: no trap, no slow syscall path, and a zero-timeout poll arms no \
@@ -288,6 +291,9 @@ pub fn run(
         timed_verdict(libc_timed),
         verdict(hr_zero <= watched_sys),
         timed_verdict(hr_timed),
+        libc_timed - watched_libc,
+        er_timed - er_zero,
+        sys_timed - watched_sys,
     );
     let json = json!({
         "command": command,
