@@ -5,14 +5,18 @@
 //! budget, its uprobes are attached only for some refresh intervals of each window (evenly
 //! spread, by a credit counter) and its counts are scaled by the share of the window they
 //! were on, and marked estimated. Kernel tracepoints (KVM, the syscall fallback) are not
-//! duty-cycled. Pure: the session feeds it hits and times.
+//! duty-cycled. What a hit costs is measured at start-up in the profiler's own loop, then
+//! learned per VM from its QEMU's CPU time with the probes on and off in each window (a hit in
+//! QEMU, after a sleep and among its other work, cost about twice the start-up figure here).
+//! Pure: the session feeds it hits, CPU times and times.
 
 /// The budget: a fraction of one core per VM, and what one uprobe hit costs on this host.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OverheadBudget {
     /// Fraction of one core (0.01 = 1 %).
     pub max_fraction: f64,
-    /// Seconds of the probed thread's time per uprobe hit (measured at start).
+    /// Seconds of the probed thread's time per uprobe hit (measured at start; the floor under
+    /// what each VM's own CPU time shows).
     pub hit_cost: f64,
 }
 
@@ -24,6 +28,9 @@ pub const MIN_DUTY: f64 = 0.05;
 pub struct DutyCycle {
     /// Hits per second while probing, smoothed (`None`: not measured yet).
     rate: Option<f64>,
+    /// Seconds of its QEMU's CPU per hit, learned from its CPU time with and without the
+    /// probes ([`DutyCycle::calibrated`]), smoothed.
+    learned_cost: Option<f64>,
     /// The share of time to probe.
     duty: f64,
 }
@@ -32,6 +39,7 @@ impl Default for DutyCycle {
     fn default() -> Self {
         Self {
             rate: None,
+            learned_cost: None,
             duty: 1.0,
         }
     }
@@ -51,9 +59,17 @@ impl DutyCycle {
         self.rate
     }
 
+    /// What one hit costs this VM: the larger of the start-up measurement and what its own
+    /// CPU time showed (a hit in QEMU, after a sleep or among its other work, costs more than
+    /// one in the start-up's loop; the start-up figure stays the floor).
+    pub fn hit_cost(&self, budget: &OverheadBudget) -> f64 {
+        self.learned_cost
+            .map_or(budget.hit_cost, |learned| learned.max(budget.hit_cost))
+    }
+
     /// The estimated cost, as a fraction of a core, of probing all the time.
     pub fn full_cost(&self, budget: &OverheadBudget) -> Option<f64> {
-        self.rate.map(|r| r * budget.hit_cost)
+        self.rate.map(|r| r * self.hit_cost(budget))
     }
 
     /// `hits` made over `secs` of probing: updates the rate and the duty.
@@ -66,6 +82,27 @@ impl DutyCycle {
             Some(old) => old + SMOOTHING * (rate - old),
             None => rate,
         });
+        self.update_duty(budget);
+    }
+
+    /// One window's CPU split: its QEMU used `on` of a core while probed and `off` while not
+    /// (fractions, each over at least a second). Their difference over the hit rate is what a
+    /// hit cost it there; a sample is kept between 0 and a hundred times the start-up figure
+    /// (a guest's own load moves between the two spans too, and the smoothing averages that
+    /// out over windows).
+    pub fn calibrated(&mut self, budget: &OverheadBudget, on: f64, off: f64) {
+        let Some(rate) = self.rate.filter(|r| *r > 0.0) else {
+            return;
+        };
+        let cost = ((on - off) / rate).clamp(0.0, 100.0 * budget.hit_cost);
+        self.learned_cost = Some(match self.learned_cost {
+            Some(old) => old + SMOOTHING * (cost - old),
+            None => cost,
+        });
+        self.update_duty(budget);
+    }
+
+    fn update_duty(&mut self, budget: &OverheadBudget) {
         self.duty = match self.full_cost(budget) {
             Some(cost) if cost > budget.max_fraction => {
                 (budget.max_fraction / cost).clamp(MIN_DUTY, 1.0)
@@ -179,6 +216,27 @@ struct BudgetedVm {
     /// What scaling added to its closed windows so far.
     added: EstimateAddition,
     periods: Vec<Period>,
+    /// Its QEMU's CPU seconds at the last sample.
+    last_cpu: Option<f64>,
+    /// Its current window's whole intervals, probed and not: CPU seconds and seconds.
+    split: CpuSplit,
+}
+
+/// CPU time of a VM's QEMU over whole intervals with its probes on and off.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct CpuSplit {
+    on_cpu: f64,
+    on_secs: f64,
+    off_cpu: f64,
+    off_secs: f64,
+}
+
+impl CpuSplit {
+    /// (CPU share probed, CPU share not), when both spans are at least a second.
+    fn shares(&self) -> Option<(f64, f64)> {
+        (self.on_secs >= 1.0 && self.off_secs >= 1.0)
+            .then(|| (self.on_cpu / self.on_secs, self.off_cpu / self.off_secs))
+    }
 }
 
 /// The duty cycles of every VM under a budget, and when each was probed.
@@ -203,10 +261,17 @@ impl BudgetedVms {
         self.budget
     }
 
-    /// A sample at `tick`: VM `pid` (served as `uprobed`) has made `hits` uprobe hits so far.
-    /// Returns whether its probes must go on (`Some(true)`) or off (`Some(false)`) for the
-    /// next interval.
-    pub fn observe(&mut self, pid: u32, uprobed: Uprobed, hits: u64, tick: Tick) -> Option<bool> {
+    /// A sample at `tick`: VM `pid` (served as `uprobed`) has made `hits` uprobe hits so far,
+    /// and its QEMU has used `cpu` seconds of CPU (if known). Returns whether its probes must
+    /// go on (`Some(true)`) or off (`Some(false)`) for the next interval.
+    pub fn observe(
+        &mut self,
+        pid: u32,
+        uprobed: Uprobed,
+        hits: u64,
+        cpu: Option<f64>,
+        tick: Tick,
+    ) -> Option<bool> {
         let Tick {
             t,
             secs,
@@ -219,6 +284,7 @@ impl BudgetedVms {
             ..BudgetedVm::default()
         });
         vm.uprobed = uprobed;
+        let last_cpu = std::mem::replace(&mut vm.last_cpu, cpu);
         let Some(last) = vm.last_hits.replace(hits) else {
             // Just watched: attached from now.
             vm.periods.push(Period {
@@ -231,7 +297,25 @@ impl BudgetedVms {
             vm.provisional = true;
             return None;
         };
-        if vm.on && vm.periods.last().is_some_and(|p| p.start <= t - secs) {
+        let whole_on = vm.on && vm.periods.last().is_some_and(|p| p.start <= t - secs);
+        let whole_off = !vm.on
+            && vm
+                .periods
+                .last()
+                .is_none_or(|p| p.end.is_some_and(|end| end <= t - secs));
+        if let (Some(now), Some(before)) = (cpu, last_cpu)
+            && secs > 0.0
+        {
+            let used = (now - before).max(0.0);
+            if whole_on {
+                vm.split.on_cpu += used;
+                vm.split.on_secs += secs;
+            } else if whole_off {
+                vm.split.off_cpu += used;
+                vm.split.off_secs += secs;
+            }
+        }
+        if whole_on {
             // A whole interval probed: a clean measurement.
             vm.duty.measured(&budget, hits.saturating_sub(last), secs);
             if vm.provisional && vm.window == Some(window) && uprobed.any() {
@@ -241,6 +325,10 @@ impl BudgetedVms {
             }
         }
         if vm.window != Some(window) {
+            // The window that ended had probed and unprobed spans: what the probes cost.
+            if let Some((on, off)) = std::mem::take(&mut vm.split).shares() {
+                vm.duty.calibrated(&budget, on, off);
+            }
             vm.window = Some(window);
             vm.intervals = 0;
             vm.provisional = false;
@@ -514,13 +602,13 @@ mod tests {
             window: (t / 10.0).floor() as u64,
             window_intervals: 10,
         };
-        assert_eq!(b.observe(1, u, 0, tick(0.0)), None);
+        assert_eq!(b.observe(1, u, 0, None, tick(0.0)), None);
         for t in 1..=20u32 {
             let t = f64::from(t);
             if on {
                 hits += 40_000;
             }
-            if let Some(want) = b.observe(1, u, hits, tick(t)) {
+            if let Some(want) = b.observe(1, u, hits, None, tick(t)) {
                 changes.push((t, want));
                 b.applied(1, want, t, if want { 0.01 } else { 0.0 });
                 on = want;
@@ -569,5 +657,69 @@ mod tests {
         assert_eq!(scale(250, 10.0, 10.0), 250);
         assert_eq!(scale(250, 0.0, 10.0), 250);
         assert_eq!(scale(3, 3.0, 10.0), 10);
+    }
+
+    #[test]
+    fn the_cost_a_vm_really_pays_tightens_its_duty() {
+        // The start-up says 1 µs a hit; in QEMU a hit costs 2 µs (its CPU is 1 % of a core
+        // higher while probed, at 5,000 hits a second), so the duty halves once a window with
+        // probed and unprobed spans has closed.
+        let budget = OverheadBudget {
+            max_fraction: 0.001,
+            hit_cost: 1e-6,
+        };
+        let mut b = BudgetedVms::new(budget);
+        let u = Uprobed {
+            timer: true,
+            read_write: false,
+            callbacks: false,
+        };
+        let tick = |t: f64| Tick {
+            t,
+            secs: 1.0,
+            window: (t / 10.0).floor() as u64,
+            window_intervals: 10,
+        };
+        let (mut hits, mut cpu, mut on) = (0u64, 0.0, true);
+        assert_eq!(b.observe(1, u, 0, Some(0.0), tick(0.0)), None);
+        let mut duties = Vec::new();
+        for t in 1..=40u32 {
+            let t = f64::from(t);
+            // The guest's own 5 %, plus the probes' 1 % while they are on.
+            cpu += 0.05;
+            if on {
+                hits += 5_000;
+                cpu += 0.01;
+            }
+            if let Some(want) = b.observe(1, u, hits, Some(cpu), tick(t)) {
+                b.applied(1, want, t, 0.0);
+                on = want;
+            }
+            // Before the first window closes, and at the end.
+            if t == 9.0 || t == 40.0 {
+                duties.push(b.duty(1));
+            }
+        }
+        // 5,000/s × 1 µs = 0.5 % of a core against 0.1 %: a fifth, from the start-up figure;
+        // then the learned 2 µs: a tenth.
+        assert!((duties[0] - 0.2).abs() < 1e-9, "{duties:?}");
+        assert!((duties[1] - 0.1).abs() < 0.01, "{duties:?}");
+        let (_, state) = &b.states()[0];
+        let learned = state.hit_cost(&budget);
+        assert!((learned - 2e-6).abs() < 0.1e-6, "learned {learned}");
+    }
+
+    #[test]
+    fn a_learned_cost_never_goes_below_the_start_up_figure() {
+        let budget = OverheadBudget {
+            max_fraction: 0.001,
+            hit_cost: 2e-6,
+        };
+        let mut d = DutyCycle::default();
+        d.measured(&budget, 1000, 1.0);
+        // CPU lower while probed (the guest's own load moved): a sample of 0.
+        d.calibrated(&budget, 0.01, 0.03);
+        assert_eq!(d.hit_cost(&budget), 2e-6);
+        assert!((d.duty() - 0.5).abs() < 1e-9);
     }
 }

@@ -363,6 +363,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
     fn cycle_duties(
         &mut self,
         counters: &HashMap<u32, RawCounters>,
+        cpu_seconds: &HashMap<u32, f64>,
         t: f64,
         secs: f64,
         notes: &mut Vec<Note>,
@@ -384,7 +385,8 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                 window,
                 window_intervals: intervals,
             };
-            let Some(on) = budgeted.observe(*pid, uprobed, hits, tick) else {
+            let cpu = cpu_seconds.get(pid).copied();
+            let Some(on) = budgeted.observe(*pid, uprobed, hits, cpu, tick) else {
                 continue;
             };
             match self.probes.set_probing(*pid, on) {
@@ -517,7 +519,13 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         self.last_seen = procs;
         let secs = self.last_t.map_or(0.0, |last| t - last);
         self.last_t = Some(t);
-        self.cycle_duties(&counters, t, secs, &mut notes);
+        let ticks_per_second = crate::discovery::clock_ticks_per_second() as f64;
+        let cpu_seconds: HashMap<u32, f64> = self
+            .last_seen
+            .iter()
+            .map(|p| (p.key.pid, p.cpu.total() as f64 / ticks_per_second))
+            .collect();
+        self.cycle_duties(&counters, &cpu_seconds, t, secs, &mut notes);
         let mut closed = self.collector.observe(t, &observations, &finals);
         self.host
             .stamp(t, host_cpu, observations.len(), &mut closed);
