@@ -207,10 +207,13 @@ struct BudgetedVm {
     /// Its uprobes are attached.
     on: bool,
     /// The window its intervals are being counted in, how many so far, and how many of them
-    /// are probed.
+    /// are to be probed.
     window: Option<u64>,
     intervals: u32,
     block: u32,
+    /// Intervals of the window really probed so far: a resume the detacher defers (the
+    /// pause's links still closing) moves the block later instead of losing it.
+    probed: u32,
     /// The block was set before any rate was known (the VM's first window).
     provisional: bool,
     /// What scaling added to its closed windows so far.
@@ -284,6 +287,7 @@ impl BudgetedVms {
             ..BudgetedVm::default()
         });
         vm.uprobed = uprobed;
+        let ended_on = vm.on;
         let last_cpu = std::mem::replace(&mut vm.last_cpu, cpu);
         let Some(last) = vm.last_hits.replace(hits) else {
             // Just watched: attached from now.
@@ -324,6 +328,9 @@ impl BudgetedVms {
                 vm.block = vm.duty.block(window_intervals).max(vm.intervals);
             }
         }
+        if ended_on && vm.window == Some(window) {
+            vm.probed += 1;
+        }
         if vm.window != Some(window) {
             // The window that ended had probed and unprobed spans: what the probes cost.
             if let Some((on, off)) = std::mem::take(&mut vm.split).shares() {
@@ -331,6 +338,7 @@ impl BudgetedVms {
             }
             vm.window = Some(window);
             vm.intervals = 0;
+            vm.probed = 0;
             vm.provisional = false;
             vm.block = if uprobed.any() {
                 vm.duty.block(window_intervals)
@@ -338,7 +346,7 @@ impl BudgetedVms {
                 window_intervals
             };
         }
-        let want = vm.intervals < vm.block;
+        let want = vm.probed < vm.block;
         vm.intervals += 1;
         (want != vm.on).then_some(want)
     }
@@ -721,5 +729,49 @@ mod tests {
         d.calibrated(&budget, 0.01, 0.03);
         assert_eq!(d.hit_cost(&budget), 2e-6);
         assert!((d.duty() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_deferred_resume_moves_the_block_instead_of_losing_it() {
+        // A one-interval block whose resume the detacher defers at the window's start is
+        // probed one interval later, not skipped for the whole window.
+        let budget = OverheadBudget {
+            max_fraction: 0.001,
+            hit_cost: 1e-6,
+        };
+        let mut b = BudgetedVms::new(budget);
+        let u = Uprobed {
+            timer: true,
+            read_write: false,
+            callbacks: false,
+        };
+        let tick = |t: f64| Tick {
+            t,
+            secs: 1.0,
+            window: (t / 10.0).floor() as u64,
+            window_intervals: 10,
+        };
+        let (mut hits, mut on) = (0u64, true);
+        b.observe(1, u, 0, None, tick(0.0));
+        let mut changes = Vec::new();
+        for t in 1..=12u32 {
+            let t = f64::from(t);
+            if on {
+                hits += 200_000;
+            }
+            if let Some(want) = b.observe(1, u, hits, None, tick(t)) {
+                changes.push((t, want));
+                // The resume at the window's start (10) is deferred.
+                if t != 10.0 {
+                    b.applied(1, want, t, 0.0);
+                    on = want;
+                }
+            }
+        }
+        // 200,000/s × 1 µs = 20 % against 0.1 %: the 5 % floor, one interval of ten.
+        assert_eq!(
+            changes,
+            [(1.0, false), (10.0, true), (11.0, true), (12.0, false)]
+        );
     }
 }
