@@ -593,30 +593,37 @@ mod tests {
     /// A window of 10 one-second intervals with a VM at 4 % of a core: probed in one block
     /// of 3 at the window's start (quarter duty, rounded up); the resume takes 0.01 s; the
     /// record is scaled by the time really probed.
-    #[test]
-    fn a_window_is_probed_in_one_block_and_scaled_by_the_time_really_probed() {
-        let mut b = BudgetedVms::new(BUDGET);
-        let u = Uprobed {
-            timer: true,
-            read_write: false,
-            callbacks: false,
-        };
-        let mut hits = 0;
-        let mut on = true;
-        let mut changes = Vec::new();
-        let tick = |t: f64| Tick {
+    /// A VM whose timer counts come from uprobes, and nothing else.
+    const TIMER_ONLY: Uprobed = Uprobed {
+        timer: true,
+        read_write: false,
+        callbacks: false,
+    };
+
+    /// The sample at `t` s: 1 s refreshes, 10 s windows.
+    fn tick10(t: f64) -> Tick {
+        Tick {
             t,
             secs: 1.0,
             window: (t / 10.0).floor() as u64,
             window_intervals: 10,
-        };
-        assert_eq!(b.observe(1, u, 0, None, tick(0.0)), None);
+        }
+    }
+
+    #[test]
+    fn a_window_is_probed_in_one_block_and_scaled_by_the_time_really_probed() {
+        let mut b = BudgetedVms::new(BUDGET);
+        let u = TIMER_ONLY;
+        let mut hits = 0;
+        let mut on = true;
+        let mut changes = Vec::new();
+        assert_eq!(b.observe(1, u, 0, None, tick10(0.0)), None);
         for t in 1..=20u32 {
             let t = f64::from(t);
             if on {
                 hits += 40_000;
             }
-            if let Some(want) = b.observe(1, u, hits, None, tick(t)) {
+            if let Some(want) = b.observe(1, u, hits, None, tick10(t)) {
                 changes.push((t, want));
                 b.applied(1, want, t, if want { 0.01 } else { 0.0 });
                 on = want;
@@ -677,19 +684,9 @@ mod tests {
             hit_cost: 1e-6,
         };
         let mut b = BudgetedVms::new(budget);
-        let u = Uprobed {
-            timer: true,
-            read_write: false,
-            callbacks: false,
-        };
-        let tick = |t: f64| Tick {
-            t,
-            secs: 1.0,
-            window: (t / 10.0).floor() as u64,
-            window_intervals: 10,
-        };
+        let u = TIMER_ONLY;
         let (mut hits, mut cpu, mut on) = (0u64, 0.0, true);
-        assert_eq!(b.observe(1, u, 0, Some(0.0), tick(0.0)), None);
+        assert_eq!(b.observe(1, u, 0, Some(0.0), tick10(0.0)), None);
         let mut duties = Vec::new();
         for t in 1..=40u32 {
             let t = f64::from(t);
@@ -699,7 +696,7 @@ mod tests {
                 hits += 5_000;
                 cpu += 0.01;
             }
-            if let Some(want) = b.observe(1, u, hits, Some(cpu), tick(t)) {
+            if let Some(want) = b.observe(1, u, hits, Some(cpu), tick10(t)) {
                 b.applied(1, want, t, 0.0);
                 on = want;
             }
@@ -740,26 +737,16 @@ mod tests {
             hit_cost: 1e-6,
         };
         let mut b = BudgetedVms::new(budget);
-        let u = Uprobed {
-            timer: true,
-            read_write: false,
-            callbacks: false,
-        };
-        let tick = |t: f64| Tick {
-            t,
-            secs: 1.0,
-            window: (t / 10.0).floor() as u64,
-            window_intervals: 10,
-        };
+        let u = TIMER_ONLY;
         let (mut hits, mut on) = (0u64, true);
-        b.observe(1, u, 0, None, tick(0.0));
+        b.observe(1, u, 0, None, tick10(0.0));
         let mut changes = Vec::new();
         for t in 1..=12u32 {
             let t = f64::from(t);
             if on {
                 hits += 200_000;
             }
-            if let Some(want) = b.observe(1, u, hits, None, tick(t)) {
+            if let Some(want) = b.observe(1, u, hits, None, tick10(t)) {
                 changes.push((t, want));
                 // The resume at the window's start (10) is deferred.
                 if t != 10.0 {
