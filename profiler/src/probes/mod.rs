@@ -386,6 +386,8 @@ pub struct EventProbes {
     counters: counters::CounterStore,
     /// Where the programs find the watched processes.
     watch_table: watch_table::WatchTable,
+    /// The libc result source's per-thread ppoll marks.
+    ppoll_marks: timers::PpollMarks,
 }
 
 impl EventProbes {
@@ -412,6 +414,7 @@ impl EventProbes {
         let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
         let counters = counters::CounterStore::open(&ebpf)?;
         let watch_table = watch_table::WatchTable::open(&ebpf)?;
+        let ppoll_marks = timers::PpollMarks::open(&ebpf)?;
         Ok(Self {
             ebpf,
             catalog: ExeCatalog::new(debug_roots),
@@ -439,6 +442,7 @@ impl EventProbes {
             execs,
             counters,
             watch_table,
+            ppoll_marks,
         })
     }
 
@@ -713,9 +717,11 @@ impl EventProbes {
         if let Ok(how) = served.sources.timer.as_ref().map(|t| t.libc_probes())
             && let (Some(how), Some(libc)) = (how, &served.libc)
         {
-            // A ppoll's timer mark left while the probes were away must not classify the
-            // next zero-timeout poll.
-            timers::forget_process(&mut self.ebpf, pid);
+            // A ppoll's timer mark (or an entry) left while the probes were away must not
+            // classify the thread's next wait.
+            let tids = timers::thread_ids(pid);
+            self.ppoll_marks.disarm_threads(pid, tids.iter().copied());
+            timers::clear_pending(&mut self.ebpf, pid, tids);
             self.libc.attach(&mut self.ebpf, pid, libc, how)?;
             if how == LibcProbes::Result {
                 // Marks again (a wait in flight meanwhile is at worst one misclassified).
@@ -826,6 +832,7 @@ impl EventProbes {
         self.region_labels.remove(&pid);
         forget_region_keys::<u64>(&mut self.ebpf, symbols::SEEN_CALLBACKS_MAP, pid);
         timers::forget_process(&mut self.ebpf, pid);
+        self.ppoll_marks.free_process(pid);
         hrtimers::forget_process(&mut self.ebpf, pid);
         self.kvm.forget(&mut self.ebpf, pid);
         self.forget_counters(pid)
@@ -1428,9 +1435,19 @@ pub(crate) mod tests {
         let owner = marks
             .u64_at(mark_slot(tid), offset_of!(PpollMark, owner))
             .unwrap();
+        let armed = marks
+            .u64_at(mark_slot(tid), offset_of!(PpollMark, armed))
+            .unwrap();
+        assert_eq!(owner.load(Ordering::Relaxed), PpollMark::owner_of(tid, pid));
+        let ppoll_marks = timers::PpollMarks::open(&ebpf).unwrap();
+        // A mark left behind (as by a wait in flight when a budget pause took the probes) is
+        // disarmed on resume; the slot stays the thread's.
+        armed.store(1, Ordering::Relaxed);
+        ppoll_marks.disarm_threads(pid, [tid]);
+        assert_eq!(armed.load(Ordering::Relaxed), 0);
         assert_eq!(owner.load(Ordering::Relaxed), PpollMark::owner_of(tid, pid));
         // Forgetting the process frees its threads' slots.
-        timers::forget_process(&mut ebpf, pid);
+        ppoll_marks.free_process(pid);
         assert_eq!(owner.load(Ordering::Relaxed), 0);
         // The slot held by another thread: the marks go to `PENDING`, as exact.
         let other = PpollMark::owner_of(tid.wrapping_add(MARK_SLOTS), pid + 1);
@@ -1438,6 +1455,27 @@ pub(crate) mod tests {
         waits(200);
         assert_eq!(ppolls(&mut counters, &ebpf), (400, 400), "in PENDING");
         assert_eq!(owner.load(Ordering::Relaxed), other, "not claimed");
+        // A mark left in `PENDING` is cleared on resume too, and the entry kept.
+        let pending_of = |ebpf: &Ebpf| {
+            aya::maps::HashMap::<_, u32, profiler_common::PendingWait>::try_from(
+                ebpf.map(timers::PENDING_MAP).unwrap(),
+            )
+            .unwrap()
+            .get(&tid, 0)
+            .unwrap()
+        };
+        let left = profiler_common::PendingWait {
+            syscall: wait_syscall::PPOLL,
+            ..pending_of(&ebpf)
+        };
+        aya::maps::HashMap::<_, u32, profiler_common::PendingWait>::try_from(
+            ebpf.map_mut(timers::PENDING_MAP).unwrap(),
+        )
+        .unwrap()
+        .insert(tid, left, 0)
+        .unwrap();
+        timers::clear_pending(&mut ebpf, pid, [tid]);
+        assert_eq!(pending_of(&ebpf).syscall, wait_syscall::NONE);
         owner.store(0, Ordering::Relaxed);
         libc.detach(&mut ebpf, pid);
         drop(hrtimers.release_starts(&mut ebpf, pid));

@@ -9,7 +9,7 @@
 use std::{mem::offset_of, sync::atomic::Ordering};
 
 use aya::Ebpf;
-use profiler_common::{MARK_SLOTS, PpollMark};
+use profiler_common::{MARK_SLOTS, PendingWait, PpollMark, wait_syscall};
 
 use super::mapped::MappedArray;
 
@@ -40,33 +40,100 @@ pub const PENDING_MAP: &str = "PENDING";
 /// The libc result source's per-thread ppoll marks ([`profiler_common::PpollMark`]).
 pub const MARKS_MAP: &str = "PPOLL_MARKS";
 
-/// Drops the wait states of process `tgid`'s threads: a thread killed inside its wait never
-/// reaches the exit probe that would remove its entry, and a mark left while its probes were
-/// paused must not classify its next zero-timeout poll. Its threads' `PPOLL_MARKS` slots are
-/// freed for other threads.
+/// Drops the `PENDING` entries of process `tgid`'s threads: a thread killed inside its wait
+/// never reaches the exit probe that would remove its entry. (A scan of the map: on exit or
+/// unwatch only.)
 pub fn forget_process(ebpf: &mut Ebpf, tgid: u32) {
-    super::batch::remove_where::<u32, profiler_common::PendingWait>(ebpf, PENDING_MAP, |_, w| {
-        w.tgid == tgid
-    });
-    // Not mapped: the whole file has no other use for it.
-    if let Ok(marks) = MappedArray::map(ebpf, MARKS_MAP, MARK_SLOTS, size_of::<PpollMark>()) {
-        free_marks(&marks, tgid);
+    super::batch::remove_where::<u32, PendingWait>(ebpf, PENDING_MAP, |_, w| w.tgid == tgid);
+}
+
+/// The libc result source's `PPOLL_MARKS`, mapped once for the profiler's life: freeing a
+/// process's slots and disarming its threads' marks are then loads and stores, with no
+/// mapping, fault or syscall per call.
+pub struct PpollMarks {
+    marks: MappedArray,
+}
+
+impl PpollMarks {
+    pub fn open(ebpf: &Ebpf) -> anyhow::Result<Self> {
+        Ok(Self {
+            marks: MappedArray::map(ebpf, MARKS_MAP, MARK_SLOTS, size_of::<PpollMark>())?,
+        })
+    }
+
+    /// Frees the slots of process `tgid`'s threads for other threads (it is no longer
+    /// watched). A scan of every slot, so the slots of its threads that exited earlier are
+    /// found too.
+    pub fn free_process(&self, tgid: u32) {
+        for slot in 0..MARK_SLOTS {
+            let Some(held) = self.owner(slot) else { break };
+            let word = held.load(Ordering::Relaxed);
+            if word != 0 && PpollMark::owner_tgid(word) == tgid {
+                self.disarm(slot);
+                // Only if still the same thread's (the programs claim free slots atomically).
+                let _ = held.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Disarms the marks of threads `tids` of process `tgid` (its probes resume after a
+    /// pause): a mark left by a wait in flight when the probes went must not classify the
+    /// thread's next zero-timeout poll. One slot per thread; the slots stay claimed.
+    pub fn disarm_threads(&self, tgid: u32, tids: impl IntoIterator<Item = u32>) {
+        for tid in tids {
+            let slot = profiler_common::mark_slot(tid);
+            if self
+                .owner(slot)
+                .is_some_and(|o| o.load(Ordering::Relaxed) == PpollMark::owner_of(tid, tgid))
+            {
+                self.disarm(slot);
+            }
+        }
+    }
+
+    fn owner(&self, slot: u32) -> Option<&std::sync::atomic::AtomicU64> {
+        self.marks.u64_at(slot, offset_of!(PpollMark, owner))
+    }
+
+    fn disarm(&self, slot: u32) {
+        if let Some(armed) = self.marks.u64_at(slot, offset_of!(PpollMark, armed)) {
+            armed.store(0, Ordering::Relaxed);
+        }
     }
 }
 
-/// Frees the `PPOLL_MARKS` slots of process `tgid`'s threads.
-fn free_marks(marks: &MappedArray, tgid: u32) {
-    let owner = |slot| marks.u64_at(slot, offset_of!(PpollMark, owner));
-    let armed = |slot| marks.u64_at(slot, offset_of!(PpollMark, armed));
-    for slot in 0..MARK_SLOTS {
-        let Some(held) = owner(slot) else { break };
-        let word = held.load(Ordering::Relaxed);
-        if word != 0 && PpollMark::owner_tgid(word) == tgid {
-            if let Some(armed) = armed(slot) {
-                armed.store(0, Ordering::Relaxed);
-            }
-            // Only if still the same thread's (the programs claim free slots atomically).
-            let _ = held.compare_exchange(word, 0, Ordering::AcqRel, Ordering::Relaxed);
+/// Empties the `PENDING` entries of threads `tids` of process `tgid` (its probes resume after
+/// a pause): a wait entered before the pause whose return went unseen, or a libc result
+/// source's mark (the fallback of a thread without its own `PPOLL_MARKS` slot), must not
+/// classify the thread's next wait. One lookup per thread, not a scan of the map; the entry
+/// stays, emptied, as the programs keep it for reuse.
+pub fn clear_pending(ebpf: &mut Ebpf, tgid: u32, tids: impl IntoIterator<Item = u32>) {
+    let Some(Ok(mut pending)) = ebpf
+        .map_mut(PENDING_MAP)
+        .map(aya::maps::HashMap::<_, u32, PendingWait>::try_from)
+    else {
+        return;
+    };
+    for tid in tids {
+        if let Ok(wait) = pending.get(&tid, 0)
+            && wait.tgid == tgid
+            && wait.syscall != wait_syscall::NONE
+        {
+            let cleared = PendingWait {
+                syscall: wait_syscall::NONE,
+                ..wait
+            };
+            let _ = pending.insert(tid, cleared, 0);
         }
     }
+}
+
+/// The thread ids of process `pid` now (`/proc/PID/task`); none if it is gone.
+pub fn thread_ids(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
