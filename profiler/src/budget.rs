@@ -45,6 +45,21 @@ impl Default for DutyCycle {
     }
 }
 
+/// One VM's budget figures, for records' closing lines and `serve`'s gauges.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DutyView {
+    /// Uprobe hits per second while probed (smoothed).
+    pub hits_per_second: f64,
+    /// Seconds of its QEMU's CPU per hit, as the budget reckons it.
+    pub hit_cost: f64,
+    /// Whether `hit_cost` was learned from its QEMU's CPU time (else the start-up figure).
+    pub learned: bool,
+    /// Fraction of a core the probes would cost it if always on.
+    pub full_cost: f64,
+    /// The share of time its probes are on.
+    pub duty: f64,
+}
+
 /// Weight of the newest measurement in the smoothed rate.
 const SMOOTHING: f64 = 0.5;
 
@@ -65,6 +80,25 @@ impl DutyCycle {
     pub fn hit_cost(&self, budget: &OverheadBudget) -> f64 {
         self.learned_cost
             .map_or(budget.hit_cost, |learned| learned.max(budget.hit_cost))
+    }
+
+    /// Seconds of its QEMU's CPU per hit as learned from its CPU time, if learned yet (the
+    /// figure [`Self::hit_cost`] uses when it is above the start-up one).
+    pub fn learned_cost(&self) -> Option<f64> {
+        self.learned_cost
+    }
+
+    /// What the budget knows of this VM, once its rate is measured.
+    pub fn view(&self, budget: &OverheadBudget) -> Option<DutyView> {
+        let hits_per_second = self.rate?;
+        let hit_cost = self.hit_cost(budget);
+        Some(DutyView {
+            hits_per_second,
+            hit_cost,
+            learned: self.learned_cost.is_some_and(|l| l > budget.hit_cost),
+            full_cost: hits_per_second * hit_cost,
+            duty: self.duty,
+        })
     }
 
     /// The estimated cost, as a fraction of a core, of probing all the time.
@@ -528,15 +562,22 @@ pub fn describe(b: &OverheadBudget) -> String {
 /// One VM's duty cycle, for the user: its measured uprobe hits while probed and what they
 /// would cost unbudgeted.
 pub fn describe_vm(name: &str, d: &DutyCycle, b: &OverheadBudget) -> String {
-    match d.rate() {
-        Some(rate) => format!(
-            "{name}: {rate:.0} uprobe hits/s while probed (counted by its probes), {:.2} % of a \
-             core if always probed; probed {:.0} % of the time",
-            rate * b.hit_cost * 100.0,
-            d.duty() * 100.0
-        ),
-        None => format!("{name}: no uprobe rate measured yet"),
-    }
+    let Some(view) = d.view(b) else {
+        return format!("{name}: no uprobe rate measured yet");
+    };
+    format!(
+        "{name}: {:.0} uprobe hits/s while probed (counted by its probes), {:.2} µs of its \
+         QEMU's CPU per hit ({}), {:.2} % of a core if always probed; probed {:.0} % of the time",
+        view.hits_per_second,
+        view.hit_cost * 1e6,
+        if view.learned {
+            "learned from its CPU time"
+        } else {
+            "the start-up measurement"
+        },
+        view.full_cost * 100.0,
+        view.duty * 100.0
+    )
 }
 
 /// Scales a count observed during `on_secs` of a window's `secs` to the whole window.
@@ -712,6 +753,18 @@ mod tests {
         let (_, state) = &b.states()[0];
         let learned = state.hit_cost(&budget);
         assert!((learned - 2e-6).abs() < 0.1e-6, "learned {learned}");
+        // What the closing line and `serve` show: the learned cost, not the start-up one.
+        let view = state.view(&budget).unwrap();
+        assert!(view.learned);
+        assert!((view.full_cost - 0.01).abs() < 0.001, "{view:?}");
+        let line = describe_vm("noisy", state, &budget);
+        assert!(
+            line.starts_with("noisy: 5000 uprobe hits/s while probed")
+                && line.contains("2.0")
+                && line.contains("µs of its QEMU's CPU per hit (learned from its CPU time)")
+                && line.contains("probed 10 % of the time"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -726,6 +779,13 @@ mod tests {
         d.calibrated(&budget, 0.01, 0.03);
         assert_eq!(d.hit_cost(&budget), 2e-6);
         assert!((d.duty() - 0.5).abs() < 1e-9);
+        assert_eq!(d.learned_cost(), Some(0.0));
+        let view = d.view(&budget).unwrap();
+        assert!(!view.learned, "{view:?}");
+        assert!(
+            describe_vm("vm", &d, &budget)
+                .contains("2.00 µs of its QEMU's CPU per hit (the start-up measurement)")
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct FleetState {
     /// Under `--max-overhead`: what scaling added to each VM's closed windows, added to its
     /// counters so they carry the estimates.
     estimates: BTreeMap<VmKey, crate::budget::EstimateAddition>,
+    /// Under `--max-overhead`: each live VM's duty cycle and cost per hit.
+    duties: BTreeMap<VmKey, crate::budget::DutyView>,
     ticks_per_second: u64,
 }
 
@@ -101,6 +103,22 @@ impl FleetState {
         self.vms
             .retain(|_, vm| vm.exited_at.is_none_or(|at| t - at < grace));
         self.estimates.retain(|key, _| self.vms.contains_key(key));
+        self.duties.clear();
+    }
+
+    /// Under a budget: each live VM's duty view, by pid (after [`Self::update`] of the same
+    /// sample).
+    pub fn set_duties(&mut self, views: Vec<(u32, crate::budget::DutyView)>) {
+        for (pid, view) in views {
+            let key = self
+                .vms
+                .iter()
+                .find(|(k, vm)| k.pid == pid && vm.exited_at.is_none())
+                .map(|(k, _)| *k);
+            if let Some(key) = key {
+                self.duties.insert(key, view);
+            }
+        }
     }
 
     /// Folds in what the budget's scaling added so far, `(pid, exited at this sample,
@@ -375,6 +393,42 @@ impl Collector for FleetCollector {
                 cpu.push(labels, ticks as f64 / tps);
             }
         }
+        // Under a budget: what it knows of each VM.
+        for (name, help, unit, value) in [
+            (
+                "budget_probed_ratio",
+                "Under --max-overhead: the share of time the VM's uprobes are attached (1: \
+                 always; its counts are scaled and marked estimated when below).",
+                None,
+                (|v: &crate::budget::DutyView| v.duty) as fn(&crate::budget::DutyView) -> f64,
+            ),
+            (
+                "budget_hit_cost",
+                "Under --max-overhead: CPU time of the VM's QEMU per uprobe hit, learned from \
+                 its CPU time with the probes on and off (the start-up measurement until then, \
+                 and never below it).",
+                Some(Unit::Seconds),
+                |v| v.hit_cost,
+            ),
+            (
+                "budget_unbudgeted_cost_ratio",
+                "Under --max-overhead: the share of a core the VM's uprobes would cost it if \
+                 always attached (hits per second while probed times the cost per hit).",
+                None,
+                |v| v.full_cost,
+            ),
+        ] {
+            if state.duties.is_empty() {
+                break;
+            }
+            let mut m = encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
+            for (key, view) in &state.duties {
+                if let Some(vm) = state.vms.get(key) {
+                    let labels = vm_labels(&vm.observation.identity);
+                    ConstGauge::new(value(view)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
         for family in [
             &timer,
             &fd,
@@ -633,6 +687,42 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    /// Under a budget each live VM shows its duty, cost per hit and unbudgeted cost; without
+    /// one (or once the VM exits) the families are absent.
+    #[test]
+    fn budget_gauges_show_each_live_vms_duty_and_cost_per_hit() {
+        let state = state();
+        assert!(!openmetrics_text(&state).contains("budget_"));
+        let view = crate::budget::DutyView {
+            hits_per_second: 5000.0,
+            hit_cost: 2e-6,
+            learned: true,
+            full_cost: 0.01,
+            duty: 0.1,
+        };
+        state
+            .lock()
+            .unwrap()
+            .set_duties(vec![(10, view), (99, view)]);
+        let text = openmetrics_text(&state);
+        for line in [
+            "# TYPE qemu_profiler_budget_probed_ratio gauge",
+            "qemu_profiler_budget_probed_ratio{vm=\"noisy\",pid=\"10\"} 0.1",
+            "# UNIT qemu_profiler_budget_hit_cost_seconds seconds",
+            "qemu_profiler_budget_hit_cost_seconds{vm=\"noisy\",pid=\"10\"} 0.000002",
+            "qemu_profiler_budget_unbudgeted_cost_ratio{vm=\"noisy\",pid=\"10\"} 0.01",
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+        assert!(!text.contains("pid=\"99\""), "a pid not watched: {text}");
+        // The next sample without budget views drops them.
+        state
+            .lock()
+            .unwrap()
+            .update(1.0, &[obs(10, "noisy", "usdt")], &[], 300.0);
+        assert!(!openmetrics_text(&state).contains("budget_"));
     }
 
     /// Under a budget the counters carry what scaling added to closed windows; an exited VM

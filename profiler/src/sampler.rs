@@ -48,6 +48,8 @@ pub trait SessionView {
     fn dropped(&self) -> Vec<(&'static str, u64)>;
     /// Under a budget: what scaling added to each VM's closed windows so far.
     fn estimate_additions(&self) -> Vec<(u32, bool, crate::budget::EstimateAddition)>;
+    /// Under a budget: each budgeted VM's duty cycle and cost per hit, by pid.
+    fn duty_views(&self) -> Vec<(u32, crate::budget::DutyView)>;
 }
 
 impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
@@ -86,6 +88,9 @@ impl<P: ProbeLayer, D: Discover> SessionView for Session<P, D> {
     }
     fn estimate_additions(&self) -> Vec<(u32, bool, crate::budget::EstimateAddition)> {
         Session::estimate_additions(self)
+    }
+    fn duty_views(&self) -> Vec<(u32, crate::budget::DutyView)> {
+        Session::duty_views(self)
     }
 }
 

@@ -343,6 +343,19 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             .map_or_else(Vec::new, |b| b.additions())
     }
 
+    /// Under a budget: each budgeted VM's duty view, by pid (for `serve`).
+    pub fn duty_views(&self) -> Vec<(u32, crate::budget::DutyView)> {
+        let Some(budgeted) = &self.budgeted else {
+            return Vec::new();
+        };
+        let budget = budgeted.budget();
+        budgeted
+            .states()
+            .into_iter()
+            .filter_map(|(pid, d)| Some((pid, d.view(&budget)?)))
+            .collect()
+    }
+
     /// Under a budget: each VM seen by the last sample (by name) with its duty cycle.
     pub fn duty_cycles(&self) -> Vec<(String, crate::budget::DutyCycle)> {
         let Some(budgeted) = &self.budgeted else {

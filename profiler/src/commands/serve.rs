@@ -129,6 +129,7 @@ impl SampleSink for Serve {
                 self.exit_grace,
             );
             fleet.set_estimates(s.session.estimate_additions());
+            fleet.set_duties(s.session.duty_views());
             let cost = s.session.probe_cost();
             fleet.cost = ProfilerCost {
                 bpf_run_count: cost.run_count,
