@@ -60,15 +60,24 @@ fn program_runs_per_s(said: &str) -> Option<f64> {
     })
 }
 
-/// The budget's measured uprobe hits per second of the bench VM, from its closing lines.
-fn counted_hits_per_s(said: &str) -> Option<f64> {
+/// The budget's closing line for the bench VM: (uprobe hits per second while probed, µs of
+/// QEMU CPU per hit, whether that cost was learned from QEMU's CPU, % of the time probed).
+fn budget_vm_line(said: &str) -> Option<(f64, f64, bool, f64)> {
     said.lines().find_map(|l| {
-        l.split(&format!("overhead budget: {VM}: "))
-            .nth(1)?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
+        let rest = l.split(&format!("overhead budget: {VM}: ")).nth(1)?;
+        let number = |after: &str| -> Option<f64> {
+            let tail = match after {
+                "" => rest,
+                _ => rest.split(after).nth(1)?,
+            };
+            tail.split(' ').next()?.parse().ok()
+        };
+        Some((
+            number("")?,
+            number("(counted by its probes), ")?,
+            rest.contains("(learned from its CPU time)"),
+            number("; probed ")?,
+        ))
     })
 }
 
@@ -120,7 +129,7 @@ pub fn run(
     const SETTLE: u64 = WINDOW;
     const SPAN: u64 = 2 * WINDOW;
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
-    let (mut runs, mut counted) = (Vec::new(), Vec::new());
+    let (mut runs, mut budgeted_lines) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         for k in 0..configs.len() {
             let i = (k + round) % configs.len();
@@ -149,7 +158,7 @@ pub fn run(
                 // holder has them on), so another profiler's sampling would inflate them.
                 match i {
                     1 => runs.extend(program_runs_per_s(&said)),
-                    2 => counted.extend(counted_hits_per_s(&said)),
+                    2 => budgeted_lines.extend(budget_vm_line(&said)),
                     _ => {}
                 }
             }
@@ -208,23 +217,36 @@ pub fn run(
     // programs counting their own runs) against what the unbudgeted profiler's programs
     // really ran (BPF statistics) and what QEMU paid, each from the rounds run alone.
     let some_median = |v: &[f64]| (!v.is_empty()).then(|| median(v));
-    let (runs_per_s, counted) = (some_median(&runs), some_median(&counted));
+    let column = |f: fn(&(f64, f64, bool, f64)) -> f64| -> Vec<f64> {
+        budgeted_lines.iter().map(f).collect()
+    };
+    let (runs_per_s, counted) = (some_median(&runs), some_median(&column(|l| l.0)));
     let hit_cost_us: Option<f64> = hit_line
         .split("costs ")
         .nth(1)
         .and_then(|r| r.split(' ').next())
         .and_then(|v| v.parse().ok());
+    let learned_us = some_median(&column(|l| l.1));
+    let probed_pct = some_median(&column(|l| l.3));
+    let learned_rounds = budgeted_lines.iter().filter(|l| l.2).count();
     let fmt = |v: Option<f64>, digits: usize| v.map_or("?".into(), |v| format!("{v:.digits$}"));
     let model_line = format!(
         "The budget's basis: in its rounds the budgeted profiler counted {} uprobe hits/s on \
          this guest while probing (its wait, timer and callback programs count their own runs; \
-         each read/write probe run is one access) × {} µs = {} % of a core if always probed. \
-         In its rounds the unbudgeted profiler's programs ran {} times/s (its BPF statistics; \
-         counted ÷ ran = {}), and QEMU paid {:+.2} % of a core for them: {} µs per program run \
-         (medians).",
+         each read/write probe run is one access). At the start-up figure of {} µs per hit that \
+         is {} % of a core if always probed; the cost it learned from QEMU's CPU time with the \
+         probes on and off was {} µs per hit when it stopped (learned in {learned_rounds} of {} \
+         rounds; the start-up figure is its floor): {} % of a core, so it probed {} % of the \
+         time (medians). In its rounds the unbudgeted profiler's programs ran {} times/s (its \
+         BPF statistics; counted ÷ ran = {}), and QEMU paid {:+.2} % of a core for them: {} µs \
+         per program run (medians).",
         fmt(counted, 0),
         fmt(hit_cost_us, 2),
         fmt(counted.zip(hit_cost_us).map(|(h, c)| h * c / 1e4), 2),
+        fmt(learned_us, 2),
+        budgeted_lines.len(),
+        fmt(counted.zip(learned_us).map(|(h, c)| h * c / 1e4), 2),
+        fmt(probed_pct, 0),
         fmt(runs_per_s, 0),
         fmt(counted.zip(runs_per_s).map(|(h, r)| h / r), 2),
         added(1),
@@ -268,7 +290,28 @@ pub fn run(
         "estimates": errors,
         "estimated_share": share,
         "counted_hits_per_s": counted,
+        "learned_hit_cost_us": learned_us,
+        "probed_percent": probed_pct,
         "program_runs_per_s": runs_per_s,
     });
     Ok((body, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_line_of_the_bench_vm_is_read_whole() {
+        // As `profiler record` ends under a budget (profiler/src/budget.rs, describe_vm).
+        let said = "profiler: stopped after 62.0 s; eBPF programs ran about 10 times\n\
+            profiler: overhead budget: other: 10 uprobe hits/s while probed (counted by its \
+            probes), 9.00 µs of its QEMU's CPU per hit (the start-up measurement), 0.01 % of \
+            a core if always probed; probed 100 % of the time\n\
+            profiler: overhead budget: bench-budget: 3869 uprobe hits/s while probed (counted \
+            by its probes), 2.31 µs of its QEMU's CPU per hit (learned from its CPU time), \
+            0.89 % of a core if always probed; probed 11 % of the time\n";
+        assert_eq!(budget_vm_line(said), Some((3869.0, 2.31, true, 11.0)));
+        assert_eq!(budget_vm_line("profiler: stopped\n"), None);
+    }
 }
