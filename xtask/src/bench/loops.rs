@@ -35,7 +35,7 @@ impl LoopKind {
 
 /// `xtask syscall-loop --kind getppid|ppoll --calls N [--go PATH]`: (after PATH exists) makes
 /// N calls and prints `ns_per_call=X`: CPU ns per call of the fastest of 20 chunks for the
-/// zero-timeout loops, CPU ns per call over all of them for the timed one.
+/// zero-timeout loops, CPU ns per call of the fastest chunk for the timed one too.
 pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
     let value = |name: &str| -> Option<&String> {
         args.iter()
@@ -76,16 +76,12 @@ pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
                 libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null())
             });
         }),
-        LoopKind::PpollTimed => {
-            let cpu_before = thread_cpu_ns();
-            for _ in 0..calls {
-                // SAFETY: as above.
-                std::hint::black_box(unsafe {
-                    libc::ppoll(std::ptr::null_mut(), 0, &timed, std::ptr::null())
-                });
-            }
-            (thread_cpu_ns() - cpu_before) / calls.max(1) as f64
-        }
+        LoopKind::PpollTimed => fastest_chunk(calls, || {
+            // SAFETY: as above.
+            std::hint::black_box(unsafe {
+                libc::ppoll(std::ptr::null_mut(), 0, &timed, std::ptr::null())
+            });
+        }),
     };
     println!("ns_per_call={ns:.1}");
     Ok(())

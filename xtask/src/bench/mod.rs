@@ -7,6 +7,7 @@
 
 mod budget;
 mod events;
+mod floor;
 mod loops;
 mod qemu_like;
 mod remedies;

@@ -24,15 +24,19 @@ enum Config {
     /// bpftrace on `syscalls:sys_{enter,exit}_ppoll`, filtered on the watched QEMU's pid,
     /// classifying returns as the profiler does.
     Bpftrace,
+    /// An empty BPF program at the watched loop's libc result sites, attached as the profiler
+    /// attaches (`super::floor`): the trap and dispatch alone, under any uprobe source.
+    Floor,
 }
 
-const CONFIGS: [Config; 6] = [
+const CONFIGS: [Config; 7] = [
     Config::Nothing,
     Config::ProfilerLibc,
     Config::ProfilerLibcEntryReturn,
     Config::ProfilerSyscall,
     Config::ProfilerHrtimer,
     Config::Bpftrace,
+    Config::Floor,
 ];
 
 impl Config {
@@ -46,6 +50,7 @@ impl Config {
             Config::ProfilerSyscall => "profiler, syscall tracepoints (--timer-source syscall)",
             Config::ProfilerHrtimer => "profiler, hrtimer tracepoints (--timer-source hrtimer)",
             Config::Bpftrace => "bpftrace, ppoll tracepoints with a pid filter",
+            Config::Floor => "an empty BPF program at the watched loop's result sites (the floor)",
         }
     }
 
@@ -57,6 +62,7 @@ impl Config {
             Config::ProfilerSyscall => "profiler_syscall",
             Config::ProfilerHrtimer => "profiler_hrtimer",
             Config::Bpftrace => "bpftrace",
+            Config::Floor => "empty_program",
         }
     }
 }
@@ -109,11 +115,18 @@ fn one_round(
     // The watched loops: named like QEMU; each tracer attaches to them before they start.
     let go = dir.join("go");
     let watched_loop = |kind: LoopKind, calls: u64| -> anyhow::Result<f64> {
-        let mut extra: Option<Tracer> = None;
+        let mut extra: Option<Box<dyn std::any::Any>> = None;
         let figure = run_loop(kind, calls, Some(WATCHED), Some(&go), |pid| {
             match (&tracer, config) {
                 (_, Config::Bpftrace) => {
-                    extra = Some(Tracer::bpftrace(&bpftrace_script(pid), None)?);
+                    extra = Some(Box::new(Tracer::bpftrace(&bpftrace_script(pid), None)?));
+                }
+                (_, Config::Floor) => {
+                    let libc = super::watched::mapped_libc(pid)?;
+                    let sites = super::watched::libc_result_sites(&libc)?;
+                    extra = Some(Box::new(super::floor::EmptyProgramUprobes::attach(
+                        pid, &libc, &sites,
+                    )?));
                 }
                 (Some(t), _) => t.wait_records([format!("\"pid\":{pid}")])?,
                 _ => {}
@@ -214,7 +227,7 @@ pub fn run(
             "rounds": samples[i],
         }));
     }
-    let (libc, entry_return, sys, hrtimer) = (1, 2, 3, 4);
+    let (libc, entry_return, sys, hrtimer, floor) = (1, 2, 3, 4, 6);
     let getppid_pct = added(libc, 0) / base[0] * 100.0;
     let ppoll_added = added(libc, 1);
     let watched_libc = added(libc, 2);
@@ -224,6 +237,7 @@ pub fn run(
     let (hr_zero, hr_timed) = (added(hrtimer, 2), added(hrtimer, 3));
     let (sys_timed, libc_timed) = (added(sys, 3), added(libc, 3));
     let (er_zero, er_timed) = (added(entry_return, 2), added(entry_return, 3));
+    let (floor_zero, floor_timed) = (added(floor, 2), added(floor, 3));
     let timed_noise = spread(3);
     // A timed wait's CPU moves by microseconds between rounds here: a difference smaller
     // than that spread is not a measured difference.
@@ -254,8 +268,8 @@ pub fn run(
          loop in a process named like QEMU that it watches — each loop's figure is its fastest \
          of 20 equal chunks by thread CPU time, so the shared machine's preemptions and stray \
          interrupts drop out while a cost every call pays stays in; and the CPU time per call \
-         of a watched `ppoll` loop whose 20 µs timeout expires each time ({} calls; QEMU's \
-         timer waits). Each tracer watches one QEMU-like process (waking from `ppoll` every 10 ms) \
+         of a watched `ppoll` loop whose 20 µs timeout expires each time ({} calls, fastest of \
+         20 chunks too; QEMU's timer waits). Each tracer watches one QEMU-like process (waking from `ppoll` every 10 ms) \
          besides. In brackets: added per call, and relative to nothing running.\n\n\
          | running | unrelated `getppid` (ns) | unrelated `ppoll` (ns) | watched QEMU's `ppoll` (ns) | watched QEMU's timed `ppoll` (CPU ns) |\n\
          |---|---|---|---|---|\n{rows}\n\
@@ -274,10 +288,12 @@ pub fn run(
          watched QEMU's memory only: one per wait, on the jump after its syscall (the \
          fallback probes entry and return, two traps). A trap into the kernel on this \
          nested-virtualization machine is far slower than on bare metal, which is what bounds \
-         the watched figures. A trap after a sleep costs more than one in a tight loop (cold \
-         caches and TLB): per timed wait the result probe adds {:+.0} ns over its \
-         zero-timeout figure, the entry and return probes' two traps {:+.0} ns, the syscall \
-         tracepoints {:+.0} ns. The \
+         the watched figures: an empty BPF program at the same result sites, attached as the \
+         profiler attaches, adds {floor_zero:+.0} ns per zero-timeout poll and \
+         {floor_timed:+.0} ns per timed wait by itself. A trap after a sleep costs more than \
+         one in a tight loop (cold caches and TLB): per timed wait the result probe adds \
+         {:+.0} ns over its zero-timeout figure, the entry and return probes' two traps \
+         {:+.0} ns, the syscall tracepoints {:+.0} ns. The \
          tracepoints remain selectable with `--timer-source syscall` where the host-wide tax \
          is preferred. The hrtimer tracepoints run only where a sleep timer is armed, expires \
          or is cancelled: no trap, no slow syscall path, and a zero-timeout poll arms no \
@@ -313,6 +329,8 @@ pub fn run(
             "watched_timed_added_cpu_ns_hrtimer": hr_timed,
             "unrelated_getppid_percent_hrtimer": hr_getppid_pct,
             "unrelated_ppoll_added_ns_hrtimer": hr_ppoll,
+            "watched_added_ns_floor": floor_zero,
+            "watched_timed_added_cpu_ns_floor": floor_timed,
         },
     });
     Ok((body, json))
