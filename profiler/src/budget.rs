@@ -418,8 +418,14 @@ impl BudgetedVms {
             };
             let (from, to) = bounds(r.window);
             let on: f64 = vm.periods.iter().map(|p| p.overlap(from, to)).sum();
-            // Probed the whole time it was seen (or not at all: nothing to scale from).
-            if on <= 0.0 || on >= r.seconds - 1e-3 {
+            // Probed the whole time it was seen.
+            if on >= r.seconds - 1e-3 {
+                continue;
+            }
+            if on <= 0.0 {
+                // Its probes were away the whole window (a resume the detacher deferred past
+                // its end): what they serve was not observed, so it is no count, never a 0.
+                unobserved(r, vm.uprobed);
                 continue;
             }
             let added = scale_record(r, on, vm.uprobed);
@@ -546,6 +552,28 @@ pub fn scale_record(r: &mut WindowRecord, on: f64, uprobed: Uprobed) -> Estimate
     r.estimated = true;
     r.probed_seconds = Some((on * 1000.0).round() / 1000.0);
     added
+}
+
+/// Blanks the counts `uprobed` serves in a record whose window the probes never saw: `null`,
+/// `estimated` with `probed_seconds` 0.
+fn unobserved(r: &mut WindowRecord, uprobed: Uprobed) {
+    if !uprobed.any() {
+        return;
+    }
+    if uprobed.timer {
+        r.timer = None;
+        r.fd_wakeups = None;
+    }
+    if uprobed.read_write {
+        r.read = None;
+        r.write = None;
+        r.devices.clear();
+    }
+    if uprobed.callbacks {
+        r.timers.clear();
+    }
+    r.estimated = true;
+    r.probed_seconds = Some(0.0);
 }
 
 /// What the budget means here, for the user.
@@ -786,6 +814,47 @@ mod tests {
             describe_vm("vm", &d, &budget)
                 .contains("2.00 µs of its QEMU's CPU per hit (the start-up measurement)")
         );
+    }
+
+    #[test]
+    fn a_window_its_probes_never_saw_has_no_counts_not_zeros() {
+        // Paused in window 0; every resume of window 1 deferred (the links still closing):
+        // its uprobe-served counts are null, not the 0 the probes counted.
+        let mut b = BudgetedVms::new(OverheadBudget {
+            max_fraction: 0.001,
+            hit_cost: 1e-6,
+        });
+        let u = TIMER_ONLY;
+        let (mut hits, mut on) = (0u64, true);
+        b.observe(1, u, 0, None, tick10(0.0));
+        for t in 1..=20u32 {
+            let t = f64::from(t);
+            if on {
+                hits += 200_000;
+            }
+            if let Some(want) = b.observe(1, u, hits, None, tick10(t))
+                && !(want && t < 20.0)
+            {
+                b.applied(1, want, t, 0.0);
+                on = want;
+            }
+        }
+        let mut r = crate::record::tests::sample();
+        r.vm.pid = 1;
+        r.seconds = 10.0;
+        r.timer = Some(0);
+        r.fd_wakeups = Some(0);
+        r.window = 1;
+        b.stamp(
+            std::slice::from_mut(&mut r),
+            |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0),
+            0.0,
+        );
+        assert_eq!((r.timer, r.fd_wakeups), (None, None));
+        assert!(r.estimated);
+        assert_eq!(r.probed_seconds, Some(0.0));
+        // The counts its probes do not serve stay as counted.
+        assert_eq!(r.read, crate::record::tests::sample().read);
     }
 
     #[test]
