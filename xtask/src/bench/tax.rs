@@ -122,7 +122,15 @@ fn one_round(
                     extra = Some(Box::new(Tracer::bpftrace(&bpftrace_script(pid), None)?));
                 }
                 (_, Config::Floor) => {
-                    let libc = super::watched::mapped_libc(pid)?;
+                    // Just spawned: its C library is mapped once the loader has run.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                    let libc = loop {
+                        match super::watched::mapped_libc(pid) {
+                            Ok(libc) => break libc,
+                            Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                        }
+                    };
                     let sites = super::watched::libc_result_sites(&libc)?;
                     extra = Some(Box::new(super::floor::EmptyProgramUprobes::attach(
                         pid, &libc, &sites,
