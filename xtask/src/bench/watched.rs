@@ -359,7 +359,7 @@ pub fn run(
         libc_sys * 1e3
     );
     let (floor_minus_sys, floor_sys, floor_lo, floor_hi) = paired(1, 4);
-    let (_, libc_floor, _, _) = paired(2, 1);
+    let (_, libc_floor, libc_floor_lo, libc_floor_hi) = paired(2, 1);
     let libc_path = libc_file.display().to_string();
     let mut program_rows = String::new();
     let mut program_json = Vec::new();
@@ -418,7 +418,7 @@ pub fn run(
          polls included, so no program at these sites can cost this QEMU much less than the \
          tracepoints do; the profiler's result probes (their program, and the \
          `hrtimer_start` mark that tells a timed ppoll from a zero-timeout one) add a median \
-         {:+.2} ms/s over the floor in the same rounds.\n\n\
+         {:+.2} ms/s over the floor in the same rounds ({:+.2} to {:+.2}).\n\n\
          Where the probes' time goes: the kernel's BPF statistics of each source's programs \
          over {secs} s, in a pass after the rounds with the statistics held on (they are off \
          in the rounds: they add two clock reads to each run). Programs' names are cut to 15 \
@@ -445,6 +445,8 @@ pub fn run(
         floor_hi * 1e3,
         floor_sys * 1e3,
         libc_floor * 1e3,
+        libc_floor_lo * 1e3,
+        libc_floor_hi * 1e3,
         program_ms("libc"),
         libc * 1e3,
         n_sites = sites.len(),
