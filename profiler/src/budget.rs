@@ -704,17 +704,7 @@ mod tests {
             changes,
             [(3.0, false), (10.0, true), (13.0, false), (20.0, true)]
         );
-        let mut r = crate::record::tests::sample();
-        r.vm.pid = 1;
-        r.seconds = 10.0;
-        r.timer = Some(120_000);
-        r.fd_wakeups = Some(0);
-        r.window = 1;
-        b.stamp(
-            std::slice::from_mut(&mut r),
-            |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0),
-            0.0,
-        );
+        let r = stamped_window_1(&mut b, 120_000);
         // Probed from 10.01 to 13: 2.99 s; 120,000 waits counted → 401,338 in 10 s.
         assert!(r.estimated);
         assert_eq!(r.probed_seconds, Some(2.99));
@@ -733,6 +723,22 @@ mod tests {
         assert_eq!(added(&b)[0].2.timer, 281_338);
         b.stamp(&mut [], |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0), 0.0);
         assert!(added(&b).is_empty());
+    }
+
+    /// VM 1's record of window 1 (10 s windows) with `timer` waits counted, as `b` stamps it.
+    fn stamped_window_1(b: &mut BudgetedVms, timer: u64) -> WindowRecord {
+        let mut r = crate::record::tests::sample();
+        r.vm.pid = 1;
+        r.seconds = 10.0;
+        r.timer = Some(timer);
+        r.fd_wakeups = Some(0);
+        r.window = 1;
+        b.stamp(
+            std::slice::from_mut(&mut r),
+            |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0),
+            0.0,
+        );
+        r
     }
 
     #[test]
@@ -839,17 +845,7 @@ mod tests {
                 on = want;
             }
         }
-        let mut r = crate::record::tests::sample();
-        r.vm.pid = 1;
-        r.seconds = 10.0;
-        r.timer = Some(0);
-        r.fd_wakeups = Some(0);
-        r.window = 1;
-        b.stamp(
-            std::slice::from_mut(&mut r),
-            |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0),
-            0.0,
-        );
+        let r = stamped_window_1(&mut b, 0);
         assert_eq!((r.timer, r.fd_wakeups), (None, None));
         assert!(r.estimated);
         assert_eq!(r.probed_seconds, Some(0.0));

@@ -4,6 +4,9 @@
 //! `BPF_LINK_CREATE`; profiler/src/probes/perf_uprobe.rs). What it costs the process is the
 //! breakpoint trap and the kernel's uprobe and BPF dispatch, with no program work, no map and
 //! no `hrtimer_start` mark: what no program at those sites can go below.
+//!
+//! The kernel structs below repeat profiler/src/probes/perf_uprobe.rs's: xtask cannot depend on
+//! the profiler crate (the profiler's end-to-end tests depend on xtask).
 
 use std::{
     ffi::CString,
