@@ -34,6 +34,10 @@ pub mod kind {
     /// one (wait entries and returns, `timer_mod` discovery, callbacks), so the overhead budget
     /// knows the traps it really costs. Counted only under [`super::watch_flag::COUNT_HITS`].
     pub const UPROBE_HIT: u32 = 9;
+    /// Bookkeeping, not an event: runs of a budgeted VM's uprobe links of an older
+    /// [`super::link_generation`] (paused, still being closed), which count nothing else but
+    /// cost the traps all the same.
+    pub const CLOSING_HIT: u32 = 10;
 }
 
 /// Flags of a watched process ([`WatchEntry::flags`]).
@@ -151,6 +155,55 @@ pub struct WatchEntry {
     /// In a `WATCH_TABLE` slot: non-zero while processes of this slot are in the `WATCHED`
     /// hash (the slot is another's).
     pub overflow: u32,
+    /// Under an overhead budget, the [`link_generation`] whose uprobe links count (odd:
+    /// paused, none does); 0 otherwise.
+    pub generation: u32,
+    /// Keeps the value a multiple of 8 bytes, as the kernel lays out array values.
+    pub _reserved: u32,
+}
+
+/// Which of a budgeted VM's uprobe links count: each link carries the generation it was
+/// attached in, in bits 48–55 of its BPF cookie (bits the sites' own cookies leave free), and
+/// the VM's [`WatchEntry::generation`] says which generation counts now. A budget pause makes
+/// the VM's generation odd, so its links stop counting at once, while they are closed in the
+/// background (a grace period each); a resume makes it the next even one and attaches new
+/// links with it, without waiting for the old ones to be gone (they no longer count).
+/// Generation 0 is an unbudgeted link's: it counts without looking.
+pub mod link_generation {
+    const SHIFT: u32 = 48;
+    const MASK: u64 = 0xff << SHIFT;
+
+    /// A budgeted VM's first generation.
+    pub const FIRST: u32 = 2;
+
+    /// The generation of a link's cookie.
+    #[inline(always)]
+    pub fn of(cookie: u64) -> u32 {
+        ((cookie & MASK) >> SHIFT) as u32
+    }
+
+    /// The site's own cookie, without the generation.
+    #[inline(always)]
+    pub fn strip(cookie: u64) -> u64 {
+        cookie & !MASK
+    }
+
+    /// `cookie` carrying `generation`.
+    pub fn tag(cookie: u64, generation: u32) -> u64 {
+        strip(cookie) | (u64::from(generation & 0xff) << SHIFT)
+    }
+
+    /// The generation after `generation`: paused after live, live after paused; never 0 or 1
+    /// (8 bits, wrapping past 255 to 2, which keeps the parity).
+    pub fn next(generation: u32) -> u32 {
+        let next = (generation + 1) & 0xff;
+        if next < FIRST { next + FIRST } else { next }
+    }
+
+    /// Whether a VM at `generation` is paused.
+    pub fn is_paused(generation: u32) -> bool {
+        generation % 2 == 1
+    }
 }
 
 /// A watched process's wait counters, at fixed offsets of a block of `COUNTER_VALUES` that
@@ -166,7 +219,7 @@ pub mod wait_block {
 
     /// The block offset of counter (`kind`, `id`), if it is a wait counter: a kind of the
     /// first four for each of ppoll, epoll_pwait, epoll_pwait2 (0–11), io_uring waits (12),
-    /// uprobe hits (13).
+    /// uprobe hits (13), closing links' hits (14).
     #[inline(always)]
     pub fn offset(kind: u32, id: u64) -> Option<u32> {
         match (kind, id) {
@@ -175,6 +228,7 @@ pub mod wait_block {
             }
             (kind::IO_URING_WAIT, wait_syscall::IO_URING_ENTER) => Some(12),
             (kind::UPROBE_HIT, 0) => Some(13),
+            (kind::CLOSING_HIT, 0) => Some(14),
             _ => None,
         }
     }
@@ -185,6 +239,7 @@ pub mod wait_block {
             0..12 => Some((kind::TIMER + offset % 4, u64::from(offset / 4 + 1))),
             12 => Some((kind::IO_URING_WAIT, wait_syscall::IO_URING_ENTER)),
             13 => Some((kind::UPROBE_HIT, 0)),
+            14 => Some((kind::CLOSING_HIT, 0)),
             _ => None,
         }
     }
@@ -386,7 +441,7 @@ mod tests {
     #[test]
     fn wait_block_offsets_are_distinct_and_invert() {
         let mut seen = [false; wait_block::SLOTS as usize];
-        for kind in 0..=kind::UPROBE_HIT + 1 {
+        for kind in 0..=kind::CLOSING_HIT + 1 {
             for id in 0..=wait_syscall::IO_URING_ENTER + 1 {
                 let Some(offset) = wait_block::offset(kind, id) else {
                     continue;
@@ -396,11 +451,45 @@ mod tests {
                 assert_eq!(wait_block::counter(offset), Some((kind, id)));
             }
         }
-        // Every wait kind of every wait syscall has one, and the hits.
-        assert_eq!(seen.iter().filter(|s| **s).count(), 14);
+        // Every wait kind of every wait syscall has one, and both kinds of hits.
+        assert_eq!(seen.iter().filter(|s| **s).count(), 15);
         assert_eq!(wait_block::offset(kind::READ, 1), None);
-        assert_eq!(wait_block::counter(14), None);
+        assert_eq!(wait_block::counter(15), None);
         assert_eq!(watch_slot(WATCH_SLOTS + 5), 5);
+    }
+
+    #[test]
+    fn link_generations_keep_the_sites_cookies_and_alternate_live_and_paused() {
+        // Every site cookie the sources make keeps its bits: a fast USDT cookie (bit 63,
+        // bits 32-47), a dispatch cookie (kind << 32 | name offset), a callback address.
+        let cookies = [
+            usdt_cookie::FAST | (20 << 40) | (7 << 32) | 1234,
+            (6 << 32) | 0x38,
+            0x0000_7fff_ffff_f000,
+        ];
+        let mut g = link_generation::FIRST;
+        for _ in 0..600 {
+            for c in cookies {
+                let tagged = link_generation::tag(c, g);
+                assert_eq!(link_generation::of(tagged), g);
+                assert_eq!(link_generation::strip(tagged), c);
+                assert_eq!(usdt_cookie::fast(tagged), usdt_cookie::fast(c));
+                assert_eq!(usdt_cookie::id(tagged), usdt_cookie::id(c));
+            }
+            let next = link_generation::next(g);
+            assert!(
+                (link_generation::FIRST..=255).contains(&next),
+                "{g} -> {next}"
+            );
+            assert_ne!(
+                link_generation::is_paused(next),
+                link_generation::is_paused(g),
+                "{g} -> {next}"
+            );
+            g = next;
+        }
+        assert!(!link_generation::is_paused(link_generation::FIRST));
+        assert_eq!(link_generation::of(0x38), 0, "an unbudgeted link");
     }
 
     #[test]

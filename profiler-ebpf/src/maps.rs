@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use profiler_common::{
     CounterKey, MAX_COUNTERS, MAX_PENDING, MAX_REGION_NAMES, MAX_WATCHED, PendingWait, RegionKey,
-    RegionName, WATCH_SLOTS, WatchEntry, counter_meta, dropped, kind, wait_block, watch_flag,
-    watch_slot,
+    RegionName, WATCH_SLOTS, WatchEntry, counter_meta, dropped, kind, link_generation, wait_block,
+    watch_flag, watch_slot,
 };
 
 /// `-EEXIST`: an insert lost a race with another CPU (not a full map).
@@ -104,6 +104,8 @@ pub fn watched(tgid: u32) -> Option<WatchEntry> {
                 flags: core::ptr::read_volatile(&(*entry).flags),
                 wait_block: core::ptr::read_volatile(&(*entry).wait_block),
                 overflow: 0,
+                generation: core::ptr::read_volatile(&(*entry).generation),
+                _reserved: 0,
             });
         }
         if core::ptr::read_volatile(&(*entry).overflow) == 0 {
@@ -118,16 +120,49 @@ pub fn is_watched(tgid: u32) -> bool {
     watched(tgid).is_some()
 }
 
-/// Whether process `tgid` is watched (returned); for a budgeted one, also counts this uprobe
-/// run (`kind::UPROBE_HIT`): the programs that call this already look the process up, so the
-/// budget's bookkeeping costs an atomic add only where it is asked for.
+/// Whether process `tgid` is watched (returned) and this run of the uprobe link with BPF
+/// `cookie` counts for it: an unbudgeted link (generation 0) always does; a budgeted VM's link
+/// only while it is of the VM's current [`link_generation`] (a paused VM's links, still being
+/// closed, count their run as [`kind::CLOSING_HIT`] and nothing else). For a budgeted VM, a run
+/// that counts is counted too ([`kind::UPROBE_HIT`]): the programs that call this already look
+/// the process up, so the budget's bookkeeping costs an atomic add only where it is asked for.
 #[inline(always)]
-pub fn watched_uprobe_hit(tgid: u32) -> Option<WatchEntry> {
+pub fn watched_uprobe_hit(tgid: u32, cookie: u64) -> Option<WatchEntry> {
     let watched = watched(tgid)?;
-    if watched.flags & watch_flag::COUNT_HITS != 0 {
+    let generation = link_generation::of(cookie);
+    let counts_hits = watched.flags & watch_flag::COUNT_HITS != 0;
+    if generation != 0 && generation != watched.generation {
+        if counts_hits {
+            count_wait(&watched, kind::CLOSING_HIT, 0);
+        }
+        return None;
+    }
+    if counts_hits {
         count_wait(&watched, kind::UPROBE_HIT, 0);
     }
     Some(watched)
+}
+
+/// Whether this run of a read/write uprobe link with BPF `cookie` counts for process `tgid`:
+/// as [`watched_uprobe_hit`], but an unbudgeted link (generation 0: scoped to its watched
+/// process and detached when it is unwatched) counts without a lookup, and a counted run is
+/// not counted again (each access it counts is one).
+#[inline(always)]
+pub fn read_write_link_counts(tgid: u32, cookie: u64) -> bool {
+    let generation = link_generation::of(cookie);
+    if generation == 0 {
+        return true;
+    }
+    let Some(watched) = watched(tgid) else {
+        return false;
+    };
+    if generation == watched.generation {
+        return true;
+    }
+    if watched.flags & watch_flag::COUNT_HITS != 0 {
+        count_wait(&watched, kind::CLOSING_HIT, 0);
+    }
+    false
 }
 
 /// Adds one to wait counter (`kind`, `id`) of the watched process `watched`: in its wait block

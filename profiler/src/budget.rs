@@ -33,6 +33,10 @@ pub struct DutyCycle {
     learned_cost: Option<f64>,
     /// The share of time to probe.
     duty: f64,
+    /// Runs per second (of the whole window) of its links that counted nothing: a pause's
+    /// links until they are closed, a resume's until all are in. They cost the traps all
+    /// the same, so they come out of the budget. Smoothed over windows.
+    closing_rate: Option<f64>,
 }
 
 impl Default for DutyCycle {
@@ -41,6 +45,7 @@ impl Default for DutyCycle {
             rate: None,
             learned_cost: None,
             duty: 1.0,
+            closing_rate: None,
         }
     }
 }
@@ -58,6 +63,11 @@ pub struct DutyView {
     pub full_cost: f64,
     /// The share of time its probes are on.
     pub duty: f64,
+    /// Runs per second (of the whole time) of its links while they counted nothing (closing
+    /// after a pause, attaching at a resume), smoothed.
+    pub closing_hits_per_second: f64,
+    /// What those runs cost, as a fraction of a core, out of the budget.
+    pub closing_cost: f64,
 }
 
 /// Weight of the newest measurement in the smoothed rate.
@@ -98,7 +108,27 @@ impl DutyCycle {
             learned: self.learned_cost.is_some_and(|l| l > budget.hit_cost),
             full_cost: hits_per_second * hit_cost,
             duty: self.duty,
+            closing_hits_per_second: self.closing_rate.unwrap_or(0.0),
+            closing_cost: self.closing_cost(budget),
         })
+    }
+
+    /// Fraction of a core its links cost while counting nothing (0 until measured).
+    pub fn closing_cost(&self, budget: &OverheadBudget) -> f64 {
+        self.closing_rate.unwrap_or(0.0) * self.hit_cost(budget)
+    }
+
+    /// A window's runs of links that counted nothing: `hits` over its `secs`.
+    pub fn closing_measured(&mut self, budget: &OverheadBudget, hits: u64, secs: f64) {
+        if secs <= 0.0 {
+            return;
+        }
+        let rate = hits as f64 / secs;
+        self.closing_rate = Some(match self.closing_rate {
+            Some(old) => old + SMOOTHING * (rate - old),
+            None => rate,
+        });
+        self.update_duty(budget);
     }
 
     /// The estimated cost, as a fraction of a core, of probing all the time.
@@ -139,7 +169,9 @@ impl DutyCycle {
     fn update_duty(&mut self, budget: &OverheadBudget) {
         self.duty = match self.full_cost(budget) {
             Some(cost) if cost > budget.max_fraction => {
-                (budget.max_fraction / cost).clamp(MIN_DUTY, 1.0)
+                // What the closing links cost is spent before any probing.
+                let left = (budget.max_fraction - self.closing_cost(budget)).max(0.0);
+                (left / cost).clamp(MIN_DUTY, 1.0)
             }
             _ => 1.0,
         };
@@ -194,12 +226,29 @@ impl Uprobed {
     /// one), plus the runs the wait and timer programs counted themselves
     /// ([`kind::UPROBE_HIT`]: wait entries and returns, `timer_mod`, callbacks), which no
     /// count of events can stand for (`timer_mod` runs, waits of classes not counted).
-    pub fn hits(self, raw: &RawCounters) -> u64 {
-        let mut hits = raw.total(kind::UPROBE_HIT);
+    pub fn hits(self, raw: &RawCounters) -> Hits {
+        let mut live = raw.total(kind::UPROBE_HIT);
         if self.read_write {
-            hits += raw.total(kind::READ) + raw.total(kind::WRITE);
+            live += raw.total(kind::READ) + raw.total(kind::WRITE);
         }
-        hits
+        Hits {
+            live,
+            closing: raw.total(kind::CLOSING_HIT),
+        }
+    }
+}
+
+/// A VM's uprobe runs so far: those that counted, and those of links that counted nothing
+/// ([`kind::CLOSING_HIT`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hits {
+    pub live: u64,
+    pub closing: u64,
+}
+
+impl From<u64> for Hits {
+    fn from(live: u64) -> Self {
+        Self { live, closing: 0 }
     }
 }
 
@@ -236,7 +285,9 @@ impl Period {
 struct BudgetedVm {
     duty: DutyCycle,
     /// Cumulative hits at the last sample.
-    last_hits: Option<u64>,
+    last_hits: Option<Hits>,
+    /// Its current window's closing hits and seconds so far.
+    closing: (u64, f64),
     uprobed: Uprobed,
     /// Its uprobes are attached.
     on: bool,
@@ -245,8 +296,8 @@ struct BudgetedVm {
     window: Option<u64>,
     intervals: u32,
     block: u32,
-    /// Intervals of the window really probed so far: a resume the detacher defers (the
-    /// pause's links still closing) moves the block later instead of losing it.
+    /// Intervals of the window really probed so far: a resume that fails (its attach
+    /// refused) moves the block later instead of losing it.
     probed: u32,
     /// The block was set before any rate was known (the VM's first window).
     provisional: bool,
@@ -305,7 +356,7 @@ impl BudgetedVms {
         &mut self,
         pid: u32,
         uprobed: Uprobed,
-        hits: u64,
+        hits: impl Into<Hits>,
         cpu: Option<f64>,
         tick: Tick,
     ) -> Option<bool> {
@@ -316,6 +367,7 @@ impl BudgetedVms {
             window_intervals,
         } = tick;
         let budget = self.budget;
+        let hits = hits.into();
         let vm = self.vms.entry(pid).or_insert_with(|| BudgetedVm {
             on: true,
             ..BudgetedVm::default()
@@ -353,9 +405,12 @@ impl BudgetedVms {
                 vm.split.off_secs += secs;
             }
         }
+        vm.closing.0 += hits.closing.saturating_sub(last.closing);
+        vm.closing.1 += secs;
         if whole_on {
             // A whole interval probed: a clean measurement.
-            vm.duty.measured(&budget, hits.saturating_sub(last), secs);
+            vm.duty
+                .measured(&budget, hits.live.saturating_sub(last.live), secs);
             if vm.provisional && vm.window == Some(window) && uprobed.any() {
                 // The first rate: the rest of the first window follows it too.
                 vm.provisional = false;
@@ -370,6 +425,8 @@ impl BudgetedVms {
             if let Some((on, off)) = std::mem::take(&mut vm.split).shares() {
                 vm.duty.calibrated(&budget, on, off);
             }
+            let (closing, secs) = std::mem::take(&mut vm.closing);
+            vm.duty.closing_measured(&budget, closing, secs);
             vm.window = Some(window);
             vm.intervals = 0;
             vm.probed = 0;
@@ -423,7 +480,7 @@ impl BudgetedVms {
                 continue;
             }
             if on <= 0.0 {
-                // Its probes were away the whole window (a resume the detacher deferred past
+                // Its probes were away the whole window (every resume of it failed past
                 // its end): what they serve was not observed, so it is no count, never a 0.
                 unobserved(r, vm.uprobed);
                 continue;
@@ -605,6 +662,11 @@ pub fn describe_vm(name: &str, d: &DutyCycle, b: &OverheadBudget) -> String {
         },
         view.full_cost * 100.0,
         view.duty * 100.0
+    ) + &format!(
+        "; its links ran {:.1} times/s while counting nothing (closing after a pause, \
+         attaching at a resume): {:.3} % of a core, out of the budget",
+        view.closing_hits_per_second,
+        view.closing_cost * 100.0
     )
 }
 
@@ -645,6 +707,53 @@ mod tests {
         assert_eq!(d.block(4), 1);
         let cost = d.full_cost(&BUDGET).unwrap() * d.duty();
         assert!(cost <= BUDGET.max_fraction + 1e-12);
+    }
+
+    #[test]
+    fn what_links_cost_while_counting_nothing_comes_out_of_the_budget() {
+        // 40,000 hits/s × 1 µs = 4 % of a core against 1 %: a quarter of the time, until the
+        // closing links' runs are known (2,000 a second over a window: 0.2 % of a core);
+        // then what is left (0.8 %) is what probing may spend.
+        let mut d = DutyCycle::default();
+        d.measured(&BUDGET, 40_000, 1.0);
+        assert!((d.duty() - 0.25).abs() < 1e-9, "{}", d.duty());
+        d.closing_measured(&BUDGET, 20_000, 10.0);
+        assert!((d.closing_cost(&BUDGET) - 0.002).abs() < 1e-12);
+        assert!((d.duty() - 0.2).abs() < 1e-9, "{}", d.duty());
+        let view = d.view(&BUDGET).unwrap();
+        assert!((view.closing_cost - 0.002).abs() < 1e-12, "{view:?}");
+        assert!(
+            describe_vm("vm", &d, &BUDGET).contains(
+                "its links ran 2000.0 times/s while counting nothing (closing after a pause, \
+                 attaching at a resume): 0.200 % of a core"
+            ),
+            "{}",
+            describe_vm("vm", &d, &BUDGET)
+        );
+        // Closing links costing the whole budget leave the floor.
+        d.closing_measured(&BUDGET, 200_000, 10.0);
+        d.closing_measured(&BUDGET, 200_000, 10.0);
+        assert_eq!(d.duty(), MIN_DUTY);
+    }
+
+    #[test]
+    fn closing_hits_are_measured_per_window() {
+        // 10-interval windows; 100 closing hits in each of window 0's intervals: its rate
+        // is known when window 1 begins.
+        let mut b = BudgetedVms::new(BUDGET);
+        let u = TIMER_ONLY;
+        assert_eq!(b.observe(1, u, 0, None, tick10(0.0)), None);
+        for t in 1..=10u32 {
+            let hits = Hits {
+                live: u64::from(t) * 40_000,
+                closing: u64::from(t) * 100,
+            };
+            if let Some(want) = b.observe(1, u, hits, None, tick10(f64::from(t))) {
+                b.applied(1, want, f64::from(t), 0.0);
+            }
+        }
+        let (_, d) = &b.states()[0];
+        assert!((d.closing_cost(&BUDGET) - 100.0 * BUDGET.hit_cost).abs() < 1e-12);
     }
 
     #[test]
@@ -824,7 +933,7 @@ mod tests {
 
     #[test]
     fn a_window_its_probes_never_saw_has_no_counts_not_zeros() {
-        // Paused in window 0; every resume of window 1 deferred (the links still closing):
+        // Paused in window 0; every resume of window 1 failed (an attach refused):
         // its uprobe-served counts are null, not the 0 the probes counted.
         let mut b = BudgetedVms::new(OverheadBudget {
             max_fraction: 0.001,
@@ -854,8 +963,8 @@ mod tests {
     }
 
     #[test]
-    fn a_deferred_resume_moves_the_block_instead_of_losing_it() {
-        // A one-interval block whose resume the detacher defers at the window's start is
+    fn a_failed_resume_moves_the_block_instead_of_losing_it() {
+        // A one-interval block whose resume fails at the window's start is
         // probed one interval later, not skipped for the whole window.
         let budget = OverheadBudget {
             max_fraction: 0.001,
@@ -873,7 +982,7 @@ mod tests {
             }
             if let Some(want) = b.observe(1, u, hits, None, tick10(t)) {
                 changes.push((t, want));
-                // The resume at the window's start (10) is deferred.
+                // The resume at the window's start (10) fails.
                 if t != 10.0 {
                     b.applied(1, want, t, 0.0);
                     on = want;

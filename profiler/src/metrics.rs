@@ -417,6 +417,14 @@ impl Collector for FleetCollector {
                 None,
                 |v| v.full_cost,
             ),
+            (
+                "budget_closing_cost_ratio",
+                "Under --max-overhead: the share of a core the VM's uprobe links cost while \
+                 they counted nothing (closing after a pause, attaching at a resume); it comes \
+                 out of the budget before any probing.",
+                None,
+                |v| v.closing_cost,
+            ),
         ] {
             if state.duties.is_empty() {
                 break;
@@ -701,6 +709,8 @@ mod tests {
             learned: true,
             full_cost: 0.01,
             duty: 0.1,
+            closing_hits_per_second: 100.0,
+            closing_cost: 0.0002,
         };
         state
             .lock()
@@ -713,6 +723,7 @@ mod tests {
             "# UNIT qemu_profiler_budget_hit_cost_seconds seconds",
             "qemu_profiler_budget_hit_cost_seconds{vm=\"noisy\",pid=\"10\"} 0.000002",
             "qemu_profiler_budget_unbudgeted_cost_ratio{vm=\"noisy\",pid=\"10\"} 0.01",
+            "qemu_profiler_budget_closing_cost_ratio{vm=\"noisy\",pid=\"10\"} 0.0002",
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");
         }

@@ -391,7 +391,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             .max(1.0) as u32;
         for (pid, vm) in &self.watched {
             let uprobed = crate::budget::Uprobed::of(&vm.sources);
-            let hits = counters.get(pid).map_or(0, |raw| uprobed.hits(raw));
+            let hits = counters
+                .get(pid)
+                .map_or_else(Default::default, |raw| uprobed.hits(raw));
             let tick = crate::budget::Tick {
                 t,
                 secs,
@@ -403,9 +405,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                 continue;
             };
             match self.probes.set_probing(*pid, on) {
-                Ok(Some(attach)) => budgeted.applied(*pid, on, t, attach.as_secs_f64()),
-                // The last pause is still closing links: try again next time.
-                Ok(None) => {}
+                Ok(attach) => budgeted.applied(*pid, on, t, attach.as_secs_f64()),
                 Err(e) => notes.push(Note::general(format!(
                     "pid {pid}: resuming its probes after a budget pause: {e:#}"
                 ))),
@@ -791,14 +791,10 @@ mod tests {
         fn dropped(&self) -> Vec<(&'static str, u64)> {
             vec![("COUNTERS", self.dropped.get()), ("PENDING", 0)]
         }
-        fn set_probing(
-            &mut self,
-            pid: u32,
-            on: bool,
-        ) -> anyhow::Result<Option<std::time::Duration>> {
+        fn set_probing(&mut self, pid: u32, on: bool) -> anyhow::Result<std::time::Duration> {
             self.log
                 .push(format!("probing {pid} {}", if on { "on" } else { "off" }));
-            Ok(Some(std::time::Duration::ZERO))
+            Ok(std::time::Duration::ZERO)
         }
         fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
             Ok(1e-6)

@@ -28,7 +28,7 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use profiler_common::{kind, timeout_class, wait_syscall};
+use profiler_common::{kind, link_generation, timeout_class, wait_syscall};
 
 use super::timers::{classify, millis_class, remember, take_ppoll_timer_mark, timespec_class};
 use crate::maps::{count_wait, current_ids, watched_uprobe_hit};
@@ -58,19 +58,16 @@ fn result_kind(ret: i64, timeout: u32, armed: bool) -> Option<u32> {
 #[uprobe]
 pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    let Some(watched) = watched_uprobe_hit(tgid) else {
+    // SAFETY: the helper only reads the attach cookie.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(watched) = watched_uprobe_hit(tgid, cookie) else {
         return 0;
     };
-    // SAFETY: the helper only reads the attach cookie; the registers are this probe hit's
-    // pt_regs (the program's context).
-    let (syscall, ret, rdx, r10) = unsafe {
+    let syscall = link_generation::strip(cookie);
+    // SAFETY: the registers are this probe hit's pt_regs (the program's context).
+    let (ret, rdx, r10) = unsafe {
         let regs = &*ctx.regs;
-        (
-            bpf_get_attach_cookie(ctx.as_ptr()),
-            regs.rax as i64,
-            regs.rdx,
-            regs.r10,
-        )
+        (regs.rax as i64, regs.rdx, regs.r10)
     };
     // The mark of a sleep timer armed in this ppoll, consumed whatever the result. Only
     // ppolls are marked (the epoll waits' timeouts are in the registers): no lookup for those.
@@ -91,11 +88,18 @@ pub fn libc_wait_result(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The BPF cookie of the entry link that runs (its [`link_generation`]).
+#[inline(always)]
+fn link_cookie(ctx: &ProbeContext) -> u64 {
+    // SAFETY: the helper only reads the attach cookie.
+    unsafe { bpf_get_attach_cookie(ctx.as_ptr()) }
+}
+
 /// `int ppoll(struct pollfd *fds, nfds_t nfds, const struct timespec *tmo_p, const sigset_t *)`.
 #[uprobe]
 pub fn libc_ppoll(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if watched_uprobe_hit(tgid).is_none() {
+    if watched_uprobe_hit(tgid, link_cookie(&ctx)).is_none() {
         return 0;
     }
     let tsp: u64 = ctx.arg(2).unwrap_or(0);
@@ -106,7 +110,7 @@ pub fn libc_ppoll(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn libc_epoll_pwait(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if watched_uprobe_hit(tgid).is_none() {
+    if watched_uprobe_hit(tgid, link_cookie(&ctx)).is_none() {
         return 0;
     }
     let timeout: u64 = ctx.arg(3).unwrap_or(0);
@@ -123,7 +127,7 @@ pub fn libc_epoll_pwait(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn libc_epoll_pwait2(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    if watched_uprobe_hit(tgid).is_none() {
+    if watched_uprobe_hit(tgid, link_cookie(&ctx)).is_none() {
         return 0;
     }
     let tsp: u64 = ctx.arg(3).unwrap_or(0);
@@ -134,7 +138,9 @@ pub fn libc_epoll_pwait2(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn libc_wait_return(ctx: RetProbeContext) -> u32 {
     let (tgid, tid) = current_ids();
-    let Some(watched) = watched_uprobe_hit(tgid) else {
+    // SAFETY: the helper only reads the attach cookie.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(watched) = watched_uprobe_hit(tgid, cookie) else {
         return 0;
     };
     let ret: u64 = ctx.ret();

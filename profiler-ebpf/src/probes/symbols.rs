@@ -19,17 +19,19 @@ use aya_ebpf::{
 };
 use profiler_common::{
     CounterKey, MAX_REGION_NAMES, REGION_NAME_LEN, RegionKey, RegionName, UNNAMED_REGION_MARK,
-    dropped, kind,
+    dropped, kind, link_generation,
 };
 
 use crate::maps::{
-    REGION_NAMES, add_new, atomic_add, count, counter, current_ids, note_insert, watched_uprobe_hit,
+    REGION_NAMES, add_new, atomic_add, count, counter, current_ids, note_insert,
+    read_write_link_counts, watched_uprobe_hit,
 };
 
 /// (process, callback address) of every QEMU timer callback armed since watching began.
 #[map]
 pub static SEEN_CALLBACKS: HashMap<RegionKey, u64> = HashMap::with_max_entries(MAX_REGION_NAMES, 0);
 
+/// The link's BPF cookie: its [`link_generation`] and the site's own cookie.
 #[inline(always)]
 fn cookie(ctx: &ProbeContext) -> u64 {
     // SAFETY: the helper only reads the attach cookie.
@@ -37,11 +39,15 @@ fn cookie(ctx: &ProbeContext) -> u64 {
 }
 
 /// One map lookup per event: the uprobe is scoped to the watched process and detached when
-/// it is unwatched, so the process is not looked up again.
+/// it is unwatched, so the process is not looked up again (unless a budget duty-cycles it).
 #[uprobe]
 pub fn region_dispatch(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
     let cookie = cookie(&ctx);
+    if !read_write_link_counts(tgid, cookie) {
+        return 0;
+    }
+    let cookie = link_generation::strip(cookie);
     let Some(region) = ctx.arg::<u64>(0) else {
         return 0;
     };
@@ -103,10 +109,11 @@ fn remember_name(tgid: u32, region: u64, name_offset: u64) {
 #[uprobe]
 pub fn timer_mod(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
-    if watched_uprobe_hit(tgid).is_none() {
+    let cookie = cookie(&ctx);
+    if watched_uprobe_hit(tgid, cookie).is_none() {
         return 0;
     }
-    let cb_offset = cookie(&ctx);
+    let cb_offset = link_generation::strip(cookie);
     let Some(timer) = ctx.arg::<u64>(0) else {
         return 0;
     };
@@ -132,14 +139,15 @@ pub fn timer_mod(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn timer_callback(ctx: ProbeContext) -> u32 {
     let (tgid, _) = current_ids();
-    if watched_uprobe_hit(tgid).is_none() {
+    let cookie = cookie(&ctx);
+    if watched_uprobe_hit(tgid, cookie).is_none() {
         return 0;
     }
     count(&CounterKey {
         tgid,
         kind: kind::TIMER_CALLBACK,
         // The callback's link-time address: the same for every process of one binary.
-        id: cookie(&ctx),
+        id: link_generation::strip(cookie),
     });
     0
 }

@@ -11,7 +11,8 @@
 //! builds), the cookie itself carries the counter kind and the register
 //! ([`profiler_common::usdt_cookie`]), and the spec is read only for a region's first event.
 //! The uprobe is scoped to the watched process and detached when it is unwatched, so the
-//! program does not look the process up again.
+//! program does not look the process up again, unless an overhead budget duty-cycles the
+//! process (its links then carry a [`profiler_common::link_generation`]).
 
 use aya_ebpf::{
     EbpfContext,
@@ -28,7 +29,9 @@ use profiler_common::{
     UsdtSpec, dropped, usdt_arg, usdt_cookie,
 };
 
-use crate::maps::{REGION_NAMES, add_new, atomic_add, counter, current_ids, note_insert};
+use crate::maps::{
+    REGION_NAMES, add_new, atomic_add, counter, current_ids, note_insert, read_write_link_counts,
+};
 
 /// Cookie -> argument layout of one attached USDT site.
 #[map]
@@ -75,6 +78,10 @@ fn fetch_arg(ctx: &ProbeContext, spec: &UsdtArgSpec) -> Option<u64> {
 pub fn usdt_memory_region_ops(ctx: ProbeContext) -> u32 {
     // SAFETY: the helper only reads the attach cookie.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (tgid, _) = current_ids();
+    if !read_write_link_counts(tgid, cookie) {
+        return 0;
+    }
     let (kind, region) = match usdt_cookie::fast(cookie) {
         Some((kind, reg_off)) => {
             // SAFETY: reads within the kernel's pt_regs of this probe hit (offset < 168).
@@ -102,7 +109,6 @@ pub fn usdt_memory_region_ops(ctx: ProbeContext) -> u32 {
             (spec.kind, region)
         }
     };
-    let (tgid, _) = current_ids();
     let key = CounterKey {
         tgid,
         kind,

@@ -5,7 +5,8 @@
 //! behind all of them (seconds, measured, with dozens queued). So the links of paused and
 //! exited VMs are handed over here and closed in the background, in parallel batches, and the
 //! closer holds back between batches while the sampler attaches (see [`Detacher::hold`]). A
-//! resume waits until its VM's old links are closed.
+//! budget resume does not wait for its VM's old links: they no longer count (see
+//! `profiler_common::link_generation`).
 
 use std::{
     sync::{

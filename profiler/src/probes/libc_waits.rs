@@ -300,18 +300,19 @@ impl LibcWaitSource {
         Ok(Self::default())
     }
 
-    /// Attaches the probes of `how` to the wait functions of `pid`'s libc: all of them, or
-    /// none.
+    /// Attaches the probes of `how` to the wait functions of `pid`'s libc, as links of
+    /// `generation`: all of them, or none.
     pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
         offer: &LibcOffer,
         how: LibcProbes,
+        generation: u32,
     ) -> anyhow::Result<()> {
         match how {
-            LibcProbes::Result => self.attach_results(ebpf, pid, offer),
-            LibcProbes::EntryReturn => self.attach_entry_return(ebpf, pid, offer),
+            LibcProbes::Result => self.attach_results(ebpf, pid, offer, generation),
+            LibcProbes::EntryReturn => self.attach_entry_return(ebpf, pid, offer, generation),
         }
     }
 
@@ -321,12 +322,13 @@ impl LibcWaitSource {
         ebpf: &mut Ebpf,
         pid: u32,
         offer: &LibcOffer,
+        generation: u32,
     ) -> anyhow::Result<()> {
         self.detach(ebpf, pid);
         let points = offer.result_points()?;
-        let links =
-            UprobeLinks::attach_in(ebpf, RESULT_PROGRAM, pid, &offer.libc.reach(pid), points)
-                .with_context(|| format!("the wait results in {}", offer.libc.path))?;
+        let target = offer.libc.reach(pid);
+        let links = UprobeLinks::attach_in(ebpf, RESULT_PROGRAM, pid, &target, points, generation)
+            .with_context(|| format!("the wait results in {}", offer.libc.path))?;
         self.processes.insert(pid, vec![links]);
         Ok(())
     }
@@ -337,6 +339,7 @@ impl LibcWaitSource {
         ebpf: &mut Ebpf,
         pid: u32,
         offer: &LibcOffer,
+        generation: u32,
     ) -> anyhow::Result<()> {
         self.detach(ebpf, pid);
         let target = offer.libc.reach(pid);
@@ -346,11 +349,13 @@ impl LibcWaitSource {
                 file_offset: offset,
                 cookie: 0,
             }];
-            let result =
-                UprobeLinks::attach_in(ebpf, program, pid, &target, &point).and_then(|entry| {
-                    made.push(entry);
-                    UprobeLinks::attach_in(ebpf, RETURN_PROGRAM, pid, &target, &point)
-                });
+            let attach = |ebpf: &mut Ebpf, program| {
+                UprobeLinks::attach_in(ebpf, program, pid, &target, &point, generation)
+            };
+            let result = attach(ebpf, program).and_then(|entry| {
+                made.push(entry);
+                attach(ebpf, RETURN_PROGRAM)
+            });
             match result {
                 Ok(ret) => made.push(ret),
                 Err(e) => {

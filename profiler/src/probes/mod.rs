@@ -40,7 +40,7 @@ use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray},
 };
-use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, watch_flag};
+use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, link_generation, watch_flag};
 
 use self::{
     exe::{ExeAnalysis, ExeCatalog},
@@ -170,12 +170,12 @@ pub trait ProbeLayer {
         Vec::new()
     }
     /// Detaches (`on == false`) or re-attaches the uprobes serving watched VM `pid`, keeping
-    /// its counters: the overhead budget's duty cycle. Kernel tracepoints stay. A pause takes
-    /// effect at once (closing a link removes its breakpoint first, then waits out a grace
-    /// period, which happens in the background); a resume is done on return, with how long
-    /// the attach took, or `None` while the last pause's links are still being closed.
-    fn set_probing(&mut self, _pid: u32, _on: bool) -> anyhow::Result<Option<Duration>> {
-        Ok(Some(Duration::ZERO))
+    /// its counters: the overhead budget's duty cycle. Kernel tracepoints stay. A pause stops
+    /// the counting at once (the links, closed in the background a grace period each, count
+    /// nothing meanwhile: see [`profiler_common::link_generation`]); a resume counts from its
+    /// return, which says how long the attach took.
+    fn set_probing(&mut self, _pid: u32, _on: bool) -> anyhow::Result<Duration> {
+        Ok(Duration::ZERO)
     }
     /// Seconds one uprobe hit costs the probed thread on this host, measured.
     fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
@@ -464,28 +464,35 @@ impl EventProbes {
         self.counters.forget(&mut self.ebpf, tgid).map(drop)
     }
 
-    /// Attaches one read/write source to `pid` (all or nothing).
+    /// Attaches one read/write source to `pid`, as links of `generation` (all or nothing).
     fn attach_read_write(
         &mut self,
         source: ReadWriteSource,
         pid: u32,
         exe: Option<&ExeAnalysis>,
+        generation: u32,
     ) -> Result<(), String> {
         let result = match source {
             ReadWriteSource::Usdt => match exe.map(|e| &e.usdt) {
-                Some(Ok(Some(usdt))) => self.usdt.attach(&mut self.ebpf, pid, usdt).map(|how| {
-                    if how == usdt::SemaphoreManagement::ByHand {
-                        self.pending_notes.push(Note::general(format!(
-                            "pid {pid}: another tracer holds QEMU's USDT sites without a \
+                Some(Ok(Some(usdt))) => self
+                    .usdt
+                    .attach(&mut self.ebpf, pid, usdt, generation)
+                    .map(|how| {
+                        if how == usdt::SemaphoreManagement::ByHand {
+                            self.pending_notes.push(Note::general(format!(
+                                "pid {pid}: another tracer holds QEMU's USDT sites without a \
                              kernel-managed semaphore; the profiler raises the semaphores by \
                              hand, and a SIGKILL of the profiler would leave them raised"
-                        )));
-                    }
-                }),
+                            )));
+                        }
+                    }),
                 _ => Err(anyhow::anyhow!("no USDT probes")),
             },
             ReadWriteSource::Symbols => match exe.map(|e| &e.symbols) {
-                Some(Ok(symbols)) => self.symbols.attach_dispatch(&mut self.ebpf, pid, symbols),
+                Some(Ok(symbols)) => {
+                    self.symbols
+                        .attach_dispatch(&mut self.ebpf, pid, symbols, generation)
+                }
                 _ => Err(anyhow::anyhow!("no symbols")),
             },
             // Attached host-wide at load; the plan only offers it when that worked.
@@ -516,7 +523,8 @@ impl EventProbes {
         let timer = self.attach_timer(&plan, pid, libc.as_ref(), name);
         let mut attempts = Vec::new();
         for &source in &plan.read_write {
-            let result = self.attach_read_write(source, pid, exe.as_deref());
+            let generation = self.watch_table.generation(pid);
+            let result = self.attach_read_write(source, pid, exe.as_deref(), generation);
             let attached = result.is_ok();
             attempts.push((source, result));
             if attached || !process_alive(pid) {
@@ -537,7 +545,12 @@ impl EventProbes {
         let callbacks = match (&plan.callbacks, symbols) {
             (Ok(()), Some(symbols)) => self
                 .symbols
-                .attach_timers(&mut self.ebpf, pid, symbols)
+                .attach_timers(
+                    &mut self.ebpf,
+                    pid,
+                    symbols,
+                    self.watch_table.generation(pid),
+                )
                 .map_err(|e| policy::CallbacksUnavailable::AttachFailed(format!("{e:#}"))),
             (Err(why), _) => Err(why.clone()),
             (Ok(()), None) => Err(policy::CallbacksUnavailable::SymbolsUnreadable(
@@ -671,8 +684,9 @@ impl EventProbes {
             )
             .context("timer:hrtimer_start (tells a ppoll's timeout from a zero timeout)")?;
         }
+        let generation = self.watch_table.generation(pid);
         self.libc
-            .attach(&mut self.ebpf, pid, offer, how)
+            .attach(&mut self.ebpf, pid, offer, how, generation)
             .inspect_err(|_| {
                 if how == LibcProbes::Result {
                     self.release_shared(SharedWaits::HrtimerStarts, pid);
@@ -712,8 +726,8 @@ impl EventProbes {
         items
     }
 
-    /// Attaches again what served `pid` before its pause.
-    fn resume_uprobes(&mut self, pid: u32, served: &Served) -> anyhow::Result<()> {
+    /// Attaches again what served `pid` before its pause, as links of `generation`.
+    fn resume_uprobes(&mut self, pid: u32, served: &Served, generation: u32) -> anyhow::Result<()> {
         if let Ok(how) = served.sources.timer.as_ref().map(|t| t.libc_probes())
             && let (Some(how), Some(libc)) = (how, &served.libc)
         {
@@ -722,18 +736,24 @@ impl EventProbes {
             let tids = timers::thread_ids(pid);
             self.ppoll_marks.disarm_threads(pid, tids.iter().copied());
             timers::clear_pending(&mut self.ebpf, pid, tids);
-            self.libc.attach(&mut self.ebpf, pid, libc, how)?;
+            self.libc
+                .attach(&mut self.ebpf, pid, libc, how, generation)?;
             if how == LibcProbes::Result {
                 // Marks again (a wait in flight meanwhile is at worst one misclassified).
                 self.set_watch_flags(pid, watch_flag::WAITS_BY_LIBC_RESULT)?;
             }
         }
         if served.sources.read_write == Ok(ReadWriteSource::Usdt) {
-            self.attach_read_write(ReadWriteSource::Usdt, pid, served.exe.as_deref())
-                .map_err(anyhow::Error::msg)?;
+            self.attach_read_write(
+                ReadWriteSource::Usdt,
+                pid,
+                served.exe.as_deref(),
+                generation,
+            )
+            .map_err(anyhow::Error::msg)?;
         }
         // Dispatch, timer_mod and every callback discovered so far, as they were.
-        self.symbols.resume(&mut self.ebpf, pid)
+        self.symbols.resume(&mut self.ebpf, pid, generation)
     }
 
     /// What one uprobe hit costs a thread here: this process's own `ppoll`s, timed without
@@ -781,6 +801,9 @@ impl EventProbes {
         // Watched as a budgeted VM is, so each hit runs the whole program (remember, classify,
         // the hit count), not only the early return of an unwatched process.
         let wait_block = self.counters.wait_block(pid);
+        let generation = link_generation::FIRST;
+        self.watch_table
+            .set_generation(&mut self.ebpf, pid, generation)?;
         self.watch_table
             .set(&mut self.ebpf, pid, watch_flag::COUNT_HITS, wait_block)?;
         // The probes the libc source would use here: one hit per call at the result, two at
@@ -803,7 +826,10 @@ impl EventProbes {
                 time_calls(TIGHT_CALLS, 0),
                 time_calls(SLEEPING_CALLS, 50_000),
             );
-            if let Err(e) = self.libc.attach(&mut self.ebpf, pid, &offer, how) {
+            if let Err(e) = self
+                .libc
+                .attach(&mut self.ebpf, pid, &offer, how, generation)
+            {
                 result = Err(e);
                 break;
             }
@@ -868,6 +894,11 @@ impl ProbeLayer for EventProbes {
     fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
         let pid = vm.key.pid;
         self.forget_counters(pid)?;
+        if self.base_flags & watch_flag::COUNT_HITS != 0 {
+            // Budgeted: its links carry a generation, so that a pause stops them at once.
+            self.watch_table
+                .set_generation(&mut self.ebpf, pid, link_generation::FIRST)?;
+        }
         // Watched with no source flags until its timer source is chosen.
         self.set_watch_flags(pid, 0)?;
         self.watched.insert(pid);
@@ -957,28 +988,35 @@ impl ProbeLayer for EventProbes {
         Ok(out)
     }
 
-    fn set_probing(&mut self, pid: u32, on: bool) -> anyhow::Result<Option<Duration>> {
+    fn set_probing(&mut self, pid: u32, on: bool) -> anyhow::Result<Duration> {
         let Some(served) = self.served.get(&pid).cloned() else {
-            return Ok(Some(Duration::ZERO));
+            return Ok(Duration::ZERO);
         };
         if served.paused != on {
-            return Ok(Some(Duration::ZERO));
+            return Ok(Duration::ZERO);
         }
+        let generation = self.watch_table.generation(pid);
         if !on {
+            // Its links stop counting at once (each run until it is closed, a grace period
+            // later in the background, counts as a closing hit and nothing else).
+            self.watch_table.set_generation(
+                &mut self.ebpf,
+                pid,
+                link_generation::next(generation),
+            )?;
             let items = self.pause_uprobes(pid, &served.sources);
             self.detacher.submit(pid, items);
             if let Some(s) = self.served.get_mut(&pid) {
                 s.paused = true;
             }
-            return Ok(Some(Duration::ZERO));
+            return Ok(Duration::ZERO);
         }
-        // Re-attaching while the old links are still being closed would count twice.
-        if self.detacher.is_pending(pid) {
-            return Ok(None);
-        }
+        // New links of the next generation, beside the old ones still being closed (those no
+        // longer count); they count once every one of them is in.
+        let live = link_generation::next(generation);
         let started = std::time::Instant::now();
         let attaching = self.detacher.hold();
-        let resumed = self.resume_uprobes(pid, &served);
+        let resumed = self.resume_uprobes(pid, &served, live);
         drop(attaching);
         if let Err(e) = resumed {
             // Half a resume is no resume: leave it paused and say why.
@@ -986,10 +1024,11 @@ impl ProbeLayer for EventProbes {
             self.detacher.submit(pid, items);
             return Err(e);
         }
+        self.watch_table.set_generation(&mut self.ebpf, pid, live)?;
         if let Some(s) = self.served.get_mut(&pid) {
             s.paused = false;
         }
-        Ok(Some(started.elapsed()))
+        Ok(started.elapsed())
     }
 
     fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
@@ -1321,7 +1360,7 @@ pub(crate) mod tests {
         let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
         let mut counters = counters::CounterStore::open(&ebpf).unwrap();
         let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
-        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result)
+        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, 0)
             .unwrap();
         let polls = |n: u32| {
             let zero = libc::timespec {
@@ -1378,6 +1417,98 @@ pub(crate) mod tests {
         counters.forget(&mut ebpf, pid).unwrap();
     }
 
+    /// A budget pause: the links of the VM's generation stop counting the moment its
+    /// generation moves on (their runs are closing hits), and a resume's new links count
+    /// beside the old ones, still attached, without counting twice.
+    #[test]
+    fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
+        use profiler_common::{link_generation, wait_syscall};
+        let _one_at_a_time = attaching();
+        let Some(mut ebpf) = root_ebpf("root_link_generations") else {
+            return;
+        };
+        let pid = std::process::id();
+        let offer = LibcCatalog::default().offer(pid).unwrap();
+        offer.result_points().expect("this glibc's wait results");
+        let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
+        let mut counters = counters::CounterStore::open(&ebpf).unwrap();
+        let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
+        let polls = |n: u32| {
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            for _ in 0..n {
+                // SAFETY: no fds, a valid timespec, no signal mask.
+                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
+            }
+        };
+        let count = |counters: &mut counters::CounterStore, ebpf: &Ebpf, kind: u32| -> u64 {
+            counters
+                .read(ebpf)
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.tgid == pid && k.kind == kind)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let first = link_generation::FIRST;
+        table.set_generation(&mut ebpf, pid, first).unwrap();
+        let block = counters.wait_block(pid);
+        let flags = watch_flag::WAITS_BY_LIBC_RESULT | watch_flag::COUNT_HITS;
+        table.set(&mut ebpf, pid, flags, block).unwrap();
+        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, first)
+            .unwrap();
+        polls(1000);
+        let polled = |c: &mut counters::CounterStore, e: &Ebpf| count(c, e, kind::NONBLOCKING_POLL);
+        assert_eq!(polled(&mut counters, &ebpf), 1000, "live");
+        assert_eq!(count(&mut counters, &ebpf, kind::UPROBE_HIT), 1000);
+        assert_eq!(count(&mut counters, &ebpf, kind::CLOSING_HIT), 0);
+        // Paused, the links still attached (as while the detacher closes them).
+        let paused = link_generation::next(first);
+        table.set_generation(&mut ebpf, pid, paused).unwrap();
+        let old = libc.take(&mut ebpf, pid);
+        polls(700);
+        assert_eq!(
+            polled(&mut counters, &ebpf),
+            1000,
+            "a paused link counts nothing"
+        );
+        assert_eq!(count(&mut counters, &ebpf, kind::UPROBE_HIT), 1000);
+        assert_eq!(count(&mut counters, &ebpf, kind::CLOSING_HIT), 700);
+        // Resumed before the old links are closed: each poll counted once, by the new link.
+        let live = link_generation::next(paused);
+        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, live)
+            .unwrap();
+        table.set_generation(&mut ebpf, pid, live).unwrap();
+        polls(500);
+        assert_eq!(polled(&mut counters, &ebpf), 1500, "counted once");
+        assert_eq!(count(&mut counters, &ebpf, kind::UPROBE_HIT), 1500);
+        assert_eq!(
+            count(&mut counters, &ebpf, kind::CLOSING_HIT),
+            1200,
+            "the old links ran"
+        );
+        let ppolls = counters
+            .read(&ebpf)
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.tgid == pid && k.id == wait_syscall::PPOLL)
+            .count();
+        assert!(ppolls > 0, "ppoll counters present");
+        drop(old);
+        polls(300);
+        assert_eq!(polled(&mut counters, &ebpf), 1800);
+        assert_eq!(
+            count(&mut counters, &ebpf, kind::CLOSING_HIT),
+            1200,
+            "old links gone"
+        );
+        libc.detach(&mut ebpf, pid);
+        table.remove(&mut ebpf, pid).unwrap();
+        counters.forget(&mut ebpf, pid).unwrap();
+    }
+
     #[test]
     fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
         use profiler_common::{MARK_SLOTS, PpollMark, mark_slot, wait_syscall};
@@ -1400,7 +1531,7 @@ pub(crate) mod tests {
         table
             .set(&mut ebpf, pid, watch_flag::WAITS_BY_LIBC_RESULT, block)
             .unwrap();
-        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result)
+        libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, 0)
             .unwrap();
         // Timed-out ppolls (a timer) alternate with zero-timeout ones: each mark is consumed
         // by its own wait's result.
@@ -1501,7 +1632,7 @@ pub(crate) mod tests {
         let before = probe_fds();
         let points = two_points(entry, entry);
         symbols
-            .attach_dispatch_at(&mut ebpf, pid, &exe, &points)
+            .attach_dispatch_at(&mut ebpf, pid, &exe, &points, 0)
             .unwrap();
         let attached = probe_fds();
         assert!(attached > before);
@@ -1510,7 +1641,7 @@ pub(crate) mod tests {
             drop(symbols.pause(&mut ebpf, pid));
             assert_eq!(probe_fds(), before, "a link survived the pause");
             assert!(!symbols.dispatch_attached(pid));
-            symbols.resume(&mut ebpf, pid).unwrap();
+            symbols.resume(&mut ebpf, pid, 0).unwrap();
             assert_eq!(probe_fds(), attached, "resume brings back what was there");
             assert!(symbols.dispatch_attached(pid));
         }
@@ -1562,7 +1693,7 @@ pub(crate) mod tests {
             semaphore_address: None,
         };
         let sites = [site(entry, None), site(1 << 40, None)];
-        let err = usdt.attach_sites(&mut ebpf, pid, &sites).unwrap_err();
+        let err = usdt.attach_sites(&mut ebpf, pid, &sites, 0).unwrap_err();
         assert!(
             format!("{err:#}").contains("file offset 0x10000000000"),
             "{err:#}"
@@ -1577,6 +1708,7 @@ pub(crate) mod tests {
                 &mut ebpf,
                 pid,
                 &[site(entry, None), site(entry, Some(0x1001))],
+                0,
             )
             .unwrap_err();
         assert!(format!("{err:#}").contains("semaphore"), "{err:#}");
@@ -1584,7 +1716,7 @@ pub(crate) mod tests {
         assert_eq!(spec_entries(&mut ebpf), 0);
 
         // And a good attach holds its uprobe and its spec, until detached.
-        let how = usdt.attach_sites(&mut ebpf, pid, &sites[..1]).unwrap();
+        let how = usdt.attach_sites(&mut ebpf, pid, &sites[..1], 0).unwrap();
         assert_eq!(how, usdt::SemaphoreManagement::Kernel);
         assert!(probe_fds() > before);
         assert_eq!(spec_entries(&mut ebpf), 1);
@@ -1609,13 +1741,13 @@ pub(crate) mod tests {
         let points = two_points(entry, 1 << 40);
         assert!(
             symbols
-                .attach_dispatch_at(&mut ebpf, pid, &exe, &points)
+                .attach_dispatch_at(&mut ebpf, pid, &exe, &points, 0)
                 .is_err()
         );
         assert_eq!(probe_fds(), before, "a {DISPATCH_PROGRAM} uprobe was left");
         assert!(!symbols.dispatch_attached(pid));
         symbols
-            .attach_dispatch_at(&mut ebpf, pid, &exe, &points[..1])
+            .attach_dispatch_at(&mut ebpf, pid, &exe, &points[..1], 0)
             .unwrap();
         assert!(symbols.dispatch_attached(pid));
         symbols.detach(&mut ebpf, pid);

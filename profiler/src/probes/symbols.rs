@@ -171,7 +171,13 @@ impl SymbolSource {
         Ok(Self::default())
     }
 
-    fn process(&mut self, pid: u32, exe: &Arc<ExeSymbols>) -> anyhow::Result<&mut SymbolProcess> {
+    /// `pid`'s state, made with callback links of `generation` if new.
+    fn process(
+        &mut self,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+        generation: u32,
+    ) -> anyhow::Result<&mut SymbolProcess> {
         match self.processes.entry(pid) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -185,7 +191,7 @@ impl SymbolSource {
                     bias,
                     dispatch: None,
                     timer_mod: None,
-                    callbacks: UprobeLinks::empty(CALLBACK_PROGRAM),
+                    callbacks: UprobeLinks::empty(CALLBACK_PROGRAM, generation),
                     callbacks_tried: BTreeSet::new(),
                     paused: Vec::new(),
                     is_paused: false,
@@ -205,12 +211,14 @@ impl SymbolSource {
         }
     }
 
-    /// Attaches memory_region_dispatch_read/_write to `pid`: both or neither.
+    /// Attaches memory_region_dispatch_read/_write to `pid`: both or neither (links of
+    /// `generation`, as every link of this source below).
     pub fn attach_dispatch(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
         exe: &Arc<ExeSymbols>,
+        generation: u32,
     ) -> anyhow::Result<()> {
         let (read, write) = exe
             .dispatch
@@ -220,7 +228,7 @@ impl SymbolSource {
             file_offset: offset,
             cookie: ((k as u64) << 32) | name_off,
         });
-        self.attach_dispatch_at(ebpf, pid, exe, &points)
+        self.attach_dispatch_at(ebpf, pid, exe, &points, generation)
     }
 
     /// [`Self::attach_dispatch`] at explicit points (tests inject a failing one).
@@ -230,11 +238,12 @@ impl SymbolSource {
         pid: u32,
         exe: &Arc<ExeSymbols>,
         points: &[UprobePoint],
+        generation: u32,
     ) -> anyhow::Result<()> {
         let result = self
-            .process(pid, exe)
+            .process(pid, exe, generation)
             .map(|_| ())
-            .and_then(|()| UprobeLinks::attach(ebpf, DISPATCH_PROGRAM, pid, points));
+            .and_then(|()| UprobeLinks::attach(ebpf, DISPATCH_PROGRAM, pid, points, generation));
         match result {
             Ok(links) => {
                 let process = self.processes.get_mut(&pid).expect("made above");
@@ -256,6 +265,7 @@ impl SymbolSource {
         ebpf: &mut Ebpf,
         pid: u32,
         exe: &Arc<ExeSymbols>,
+        generation: u32,
     ) -> anyhow::Result<()> {
         let points: Vec<UprobePoint> = exe
             .timer_mod
@@ -266,9 +276,9 @@ impl SymbolSource {
             })
             .collect();
         let result = self
-            .process(pid, exe)
+            .process(pid, exe, generation)
             .map(|_| ())
-            .and_then(|()| UprobeLinks::attach(ebpf, TIMER_MOD_PROGRAM, pid, &points));
+            .and_then(|()| UprobeLinks::attach(ebpf, TIMER_MOD_PROGRAM, pid, &points, generation));
         match result {
             Ok(links) => {
                 let process = self.processes.get_mut(&pid).expect("made above");
@@ -344,8 +354,11 @@ impl SymbolSource {
             return Vec::new();
         }
         process.is_paused = true;
-        let callbacks =
-            std::mem::replace(&mut process.callbacks, UprobeLinks::empty(CALLBACK_PROGRAM));
+        let generation = process.callbacks.generation();
+        let callbacks = std::mem::replace(
+            &mut process.callbacks,
+            UprobeLinks::empty(CALLBACK_PROGRAM, generation),
+        );
         let mut taken = Vec::new();
         for links in [
             process.dispatch.take(),
@@ -365,14 +378,15 @@ impl SymbolSource {
         taken
     }
 
-    /// Attaches again what [`Self::pause`] detached (all or nothing).
-    pub fn resume(&mut self, ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
+    /// Attaches again what [`Self::pause`] detached, as links of `generation` (all or
+    /// nothing).
+    pub fn resume(&mut self, ebpf: &mut Ebpf, pid: u32, generation: u32) -> anyhow::Result<()> {
         let Some(process) = self.processes.get_mut(&pid) else {
             return Ok(());
         };
         let mut made: Vec<UprobeLinks> = Vec::new();
         for (program, points) in &process.paused {
-            match UprobeLinks::attach(ebpf, program, pid, points) {
+            match UprobeLinks::attach(ebpf, program, pid, points, generation) {
                 Ok(links) => made.push(links),
                 Err(e) => {
                     for links in made {
@@ -384,6 +398,7 @@ impl SymbolSource {
         }
         process.paused.clear();
         process.is_paused = false;
+        process.callbacks = UprobeLinks::empty(CALLBACK_PROGRAM, generation);
         for links in made {
             match links.program() {
                 DISPATCH_PROGRAM => process.dispatch = Some(links),

@@ -12,6 +12,8 @@ use aya::{
     programs::{ProbeKind, UProbe},
 };
 
+use profiler_common::link_generation;
+
 use super::perf_uprobe::{self, PerfUprobe, UprobeSite};
 
 /// Loads the uprobe program `name` (once, at start-up).
@@ -55,15 +57,24 @@ pub struct UprobeLinks {
     links: Vec<PerfUprobe>,
     /// Where each link is, to attach them again after a pause.
     points: Vec<UprobePoint>,
+    /// The [`profiler_common::link_generation`] every link carries in its cookie.
+    generation: u32,
 }
 
 impl UprobeLinks {
-    pub fn empty(program: &'static str) -> Self {
+    /// No links yet; those added will carry `generation`.
+    pub fn empty(program: &'static str, generation: u32) -> Self {
         Self {
             program,
             links: Vec::new(),
             points: Vec::new(),
+            generation,
         }
+    }
+
+    /// The [`profiler_common::link_generation`] of the links.
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     /// The points attached.
@@ -76,12 +87,14 @@ impl UprobeLinks {
     }
 
     /// Attaches `program` at every point of `pid`'s executable, scoped to that process (its
-    /// breakpoints go into that process only). On error, the links made so far are detached.
+    /// breakpoints go into that process only), each link carrying `generation` in its cookie.
+    /// On error, the links made so far are detached.
     pub fn attach(
         ebpf: &mut Ebpf,
         program: &'static str,
         pid: u32,
         points: &[UprobePoint],
+        generation: u32,
     ) -> anyhow::Result<Self> {
         Self::attach_in(
             ebpf,
@@ -89,6 +102,7 @@ impl UprobeLinks {
             pid,
             Path::new(&format!("/proc/{pid}/exe")),
             points,
+            generation,
         )
     }
 
@@ -100,8 +114,9 @@ impl UprobeLinks {
         pid: u32,
         target: &Path,
         points: &[UprobePoint],
+        generation: u32,
     ) -> anyhow::Result<Self> {
-        let mut made = Self::empty(program);
+        let mut made = Self::empty(program, generation);
         for point in points {
             if let Err(e) = made.add_in(ebpf, pid, target, *point) {
                 made.detach(ebpf);
@@ -132,7 +147,8 @@ impl UprobeLinks {
             ref_ctr_offset: None,
             retprobe,
         };
-        let link = perf_uprobe::attach(prog_fd, pid, &site, point.cookie).with_context(|| {
+        let cookie = link_generation::tag(point.cookie, self.generation);
+        let link = perf_uprobe::attach(prog_fd, pid, &site, cookie).with_context(|| {
             format!(
                 "attaching a uprobe at file offset {:#x} of {}",
                 point.file_offset,

@@ -23,7 +23,7 @@ use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, usdt_arg};
+use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, link_generation, usdt_arg};
 
 use super::{
     exe::UsdtBinary,
@@ -334,16 +334,17 @@ impl UsdtSource {
         Ok(sites)
     }
 
-    /// Attaches `exe`'s read/write probes to process `pid`. All or nothing: on any error,
-    /// every spec, uprobe and semaphore this call made is undone.
+    /// Attaches `exe`'s read/write probes to process `pid`, as links of `generation`. All or
+    /// nothing: on any error, every spec, uprobe and semaphore this call made is undone.
     pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
         exe: &UsdtBinary,
+        generation: u32,
     ) -> anyhow::Result<SemaphoreManagement> {
         let sites = Self::resolve(pid, exe)?;
-        self.attach_sites(ebpf, pid, &sites)
+        self.attach_sites(ebpf, pid, &sites, generation)
     }
 
     /// [`Self::attach`] with the sites resolved: specs into `USDT_SPECS` under fresh cookies,
@@ -355,6 +356,7 @@ impl UsdtSource {
         ebpf: &mut Ebpf,
         pid: u32,
         sites: &[SiteToAttach],
+        generation: u32,
     ) -> anyhow::Result<SemaphoreManagement> {
         if let Some(a) = self.attached.get(&pid) {
             return Ok(match a.sites {
@@ -373,7 +375,10 @@ impl UsdtSource {
                 self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
                 specs_map(ebpf)?.insert(id, site.spec, 0)?;
                 made.cookies.push(id);
-                cookies.push(profiler_common::usdt_cookie::encode(id, &site.spec));
+                cookies.push(link_generation::tag(
+                    profiler_common::usdt_cookie::encode(id, &site.spec),
+                    generation,
+                ));
             }
             match attach_kernel_managed(ebpf, pid, sites, &cookies) {
                 Ok(uprobes) => {
@@ -391,7 +396,7 @@ impl UsdtSource {
                             cookie,
                         })
                         .collect();
-                    let links = UprobeLinks::attach(ebpf, PROGRAM, pid, &points)?;
+                    let links = UprobeLinks::attach(ebpf, PROGRAM, pid, &points, generation)?;
                     made.sites = Some(SiteLinks::ByHand {
                         links,
                         semaphores: Vec::new(),

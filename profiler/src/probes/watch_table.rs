@@ -94,6 +94,8 @@ impl Placement {
 pub struct WatchTable {
     table: MappedArray,
     placement: Placement,
+    /// Budgeted processes' [`profiler_common::link_generation`]s (0 for the others).
+    generations: HashMap<u32, u32>,
 }
 
 impl WatchTable {
@@ -101,6 +103,7 @@ impl WatchTable {
         Ok(Self {
             table: MappedArray::map(ebpf, TABLE_MAP, WATCH_SLOTS, size_of::<WatchEntry>())?,
             placement: Placement::default(),
+            generations: HashMap::new(),
         })
     }
 
@@ -120,12 +123,15 @@ impl WatchTable {
     ) -> anyhow::Result<()> {
         anyhow::ensure!(tgid != 0, "process 0 cannot be watched");
         let slot = watch_slot(tgid);
+        let generation = self.generation(tgid);
         match self.placement.place(tgid) {
             Place::Table => {
                 self.word(slot, offset_of!(WatchEntry, flags))?
                     .store(flags, Ordering::Relaxed);
                 self.word(slot, offset_of!(WatchEntry, wait_block))?
                     .store(wait_block, Ordering::Relaxed);
+                self.word(slot, offset_of!(WatchEntry, generation))?
+                    .store(generation, Ordering::Relaxed);
                 // Last: a program that sees the process sees its flags and block.
                 self.word(slot, offset_of!(WatchEntry, tgid))?
                     .store(tgid, Ordering::Release);
@@ -135,7 +141,8 @@ impl WatchTable {
                     tgid,
                     flags,
                     wait_block,
-                    overflow: 0,
+                    generation,
+                    ..WatchEntry::default()
                 };
                 if let Err(e) = overflow_map(ebpf)?.insert(tgid, entry, 0) {
                     self.placement.remove(tgid);
@@ -149,8 +156,40 @@ impl WatchTable {
         Ok(())
     }
 
+    /// The [`profiler_common::link_generation`] whose uprobe links count for `tgid` (0: not
+    /// budgeted).
+    pub fn generation(&self, tgid: u32) -> u32 {
+        self.generations.get(&tgid).copied().unwrap_or(0)
+    }
+
+    /// Makes `generation` the one whose links count for `tgid` (kept for a process not
+    /// placed yet: [`Self::set`] writes it).
+    pub fn set_generation(
+        &mut self,
+        ebpf: &mut Ebpf,
+        tgid: u32,
+        generation: u32,
+    ) -> anyhow::Result<()> {
+        self.generations.insert(tgid, generation);
+        let slot = watch_slot(tgid);
+        match self.placement.places.get(&tgid) {
+            None => {}
+            Some(Place::Table) => self
+                .word(slot, offset_of!(WatchEntry, generation))?
+                .store(generation, Ordering::Release),
+            Some(Place::Overflow) => {
+                let mut map = overflow_map(ebpf)?;
+                let mut entry = map.get(&tgid, 0).context("map WATCHED")?;
+                entry.generation = generation;
+                map.insert(tgid, entry, 0).context("map WATCHED")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Stops watching `tgid` (nothing if it was not).
     pub fn remove(&mut self, ebpf: &mut Ebpf, tgid: u32) -> anyhow::Result<()> {
+        self.generations.remove(&tgid);
         let slot = watch_slot(tgid);
         match self.placement.remove(tgid) {
             None => {}
