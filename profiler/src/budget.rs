@@ -15,9 +15,39 @@
 pub struct OverheadBudget {
     /// Fraction of one core (0.01 = 1 %).
     pub max_fraction: f64,
-    /// Seconds of the probed thread's time per uprobe hit (measured at start; the floor under
-    /// what each VM's own CPU time shows).
+    /// Seconds of the probed thread's time per uprobe hit, measured at start: what a VM is
+    /// reckoned to pay until its own CPU time says ([`HitCost::start`]).
     pub hit_cost: f64,
+    /// The least a hit can cost (a trap with hot caches, [`HitCost::tight`]): the floor under
+    /// what a VM's own CPU time shows, which its guest's own load can push towards 0.
+    pub hit_cost_floor: f64,
+}
+
+impl OverheadBudget {
+    pub fn new(max_fraction: f64, measured: HitCost) -> Self {
+        Self {
+            max_fraction,
+            hit_cost: measured.start(),
+            hit_cost_floor: measured.tight.min(measured.start()),
+        }
+    }
+}
+
+/// What one uprobe hit cost the profiler's own thread at start-up, seconds of its CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HitCost {
+    /// In a tight loop of zero-timeout polls: hot caches, the least a trap costs.
+    pub tight: f64,
+    /// On polls that slept first, as most of QEMU's do: cold caches, dearer (and noisier: a
+    /// slowed try can make it several times the tight figure).
+    pub after_sleep: f64,
+}
+
+impl HitCost {
+    /// The figure to start from: the larger.
+    pub fn start(&self) -> f64 {
+        self.tight.max(self.after_sleep)
+    }
 }
 
 /// Never sample less than this share of a window: the counts still come from somewhere.
@@ -57,7 +87,8 @@ pub struct DutyView {
     pub hits_per_second: f64,
     /// Seconds of its QEMU's CPU per hit, as the budget reckons it.
     pub hit_cost: f64,
-    /// Whether `hit_cost` was learned from its QEMU's CPU time (else the start-up figure).
+    /// Whether `hit_cost` was learned from its QEMU's CPU time (else the start-up figure;
+    /// a learned cost below the tight-loop figure counts as that figure).
     pub learned: bool,
     /// Fraction of a core the probes would cost it if always on.
     pub full_cost: f64,
@@ -84,16 +115,18 @@ impl DutyCycle {
         self.rate
     }
 
-    /// What one hit costs this VM: the larger of the start-up measurement and what its own
-    /// CPU time showed (a hit in QEMU, after a sleep or among its other work, costs more than
-    /// one in the start-up's loop; the start-up figure stays the floor).
+    /// What one hit costs this VM: what its own CPU time showed, once it has (never below the
+    /// tight-loop figure), else the start-up measurement. (Once the start-up figure was also
+    /// the floor: a start-up slowed by a busy neighbour then kept the budget over-cautious
+    /// for the whole run, at half the duty it could have had.)
     pub fn hit_cost(&self, budget: &OverheadBudget) -> f64 {
-        self.learned_cost
-            .map_or(budget.hit_cost, |learned| learned.max(budget.hit_cost))
+        self.learned_cost.map_or(budget.hit_cost, |learned| {
+            learned.max(budget.hit_cost_floor)
+        })
     }
 
     /// Seconds of its QEMU's CPU per hit as learned from its CPU time, if learned yet (the
-    /// figure [`Self::hit_cost`] uses when it is above the start-up one).
+    /// figure [`Self::hit_cost`] uses when it is above the tight-loop one).
     pub fn learned_cost(&self) -> Option<f64> {
         self.learned_cost
     }
@@ -105,7 +138,7 @@ impl DutyCycle {
         Some(DutyView {
             hits_per_second,
             hit_cost,
-            learned: self.learned_cost.is_some_and(|l| l > budget.hit_cost),
+            learned: self.learned_cost.is_some(),
             full_cost: hits_per_second * hit_cost,
             duty: self.duty,
             closing_hits_per_second: self.closing_rate.unwrap_or(0.0),
@@ -636,10 +669,12 @@ fn unobserved(r: &mut WindowRecord, uprobed: Uprobed) {
 /// What the budget means here, for the user.
 pub fn describe(b: &OverheadBudget) -> String {
     format!(
-        "overhead budget {:.2} % of a core per VM; one uprobe hit costs {:.2} µs here (measured), \
-         so a VM's uprobes are duty-cycled above {:.0} hits/s and its counts marked estimated",
+        "overhead budget {:.2} % of a core per VM; one uprobe hit costs {:.2} µs here (measured; \
+         {:.2} in a tight loop, the floor under what each VM's CPU time teaches), so a VM's \
+         uprobes are duty-cycled above {:.0} hits/s and its counts marked estimated",
         b.max_fraction * 100.0,
         b.hit_cost * 1e6,
+        b.hit_cost_floor * 1e6,
         b.max_fraction / b.hit_cost
     )
 }
@@ -685,6 +720,7 @@ mod tests {
     const BUDGET: OverheadBudget = OverheadBudget {
         max_fraction: 0.01,
         hit_cost: 1e-6,
+        hit_cost_floor: 1e-6,
     };
 
     #[test]
@@ -866,6 +902,7 @@ mod tests {
         let budget = OverheadBudget {
             max_fraction: 0.001,
             hit_cost: 1e-6,
+            hit_cost_floor: 1e-6,
         };
         let mut b = BudgetedVms::new(budget);
         let u = TIMER_ONLY;
@@ -911,23 +948,41 @@ mod tests {
     }
 
     #[test]
-    fn a_learned_cost_never_goes_below_the_start_up_figure() {
-        let budget = OverheadBudget {
-            max_fraction: 0.001,
-            hit_cost: 2e-6,
-        };
+    fn a_learned_cost_goes_below_the_start_up_figure_but_not_the_tight_loops() {
+        // Start-up: 0.5 µs in a tight loop, 2 µs after a sleep (a slowed try, say).
+        let budget = OverheadBudget::new(
+            0.001,
+            HitCost {
+                tight: 0.5e-6,
+                after_sleep: 2e-6,
+            },
+        );
+        assert_eq!(budget.hit_cost, 2e-6);
         let mut d = DutyCycle::default();
         d.measured(&budget, 1000, 1.0);
-        // CPU lower while probed (the guest's own load moved): a sample of 0.
-        d.calibrated(&budget, 0.01, 0.03);
-        assert_eq!(d.hit_cost(&budget), 2e-6);
-        assert!((d.duty() - 0.5).abs() < 1e-9);
-        assert_eq!(d.learned_cost(), Some(0.0));
-        let view = d.view(&budget).unwrap();
-        assert!(!view.learned, "{view:?}");
+        assert!(
+            (d.duty() - 0.5).abs() < 1e-9,
+            "the start-up figure until learned"
+        );
         assert!(
             describe_vm("vm", &d, &budget)
                 .contains("2.00 µs of its QEMU's CPU per hit (the start-up measurement)")
+        );
+        // Its CPU time shows 1 µs a hit: 1000 hits/s cost 0.1 % of a core.
+        d.calibrated(&budget, 0.021, 0.02);
+        assert!((d.hit_cost(&budget) - 1e-6).abs() < 1e-12);
+        assert!((d.duty() - 1.0).abs() < 1e-9, "{}", d.duty());
+        assert!(d.view(&budget).unwrap().learned);
+        // CPU lower while probed (the guest's own load moved): samples of 0 come down to
+        // the tight-loop figure, no further.
+        for _ in 0..10 {
+            d.calibrated(&budget, 0.01, 0.03);
+        }
+        assert!(d.learned_cost().unwrap() < 0.5e-6);
+        assert_eq!(d.hit_cost(&budget), 0.5e-6);
+        assert!(
+            describe_vm("vm", &d, &budget)
+                .contains("0.50 µs of its QEMU's CPU per hit (learned from its CPU time)")
         );
     }
 
@@ -938,6 +993,7 @@ mod tests {
         let mut b = BudgetedVms::new(OverheadBudget {
             max_fraction: 0.001,
             hit_cost: 1e-6,
+            hit_cost_floor: 1e-6,
         });
         let u = TIMER_ONLY;
         let (mut hits, mut on) = (0u64, true);
@@ -969,6 +1025,7 @@ mod tests {
         let budget = OverheadBudget {
             max_fraction: 0.001,
             hit_cost: 1e-6,
+            hit_cost_floor: 1e-6,
         };
         let mut b = BudgetedVms::new(budget);
         let u = TIMER_ONLY;

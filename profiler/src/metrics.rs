@@ -405,8 +405,8 @@ impl Collector for FleetCollector {
             (
                 "budget_hit_cost",
                 "Under --max-overhead: CPU time of the VM's QEMU per uprobe hit, learned from \
-                 its CPU time with the probes on and off (the start-up measurement until then, \
-                 and never below it).",
+                 its CPU time with the probes on and off (the start-up measurement until then; \
+                 never below the start-up's tight-loop figure).",
                 Some(Unit::Seconds),
                 |v| v.hit_cost,
             ),

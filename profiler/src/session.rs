@@ -322,10 +322,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         );
         let hit_cost = self.probes.uprobe_hit_cost()?;
         self.budgeted = Some(crate::budget::BudgetedVms::new(
-            crate::budget::OverheadBudget {
-                max_fraction: percent / 100.0,
-                hit_cost,
-            },
+            crate::budget::OverheadBudget::new(percent / 100.0, hit_cost),
         ));
         Ok(self)
     }
@@ -796,8 +793,11 @@ mod tests {
                 .push(format!("probing {pid} {}", if on { "on" } else { "off" }));
             Ok(std::time::Duration::ZERO)
         }
-        fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
-            Ok(1e-6)
+        fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::budget::HitCost> {
+            Ok(crate::budget::HitCost {
+                tight: 1e-6,
+                after_sleep: 1e-6,
+            })
         }
     }
 

@@ -178,7 +178,7 @@ pub trait ProbeLayer {
         Ok(Duration::ZERO)
     }
     /// Seconds one uprobe hit costs the probed thread on this host, measured.
-    fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::budget::HitCost> {
         anyhow::bail!("this probe layer cannot measure uprobe costs")
     }
     /// The PIDs that exec'd since the last call, for discovery (`None`: not watched, or
@@ -758,17 +758,18 @@ impl EventProbes {
 
     /// What one uprobe hit costs a thread here: this process's own `ppoll`s, timed without
     /// and with the libc wait probes (the programs run in full: this process is watched as a
-    /// budgeted VM). Two kinds of call, and the larger cost is taken: zero-timeout polls in a
-    /// tight loop (a hit with hot caches), and polls that sleep 50 µs first (a hit after a
-    /// sleep, as most of QEMU's are: cold caches and TLB make it several times dearer on
-    /// nested virtualization, and a budget computed from the hot figure did not hold). Both
+    /// budgeted VM). Two kinds of call: zero-timeout polls in a tight loop (a hit with hot
+    /// caches: the floor), and polls that sleep 50 µs first (a hit after a sleep, as most of
+    /// QEMU's are: cold caches and TLB make it several times dearer on nested virtualization,
+    /// and a budget computed from the hot figure did not hold; the budget starts from the
+    /// larger). Both
     /// by thread CPU time (preemption and the sleep are not costs), three interleaved tries of
     /// each; each kind's cost is its fastest probed try minus its fastest bare try, so a try
     /// an interrupt or a busy neighbour slowed drops out on either side. (The difference of
     /// each try's pair, once taken instead, went from 0.10 to 8.66 µs between runs here: one
     /// slowed bare try made the budget think a hit nearly free, and a VM never paused never
     /// teaches it otherwise.)
-    fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
+    fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<crate::budget::HitCost> {
         const TIGHT_CALLS: u32 = 5000;
         const SLEEPING_CALLS: u32 = 600;
         let pid = std::process::id();
@@ -843,9 +844,10 @@ impl EventProbes {
         self.watch_table.remove(&mut self.ebpf, pid)?;
         self.forget_counters(pid)?;
         result?;
-        let tight = (probed.0 - bare.0) / hits;
-        let sleeping = (probed.1 - bare.1) / hits;
-        Ok(tight.max(sleeping).max(1e-9))
+        Ok(crate::budget::HitCost {
+            tight: ((probed.0 - bare.0) / hits).max(1e-9),
+            after_sleep: ((probed.1 - bare.1) / hits).max(1e-9),
+        })
     }
 
     /// Every uprobe link of `pid` (USDT sites, symbols, libc waits), for the detacher.
@@ -1031,7 +1033,7 @@ impl ProbeLayer for EventProbes {
         Ok(started.elapsed())
     }
 
-    fn uprobe_hit_cost(&mut self) -> anyhow::Result<f64> {
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::budget::HitCost> {
         self.measure_uprobe_hit_cost()
     }
 
