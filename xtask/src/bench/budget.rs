@@ -20,6 +20,10 @@ use xtask::{
 use super::{loops::median, proc_usage, ticks_per_second};
 
 const VM: &str = "bench-budget";
+/// An identical guest booted beside it and never profiled: each span's CPU of the profiled
+/// guest is taken against its twin's, which cancels what moves both (the host's other
+/// tenants, the machine's clock), and leaves what the probes add.
+const TWIN: &str = "bench-budget-twin";
 /// Window length (s). The probed block is whole refresh intervals (1 s), so a window of N
 /// seconds cannot be probed for less than 1/N of it: at 5 s, a VM whose probes cost 1.3 % of a
 /// core could not be brought under 0.26 %, whatever the budget.
@@ -114,11 +118,17 @@ pub fn run(
     budget: f64,
     command: &str,
 ) -> anyhow::Result<(String, serde_json::Value)> {
-    let mut spec = GuestSpec::new(VM, DeviceSet::Noisy);
-    spec.qemu = usdt_qemu.to_path_buf();
-    let guest = launch(&spec, image, dir)?;
+    let boot = |name: &str| {
+        let mut spec = GuestSpec::new(name, DeviceSet::Noisy);
+        spec.qemu = usdt_qemu.to_path_buf();
+        launch(&spec, image, dir)
+    };
+    let (guest, twin) = (boot(VM)?, boot(TWIN)?);
     guest.wait_ready(Duration::from_secs(240))?;
-    sleep(Duration::from_secs(5));
+    twin.wait_ready(Duration::from_secs(240))?;
+    // A guest just booted still settles (its QEMU's CPU rose by a third over the first
+    // minute here).
+    sleep(Duration::from_secs(30));
     let budget_arg = format!("{budget}");
     // "nothing" twice: what two identical spans of this guest differ by is the noise under
     // every figure of the table (a budget of 0.1 % is a tenth of that guest's millisecond).
@@ -135,7 +145,8 @@ pub fn run(
     // The first window learns the rate; the span is the next two, duty-cycled.
     const SETTLE: u64 = WINDOW;
     const SPAN: u64 = 2 * WINDOW;
-    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    // Per config, per round: (the profiled guest's QEMU CPU, its twin's), % of a core.
+    let mut cpu: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len()];
     let (mut runs, mut budgeted_lines) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         for k in 0..configs.len() {
@@ -148,13 +159,16 @@ pub fn run(
                 Some(record(profiler, extra, SETTLE + SPAN + 2, &out)?)
             };
             sleep(Duration::from_secs(SETTLE));
-            let a = proc_usage(guest.pid())?;
+            let (a, a_twin) = (proc_usage(guest.pid())?, proc_usage(twin.pid())?);
             let t = Instant::now();
             sleep(Duration::from_secs(SPAN));
-            let b = proc_usage(guest.pid())?;
-            let pct =
-                (b.cpu_ticks - a.cpu_ticks) as f64 / ticks_per_second() / t.elapsed().as_secs_f64()
-                    * 100.0;
+            let (b, b_twin) = (proc_usage(guest.pid())?, proc_usage(twin.pid())?);
+            let secs = t.elapsed().as_secs_f64();
+            let pct = |a: u64, b: u64| (b - a) as f64 / ticks_per_second() / secs * 100.0;
+            let (pct, pct_twin) = (
+                pct(a.cpu_ticks, b.cpu_ticks),
+                pct(a_twin.cpu_ticks, b_twin.cpu_ticks),
+            );
             if let Some(c) = child {
                 let out = c.wait_with_output()?;
                 let said = String::from_utf8_lossy(&out.stderr);
@@ -169,8 +183,11 @@ pub fn run(
                     _ => {}
                 }
             }
-            eprintln!("xtask bench budget: round {round} {label:<32} QEMU {pct:.2} % of a core");
-            cpu[i].push(pct);
+            eprintln!(
+                "xtask bench budget: round {round} {label:<32} QEMU {pct:.2} % of a core, its \
+                 twin {pct_twin:.2}"
+            );
+            cpu[i].push((pct, pct_twin));
         }
     }
     // The estimate against the exact counts: both profilers on the guest at once.
@@ -195,6 +212,7 @@ pub fn run(
         .trim_start_matches("profiler: ")
         .to_string();
     drop(guest);
+    drop(twin);
     let timer = |v: &serde_json::Value| v["timer"].as_u64().unwrap_or(0);
     let callbacks = |v: &serde_json::Value| {
         v["timers"]
@@ -218,11 +236,21 @@ pub fn run(
                            "error_percent": err}),
         );
     }
-    let med: Vec<f64> = cpu.iter().map(|v| median(v)).collect();
-    let added = |i: usize| med[i] - med[0];
-    // Per round, each config against that round's "nothing" (interleaved, so paired).
-    let paired =
-        |i: usize| -> Vec<f64> { cpu[i].iter().zip(&cpu[0]).map(|(x, n)| x - n).collect() };
+    let med_of = |f: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        cpu.iter()
+            .map(|v| median(&v.iter().map(f).collect::<Vec<_>>()))
+            .collect()
+    };
+    let (med, med_twin) = (med_of(|c| c.0), med_of(|c| c.1));
+    // Per round, each config's profiled-minus-twin against that round's "nothing"'s.
+    let paired = |i: usize| -> Vec<f64> {
+        cpu[i]
+            .iter()
+            .zip(&cpu[0])
+            .map(|(x, n)| (x.0 - x.1) - (n.0 - n.1))
+            .collect()
+    };
+    let added = |i: usize| median(&paired(i));
     let listed = |v: &[f64]| {
         v.iter()
             .map(|d| format!("{d:+.2}"))
@@ -253,7 +281,7 @@ pub fn run(
          each read/write probe run is one access). At the start-up figure of {} µs per hit that \
          is {} % of a core if always probed; the cost it learned from QEMU's CPU time with the \
          probes on and off was {} µs per hit when it stopped (learned in {learned_rounds} of {} \
-         rounds; the start-up figure is its floor): {} % of a core, so it probed {} % of the \
+         rounds; the start-up's tight-loop figure is its floor): {} % of a core, so it probed {} % of the \
          time (medians); its links' runs while they counted nothing (closing after a pause, \
          attaching at a resume) cost {} % of a core by the same figure. In its rounds the \
          unbudgeted profiler's programs ran {} times/s (its BPF statistics; counted ÷ ran = \
@@ -274,15 +302,19 @@ pub fn run(
     let body = format!(
         "## The overhead budget on a busy guest\n\n\
          `{command}`: the USDT QEMU running the UHCI-tablet guest (frame timer at ~1 kHz), \
-         recorded with `--window {WINDOW}`. QEMU's CPU over {SPAN} s after the first {SETTLE} s, \
-         median of {rounds} interleaved round(s):\n\n\
-         | running | QEMU CPU (% of a core) | added by the probes |\n|---|---:|---:|\n\
-         | nothing | {:.2} | — |\n| `profiler record` | {:.2} | {:+.2} |\n\
-         | `profiler record --max-overhead {budget}` | {:.2} | {:+.2} (budget {budget}) |\n\
-         | nothing, measured again (the noise) | {:.2} | {:+.2} |\n\n\
-         Round by round (each against its own round's \"nothing\"): unbudgeted {}; budgeted \
-         {}; nothing again {}. Two identical spans of this guest differed by up to {:.2} % of \
-         a core in this run: a difference in the table smaller than that is not resolved.\n\n\
+         recorded with `--window {WINDOW}`, beside an identical twin guest that is never \
+         profiled. QEMU's CPU over {SPAN} s after the first {SETTLE} s, medians of {rounds} \
+         interleaved round(s); what the probes add is the profiled guest's CPU minus its \
+         twin's, against the same difference with nothing running, round by round (what \
+         moves both guests cancels):\n\n\
+         | running | QEMU CPU (% of a core) | its twin | added by the probes |\n\
+         |---|---:|---:|---:|\n\
+         | nothing | {:.2} | {:.2} | — |\n| `profiler record` | {:.2} | {:.2} | {:+.2} |\n\
+         | `profiler record --max-overhead {budget}` | {:.2} | {:.2} | {:+.2} (budget {budget}) |\n\
+         | nothing, measured again (the noise) | {:.2} | {:.2} | {:+.2} |\n\n\
+         Round by round: unbudgeted {}; budgeted {}; nothing again {}. Two spans with nothing \
+         running differed by up to {:.2} % of a core in this run: a difference in the table \
+         smaller than that is not resolved.\n\n\
          The budgeted profiler says: {hit_line}.\n\n{model_line}\n\n\
          Its estimates against an unbudgeted profiler recording the same guest at the same time \
          (rates over the windows from the third on; {:.0} % of them duty-cycled):\n\n\
@@ -299,11 +331,15 @@ pub fn run(
          start-up measurement and is then learned per VM from its QEMU's CPU time with the \
          probes on and off in each window.\n",
         med[0],
+        med_twin[0],
         med[1],
+        med_twin[1],
         added(1),
         med[2],
+        med_twin[2],
         added(2),
         med[3],
+        med_twin[3],
         added(3),
         listed(&paired(1)),
         listed(&paired(2)),
@@ -315,11 +351,14 @@ pub fn run(
         "command": command,
         "budget_percent": budget,
         "rounds": rounds,
-        "qemu_cpu_percent": {"nothing": cpu[0], "profiler": cpu[1], "budgeted": cpu[2],
-                             "nothing_again": cpu[3]},
+        "qemu_cpu_percent_and_twin": {"nothing": cpu[0], "profiler": cpu[1],
+                                      "budgeted": cpu[2], "nothing_again": cpu[3]},
+        "added_percent": {"profiler": paired(1), "budgeted": paired(2),
+                          "nothing_again": paired(3)},
         "noise_max_abs_percent": noise_spread,
         "closing_cost_percent": closing_pct,
         "qemu_cpu_median": med,
+        "twin_cpu_median": med_twin,
         "said": hit_line,
         "estimates": errors,
         "estimated_share": share,
