@@ -156,7 +156,8 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
                 &profiler,
                 usdt_qemu.as_ref().expect("built"),
                 &dir,
-                if quick { 1 } else { 3 },
+                // Five: the guest's own CPU moves by tenths of a percent between spans.
+                if quick { 1 } else { 5 },
                 // Below the counted cost of the UHCI guest's probes (~1.4 % here), so the
                 // duty cycle engages and its estimates can be checked.
                 0.1,
