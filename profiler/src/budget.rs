@@ -104,6 +104,11 @@ pub struct DutyView {
 /// Weight of the newest measurement in the smoothed rate.
 const SMOOTHING: f64 = 0.5;
 
+/// `new` folded into the smoothed `old` (the first measurement stands alone).
+fn smoothed(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |old| old + SMOOTHING * (new - old))
+}
+
 impl DutyCycle {
     /// The share of time the probes are on.
     pub fn duty(&self) -> f64 {
@@ -157,10 +162,7 @@ impl DutyCycle {
             return;
         }
         let rate = hits as f64 / secs;
-        self.closing_rate = Some(match self.closing_rate {
-            Some(old) => old + SMOOTHING * (rate - old),
-            None => rate,
-        });
+        self.closing_rate = Some(smoothed(self.closing_rate, rate));
         self.update_duty(budget);
     }
 
@@ -175,10 +177,7 @@ impl DutyCycle {
             return;
         }
         let rate = hits as f64 / secs;
-        self.rate = Some(match self.rate {
-            Some(old) => old + SMOOTHING * (rate - old),
-            None => rate,
-        });
+        self.rate = Some(smoothed(self.rate, rate));
         self.update_duty(budget);
     }
 
@@ -192,10 +191,7 @@ impl DutyCycle {
             return;
         };
         let cost = ((on - off) / rate).clamp(0.0, 100.0 * budget.hit_cost);
-        self.learned_cost = Some(match self.learned_cost {
-            Some(old) => old + SMOOTHING * (cost - old),
-            None => cost,
-        });
+        self.learned_cost = Some(smoothed(self.learned_cost, cost));
         self.update_duty(budget);
     }
 
