@@ -1349,6 +1349,36 @@ pub(crate) mod tests {
         ]
     }
 
+    /// `n` zero-timeout `ppoll`s of this thread.
+    fn zero_timeout_polls(n: u32) {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        for _ in 0..n {
+            // SAFETY: no fds, a valid timespec, no signal mask.
+            unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
+        }
+    }
+
+    /// This process's libc offer (with result sites), the libc source, counters and watch
+    /// table, on `ebpf`.
+    fn own_libc_fixture(
+        ebpf: &mut Ebpf,
+    ) -> (
+        LibcOffer,
+        LibcWaitSource,
+        counters::CounterStore,
+        watch_table::WatchTable,
+    ) {
+        let offer = LibcCatalog::default().offer(std::process::id()).unwrap();
+        offer.result_points().expect("this glibc's wait results");
+        let libc = LibcWaitSource::load(ebpf).unwrap();
+        let counters = counters::CounterStore::open(ebpf).unwrap();
+        let table = watch_table::WatchTable::open(ebpf).unwrap();
+        (offer, libc, counters, table)
+    }
+
     #[test]
     fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed() {
         use profiler_common::{WATCH_SLOTS, wait_block, wait_syscall};
@@ -1357,23 +1387,10 @@ pub(crate) mod tests {
             return;
         };
         let pid = std::process::id();
-        let offer = LibcCatalog::default().offer(pid).unwrap();
-        offer.result_points().expect("this glibc's wait results");
-        let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
-        let mut counters = counters::CounterStore::open(&ebpf).unwrap();
-        let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
+        let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
         libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, 0)
             .unwrap();
-        let polls = |n: u32| {
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            for _ in 0..n {
-                // SAFETY: no fds, a valid timespec, no signal mask.
-                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
-            }
-        };
+        let polls = zero_timeout_polls;
         let counted = |counters: &mut counters::CounterStore, ebpf: &Ebpf| -> u64 {
             counters
                 .read(ebpf)
@@ -1430,21 +1447,8 @@ pub(crate) mod tests {
             return;
         };
         let pid = std::process::id();
-        let offer = LibcCatalog::default().offer(pid).unwrap();
-        offer.result_points().expect("this glibc's wait results");
-        let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
-        let mut counters = counters::CounterStore::open(&ebpf).unwrap();
-        let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
-        let polls = |n: u32| {
-            let zero = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            for _ in 0..n {
-                // SAFETY: no fds, a valid timespec, no signal mask.
-                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
-            }
-        };
+        let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
+        let polls = zero_timeout_polls;
         let count = |counters: &mut counters::CounterStore, ebpf: &Ebpf, kind: u32| -> u64 {
             counters
                 .read(ebpf)
