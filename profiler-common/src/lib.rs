@@ -289,6 +289,38 @@ pub struct Sleeper {
     pub tgid: u32,
     /// One of [`wait_syscall`] (as u32).
     pub syscall: u32,
+    /// The sleeping thread (its [`ThreadWait`] slot says the timer is armed).
+    pub tid: u32,
+    pub _reserved: u32,
+}
+
+/// Slots of the `THREAD_WAITS` array (hrtimer source), one per watched thread by
+/// `tid % THREAD_WAIT_SLOTS`: a thread whose tid shares a slot with another watched thread's
+/// overwrites it (the `tid` field tells them apart, so a lost mark is a missed count, never a
+/// wrong one).
+pub const THREAD_WAIT_SLOTS: u32 = 65536;
+
+/// What a watched thread is doing in a wait syscall (hrtimer source): it armed a sleep timer
+/// (whose expiry or cancel counts the wait), or it went to sleep without one (an infinite
+/// timeout: its next switch-in is an fd wakeup).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThreadWait {
+    /// The thread; 0 for a free slot. Written last when a slot is filled, first when freed.
+    pub tid: u32,
+    pub tgid: u32,
+    /// One of [`thread_wait`].
+    pub state: u32,
+    /// One of [`wait_syscall`] (as u32).
+    pub syscall: u32,
+}
+
+/// [`ThreadWait::state`] values.
+pub mod thread_wait {
+    /// The thread armed its wait's sleep timer.
+    pub const ARMED: u32 = 1;
+    /// The thread went to sleep in a wait without a sleep timer.
+    pub const ASLEEP: u32 = 2;
 }
 
 /// Slots of the `DROPPED` array: updates a full map refused, per map.
@@ -527,6 +559,7 @@ mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::PendingWait {}
     unsafe impl aya::Pod for super::Sleeper {}
+    unsafe impl aya::Pod for super::ThreadWait {}
     unsafe impl aya::Pod for super::WatchEntry {}
     unsafe impl aya::Pod for super::PpollMark {}
     unsafe impl aya::Pod for super::UsdtArgSpec {}

@@ -631,7 +631,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             live.push("syscall tracepoints (timer, fd)".to_string());
         }
         if timer_by(TimerSource::HrtimerTracepoints) {
-            live.push("hrtimer tracepoints (timer, fd of timed waits)".to_string());
+            live.push("hrtimer tracepoints (timer, fd of waits that slept)".to_string());
         }
         let has = |source: ReadWriteSource| {
             self.watched

@@ -5,9 +5,11 @@
 //! (`timer:hrtimer_start`). The timer then either expires (`timer:hrtimer_expire_entry`, in
 //! interrupt context: the deadline woke the thread, a `timer` event) or is cancelled while
 //! still queued (`timer:hrtimer_cancel`: something else woke it first, an fd, counted as an
-//! fd wakeup). Nothing runs for other syscalls, and a process that arms no timer pays nothing;
-//! the price is that a wait that arms no timer is not seen (zero and infinite timeouts, an fd
-//! ready at entry), so fd wakeups are partial.
+//! fd wakeup). A wait with an infinite timeout arms no timer: its thread going to sleep in
+//! the wait (`sched:sched_switch`, switched out in `TASK_INTERRUPTIBLE`, no timer armed) and
+//! being switched in again is one fd wakeup. Nothing runs for other syscalls; other processes
+//! pay one array load per context switch and per timer armed. What is not seen: a wait that
+//! returns without sleeping (a zero timeout, or an fd ready at entry).
 //!
 //! The libc source's result probes use `hrtimer_start` too (`WAITS_BY_LIBC_RESULT`): it marks
 //! a thread whose `ppoll` armed a sleep timer, which is what tells a timed-out ppoll from a
@@ -15,7 +17,7 @@
 //!
 //! Tracepoint layouts (tracefs `events/timer/*/format`, checked by userspace at load):
 //! `hrtimer_start`: hrtimer @8, function @16; `hrtimer_expire_entry` and `hrtimer_cancel`:
-//! hrtimer @8.
+//! hrtimer @8; `sched_switch`: prev_state @32, next_pid @56.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs},
@@ -23,13 +25,21 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::TracePointContext,
 };
-use profiler_common::{MAX_PENDING, Sleeper, dropped, kind, wait_syscall, watch_flag};
+use profiler_common::{
+    MAX_PENDING, Sleeper, THREAD_WAIT_SLOTS, ThreadWait, dropped, kind, thread_wait, wait_syscall,
+    watch_flag,
+};
 
 use super::timers::mark_ppoll_timer;
 use crate::maps::{count_wait, current_ids, note_insert, watched};
 
 const HRTIMER: usize = 8;
 const START_FUNCTION: usize = 16;
+const SWITCH_PREV_STATE: usize = 32;
+const SWITCH_NEXT_PID: usize = 56;
+/// `prev_state` of a task that went to sleep interruptibly (not preempted: a preemption
+/// reports `TASK_REPORT_MAX` alone).
+const TASK_INTERRUPTIBLE: i64 = 1;
 /// `offsetof(struct pt_regs, orig_ax)` on x86-64: the number of the syscall in progress.
 const PT_REGS_ORIG_AX: usize = 120;
 /// x86-64 syscall numbers of the waits QEMU's event loops make with a timeout.
@@ -45,6 +55,52 @@ pub static HRTIMER_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
 /// Armed sleep timers of watched threads in a wait syscall, by the timer's address.
 #[map]
 pub static SLEEPERS: HashMap<u64, Sleeper> = HashMap::with_max_entries(MAX_PENDING, 0);
+
+/// Each watched thread's wait (by `tid % THREAD_WAIT_SLOTS`): armed sleep timer, or asleep
+/// without one.
+#[map]
+pub static THREAD_WAITS: Array<ThreadWait> = Array::with_max_entries(THREAD_WAIT_SLOTS, 0);
+
+/// The slot of thread `tid`, if it holds that thread.
+#[inline(always)]
+fn thread_wait(tid: u32) -> Option<*mut ThreadWait> {
+    let slot = THREAD_WAITS.get_ptr_mut(tid % THREAD_WAIT_SLOTS)?;
+    // SAFETY: a map value, valid for the map's life; other CPUs write it, so read once.
+    (unsafe { core::ptr::read_volatile(&(*slot).tid) } == tid).then_some(slot)
+}
+
+/// Fills thread `tid`'s slot (`tid` last, so a reader never sees it with another's fields).
+#[inline(always)]
+fn set_thread_wait(tid: u32, tgid: u32, state: u32, syscall: u32) {
+    if let Some(slot) = THREAD_WAITS.get_ptr_mut(tid % THREAD_WAIT_SLOTS) {
+        // SAFETY: as in thread_wait.
+        unsafe {
+            core::ptr::write_volatile(&mut (*slot).tid, 0);
+            core::ptr::write_volatile(&mut (*slot).tgid, tgid);
+            core::ptr::write_volatile(&mut (*slot).state, state);
+            core::ptr::write_volatile(&mut (*slot).syscall, syscall);
+            core::ptr::write_volatile(&mut (*slot).tid, tid);
+        }
+    }
+}
+
+/// Frees `slot`.
+#[inline(always)]
+fn clear_thread_wait(slot: *mut ThreadWait) {
+    // SAFETY: a slot returned by thread_wait.
+    unsafe { core::ptr::write_volatile(&mut (*slot).tid, 0) }
+}
+
+/// The wait syscall the current task is in, if it is one QEMU's event loops wait in.
+#[inline(always)]
+fn current_wait_syscall() -> Option<u32> {
+    Some(match current_syscall()? {
+        NR_PPOLL => wait_syscall::PPOLL,
+        NR_EPOLL_PWAIT => wait_syscall::EPOLL_PWAIT,
+        NR_EPOLL_PWAIT2 => wait_syscall::EPOLL_PWAIT2,
+        _ => return None,
+    } as u32)
+}
 
 /// The syscall the current task is in (`orig_ax` of its user registers), if readable.
 #[inline(always)]
@@ -78,25 +134,26 @@ pub fn hrtimer_start(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // Only the event loops' waits: futex and nanosleep timeouts arm the same kind of timer.
-    let syscall = match current_syscall() {
-        Some(NR_PPOLL) => wait_syscall::PPOLL,
-        Some(NR_EPOLL_PWAIT) => wait_syscall::EPOLL_PWAIT,
-        Some(NR_EPOLL_PWAIT2) => wait_syscall::EPOLL_PWAIT2,
-        _ => return 0,
+    let Some(syscall) = current_wait_syscall() else {
+        return 0;
     };
     if flags & watch_flag::WAITS_BY_LIBC_RESULT != 0 {
         // The libc result probe counts this wait; it only needs to know that a ppoll armed
         // its timer (libc_waits.rs: a ppoll's 0 is otherwise ambiguous).
-        if syscall == wait_syscall::PPOLL {
+        if syscall == wait_syscall::PPOLL as u32 {
             mark_ppoll_timer(tgid, tid);
         }
         return 0;
     }
     let sleeper = Sleeper {
         tgid,
-        syscall: syscall as u32,
+        syscall,
+        tid,
+        _reserved: 0,
     };
     note_insert(dropped::SLEEPERS, SLEEPERS.insert(timer, sleeper, 0));
+    // Its sleep is this timer's to count, not sched_switch's.
+    set_thread_wait(tid, tgid, thread_wait::ARMED, syscall);
     0
 }
 
@@ -110,6 +167,12 @@ fn ended(ctx: &TracePointContext, kind: u32) -> u32 {
         return 0;
     };
     let _ = SLEEPERS.remove(timer);
+    if let Some(slot) = thread_wait(sleeper.tid) {
+        // SAFETY: a slot of this thread.
+        if unsafe { core::ptr::read_volatile(&(*slot).state) } == thread_wait::ARMED {
+            clear_thread_wait(slot);
+        }
+    }
     // Its wait block, if the process is still watched (else the key: a late count of a
     // process just forgotten).
     let watched = watched(sleeper.tgid).unwrap_or(profiler_common::WatchEntry {
@@ -129,4 +192,60 @@ pub fn hrtimer_expire_entry(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn hrtimer_cancel(ctx: TracePointContext) -> u32 {
     ended(&ctx, kind::FD_WAKEUP)
+}
+
+/// A watched thread asleep in a wait without a sleep timer (an infinite timeout) that is
+/// switched in again was woken by an fd (or a signal): one fd wakeup. The switch-out of a
+/// watched thread in a wait syscall, asleep with no timer armed, marks it.
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    // SAFETY: fields of the tracepoint record at the offsets userspace checked.
+    let (prev_state, next) = unsafe {
+        (
+            ctx.read_at::<i64>(SWITCH_PREV_STATE).unwrap_or(0),
+            ctx.read_at::<u32>(SWITCH_NEXT_PID).unwrap_or(0),
+        )
+    };
+    if next != 0
+        && let Some(slot) = thread_wait(next)
+    {
+        // SAFETY: a slot of this thread; copied out before it is freed.
+        let (state, tgid, syscall) = unsafe {
+            (
+                core::ptr::read_volatile(&(*slot).state),
+                core::ptr::read_volatile(&(*slot).tgid),
+                core::ptr::read_volatile(&(*slot).syscall),
+            )
+        };
+        // Switched in: its sleep is over either way (an armed timer's expiry or cancel is
+        // counted by the timer, and clearing here keeps a skipped one from blinding the
+        // thread's next infinite wait).
+        clear_thread_wait(slot);
+        if state == thread_wait::ASLEEP
+            && let Some(watched) = watched(tgid)
+        {
+            count_wait(&watched, kind::FD_WAKEUP, u64::from(syscall));
+        }
+    }
+    if prev_state != TASK_INTERRUPTIBLE {
+        return 0;
+    }
+    // The task switched out is the current one.
+    let (tgid, tid) = current_ids();
+    let Some(flags) = watched(tgid).map(|w| w.flags) else {
+        return 0;
+    };
+    if flags & watch_flag::WAITS_BY_HRTIMER == 0 {
+        return 0;
+    }
+    if let Some(slot) = thread_wait(tid) {
+        // SAFETY: a slot of this thread.
+        if unsafe { core::ptr::read_volatile(&(*slot).state) } == thread_wait::ARMED {
+            return 0;
+        }
+    }
+    if let Some(syscall) = current_wait_syscall() {
+        set_thread_wait(tid, tgid, thread_wait::ASLEEP, syscall);
+    }
+    0
 }

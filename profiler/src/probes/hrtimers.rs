@@ -1,11 +1,13 @@
 //! The hrtimer tracepoints as a timer source (`--timer-source hrtimer`; the kernel side is
 //! `profiler-ebpf/src/probes/hrtimers.rs`): a watched thread's wait with a finite timeout arms
 //! a sleep timer, which expires (a `timer` event) or is cancelled by an earlier wakeup (an fd
-//! wakeup). Only processes that arm sleep timers run more than one map lookup; a watched
-//! QEMU takes no trap (the libc uprobes cost it two per wait call).
+//! wakeup). A wait with an infinite timeout arms no timer: `sched:sched_switch` sees its
+//! thread go to sleep in it and come back (an fd wakeup). Other processes run one array load
+//! per timer they arm and per context switch; a watched QEMU takes no trap (the libc uprobes
+//! cost it one per wait call, zero-timeout polls included).
 //!
 //! What it needs, checked at load (otherwise the source is unavailable, with the reason):
-//! the three `timer:` tracepoints with the field layout the programs read, the address of
+//! the four tracepoints with the field layout the programs read, the address of
 //! `hrtimer_wakeup` in `/proc/kallsyms`, and programs that load (they read the syscall number
 //! through `bpf_task_pt_regs`, Linux 5.15).
 
@@ -20,16 +22,23 @@ use profiler_common::Sleeper;
 
 use super::{detacher::Detach, tracepoint_group::TracepointGroup};
 
-/// The programs, named after their tracepoints in `timer:`.
-const PROGRAMS: [&str; 3] = [START_PROGRAM, "hrtimer_expire_entry", "hrtimer_cancel"];
+/// The programs, named after their tracepoints: (category, name).
+const PROGRAMS: [(&str, &str); 4] = [
+    ("timer", START_PROGRAM),
+    ("timer", "hrtimer_expire_entry"),
+    ("timer", "hrtimer_cancel"),
+    ("sched", "sched_switch"),
+];
 /// The one the libc result probes need (it marks a ppoll that armed its timeout).
 pub const START_PROGRAM: &str = "hrtimer_start";
-/// Field offsets the programs read: (event, field, offset).
-const LAYOUT: [(&str, &str, usize); 4] = [
-    ("hrtimer_start", "hrtimer", 8),
-    ("hrtimer_start", "function", 16),
-    ("hrtimer_expire_entry", "hrtimer", 8),
-    ("hrtimer_cancel", "hrtimer", 8),
+/// Field offsets the programs read: (category, event, field, offset, size).
+const LAYOUT: [(&str, &str, &str, usize, usize); 6] = [
+    ("timer", "hrtimer_start", "hrtimer", 8, 8),
+    ("timer", "hrtimer_start", "function", 16, 8),
+    ("timer", "hrtimer_expire_entry", "hrtimer", 8, 8),
+    ("timer", "hrtimer_cancel", "hrtimer", 8, 8),
+    ("sched", "sched_switch", "prev_state", 32, 8),
+    ("sched", "sched_switch", "next_pid", 56, 4),
 ];
 /// Armed sleep timers of watched threads.
 pub const SLEEPERS_MAP: &str = "SLEEPERS";
@@ -48,23 +57,28 @@ pub fn kallsyms_address(text: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// Checks the field layout of the `timer:` tracepoints against what the programs read.
+/// Checks the field layout of the tracepoints against what the programs read.
 fn check_layout(tracefs: &Path) -> anyhow::Result<()> {
-    for (event, field, offset) in LAYOUT {
-        let path = tracefs.join("events/timer").join(event).join("format");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("tracepoint timer:{event}: reading {}", path.display()))?;
+    for (category, event, field, offset, size) in LAYOUT {
+        let path = tracefs
+            .join("events")
+            .join(category)
+            .join(event)
+            .join("format");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("tracepoint {category}:{event}: reading {}", path.display())
+        })?;
         let format = super::kvm::parse_format(&text)
             .with_context(|| format!("parsing {}", path.display()))?;
         match format.field(field) {
-            Some(f) if f.offset == offset && f.size == 8 => {}
+            Some(f) if f.offset == offset && f.size == size => {}
             Some(f) => bail!(
-                "timer:{event} has `{field}` at offset {} (size {}), the programs read it at \
-                 {offset} (size 8)",
+                "{category}:{event} has `{field}` at offset {} (size {}), the programs read it \
+                 at {offset} (size {size})",
                 f.offset,
                 f.size
             ),
-            None => bail!("timer:{event} has no field `{field}`"),
+            None => bail!("{category}:{event} has no field `{field}`"),
         }
     }
     Ok(())
@@ -96,12 +110,17 @@ impl HrtimerWaits {
                     .context("map HRTIMER_WAKEUP missing")?,
             )?;
             slot.set(0, wakeup, 0)?;
-            TracepointGroup::load(ebpf, "timer", PROGRAMS.map(String::from).to_vec())
+            TracepointGroup::load(
+                ebpf,
+                PROGRAMS
+                    .map(|(category, name)| (category, name.to_string()))
+                    .to_vec(),
+            )
         })()
         .map_err(|e| format!("{e:#}"));
         let starts = group
             .is_ok()
-            .then(|| TracepointGroup::loaded("timer", vec![START_PROGRAM.to_string()]));
+            .then(|| TracepointGroup::loaded(vec![("timer", START_PROGRAM.to_string())]));
         Self { group, starts }
     }
 

@@ -18,11 +18,10 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut TracePo
         .try_into()?)
 }
 
-/// Tracepoints of one category, each served by the program of the same name.
+/// Tracepoints, each `(category, name)` served by the program of the same name.
 #[derive(Debug)]
 pub struct TracepointGroup {
-    category: &'static str,
-    programs: Vec<String>,
+    programs: Vec<(&'static str, String)>,
     /// (program, link) of every tracepoint, when attached.
     links: Vec<(String, TracePointLinkId)>,
     /// The VMs counted by them.
@@ -31,23 +30,18 @@ pub struct TracepointGroup {
 
 impl TracepointGroup {
     /// Loads the programs (verifying them now, so a later attach cannot fail on that).
-    pub fn load(
-        ebpf: &mut Ebpf,
-        category: &'static str,
-        programs: Vec<String>,
-    ) -> anyhow::Result<Self> {
-        for name in &programs {
+    pub fn load(ebpf: &mut Ebpf, programs: Vec<(&'static str, String)>) -> anyhow::Result<Self> {
+        for (_, name) in &programs {
             program(ebpf, name)?
                 .load()
                 .with_context(|| format!("loading eBPF program {name}"))?;
         }
-        Ok(Self::loaded(category, programs))
+        Ok(Self::loaded(programs))
     }
 
     /// A group of programs another group already loaded (one program, two sets of users).
-    pub fn loaded(category: &'static str, programs: Vec<String>) -> Self {
+    pub fn loaded(programs: Vec<(&'static str, String)>) -> Self {
         Self {
-            category,
             programs,
             links: Vec::new(),
             users: BTreeSet::new(),
@@ -57,11 +51,10 @@ impl TracepointGroup {
     /// Counts `pid`: attaches every tracepoint if none is (all or none).
     pub fn acquire(&mut self, ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
         if self.links.is_empty() {
-            for name in self.programs.clone() {
+            for (category, name) in self.programs.clone() {
                 let attached = program(ebpf, &name).and_then(|p| {
-                    p.attach(self.category, &name).with_context(|| {
-                        format!("attaching to tracepoint {}:{name}", self.category)
-                    })
+                    p.attach(category, &name)
+                        .with_context(|| format!("attaching to tracepoint {category}:{name}"))
                 });
                 match attached {
                     Ok(link) => self.links.push((name, link)),
