@@ -1,6 +1,8 @@
 //! End-to-end: `--max-overhead` keeps a busy guest's probes within budget by duty-cycling
 //! them, and its scaled counts stay close to what an unbudgeted profiler counts exactly at
-//! the same time (as root, on the USDT QEMU).
+//! the same time (as root, on the USDT QEMU). Its waits are counted by the libc uprobes, the
+//! source whose every wait is a uprobe hit (the default hrtimer tracepoints are never paused:
+//! their counts stay exact, and only the callback and read/write uprobes are duty-cycled).
 
 mod common;
 
@@ -23,6 +25,8 @@ fn recorder(extra: &[&str], out: &std::path::Path) -> Child {
             "32",
             "--vm",
             "e2e-budget",
+            "--timer-source",
+            "libc",
         ])
         .args(extra)
         .arg("--output")
@@ -98,6 +102,8 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
                 "e2e-budget",
                 "--max-overhead",
                 "0.2",
+                "--timer-source",
+                "libc",
             ])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())

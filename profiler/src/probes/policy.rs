@@ -43,8 +43,9 @@ pub enum TimerSource {
     /// The `syscalls:sys_{enter,exit}_*` tracepoints of the wait syscalls: any QEMU, but while
     /// attached every syscall of every task on the host takes the slow path.
     SyscallTracepoints,
-    /// The `timer:hrtimer_*` tracepoints of the sleep timers its waits arm: no trap in the
-    /// QEMU, nothing for syscalls; fd wakeups only of waits that armed a timer.
+    /// The `timer:hrtimer_*` tracepoints of the sleep timers its waits arm, and
+    /// `sched:sched_switch` for its waits without one: no trap in the QEMU, nothing for
+    /// syscalls; fd wakeups only of waits that slept.
     HrtimerTracepoints,
 }
 
@@ -75,19 +76,21 @@ impl TimerSource {
 /// Which timer sources the user allows (`--timer-source`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum TimerChoice {
-    /// libc uprobes where the process's C library has the wait functions, else the syscall
-    /// tracepoints.
+    /// The hrtimer tracepoints where the kernel offers them (no trap in QEMU, nothing for
+    /// syscalls), else libc uprobes where the process's C library has the wait functions,
+    /// else the syscall tracepoints.
     #[default]
     Auto,
-    /// libc uprobes only (a QEMU they cannot serve has no timer counts).
+    /// libc uprobes only (a QEMU they cannot serve has no timer counts): every wait's result,
+    /// a trap per wait call.
     Libc,
     /// libc uprobes at the wait functions' entry and return only (two traps per wait: to
     /// compare, or where the result sites misbehave).
     LibcEntryReturn,
     /// The syscall tracepoints for every QEMU.
     Syscall,
-    /// The hrtimer tracepoints for every QEMU: timer wakeups exact at the least cost to
-    /// QEMU and the host; fd wakeups only where they end a wait with a finite timeout
+    /// The hrtimer tracepoints for every QEMU (what `auto` picks where they load): timer
+    /// wakeups at the least cost to QEMU and the host; fd wakeups of the waits that slept
     /// (docs/events.md).
     Hrtimer,
 }
@@ -263,10 +266,16 @@ pub fn timer_plan(
     use TimerSource::*;
     match (choice, libc) {
         (TimerChoice::Auto, Ok(())) => (
-            vec![LibcUprobes, LibcEntryReturnUprobes, SyscallTracepoints],
+            vec![
+                HrtimerTracepoints,
+                LibcUprobes,
+                LibcEntryReturnUprobes,
+                SyscallTracepoints,
+            ],
             None,
         ),
-        (TimerChoice::Auto, Err(_)) | (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
+        (TimerChoice::Auto, Err(_)) => (vec![HrtimerTracepoints, SyscallTracepoints], None),
+        (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
         (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes, LibcEntryReturnUprobes], None),
         (TimerChoice::LibcEntryReturn, Ok(())) => (vec![LibcEntryReturnUprobes], None),
         (TimerChoice::Hrtimer, _) => (vec![HrtimerTracepoints], None),
@@ -671,16 +680,21 @@ mod tests {
     }
 
     #[test]
-    fn timer_source_libc_first_syscall_tracepoints_as_fallback_hrtimer_on_request() {
+    fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
         use TimerSource::*;
         let no_libc: Result<(), String> = Err("no C library mapped".into());
         assert_eq!(
             timer_plan(&Ok(()), TimerChoice::Auto).0,
-            [LibcUprobes, LibcEntryReturnUprobes, SyscallTracepoints]
+            [
+                HrtimerTracepoints,
+                LibcUprobes,
+                LibcEntryReturnUprobes,
+                SyscallTracepoints
+            ]
         );
         assert_eq!(
             timer_plan(&no_libc, TimerChoice::Auto).0,
-            [SyscallTracepoints]
+            [HrtimerTracepoints, SyscallTracepoints]
         );
         assert_eq!(
             timer_plan(&Ok(()), TimerChoice::Syscall).0,
@@ -734,7 +748,7 @@ mod tests {
                 .starts_with("unavailable: --timer-source libc")
         );
         let p = plan(&readable(true, FULL), Accel::Tcg, &kvm_ok());
-        assert_eq!(p.expected().timer, Ok(LibcUprobes));
+        assert_eq!(p.expected().timer, Ok(HrtimerTracepoints));
 
         // Settling: the first that attached; else the first failure, named.
         assert_eq!(

@@ -34,6 +34,9 @@ fn record(profiler: &Path, extra: &[&str], secs: u64, out: &Path) -> anyhow::Res
     cmd.args(["record", "--window", &WINDOW.to_string()])
         .args(["--duration", &secs.to_string()])
         .args(["--vm", VM])
+        // The libc source: every wait is a uprobe hit, the load a budget exists for (the
+        // default hrtimer tracepoints are never paused, so only callbacks would be).
+        .args(["--timer-source", "libc"])
         .args(extra)
         .arg("--output")
         .arg(out)
@@ -302,7 +305,9 @@ pub fn run(
     let body = format!(
         "## The overhead budget on a busy guest\n\n\
          `{command}`: the USDT QEMU running the UHCI-tablet guest (frame timer at ~1 kHz), \
-         recorded with `--window {WINDOW}`, beside an identical twin guest that is never \
+         recorded with `--window {WINDOW} --timer-source libc` (its waits counted by uprobes, \
+         one hit each: the load a budget is for; the default hrtimer tracepoints are never \
+         paused), beside an identical twin guest that is never \
          profiled. QEMU's CPU over {SPAN} s after the first {SETTLE} s, medians of {rounds} \
          interleaved round(s), with nothing running measured twice per round; what the probes \
          add is the median of the profiled guest's CPU minus its twin's, span by span, against \
