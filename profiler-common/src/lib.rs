@@ -2,7 +2,7 @@
 //!
 //! Everything here is `#[repr(C)]` and plain old data: the kernel side writes these into BPF
 //! maps and the userspace side reads them back byte for byte.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 // The replay store of `kvm::replay` (tests and userspace) uses std's maps.
 #[cfg(any(test, feature = "user"))]
@@ -289,16 +289,23 @@ pub struct Sleeper {
     pub tgid: u32,
     /// One of [`wait_syscall`] (as u32).
     pub syscall: u32,
-    /// The sleeping thread (its [`ThreadWait`] slot says the timer is armed).
-    pub tid: u32,
-    pub _reserved: u32,
+    /// The sleeping thread's `struct task_struct *` (its [`ThreadWait`] slot says the timer
+    /// is armed).
+    pub task: u64,
 }
 
 /// Slots of the `THREAD_WAITS` array (hrtimer source), one per watched thread by
-/// `tid % THREAD_WAIT_SLOTS`: a thread whose tid shares a slot with another watched thread's
-/// overwrites it (the `tid` field tells them apart, so a lost mark is a missed count, never a
-/// wrong one).
+/// [`thread_wait_slot`] of its `struct task_struct *` (what `sched_switch`'s raw tracepoint
+/// hands over for the task switched in): a thread whose slot another watched thread's shares
+/// overwrites it (the `task` field tells them apart, so a lost mark is a missed count, never
+/// a wrong one).
 pub const THREAD_WAIT_SLOTS: u32 = 65536;
+
+/// The `THREAD_WAITS` slot of the task at kernel address `task`: a multiplicative hash (task
+/// structs are slab objects kilobytes apart, whose low bits say little).
+pub const fn thread_wait_slot(task: u64) -> u32 {
+    (task.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as u32 % THREAD_WAIT_SLOTS
+}
 
 /// What a watched thread is doing in a wait syscall (hrtimer source): it armed a sleep timer
 /// (whose expiry or cancel counts the wait), or it went to sleep without one (an infinite
@@ -306,13 +313,15 @@ pub const THREAD_WAIT_SLOTS: u32 = 65536;
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ThreadWait {
-    /// The thread; 0 for a free slot. Written last when a slot is filled, first when freed.
-    pub tid: u32,
+    /// The thread's `struct task_struct *`; 0 for a free slot. Written last when a slot is
+    /// filled, first when freed.
+    pub task: u64,
     pub tgid: u32,
     /// One of [`thread_wait`].
     pub state: u32,
     /// One of [`wait_syscall`] (as u32).
     pub syscall: u32,
+    pub _reserved: u32,
 }
 
 /// [`ThreadWait::state`] values.
@@ -457,6 +466,18 @@ pub const MAX_REGION_NAMES: u32 = 128 * SIZED_FOR_VMS;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_wait_slots_spread_task_structs() {
+        // Task structs of one slab: ~10 KiB apart. Consecutive ones must not pile into a few
+        // slots (the raw tracepoint finds a thread's slot by its task pointer alone).
+        let base = 0xffff_8881_0a40_0000_u64;
+        let slots: std::collections::BTreeSet<u32> = (0..4096u64)
+            .map(|i| thread_wait_slot(base + i * 10_304))
+            .collect();
+        assert!(slots.len() > 3900, "{} distinct slots of 4096", slots.len());
+        assert!(slots.iter().all(|&s| s < THREAD_WAIT_SLOTS));
+    }
 
     fn spec(arg: UsdtArgSpec) -> UsdtSpec {
         let mut args = [UsdtArgSpec::default(); USDT_MAX_ARGS];

@@ -261,8 +261,8 @@ fn every_timer_source_counts_exactly_and_only_the_fallback_taxes_others() {
     assert_eq!(label, "hrtimer", "the default timer source");
     let slept = LATE + INFINITE;
     // Never more than happened; in one fresh-clone CI run 3 of the 400 expiries were not
-    // counted (cause not established; a skipped nested BPF run is the suspect, and the records
-    // now say how many runs the kernel skipped): within 2 %.
+    // counted, when the expiry was a classic tracepoint (skipped by the kernel whenever the
+    // timer interrupt lands in another BPF program; now a raw tracepoint): within 2 %.
     assert!(
         timer <= TIMERS && timer * 100 >= TIMERS * 98,
         "hrtimer tracepoints: {timer} timers of {TIMERS} ({dropped} updates dropped)"

@@ -16,18 +16,20 @@
 //! zero-timeout one (see `libc_waits.rs`).
 //!
 //! Tracepoint layouts (tracefs `events/timer/*/format`, checked by userspace at load):
-//! `hrtimer_start`: hrtimer @8, function @16; `hrtimer_expire_entry` and `hrtimer_cancel`:
-//! hrtimer @8; `sched_switch`: prev_state @32, next_pid @56.
+//! `hrtimer_start`: hrtimer @8, function @16; `hrtimer_cancel`: hrtimer @8.
+//! `hrtimer_expire_entry` and `sched_switch` are raw tracepoints (their arguments).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs},
-    macros::{map, tracepoint},
+    helpers::{
+        bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs,
+    },
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use profiler_common::{
-    MAX_PENDING, Sleeper, THREAD_WAIT_SLOTS, ThreadWait, dropped, kind, thread_wait, wait_syscall,
-    watch_flag,
+    MAX_PENDING, Sleeper, THREAD_WAIT_SLOTS, ThreadWait, dropped, kind, thread_wait,
+    thread_wait_slot, wait_syscall, watch_flag,
 };
 
 use super::timers::mark_ppoll_timer;
@@ -35,11 +37,8 @@ use crate::maps::{count_wait, current_ids, note_insert, watched};
 
 const HRTIMER: usize = 8;
 const START_FUNCTION: usize = 16;
-const SWITCH_PREV_STATE: usize = 32;
-const SWITCH_NEXT_PID: usize = 56;
-/// `prev_state` of a task that went to sleep interruptibly (not preempted: a preemption
-/// reports `TASK_REPORT_MAX` alone).
-const TASK_INTERRUPTIBLE: i64 = 1;
+/// `prev_state` (the raw task state) of a task that went to sleep interruptibly.
+const TASK_INTERRUPTIBLE: u64 = 1;
 /// `offsetof(struct pt_regs, orig_ax)` on x86-64: the number of the syscall in progress.
 const PT_REGS_ORIG_AX: usize = 120;
 /// x86-64 syscall numbers of the waits QEMU's event loops make with a timeout.
@@ -56,30 +55,30 @@ pub static HRTIMER_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static SLEEPERS: HashMap<u64, Sleeper> = HashMap::with_max_entries(MAX_PENDING, 0);
 
-/// Each watched thread's wait (by `tid % THREAD_WAIT_SLOTS`): armed sleep timer, or asleep
-/// without one.
+/// Each watched thread's wait (by [`thread_wait_slot`] of its task struct): armed sleep
+/// timer, or asleep without one.
 #[map]
 pub static THREAD_WAITS: Array<ThreadWait> = Array::with_max_entries(THREAD_WAIT_SLOTS, 0);
 
-/// The slot of thread `tid`, if it holds that thread.
+/// The slot of the task at `task`, if it holds that task.
 #[inline(always)]
-fn thread_wait(tid: u32) -> Option<*mut ThreadWait> {
-    let slot = THREAD_WAITS.get_ptr_mut(tid % THREAD_WAIT_SLOTS)?;
+fn thread_wait(task: u64) -> Option<*mut ThreadWait> {
+    let slot = THREAD_WAITS.get_ptr_mut(thread_wait_slot(task))?;
     // SAFETY: a map value, valid for the map's life; other CPUs write it, so read once.
-    (unsafe { core::ptr::read_volatile(&(*slot).tid) } == tid).then_some(slot)
+    (unsafe { core::ptr::read_volatile(&(*slot).task) } == task).then_some(slot)
 }
 
-/// Fills thread `tid`'s slot (`tid` last, so a reader never sees it with another's fields).
+/// Fills `task`'s slot (`task` last, so a reader never sees it with another's fields).
 #[inline(always)]
-fn set_thread_wait(tid: u32, tgid: u32, state: u32, syscall: u32) {
-    if let Some(slot) = THREAD_WAITS.get_ptr_mut(tid % THREAD_WAIT_SLOTS) {
+fn set_thread_wait(task: u64, tgid: u32, state: u32, syscall: u32) {
+    if let Some(slot) = THREAD_WAITS.get_ptr_mut(thread_wait_slot(task)) {
         // SAFETY: as in thread_wait.
         unsafe {
-            core::ptr::write_volatile(&mut (*slot).tid, 0);
+            core::ptr::write_volatile(&mut (*slot).task, 0);
             core::ptr::write_volatile(&mut (*slot).tgid, tgid);
             core::ptr::write_volatile(&mut (*slot).state, state);
             core::ptr::write_volatile(&mut (*slot).syscall, syscall);
-            core::ptr::write_volatile(&mut (*slot).tid, tid);
+            core::ptr::write_volatile(&mut (*slot).task, task);
         }
     }
 }
@@ -88,7 +87,14 @@ fn set_thread_wait(tid: u32, tgid: u32, state: u32, syscall: u32) {
 #[inline(always)]
 fn clear_thread_wait(slot: *mut ThreadWait) {
     // SAFETY: a slot returned by thread_wait.
-    unsafe { core::ptr::write_volatile(&mut (*slot).tid, 0) }
+    unsafe { core::ptr::write_volatile(&mut (*slot).task, 0) }
+}
+
+/// The current task's `struct task_struct *`.
+#[inline(always)]
+fn current_task() -> u64 {
+    // SAFETY: a helper of tracing programs; the address is only compared, never dereferenced.
+    unsafe { bpf_get_current_task() }
 }
 
 /// The wait syscall the current task is in, if it is one QEMU's event loops wait in.
@@ -145,29 +151,27 @@ pub fn hrtimer_start(ctx: TracePointContext) -> u32 {
         }
         return 0;
     }
+    let task = current_task();
     let sleeper = Sleeper {
         tgid,
         syscall,
-        tid,
-        _reserved: 0,
+        task,
     };
     note_insert(dropped::SLEEPERS, SLEEPERS.insert(timer, sleeper, 0));
     // Its sleep is this timer's to count, not sched_switch's.
-    set_thread_wait(tid, tgid, thread_wait::ARMED, syscall);
+    set_thread_wait(task, tgid, thread_wait::ARMED, syscall);
     0
 }
 
-/// Counts the end of an armed sleep timer as `kind`, if it is one of ours.
+/// Counts the end of the armed sleep timer at `timer` as `kind`, if it is one of ours.
 #[inline(always)]
-fn ended(ctx: &TracePointContext, kind: u32) -> u32 {
-    // SAFETY: field of the tracepoint record at the offset userspace checked.
-    let timer = unsafe { ctx.read_at::<u64>(HRTIMER).unwrap_or(0) };
+fn ended(timer: u64, kind: u32) -> u32 {
     // SAFETY: the value is copied out before the entry is removed.
     let Some(sleeper) = (unsafe { SLEEPERS.get(timer) }).copied() else {
         return 0;
     };
     let _ = SLEEPERS.remove(timer);
-    if let Some(slot) = thread_wait(sleeper.tid) {
+    if let Some(slot) = thread_wait(sleeper.task) {
         // SAFETY: a slot of this thread.
         if unsafe { core::ptr::read_volatile(&(*slot).state) } == thread_wait::ARMED {
             clear_thread_wait(slot);
@@ -184,32 +188,39 @@ fn ended(ctx: &TracePointContext, kind: u32) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn hrtimer_expire_entry(ctx: TracePointContext) -> u32 {
-    ended(&ctx, kind::TIMER)
+/// A raw tracepoint, not a classic one: the expiry runs in the timer interrupt, which can
+/// land while another BPF program (a USDT probe of a vCPU thread, `hrtimer_start`) runs on
+/// that CPU. The kernel then skips a classic tracepoint's program (one "BPF program active"
+/// flag per CPU for them all) and the timer event would be lost; a raw tracepoint's program
+/// is skipped only when it interrupts itself. Argument 0 is the `struct hrtimer *`.
+#[raw_tracepoint(tracepoint = "hrtimer_expire_entry")]
+pub fn hrtimer_expire_entry(ctx: RawTracePointContext) -> i32 {
+    ended(ctx.arg::<u64>(0), kind::TIMER);
+    0
 }
 
 #[tracepoint]
 pub fn hrtimer_cancel(ctx: TracePointContext) -> u32 {
-    ended(&ctx, kind::FD_WAKEUP)
+    // SAFETY: field of the tracepoint record at the offset userspace checked.
+    let timer = unsafe { ctx.read_at::<u64>(HRTIMER).unwrap_or(0) };
+    ended(timer, kind::FD_WAKEUP)
 }
 
 /// A watched thread asleep in a wait without a sleep timer (an infinite timeout) that is
 /// switched in again was woken by an fd (or a signal): one fd wakeup. The switch-out of a
 /// watched thread in a wait syscall, asleep with no timer armed, marks it.
-#[tracepoint]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
-    // SAFETY: fields of the tracepoint record at the offsets userspace checked.
-    let (prev_state, next) = unsafe {
-        (
-            ctx.read_at::<i64>(SWITCH_PREV_STATE).unwrap_or(0),
-            ctx.read_at::<u32>(SWITCH_NEXT_PID).unwrap_or(0),
-        )
-    };
+///
+/// A raw tracepoint: it runs at every context switch on the host, and a classic one would
+/// first build the event's record (two task names, pids, priorities) for every one of them.
+/// Arguments (Linux 5.18+, checked by userspace): `bool preempt`, `struct task_struct *prev`
+/// (the current task), `*next`, `unsigned int prev_state`.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+    let next: u64 = ctx.arg(2);
     if next != 0
         && let Some(slot) = thread_wait(next)
     {
-        // SAFETY: a slot of this thread; copied out before it is freed.
+        // SAFETY: a slot of this task; copied out before it is freed.
         let (state, tgid, syscall) = unsafe {
             (
                 core::ptr::read_volatile(&(*slot).state),
@@ -227,25 +238,29 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
             count_wait(&watched, kind::FD_WAKEUP, u64::from(syscall));
         }
     }
-    if prev_state != TASK_INTERRUPTIBLE {
+    // Preempted with its state already set is not asleep: it runs again without a wakeup.
+    let preempt: u64 = ctx.arg(0);
+    let prev_state: u64 = ctx.arg(3);
+    if preempt & 0xff != 0 || prev_state & 0xffff_ffff != TASK_INTERRUPTIBLE {
         return 0;
     }
     // The task switched out is the current one.
-    let (tgid, tid) = current_ids();
+    let (tgid, _) = current_ids();
     let Some(flags) = watched(tgid).map(|w| w.flags) else {
         return 0;
     };
     if flags & watch_flag::WAITS_BY_HRTIMER == 0 {
         return 0;
     }
-    if let Some(slot) = thread_wait(tid) {
-        // SAFETY: a slot of this thread.
+    let task: u64 = ctx.arg(1);
+    if let Some(slot) = thread_wait(task) {
+        // SAFETY: a slot of this task.
         if unsafe { core::ptr::read_volatile(&(*slot).state) } == thread_wait::ARMED {
             return 0;
         }
     }
     if let Some(syscall) = current_wait_syscall() {
-        set_thread_wait(tid, tgid, thread_wait::ASLEEP, syscall);
+        set_thread_wait(task, tgid, thread_wait::ASLEEP, syscall);
     }
     0
 }

@@ -1,13 +1,13 @@
 //! The hrtimer tracepoints as a timer source (`--timer-source hrtimer`; the kernel side is
 //! `profiler-ebpf/src/probes/hrtimers.rs`): a watched thread's wait with a finite timeout arms
 //! a sleep timer, which expires (a `timer` event) or is cancelled by an earlier wakeup (an fd
-//! wakeup). A wait with an infinite timeout arms no timer: `sched:sched_switch` sees its
-//! thread go to sleep in it and come back (an fd wakeup). Other processes run one array load
+//! wakeup). A wait with an infinite timeout arms no timer: the `sched_switch` raw tracepoint
+//! sees its thread go to sleep in it and come back (an fd wakeup). Other processes run one array load
 //! per timer they arm and per context switch; a watched QEMU takes no trap (the libc uprobes
 //! cost it one per wait call, zero-timeout polls included).
 //!
 //! What it needs, checked at load (otherwise the source is unavailable, with the reason):
-//! the four tracepoints with the field layout the programs read, the address of
+//! the classic tracepoints with the field layout the programs read, the address of
 //! `hrtimer_wakeup` in `/proc/kallsyms`, and programs that load (they read the syscall number
 //! through `bpf_task_pt_regs`, Linux 5.15).
 
@@ -20,25 +20,30 @@ use aya::{
 };
 use profiler_common::Sleeper;
 
-use super::{detacher::Detach, tracepoint_group::TracepointGroup};
+use super::{
+    detacher::Detach,
+    tracepoint_group::{Tracepoint, TracepointGroup},
+};
 
-/// The programs, named after their tracepoints: (category, name).
-const PROGRAMS: [(&str, &str); 4] = [
-    ("timer", START_PROGRAM),
-    ("timer", "hrtimer_expire_entry"),
-    ("timer", "hrtimer_cancel"),
-    ("sched", "sched_switch"),
+/// The programs, named after their tracepoints. The expiry's is a raw tracepoint: it runs
+/// in the timer interrupt, where a classic tracepoint's program is skipped whenever another
+/// BPF program was running on that CPU (a lost timer event). `sched_switch`'s too: it runs
+/// at every context switch on the host, and a classic tracepoint builds its record first.
+/// (Its raw arguments include `prev_state` since Linux 5.18; an older kernel refuses the
+/// attach, as the program reads that argument, and the source is then unavailable.)
+const PROGRAMS: [(Tracepoint, &str); 4] = [
+    (Tracepoint::Classic("timer"), START_PROGRAM),
+    (Tracepoint::Raw, "hrtimer_expire_entry"),
+    (Tracepoint::Classic("timer"), "hrtimer_cancel"),
+    (Tracepoint::Raw, "sched_switch"),
 ];
 /// The one the libc result probes need (it marks a ppoll that armed its timeout).
 pub const START_PROGRAM: &str = "hrtimer_start";
 /// Field offsets the programs read: (category, event, field, offset, size).
-const LAYOUT: [(&str, &str, &str, usize, usize); 6] = [
+const LAYOUT: [(&str, &str, &str, usize, usize); 3] = [
     ("timer", "hrtimer_start", "hrtimer", 8, 8),
     ("timer", "hrtimer_start", "function", 16, 8),
-    ("timer", "hrtimer_expire_entry", "hrtimer", 8, 8),
     ("timer", "hrtimer_cancel", "hrtimer", 8, 8),
-    ("sched", "sched_switch", "prev_state", 32, 8),
-    ("sched", "sched_switch", "next_pid", 56, 4),
 ];
 /// Armed sleep timers of watched threads.
 pub const SLEEPERS_MAP: &str = "SLEEPERS";
@@ -113,14 +118,17 @@ impl HrtimerWaits {
             TracepointGroup::load(
                 ebpf,
                 PROGRAMS
-                    .map(|(category, name)| (category, name.to_string()))
+                    .map(|(kind, name)| (kind, name.to_string()))
                     .to_vec(),
             )
         })()
         .map_err(|e| format!("{e:#}"));
-        let starts = group
-            .is_ok()
-            .then(|| TracepointGroup::loaded(vec![("timer", START_PROGRAM.to_string())]));
+        let starts = group.is_ok().then(|| {
+            TracepointGroup::loaded(vec![(
+                Tracepoint::Classic("timer"),
+                START_PROGRAM.to_string(),
+            )])
+        });
         Self { group, starts }
     }
 

@@ -31,7 +31,12 @@ pub type SyscallWaits = super::tracepoint_group::TracepointGroup;
 /// Loads the wait-syscall programs (verifying them now, so a later attach cannot fail on
 /// that).
 pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<SyscallWaits> {
-    SyscallWaits::load(ebpf, programs().map(|p| ("syscalls", p)).collect())
+    SyscallWaits::load(
+        ebpf,
+        programs()
+            .map(|p| (super::tracepoint_group::Tracepoint::Classic("syscalls"), p))
+            .collect(),
+    )
 }
 
 /// The per-thread wait state map (thread id -> [`profiler_common::PendingWait`]).
