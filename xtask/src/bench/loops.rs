@@ -21,6 +21,11 @@ pub enum LoopKind {
     /// `ppoll(NULL, 0, {0,20µs}, NULL)`: sleeps and times out, as QEMU's timer waits do; its
     /// figure is CPU time per call (the sleep is not a cost).
     PpollTimed,
+    /// A round trip of one byte through two pipes to a second thread on the same CPU and
+    /// back: each side sleeps in `read` and is woken, a context switch each way (what every
+    /// task that blocks pays a `sched:sched_switch` program for); CPU time of the calling
+    /// thread.
+    PipeRoundTrip,
 }
 
 impl LoopKind {
@@ -29,6 +34,7 @@ impl LoopKind {
             LoopKind::Getppid => "getppid",
             LoopKind::PpollZero => "ppoll",
             LoopKind::PpollTimed => "ppoll-timed",
+            LoopKind::PipeRoundTrip => "pipe-round-trip",
         }
     }
 }
@@ -46,7 +52,8 @@ pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
         Some("getppid") => LoopKind::Getppid,
         Some("ppoll") => LoopKind::PpollZero,
         Some("ppoll-timed") => LoopKind::PpollTimed,
-        other => bail!("--kind getppid|ppoll|ppoll-timed, not {other:?}"),
+        Some("pipe-round-trip") => LoopKind::PipeRoundTrip,
+        other => bail!("--kind getppid|ppoll|ppoll-timed|pipe-round-trip, not {other:?}"),
     };
     let calls: u64 = value("--calls")
         .context("--calls N")?
@@ -82,9 +89,49 @@ pub fn syscall_loop_main(args: &[String]) -> anyhow::Result<()> {
                 libc::ppoll(std::ptr::null_mut(), 0, &timed, std::ptr::null())
             });
         }),
+        LoopKind::PipeRoundTrip => pipe_round_trips(calls)?,
     };
     println!("ns_per_call={ns:.1}");
     Ok(())
+}
+
+/// CPU ns per round trip (fastest chunk) of one byte to an echo thread and back, both threads
+/// on one CPU: each round trip is two context switches from one thread straight to the other
+/// (on two CPUs it would be four, through the idle task and a wake-up interrupt, whose cost
+/// depends on where the scheduler puts them each time).
+fn pipe_round_trips(calls: u64) -> anyhow::Result<f64> {
+    use std::io::{Read as _, Write as _};
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread (the echo thread, spawned
+    // next, inherits it).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    let (mut to_echo_r, mut to_echo_w) = std::io::pipe()?;
+    let (mut from_echo_r, mut from_echo_w) = std::io::pipe()?;
+    let echo = std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        while to_echo_r.read_exact(&mut b).is_ok() && from_echo_w.write_all(&b).is_ok() {}
+    });
+    let mut failed = None;
+    let ns = fastest_chunk(calls, || {
+        let mut b = [1u8; 1];
+        if let Err(e) = to_echo_w
+            .write_all(&b)
+            .and_then(|()| from_echo_r.read_exact(&mut b))
+        {
+            failed.get_or_insert(e);
+        }
+    });
+    drop(to_echo_w);
+    let _ = echo.join();
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(ns),
+    }
 }
 
 /// Chunks a zero-timeout loop is cut into; its figure is the fastest chunk's.

@@ -98,7 +98,7 @@ fn bpf_ms(summary: &str) -> Option<f64> {
     summary[i + 8..].split_whitespace().next()?.parse().ok()
 }
 
-/// The timer source at `n` VMs: the default (libc uprobes, eight per process) up to 500;
+/// The timer source at `n` VMs: libc uprobes (six to eight per process) up to 500;
 /// above, the syscall tracepoints. 16,000 uprobes on one C library make the kernel's
 /// registration quadratic (each one walks every process that maps the library) and their
 /// removal takes a grace period each, serially when the profiler exits: measured here, about

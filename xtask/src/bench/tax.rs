@@ -1,7 +1,7 @@
-//! What recording costs processes: an unrelated `getppid` loop and `ppoll` loop (the host-wide
-//! tax), and a watched QEMU-named `ppoll` loop (what a watched QEMU pays per wait), with each
-//! timer source and with bpftrace on the same tracepoints. Configurations interleaved in each
-//! round; medians over rounds.
+//! What recording costs processes: an unrelated `getppid` loop, `ppoll` loop and pipe round
+//! trip between two threads (the host-wide tax), and a watched QEMU-named `ppoll` loop (what a
+//! watched QEMU pays per wait), with each timer source and with bpftrace on the same
+//! tracepoints. Configurations interleaved in each round; medians over rounds.
 
 use std::path::Path;
 
@@ -31,10 +31,10 @@ enum Config {
 
 const CONFIGS: [Config; 7] = [
     Config::Nothing,
+    Config::ProfilerHrtimer,
     Config::ProfilerLibc,
     Config::ProfilerLibcEntryReturn,
     Config::ProfilerSyscall,
-    Config::ProfilerHrtimer,
     Config::Bpftrace,
     Config::Floor,
 ];
@@ -43,12 +43,12 @@ impl Config {
     fn label(self) -> &'static str {
         match self {
             Config::Nothing => "nothing",
-            Config::ProfilerLibc => "profiler, libc uprobes at the results (default)",
+            Config::ProfilerLibc => "profiler, libc uprobes at the results (--timer-source libc)",
             Config::ProfilerLibcEntryReturn => {
                 "profiler, libc uprobes at entry and return (--timer-source libc-entry-return)"
             }
             Config::ProfilerSyscall => "profiler, syscall tracepoints (--timer-source syscall)",
-            Config::ProfilerHrtimer => "profiler, hrtimer tracepoints (--timer-source hrtimer)",
+            Config::ProfilerHrtimer => "profiler, hrtimer tracepoints (the default)",
             Config::Bpftrace => "bpftrace, ppoll tracepoints with a pid filter",
             Config::Floor => "an empty BPF program at the watched loop's result sites (the floor)",
         }
@@ -80,8 +80,9 @@ const WATCHED: &str = "bench-watched";
 const VM: &str = "bench-vm";
 
 /// Figures of one round: ns per call of the unrelated `getppid` and `ppoll` loops and of the
-/// watched zero-timeout `ppoll` loop, CPU ns per call of the watched timed `ppoll` loop.
-const FIGURES: usize = 4;
+/// watched zero-timeout `ppoll` loop, CPU ns per call of the watched timed `ppoll` loop, CPU
+/// ns per unrelated pipe round trip.
+const FIGURES: usize = 5;
 
 /// The figures of one round under `config`.
 fn one_round(
@@ -112,6 +113,7 @@ fn one_round(
     };
     let getppid = run_loop(LoopKind::Getppid, 2 * calls, None, None, |_| Ok(()))?;
     let ppoll = run_loop(LoopKind::PpollZero, calls, None, None, |_| Ok(()))?;
+    let pipe = run_loop(LoopKind::PipeRoundTrip, calls / 20, None, None, |_| Ok(()))?;
     // The watched loops: named like QEMU; each tracer attaches to them before they start.
     let go = dir.join("go");
     let watched_loop = |kind: LoopKind, calls: u64| -> anyhow::Result<f64> {
@@ -148,7 +150,7 @@ fn one_round(
     // Each timed call sleeps ~20 µs plus the timer slack: fewer of them.
     let watched_timed = watched_loop(LoopKind::PpollTimed, calls / 20)?;
     drop(tracer);
-    Ok([getppid, ppoll, watched, watched_timed])
+    Ok([getppid, ppoll, watched, watched_timed, pipe])
 }
 
 /// Runs the rounds and returns (markdown section, JSON).
@@ -170,12 +172,13 @@ pub fn run(
             let r = one_round(CONFIGS[i], profiler, dir, vm_pid, calls)?;
             eprintln!(
                 "xtask bench tax: round {round} {:<55} getppid {:7.1} ns, ppoll {:7.1} ns, watched \
-                 ppoll {:7.1} ns, watched timed ppoll {:7.1} CPU ns",
+                 ppoll {:7.1} ns, watched timed ppoll {:7.1} CPU ns, pipe round trip {:7.1} CPU ns",
                 CONFIGS[i].label(),
                 r[0],
                 r[1],
                 r[2],
-                r[3]
+                r[3],
+                r[4]
             );
             samples[i].push(r);
         }
@@ -220,29 +223,32 @@ pub fn run(
             }
         };
         rows.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             config.label(),
             cell(0),
             cell(1),
+            cell(4),
             cell(2),
             cell(3)
         ));
         json_rows.push(json!({
             "config": config.key(),
             "getppid_ns": m[0], "ppoll_ns": m[1], "watched_ppoll_ns": m[2],
-            "watched_timed_ppoll_cpu_ns": m[3],
+            "watched_timed_ppoll_cpu_ns": m[3], "pipe_round_trip_cpu_ns": m[4],
             "added": (0..FIGURES).map(|j| added(i, j)).collect::<Vec<_>>(),
             "rounds": samples[i],
         }));
     }
-    let (libc, entry_return, sys, hrtimer, floor) = (1, 2, 3, 4, 6);
-    let getppid_pct = added(libc, 0) / base[0] * 100.0;
-    let ppoll_added = added(libc, 1);
+    let (hrtimer, libc, entry_return, sys, floor) = (1, 2, 3, 4, 6);
+    let getppid_pct = added(hrtimer, 0) / base[0] * 100.0;
+    let ppoll_added = added(hrtimer, 1);
+    let (hr_zero, hr_timed) = (added(hrtimer, 2), added(hrtimer, 3));
+    let (pipe_hr, pipe_libc, pipe_sys) = (added(hrtimer, 4), added(libc, 4), added(sys, 4));
+    let pipe_noise = spread(4);
     let watched_libc = added(libc, 2);
     let watched_sys = added(sys, 2);
-    let hr_getppid_pct = added(hrtimer, 0) / base[0] * 100.0;
-    let hr_ppoll = added(hrtimer, 1);
-    let (hr_zero, hr_timed) = (added(hrtimer, 2), added(hrtimer, 3));
+    let libc_getppid_pct = added(libc, 0) / base[0] * 100.0;
+    let libc_ppoll = added(libc, 1);
     let (sys_timed, libc_timed) = (added(sys, 3), added(libc, 3));
     let (er_zero, er_timed) = (added(entry_return, 2), added(entry_return, 3));
     let (floor_zero, floor_timed) = (added(floor, 2), added(floor, 3));
@@ -263,7 +269,7 @@ pub fn run(
     let getppid_noise = spread(0);
     let getppid_verdict = if getppid_pct <= 2.0 {
         "met".to_string()
-    } else if added(libc, 0) <= getppid_noise {
+    } else if added(hrtimer, 0) <= getppid_noise {
         format!("MISSED by less than nothing's own ±{getppid_noise:.0} ns spread")
     } else {
         "MISSED".to_string()
@@ -272,49 +278,60 @@ pub fn run(
         "## What recording costs other processes, and a watched QEMU\n\n\
          `{command}`: CPU ns per call (median of {rounds} rounds; configurations interleaved, \
          order rotated each round) of a `getppid` loop ({} calls) and a zero-timeout `ppoll` \
-         loop ({calls} calls) in processes the profiler does not watch, and of the same `ppoll` \
-         loop in a process named like QEMU that it watches — each loop's figure is its fastest \
-         of 20 equal chunks by thread CPU time, so the shared machine's preemptions and stray \
-         interrupts drop out while a cost every call pays stays in; and the CPU time per call \
-         of a watched `ppoll` loop whose 20 µs timeout expires each time ({} calls, fastest of \
-         20 chunks too; QEMU's timer waits). Each tracer watches one QEMU-like process (waking from `ppoll` every 10 ms) \
-         besides. In brackets: added per call, and relative to nothing running.\n\n\
-         | running | unrelated `getppid` (ns) | unrelated `ppoll` (ns) | watched QEMU's `ppoll` (ns) | watched QEMU's timed `ppoll` (CPU ns) |\n\
-         |---|---|---|---|---|\n{rows}\n\
-         Targets: unrelated syscalls ≤ 2 % slower while recording — {getppid_pct:+.1} % with the \
-         default source ({}); an unrelated `ppoll` ≤ 60 ns added — {ppoll_added:+.0} ns ({}); a \
-         watched QEMU pays no more per wait than the syscall tracepoints cost it — \
-         {watched_libc:+.0} ns per zero-timeout poll ({}) and {libc_timed:+.0} ns per timed wait \
-         ({}) with libc uprobes, against {watched_sys:+.0} / {sys_timed:+.0} ns with the syscall \
-         tracepoints ({er_zero:+.0} / {er_timed:+.0} ns with the two-trap entry and return \
-         probes); with `--timer-source hrtimer` {hr_zero:+.0} ns ({}) and {hr_timed:+.0} ns \
-         ({}), unrelated `getppid` {hr_getppid_pct:+.1} %, `ppoll` {hr_ppoll:+.0} ns. \
-         Added figures are medians of each round's difference to \"nothing\" in that round; \
-         \"nothing\" shows its own round-to-round spread (±).\n\n\
+         loop ({calls} calls) in processes the profiler does not watch, of a one-byte round \
+         trip through two pipes to a second thread on the same CPU and back ({} round trips; \
+         each thread sleeps in `read` and is woken each time, so every round trip is two \
+         context switches) in another, \
+         and of the same `ppoll` loop in a process named like QEMU that it watches — each \
+         loop's figure is its fastest of 20 equal chunks by thread CPU time, so the shared \
+         machine's preemptions and stray interrupts drop out while a cost every call pays \
+         stays in; and the CPU time per call of a watched `ppoll` loop whose 20 µs timeout \
+         expires each time ({} calls, fastest of 20 chunks too; QEMU's timer waits). Each \
+         tracer watches one QEMU-like process (waking from `ppoll` every 10 ms) besides. In \
+         brackets: added per call, and relative to nothing running.\n\n\
+         | running | unrelated `getppid` (ns) | unrelated `ppoll` (ns) | unrelated pipe round trip (CPU ns) | watched QEMU's `ppoll` (ns) | watched QEMU's timed `ppoll` (CPU ns) |\n\
+         |---|---|---|---|---|---|\n{rows}\n\
+         Targets, with the default source (the hrtimer tracepoints): unrelated syscalls ≤ 2 % \
+         slower while recording — {getppid_pct:+.1} % ({}); an unrelated `ppoll` ≤ 60 ns \
+         added — {ppoll_added:+.0} ns ({}); a watched QEMU pays no more per wait than the \
+         syscall tracepoints cost it — {hr_zero:+.0} ns per zero-timeout poll ({}) and \
+         {hr_timed:+.0} ns per timed wait ({}), against {watched_sys:+.0} / {sys_timed:+.0} ns \
+         with the syscall tracepoints. What the default's `sched_switch` raw tracepoint \
+         program (for waits without a timeout) costs every task that blocks: {pipe_hr:+.0} ns per pipe \
+         round trip (nothing's own spread ±{pipe_noise:.0} ns; the libc source, which has no \
+         such program, {pipe_libc:+.0} ns; the syscall tracepoints {pipe_sys:+.0} ns, for \
+         the calling thread's two syscalls per round trip). With `--timer-source libc` (every wait's result, \
+         a trap per wait call): unrelated `getppid` {libc_getppid_pct:+.1} %, `ppoll` \
+         {libc_ppoll:+.0} ns; watched {watched_libc:+.0} ns per zero-timeout poll ({}) and \
+         {libc_timed:+.0} ns per timed wait ({}); the two-trap entry and return probes \
+         {er_zero:+.0} / {er_timed:+.0} ns. Added figures are medians of each round's \
+         difference to \"nothing\" in that round; \"nothing\" shows its own round-to-round \
+         spread (±).\n\n\
          Why: the syscall tracepoints, once any is enabled, put every task on the host on the \
          slow syscall path (the `getppid` column); the libc uprobes put a breakpoint in the \
          watched QEMU's memory only: one per wait, on the jump after its syscall (the \
          fallback probes entry and return, two traps). A trap into the kernel on this \
          nested-virtualization machine is far slower than on bare metal, which is what bounds \
-         the watched figures: an empty BPF program at the same result sites, attached as the \
+         the libc figures: an empty BPF program at the same result sites, attached as the \
          profiler attaches, adds {floor_zero:+.0} ns per zero-timeout poll and \
          {floor_timed:+.0} ns per timed wait by itself. A trap after a sleep costs more than \
          one in a tight loop (cold caches and TLB): per timed wait the result probe adds \
          {:+.0} ns over its zero-timeout figure, the entry and return probes' two traps \
-         {:+.0} ns, the syscall tracepoints {:+.0} ns. The \
-         tracepoints remain selectable with `--timer-source syscall` where the host-wide tax \
-         is preferred. The hrtimer tracepoints run only where a sleep timer is armed, expires \
-         or is cancelled: no trap, no slow syscall path, and a zero-timeout poll arms no \
-         timer; their price is partial `fd_wakeups` (docs/events.md), so they are not the \
-         default.\n",
+         {:+.0} ns, the syscall tracepoints {:+.0} ns. The hrtimer tracepoints run only \
+         where a sleep timer is armed, expires or is cancelled, and `sched_switch` where a \
+         task blocks: no trap, no slow syscall path, and a zero-timeout poll arms no timer \
+         and never sleeps. Their price: a wait that returns without sleeping (an fd ready at \
+         entry) is not seen, so `fd_wakeups` counts the waits that slept (docs/events.md); \
+         `--timer-source libc` (or `syscall`) counts every wait's result.\n",
         2 * calls,
+        calls / 20,
         calls / 20,
         getppid_verdict,
         verdict(ppoll_added <= 60.0),
-        verdict(watched_libc <= watched_sys),
-        timed_verdict(libc_timed),
         verdict(hr_zero <= watched_sys),
         timed_verdict(hr_timed),
+        verdict(watched_libc <= watched_sys),
+        timed_verdict(libc_timed),
         libc_timed - watched_libc,
         er_timed - er_zero,
         sys_timed - watched_sys,
@@ -335,8 +352,12 @@ pub fn run(
             "watched_timed_added_cpu_ns_libc_entry_return": er_timed,
             "watched_timed_added_cpu_ns_syscall": sys_timed,
             "watched_timed_added_cpu_ns_hrtimer": hr_timed,
-            "unrelated_getppid_percent_hrtimer": hr_getppid_pct,
-            "unrelated_ppoll_added_ns_hrtimer": hr_ppoll,
+            "unrelated_getppid_percent_libc": libc_getppid_pct,
+            "unrelated_ppoll_added_ns_libc": libc_ppoll,
+            "unrelated_pipe_round_trip_added_cpu_ns": pipe_hr,
+            "unrelated_pipe_round_trip_added_cpu_ns_libc": pipe_libc,
+            "unrelated_pipe_round_trip_added_cpu_ns_syscall": pipe_sys,
+            "default_timer_source": "hrtimer",
             "watched_added_ns_floor": floor_zero,
             "watched_timed_added_cpu_ns_floor": floor_timed,
         },

@@ -32,21 +32,24 @@ const CONFIGS: [(&str, Option<&str>, &str); 6] = [
         None,
         "an empty BPF program at the result sites (the floor)",
     ),
-    (
-        "libc",
-        Some("libc"),
-        "libc uprobes at the results (default)",
-    ),
+    ("libc", Some("libc"), "libc uprobes at the results"),
     (
         "libc_entry_return",
         Some("libc-entry-return"),
         "libc uprobes at entry and return",
     ),
     ("syscall", Some("syscall"), "syscall tracepoints"),
-    ("hrtimer", Some("hrtimer"), "hrtimer tracepoints"),
+    (
+        "hrtimer",
+        Some("hrtimer"),
+        "hrtimer tracepoints (the default)",
+    ),
 ];
 
 const VM: &str = "watched-noisy";
+/// An identical guest never watched, measured over the same spans: what the probes add is
+/// taken against it, which cancels what moves both (this machine's other tenants).
+const TWIN: &str = "watched-twin";
 const EMPTY_PROGRAM: &str = "empty_program";
 
 /// `cmp $-4096,%rax` / `cmp $-4095,%rax`, glibc's error check after a `syscall`.
@@ -158,12 +161,18 @@ fn syscall_mix(pid: u32, secs: u64) -> anyhow::Result<BTreeMap<u64, f64>> {
     Ok(mix)
 }
 
-/// The QEMU's CPU seconds per second over `secs` seconds.
-fn cpu_per_second(pid: u32, secs: u64) -> anyhow::Result<f64> {
-    let clock = || process_cpu_clock(pid).context("the guest's QEMU is gone");
-    let (c0, t0) = (clock()?, Instant::now());
+/// CPU seconds per second of each QEMU in `pids`, over the same `secs`.
+fn cpu_per_second_of(pids: &[u32], secs: u64) -> anyhow::Result<Vec<f64>> {
+    let clocks = || -> anyhow::Result<Vec<f64>> {
+        pids.iter()
+            .map(|&pid| process_cpu_clock(pid).context("the guest's QEMU is gone"))
+            .collect()
+    };
+    let (c0, t0) = (clocks()?, Instant::now());
     sleep(Duration::from_secs(secs));
-    Ok((clock()? - c0) / t0.elapsed().as_secs_f64())
+    let c1 = clocks()?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    Ok(c0.iter().zip(&c1).map(|(a, b)| (b - a) / elapsed).collect())
 }
 
 /// Run count and run time of one BPF program over a pass.
@@ -238,14 +247,18 @@ pub fn run(
     command: &str,
 ) -> anyhow::Result<(String, serde_json::Value)> {
     let guest = launch(&GuestSpec::new(VM, DeviceSet::Noisy), image, dir)?;
+    let twin = launch(&GuestSpec::new(TWIN, DeviceSet::Noisy), image, dir)?;
     guest.wait_ready(Duration::from_secs(240))?;
-    let pid = guest.pid();
-    // Past boot's tail.
-    sleep(Duration::from_secs(5));
+    twin.wait_ready(Duration::from_secs(240))?;
+    let (pid, twin_pid) = (guest.pid(), twin.pid());
+    // Past boot's tail (a guest's QEMU settles over its first half minute).
+    sleep(Duration::from_secs(30));
     let mix = syscall_mix(pid, 5)?;
     let libc_file = mapped_libc(pid)?;
     let sites = libc_result_sites(&libc_file)?;
+    // Per config, per round: the watched QEMU's CPU minus its twin's, and the two.
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+    let mut own: Vec<Vec<(f64, f64)>> = vec![Vec::new(); CONFIGS.len()];
     for round in 0..rounds {
         for k in 0..CONFIGS.len() {
             let i = (k + round) % CONFIGS.len();
@@ -264,13 +277,18 @@ pub fn run(
                 )),
                 None => None,
             };
-            let cpu = cpu_per_second(pid, secs)?;
+            let cpus = cpu_per_second_of(&[pid, twin_pid], secs)?;
             drop(tracer);
+            let (cpu, cpu_twin) = (cpus[0], cpus[1]);
             eprintln!(
-                "xtask bench watched: round {round} {label:<40} QEMU {:6.2} ms CPU per s",
-                cpu * 1e3
+                "xtask bench watched: round {round} {label:<40} QEMU {:6.2} ms CPU per s, twin \
+                 {:6.2}, difference {:+6.2}",
+                cpu * 1e3,
+                cpu_twin * 1e3,
+                (cpu - cpu_twin) * 1e3
             );
-            samples[i].push(cpu);
+            samples[i].push(cpu - cpu_twin);
+            own[i].push((cpu, cpu_twin));
         }
     }
     // The programs' share, source by source, in a pass of its own.
@@ -285,20 +303,14 @@ pub fn run(
         );
         programs.push((key, label, total, rates));
     }
-    drop(guest);
-    let added = |i: usize| {
-        median(
-            &samples[i]
-                .iter()
-                .zip(&samples[0])
-                .map(|(c, b)| c - b)
-                .collect::<Vec<_>>(),
-        )
-    };
-    // How far nothing itself moves between rounds.
+    drop((guest, twin));
+    // What config `i` adds: the median over rounds of its span's watched-minus-twin
+    // difference less the median of that difference with nothing running.
+    let baseline = median(&samples[0]);
+    let added = |i: usize| median(&samples[i]) - baseline;
+    // How far nothing itself moves between rounds (the difference to the twin).
     let spread = {
-        let base = &samples[0];
-        let (lo, hi) = base
+        let (lo, hi) = samples[0]
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
         (hi - lo) / 2.0
@@ -306,16 +318,23 @@ pub fn run(
     let mut rows = String::new();
     let mut json_rows = Vec::new();
     for (i, (key, _, label)) in CONFIGS.iter().enumerate() {
-        let m = median(&samples[i]);
+        let m = median(&own[i].iter().map(|c| c.0).collect::<Vec<_>>());
+        let m_twin = median(&own[i].iter().map(|c| c.1).collect::<Vec<_>>());
+        let diff = median(&samples[i]);
         let cell = if i == 0 {
-            format!("{:.2} (±{:.2})", m * 1e3, spread * 1e3)
+            format!("{:+.2} (±{:.2})", diff * 1e3, spread * 1e3)
         } else {
-            format!("{:.2} ({:+.2})", m * 1e3, added(i) * 1e3)
+            format!("{:+.2} ({:+.2})", diff * 1e3, added(i) * 1e3)
         };
-        rows.push_str(&format!("| {label} | {cell} |\n"));
+        rows.push_str(&format!(
+            "| {label} | {:.2} | {:.2} | {cell} |\n",
+            m * 1e3,
+            m_twin * 1e3
+        ));
         json_rows.push(json!({
-            "config": key, "cpu_seconds_per_second": m,
-            "added": if i == 0 { 0.0 } else { added(i) }, "rounds": samples[i],
+            "config": key, "cpu_seconds_per_second": m, "twin_cpu_seconds_per_second": m_twin,
+            "minus_twin": diff, "added": if i == 0 { 0.0 } else { added(i) },
+            "rounds_minus_twin": samples[i], "rounds": own[i],
         }));
     }
     let total: f64 = mix.values().sum();
@@ -335,8 +354,8 @@ pub fn run(
         .join(", ");
     let (floor, libc, entry_return, sys, hrtimer) =
         (added(1), added(2), added(3), added(4), added(5));
-    // Two configurations side by side in each round: the machine's drift between rounds
-    // (nothing's spread) cancels out of their difference.
+    // Two configurations in each round, each against the twin over its own span: their
+    // difference, round by round.
     let paired = |a: usize, b: usize| -> (Vec<f64>, f64, f64, f64) {
         let d: Vec<f64> = samples[a]
             .iter()
@@ -349,15 +368,16 @@ pub fn run(
         let m = median(&d);
         (d, m, lo, hi)
     };
-    let (libc_minus_sys, libc_sys, lo, hi) = paired(2, 4);
+    let (hr_minus_sys, hr_sys, lo, hi) = paired(5, 4);
     let verdict = format!(
-        "{}: the libc probes' CPU minus the tracepoints' in each round {:+.2} to {:+.2} ms/s, \
-         median {:+.2}",
-        if libc_sys <= 0.0 { "met" } else { "MISSED" },
+        "{}: the hrtimer tracepoints' CPU minus the syscall tracepoints' in each round {:+.2} \
+         to {:+.2} ms/s, median {:+.2}",
+        if hr_sys <= 0.0 { "met" } else { "MISSED" },
         lo * 1e3,
         hi * 1e3,
-        libc_sys * 1e3
+        hr_sys * 1e3
     );
+    let (libc_minus_sys, libc_sys, libc_lo, libc_hi) = paired(2, 4);
     let (floor_minus_sys, floor_sys, floor_lo, floor_hi) = paired(1, 4);
     let (_, libc_floor, libc_floor_lo, libc_floor_hi) = paired(2, 1);
     let libc_path = libc_file.display().to_string();
@@ -393,18 +413,24 @@ pub fn run(
         "## What a watched QEMU pays per second, per timer source\n\n\
          `{command}`: the CPU time of the demo's noisy guest's QEMU (Debian's QEMU, TCG, a \
          UHCI tablet) over {secs} s while `profiler record --window 1 --timer-source SOURCE` \
-         watches it, {rounds} rounds, configurations interleaved and rotated each round; \
-         milliseconds of CPU per second (0.01 % of a core each), in brackets the median of \
-         each round's difference to nothing running in that round. Its syscalls, counted \
+         watches it, beside an identical twin guest that is never watched, measured over the \
+         same spans; {rounds} rounds, configurations interleaved and rotated each round; \
+         milliseconds of CPU per second (0.01 % of a core each), medians over rounds. What \
+         the probes add is the watched QEMU's CPU minus its twin's, less the same difference \
+         with nothing running (what moves both guests cancels; so does what a source costs \
+         every process on the host, which the twin pays too: the slow syscall path of the \
+         syscall tracepoints, the first load of the hrtimer and `sched_switch` programs — \
+         the tax section measures those per call). Its syscalls, counted \
          before the rounds by bpftrace on `raw_syscalls:sys_enter` over 5 s: \
          {total:.0}/s in all — {mix_text}.\n\n\
-         | watching it | QEMU CPU (ms per s) |\n|---|---|\n{rows}\n\
+         | watching it | QEMU CPU (ms per s) | its twin | minus the twin (added) |\n\
+         |---|---:|---:|---:|\n{rows}\n\
          Target: a watched QEMU pays no more probe CPU per second than the syscall \
-         tracepoints cost it — {:+.2} ms/s with the default libc result probes against \
-         {:+.2} ms/s with the syscall tracepoints ({verdict}); the two-trap entry and return \
-         probes {:+.2} ms/s; the hrtimer tracepoints {:+.2} ms/s (partial fd wakeups). \
-         The syscall tracepoints' figure includes the slow syscall path every other syscall of \
-         the QEMU takes while they are attached. Per `ppoll` of this QEMU that is about \
+         tracepoints cost it — {:+.2} ms/s with the default hrtimer tracepoints against \
+         {:+.2} ms/s with the syscall tracepoints ({verdict}). With `--timer-source libc` (every \
+         wait's result, a trap per wait call): {:+.2} ms/s (its CPU minus the tracepoints' in \
+         each round {:+.2} to {:+.2} ms/s, median {:+.2}); the two-trap entry and return \
+         probes {:+.2} ms/s. Per `ppoll` of this QEMU that is about \
          {:.1} µs (libc results), {:.1} µs (entry and return), {:.1} µs (syscall \
          tracepoints), {:.1} µs (hrtimer): several times the same probes' cost per call in \
          the tight loops of the tax section.\n\n\
@@ -423,17 +449,20 @@ pub fn run(
          over {secs} s, in a pass after the rounds with the statistics held on (they are off \
          in the rounds: they add two clock reads to each run). Programs' names are cut to 15 \
          characters by the kernel; a tracepoint program runs for every process on the host \
-         (most runs return at the first lookup), so its time is not all the QEMU's. The \
-         default source's programs take at most {:.2} ms/s of the {:+.2} it adds (with the \
+         (most runs return at the first lookup), so its time is not all the QEMU's. The libc \
+         source's programs take at most {:.2} ms/s of the {:+.2} it adds (with the \
          statistics on, each run also pays their clock reads, and `hrtimer_start` runs for \
          the whole host); the rest is the breakpoint trap and the uprobe dispatch around \
-         them.\n\n\
+         them. The default's `sched_switch` runs at every context switch of the host.\n\n\
          | source | BPF programs (ms per s) | each: runs per s × time per run |\n|---|---|---|\n\
          {program_rows}",
-        libc * 1e3,
-        sys * 1e3,
-        entry_return * 1e3,
         hrtimer * 1e3,
+        sys * 1e3,
+        libc * 1e3,
+        libc_lo * 1e3,
+        libc_hi * 1e3,
+        libc_sys * 1e3,
+        entry_return * 1e3,
         per_call(libc) / 1e3,
         per_call(entry_return) / 1e3,
         per_call(sys) / 1e3,
@@ -457,6 +486,8 @@ pub fn run(
         "syscalls_per_second": mix.iter().map(|(id, r)| (named(*id), *r)).collect::<BTreeMap<_, _>>(),
         "configs": json_rows,
         "libc_minus_syscall_per_round": libc_minus_sys,
+        "hrtimer_minus_syscall_per_round": hr_minus_sys,
+        "default_timer_source": "hrtimer",
         "floor_minus_syscall_per_round": floor_minus_sys,
         "programs": program_json,
         "floor_sites": sites, "libc": libc_path,
