@@ -154,7 +154,10 @@ fn top_shows_notes_in_its_status_line_and_stays_intact() {
     let lines: Vec<&str> = screen.lines().collect();
     assert!(lines[0].starts_with("window 00"), "{screen}");
     assert!(lines[1].starts_with("host  1 VMs"), "{screen}");
-    assert!(lines[2].starts_with("probes  libc uprobes"), "{screen}");
+    assert!(
+        lines[2].starts_with("probes  hrtimer tracepoints"),
+        "{screen}"
+    );
     assert!(lines[3].starts_with("cost  BPF "), "{screen}");
     assert!(lines[2].contains("kvm tracepoints"), "{screen}");
     let status = lines

@@ -6,8 +6,8 @@
 //! interrupt context: the deadline woke the thread, a `timer` event) or is cancelled while
 //! still queued (`timer:hrtimer_cancel`: something else woke it first, an fd, counted as an
 //! fd wakeup). A wait with an infinite timeout arms no timer: its thread going to sleep in
-//! the wait (`sched:sched_switch`, switched out in `TASK_INTERRUPTIBLE`, no timer armed) and
-//! being switched in again is one fd wakeup. Nothing runs for other syscalls; other processes
+//! the wait (the `sched_switch` raw tracepoint: switched out in `TASK_INTERRUPTIBLE`, not
+//! preempted, no timer armed) and being switched in again is one fd wakeup. Nothing runs for other syscalls; other processes
 //! pay one array load per context switch and per timer armed. What is not seen: a wait that
 //! returns without sleeping (a zero timeout, or an fd ready at entry).
 //!
@@ -212,8 +212,9 @@ pub fn hrtimer_cancel(ctx: TracePointContext) -> u32 {
 ///
 /// A raw tracepoint: it runs at every context switch on the host, and a classic one would
 /// first build the event's record (two task names, pids, priorities) for every one of them.
-/// Arguments (Linux 5.18+, checked by userspace): `bool preempt`, `struct task_struct *prev`
-/// (the current task), `*next`, `unsigned int prev_state`.
+/// Arguments: `bool preempt`, `struct task_struct *prev` (the current task), `*next`,
+/// `unsigned int prev_state` (Linux 5.18+: an older kernel has three and refuses to attach a
+/// program that reads a fourth).
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     let next: u64 = ctx.arg(2);
