@@ -39,6 +39,11 @@ const PROGRAMS: [(Tracepoint, &str); 4] = [
 ];
 /// The one the libc result probes need (it marks a ppoll that armed its timeout).
 pub const START_PROGRAM: &str = "hrtimer_start";
+/// The programs that count only sleep timers, which their sleeper arms and cancels in its own
+/// process context, where no other BPF program can be running: the kernel skips their runs
+/// only for timers armed or cancelled in an interrupt (the tick's), never one they count, so
+/// those skips are not lost counts.
+pub const PROCESS_CONTEXT_PROGRAMS: [&str; 2] = [START_PROGRAM, "hrtimer_cancel"];
 /// Field offsets the programs read: (category, event, field, offset, size).
 const LAYOUT: [(&str, &str, &str, usize, usize); 3] = [
     ("timer", "hrtimer_start", "hrtimer", 8, 8),

@@ -447,14 +447,14 @@ impl EventProbes {
     }
 
     /// Runs the kernel skipped because another BPF program was running on that CPU, of the
-    /// programs whose skip can lose a count. Not `hrtimer_start`'s: it only records sleep
-    /// timers, which their sleeper arms in its own process context where no other program
-    /// can be running; its skips are of timers armed in interrupts (the tick), which it
-    /// ignores anyway.
+    /// programs whose skip can lose a count. Not `hrtimer_start`'s or `hrtimer_cancel`'s: they
+    /// only count sleep timers, which their sleeper arms and cancels in its own process
+    /// context where no other program can be running; their skips are of timers armed or
+    /// cancelled in interrupts (the tick), which they ignore anyway.
     fn nested_runs(&self) -> u64 {
         self.ebpf
             .programs()
-            .filter(|(name, _)| *name != hrtimers::START_PROGRAM)
+            .filter(|(name, _)| !hrtimers::PROCESS_CONTEXT_PROGRAMS.contains(name))
             .filter_map(|(_, p)| p.fd().ok())
             .filter_map(|fd| prog_info::recursion_misses(std::os::fd::AsFd::as_fd(fd)).ok())
             .sum()
