@@ -1,7 +1,7 @@
 //! A set of host-wide tracepoint programs shared by the VMs that need them: attached when the
 //! first user comes (all or none), detached when the last one goes. The wait-syscall
-//! tracepoints tax every syscall on the host while attached, the hrtimer ones every timer, so
-//! neither stays attached for nobody.
+//! tracepoints tax every syscall on the host while attached, the hrtimer ones every timer and
+//! context switch, so neither stays attached for nobody.
 
 use std::collections::BTreeSet;
 
