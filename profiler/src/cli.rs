@@ -38,10 +38,7 @@ pub struct Target {
     /// domain tainted (custom-monitor).
     #[arg(long)]
     pub libvirt_monitor: bool,
-    /// What counts timer and fd wakeups: `auto` uses uprobes on each QEMU's C library (only
-    /// QEMU pays) and falls back to the syscall tracepoints (every syscall on the host pays
-    /// while they are attached) for a QEMU they cannot serve.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, help = crate::probes::policy::TIMER_SOURCE_HELP)]
     pub timer_source: crate::probes::policy::TimerChoice,
     /// Keep the probes' cost to each QEMU under PCT % of a core: a busy VM's uprobes are then
     /// attached for only part of each window, and its counts scaled and marked estimated.
@@ -60,7 +57,8 @@ pub enum Command {
         /// does (repeatable).
         #[arg(long = "debug-dir")]
         debug_dirs: Vec<PathBuf>,
-        /// The timer source to show, as `record --timer-source` would pick it.
+        /// The timer source to show, as `record --timer-source` would pick it (`auto`: the
+        /// hrtimer tracepoints, else libc uprobes, else the syscall tracepoints).
         #[arg(long, value_enum, default_value_t)]
         timer_source: crate::probes::policy::TimerChoice,
     },

@@ -62,6 +62,17 @@ impl TimerSource {
 }
 
 impl TimerSource {
+    /// What it is, in the words the README's count table and `--timer-source`'s help use (a
+    /// test keeps them naming `auto`'s order).
+    pub fn what(self) -> &'static str {
+        match self {
+            TimerSource::HrtimerTracepoints => "the hrtimer tracepoints",
+            TimerSource::LibcUprobes => "uprobes on the QEMU's C library",
+            TimerSource::LibcEntryReturnUprobes => "entry and return uprobes",
+            TimerSource::SyscallTracepoints => "the wait syscalls' tracepoints",
+        }
+    }
+
     /// How the libc source probes, if it is one.
     pub fn libc_probes(self) -> Option<super::libc_waits::LibcProbes> {
         use super::libc_waits::LibcProbes;
@@ -72,6 +83,15 @@ impl TimerSource {
         }
     }
 }
+
+/// `--timer-source`'s help: what `auto` picks, in its order (a test holds it to
+/// [`timer_plan`]).
+pub const TIMER_SOURCE_HELP: &str = "What counts timer and fd wakeups: `auto` picks the hrtimer \
+     tracepoints (`timer:hrtimer_*` and `sched:sched_switch`: no trap in QEMU, nothing on the \
+     syscall path) where the kernel offers them, else uprobes on the QEMU's C library wait \
+     functions (a trap per wait, only that QEMU pays), else entry and return uprobes on them, \
+     else the wait syscalls' tracepoints (every syscall on the host pays while they are \
+     attached)";
 
 /// Which timer sources the user allows (`--timer-source`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
