@@ -102,8 +102,8 @@ pub enum Command {
         /// Window length in seconds (live).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
         window: u64,
-        /// Skip each VM's first SETTLE seconds (boot noise). Default: one window live, none
-        /// for a recording.
+        /// Skip each VM's first SETTLE seconds after its QEMU started (boot noise). Default:
+        /// one window live, none for a recording.
         #[arg(long)]
         settle: Option<u64>,
         /// Also noisy: more timer events per second than this.
@@ -159,7 +159,8 @@ pub enum Command {
         /// (repeatable; default: by name, or the only VM of each).
         #[arg(long = "pair")]
         pairs: Vec<crate::analysis::compare::Pair>,
-        /// Seconds after each VM appeared that the means skip (boot).
+        /// Seconds after each VM's QEMU started that the means skip (boot; recordings that do
+        /// not say when it started count from its first window).
         #[arg(long, default_value_t = 0.0)]
         settle: f64,
         #[arg(long)]
@@ -181,7 +182,8 @@ pub enum Command {
         /// Share of the remaining cores the VMs' device models may use (0..1].
         #[arg(long, default_value_t = 0.8)]
         target_util: f64,
-        /// Seconds after a VM appeared that do not count (boot).
+        /// Seconds after a VM's QEMU started that do not count (boot; recordings that do not
+        /// say when it started count from its first window).
         #[arg(long, default_value_t = 30.0)]
         settle: f64,
         #[arg(long)]

@@ -159,6 +159,8 @@ impl WindowClock {
 #[derive(Debug, Clone)]
 struct VmState {
     identity: std::sync::Arc<VmIdentity>,
+    /// When its process started (RFC 3339), when the host's boot time is known.
+    started: Option<String>,
     sources: std::sync::Arc<Sources>,
     window: u64,
     /// When this window's coverage started (window start, or first sight of the VM).
@@ -194,6 +196,8 @@ pub struct Collector {
     clock: WindowClock,
     wall_start: DateTime<Utc>,
     ticks_per_second: u64,
+    /// When the host booted: a process's start tick is counted from it.
+    boot: Option<DateTime<Utc>>,
     vms: BTreeMap<VmKey, VmState>,
 }
 
@@ -203,8 +207,22 @@ impl Collector {
             clock: WindowClock::new(window_secs),
             wall_start,
             ticks_per_second: ticks_per_second.max(1),
+            boot: None,
             vms: BTreeMap::new(),
         }
+    }
+
+    /// Records say when each VM's process started, counted from the host's `boot`.
+    pub fn with_boot_time(mut self, boot: Option<DateTime<Utc>>) -> Self {
+        self.boot = boot;
+        self
+    }
+
+    /// When the process of `key` started, from its start tick.
+    fn started(&self, key: &VmKey) -> Option<String> {
+        let since_boot = key.start_ticks as f64 / self.ticks_per_second as f64;
+        let at = self.boot? + TimeDelta::microseconds((since_boot * 1e6).round() as i64);
+        Some(at.to_rfc3339_opts(SecondsFormat::Millis, true))
     }
 
     pub fn clock(&self) -> WindowClock {
@@ -249,10 +267,12 @@ impl Collector {
             match self.vms.get_mut(&obs.key) {
                 None => {
                     let window_start = self.clock.start_of(now_window);
+                    let started = self.started(&obs.key);
                     self.vms.insert(
                         obs.key,
                         VmState {
                             identity: obs.identity.clone(),
+                            started,
                             sources: obs.sources.clone(),
                             window: now_window,
                             coverage_start: t,
@@ -347,6 +367,7 @@ impl Collector {
                 xen_domid: state.identity.xen_domid,
                 cmdline_devices: state.identity.devices.clone(),
                 libvirt: state.identity.libvirt.clone(),
+                started: state.started.clone(),
             },
             timer: counts.timer,
             fd_wakeups: counts.fd_wakeups,
@@ -501,6 +522,46 @@ mod tests {
         assert_eq!(c.index_at(61.0), 2);
         assert_eq!(c.start_of(2), 60.0);
         assert_eq!(c.end_of(2), 90.0);
+    }
+
+    #[test]
+    fn records_say_when_the_vms_process_started() {
+        let a = vm(100, 6_000, "a");
+        let mut c = collector().with_boot_time(Some(
+            "2026-11-21T23:00:00Z".parse::<DateTime<Utc>>().unwrap(),
+        ));
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        let closed = c.observe(10.0, &[obs(&a, 10, 5)], NONE);
+        // 6,000 ticks at 100 a second after boot.
+        assert_eq!(
+            closed[0].vm.started.as_deref(),
+            Some("2026-11-21T23:01:00.000Z")
+        );
+        let mut unknown = collector();
+        unknown.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        assert_eq!(
+            unknown.observe(10.0, &[obs(&a, 1, 1)], NONE)[0].vm.started,
+            None
+        );
+    }
+
+    #[test]
+    fn the_boot_time_puts_this_process_start_in_the_past_minute_or_earlier() {
+        let boot = crate::discovery::boot_time().unwrap();
+        let now = Utc::now();
+        assert!(boot < now);
+        let own = crate::discovery::read_stat(&Default::default(), std::process::id()).unwrap();
+        let ticks = crate::discovery::clock_ticks_per_second() as f64;
+        let started = boot + TimeDelta::milliseconds((own.start_ticks as f64 / ticks * 1e3) as i64);
+        // This test process started before now, and not long before: the test harness ran it.
+        assert!(
+            started <= now + TimeDelta::milliseconds(20),
+            "{started} after {now}"
+        );
+        assert!(
+            now - started < TimeDelta::hours(1),
+            "{started} long before {now}"
+        );
     }
 
     /// A VM first seen before QEMU opened /dev/kvm has no read count until its sources are

@@ -135,6 +135,24 @@ pub fn parse_proc_stat(text: &str) -> Option<HostCpu> {
     })
 }
 
+/// When the host booted, on the wall clock: the origin of processes' start ticks (which the
+/// kernel counts on the boot-time clock, suspend included).
+pub fn boot_time() -> Option<chrono::DateTime<chrono::Utc>> {
+    let read = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to write into.
+        (unsafe { libc::clock_gettime(clock, &mut ts) } == 0)
+            .then(|| chrono::TimeDelta::new(ts.tv_sec, ts.tv_nsec as u32))
+            .flatten()
+    };
+    let since_boot = read(libc::CLOCK_BOOTTIME)?;
+    let now = chrono::DateTime::UNIX_EPOCH + read(libc::CLOCK_REALTIME)?;
+    Some(now - since_boot)
+}
+
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
 pub fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.

@@ -270,6 +270,7 @@ mod tests {
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
                 libvirt: None,
+                started: None,
             },
             timer: Some(10),
             fd_wakeups: Some(0),

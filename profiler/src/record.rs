@@ -41,6 +41,10 @@ pub struct VmRef {
     /// name, project, user, flavor); absent for VMs libvirt did not start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt: Option<crate::libvirt::LibvirtDomain>,
+    /// When its QEMU process started (RFC 3339, UTC, to the clock tick): what `capacity`'s
+    /// settle time counts from. Absent in recordings made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
 }
 
 /// The host during one window, on the records of VMs that ran through all of it.
@@ -210,6 +214,7 @@ pub(crate) mod tests {
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
                 libvirt: None,
+                started: None,
             },
             timer: Some(57990),
             fd_wakeups: Some(611),

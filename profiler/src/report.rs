@@ -21,6 +21,46 @@ pub struct VmWindows<'a> {
     pub windows: Vec<&'a WindowRecord>,
 }
 
+/// Seconds since the epoch of an RFC 3339 time.
+pub fn epoch_secs(rfc3339: &str) -> Option<f64> {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .ok()
+        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+}
+
+impl<'a> VmWindows<'a> {
+    /// When the VM started (seconds since the epoch): its process's start where the records
+    /// say it (`vm.started`), else the start of its first window (a VM already running then
+    /// is taken as starting with the recording).
+    pub fn started(&self) -> Option<f64> {
+        let first = self.windows.first()?;
+        first
+            .vm
+            .started
+            .as_deref()
+            .and_then(epoch_secs)
+            .or_else(|| epoch_secs(&first.start))
+    }
+
+    /// Whether [`Self::started`] is the process's start, not its first window's.
+    pub fn start_known(&self) -> bool {
+        self.windows.first().is_some_and(|w| w.vm.started.is_some())
+    }
+
+    /// Its windows that start at least `settle` seconds after it started (boot left out).
+    pub fn after_settle(&self, settle: f64) -> Vec<&'a WindowRecord> {
+        let started = self.started();
+        self.windows
+            .iter()
+            .copied()
+            .filter(|w| match (started, epoch_secs(&w.start)) {
+                (Some(started), Some(s)) => s - started >= settle - 1e-3,
+                _ => true,
+            })
+            .collect()
+    }
+}
+
 /// Groups records by VM (name + pid), in order of first appearance.
 pub fn group_by_vm(records: &[WindowRecord]) -> Vec<VmWindows<'_>> {
     let mut groups: Vec<VmWindows<'_>> = Vec::new();
@@ -464,6 +504,7 @@ mod tests {
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
                 libvirt: None,
+                started: None,
             },
             timer: Some(timer),
             fd_wakeups: Some(3),

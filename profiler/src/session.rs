@@ -267,7 +267,8 @@ impl<P: ProbeLayer> Session<P> {
                 window_secs,
                 wall_start,
                 crate::discovery::clock_ticks_per_second(),
-            ),
+            )
+            .with_boot_time(crate::discovery::boot_time()),
             filter,
         )
     }

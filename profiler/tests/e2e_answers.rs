@@ -64,6 +64,8 @@ fn check_compare_capacity_and_plots_on_real_guests() {
     quiet.qemu = qemu;
     // Debian's stripped QEMU under TCG: nothing sees its devices.
     let stripped = GuestSpec::new("e2e-ans-stripped", DeviceSet::Quiet);
+    let launched = chrono::Utc::now();
+    let launched_at = std::time::Instant::now();
     let _guests = boot_all(vec![noisy, quiet, stripped], d, &image);
 
     let live = ["--window", "2", "--windows", "2", "--settle", "2"];
@@ -221,4 +223,60 @@ fn check_compare_capacity_and_plots_on_real_guests() {
     let plot = d.join("report.svg");
     run_ok(profiler().arg("report").arg(&rec).arg("--plot").arg(&plot));
     assert_svg(&plot);
+
+    // VMs that were already running: a short recording of guests up for longer than the
+    // default --settle (30 s) answers, since settling counts from each QEMU's start.
+    let up = Duration::from_secs(40);
+    std::thread::sleep(up.saturating_sub(launched_at.elapsed()));
+    let short = d.join("short.jsonl");
+    run_ok(
+        profiler()
+            .args(["record", "--window", "5", "--duration", "11"])
+            .args(["--vm", "e2e-ans-noisy", "--vm", "e2e-ans-quiet"])
+            .arg("--output")
+            .arg(&short),
+    );
+    for r in load(&short) {
+        let started: chrono::DateTime<chrono::Utc> =
+            r.vm.started
+                .as_deref()
+                .unwrap_or_else(|| panic!("no vm.started: {r:?}"))
+                .parse()
+                .unwrap();
+        // Launched by this test after `launched`, and up before the recording began.
+        let after_launch = (started - launched).num_milliseconds();
+        assert!(
+            after_launch > -1_000,
+            "{started} before the launch at {launched}"
+        );
+        assert!(
+            started < chrono::Utc::now() - chrono::TimeDelta::seconds(30),
+            "{started}"
+        );
+    }
+    let plot = d.join("capacity-short.svg");
+    let out = run_ok(
+        profiler()
+            .args(["capacity", "--json"])
+            .arg(&short)
+            .arg("--plot")
+            .arg(&plot),
+    );
+    let cap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cap["settle_seconds"], 30.0, "the default settle: {cap:#}");
+    assert_eq!(cap["vms"].as_array().unwrap().len(), 2, "{cap:#}");
+    assert!(!cap["host"].as_array().unwrap().is_empty(), "{cap:#}");
+    assert_svg(&plot);
+    // And when nothing can be answered, it says what was missing and what to do.
+    let out = profiler()
+        .args(["capacity", "--settle", "3600"])
+        .arg(&short)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("nothing to answer") && stderr.contains("lower --settle"),
+        "{stderr}"
+    );
 }

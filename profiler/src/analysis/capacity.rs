@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     record::WindowRecord,
-    report::{group_by_vm, sanitize},
+    report::{epoch_secs, group_by_vm, sanitize},
 };
 
 /// The assumptions of the projection.
@@ -23,7 +23,8 @@ pub struct CapacityRequest {
     pub reserve_cores: f64,
     /// The share of the remaining cores VMs' device models may use, 0..=1.
     pub target_util: f64,
-    /// Seconds after a VM's first window that do not count (boot).
+    /// Seconds after a VM's process started that do not count (boot); counted from its
+    /// first window in recordings that do not say when it started.
     pub settle: f64,
 }
 
@@ -109,12 +110,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn start_secs(w: &WindowRecord) -> Option<f64> {
-    chrono::DateTime::parse_from_rfc3339(&w.start)
-        .ok()
-        .map(|t| t.timestamp_millis() as f64 / 1000.0)
-}
-
 /// Fits busy cores = a + b × VMs.
 pub fn fit(points: &[(u32, f64)]) -> Option<Fit> {
     let n = points.len() as f64;
@@ -155,16 +150,10 @@ pub fn capacity(
     let cores = req.cores.or(recorded_cores).unwrap_or(host_cores);
     let mut vms = Vec::new();
     for g in group_by_vm(records) {
-        let first = g.windows.first().and_then(|w| start_secs(w));
         let settled: Vec<&WindowRecord> = g
-            .windows
-            .iter()
-            .copied()
+            .after_settle(req.settle)
+            .into_iter()
             .filter(|w| !w.partial)
-            .filter(|w| match (first, start_secs(w)) {
-                (Some(f), Some(s)) => s - f >= req.settle - 1e-3,
-                _ => true,
-            })
             .collect();
         let secs: f64 = settled.iter().map(|w| w.seconds).sum();
         if settled.is_empty() || secs <= 0.0 {
@@ -213,7 +202,7 @@ pub fn capacity(
     // host costs with that many VMs idle.
     let starts: Vec<f64> = group_by_vm(records)
         .iter()
-        .filter_map(|g| g.windows.first().and_then(|w| start_secs(w)))
+        .filter_map(|g| g.started())
         .collect();
     let mut per_window: BTreeMap<u64, (u32, f64)> = BTreeMap::new();
     for r in records {
@@ -221,7 +210,7 @@ pub fn capacity(
         if r.seconds <= 0.0 {
             continue;
         }
-        let booting = start_secs(r).is_some_and(|s| {
+        let booting = epoch_secs(&r.start).is_some_and(|s| {
             starts
                 .iter()
                 .any(|&s0| s < s0 + req.settle && s + r.seconds > s0)
@@ -254,6 +243,75 @@ pub fn capacity(
         host_windows,
         host,
     }
+}
+
+/// Why `capacity` of `records` has no VM cost to answer with, and what to do (`None`: it has).
+pub fn why_no_vm_costs(records: &[WindowRecord], req: &CapacityRequest) -> Option<String> {
+    let groups = group_by_vm(records);
+    if groups.is_empty() {
+        return Some(
+            "the recording holds no window records (one is written per VM per closed window): \
+             record until at least one window has closed"
+                .into(),
+        );
+    }
+    let full: Vec<(f64, bool)> = groups
+        .iter()
+        .flat_map(|g| {
+            let (started, known) = (g.started(), g.start_known());
+            g.windows
+                .iter()
+                .filter(|w| !w.partial)
+                .filter_map(move |w| Some((epoch_secs(&w.start)? - started?, known)))
+        })
+        .collect();
+    if full.is_empty() {
+        return Some(format!(
+            "none of its {} VMs has a full window (all {} records are partial: the VM started \
+             or exited in the window, or the profiler stopped): record for at least two \
+             windows (--duration at least twice --window)",
+            groups.len(),
+            records.len()
+        ));
+    }
+    let latest = full
+        .iter()
+        .map(|&(after, _)| after)
+        .fold(f64::MIN, f64::max);
+    let from = if full.iter().all(|&(_, known)| known) {
+        "its VM's process started"
+    } else {
+        "its VM's first window (this recording does not say when its VMs started)"
+    };
+    (latest < req.settle - 1e-3).then(|| {
+        format!(
+            "none of its {} VMs has a full window starting --settle {} s after it started: the \
+             latest starts {latest:.0} s after {from}; record longer, or lower --settle (e.g. \
+             --settle {})",
+            groups.len(),
+            req.settle,
+            latest.max(0.0).floor()
+        )
+    })
+}
+
+/// Why `report` of `records` has no host point (the ramp and its plot), and what to do
+/// (`None`: it has).
+pub fn why_no_host_points(records: &[WindowRecord], report: &CapacityReport) -> Option<String> {
+    if !report.host_windows.is_empty() {
+        return None;
+    }
+    Some(if records.iter().all(|r| r.host.is_none()) {
+        "no record carries the host's CPU (`host`): only full windows do, in recordings made \
+         by a profiler that writes it; record for at least two windows"
+            .into()
+    } else {
+        format!(
+            "every window with the host's CPU overlaps a VM's first --settle {} s (boot is not \
+             what idle VMs cost the host): record longer, or lower --settle",
+            report.settle_seconds
+        )
+    })
 }
 
 /// The report for people, assumptions first.
@@ -374,6 +432,7 @@ mod tests {
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
                 libvirt: None,
+                started: None,
             },
             timer: Some(timer),
             fd_wakeups: Some(0),
@@ -500,6 +559,65 @@ mod tests {
         let r = capacity(&records, &req, 4.0);
         assert_eq!(r.host_windows, [(1, 0.2), (2, 0.9)]);
         assert_eq!(r.host.iter().map(|h| h.vms).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn settle_counts_from_the_vms_process_start_not_its_first_window() {
+        // Two VMs up for a minute before the recording's first window (00:00:00); 5 s windows.
+        let started = Some("2026-11-21T23:59:00.000Z".to_string());
+        let mut records = Vec::new();
+        for n in 0..2 {
+            for (name, pid) in [("a-1", 1), ("a-2", 2)] {
+                let mut r = w(name, pid, n, 0.05, 50, Some((2, 0.2)));
+                r.seconds = 5.0;
+                r.start = format!("2026-11-22T00:00:{:02}.000Z", n * 5);
+                r.vm.started.clone_from(&started);
+                records.push(r);
+            }
+        }
+        let req = CapacityRequest {
+            settle: 30.0,
+            ..REQ
+        };
+        let r = capacity(&records, &req, 4.0);
+        assert_eq!(r.vms.len(), 2, "{r:#?}");
+        assert_eq!(r.vms[0].windows, 2);
+        assert_eq!(r.host_windows.len(), 2);
+        assert_eq!(why_no_vm_costs(&records, &req), None);
+        assert_eq!(why_no_host_points(&records, &r), None);
+
+        // Without `started` (an older recording) the first window is the start: nothing
+        // settles, and the answer says why and what to do.
+        for r in &mut records {
+            r.vm.started = None;
+        }
+        let report = capacity(&records, &req, 4.0);
+        assert!(report.vms.is_empty());
+        let why = why_no_vm_costs(&records, &req).unwrap();
+        assert!(why.contains("--settle 30"), "{why}");
+        assert!(why.contains("does not say when its VMs started"), "{why}");
+        assert!(why.contains("lower --settle (e.g. --settle 5)"), "{why}");
+        let why = why_no_host_points(&records, &report).unwrap();
+        assert!(why.contains("overlaps a VM's first --settle 30 s"), "{why}");
+    }
+
+    #[test]
+    fn nothing_to_answer_says_what_is_missing() {
+        let req = CapacityRequest { settle: 0.0, ..REQ };
+        let none = why_no_vm_costs(&[], &req).unwrap();
+        assert!(none.contains("no window records"), "{none}");
+        let mut partial = w("a-1", 1, 0, 0.1, 5, None);
+        partial.partial = true;
+        let why = why_no_vm_costs(std::slice::from_ref(&partial), &req).unwrap();
+        assert!(
+            why.contains("has a full window (all 1 records are partial"),
+            "{why}"
+        );
+        assert!(why.contains("--duration at least twice --window"), "{why}");
+        let full = [w("a-1", 1, 0, 0.1, 5, None)];
+        let report = capacity(&full, &req, 4.0);
+        let why = why_no_host_points(&full, &report).unwrap();
+        assert!(why.contains("no record carries the host's CPU"), "{why}");
     }
 
     #[test]

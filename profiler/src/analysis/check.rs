@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::classes::DeviceClass;
@@ -104,28 +103,11 @@ fn unavailable_reason(source: &str) -> Option<&str> {
         .or_else(|| source.starts_with("unavailable").then_some("unavailable"))
 }
 
-fn parse_start(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
-
 /// Judges every VM in `records`.
 pub fn check(records: &[WindowRecord], req: &CheckRequest) -> CheckReport {
     let mut vms = Vec::new();
     for vm in group_by_vm(records) {
-        let first = vm.windows.first().and_then(|w| parse_start(&w.start));
-        let windows: Vec<&WindowRecord> = vm
-            .windows
-            .iter()
-            .copied()
-            .filter(|w| match (first, parse_start(&w.start)) {
-                (Some(first), Some(start)) => {
-                    (start - first).num_milliseconds() as f64 / 1000.0 >= req.settle - 1e-3
-                }
-                _ => true,
-            })
-            .collect();
+        let windows = vm.after_settle(req.settle);
         let seconds: f64 = windows.iter().map(|w| w.seconds).sum();
         let last = vm.windows.last().expect("a group has a window");
         let read_source = last.sources.read.clone();
@@ -401,6 +383,7 @@ mod tests {
                 xen_domid: None,
                 cmdline_devices: vec!["usb".into(), "usb-tablet".into(), "default:parallel".into()],
                 libvirt: None,
+                started: None,
             },
             timer: Some(19_330),
             fd_wakeups: Some(0),

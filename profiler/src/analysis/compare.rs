@@ -98,23 +98,11 @@ pub struct Comparison {
     pub unpaired_after: Vec<String>,
 }
 
-fn start_secs(w: &WindowRecord) -> Option<f64> {
-    chrono::DateTime::parse_from_rfc3339(&w.start)
-        .ok()
-        .map(|t| t.timestamp_millis() as f64 / 1000.0)
-}
-
-/// Full windows that start at least `settle` seconds after the VM's first window.
+/// Full windows that start at least `settle` seconds after the VM started.
 fn full<'a>(g: &VmWindows<'a>, settle: f64) -> Vec<&'a WindowRecord> {
-    let first = g.windows.first().and_then(|w| start_secs(w));
-    g.windows
-        .iter()
-        .copied()
+    g.after_settle(settle)
+        .into_iter()
         .filter(|w| !w.partial)
-        .filter(|w| match (first, start_secs(w)) {
-            (Some(f), Some(s)) => s - f >= settle - 1e-3,
-            _ => true,
-        })
         .collect()
 }
 
@@ -453,6 +441,7 @@ mod tests {
                 xen_domid: None,
                 cmdline_devices: Vec::new(),
                 libvirt: None,
+                started: None,
             },
             timer: Some(timer),
             fd_wakeups: Some(10),

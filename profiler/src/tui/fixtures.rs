@@ -79,6 +79,7 @@ fn vm_ref(id: &VmIdentity) -> VmRef {
         xen_domid: id.xen_domid,
         cmdline_devices: Vec::new(),
         libvirt: None,
+        started: None,
     }
 }
 
