@@ -662,13 +662,24 @@ fn unobserved(r: &mut WindowRecord, uprobed: Uprobed) {
     r.probed_seconds = Some(0.0);
 }
 
+/// A fraction as a percentage with two decimals, or two significant digits below 0.1 %.
+fn percent(fraction: f64) -> String {
+    let p = fraction * 100.0;
+    if p >= 0.1 || p <= 0.0 {
+        format!("{p:.2}")
+    } else {
+        let decimals = (1 - p.log10().floor() as i32).max(2) as usize;
+        format!("{p:.decimals$}")
+    }
+}
+
 /// What the budget means here, for the user.
 pub fn describe(b: &OverheadBudget) -> String {
     format!(
-        "overhead budget {:.2} % of a core per VM; one uprobe hit costs {:.2} µs here (measured; \
+        "overhead budget {} % of a core per VM; one uprobe hit costs {:.2} µs here (measured; \
          {:.2} in a tight loop, the floor under what each VM's CPU time teaches), so a VM's \
          uprobes are duty-cycled above {:.0} hits/s and its counts marked estimated",
-        b.max_fraction * 100.0,
+        percent(b.max_fraction),
         b.hit_cost * 1e6,
         b.hit_cost_floor * 1e6,
         b.max_fraction / b.hit_cost
@@ -712,6 +723,14 @@ pub fn scale(count: u64, on_secs: f64, secs: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_budgets_keep_two_significant_digits() {
+        assert_eq!(percent(0.002), "0.20");
+        assert_eq!(percent(0.01), "1.00");
+        assert_eq!(percent(0.000_26), "0.026");
+        assert_eq!(percent(0.000_012_3), "0.0012");
+    }
 
     const BUDGET: OverheadBudget = OverheadBudget {
         max_fraction: 0.01,

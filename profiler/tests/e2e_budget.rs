@@ -15,14 +15,14 @@ use std::{
 use common::*;
 use xtask::launch::{DeviceSet, GuestSpec, launch};
 
-fn recorder(extra: &[&str], out: &std::path::Path) -> Child {
+fn recorder(duration: &str, extra: &[&str], out: &std::path::Path) -> Child {
     profiler()
         .args([
             "record",
             "--window",
             "5",
             "--duration",
-            "32",
+            duration,
             "--vm",
             "e2e-budget",
             "--timer-source",
@@ -34,6 +34,45 @@ fn recorder(extra: &[&str], out: &std::path::Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("profiler starts")
+}
+
+/// The first number after `before` on any line of `text`.
+fn number_after(text: &str, before: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.split(before)
+            .nth(1)?
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// The budget this run tests with, in % of a core: a tenth of what the guest's uprobes would
+/// cost it always on at the least a hit can cost, as a profiler measures both here and now
+/// (under a budget it never reaches: the guest's hits per second while probed, times the
+/// start-up's tight-loop cost per hit, the floor under every cost a budget learns). A budget
+/// from this machine's own figures duty-cycles the guest on a machine of any speed.
+fn budget_for_this_machine(dir: &std::path::Path) -> f64 {
+    let out = recorder(
+        "11",
+        &["--max-overhead", "100"],
+        &dir.join("calibration.jsonl"),
+    )
+    .wait_with_output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let hits = number_after(&stderr, "overhead budget: e2e-budget: ")
+        .unwrap_or_else(|| panic!("no hit rate for the guest: {stderr}"));
+    let tight_us = number_after(&stderr, "(measured; ")
+        .unwrap_or_else(|| panic!("no tight-loop cost per hit: {stderr}"));
+    let always_on = hits * tight_us * 1e-6 * 100.0;
+    eprintln!(
+        "calibration: {hits:.0} hits/s × {tight_us:.2} µs = {always_on:.3} % of a core always on"
+    );
+    assert!(always_on > 0.0, "{stderr}");
+    always_on / 10.0
 }
 
 /// Events per second over the full windows after the first that observed the count. Under
@@ -79,12 +118,14 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
     guest.wait_ready(Duration::from_secs(180)).expect("boots");
     sleep(Duration::from_secs(3));
 
+    let budget = format!("{:.6}", budget_for_this_machine(dir.path()));
     let (exact, budgeted) = (
         dir.path().join("exact.jsonl"),
         dir.path().join("budget.jsonl"),
     );
-    let a = recorder(&[], &exact);
-    let b = recorder(&["--max-overhead", "0.2"], &budgeted);
+    let a = recorder("32", &[], &exact);
+    let b = recorder("32", &["--max-overhead", &budget], &budgeted);
+    let served_records = dir.path().join("served.jsonl");
     // serve under the same budget: its counters must carry the estimates, not only what was
     // counted while probed.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -101,25 +142,32 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
                 "--vm",
                 "e2e-budget",
                 "--max-overhead",
-                "0.2",
+                &budget,
                 "--timer-source",
                 "libc",
             ])
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--output")
+            .arg(&served_records)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("profiler serve starts"),
     );
-    let serve_started = std::time::Instant::now();
     sleep(Duration::from_secs(31));
-    let scraped = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .expect("scrape")
-        .into_body()
-        .read_to_string()
-        .unwrap();
-    let served_for = serve_started.elapsed().as_secs_f64();
+    // The counter and the windows serve closed by then (scraped again if one closed meanwhile).
+    let (scraped, served_windows) = loop {
+        let before = std::fs::read_to_string(&served_records).unwrap_or_default();
+        let scraped = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .call()
+            .expect("scrape")
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        if std::fs::read_to_string(&served_records).unwrap_or_default() == before {
+            break (scraped, load(&served_records));
+        }
+    };
     drop(serve);
     let out_b = b.wait_with_output().unwrap();
     let out_a = a.wait_with_output().unwrap();
@@ -129,7 +177,7 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
         "{stderr_b}"
     );
     assert!(
-        stderr_b.contains("overhead budget 0.20 % of a core"),
+        stderr_b.contains("profiler: overhead budget ") && stderr_b.contains(" % of a core"),
         "{stderr_b}"
     );
 
@@ -185,26 +233,38 @@ fn a_budget_duty_cycles_a_busy_guest_and_its_estimates_stay_close() {
         assert!(error < 0.10, "{what}: exact {e:.0}/s, estimated {b:.0}/s");
     }
 
-    // serve's counter: counted plus what scaling added to its closed windows (the running
-    // window, a second old, is still as counted).
+    // serve's counter: counted plus what scaling added to its closed windows, so at least
+    // the sum of those windows' estimates (counted alone it would be about their probed
+    // share), and at most that plus the running window counted unscaled.
     let served: f64 = scraped
         .lines()
         .find(|l| l.starts_with("qemu_profiler_timer_events_total{vm=\"e2e-budget\""))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no timer counter for the guest:\n{scraped}"));
-    // Watched from serve's first sample (after loading and measuring the hit cost), one
-    // sample a second.
-    let samples: f64 = scraped
-        .lines()
-        .find(|l| l.starts_with("qemu_profiler_samples_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .expect("a sample count");
-    assert!(samples <= served_for + 1.0);
-    let expected = rate(&exact, |r| r.timer) * (samples - 1.0);
-    eprintln!("serve under the budget: {served:.0} timer events, exact rate gives {expected:.0}");
+    let closed: u64 = served_windows.iter().filter_map(|r| r.timer).sum();
+    let probed: f64 = served_windows
+        .iter()
+        .map(|r| r.probed_seconds.unwrap_or(r.seconds))
+        .sum();
+    let seconds: f64 = served_windows.iter().map(|r| r.seconds).sum();
+    let running_at_most = rate(&exact, |r| r.timer) * 5.0 * 1.5;
+    eprintln!(
+        "serve under the budget: counter {served:.0}; its {} closed windows' estimates {closed} \
+         (probed {probed:.0} of {seconds:.0} s); the running window adds at most \
+         {running_at_most:.0}",
+        served_windows.len()
+    );
     assert!(
-        (served / expected - 1.0).abs() < 0.15,
-        "serve's counter {served:.0} vs {expected:.0} from the exact rate"
+        served_windows.iter().any(|r| r.estimated),
+        "{served_windows:#?}"
+    );
+    assert!(
+        served >= closed as f64 * 0.99,
+        "serve's counter {served:.0} below its closed windows' estimates {closed}"
+    );
+    assert!(
+        served <= closed as f64 + running_at_most,
+        "serve's counter {served:.0} above its closed windows' {closed} plus a window"
     );
 
     // The budget's basis is the runs its probes counted: at least an entry and a return per
