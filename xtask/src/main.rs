@@ -18,7 +18,9 @@ tasks:
   guest   build the test guest (Debian kernel + busybox initramfs + workload) into the cache
   qemu-usdt  build Debian's QEMU source with USDT probes (dtrace backend) into the cache
   demo    set up, boot a noisy and a quiet guest, profile them, print the report
-  test    set up, build the guest, run lints, unit tests and the root end-to-end tests
+  test [--busy-neighbour] [TEST ARGS...]
+          set up, build the guest, run lints, unit tests and the root end-to-end tests;
+          --busy-neighbour keeps every CPU busy meanwhile (the suite on a slower machine)
   bench [--quick] [NAME]
           measure the profiler's costs into docs/benchmarks.md (`cargo xtask bench help` lists them)
   fuzz [--seconds N] [TARGET...]

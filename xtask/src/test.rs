@@ -1,10 +1,58 @@
 //! `cargo xtask test`: set-up, lints, unit tests and (as root) end-to-end tests on real guests.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use crate::setup::{is_root, run, setup};
 
+/// A CPU-hungry neighbour: one busy thread per CPU at normal priority, until dropped. The
+/// suite run beside it (`cargo xtask test --busy-neighbour`) is the suite on a machine half as
+/// fast: no test may depend on how fast the machine is.
+struct BusyNeighbour {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyNeighbour {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        eprintln!("xtask: a busy neighbour runs on all {cpus} CPUs while the tests run");
+        Self { stop, threads }
+    }
+}
+
+impl Drop for BusyNeighbour {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let busy_neighbour = args.iter().any(|a| a == "--busy-neighbour");
+    let args: Vec<&String> = args.iter().filter(|a| *a != "--busy-neighbour").collect();
     setup(root)?;
     let cargo = env!("CARGO");
     let cargo_cmd = || {
@@ -68,7 +116,14 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     }
 
     let mut tests = cargo_cmd();
-    tests.args(["test", "--workspace", "--exclude", "profiler-ebpf"]);
+    // Every test binary runs, whatever failed before it: one run says everything that fails.
+    tests.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "profiler-ebpf",
+        "--no-fail-fast",
+    ]);
     if is_root() {
         let image = xtask::guest::build_guest(root)?;
         // Read/write tests need QEMU with USDT probes: built once (~15 min), then cached.
@@ -89,5 +144,16 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // Guests get the two cores to themselves: one test binary, one test at a time.
     tests.args(["--", "--test-threads=1"]).args(args);
     eprintln!("xtask: cargo test");
+    // Built first, so that the neighbour slows the tests, not the compiler.
+    let mut build = cargo_cmd();
+    build.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "profiler-ebpf",
+        "--no-run",
+    ]);
+    run(&mut build)?;
+    let _neighbour = busy_neighbour.then(BusyNeighbour::start);
     run(&mut tests)
 }
