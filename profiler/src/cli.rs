@@ -102,8 +102,9 @@ pub enum Command {
         /// Window length in seconds (live).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
         window: u64,
-        /// Skip each VM's first SETTLE seconds after its QEMU started (boot noise). Default:
-        /// one window live, none for a recording.
+        /// Skip each VM's first SETTLE seconds after its QEMU started (boot noise); live, also
+        /// the check's own first SETTLE seconds (probes just attached). Default: one window
+        /// live, none for a recording.
         #[arg(long)]
         settle: Option<u64>,
         /// Also noisy: more timer events per second than this.
