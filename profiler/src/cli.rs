@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::report::ReportFormat;
+use crate::analysis::report::ReportFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,8 +38,8 @@ pub struct Target {
     /// domain tainted (custom-monitor).
     #[arg(long)]
     pub libvirt_monitor: bool,
-    #[arg(long, value_enum, default_value_t, help = crate::probes::policy::TIMER_SOURCE_HELP)]
-    pub timer_source: crate::probes::policy::TimerChoice,
+    #[arg(long, value_enum, default_value_t, help = crate::offer::policy::TIMER_SOURCE_HELP)]
+    pub timer_source: crate::offer::policy::TimerChoice,
     /// Keep the probes' cost to each QEMU under PCT % of a core: a busy VM's uprobes are then
     /// attached for only part of each window, and its counts scaled and marked estimated.
     #[arg(long, value_name = "PCT")]
@@ -60,7 +60,7 @@ pub enum Command {
         /// The timer source to show, as `record --timer-source` would pick it (`auto`: the
         /// hrtimer tracepoints, else libc uprobes, else the syscall tracepoints).
         #[arg(long, value_enum, default_value_t)]
-        timer_source: crate::probes::policy::TimerChoice,
+        timer_source: crate::offer::policy::TimerChoice,
     },
     /// Record per-VM events in fixed windows, one JSON line per VM per closed window.
     Record {

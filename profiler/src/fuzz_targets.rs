@@ -28,26 +28,26 @@ fn text(data: &[u8]) -> std::borrow::Cow<'_, str> {
 
 /// ELF bytes → USDT notes (`.note.stapsdt`) and each probe's argument spec.
 pub fn elf_usdt_notes(data: &[u8]) {
-    if let Ok(probes) = crate::elf::usdt::parse_usdt_probes(data) {
+    if let Ok(probes) = crate::offer::elf::usdt::parse_usdt_probes(data) {
         for p in &probes {
             let _ = p.parsed_args();
         }
     }
-    let _ = crate::probes::usdt::find_region_ops_sites(data);
+    let _ = crate::probes::sources::usdt::find_region_ops_sites(data);
 }
 
 /// A USDT argument spec string (`-4@%edi 8@seq_iter.6(%rip)`).
 pub fn usdt_args(data: &[u8]) {
-    let _ = crate::elf::usdt::parse_args(&text(data));
+    let _ = crate::offer::elf::usdt::parse_args(&text(data));
 }
 
 /// ELF bytes → symbol table, load segments, file offsets.
 pub fn elf_symbols(data: &[u8]) {
-    if let Ok(table) = crate::elf::SymbolTable::from_elf_bytes(data) {
+    if let Ok(table) = crate::offer::elf::SymbolTable::from_elf_bytes(data) {
         let _ = table.lookup("memory_region_dispatch_read");
         let _ = table.symbolize(0x1000);
     }
-    let _ = crate::elf::load_segments(data);
+    let _ = crate::offer::elf::load_segments(data);
 }
 
 /// ELF bytes → DWARF member offsets, as the symbols source looks them up.
@@ -57,41 +57,41 @@ pub fn dwarf_members(data: &[u8]) {
         ("QEMUTimer", "cb"),
         ("Object", "class"),
     ] {
-        let _ = crate::elf::dwarf::member_offset(data, s, m);
+        let _ = crate::offer::elf::dwarf::member_offset(data, s, m);
     }
 }
 
 /// A QMP peer's bytes → greeting, capabilities, `info mtree -f`.
 pub fn qmp_session(data: &[u8]) {
-    let _ = crate::qmp::session_against(data);
+    let _ = crate::identity::qmp::session_against(data);
 }
 
 /// `info mtree -f` text → the address map, and lookups in it.
 pub fn mtree(data: &[u8]) {
-    let map = crate::mtree::parse_mtree_flat(&text(data));
+    let map = crate::identity::mtree::parse_mtree_flat(&text(data));
     let _ = map.name_for_port(0x378);
     let _ = map.name_for_gpa(0xfebf_0000);
 }
 
 /// `/proc/PID/cmdline` bytes → QEMU's argv → identity, devices, QMP sockets.
 pub fn proc_cmdline(data: &[u8]) {
-    let argv = crate::discovery::split_cmdline(data);
-    let parsed = crate::cmdline::parse_cmdline(&argv);
-    let _ = crate::cmdline::effective_devices(&parsed);
-    let _ = crate::discovery::detect_accel(&parsed, None);
+    let argv = crate::identity::discovery::split_cmdline(data);
+    let parsed = crate::identity::cmdline::parse_cmdline(&argv);
+    let _ = crate::identity::cmdline::effective_devices(&parsed);
+    let _ = crate::identity::discovery::detect_accel(&parsed, None);
 }
 
 /// `/proc/PID/stat`, `/proc/stat`, `/proc/self/status` text.
 pub fn proc_stat(data: &[u8]) {
     let t = text(data);
-    let _ = crate::discovery::parse_stat(&t);
-    let _ = crate::discovery::parse_proc_stat(&t);
+    let _ = crate::identity::discovery::parse_stat(&t);
+    let _ = crate::identity::discovery::parse_proc_stat(&t);
     let _ = crate::probes::parse_cap_eff(&t);
 }
 
 /// A tracefs event `format` file.
 pub fn tracefs_format(data: &[u8]) {
-    let _ = crate::probes::kvm::parse_format(&text(data));
+    let _ = crate::probes::sources::kvm::parse_format(&text(data));
 }
 
 /// A recording (JSON lines) → every command that reads recordings: report (all formats),
@@ -101,11 +101,11 @@ pub fn recording(data: &[u8]) {
         return;
     };
     for format in [
-        crate::report::ReportFormat::Table,
-        crate::report::ReportFormat::Csv,
-        crate::report::ReportFormat::Markdown,
+        crate::analysis::report::ReportFormat::Table,
+        crate::analysis::report::ReportFormat::Csv,
+        crate::analysis::report::ReportFormat::Markdown,
     ] {
-        let _ = crate::report::render(&records, format);
+        let _ = crate::analysis::report::render(&records, format);
     }
     let classes = crate::analysis::classes::CLASSES.iter().collect();
     let report = crate::analysis::check::check(
@@ -134,5 +134,5 @@ pub fn recording(data: &[u8]) {
 
 /// libvirt's live status XML (`/run/libvirt/qemu/NAME.xml`).
 pub fn libvirt_status(data: &[u8]) {
-    let _ = crate::libvirt::parse_status(&text(data));
+    let _ = crate::identity::libvirt::parse_status(&text(data));
 }

@@ -8,7 +8,7 @@ use std::io::BufRead;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::cmdline::Accel;
+use crate::identity::cmdline::Accel;
 
 /// Why a window covers less than the full window length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +40,7 @@ pub struct VmRef {
     /// The libvirt domain (name, uuid) and, for OpenStack guests, the Nova instance (display
     /// name, project, user, flavor); absent for VMs libvirt did not start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub libvirt: Option<crate::libvirt::LibvirtDomain>,
+    pub libvirt: Option<crate::identity::libvirt::LibvirtDomain>,
     /// When its QEMU process started (RFC 3339, UTC, to the clock tick): what `capacity`'s
     /// settle time counts from. Absent in recordings made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,7 +2,7 @@
 //! picks, in the order the source policy tries them (unprivileged, no guest).
 
 use clap::CommandFactory as _;
-use profiler::probes::policy::{TimerChoice, timer_plan};
+use profiler::offer::policy::{TimerChoice, timer_plan};
 
 /// Where each of `phrases` first appears in `text`, failing on a missing one.
 fn positions(text: &str, phrases: &[&str], what: &str) -> Vec<usize> {

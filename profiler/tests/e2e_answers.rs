@@ -42,7 +42,7 @@ fn assert_svg(path: &Path) {
         path.display()
     );
     // It renders (fonts permitting): the same conversion `--plot x.png` does.
-    if let Ok(png) = profiler::plot::svg_to_png(&svg) {
+    if let Ok(png) = profiler::outputs::plot::svg_to_png(&svg) {
         std::fs::write(path.with_extension("png"), png).unwrap();
     }
 }

@@ -139,7 +139,7 @@ fn kvm_tracepoints_count_exact_parallel_reads_named_through_qmp() {
     let windows = of(&records, "e2e-kvm");
     assert!(!windows.is_empty());
     for w in &windows {
-        assert_eq!(w.vm.accel, profiler::cmdline::Accel::Kvm, "{w:?}");
+        assert_eq!(w.vm.accel, profiler::identity::cmdline::Accel::Kvm, "{w:?}");
         assert_eq!(w.sources.read, "kvm-tracepoints", "{w:?}");
         // Accesses the kernel handled itself are counted apart, never as QEMU reads/writes.
         assert!(w.in_kernel.is_some(), "{w:?}");

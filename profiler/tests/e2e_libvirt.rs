@@ -326,7 +326,7 @@ fn libvirt_kvm_domain_ports_named_from_the_well_known_table() {
         let windows = of(&records, "e2e-lv-kvm");
         assert!(!windows.is_empty());
         for w in &windows {
-            assert_eq!(w.vm.accel, profiler::cmdline::Accel::Kvm, "{w:?}");
+            assert_eq!(w.vm.accel, profiler::identity::cmdline::Accel::Kvm, "{w:?}");
             assert_eq!(w.sources.read, "kvm-tracepoints", "{w:?}");
         }
         windows

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use profiler::{
+use profiler::identity::{
     cmdline::QmpEndpoint,
     qmp::{self, DEFAULT_TIMEOUT},
 };

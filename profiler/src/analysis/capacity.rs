@@ -10,8 +10,8 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
+    analysis::report::{epoch_secs, group_by_vm, sanitize},
     record::WindowRecord,
-    report::{epoch_secs, group_by_vm, sanitize},
 };
 
 /// The assumptions of the projection.
@@ -402,7 +402,7 @@ pub fn render_text(r: &CapacityReport) -> String {
 mod tests {
     use super::*;
     use crate::{
-        cmdline::Accel,
+        identity::cmdline::Accel,
         record::{HostWindow, Sources, VmRef},
     };
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::classes::DeviceClass;
-use crate::{record::WindowRecord, report::group_by_vm};
+use crate::{analysis::report::group_by_vm, record::WindowRecord};
 
 /// What `check` was asked.
 #[derive(Debug, Clone)]
@@ -262,7 +262,7 @@ fn judge_timer_rate(windows: &[&WindowRecord], seconds: f64, max: f64) -> ClassV
 pub fn render_text(report: &CheckReport) -> String {
     use std::fmt::Write as _;
 
-    use crate::report::{sanitize, thousands};
+    use crate::analysis::report::{sanitize, thousands};
     let mut out = String::new();
     if report.vms.is_empty() {
         out.push_str("no VM to check\n");
@@ -364,7 +364,7 @@ mod tests {
     use super::*;
     use crate::{
         analysis::classes::class,
-        cmdline::Accel,
+        identity::cmdline::Accel,
         record::{DeviceCount, Sources, TimerCallbackCount, VmRef},
     };
 

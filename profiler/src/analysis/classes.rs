@@ -33,7 +33,7 @@ pub struct DeviceClass {
     /// Command-line devices that create it (`-device` drivers, `opt:value` shorthands);
     /// `*` at either end is a wildcard.
     pub cmdline: &'static [&'static str],
-    /// The `default:<marker>` that [`crate::cmdline::effective_devices`] emits when the
+    /// The `default:<marker>` that [`crate::identity::cmdline::effective_devices`] emits when the
     /// machine creates such a device by default.
     pub default_marker: Option<&'static str>,
     pub remedy: Remedy,
@@ -56,7 +56,7 @@ impl DeviceClass {
     }
 
     /// Whether the command line (with the machine's defaults, see
-    /// [`crate::cmdline::effective_devices`]) creates such a device.
+    /// [`crate::identity::cmdline::effective_devices`]) creates such a device.
     pub fn configured_by(&self, devices: &[String]) -> Option<String> {
         devices
             .iter()

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::Serialize;
 
 use crate::{
+    analysis::report::{VmWindows, group_by_vm, sanitize, thousands},
     record::WindowRecord,
-    report::{VmWindows, group_by_vm, sanitize, thousands},
 };
 
 /// Which VM of the first recording goes with which of the second.
@@ -422,7 +422,7 @@ pub fn render_text(c: &Comparison) -> String {
 mod tests {
     use super::*;
     use crate::{
-        cmdline::Accel,
+        identity::cmdline::Accel,
         record::{DeviceCount, Sources, TimerCallbackCount, VmRef},
     };
 

@@ -6,3 +6,4 @@ pub mod capacity;
 pub mod check;
 pub mod classes;
 pub mod compare;
+pub mod report;

@@ -5,19 +5,22 @@
 //! depends on the source that served it (USDT and symbols count regions; the KVM tracepoints
 //! count exits by port and page), and a device's name may come from QEMU itself, from its
 //! owner's QOM type, or from the VM's memory map. All of that is decided here, with no I/O:
-//! the names arrive as plain maps ([`VmNames`]) resolved elsewhere (`crate::names`).
+//! the names arrive as plain maps ([`VmNames`]) resolved elsewhere (`crate::attribution::names`).
 
 pub mod kvm;
+pub mod names;
 
 use std::collections::{BTreeMap, HashMap};
 
 use profiler_common::kind;
 
 use crate::{
-    collector::Counts,
-    mtree::MtreeMap,
-    ports::{VmDevices, well_known_port_name},
-    probes::policy::ReadWriteSource,
+    identity::{
+        mtree::MtreeMap,
+        ports::{VmDevices, well_known_port_name},
+    },
+    offer::policy::ReadWriteSource,
+    windows::collector::Counts,
 };
 
 /// A device as records and views name it: the region's name and, where known, the QOM type of
@@ -89,7 +92,7 @@ impl RawCounters {
     }
 }
 
-/// Names resolved for one VM (by `crate::names`).
+/// Names resolved for one VM (by `crate::attribution::names`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VmNames<'a> {
     /// `MemoryRegion` pointer -> QOM type of its owner device.
@@ -295,7 +298,7 @@ mod tests {
 
     #[test]
     fn kvm_exits_named_by_the_memory_map_else_by_address() {
-        let map = crate::mtree::parse_mtree_flat(
+        let map = crate::identity::mtree::parse_mtree_flat(
             "FlatView #1\n AS \"I/O\", root: io\n Root memory region: io\n  \
              0000000000000378-000000000000037f (prio 0, i/o): parallel\n",
         );

@@ -32,7 +32,7 @@ pub fn run(opts: CapacityOptions) -> anyhow::Result<ExitCode> {
         if let Some(why) = why_no_host_points(&records, &report) {
             anyhow::bail!("{}: nothing to plot: {why}", opts.file.display());
         }
-        crate::plot::write(&path, &crate::plot::capacity_chart(&report)?)?;
+        crate::outputs::plot::write(&path, &crate::outputs::plot::capacity_chart(&report)?)?;
         eprintln!("profiler: wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)

@@ -13,12 +13,14 @@ use crate::{
     analysis::{
         check::{CheckReport, CheckRequest, check, render_text},
         classes::{CLASSES, DeviceClass, class},
+        report::sanitize,
     },
     probes::EventProbes,
     record::{WindowRecord, read_records},
-    report::sanitize,
-    sampler::{self, Sample, SampleSink},
-    session::{Session, VmFilter},
+    windows::{
+        sampler::{self, Sample, SampleSink},
+        session::{Session, VmFilter},
+    },
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

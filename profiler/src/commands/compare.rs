@@ -21,7 +21,7 @@ pub fn run(
         print!("{}", render_text(&c));
     }
     if let Some(path) = plot {
-        crate::plot::write(&path, &crate::plot::compare_chart(&c)?)?;
+        crate::outputs::plot::write(&path, &crate::outputs::plot::compare_chart(&c)?)?;
         eprintln!("profiler: wrote {}", path.display());
     }
     Ok(if c.vms.is_empty() {

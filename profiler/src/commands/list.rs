@@ -3,11 +3,17 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use crate::{
-    cmdline::{Accel, QmpEndpoint},
-    discovery::{HostPaths, scan_qemu_processes},
-    probes::{ProbeOptions, exe::ExeCatalog, kvm, libc_waits::LibcCatalog, offered_sources},
+    analysis::report::sanitize,
+    identity::{
+        cmdline::{Accel, QmpEndpoint},
+        discovery::{HostPaths, scan_qemu_processes},
+    },
+    offer::exe::ExeCatalog,
+    probes::{
+        ProbeOptions, offered_sources,
+        sources::{kvm, libc_waits::LibcCatalog},
+    },
     record::Sources,
-    report::sanitize,
 };
 
 #[derive(Serialize)]
@@ -25,13 +31,13 @@ struct ListedVm {
     symbols: String,
     /// The libvirt domain and, for OpenStack guests, the Nova instance.
     #[serde(skip_serializing_if = "Option::is_none")]
-    libvirt: Option<crate::libvirt::LibvirtDomain>,
+    libvirt: Option<crate::identity::libvirt::LibvirtDomain>,
 }
 
 /// Whether the KVM tracepoints can be attached, as `record` would find them (only asked when
 /// a KVM guest runs: it may mount tracefs).
 fn kvm_offer() -> Result<(), String> {
-    let tracefs = crate::tracefs::ensure_tracefs().map_err(|e| format!("{e:#}"))?;
+    let tracefs = crate::offer::tracefs::ensure_tracefs().map_err(|e| format!("{e:#}"))?;
     kvm::offered(&tracefs)
 }
 

@@ -134,8 +134,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn filter(target: &crate::cli::Target) -> crate::session::VmFilter {
-    crate::session::VmFilter {
+fn filter(target: &crate::cli::Target) -> crate::windows::session::VmFilter {
+    crate::windows::session::VmFilter {
         names: target.vms.clone(),
         pids: target.pids.clone(),
     }
@@ -150,8 +150,8 @@ fn probe_options(target: crate::cli::Target) -> crate::probes::ProbeOptions {
 }
 
 /// The system debug roots plus the user's `--debug-dir`s, searched first.
-fn debug_roots(extra: Vec<std::path::PathBuf>) -> crate::elf::DebugRoots {
-    let mut roots = crate::elf::DebugRoots::system();
+fn debug_roots(extra: Vec<std::path::PathBuf>) -> crate::offer::elf::DebugRoots {
+    let mut roots = crate::offer::elf::DebugRoots::system();
     for (i, dir) in extra.into_iter().enumerate() {
         roots.debug_dirs.insert(i, dir);
     }

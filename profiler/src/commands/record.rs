@@ -15,10 +15,12 @@ use tokio::{
 };
 
 use crate::{
-    output::RecordSink,
+    outputs::output::RecordSink,
     probes::EventProbes,
-    sampler::{self, Sample, SampleSink},
-    session::{Session, VmFilter},
+    windows::{
+        sampler::{self, Sample, SampleSink},
+        session::{Session, VmFilter},
+    },
 };
 
 pub struct RecordOptions {
@@ -35,7 +37,7 @@ fn open_output(path: &std::path::Path) -> anyhow::Result<Box<dyn Write>> {
     if path.as_os_str() == "-" {
         Ok(Box::new(io::stdout()))
     } else {
-        let f = crate::output::create_private(path)
+        let f = crate::outputs::output::create_private(path)
             .with_context(|| format!("creating {}", path.display()))?;
         Ok(Box::new(f))
     }
@@ -100,7 +102,7 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
         .with_libvirt_monitor(opts.libvirt_monitor)
         .with_overhead_budget(opts.probe.max_overhead)?;
     if let Some(b) = session.overhead_budget() {
-        eprintln!("profiler: {}", crate::budget::describe(&b));
+        eprintln!("profiler: {}", crate::windows::budget::describe(&b));
     }
     let mut sink = RecordToOutput {
         out,
@@ -142,7 +144,7 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
         for (name, duty) in session.duty_cycles() {
             eprintln!(
                 "profiler: overhead budget: {}",
-                crate::budget::describe_vm(&name, &duty, &b)
+                crate::windows::budget::describe_vm(&name, &duty, &b)
             );
         }
     }

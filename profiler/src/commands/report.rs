@@ -8,8 +8,8 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
+    analysis::report::{ReportFormat, render},
     record::{WindowRecord, read_records},
-    report::{ReportFormat, render},
 };
 
 /// Reads a recording (`-` is standard input); warnings (a truncated last line) to stderr.
@@ -30,7 +30,7 @@ pub fn run(file: &Path, format: ReportFormat, plot: Option<PathBuf>) -> anyhow::
     let records = load(file)?;
     io::stdout().write_all(render(&records, format).as_bytes())?;
     if let Some(path) = plot {
-        crate::plot::write(&path, &crate::plot::report_chart(&records)?)?;
+        crate::outputs::plot::write(&path, &crate::outputs::plot::report_chart(&records)?)?;
         eprintln!("profiler: wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)

@@ -40,13 +40,14 @@ use tokio::{
 
 use super::top::own_cpu_seconds;
 use crate::{
-    discovery::clock_ticks_per_second,
-    live::ProfilerCost,
-    metrics::FleetState,
-    output::RecordSink,
+    identity::discovery::clock_ticks_per_second,
+    outputs::{metrics::FleetState, output::RecordSink},
     probes::EventProbes,
-    sampler::{self, Sample, SampleSink},
-    session::{Session, VmFilter},
+    windows::{
+        live::ProfilerCost,
+        sampler::{self, Sample, SampleSink},
+        session::{Session, VmFilter},
+    },
 };
 
 pub struct ServeOptions {
@@ -166,7 +167,7 @@ impl SampleSink for Serve {
         if let Some(dir) = self.textfile_dir.clone()
             && boundary
         {
-            let text = crate::metrics::prometheus_text(&self.fleet);
+            let text = crate::outputs::metrics::prometheus_text(&self.fleet);
             match write_atomically(&dir, TEXTFILE_NAME, &text) {
                 Ok(()) if self.textfile_failing => {
                     self.textfile_failing = false;
@@ -221,12 +222,12 @@ fn respond(req: &Request<Incoming>, fleet: &Arc<Mutex<FleetState>>) -> Response<
         "/metrics" if wants_openmetrics(req) => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            crate::metrics::openmetrics_text(fleet),
+            crate::outputs::metrics::openmetrics_text(fleet),
         ),
         "/metrics" => reply(
             StatusCode::OK,
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-            crate::metrics::prometheus_text(fleet),
+            crate::outputs::metrics::prometheus_text(fleet),
         ),
         "/" => reply(StatusCode::OK, "text/html; charset=utf-8", INDEX.into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

@@ -16,13 +16,15 @@ use tokio::{
 };
 
 use crate::{
-    discovery::clock_ticks_per_second,
-    live::{LiveSnapshot, LiveState, ProfilerCost},
-    output::RecordSink,
+    identity::discovery::clock_ticks_per_second,
+    outputs::output::RecordSink,
     probes::EventProbes,
-    sampler::{self, Sample, SampleSink},
-    session::{Session, VmFilter},
     tui::{self, TerminalGuard},
+    windows::{
+        live::{LiveSnapshot, LiveState, ProfilerCost},
+        sampler::{self, Sample, SampleSink},
+        session::{Session, VmFilter},
+    },
 };
 
 pub struct TopOptions {
@@ -97,7 +99,7 @@ pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
     let probes = EventProbes::load(opts.probe.clone())?;
     let out = match &opts.output {
         Some(p) => Some(RecordSink::new(
-            crate::output::create_private(p)
+            crate::outputs::output::create_private(p)
                 .with_context(|| format!("creating {}", p.display()))?,
         )),
         None => None,

@@ -8,26 +8,16 @@
 //! What the counters mean is decided outside, by `crate::attribution`.
 //!
 //! [`ProbeLayer`] is the seam the session works through, so the session is tested on fake
-//! counters (`crate::session` tests) and this layer on the real kernel (root tests).
+//! counters (`crate::windows::session` tests) and this layer on the real kernel (root tests).
 
-pub mod batch;
-pub mod counters;
-pub mod detacher;
-pub mod exe;
-pub mod execs;
-pub mod hrtimers;
-pub mod kvm;
-pub mod libc_waits;
-pub mod mapped;
-pub mod perf_uprobe;
-pub mod policy;
-pub mod prog_info;
-pub mod symbols;
-pub mod timers;
-pub mod tracepoint_group;
-pub mod uprobes;
-pub mod usdt;
-pub mod watch_table;
+pub mod kernel;
+pub mod sources;
+
+use self::{
+    kernel::{batch, counters, detacher, prog_info, watch_table},
+    sources::{execs, hrtimers, kvm, symbols, syscall_waits, usdt},
+};
+use crate::offer::policy;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -42,19 +32,25 @@ use aya::{
 };
 use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, link_generation, watch_flag};
 
-use self::{
-    exe::{ExeAnalysis, ExeCatalog},
-    kvm::KvmSource,
-    libc_waits::{LibcCatalog, LibcOffer, LibcProbes, LibcWaitSource},
-    policy::{ProcessOffer, ReadWriteSource, TimerChoice, TimerSource, VmSources},
-    symbols::SymbolSource,
-    timers::SyscallWaits,
-    usdt::UsdtSource,
+use crate::{
+    attribution::{
+        RawCounters, RegionLabel,
+        names::{NameSources, Note},
+    },
+    identity::discovery::QemuProcess,
 };
 use crate::{
-    attribution::{RawCounters, RegionLabel},
-    discovery::QemuProcess,
-    names::{NameSources, Note},
+    offer::{
+        exe::{ExeAnalysis, ExeCatalog},
+        policy::{ProcessOffer, ReadWriteSource, TimerChoice, TimerSource, VmSources},
+    },
+    probes::sources::{
+        kvm::KvmSource,
+        libc_waits::{LibcCatalog, LibcOffer, LibcProbes, LibcWaitSource},
+        symbols::SymbolSource,
+        syscall_waits::SyscallWaits,
+        usdt::UsdtSource,
+    },
 };
 
 /// The compiled eBPF object, embedded at build time by build.rs.
@@ -178,7 +174,7 @@ pub trait ProbeLayer {
         Ok(Duration::ZERO)
     }
     /// Seconds one uprobe hit costs the probed thread on this host, measured.
-    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::budget::HitCost> {
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::windows::budget::HitCost> {
         anyhow::bail!("this probe layer cannot measure uprobe costs")
     }
     /// The PIDs that exec'd since the last call, for discovery (`None`: not watched, or
@@ -345,7 +341,7 @@ struct Served {
 #[derive(Debug, Clone, Default)]
 pub struct ProbeOptions {
     /// Where QEMU debug files are searched.
-    pub debug_roots: crate::elf::DebugRoots,
+    pub debug_roots: crate::offer::elf::DebugRoots,
     /// Which timer sources may be used.
     pub timer_choice: TimerChoice,
     /// `--max-overhead`: percent of a core each VM's uprobes may cost (applied by the session).
@@ -387,7 +383,7 @@ pub struct EventProbes {
     /// Where the programs find the watched processes.
     watch_table: watch_table::WatchTable,
     /// The libc result source's per-thread ppoll marks.
-    ppoll_marks: timers::PpollMarks,
+    ppoll_marks: syscall_waits::PpollMarks,
 }
 
 impl EventProbes {
@@ -402,9 +398,9 @@ impl EventProbes {
         } = options;
         check_privileges()?;
         raise_fd_limit();
-        let tracefs = crate::tracefs::ensure_tracefs()?;
+        let tracefs = crate::offer::tracefs::ensure_tracefs()?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
-        let syscall_waits = timers::load(&mut ebpf)?;
+        let syscall_waits = syscall_waits::load(&mut ebpf)?;
         let hrtimer_waits = hrtimers::HrtimerWaits::load(&mut ebpf, &tracefs);
         let libc = LibcWaitSource::load(&mut ebpf)?;
         let usdt = UsdtSource::load(&mut ebpf)?;
@@ -414,7 +410,7 @@ impl EventProbes {
         let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
         let counters = counters::CounterStore::open(&ebpf)?;
         let watch_table = watch_table::WatchTable::open(&ebpf)?;
-        let ppoll_marks = timers::PpollMarks::open(&ebpf)?;
+        let ppoll_marks = syscall_waits::PpollMarks::open(&ebpf)?;
         Ok(Self {
             ebpf,
             catalog: ExeCatalog::new(debug_roots),
@@ -733,9 +729,9 @@ impl EventProbes {
         {
             // A ppoll's timer mark (or an entry) left while the probes were away must not
             // classify the thread's next wait.
-            let tids = timers::thread_ids(pid);
+            let tids = syscall_waits::thread_ids(pid);
             self.ppoll_marks.disarm_threads(pid, tids.iter().copied());
-            timers::clear_pending(&mut self.ebpf, pid, tids);
+            syscall_waits::clear_pending(&mut self.ebpf, pid, tids);
             self.libc
                 .attach(&mut self.ebpf, pid, libc, how, generation)?;
             if how == LibcProbes::Result {
@@ -769,7 +765,7 @@ impl EventProbes {
     /// each try's pair, once taken instead, went from 0.10 to 8.66 µs between runs here: one
     /// slowed bare try made the budget think a hit nearly free, and a VM never paused never
     /// teaches it otherwise.)
-    fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<crate::budget::HitCost> {
+    fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<crate::windows::budget::HitCost> {
         const TIGHT_CALLS: u32 = 5000;
         const SLEEPING_CALLS: u32 = 600;
         let pid = std::process::id();
@@ -844,7 +840,7 @@ impl EventProbes {
         self.watch_table.remove(&mut self.ebpf, pid)?;
         self.forget_counters(pid)?;
         result?;
-        Ok(crate::budget::HitCost {
+        Ok(crate::windows::budget::HitCost {
             tight: ((probed.0 - bare.0) / hits).max(1e-9),
             after_sleep: ((probed.1 - bare.1) / hits).max(1e-9),
         })
@@ -863,7 +859,7 @@ impl EventProbes {
         forget_region_keys::<RegionName>(&mut self.ebpf, "REGION_NAMES", pid);
         self.region_labels.remove(&pid);
         forget_region_keys::<u64>(&mut self.ebpf, symbols::SEEN_CALLBACKS_MAP, pid);
-        timers::forget_process(&mut self.ebpf, pid);
+        syscall_waits::forget_process(&mut self.ebpf, pid);
         self.ppoll_marks.free_process(pid);
         hrtimers::forget_process(&mut self.ebpf, pid);
         self.kvm.forget(&mut self.ebpf, pid);
@@ -1033,7 +1029,7 @@ impl ProbeLayer for EventProbes {
         Ok(started.elapsed())
     }
 
-    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::budget::HitCost> {
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::windows::budget::HitCost> {
         self.measure_uprobe_hit_cost()
     }
 
@@ -1070,7 +1066,7 @@ impl ProbeLayer for EventProbes {
             ("WATCHED", self.watch_table.len(), MAX_WATCHED),
             (
                 "PENDING",
-                count_entries::<u32, PendingWait>(e, timers::PENDING_MAP),
+                count_entries::<u32, PendingWait>(e, syscall_waits::PENDING_MAP),
                 MAX_PENDING,
             ),
             (
@@ -1236,10 +1232,12 @@ pub(crate) mod tests {
     use object::{Object as _, ObjectSegment as _};
     use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind};
 
-    use super::{
-        symbols::{DISPATCH_PROGRAM, SymbolSource},
-        uprobes::UprobePoint,
-        usdt::{self, SPECS_MAP, SiteToAttach, UsdtSource},
+    use crate::probes::{
+        kernel::uprobes::UprobePoint,
+        sources::{
+            symbols::{DISPATCH_PROGRAM, SymbolSource},
+            usdt::{self, SPECS_MAP, SiteToAttach, UsdtSource},
+        },
         *,
     };
 
@@ -1320,7 +1318,7 @@ pub(crate) mod tests {
 
     pub(crate) fn root_ebpf(test: &str) -> Option<Ebpf> {
         xtask::prereq::Prereq::new(test).root()?;
-        crate::tracefs::ensure_tracefs().expect("tracefs");
+        crate::offer::tracefs::ensure_tracefs().expect("tracefs");
         Some(Ebpf::load(EBPF_OBJECT).expect("loading the eBPF object"))
     }
 
@@ -1329,7 +1327,7 @@ pub(crate) mod tests {
         Arc::new(
             symbols::analyze(
                 &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
-                &crate::elf::DebugRoots::system(),
+                &crate::offer::elf::DebugRoots::system(),
             )
             .unwrap(),
         )
@@ -1527,7 +1525,7 @@ pub(crate) mod tests {
         // SAFETY: no arguments.
         let tid = unsafe { libc::gettid() } as u32;
         let offer = LibcCatalog::default().offer(pid).unwrap();
-        let tracefs = crate::tracefs::ensure_tracefs().unwrap();
+        let tracefs = crate::offer::tracefs::ensure_tracefs().unwrap();
         let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
         let mut hrtimers = hrtimers::HrtimerWaits::load(&mut ebpf, &tracefs);
         let mut counters = counters::CounterStore::open(&ebpf).unwrap();
@@ -1570,9 +1568,13 @@ pub(crate) mod tests {
             (200, 200),
             "in the thread's slot"
         );
-        let marks =
-            mapped::MappedArray::map(&ebpf, timers::MARKS_MAP, MARK_SLOTS, size_of::<PpollMark>())
-                .unwrap();
+        let marks = kernel::mapped::MappedArray::map(
+            &ebpf,
+            syscall_waits::MARKS_MAP,
+            MARK_SLOTS,
+            size_of::<PpollMark>(),
+        )
+        .unwrap();
         let owner = marks
             .u64_at(mark_slot(tid), offset_of!(PpollMark, owner))
             .unwrap();
@@ -1580,7 +1582,7 @@ pub(crate) mod tests {
             .u64_at(mark_slot(tid), offset_of!(PpollMark, armed))
             .unwrap();
         assert_eq!(owner.load(Ordering::Relaxed), PpollMark::owner_of(tid, pid));
-        let ppoll_marks = timers::PpollMarks::open(&ebpf).unwrap();
+        let ppoll_marks = syscall_waits::PpollMarks::open(&ebpf).unwrap();
         // A mark left behind (as by a wait in flight when a budget pause took the probes) is
         // disarmed on resume; the slot stays the thread's.
         armed.store(1, Ordering::Relaxed);
@@ -1599,7 +1601,7 @@ pub(crate) mod tests {
         // A mark left in `PENDING` is cleared on resume too, and the entry kept.
         let pending_of = |ebpf: &Ebpf| {
             aya::maps::HashMap::<_, u32, profiler_common::PendingWait>::try_from(
-                ebpf.map(timers::PENDING_MAP).unwrap(),
+                ebpf.map(syscall_waits::PENDING_MAP).unwrap(),
             )
             .unwrap()
             .get(&tid, 0)
@@ -1610,18 +1612,18 @@ pub(crate) mod tests {
             ..pending_of(&ebpf)
         };
         aya::maps::HashMap::<_, u32, profiler_common::PendingWait>::try_from(
-            ebpf.map_mut(timers::PENDING_MAP).unwrap(),
+            ebpf.map_mut(syscall_waits::PENDING_MAP).unwrap(),
         )
         .unwrap()
         .insert(tid, left, 0)
         .unwrap();
-        timers::clear_pending(&mut ebpf, pid, [tid]);
+        syscall_waits::clear_pending(&mut ebpf, pid, [tid]);
         assert_eq!(pending_of(&ebpf).syscall, wait_syscall::NONE);
         owner.store(0, Ordering::Relaxed);
         libc.detach(&mut ebpf, pid);
         drop(hrtimers.release_starts(&mut ebpf, pid));
         table.remove(&mut ebpf, pid).unwrap();
-        timers::forget_process(&mut ebpf, pid);
+        syscall_waits::forget_process(&mut ebpf, pid);
         counters.forget(&mut ebpf, pid).unwrap();
     }
 

@@ -3,9 +3,9 @@
 use crossterm::event::{Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use crate::{
-    discovery::VmKey,
-    live::{LiveSnapshot, LiveVm},
+    identity::discovery::VmKey,
     tui::model::{SortKey, VmRow, ranked_rows},
+    windows::live::{LiveSnapshot, LiveVm},
 };
 
 /// Rows moved by PageUp / PageDown.

@@ -3,11 +3,15 @@
 //! without it ~8.9 times.
 
 use crate::{
-    cmdline::Accel,
-    collector::Counts,
-    discovery::{VmIdentity, VmKey},
-    live::{LiveSnapshot, LiveVm, ProfilerCost},
+    identity::{
+        cmdline::Accel,
+        discovery::{VmIdentity, VmKey},
+    },
     record::{DeviceCount, PartialReason, Sources, TimerCallbackCount, VmRef, WindowRecord},
+    windows::{
+        collector::Counts,
+        live::{LiveSnapshot, LiveVm, ProfilerCost},
+    },
 };
 
 pub const WINDOW_SECS: f64 = 30.0;

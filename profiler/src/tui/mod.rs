@@ -26,7 +26,7 @@ pub use app::{App, View};
 pub use model::{SortKey, clean};
 pub use terminal::{TerminalGuard, install_panic_hook, restore};
 
-use crate::live::LiveSnapshot;
+use crate::windows::live::LiveSnapshot;
 
 /// Runs the UI until the user quits (`q`, Ctrl-C) or the collector drops its end of `updates`.
 ///

@@ -4,9 +4,9 @@
 use std::{borrow::Borrow, cmp::Ordering};
 
 use crate::{
-    live::{LiveSnapshot, LiveVm},
+    analysis::report::thousands,
     record::{DeviceCount, WindowRecord},
-    report::thousands,
+    windows::live::{LiveSnapshot, LiveVm},
 };
 
 pub use crate::text::clean;
@@ -226,7 +226,7 @@ pub fn ranked_rows<'a>(snapshot: &'a LiveSnapshot, key: SortKey, filter: &str) -
 
 /// A VM's name for the list: its name, and an OpenStack guest's Nova display name after it
 /// (`instance-0000002a (web-frontend-01)`); sanitized.
-pub fn display_name(id: &crate::discovery::VmIdentity) -> String {
+pub fn display_name(id: &crate::identity::discovery::VmIdentity) -> String {
     match id
         .libvirt
         .as_ref()

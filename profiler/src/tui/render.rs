@@ -14,9 +14,8 @@ use ratatui::{
 };
 
 use crate::{
-    live::{LiveSnapshot, LiveVm},
+    analysis::report::thousands,
     record::WindowRecord,
-    report::thousands,
     tui::{
         app::{App, View},
         model::{
@@ -24,6 +23,7 @@ use crate::{
             is_placeholder, sparkline, sparkline_scale, top_device, window_progress,
         },
     },
+    windows::live::{LiveSnapshot, LiveVm},
 };
 
 /// Below this height the header shrinks to its first line.
@@ -628,7 +628,7 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
         Col::Name => Cell::from(row.name.clone()),
         Col::Pid => right(Span::raw(vm.identity.pid.to_string())),
         Col::Accel => Cell::from(match vm.identity.accel {
-            crate::cmdline::Accel::Unknown => "?",
+            crate::identity::cmdline::Accel::Unknown => "?",
             a => a.as_str(),
         }),
         Col::Timer => rate_cell(timer, c.timer.is_some(), fmt_rate, true),

@@ -12,7 +12,7 @@ use super::{
     app::tests::{loaded, press, type_str},
     fixtures, run,
 };
-use crate::{live::LiveSnapshot, record::WindowRecord};
+use crate::{record::WindowRecord, windows::live::LiveSnapshot};
 
 fn draw(app: &App, width: u16, height: u16) -> Terminal<TestBackend> {
     let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
@@ -393,10 +393,10 @@ fn top_opens_on_rank_1_with_100_vms() {
 fn a_note_shows_in_the_status_line() {
     let mut snap = fixtures::snapshot();
     snap.notes = vec![
-        (2.0, crate::names::Note::general("first")),
+        (2.0, crate::attribution::names::Note::general("first")),
         (
             fixtures::T - 4.0,
-            crate::names::Note::vm(
+            crate::attribution::names::Note::vm(
                 "legacy-ubuntu",
                 "no QMP socket on its command line; KVM ports and pages are named by address",
             ),

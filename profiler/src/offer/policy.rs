@@ -1,0 +1,789 @@
+//! Which probe source serves each count of a VM: one pure function ([`plan`]) of what the VM's
+//! QEMU binary offers, the accelerator it runs under and whether the KVM tracepoints are
+//! attached. `profiler list` shows the plan without attaching anything; `record`, `top` and
+//! every later command attach the plan's candidates in order ([`settle`]), so both say the
+//! same thing for the same VM unless an attach itself fails (and then the record says why).
+
+use std::fmt;
+
+use crate::identity::cmdline::Accel;
+
+/// What serves a VM's read/write counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReadWriteSource {
+    /// QEMU's `qemu:memory_region_ops_read/_write` USDT probes (dtrace trace backend).
+    Usdt,
+    /// uprobes on `memory_region_dispatch_read/_write`, found through QEMU's symbols.
+    Symbols,
+    /// The `kvm:kvm_pio` / `kvm_mmio` / `kvm_fast_mmio` / `kvm_userspace_exit` tracepoints.
+    KvmTracepoints,
+}
+
+impl ReadWriteSource {
+    /// The name records carry in `sources.read` / `sources.write`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ReadWriteSource::Usdt => "usdt",
+            ReadWriteSource::Symbols => "symbols",
+            ReadWriteSource::KvmTracepoints => "kvm-tracepoints",
+        }
+    }
+}
+
+/// What counts a VM's timer and fd wakeups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TimerSource {
+    /// uprobes on its C library's `ppoll` / `epoll_pwait` / `epoll_pwait2`, scoped to the
+    /// process: nothing else on the host pays. One per wait, after the syscall instruction
+    /// (with `timer:hrtimer_start` telling a ppoll's timeout from a zero-timeout poll).
+    LibcUprobes,
+    /// The same functions probed at entry and return: two traps per wait, for a C library
+    /// whose syscall sites are not glibc's pattern.
+    LibcEntryReturnUprobes,
+    /// The `syscalls:sys_{enter,exit}_*` tracepoints of the wait syscalls: any QEMU, but while
+    /// attached every syscall of every task on the host takes the slow path.
+    SyscallTracepoints,
+    /// The `timer:hrtimer_*` tracepoints of the sleep timers its waits arm, and
+    /// `sched:sched_switch` for its waits without one: no trap in the QEMU, nothing for
+    /// syscalls; fd wakeups only of waits that slept.
+    HrtimerTracepoints,
+}
+
+impl TimerSource {
+    /// The name records carry in `sources.timer`.
+    pub fn label(self) -> &'static str {
+        match self {
+            TimerSource::LibcUprobes => "libc-uprobes",
+            TimerSource::LibcEntryReturnUprobes => "libc-entry-return-uprobes",
+            TimerSource::SyscallTracepoints => "syscall",
+            TimerSource::HrtimerTracepoints => "hrtimer",
+        }
+    }
+}
+
+impl TimerSource {
+    /// What it is, in the words the README's count table and `--timer-source`'s help use (a
+    /// test keeps them naming `auto`'s order).
+    pub fn what(self) -> &'static str {
+        match self {
+            TimerSource::HrtimerTracepoints => "the hrtimer tracepoints",
+            TimerSource::LibcUprobes => "uprobes on the QEMU's C library",
+            TimerSource::LibcEntryReturnUprobes => "entry and return uprobes",
+            TimerSource::SyscallTracepoints => "the wait syscalls' tracepoints",
+        }
+    }
+
+    /// How the libc source probes, if it is one.
+    pub fn libc_probes(self) -> Option<crate::probes::sources::libc_waits::LibcProbes> {
+        use crate::probes::sources::libc_waits::LibcProbes;
+        match self {
+            TimerSource::LibcUprobes => Some(LibcProbes::Result),
+            TimerSource::LibcEntryReturnUprobes => Some(LibcProbes::EntryReturn),
+            TimerSource::SyscallTracepoints | TimerSource::HrtimerTracepoints => None,
+        }
+    }
+}
+
+/// `--timer-source`'s help: what `auto` picks, in its order (a test holds it to
+/// [`timer_plan`]).
+pub const TIMER_SOURCE_HELP: &str = "What counts timer and fd wakeups: `auto` picks the hrtimer \
+     tracepoints (`timer:hrtimer_*` and `sched:sched_switch`: no trap in QEMU, nothing on the \
+     syscall path) where the kernel offers them, else uprobes on the QEMU's C library wait \
+     functions (a trap per wait, only that QEMU pays), else entry and return uprobes on them, \
+     else the wait syscalls' tracepoints (every syscall on the host pays while they are \
+     attached)";
+
+/// Which timer sources the user allows (`--timer-source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TimerChoice {
+    /// The hrtimer tracepoints where the kernel offers them (no trap in QEMU, nothing for
+    /// syscalls), else libc uprobes where the process's C library has the wait functions,
+    /// else the syscall tracepoints.
+    #[default]
+    Auto,
+    /// libc uprobes only (a QEMU they cannot serve has no timer counts): every wait's result,
+    /// a trap per wait call.
+    Libc,
+    /// libc uprobes at the wait functions' entry and return only (two traps per wait: to
+    /// compare, or where the result sites misbehave).
+    LibcEntryReturn,
+    /// The syscall tracepoints for every QEMU.
+    Syscall,
+    /// The hrtimer tracepoints for every QEMU (what `auto` picks where they load): timer
+    /// wakeups at the least cost to QEMU and the host; fd wakeups of the waits that slept
+    /// (docs/events.md).
+    Hrtimer,
+}
+
+/// Why a VM's QEMU gives no read/write counts without a better build.
+pub const NO_USDT_REASON: &str = "this QEMU has no qemu:memory_region_ops_read/write USDT \
+     probes (built without the dtrace trace backend, e.g. Debian/Ubuntu packages); use a QEMU \
+     built with --enable-trace-backends=dtrace (Fedora/RHEL packages are; `cargo xtask \
+     qemu-usdt` builds one)";
+
+/// What fixes a stripped QEMU.
+pub const STRIPPED_FIX: &str = "no debug file found; install its debug symbols (Debian: \
+     qemu-system-x86-dbgsym, Fedora: qemu-debuginfo) or use a QEMU built with \
+     --enable-trace-backends=dtrace";
+
+/// Why no source serves a VM's read/write counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadWriteUnavailable {
+    /// The QEMU binary could not be read (`/proc/PID/exe`: permission, process gone).
+    ExeUnreadable(String),
+    /// Its USDT notes could not be parsed.
+    UsdtNotesUnreadable(String),
+    /// No USDT probes, and the symbols could not be read at all.
+    NoUsdtSymbolsUnreadable(String),
+    /// No USDT probes and a stripped binary without a debug file.
+    NoUsdtStripped,
+    /// No USDT probes; symbols present but without `memory_region_dispatch_read/_write`.
+    NoUsdtNoDispatch,
+    /// The best source could not be attached.
+    AttachFailed {
+        source: ReadWriteSource,
+        why: String,
+    },
+    /// A KVM guest whose binary offers nothing, and the KVM tracepoints are not attached.
+    KvmTracepoints {
+        binary: Box<ReadWriteUnavailable>,
+        why: String,
+    },
+}
+
+impl fmt::Display for ReadWriteUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ExeUnreadable(why) => f.write_str(why),
+            Self::UsdtNotesUnreadable(why) => write!(f, "reading its USDT notes: {why}"),
+            Self::NoUsdtSymbolsUnreadable(why) => write!(f, "{NO_USDT_REASON}; {why}"),
+            Self::NoUsdtStripped => {
+                write!(f, "stripped QEMU without USDT probes: {STRIPPED_FIX}")
+            }
+            Self::NoUsdtNoDispatch => f.write_str(
+                "no USDT probes, and memory_region_dispatch_read/memory_region_dispatch_write \
+                 not found in the symbols",
+            ),
+            Self::AttachFailed {
+                source: ReadWriteSource::Usdt,
+                why,
+            } => write!(f, "attaching the USDT probes: {why}"),
+            Self::AttachFailed {
+                source: ReadWriteSource::Symbols,
+                why,
+            } => write!(f, "attaching memory_region_dispatch probes: {why}"),
+            Self::AttachFailed {
+                source: ReadWriteSource::KvmTracepoints,
+                why,
+            } => write!(f, "KVM tracepoints: {why}"),
+            Self::KvmTracepoints { binary, why } => write!(f, "{binary}; KVM tracepoints: {why}"),
+        }
+    }
+}
+
+/// Why a VM's timer events cannot be split by QEMU callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallbacksUnavailable {
+    ExeUnreadable(String),
+    SymbolsUnreadable(String),
+    Stripped,
+    NoTimerMod,
+    AttachFailed(String),
+}
+
+impl fmt::Display for CallbacksUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ExeUnreadable(why) | Self::SymbolsUnreadable(why) => f.write_str(why),
+            Self::Stripped => write!(f, "stripped QEMU: {STRIPPED_FIX}"),
+            Self::NoTimerMod => f.write_str("timer_mod_ns not found in the symbols"),
+            Self::AttachFailed(why) => write!(f, "attaching the timer_mod probes: {why}"),
+        }
+    }
+}
+
+/// What a QEMU binary's file offers the probes, found without attaching anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BinaryOffer {
+    /// The binary could not be read.
+    Unreadable(String),
+    Readable {
+        /// `Ok(true)`: the `memory_region_ops_read/_write` USDT probes are there.
+        usdt: Result<bool, String>,
+        /// What its symbols (own or from a debug file) offer, or why they could not be read.
+        symbols: Result<SymbolsOffer, String>,
+    },
+}
+
+/// What a binary's symbols offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SymbolsOffer {
+    /// A full symbol table (`.symtab` or a debug file), not only the exported symbols.
+    pub full: bool,
+    /// `memory_region_dispatch_read/_write` were found.
+    pub dispatch: bool,
+    /// `timer_mod_ns` (or a sibling) was found.
+    pub timer_mod: bool,
+}
+
+/// Which source to try for each count of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePlan {
+    /// Read/write sources to attach, best first; the first that attaches serves the counts.
+    pub read_write: Vec<ReadWriteSource>,
+    /// Why no read/write source is available when `read_write` is empty.
+    pub read_write_none: Option<ReadWriteUnavailable>,
+    /// Whether timer callbacks can be named (the `timer_mod` probes and their symbols).
+    pub callbacks: Result<(), CallbacksUnavailable>,
+    /// Timer sources to attach, best first.
+    pub timer: Vec<TimerSource>,
+    /// Why no timer source is allowed when `timer` is empty.
+    pub timer_none: Option<String>,
+}
+
+impl SourcePlan {
+    /// The plan for a process that exited before anything was attached: nothing to try (a
+    /// fallback would only cost time, the syscall tracepoints' seconds to detach above all).
+    pub fn exited(self) -> Self {
+        const WHY: &str = "the process exited before its probes were attached";
+        Self {
+            read_write: Vec::new(),
+            read_write_none: Some(ReadWriteUnavailable::ExeUnreadable(WHY.into())),
+            callbacks: Err(CallbacksUnavailable::ExeUnreadable(WHY.into())),
+            timer: Vec::new(),
+            timer_none: Some(WHY.into()),
+        }
+    }
+
+    /// What the plan gives when every attach succeeds: what `profiler list` shows.
+    pub fn expected(&self) -> VmSources {
+        VmSources {
+            read_write: match self.read_write.first() {
+                Some(&source) => Ok(source),
+                None => Err(self
+                    .read_write_none
+                    .clone()
+                    .expect("a plan without candidates says why")),
+            },
+            callbacks: self.callbacks.clone(),
+            timer: match self.timer.first() {
+                Some(&source) => Ok(source),
+                None => Err(self
+                    .timer_none
+                    .clone()
+                    .expect("a plan without timer candidates says why")),
+            },
+        }
+    }
+}
+
+/// The timer sources for a process whose C library offers the wait functions (`Ok`) or not
+/// (`Err`: why), as `choice` allows, best first. The syscall tracepoints serve any process.
+pub fn timer_plan(
+    libc: &Result<(), String>,
+    choice: TimerChoice,
+) -> (Vec<TimerSource>, Option<String>) {
+    use TimerSource::*;
+    match (choice, libc) {
+        (TimerChoice::Auto, Ok(())) => (
+            vec![
+                HrtimerTracepoints,
+                LibcUprobes,
+                LibcEntryReturnUprobes,
+                SyscallTracepoints,
+            ],
+            None,
+        ),
+        (TimerChoice::Auto, Err(_)) => (vec![HrtimerTracepoints, SyscallTracepoints], None),
+        (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
+        (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes, LibcEntryReturnUprobes], None),
+        (TimerChoice::LibcEntryReturn, Ok(())) => (vec![LibcEntryReturnUprobes], None),
+        (TimerChoice::Hrtimer, _) => (vec![HrtimerTracepoints], None),
+        (choice @ (TimerChoice::Libc | TimerChoice::LibcEntryReturn), Err(why)) => (
+            Vec::new(),
+            Some(format!(
+                "--timer-source {}, and its C library cannot be probed: {why}",
+                clap::ValueEnum::to_possible_value(&choice)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
+            )),
+        ),
+    }
+}
+
+/// The source policy: which sources can serve each count of a VM whose binary offers `offer`,
+/// running under `accel`, with the KVM tracepoints attached (`Ok`) or not (`Err`: why).
+///
+/// Read/write, best first: USDT (exact, names every region, any accelerator) → uprobes on
+/// `memory_region_dispatch_*` (same counts, needs symbols) → under KVM only, the kvm
+/// tracepoints (exits to QEMU, named by port/page). Timer callbacks need symbols.
+pub fn plan(offer: &ProcessOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+    let (timer, timer_none) = timer_plan(&offer.libc, offer.timer_choice);
+    let (usdt, symbols) = match &offer.binary {
+        BinaryOffer::Unreadable(why) => {
+            return with_kvm(
+                SourcePlan {
+                    read_write: Vec::new(),
+                    read_write_none: Some(ReadWriteUnavailable::ExeUnreadable(why.clone())),
+                    callbacks: Err(CallbacksUnavailable::ExeUnreadable(why.clone())),
+                    timer,
+                    timer_none,
+                },
+                accel,
+                kvm,
+            );
+        }
+        BinaryOffer::Readable { usdt, symbols } => (usdt, symbols),
+    };
+    let mut read_write = Vec::new();
+    if usdt == &Ok(true) {
+        read_write.push(ReadWriteSource::Usdt);
+    }
+    let symbols_dispatch = match symbols {
+        Ok(s) if s.full && s.dispatch => Ok(()),
+        Ok(s) if !s.full => Err(ReadWriteUnavailable::NoUsdtStripped),
+        Ok(_) => Err(ReadWriteUnavailable::NoUsdtNoDispatch),
+        Err(why) => Err(ReadWriteUnavailable::NoUsdtSymbolsUnreadable(why.clone())),
+    };
+    if symbols_dispatch.is_ok() {
+        read_write.push(ReadWriteSource::Symbols);
+    }
+    let read_write_none = match (usdt, symbols_dispatch) {
+        (_, Ok(())) | (Ok(true), _) => None,
+        // Notes that cannot be parsed say more than "no probes".
+        (Err(why), _) => Some(ReadWriteUnavailable::UsdtNotesUnreadable(why.clone())),
+        (Ok(false), Err(why)) => Some(why),
+    };
+    let callbacks = match symbols {
+        Ok(s) if !s.full => Err(CallbacksUnavailable::Stripped),
+        Ok(s) if !s.timer_mod => Err(CallbacksUnavailable::NoTimerMod),
+        Ok(_) => Ok(()),
+        Err(why) => Err(CallbacksUnavailable::SymbolsUnreadable(why.clone())),
+    };
+    with_kvm(
+        SourcePlan {
+            read_write,
+            read_write_none,
+            callbacks,
+            timer,
+            timer_none,
+        },
+        accel,
+        kvm,
+    )
+}
+
+/// Everything the policy decides on for one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessOffer {
+    /// What its QEMU binary offers.
+    pub binary: BinaryOffer,
+    /// Whether its C library's wait functions can be probed (`Err`: why not).
+    pub libc: Result<(), String>,
+    /// The timer sources the user allows.
+    pub timer_choice: TimerChoice,
+}
+
+/// Adds the KVM tracepoints as the last read/write candidate of a KVM guest.
+fn with_kvm(mut plan: SourcePlan, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+    if accel != Accel::Kvm {
+        return plan;
+    }
+    match kvm {
+        Ok(()) => {
+            plan.read_write.push(ReadWriteSource::KvmTracepoints);
+            plan.read_write_none = None;
+        }
+        Err(why) => {
+            if let Some(binary) = plan.read_write_none.take() {
+                plan.read_write_none = Some(ReadWriteUnavailable::KvmTracepoints {
+                    binary: Box::new(binary),
+                    why: why.clone(),
+                });
+            }
+        }
+    }
+    plan
+}
+
+/// Which source serves each count of one watched VM, after attaching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSources {
+    pub read_write: Result<ReadWriteSource, ReadWriteUnavailable>,
+    pub callbacks: Result<(), CallbacksUnavailable>,
+    /// What counts its timer and fd wakeups (`Err`: why nothing does).
+    pub timer: Result<TimerSource, String>,
+}
+
+impl VmSources {
+    /// The `sources` object of the records (strings are the record contract).
+    pub fn record(&self) -> crate::record::Sources {
+        let rw = match &self.read_write {
+            Ok(source) => source.label().to_string(),
+            Err(why) => format!("unavailable: {why}"),
+        };
+        crate::record::Sources {
+            timer: match &self.timer {
+                Ok(source) => source.label().into(),
+                Err(why) => format!("unavailable: {why}"),
+            },
+            read: rw.clone(),
+            write: rw,
+            timer_callbacks: match &self.callbacks {
+                Ok(()) => "symbols".into(),
+                Err(why) => format!("unavailable: {why}"),
+            },
+        }
+    }
+}
+
+/// The outcome of attaching the timer candidates: the first that attached, else the first
+/// failure (the plan's own reason when it had no candidate).
+pub fn settle_timer(
+    plan: &SourcePlan,
+    attempts: &[(TimerSource, Result<(), String>)],
+) -> Result<TimerSource, String> {
+    if let Some((source, _)) = attempts.iter().find(|(_, r)| r.is_ok()) {
+        return Ok(*source);
+    }
+    match attempts.first() {
+        Some((source, Err(why))) => Err(format!("attaching the {} source: {why}", source.label())),
+        _ => Err(plan
+            .timer_none
+            .clone()
+            .expect("a plan without timer candidates says why")),
+    }
+}
+
+/// The outcome of attaching a plan: the first candidate that attached serves the counts; if
+/// none did, the first attach failure says why (the plan's own reason when it had none).
+/// `attempts` are the candidates tried, in order, with their results.
+pub fn settle(
+    plan: &SourcePlan,
+    attempts: &[(ReadWriteSource, Result<(), String>)],
+) -> Result<ReadWriteSource, ReadWriteUnavailable> {
+    if let Some((source, _)) = attempts.iter().find(|(_, r)| r.is_ok()) {
+        return Ok(*source);
+    }
+    match attempts.first() {
+        Some((source, Err(why))) => Err(ReadWriteUnavailable::AttachFailed {
+            source: *source,
+            why: why.clone(),
+        }),
+        _ => Err(plan
+            .read_write_none
+            .clone()
+            .expect("a plan without candidates says why")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: SymbolsOffer = SymbolsOffer {
+        full: true,
+        dispatch: true,
+        timer_mod: true,
+    };
+    const STRIPPED: SymbolsOffer = SymbolsOffer {
+        full: false,
+        dispatch: false,
+        timer_mod: false,
+    };
+
+    /// The plan for a binary, with a libc that offers the wait functions and the default
+    /// timer choice.
+    fn plan(offer: &BinaryOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+        super::plan(
+            &ProcessOffer {
+                binary: offer.clone(),
+                libc: Ok(()),
+                timer_choice: TimerChoice::Auto,
+            },
+            accel,
+            kvm,
+        )
+    }
+
+    fn readable(usdt: bool, symbols: SymbolsOffer) -> BinaryOffer {
+        BinaryOffer::Readable {
+            usdt: Ok(usdt),
+            symbols: Ok(symbols),
+        }
+    }
+
+    fn kvm_ok() -> Result<(), String> {
+        Ok(())
+    }
+
+    fn kvm_missing() -> Result<(), String> {
+        Err("tracepoint kvm:kvm_pio does not exist".into())
+    }
+
+    use ReadWriteSource::*;
+
+    #[test]
+    fn usdt_first_then_symbols_then_kvm_tracepoints_for_kvm_guests() {
+        let p = plan(&readable(true, FULL), Accel::Tcg, &kvm_ok());
+        assert_eq!(p.read_write, [Usdt, Symbols]);
+        assert_eq!(p.callbacks, Ok(()));
+        let p = plan(&readable(true, FULL), Accel::Kvm, &kvm_ok());
+        assert_eq!(p.read_write, [Usdt, Symbols, KvmTracepoints]);
+        let p = plan(&readable(false, STRIPPED), Accel::Kvm, &kvm_ok());
+        assert_eq!(p.read_write, [KvmTracepoints]);
+        assert_eq!(p.expected().read_write, Ok(KvmTracepoints));
+        assert_eq!(p.callbacks, Err(CallbacksUnavailable::Stripped));
+    }
+
+    #[test]
+    fn stripped_tcg_guest_is_unavailable_with_the_fix() {
+        let p = plan(&readable(false, STRIPPED), Accel::Tcg, &kvm_ok());
+        assert!(p.read_write.is_empty());
+        let sources = p.expected().record();
+        assert!(
+            sources
+                .read
+                .starts_with("unavailable: stripped QEMU without USDT probes"),
+            "{sources:?}"
+        );
+        assert!(sources.read.contains("qemu-system-x86-dbgsym"));
+        assert_eq!(sources.read, sources.write);
+        assert!(
+            sources
+                .timer_callbacks
+                .starts_with("unavailable: stripped QEMU")
+        );
+        // Xen and unknown accelerators never get the KVM tracepoints.
+        for accel in [Accel::Xen, Accel::Unknown] {
+            assert!(
+                plan(&readable(false, STRIPPED), accel, &kvm_ok())
+                    .read_write
+                    .is_empty()
+            );
+        }
+    }
+
+    #[test]
+    fn kvm_guest_without_tracepoints_says_both_reasons() {
+        let p = plan(&readable(false, STRIPPED), Accel::Kvm, &kvm_missing());
+        let why = p.expected().read_write.unwrap_err().to_string();
+        assert!(why.starts_with("stripped QEMU without USDT"), "{why}");
+        assert!(why.ends_with("KVM tracepoints: tracepoint kvm:kvm_pio does not exist"));
+    }
+
+    #[test]
+    fn debug_file_symbols_serve_reads_and_callbacks() {
+        let p = plan(&readable(false, FULL), Accel::Tcg, &kvm_ok());
+        assert_eq!(p.read_write, [Symbols]);
+        let s = p.expected().record();
+        assert_eq!(
+            (s.read.as_str(), s.timer_callbacks.as_str()),
+            ("symbols", "symbols")
+        );
+        let partial = SymbolsOffer {
+            dispatch: false,
+            ..FULL
+        };
+        let p = plan(&readable(false, partial), Accel::Tcg, &kvm_ok());
+        assert_eq!(
+            p.expected().read_write,
+            Err(ReadWriteUnavailable::NoUsdtNoDispatch)
+        );
+        assert_eq!(p.callbacks, Ok(()));
+        let no_timer = SymbolsOffer {
+            timer_mod: false,
+            ..FULL
+        };
+        assert_eq!(
+            plan(&readable(true, no_timer), Accel::Tcg, &kvm_ok()).callbacks,
+            Err(CallbacksUnavailable::NoTimerMod)
+        );
+    }
+
+    #[test]
+    fn unreadable_binaries_and_notes() {
+        let p = plan(
+            &BinaryOffer::Unreadable("cannot read /proc/7/exe (EACCES); run as root".into()),
+            Accel::Tcg,
+            &kvm_ok(),
+        );
+        let s = p.expected().record();
+        assert_eq!(
+            s.read,
+            "unavailable: cannot read /proc/7/exe (EACCES); run as root"
+        );
+        // An unreadable KVM guest binary still has the kernel's view.
+        let p = plan(&BinaryOffer::Unreadable("x".into()), Accel::Kvm, &kvm_ok());
+        assert_eq!(p.read_write, [KvmTracepoints]);
+
+        let bad_notes = BinaryOffer::Readable {
+            usdt: Err("note 3 is truncated".into()),
+            symbols: Ok(STRIPPED),
+        };
+        let why = plan(&bad_notes, Accel::Tcg, &kvm_ok())
+            .expected()
+            .read_write
+            .unwrap_err();
+        assert_eq!(
+            why.to_string(),
+            "reading its USDT notes: note 3 is truncated"
+        );
+        let no_symbols = BinaryOffer::Readable {
+            usdt: Ok(false),
+            symbols: Err("reading symbols of /x: not an ELF file".into()),
+        };
+        let p = plan(&no_symbols, Accel::Tcg, &kvm_ok());
+        let why = p.expected().read_write.unwrap_err().to_string();
+        assert!(
+            why.starts_with(NO_USDT_REASON) && why.ends_with("not an ELF file"),
+            "{why}"
+        );
+        assert_eq!(
+            p.callbacks,
+            Err(CallbacksUnavailable::SymbolsUnreadable(
+                "reading symbols of /x: not an ELF file".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn settle_takes_the_first_candidate_that_attached() {
+        let p = plan(&readable(true, FULL), Accel::Kvm, &kvm_ok());
+        assert_eq!(settle(&p, &[(Usdt, Ok(()))]), Ok(Usdt));
+        assert_eq!(
+            settle(&p, &[(Usdt, Err("EPERM".into())), (Symbols, Ok(()))]),
+            Ok(Symbols)
+        );
+        let all_failed = [
+            (Usdt, Err("EPERM".into())),
+            (Symbols, Err("EINVAL".into())),
+            (KvmTracepoints, Err("gone".into())),
+        ];
+        let why = settle(&p, &all_failed).unwrap_err();
+        assert_eq!(why.to_string(), "attaching the USDT probes: EPERM");
+        let none = plan(&readable(false, STRIPPED), Accel::Tcg, &kvm_ok());
+        assert_eq!(
+            settle(&none, &[]),
+            Err(ReadWriteUnavailable::NoUsdtStripped)
+        );
+    }
+
+    #[test]
+    fn a_process_gone_before_the_attach_tries_nothing_and_says_so() {
+        let p = plan(&readable(true, FULL), Accel::Kvm, &kvm_ok()).exited();
+        assert!(p.read_write.is_empty() && p.timer.is_empty());
+        let sources = p.expected();
+        let why = "the process exited before its probes were attached";
+        assert_eq!(sources.read_write.unwrap_err().to_string(), why);
+        assert_eq!(sources.callbacks.unwrap_err().to_string(), why);
+        assert_eq!(sources.timer.unwrap_err(), why);
+        assert_eq!(settle_timer(&p, &[]), Err(why.to_string()));
+    }
+
+    #[test]
+    fn labels_are_the_record_contract() {
+        assert_eq!(Usdt.label(), "usdt");
+        assert_eq!(Symbols.label(), "symbols");
+        assert_eq!(KvmTracepoints.label(), "kvm-tracepoints");
+        let s = VmSources {
+            read_write: Ok(Usdt),
+            callbacks: Ok(()),
+            timer: Ok(TimerSource::LibcUprobes),
+        }
+        .record();
+        assert_eq!(
+            (s.timer.as_str(), s.read.as_str(), s.write.as_str()),
+            ("libc-uprobes", "usdt", "usdt")
+        );
+        assert_eq!(TimerSource::SyscallTracepoints.label(), "syscall");
+    }
+
+    #[test]
+    fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
+        use TimerSource::*;
+        let no_libc: Result<(), String> = Err("no C library mapped".into());
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::Auto).0,
+            [
+                HrtimerTracepoints,
+                LibcUprobes,
+                LibcEntryReturnUprobes,
+                SyscallTracepoints
+            ]
+        );
+        assert_eq!(
+            timer_plan(&no_libc, TimerChoice::Auto).0,
+            [HrtimerTracepoints, SyscallTracepoints]
+        );
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::Syscall).0,
+            [SyscallTracepoints]
+        );
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::Libc).0,
+            [LibcUprobes, LibcEntryReturnUprobes]
+        );
+        assert_eq!(
+            timer_plan(&Ok(()), TimerChoice::LibcEntryReturn).0,
+            [LibcEntryReturnUprobes]
+        );
+        assert_eq!(LibcEntryReturnUprobes.label(), "libc-entry-return-uprobes");
+        assert_eq!(
+            timer_plan(&no_libc, TimerChoice::LibcEntryReturn)
+                .1
+                .as_deref(),
+            Some(
+                "--timer-source libc-entry-return, and its C library cannot be probed: no C \
+                 library mapped"
+            )
+        );
+        // The hrtimer tracepoints serve any process, only when asked for, without fallback
+        // (a silent switch would change what fd_wakeups means).
+        for libc in [Ok(()), no_libc.clone()] {
+            assert_eq!(
+                timer_plan(&libc, TimerChoice::Hrtimer),
+                (vec![HrtimerTracepoints], None)
+            );
+        }
+        assert_eq!(HrtimerTracepoints.label(), "hrtimer");
+        let (none, why) = timer_plan(&no_libc, TimerChoice::Libc);
+        assert!(none.is_empty());
+        assert_eq!(
+            why.as_deref(),
+            Some("--timer-source libc, and its C library cannot be probed: no C library mapped")
+        );
+
+        // The plan carries them, an unreadable binary included; list shows the first.
+        let offer = ProcessOffer {
+            binary: BinaryOffer::Unreadable("gone".into()),
+            libc: no_libc.clone(),
+            timer_choice: TimerChoice::Libc,
+        };
+        let p = super::plan(&offer, Accel::Tcg, &kvm_ok());
+        assert!(
+            p.expected()
+                .record()
+                .timer
+                .starts_with("unavailable: --timer-source libc")
+        );
+        let p = plan(&readable(true, FULL), Accel::Tcg, &kvm_ok());
+        assert_eq!(p.expected().timer, Ok(HrtimerTracepoints));
+
+        // Settling: the first that attached; else the first failure, named.
+        assert_eq!(
+            settle_timer(
+                &p,
+                &[
+                    (LibcUprobes, Err("EINVAL".into())),
+                    (SyscallTracepoints, Ok(()))
+                ]
+            ),
+            Ok(SyscallTracepoints)
+        );
+        assert_eq!(
+            settle_timer(&p, &[(LibcUprobes, Err("EINVAL".into()))]),
+            Err("attaching the libc-uprobes source: EINVAL".into())
+        );
+    }
+}

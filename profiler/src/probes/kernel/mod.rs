@@ -1,0 +1,14 @@
+//! Kernel plumbing the probe sources share: per-process uprobes opened by hand, links made all
+//! or nothing, the detacher that closes them off the sampling thread, shared tracepoint groups,
+//! the counter store and the watch table (memory-mapped BPF arrays), batched map reads and
+//! program statistics.
+
+pub mod batch;
+pub mod counters;
+pub mod detacher;
+pub mod mapped;
+pub mod perf_uprobe;
+pub mod prog_info;
+pub mod tracepoint_group;
+pub mod uprobes;
+pub mod watch_table;

@@ -1,0 +1,480 @@
+//! Probes that need QEMU's symbols: the read/write fallback on
+//! `memory_region_dispatch_read/_write` (no USDT) and timer callbacks by name.
+//!
+//! Symbols come from the binary's own `.symtab`, or from its separate debug file (found by
+//! build-id or `.gnu_debuglink`, verified) — see [`crate::offer::elf::symbols`]. Struct offsets
+//! (`MemoryRegion.name`, `QEMUTimer.cb`) come from DWARF when the binary or its debug file has
+//! it; `QEMUTimer.cb` has been at offset 16 since QEMU 1.7 (`expire_time`, `timer_list`, `cb`),
+//! which is the fallback.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use aya::Ebpf;
+use profiler_common::{RegionKey, kind};
+
+use crate::offer::elf::{DebugRoots, SymbolSource as SymbolOrigin, SymbolTable, load_symbols_with};
+use crate::probes::kernel::uprobes::{self, UprobeLinks, UprobePoint};
+
+pub const DISPATCH_PROGRAM: &str = "region_dispatch";
+pub const TIMER_MOD_PROGRAM: &str = "timer_mod";
+pub const CALLBACK_PROGRAM: &str = "timer_callback";
+/// (process, callback address) of every callback `timer_mod` saw armed.
+pub const SEEN_CALLBACKS_MAP: &str = "SEEN_CALLBACKS";
+
+const DISPATCH_READ: &str = "memory_region_dispatch_read";
+const DISPATCH_WRITE: &str = "memory_region_dispatch_write";
+/// Where QEMU arms timers; every `timer_mod*` variant ends in one of these.
+const TIMER_MOD_FUNCTIONS: &[&str] = &["timer_mod_ns", "timer_mod_anticipate_ns"];
+/// `offsetof(QEMUTimer, cb)`: `int64_t expire_time; QEMUTimerList *timer_list; QEMUTimerCB *cb`.
+pub const QEMU_TIMER_CB_OFFSET: u64 = 16;
+
+/// What a QEMU binary's symbols offer.
+#[derive(Debug)]
+pub struct ExeSymbols {
+    pub symbols: SymbolTable,
+    /// File offsets of memory_region_dispatch_read / _write.
+    pub dispatch: Option<(u64, u64)>,
+    /// File offsets of the timer_mod functions found.
+    pub timer_mod: Vec<u64>,
+    /// `offsetof(MemoryRegion, name)`, when DWARF says.
+    pub region_name_offset: Option<u64>,
+    pub timer_cb_offset: u64,
+    /// How to get from a `MemoryRegion` to its owner's QOM type name, when DWARF says.
+    pub owner_layout: Option<OwnerLayout>,
+}
+
+/// `mr->owner->class->type->name`: the offsets of each hop (from DWARF).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerLayout {
+    pub region_owner: u64,
+    pub object_class: u64,
+    pub class_type: u64,
+    pub type_name: u64,
+}
+
+impl ExeSymbols {
+    /// Whether the table has real (not just exported) symbols.
+    pub fn has_full_symbols(&self) -> bool {
+        !matches!(self.symbols.source(), SymbolOrigin::DynsymOnly { .. })
+    }
+
+    /// Where the symbols came from, for `sources`.
+    pub fn describe(&self) -> String {
+        match self.symbols.source() {
+            SymbolOrigin::Symtab => "symbols".into(),
+            SymbolOrigin::DebugFile(p) => format!("symbols ({})", p.display()),
+            SymbolOrigin::DynsymOnly { reason } => format!("no symbols: {reason}"),
+        }
+    }
+}
+
+fn function_file_offset(symbols: &SymbolTable, name: &str) -> Option<u64> {
+    let sym = symbols.lookup(name)?;
+    symbols.vaddr_to_file_offset(sym.vaddr)
+}
+
+/// The bytes DWARF comes from: the debug file if symbols came from one, else the binary.
+fn dwarf_source(exe: &Path, symbols: &SymbolTable) -> PathBuf {
+    match symbols.source() {
+        SymbolOrigin::DebugFile(p) => p.clone(),
+        _ => exe.to_path_buf(),
+    }
+}
+
+/// Reads a binary's symbols (and debug file) once; `exe` is its real path.
+pub fn analyze(exe: &Path, roots: &DebugRoots) -> anyhow::Result<ExeSymbols> {
+    let symbols = load_symbols_with(exe, roots)
+        .with_context(|| format!("reading symbols of {}", exe.display()))?;
+    let dispatch = function_file_offset(&symbols, DISPATCH_READ)
+        .zip(function_file_offset(&symbols, DISPATCH_WRITE));
+    let timer_mod = TIMER_MOD_FUNCTIONS
+        .iter()
+        .filter_map(|f| function_file_offset(&symbols, f))
+        .collect();
+    let dwarf = std::fs::read(dwarf_source(exe, &symbols)).ok();
+    let member = |s: &str, m: &str| {
+        dwarf.as_deref().and_then(|b| {
+            crate::offer::elf::dwarf::member_offset(b, s, m)
+                .ok()
+                .flatten()
+        })
+    };
+    let owner_layout = (|| {
+        Some(OwnerLayout {
+            region_owner: member("MemoryRegion", "owner")?,
+            object_class: member("Object", "class")?,
+            class_type: member("ObjectClass", "type")?,
+            type_name: member("TypeImpl", "name")?,
+        })
+    })();
+    Ok(ExeSymbols {
+        owner_layout,
+        region_name_offset: member("MemoryRegion", "name"),
+        timer_cb_offset: member("QEMUTimer", "cb").unwrap_or(QEMU_TIMER_CB_OFFSET),
+        symbols,
+        dispatch,
+        timer_mod,
+    })
+}
+
+/// The symbol-based probes of one process.
+#[derive(Debug)]
+struct SymbolProcess {
+    exe: Arc<ExeSymbols>,
+    /// Load bias of the executable in the process (runtime = link-time + bias).
+    bias: u64,
+    /// memory_region_dispatch_read/_write (the read/write fallback).
+    dispatch: Option<UprobeLinks>,
+    /// timer_mod_ns & co (callback discovery).
+    timer_mod: Option<UprobeLinks>,
+    /// One counter per callback discovered so far.
+    callbacks: UprobeLinks,
+    /// Callback link-time addresses tried already (attached or not).
+    callbacks_tried: BTreeSet<u64>,
+    /// Detached for a budget pause: (program, points) to attach again.
+    paused: Vec<(&'static str, Vec<UprobePoint>)>,
+    is_paused: bool,
+}
+
+impl SymbolProcess {
+    fn release(self, ebpf: &mut Ebpf) {
+        for links in [self.dispatch, self.timer_mod].into_iter().flatten() {
+            links.detach(ebpf);
+        }
+        self.callbacks.detach(ebpf);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.dispatch.is_none()
+            && self.timer_mod.is_none()
+            && self.callbacks.is_empty()
+            && !self.is_paused
+    }
+}
+
+/// The symbol-based sources: read/write through `memory_region_dispatch_*`, and timer
+/// callbacks by name (`timer_mod_ns` discovery, then a run counter per callback).
+#[derive(Debug, Default)]
+pub struct SymbolSource {
+    processes: HashMap<u32, SymbolProcess>,
+}
+
+impl SymbolSource {
+    /// Loads the three programs (attached per process later).
+    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        for name in [DISPATCH_PROGRAM, TIMER_MOD_PROGRAM, CALLBACK_PROGRAM] {
+            uprobes::load(ebpf, name)?;
+        }
+        Ok(Self::default())
+    }
+
+    /// `pid`'s state, made with callback links of `generation` if new.
+    fn process(
+        &mut self,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+        generation: u32,
+    ) -> anyhow::Result<&mut SymbolProcess> {
+        match self.processes.entry(pid) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let inode = crate::offer::exe::exe_identity(pid)?.1;
+                let segments = exe.symbols.segments();
+                let bias = crate::probes::sources::usdt::load_bias(pid, inode, |off| {
+                    segments.iter().find_map(|s| s.vaddr_of(off))
+                })?;
+                Ok(e.insert(SymbolProcess {
+                    exe: exe.clone(),
+                    bias,
+                    dispatch: None,
+                    timer_mod: None,
+                    callbacks: UprobeLinks::empty(CALLBACK_PROGRAM, generation),
+                    callbacks_tried: BTreeSet::new(),
+                    paused: Vec::new(),
+                    is_paused: false,
+                }))
+            }
+        }
+    }
+
+    /// Drops the entry of a process that has nothing attached (after a failed attach).
+    fn tidy(&mut self, pid: u32) {
+        if self
+            .processes
+            .get(&pid)
+            .is_some_and(SymbolProcess::is_empty)
+        {
+            self.processes.remove(&pid);
+        }
+    }
+
+    /// Attaches memory_region_dispatch_read/_write to `pid`: both or neither (links of
+    /// `generation`, as every link of this source below).
+    pub fn attach_dispatch(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+        generation: u32,
+    ) -> anyhow::Result<()> {
+        let (read, write) = exe
+            .dispatch
+            .context("no memory_region_dispatch functions")?;
+        let name_off = exe.region_name_offset.unwrap_or(0);
+        let points = [(read, kind::READ), (write, kind::WRITE)].map(|(offset, k)| UprobePoint {
+            file_offset: offset,
+            cookie: ((k as u64) << 32) | name_off,
+        });
+        self.attach_dispatch_at(ebpf, pid, exe, &points, generation)
+    }
+
+    /// [`Self::attach_dispatch`] at explicit points (tests inject a failing one).
+    pub fn attach_dispatch_at(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+        points: &[UprobePoint],
+        generation: u32,
+    ) -> anyhow::Result<()> {
+        let result = self
+            .process(pid, exe, generation)
+            .map(|_| ())
+            .and_then(|()| UprobeLinks::attach(ebpf, DISPATCH_PROGRAM, pid, points, generation));
+        match result {
+            Ok(links) => {
+                let process = self.processes.get_mut(&pid).expect("made above");
+                if let Some(old) = process.dispatch.replace(links) {
+                    old.detach(ebpf);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.tidy(pid);
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches the timer_mod discovery probes to `pid` (all of them or none).
+    pub fn attach_timers(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+        generation: u32,
+    ) -> anyhow::Result<()> {
+        let points: Vec<UprobePoint> = exe
+            .timer_mod
+            .iter()
+            .map(|&offset| UprobePoint {
+                file_offset: offset,
+                cookie: exe.timer_cb_offset,
+            })
+            .collect();
+        let result = self
+            .process(pid, exe, generation)
+            .map(|_| ())
+            .and_then(|()| UprobeLinks::attach(ebpf, TIMER_MOD_PROGRAM, pid, &points, generation));
+        match result {
+            Ok(links) => {
+                let process = self.processes.get_mut(&pid).expect("made above");
+                if let Some(old) = process.timer_mod.replace(links) {
+                    old.detach(ebpf);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.tidy(pid);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn dispatch_attached(&self, pid: u32) -> bool {
+        self.processes
+            .get(&pid)
+            .is_some_and(|p| p.dispatch.is_some())
+    }
+
+    /// Attaches a run counter to every timer callback QEMU armed since the last refresh
+    /// (`SEEN_CALLBACKS`, filled by the timer_mod probe). Returns the number attached.
+    pub fn refresh_callbacks(&mut self, ebpf: &mut Ebpf) -> usize {
+        // Every refresh: no VM with callback probes, no read; else one batched read (iterating
+        // took two syscalls per callback of every VM).
+        if self.processes.is_empty() {
+            return 0;
+        }
+        let Some(Ok(seen)) = ebpf
+            .map(SEEN_CALLBACKS_MAP)
+            .map(crate::probes::kernel::batch::read_hash::<RegionKey, u64>)
+        else {
+            return 0;
+        };
+        let found: Vec<(u32, u64)> = seen.into_iter().map(|(k, _)| (k.tgid, k.region)).collect();
+        let mut attached = 0;
+        for (pid, address) in found {
+            let Some(process) = self.processes.get_mut(&pid) else {
+                continue;
+            };
+            // Paused by the budget: taken up when it resumes (the map keeps it).
+            if process.is_paused {
+                continue;
+            }
+            let vaddr = address.wrapping_sub(process.bias);
+            // Remember failures too (e.g. a callback in a shared library), so they are not
+            // retried every second.
+            if !process.callbacks_tried.insert(vaddr) {
+                continue;
+            }
+            let Some(offset) = process.exe.symbols.vaddr_to_file_offset(vaddr) else {
+                continue;
+            };
+            let point = UprobePoint {
+                file_offset: offset,
+                cookie: vaddr,
+            };
+            if process.callbacks.add(ebpf, pid, point).is_ok() {
+                attached += 1;
+            }
+        }
+        attached
+    }
+
+    /// Takes every link of `pid` (to be closed in the background) but remembers where they
+    /// were, discovered callbacks included, for [`Self::resume`] (a budget pause).
+    pub fn pause(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+    ) -> Vec<crate::probes::kernel::detacher::Detach> {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return Vec::new();
+        };
+        if process.is_paused {
+            return Vec::new();
+        }
+        process.is_paused = true;
+        let generation = process.callbacks.generation();
+        let callbacks = std::mem::replace(
+            &mut process.callbacks,
+            UprobeLinks::empty(CALLBACK_PROGRAM, generation),
+        );
+        let mut taken = Vec::new();
+        for links in [
+            process.dispatch.take(),
+            process.timer_mod.take(),
+            Some(callbacks),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !links.is_empty() {
+                process
+                    .paused
+                    .push((links.program(), links.points().to_vec()));
+            }
+            taken.extend(links.take(ebpf));
+        }
+        taken
+    }
+
+    /// Attaches again what [`Self::pause`] detached, as links of `generation` (all or
+    /// nothing).
+    pub fn resume(&mut self, ebpf: &mut Ebpf, pid: u32, generation: u32) -> anyhow::Result<()> {
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return Ok(());
+        };
+        let mut made: Vec<UprobeLinks> = Vec::new();
+        for (program, points) in &process.paused {
+            match UprobeLinks::attach(ebpf, program, pid, points, generation) {
+                Ok(links) => made.push(links),
+                Err(e) => {
+                    for links in made {
+                        links.detach(ebpf);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        process.paused.clear();
+        process.is_paused = false;
+        process.callbacks = UprobeLinks::empty(CALLBACK_PROGRAM, generation);
+        for links in made {
+            match links.program() {
+                DISPATCH_PROGRAM => process.dispatch = Some(links),
+                TIMER_MOD_PROGRAM => process.timer_mod = Some(links),
+                _ => process.callbacks = links,
+            }
+        }
+        Ok(())
+    }
+
+    /// Every link of `pid`, to be closed in the background (the VM is gone).
+    pub fn take(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+    ) -> Vec<crate::probes::kernel::detacher::Detach> {
+        let mut taken = Vec::new();
+        if let Some(process) = self.processes.remove(&pid) {
+            for links in [process.dispatch, process.timer_mod, Some(process.callbacks)]
+                .into_iter()
+                .flatten()
+            {
+                taken.extend(links.take(ebpf));
+            }
+        }
+        // Its discovered callbacks are forgotten with its other map entries
+        // (`EventProbes::forget_process`), not here: at exit every VM is taken at once.
+        taken
+    }
+
+    /// Detaches everything of `pid` and drops its discovered callbacks.
+    pub fn detach(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        if let Some(process) = self.processes.remove(&pid) {
+            process.release(ebpf);
+        }
+        crate::probes::forget_region_keys::<u64>(ebpf, SEEN_CALLBACKS_MAP, pid);
+    }
+
+    pub fn detach_all(&mut self, ebpf: &mut Ebpf) {
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        for pid in pids {
+            self.detach(ebpf, pid);
+        }
+    }
+}
+
+/// A callback's name from its link-time address.
+pub fn callback_name(exe: &ExeSymbols, vaddr: u64) -> String {
+    match exe.symbols.symbolize(vaddr) {
+        Some((name, 0)) => name.to_string(),
+        Some((name, off)) => format!("{name}+{off:#x}"),
+        None => format!("{vaddr:#x}"),
+    }
+}
+
+/// Reads the QOM type name of the device owning `region` in process `pid`'s memory; `None`
+/// for regions without an owner (system containers) or when any hop cannot be read.
+pub fn region_owner(mem: &std::fs::File, region: u64, layout: &OwnerLayout) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let read_u64 = |addr: u64| -> Option<u64> {
+        let mut buf = [0u8; 8];
+        mem.read_exact_at(&mut buf, addr).ok()?;
+        Some(u64::from_ne_bytes(buf)).filter(|&v| v != 0)
+    };
+    let owner = read_u64(region.checked_add(layout.region_owner)?)?;
+    let class = read_u64(owner.checked_add(layout.object_class)?)?;
+    let ty = read_u64(class.checked_add(layout.class_type)?)?;
+    let name_ptr = read_u64(ty.checked_add(layout.type_name)?)?;
+    let mut buf = [0u8; 64];
+    let n = mem.read_at(&mut buf, name_ptr).ok()?;
+    let end = buf[..n].iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|s| !s.is_empty())
+}

@@ -1,0 +1,815 @@
+//! Windowing: cumulative per-VM counters in, per-window records out (bpftop style).
+//!
+//! The runtime samples every VM's cumulative counters once per refresh, and always exactly at
+//! each window boundary. The collector turns consecutive samples into deltas, adds them to the
+//! window the sample interval belongs to, and emits a [`WindowRecord`] when a window closes, a
+//! VM exits, or the profiler stops. Times are seconds since the profiler started (monotonic);
+//! no I/O happens here.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+
+use crate::{
+    identity::discovery::{HostCpu, VmIdentity, VmKey},
+    record::{
+        DeviceCount, HostWindow, PartialReason, Sources, TimerCallbackCount, VmRef, WindowRecord,
+    },
+};
+
+/// Tolerance for comparing sample times with window boundaries.
+const EPSILON: f64 = 1e-6;
+
+/// Cumulative counters of one VM since the profiler started watching it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub timer: Option<u64>,
+    pub fd_wakeups: Option<u64>,
+    pub read: Option<u64>,
+    pub write: Option<u64>,
+    /// User + system CPU time of the QEMU process, in clock ticks (since it started).
+    pub cpu_ticks: Option<u64>,
+    /// KVM only: guest accesses an in-kernel device handled (never reached QEMU).
+    pub in_kernel: Option<u64>,
+}
+
+fn delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
+    // A counter that went backwards (reset) contributes 0 rather than wrapping. One that
+    // became available since `base` (a VM first seen before it opened /dev/kvm, its sources
+    // chosen again) counts from 0: every cumulative count starts there when the VM is watched.
+    Some(now?.saturating_sub(base.unwrap_or(0)))
+}
+
+impl Counts {
+    /// `self - base`, field by field; unavailable now stays unavailable.
+    pub fn since(&self, base: &Counts) -> Counts {
+        Counts {
+            timer: delta(self.timer, base.timer),
+            fd_wakeups: delta(self.fd_wakeups, base.fd_wakeups),
+            read: delta(self.read, base.read),
+            write: delta(self.write, base.write),
+            cpu_ticks: delta(self.cpu_ticks, base.cpu_ticks),
+            in_kernel: delta(self.in_kernel, base.in_kernel),
+        }
+    }
+}
+
+pub use crate::attribution::{CallbackTotals, DeviceKey, DeviceTotals};
+
+/// One VM as seen by one sample.
+#[derive(Debug, Clone)]
+pub struct VmObservation {
+    pub key: VmKey,
+    pub identity: std::sync::Arc<VmIdentity>,
+    pub sources: std::sync::Arc<Sources>,
+    pub counts: Counts,
+    pub devices: DeviceTotals,
+    pub callbacks: CallbackTotals,
+}
+
+impl VmObservation {
+    /// This observation updated with what could still be read after the VM exited: counts
+    /// that could be read replace the old ones (CPU time cannot be: the process is gone).
+    pub fn with_final(&self, fin: &FinalCounts) -> VmObservation {
+        let mut out = self.clone();
+        out.counts = merge_final(&self.counts, &fin.counts);
+        for (key, v) in &fin.devices {
+            out.devices.insert(key.clone(), *v);
+        }
+        for (name, v) in &fin.callbacks {
+            out.callbacks.insert(name.clone(), *v);
+        }
+        out
+    }
+}
+
+/// What could still be read of a VM after it exited.
+#[derive(Debug, Clone, Default)]
+pub struct FinalCounts {
+    pub counts: Counts,
+    pub devices: DeviceTotals,
+    pub callbacks: CallbackTotals,
+}
+
+/// Per-device deltas, busiest first, zero rows dropped.
+fn device_deltas(now: &DeviceTotals, base: &DeviceTotals) -> Vec<DeviceCount> {
+    let mut out: Vec<DeviceCount> = now
+        .iter()
+        .map(|(key, (r, w))| {
+            let (br, bw) = base.get(key).copied().unwrap_or_default();
+            DeviceCount {
+                name: key.name.clone(),
+                owner: key.owner.clone(),
+                read: r.saturating_sub(br),
+                write: w.saturating_sub(bw),
+            }
+        })
+        .filter(|d| d.read + d.write > 0)
+        .collect();
+    out.sort_by(|a, b| {
+        (b.read + b.write)
+            .cmp(&(a.read + a.write))
+            .then(a.name.cmp(&b.name))
+    });
+    out
+}
+
+fn callback_deltas(now: &CallbackTotals, base: &CallbackTotals) -> Vec<TimerCallbackCount> {
+    let mut out: Vec<TimerCallbackCount> = now
+        .iter()
+        .map(|(name, n)| TimerCallbackCount {
+            callback: name.clone(),
+            count: n.saturating_sub(base.get(name).copied().unwrap_or_default()),
+        })
+        .filter(|c| c.count > 0)
+        .collect();
+    out.sort_by(|a, b| b.count.cmp(&a.count).then(a.callback.cmp(&b.callback)));
+    out
+}
+
+/// Fixed windows aligned to the profiler's start.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowClock {
+    pub length: f64,
+}
+
+impl WindowClock {
+    pub fn new(length_secs: f64) -> Self {
+        assert!(length_secs > 0.0, "window length must be positive");
+        Self {
+            length: length_secs,
+        }
+    }
+
+    /// The window that time `t` falls in; a time on a boundary starts the next window.
+    pub fn index_at(&self, t: f64) -> u64 {
+        ((t + EPSILON) / self.length).floor().max(0.0) as u64
+    }
+
+    pub fn start_of(&self, index: u64) -> f64 {
+        index as f64 * self.length
+    }
+
+    pub fn end_of(&self, index: u64) -> f64 {
+        self.start_of(index + 1)
+    }
+}
+
+/// The open window of one VM.
+#[derive(Debug, Clone)]
+struct VmState {
+    identity: std::sync::Arc<VmIdentity>,
+    /// When its process started (RFC 3339), when the host's boot time is known.
+    started: Option<String>,
+    sources: std::sync::Arc<Sources>,
+    window: u64,
+    /// When this window's coverage started (window start, or first sight of the VM).
+    coverage_start: f64,
+    started_mid_window: bool,
+    /// Cumulative counts at `coverage_start`.
+    base: Counts,
+    /// Cumulative counts at the last sample.
+    last: Counts,
+    base_devices: DeviceTotals,
+    last_devices: DeviceTotals,
+    base_callbacks: CallbackTotals,
+    last_callbacks: CallbackTotals,
+    last_t: f64,
+}
+
+/// The running (not yet closed) window of one VM, for live views.
+#[derive(Debug, Clone)]
+pub struct RunningWindow {
+    pub key: VmKey,
+    pub identity: std::sync::Arc<VmIdentity>,
+    pub sources: std::sync::Arc<Sources>,
+    pub window: u64,
+    pub elapsed: f64,
+    pub counts: Counts,
+    pub devices: Vec<DeviceCount>,
+    pub timers: Vec<TimerCallbackCount>,
+}
+
+/// Turns samples of cumulative counters into window records.
+#[derive(Debug)]
+pub struct Collector {
+    clock: WindowClock,
+    wall_start: DateTime<Utc>,
+    ticks_per_second: u64,
+    /// When the host booted: a process's start tick is counted from it.
+    boot: Option<DateTime<Utc>>,
+    vms: BTreeMap<VmKey, VmState>,
+}
+
+impl Collector {
+    pub fn new(window_secs: f64, wall_start: DateTime<Utc>, ticks_per_second: u64) -> Self {
+        Self {
+            clock: WindowClock::new(window_secs),
+            wall_start,
+            ticks_per_second: ticks_per_second.max(1),
+            boot: None,
+            vms: BTreeMap::new(),
+        }
+    }
+
+    /// Records say when each VM's process started, counted from the host's `boot`.
+    pub fn with_boot_time(mut self, boot: Option<DateTime<Utc>>) -> Self {
+        self.boot = boot;
+        self
+    }
+
+    /// When the process of `key` started, from its start tick.
+    fn started(&self, key: &VmKey) -> Option<String> {
+        let since_boot = key.start_ticks as f64 / self.ticks_per_second as f64;
+        let at = self.boot? + TimeDelta::microseconds((since_boot * 1e6).round() as i64);
+        Some(at.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn clock(&self) -> WindowClock {
+        self.clock
+    }
+
+    /// Takes one sample at time `t` of every VM that is alive. VMs missing from `observed`
+    /// have exited: their window is closed as partial with their last counts, after adding
+    /// `final_counts` when the caller could still read them. Returns the records of every
+    /// window this sample closed, in VM order.
+    pub fn observe(
+        &mut self,
+        t: f64,
+        observed: &[VmObservation],
+        final_counts: &BTreeMap<VmKey, FinalCounts>,
+    ) -> Vec<WindowRecord> {
+        let mut closed = Vec::new();
+        let now_window = self.clock.index_at(t);
+
+        let alive: BTreeMap<VmKey, &VmObservation> = observed.iter().map(|o| (o.key, o)).collect();
+        let exited: Vec<VmKey> = self
+            .vms
+            .keys()
+            .filter(|k| !alive.contains_key(k))
+            .copied()
+            .collect();
+        for key in exited {
+            let mut state = self.vms.remove(&key).expect("key from map");
+            if let Some(fin) = final_counts.get(&key) {
+                state.last = merge_final(&state.last, &fin.counts);
+                for (name, v) in &fin.devices {
+                    state.last_devices.insert(name.clone(), *v);
+                }
+                for (name, v) in &fin.callbacks {
+                    state.last_callbacks.insert(name.clone(), *v);
+                }
+            }
+            closed.push(self.record(&state, t, Some(PartialReason::VmExited)));
+        }
+
+        for obs in observed {
+            match self.vms.get_mut(&obs.key) {
+                None => {
+                    let window_start = self.clock.start_of(now_window);
+                    let started = self.started(&obs.key);
+                    self.vms.insert(
+                        obs.key,
+                        VmState {
+                            identity: obs.identity.clone(),
+                            started,
+                            sources: obs.sources.clone(),
+                            window: now_window,
+                            coverage_start: t,
+                            started_mid_window: t > window_start + EPSILON,
+                            base: obs.counts,
+                            last: obs.counts,
+                            base_devices: obs.devices.clone(),
+                            last_devices: obs.devices.clone(),
+                            base_callbacks: obs.callbacks.clone(),
+                            last_callbacks: obs.callbacks.clone(),
+                            last_t: t,
+                        },
+                    );
+                }
+                Some(state) => {
+                    state.last = obs.counts;
+                    state.last_devices = obs.devices.clone();
+                    state.last_callbacks = obs.callbacks.clone();
+                    state.last_t = t;
+                    // Identity details (accel from open fds, sources) may sharpen over time.
+                    state.identity = obs.identity.clone();
+                    state.sources = obs.sources.clone();
+                    if now_window > state.window {
+                        let state = state.clone();
+                        let end = self.clock.end_of(state.window);
+                        closed.push(self.record(&state, end, None));
+                        let state = self.vms.get_mut(&obs.key).expect("present");
+                        state.window = now_window;
+                        state.coverage_start = self.clock.start_of(now_window);
+                        state.started_mid_window = false;
+                        state.base = state.last;
+                        state.base_devices = state.last_devices.clone();
+                        state.base_callbacks = state.last_callbacks.clone();
+                    }
+                }
+            }
+        }
+        closed
+    }
+
+    /// Closes every running window as partial: the profiler stops at `t`. Call after a last
+    /// `observe` at `t`. Windows that cover no time (stop exactly on a boundary) are dropped.
+    pub fn finish(&mut self, t: f64) -> Vec<WindowRecord> {
+        let states: Vec<VmState> = std::mem::take(&mut self.vms).into_values().collect();
+        states
+            .iter()
+            .filter(|s| t - s.coverage_start > EPSILON)
+            .map(|s| self.record(s, t, Some(PartialReason::ProfilerStopped)))
+            .collect()
+    }
+
+    /// The running windows, as of the last sample.
+    pub fn running(&self) -> Vec<RunningWindow> {
+        self.vms
+            .iter()
+            .map(|(key, s)| RunningWindow {
+                key: *key,
+                identity: s.identity.clone(),
+                sources: s.sources.clone(),
+                window: s.window,
+                elapsed: s.last_t - s.coverage_start,
+                counts: s.last.since(&s.base),
+                devices: device_deltas(&s.last_devices, &s.base_devices),
+                timers: callback_deltas(&s.last_callbacks, &s.base_callbacks),
+            })
+            .collect()
+    }
+
+    fn record(&self, state: &VmState, end: f64, reason: Option<PartialReason>) -> WindowRecord {
+        let end = end.min(self.clock.end_of(state.window));
+        let seconds = (end - state.coverage_start).max(0.0);
+        let reason = reason.or(state.started_mid_window.then_some(PartialReason::VmStarted));
+        let full = reason.is_none();
+        let counts = state.last.since(&state.base);
+        let start =
+            self.wall_start + TimeDelta::microseconds((state.coverage_start * 1e6).round() as i64);
+        WindowRecord {
+            window: state.window,
+            start: start.to_rfc3339_opts(SecondsFormat::Millis, true),
+            seconds: if full {
+                self.clock.length
+            } else {
+                round3(seconds)
+            },
+            partial: !full,
+            partial_reason: reason,
+            vm: VmRef {
+                name: state.identity.name.clone(),
+                pid: state.identity.pid,
+                uuid: state.identity.uuid.clone(),
+                accel: state.identity.accel,
+                xen_domid: state.identity.xen_domid,
+                cmdline_devices: state.identity.devices.clone(),
+                libvirt: state.identity.libvirt.clone(),
+                started: state.started.clone(),
+            },
+            timer: counts.timer,
+            fd_wakeups: counts.fd_wakeups,
+            read: counts.read,
+            write: counts.write,
+            in_kernel: counts.in_kernel,
+            cpu_seconds: counts
+                .cpu_ticks
+                .map(|t| round3(t as f64 / self.ticks_per_second as f64)),
+            sources: (*state.sources).clone(),
+            devices: device_deltas(&state.last_devices, &state.base_devices),
+            timers: callback_deltas(&state.last_callbacks, &state.base_callbacks),
+            host: None,
+            dropped_updates: 0,
+            estimated: false,
+            probed_seconds: None,
+        }
+    }
+}
+
+/// Final counters of an exited VM: the event counters come from the kernel maps, which outlive
+/// the process; its CPU time cannot be read any more, so the last sampled value stays.
+fn merge_final(last: &Counts, fin: &Counts) -> Counts {
+    Counts {
+        timer: fin.timer.or(last.timer),
+        fd_wakeups: fin.fd_wakeups.or(last.fd_wakeups),
+        read: fin.read.or(last.read),
+        write: fin.write.or(last.write),
+        cpu_ticks: fin.cpu_ticks.or(last.cpu_ticks),
+        in_kernel: fin.in_kernel.or(last.in_kernel),
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Stamps the host's busy CPU onto the records of full windows: the host's CPU time is read
+/// at every sample, and the difference between two consecutive window boundaries belongs to
+/// the window between them.
+#[derive(Debug)]
+pub struct HostWindows {
+    clock: WindowClock,
+    ticks_per_second: u64,
+    /// The last boundary sampled: (window that starts there, host CPU then).
+    last_boundary: Option<(u64, HostCpu)>,
+}
+
+impl HostWindows {
+    pub fn new(clock: WindowClock, ticks_per_second: u64) -> Self {
+        Self {
+            clock,
+            ticks_per_second: ticks_per_second.max(1),
+            last_boundary: None,
+        }
+    }
+
+    /// A sample at `t` read `cpu` with `vms` VMs watched; `closed` are the records it closed.
+    pub fn stamp(&mut self, t: f64, cpu: Option<HostCpu>, vms: usize, closed: &mut [WindowRecord]) {
+        let index = self.clock.index_at(t);
+        if (t - self.clock.start_of(index)).abs() > EPSILON {
+            return;
+        }
+        let Some(cpu) = cpu else {
+            self.last_boundary = None;
+            return;
+        };
+        if let Some((prev, then)) = self.last_boundary
+            && prev + 1 == index
+        {
+            let host = HostWindow {
+                cpus: cpu.cpus,
+                busy_cpu_seconds: round3(
+                    cpu.busy_ticks.saturating_sub(then.busy_ticks) as f64
+                        / self.ticks_per_second as f64,
+                ),
+                vms_running: vms as u32,
+            };
+            for r in closed.iter_mut().filter(|r| r.window == prev && !r.partial) {
+                r.host = Some(host);
+            }
+        }
+        self.last_boundary = Some((index, cpu));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::cmdline::Accel;
+
+    fn vm(pid: u32, start_ticks: u64, name: &str) -> (VmKey, VmIdentity) {
+        (
+            VmKey { pid, start_ticks },
+            VmIdentity {
+                name: name.into(),
+                pid,
+                uuid: None,
+                xen_domid: None,
+                accel: Accel::Tcg,
+                devices: Vec::new(),
+                libvirt: None,
+            },
+        )
+    }
+
+    fn sources() -> Sources {
+        Sources {
+            timer: "syscall".into(),
+            read: "unavailable: test".into(),
+            write: "unavailable: test".into(),
+            timer_callbacks: "unavailable: test fixture".into(),
+        }
+    }
+
+    fn obs(v: &(VmKey, VmIdentity), timer: u64, cpu: u64) -> VmObservation {
+        VmObservation {
+            key: v.0,
+            identity: v.1.clone().into(),
+            sources: sources().into(),
+            counts: Counts {
+                timer: Some(timer),
+                fd_wakeups: Some(timer / 10),
+                read: None,
+                write: None,
+                cpu_ticks: Some(cpu),
+                in_kernel: None,
+            },
+            devices: DeviceTotals::new(),
+            callbacks: CallbackTotals::new(),
+        }
+    }
+
+    fn collector() -> Collector {
+        Collector::new(
+            10.0,
+            "2026-11-22T00:00:00Z".parse::<DateTime<Utc>>().unwrap(),
+            100,
+        )
+    }
+
+    const NONE: &BTreeMap<VmKey, FinalCounts> = &BTreeMap::new();
+
+    #[test]
+    fn clock_boundaries() {
+        let c = WindowClock::new(30.0);
+        assert_eq!(c.index_at(0.0), 0);
+        assert_eq!(c.index_at(29.999), 0);
+        assert_eq!(c.index_at(30.0), 1);
+        // Floating-point noise just under a boundary still counts as the boundary.
+        assert_eq!(c.index_at(30.0 - 1e-9), 1);
+        assert_eq!(c.index_at(61.0), 2);
+        assert_eq!(c.start_of(2), 60.0);
+        assert_eq!(c.end_of(2), 90.0);
+    }
+
+    #[test]
+    fn records_say_when_the_vms_process_started() {
+        let a = vm(100, 6_000, "a");
+        let mut c = collector().with_boot_time(Some(
+            "2026-11-21T23:00:00Z".parse::<DateTime<Utc>>().unwrap(),
+        ));
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        let closed = c.observe(10.0, &[obs(&a, 10, 5)], NONE);
+        // 6,000 ticks at 100 a second after boot.
+        assert_eq!(
+            closed[0].vm.started.as_deref(),
+            Some("2026-11-21T23:01:00.000Z")
+        );
+        let mut unknown = collector();
+        unknown.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        assert_eq!(
+            unknown.observe(10.0, &[obs(&a, 1, 1)], NONE)[0].vm.started,
+            None
+        );
+    }
+
+    #[test]
+    fn the_boot_time_puts_this_process_start_in_the_past_minute_or_earlier() {
+        let boot = crate::identity::discovery::boot_time().unwrap();
+        let now = Utc::now();
+        assert!(boot < now);
+        let own =
+            crate::identity::discovery::read_stat(&Default::default(), std::process::id()).unwrap();
+        let ticks = crate::identity::discovery::clock_ticks_per_second() as f64;
+        let started = boot + TimeDelta::milliseconds((own.start_ticks as f64 / ticks * 1e3) as i64);
+        // This test process started before now, and not long before: the test harness ran it.
+        assert!(
+            started <= now + TimeDelta::milliseconds(20),
+            "{started} after {now}"
+        );
+        assert!(
+            now - started < TimeDelta::hours(1),
+            "{started} long before {now}"
+        );
+    }
+
+    /// A VM first seen before QEMU opened /dev/kvm has no read count until its sources are
+    /// chosen again; the kernel counted it since it was watched, so the window has it.
+    #[test]
+    fn a_count_that_becomes_available_counts_from_zero() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        let mut later = obs(&a, 10, 5);
+        later.counts.read = Some(42);
+        c.observe(5.0, &[later.clone()], NONE);
+        let closed = c.observe(10.0, &[later], NONE);
+        assert_eq!(closed[0].read, Some(42));
+        assert_eq!(closed[0].write, None, "still unavailable");
+    }
+
+    #[test]
+    fn full_windows_from_boundary_samples() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        assert!(c.observe(0.0, &[obs(&a, 1000, 500)], NONE).is_empty());
+        assert!(c.observe(5.0, &[obs(&a, 1500, 550)], NONE).is_empty());
+        let closed = c.observe(10.0, &[obs(&a, 2000, 600)], NONE);
+        assert_eq!(closed.len(), 1);
+        let r = &closed[0];
+        assert_eq!(r.window, 0);
+        assert!(!r.partial);
+        assert_eq!(r.partial_reason, None);
+        assert_eq!(r.seconds, 10.0);
+        assert_eq!(r.timer, Some(1000));
+        assert_eq!(r.fd_wakeups, Some(100));
+        assert_eq!(r.read, None);
+        assert_eq!(r.cpu_seconds, Some(1.0));
+        assert_eq!(r.start, "2026-11-22T00:00:00.000Z");
+        let closed = c.observe(20.0, &[obs(&a, 2600, 600)], NONE);
+        assert_eq!(closed[0].window, 1);
+        assert_eq!(closed[0].timer, Some(600));
+        assert_eq!(closed[0].cpu_seconds, Some(0.0));
+        assert_eq!(closed[0].start, "2026-11-22T00:00:10.000Z");
+    }
+
+    #[test]
+    fn vm_appearing_mid_window_is_partial() {
+        let a = vm(100, 1, "a");
+        let b = vm(200, 2, "b");
+        let mut c = collector();
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        c.observe(4.0, &[obs(&a, 40, 0), obs(&b, 7, 0)], NONE);
+        let closed = c.observe(10.0, &[obs(&a, 100, 0), obs(&b, 67, 0)], NONE);
+        assert_eq!(closed.len(), 2);
+        let rb = closed.iter().find(|r| r.vm.name == "b").unwrap();
+        assert!(rb.partial);
+        assert_eq!(rb.partial_reason, Some(PartialReason::VmStarted));
+        assert_eq!(rb.seconds, 6.0);
+        assert_eq!(rb.timer, Some(60));
+        assert_eq!(rb.start, "2026-11-22T00:00:04.000Z");
+        // Its next window is full.
+        let closed = c.observe(20.0, &[obs(&a, 100, 0), obs(&b, 77, 0)], NONE);
+        let rb = closed.iter().find(|r| r.vm.name == "b").unwrap();
+        assert!(!rb.partial);
+        assert_eq!(rb.seconds, 10.0);
+    }
+
+    #[test]
+    fn vm_exiting_mid_window_is_closed_at_once_with_final_counts() {
+        let a = vm(100, 1, "a");
+        let b = vm(200, 2, "b");
+        let mut c = collector();
+        c.observe(0.0, &[obs(&a, 0, 0), obs(&b, 0, 0)], NONE);
+        c.observe(12.0, &[obs(&a, 5, 0), obs(&b, 50, 10)], NONE);
+        // b's window 0 closed at 10 with 0..12's counts (sample lag goes to the older window).
+        let mut finals = BTreeMap::new();
+        finals.insert(
+            b.0,
+            FinalCounts {
+                counts: Counts {
+                    timer: Some(80),
+                    fd_wakeups: Some(8),
+                    read: None,
+                    write: None,
+                    cpu_ticks: None,
+                    in_kernel: None,
+                },
+                ..FinalCounts::default()
+            },
+        );
+        let closed = c.observe(15.0, &[obs(&a, 9, 0)], &finals);
+        assert_eq!(closed.len(), 1);
+        let rb = &closed[0];
+        assert_eq!(rb.vm.name, "b");
+        assert_eq!(rb.window, 1);
+        assert!(rb.partial);
+        assert_eq!(rb.partial_reason, Some(PartialReason::VmExited));
+        assert_eq!(rb.seconds, 5.0);
+        assert_eq!(rb.timer, Some(30));
+        assert_eq!(rb.fd_wakeups, Some(3));
+        assert_eq!(rb.cpu_seconds, Some(0.0));
+        assert!(c.running().iter().all(|r| r.identity.name == "a"));
+    }
+
+    #[test]
+    fn pid_reuse_is_a_new_vm() {
+        let old = vm(300, 10, "old");
+        let new = vm(300, 99, "new");
+        let mut c = collector();
+        c.observe(0.0, &[obs(&old, 0, 0)], NONE);
+        let closed = c.observe(3.0, &[obs(&new, 0, 0)], NONE);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].vm.name, "old");
+        assert_eq!(closed[0].partial_reason, Some(PartialReason::VmExited));
+        let closed = c.observe(10.0, &[obs(&new, 20, 0)], NONE);
+        assert_eq!(closed[0].vm.name, "new");
+        assert_eq!(closed[0].partial_reason, Some(PartialReason::VmStarted));
+        assert_eq!(closed[0].seconds, 7.0);
+    }
+
+    #[test]
+    fn stop_flushes_running_window_as_partial() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        c.observe(10.0, &[obs(&a, 10, 0)], NONE);
+        c.observe(13.5, &[obs(&a, 45, 0)], NONE);
+        let fin = c.finish(13.5);
+        assert_eq!(fin.len(), 1);
+        assert_eq!(fin[0].window, 1);
+        assert_eq!(fin[0].partial_reason, Some(PartialReason::ProfilerStopped));
+        assert_eq!(fin[0].seconds, 3.5);
+        assert_eq!(fin[0].timer, Some(35));
+        // Stopping exactly on a boundary emits no empty window.
+        let mut c = collector();
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        assert_eq!(c.observe(10.0, &[obs(&a, 10, 0)], NONE).len(), 1);
+        assert!(c.finish(10.0).is_empty());
+    }
+
+    #[test]
+    fn unavailable_counts_stay_null() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        let mut o = obs(&a, 0, 0);
+        o.counts.timer = None;
+        c.observe(0.0, std::slice::from_ref(&o), NONE);
+        let closed = c.observe(10.0, &[o], NONE);
+        assert_eq!(closed[0].timer, None);
+        assert_eq!(closed[0].read, None);
+    }
+
+    #[test]
+    fn per_device_and_callback_deltas() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        let mut o = obs(&a, 0, 0);
+        o.devices.insert(DeviceKey::named("uhci"), (100, 0));
+        o.callbacks.insert("uhci_frame_timer".into(), 1000);
+        c.observe(0.0, std::slice::from_ref(&o), NONE);
+        o.devices.insert(DeviceKey::named("uhci"), (350, 0));
+        o.devices.insert(DeviceKey::named("parallel"), (0, 7));
+        o.devices.insert(DeviceKey::named("hpet"), (0, 0));
+        o.callbacks.insert("uhci_frame_timer".into(), 11000);
+        let closed = c.observe(10.0, &[o], NONE);
+        assert_eq!(
+            closed[0].devices,
+            vec![
+                DeviceCount {
+                    name: "uhci".into(),
+                    owner: None,
+                    read: 250,
+                    write: 0
+                },
+                DeviceCount {
+                    name: "parallel".into(),
+                    owner: None,
+                    read: 0,
+                    write: 7
+                },
+            ]
+        );
+        assert_eq!(
+            closed[0].timers,
+            vec![TimerCallbackCount {
+                callback: "uhci_frame_timer".into(),
+                count: 10000
+            }]
+        );
+    }
+
+    #[test]
+    fn device_keys_carry_the_owner() {
+        let key = DeviceKey {
+            name: "operational".into(),
+            owner: Some("qemu-xhci".into()),
+        };
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        let mut o = obs(&a, 0, 0);
+        c.observe(0.0, std::slice::from_ref(&o), NONE);
+        o.devices.insert(key, (3, 4));
+        let closed = c.observe(10.0, &[o], NONE);
+        assert_eq!(closed[0].devices[0].name, "operational");
+        assert_eq!(closed[0].devices[0].owner.as_deref(), Some("qemu-xhci"));
+    }
+
+    #[test]
+    fn running_window_grows() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        c.observe(3.0, &[obs(&a, 30, 0)], NONE);
+        let r = c.running();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].counts.timer, Some(30));
+        assert_eq!(r[0].elapsed, 3.0);
+        assert_eq!(r[0].window, 0);
+    }
+
+    #[test]
+    fn host_busy_cpu_goes_on_full_windows_between_consecutive_boundaries() {
+        let a = vm(100, 1, "a");
+        let mut c = collector();
+        let mut h = HostWindows::new(c.clock(), 100);
+        let cpu = |busy| {
+            Some(HostCpu {
+                busy_ticks: busy,
+                cpus: 2,
+            })
+        };
+        let mut closed = c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        h.stamp(0.0, cpu(1000), 1, &mut closed);
+        let mut closed = c.observe(5.0, &[obs(&a, 1, 0)], NONE);
+        h.stamp(5.0, cpu(1100), 1, &mut closed);
+        let mut closed = c.observe(10.0, &[obs(&a, 2, 0)], NONE);
+        h.stamp(10.0, cpu(1350), 1, &mut closed);
+        assert_eq!(
+            closed[0].host,
+            Some(HostWindow {
+                cpus: 2,
+                busy_cpu_seconds: 3.5,
+                vms_running: 1
+            })
+        );
+        // A boundary without a reading breaks the chain: the next window gets nothing.
+        let mut closed = c.observe(20.0, &[obs(&a, 3, 0)], NONE);
+        h.stamp(20.0, None, 1, &mut closed);
+        let mut closed = c.observe(30.0, &[obs(&a, 4, 0)], NONE);
+        h.stamp(30.0, cpu(2000), 1, &mut closed);
+        assert!(closed.iter().all(|r| r.host.is_none()));
+    }
+}

@@ -1,0 +1,9 @@
+//! From samples to windows: the session (one sample: discover, watch, read, attribute), the
+//! sampling loop, the collector's windowing, the overhead budget's duty cycles, and what a live
+//! view receives.
+
+pub mod budget;
+pub mod collector;
+pub mod live;
+pub mod sampler;
+pub mod session;
