@@ -6,6 +6,13 @@ use clap::{Parser, Subcommand};
 
 use crate::analysis::report::ReportFormat;
 
+/// How `check` prints its verdicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "profiler",
@@ -111,7 +118,7 @@ pub enum Command {
         #[arg(long)]
         max_timer_rate: Option<f64>,
         #[arg(long, value_enum, default_value = "text")]
-        format: crate::commands::CheckFormat,
+        format: CheckFormat,
         /// List the device classes: what each matches and how it is disabled.
         #[arg(long)]
         list_classes: bool,

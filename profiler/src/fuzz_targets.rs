@@ -33,7 +33,7 @@ pub fn elf_usdt_notes(data: &[u8]) {
             let _ = p.parsed_args();
         }
     }
-    let _ = crate::probes::sources::usdt::find_region_ops_sites(data);
+    let _ = crate::offer::usdt::find_region_ops_sites(data);
 }
 
 /// A USDT argument spec string (`-4@%edi 8@seq_iter.6(%rip)`).
@@ -107,7 +107,7 @@ pub fn recording(data: &[u8]) {
     ] {
         let _ = crate::analysis::report::render(&records, format);
     }
-    let classes = crate::analysis::classes::CLASSES.iter().collect();
+    let classes = crate::identity::devices::CLASSES.iter().collect();
     let report = crate::analysis::check::check(
         &records,
         &crate::analysis::check::CheckRequest {

@@ -11,6 +11,7 @@ pub mod commands;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod identity;
+pub mod note;
 pub mod offer;
 pub mod outputs;
 pub mod probes;

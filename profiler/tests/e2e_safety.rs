@@ -17,12 +17,12 @@ use xtask::launch::{DeviceSet, GuestSpec, RunningGuest, launch};
 /// where its ELF notes and `/proc/PID/maps` put them.
 fn semaphores(pid: u32) -> Vec<u16> {
     let bytes = std::fs::read(format!("/proc/{pid}/exe")).unwrap();
-    let sites = profiler::probes::sources::usdt::find_region_ops_sites(&bytes)
+    let sites = profiler::offer::usdt::find_region_ops_sites(&bytes)
         .unwrap()
         .expect("a USDT QEMU");
     let segments = profiler::offer::elf::load_segments(&bytes).unwrap();
     let inode = profiler::offer::exe::exe_identity(pid).unwrap().1;
-    let bias = profiler::probes::sources::usdt::load_bias(pid, inode, |off| {
+    let bias = profiler::offer::exe::load_bias(pid, inode, |off| {
         segments.iter().find_map(|s| s.vaddr_of(off))
     })
     .unwrap();

@@ -9,8 +9,9 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
+use crate::text::clean;
 use crate::{
-    analysis::report::{epoch_secs, group_by_vm, sanitize},
+    analysis::report::{epoch_secs, group_by_vm},
     record::WindowRecord,
 };
 
@@ -338,7 +339,7 @@ pub fn render_text(r: &CapacityReport) -> String {
         let _ = writeln!(
             out,
             "  {:<20} {:>4} {:>12.2} {:>12.1} {:>12}",
-            sanitize(&p.profile),
+            clean(&p.profile),
             p.vms,
             p.cpu_percent,
             p.events_per_second,
@@ -351,7 +352,7 @@ pub fn render_text(r: &CapacityReport) -> String {
         let _ = writeln!(
             out,
             "  {:<24} pid {:<8} {:>3} windows  CPU {:>6.2} % of a core  {:>10.1} events/s",
-            sanitize(&v.name),
+            clean(&v.name),
             v.pid,
             v.windows,
             v.cpu_percent,

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::classes::DeviceClass;
+use crate::identity::devices::DeviceClass;
+use crate::text::clean;
 use crate::{analysis::report::group_by_vm, record::WindowRecord};
 
 /// What `check` was asked.
@@ -103,6 +104,25 @@ fn unavailable_reason(source: &str) -> Option<&str> {
         .or_else(|| source.starts_with("unavailable").then_some("unavailable"))
 }
 
+/// The events of `class` in one window: (what, events) for each device and callback.
+fn events_in(class: &DeviceClass, w: &WindowRecord) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for d in &w.devices {
+        if class.has_device(&d.name, d.owner.as_deref()) && d.read + d.write > 0 {
+            out.push((
+                format!("{} ({} reads, {} writes)", d.label(), d.read, d.write),
+                d.read + d.write,
+            ));
+        }
+    }
+    for t in &w.timers {
+        if class.has_callback(&t.callback) && t.count > 0 {
+            out.push((format!("timer callback {}", t.callback), t.count));
+        }
+    }
+    out
+}
+
 /// Judges every VM in `records`.
 pub fn check(records: &[WindowRecord], req: &CheckRequest) -> CheckReport {
     let mut vms = Vec::new();
@@ -185,7 +205,7 @@ fn judge(
     }
     let mut found: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
     for w in windows {
-        for (what, n) in class.events_in(w) {
+        for (what, n) in events_in(class, w) {
             // Per-window labels carry that window's counts; key the evidence by the device or
             // callback alone.
             let key = what.split(" (").next().unwrap_or(&what).to_string();
@@ -262,7 +282,7 @@ fn judge_timer_rate(windows: &[&WindowRecord], seconds: f64, max: f64) -> ClassV
 pub fn render_text(report: &CheckReport) -> String {
     use std::fmt::Write as _;
 
-    use crate::analysis::report::{sanitize, thousands};
+    use crate::analysis::report::thousands;
     let mut out = String::new();
     if report.vms.is_empty() {
         out.push_str("no VM to check\n");
@@ -271,21 +291,21 @@ pub fn render_text(report: &CheckReport) -> String {
         let _ = writeln!(
             out,
             "VM {} (pid {}, {}{}): {} window(s), {:.0} s, read/write: {}, timer callbacks: {}",
-            sanitize(&vm.name),
+            clean(&vm.name),
             vm.pid,
             vm.accel,
             vm.uuid
                 .as_deref()
-                .map(|u| format!(", {}", sanitize(u)))
+                .map(|u| format!(", {}", clean(u)))
                 .unwrap_or_default(),
             vm.windows.len(),
             vm.seconds,
-            sanitize(short(&vm.read_source)),
-            sanitize(short(&vm.callbacks_source)),
+            clean(short(&vm.read_source)),
+            clean(short(&vm.callbacks_source)),
         );
         for c in &vm.classes {
             let configured = match (&c.configured, c.configured_known) {
-                (Some(d), _) => format!("configured: {}", sanitize(d)),
+                (Some(d), _) => format!("configured: {}", clean(d)),
                 (None, true) => "not configured".to_string(),
                 (None, false) => String::new(),
             };
@@ -293,7 +313,7 @@ pub fn render_text(report: &CheckReport) -> String {
                 Verdict::Quiet { partly: None } => ("quiet", None),
                 Verdict::Quiet { partly: Some(p) } => ("quiet", Some(p.clone())),
                 Verdict::Noisy { .. } => ("NOISY", None),
-                Verdict::CannotTell { why } => ("cannot tell", Some(sanitize(why))),
+                Verdict::CannotTell { why } => ("cannot tell", Some(clean(why))),
             };
             let _ = writeln!(out, "  {:<9} {word:<11} {configured}", c.class);
             if let Some(detail) = detail {
@@ -304,7 +324,7 @@ pub fn render_text(report: &CheckReport) -> String {
                     let _ = writeln!(
                         out,
                         "            {}: {} events ({:.1}/s) in window(s) {}",
-                        sanitize(&e.what),
+                        clean(&e.what),
                         thousands(Some(e.events)),
                         e.per_second,
                         windows_list(&e.windows)
@@ -363,8 +383,7 @@ fn windows_list(windows: &[u64]) -> String {
 mod tests {
     use super::*;
     use crate::{
-        analysis::classes::class,
-        identity::cmdline::Accel,
+        identity::{cmdline::Accel, devices::class},
         record::{DeviceCount, Sources, TimerCallbackCount, VmRef},
     };
 

@@ -6,8 +6,9 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
+use crate::text::clean;
 use crate::{
-    analysis::report::{VmWindows, group_by_vm, sanitize, thousands},
+    analysis::report::{VmWindows, group_by_vm, thousands},
     record::WindowRecord,
 };
 
@@ -336,8 +337,8 @@ pub fn render_text(c: &Comparison) -> String {
         let _ = writeln!(
             out,
             "{} → {}  ({} → {} full windows of {} s)",
-            sanitize(&vm.before),
-            sanitize(&vm.after),
+            clean(&vm.before),
+            clean(&vm.after),
             vm.before_windows,
             vm.after_windows,
             vm.window_seconds
@@ -393,7 +394,7 @@ pub fn render_text(c: &Comparison) -> String {
                 let _ = writeln!(
                     out,
                     "    {:<26} {:>10} {:>10} {:>8}",
-                    sanitize(&m.name),
+                    clean(&m.name),
                     fmt_mean(m.before, false),
                     fmt_mean(m.after, false),
                     fmt_change(m.change_percent)
@@ -404,7 +405,7 @@ pub fn render_text(c: &Comparison) -> String {
     }
     for (side, names) in [("before", &c.unpaired_before), ("after", &c.unpaired_after)] {
         if !names.is_empty() {
-            let names: Vec<String> = names.iter().map(|n| sanitize(n)).collect();
+            let names: Vec<String> = names.iter().map(|n| clean(n)).collect();
             let _ = writeln!(
                 out,
                 "only {side}: {} (pair with --pair BEFORE=AFTER)",

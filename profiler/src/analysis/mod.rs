@@ -4,6 +4,5 @@
 
 pub mod capacity;
 pub mod check;
-pub mod classes;
 pub mod compare;
 pub mod report;

@@ -85,12 +85,6 @@ pub fn group_by_vm(records: &[WindowRecord]) -> Vec<VmWindows<'_>> {
     groups
 }
 
-/// Text from outside made safe to print: [`crate::text::clean`], the one cleaning every
-/// name gets wherever it leaves the process.
-pub fn sanitize(s: &str) -> String {
-    crate::text::clean(s)
-}
-
 /// `1234567` -> `1,234,567`; `None` -> `n/a`.
 pub fn thousands(n: Option<u64>) -> String {
     let Some(n) = n else {
@@ -136,14 +130,9 @@ pub fn render(records: &[WindowRecord], format: ReportFormat) -> String {
 }
 
 fn heading(g: &VmWindows<'_>) -> String {
-    let mut h = format!(
-        "VM {} (pid {}, {})",
-        sanitize(g.name),
-        g.pid,
-        sanitize(g.accel)
-    );
+    let mut h = format!("VM {} (pid {}, {})", clean(g.name), g.pid, clean(g.accel));
     if let Some(u) = g.uuid {
-        let _ = write!(h, " uuid {}", sanitize(u));
+        let _ = write!(h, " uuid {}", clean(u));
     }
     h
 }
@@ -152,15 +141,12 @@ fn sources_line(g: &VmWindows<'_>) -> Vec<String> {
     let Some(last) = g.windows.last() else {
         return Vec::new();
     };
-    let mut lines = vec![format!("timer source: {}", sanitize(&last.sources.timer))];
+    let mut lines = vec![format!("timer source: {}", clean(&last.sources.timer))];
     if last.sources.read == last.sources.write {
-        lines.push(format!(
-            "read/write source: {}",
-            sanitize(&last.sources.read)
-        ));
+        lines.push(format!("read/write source: {}", clean(&last.sources.read)));
     } else {
-        lines.push(format!("read source: {}", sanitize(&last.sources.read)));
-        lines.push(format!("write source: {}", sanitize(&last.sources.write)));
+        lines.push(format!("read source: {}", clean(&last.sources.read)));
+        lines.push(format!("write source: {}", clean(&last.sources.write)));
     }
     lines
 }
@@ -257,7 +243,7 @@ fn device_rows(g: &VmWindows<'_>) -> Vec<[String; 5]> {
         .into_iter()
         .map(|(name, r, w)| {
             [
-                sanitize(&name),
+                clean(&name),
                 thousands(Some(r)),
                 thousands(Some(w)),
                 format!("{:.1}", r as f64 / secs),
@@ -273,7 +259,7 @@ fn callback_rows(g: &VmWindows<'_>) -> Vec<[String; 3]> {
         .into_iter()
         .map(|(name, n)| {
             [
-                sanitize(&name),
+                clean(&name),
                 thousands(Some(n)),
                 format!("{:.1}", n as f64 / secs),
             ]
@@ -382,7 +368,7 @@ fn render_table(groups: &[VmWindows<'_>]) -> String {
 }
 
 fn md_escape(s: &str) -> String {
-    sanitize(s).replace('|', "\\|")
+    clean(s).replace('|', "\\|")
 }
 
 fn render_markdown(groups: &[VmWindows<'_>]) -> String {
@@ -433,6 +419,7 @@ fn render_markdown(groups: &[VmWindows<'_>]) -> String {
     out
 }
 
+use crate::text::clean;
 use crate::text::csv_field;
 
 fn opt<T: ToString>(v: Option<T>) -> String {

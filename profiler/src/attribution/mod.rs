@@ -20,8 +20,9 @@ use crate::{
         ports::{VmDevices, well_known_port_name},
     },
     offer::policy::ReadWriteSource,
-    windows::collector::Counts,
 };
+
+pub use crate::probes::{RawCounters, RegionLabel};
 
 /// A device as records and views name it: the region's name and, where known, the QOM type of
 /// the device that owns it (`uhci` owned by `piix3-usb-uhci`).
@@ -46,49 +47,37 @@ pub type DeviceTotals = BTreeMap<DeviceKey, (u64, u64)>;
 /// Cumulative timer-callback runs per callback name.
 pub type CallbackTotals = BTreeMap<String, u64>;
 
-/// The name a read/write probe read for a `MemoryRegion`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegionLabel {
-    Named(String),
-    /// A region without a name: one of QEMU's subpages, which dispatch the same access again
-    /// to the real region (seen by the symbols source only).
-    Unnamed,
+/// Cumulative counters of one VM since the profiler started watching it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub timer: Option<u64>,
+    pub fd_wakeups: Option<u64>,
+    pub read: Option<u64>,
+    pub write: Option<u64>,
+    /// User + system CPU time of the QEMU process, in clock ticks (since it started).
+    pub cpu_ticks: Option<u64>,
+    /// KVM only: guest accesses an in-kernel device handled (never reached QEMU).
+    pub in_kernel: Option<u64>,
 }
 
-/// One process's counters as the probes keep them, cumulative since it was first watched.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RawCounters {
-    /// (kind, id) -> count, summed over CPUs. Kinds: `profiler_common::kind` and the KVM
-    /// kinds of `profiler_common::kvm`.
-    pub by_key: BTreeMap<(u32, u64), u64>,
-    /// `MemoryRegion` pointer -> its name, for read/write ids.
-    pub regions: HashMap<u64, RegionLabel>,
+fn delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
+    // A counter that went backwards (reset) contributes 0 rather than wrapping. One that
+    // became available since `base` (a VM first seen before it opened /dev/kvm, its sources
+    // chosen again) counts from 0: every cumulative count starts there when the VM is watched.
+    Some(now?.saturating_sub(base.unwrap_or(0)))
 }
 
-impl RawCounters {
-    /// Total of one kind over all ids.
-    pub fn total(&self, kind: u32) -> u64 {
-        self.by_key
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|(_, n)| n)
-            .sum()
-    }
-
-    /// The region ids the read/write probes counted.
-    pub fn region_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.by_key
-            .keys()
-            .filter(|(k, _)| *k == kind::READ || *k == kind::WRITE)
-            .map(|&(_, id)| id)
-    }
-
-    /// The timer callback addresses counted.
-    pub fn callback_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.by_key
-            .keys()
-            .filter(|(k, _)| *k == kind::TIMER_CALLBACK)
-            .map(|&(_, id)| id)
+impl Counts {
+    /// `self - base`, field by field; unavailable now stays unavailable.
+    pub fn since(&self, base: &Counts) -> Counts {
+        Counts {
+            timer: delta(self.timer, base.timer),
+            fd_wakeups: delta(self.fd_wakeups, base.fd_wakeups),
+            read: delta(self.read, base.read),
+            write: delta(self.write, base.write),
+            cpu_ticks: delta(self.cpu_ticks, base.cpu_ticks),
+            in_kernel: delta(self.in_kernel, base.in_kernel),
+        }
     }
 }
 

@@ -7,7 +7,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fmt,
     fs::File,
     os::unix::fs::FileExt as _,
     sync::{Arc, Mutex},
@@ -16,85 +15,10 @@ use std::{
 use crate::{
     attribution::{RawCounters, VmNames},
     identity::{cmdline::QmpEndpoint, mtree::MtreeMap},
-    probes::sources::symbols::{ExeSymbols, OwnerLayout},
+    note::Note,
+    offer::symbols::OwnerLayout,
+    probes::NameSources,
 };
-
-/// A diagnostic about one VM or about the profiler itself, shown by the command that runs the
-/// session (stderr for `record`, the status line of `top`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Note {
-    /// The VM's name, when the note is about one VM.
-    pub vm: Option<String>,
-    pub text: String,
-}
-
-impl Note {
-    pub fn vm(name: &str, text: impl Into<String>) -> Self {
-        Self {
-            vm: Some(name.to_string()),
-            text: text.into(),
-        }
-    }
-
-    pub fn general(text: impl Into<String>) -> Self {
-        Self {
-            vm: None,
-            text: text.into(),
-        }
-    }
-}
-
-impl fmt::Display for Note {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.vm {
-            Some(vm) => write!(
-                f,
-                "VM {}: {}",
-                crate::analysis::report::sanitize(vm),
-                self.text
-            ),
-            None => f.write_str(&self.text),
-        }
-    }
-}
-
-/// Names timer callbacks by their link-time address.
-pub trait CallbackNamer: Send + Sync + fmt::Debug {
-    fn callback_name(&self, vaddr: u64) -> String;
-}
-
-impl CallbackNamer for ExeSymbols {
-    fn callback_name(&self, vaddr: u64) -> String {
-        crate::probes::sources::symbols::callback_name(self, vaddr)
-    }
-}
-
-/// What the probe layer knows that names can be resolved from, for one VM.
-#[derive(Debug, Clone, Default)]
-pub struct NameSources {
-    /// Timer callback names (QEMU's symbols), when callbacks are counted.
-    pub callbacks: Option<Arc<dyn CallbackNamer>>,
-    /// How to follow `mr->owner` to a QOM type name (QEMU's DWARF).
-    pub owner_layout: Option<OwnerLayout>,
-    /// Fetch the VM's memory map over QMP: its reads/writes are counted by port and page.
-    pub address_map: bool,
-}
-
-impl NameSources {
-    pub fn from_symbols(
-        symbols: Option<&Arc<ExeSymbols>>,
-        callbacks: bool,
-        address_map: bool,
-    ) -> Self {
-        Self {
-            callbacks: symbols
-                .filter(|_| callbacks)
-                .map(|s| s.clone() as Arc<dyn CallbackNamer>),
-            owner_layout: symbols.and_then(|s| s.owner_layout),
-            address_map,
-        }
-    }
-}
 
 /// Reads the QOM type name of the device owning `region` through QEMU's memory; `None` for
 /// regions without an owner (system containers) or when any hop cannot be read.
@@ -164,7 +88,7 @@ impl VmNameCache {
                     "asking libvirt for QEMU's memory map (`virsh qemu-monitor-command {} --hmp \
                      'info mtree -f'`, read-only); libvirt marks the domain tainted \
                      (custom-monitor)",
-                    crate::analysis::report::sanitize(&domain)
+                    crate::text::clean(&domain)
                 ),
             ));
             let no_qmp_fetch = NameSources {
@@ -453,7 +377,7 @@ fn virsh_info_mtree(domain: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attribution::RegionLabel;
+    use crate::{attribution::RegionLabel, offer::symbols::CallbackNamer};
 
     #[derive(Debug)]
     struct Names;

@@ -9,12 +9,11 @@ use tokio::{
     time::Instant,
 };
 
+use crate::text::clean;
 use crate::{
-    analysis::{
-        check::{CheckReport, CheckRequest, check, render_text},
-        classes::{CLASSES, DeviceClass, class},
-        report::sanitize,
-    },
+    analysis::check::{CheckReport, CheckRequest, check, render_text},
+    cli::CheckFormat,
+    identity::devices::{CLASSES, DeviceClass, class},
     probes::EventProbes,
     record::{WindowRecord, read_records},
     windows::{
@@ -22,12 +21,6 @@ use crate::{
         session::{Session, VmFilter},
     },
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CheckFormat {
-    Text,
-    Json,
-}
 
 pub struct CheckOptions {
     pub file: Option<PathBuf>,
@@ -54,7 +47,7 @@ pub fn parse_classes(names: &[String]) -> anyhow::Result<Vec<&'static DeviceClas
             class(n).with_context(|| {
                 format!(
                     "unknown device class {:?}; known: {} (profiler check --list-classes)",
-                    sanitize(n),
+                    clean(n),
                     CLASSES.iter().map(|c| c.id).collect::<Vec<_>>().join(", ")
                 )
             })

@@ -2,17 +2,14 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use crate::text::clean;
 use crate::{
-    analysis::report::sanitize,
     identity::{
         cmdline::{Accel, QmpEndpoint},
         discovery::{HostPaths, scan_qemu_processes},
     },
-    offer::exe::ExeCatalog,
-    probes::{
-        ProbeOptions, offered_sources,
-        sources::{kvm, libc_waits::LibcCatalog},
-    },
+    offer::{exe::ExeCatalog, libc::LibcCatalog},
+    probes::{ProbeOptions, offered_sources, sources::kvm},
     record::Sources,
 };
 
@@ -88,7 +85,7 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
     }
     let name_w = vms
         .iter()
-        .map(|v| sanitize(&v.name).chars().count())
+        .map(|v| clean(&v.name).chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
@@ -100,25 +97,25 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
         println!(
             "{:>7}  {:<name_w$}  {:<5}  {:<36}  timer: {}",
             vm.pid,
-            sanitize(&vm.name),
+            clean(&vm.name),
             vm.accel,
             vm.uuid
                 .as_deref()
-                .map(sanitize)
+                .map(crate::text::clean)
                 .unwrap_or_else(|| "-".into()),
-            sanitize(&vm.sources.timer)
+            clean(&vm.sources.timer)
         );
         let pad = 7 + 2 + name_w + 2 + 5 + 2 + 36 + 2;
-        println!("{:pad$}read: {}", "", sanitize(&vm.sources.read));
-        println!("{:pad$}write: {}", "", sanitize(&vm.sources.write));
+        println!("{:pad$}read: {}", "", clean(&vm.sources.read));
+        println!("{:pad$}write: {}", "", clean(&vm.sources.write));
         println!(
             "{:pad$}timer callbacks: {}",
             "",
-            sanitize(&vm.sources.timer_callbacks)
+            clean(&vm.sources.timer_callbacks)
         );
-        println!("{:pad$}symbols: {}", "", sanitize(&vm.symbols));
+        println!("{:pad$}symbols: {}", "", clean(&vm.symbols));
         if let Some(l) = &vm.libvirt {
-            let mut line = format!("libvirt domain: {}", sanitize(&l.name));
+            let mut line = format!("libvirt domain: {}", clean(&l.name));
             if let Some(n) = &l.nova {
                 for (what, v) in [
                     ("nova name", &n.name),
@@ -127,7 +124,7 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
                     ("flavor", &n.flavor),
                 ] {
                     if let Some(v) = v {
-                        line.push_str(&format!(", {what}: {}", sanitize(v)));
+                        line.push_str(&format!(", {what}: {}", clean(v)));
                     }
                 }
             }

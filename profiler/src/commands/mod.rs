@@ -11,8 +11,6 @@ mod top;
 
 use std::process::ExitCode;
 
-pub use check::CheckFormat;
-
 use crate::cli::{Cli, Command};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {

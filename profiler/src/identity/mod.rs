@@ -2,6 +2,7 @@
 //! the memory map and well-known ports that name its devices.
 
 pub mod cmdline;
+pub mod devices;
 pub mod discovery;
 pub mod libvirt;
 pub mod mtree;

@@ -5,7 +5,7 @@
 //! the name says it was taken from a well-known address: `serial (serial0, port 0x3f8,
 //! well-known)`. Region names are QEMU's own (as `info mtree` shows them on a `pc` machine).
 
-use crate::{analysis::classes::class, identity::libvirt::LibvirtDomain};
+use crate::identity::{devices::class, libvirt::LibvirtDomain};
 
 /// When a port range belongs to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

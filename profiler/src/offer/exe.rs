@@ -5,15 +5,13 @@
 
 use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf, sync::Arc};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
-use crate::offer::elf::{DebugRoots, LoadSegment, SymbolTable};
-use crate::{
-    offer::policy::{BinaryOffer, SymbolsOffer},
-    probes::sources::{
-        symbols::{self, ExeSymbols},
-        usdt::{self, RegionOpsSites},
-    },
+use crate::offer::{
+    elf::{DebugRoots, LoadSegment, SymbolTable},
+    policy::{BinaryOffer, SymbolsOffer},
+    symbols::{self, ExeSymbols},
+    usdt::{self, RegionOpsSites},
 };
 
 /// The USDT side of a binary: its probe sites, and what resolving their operands needs.
@@ -134,4 +132,69 @@ fn read_usdt(bytes: &[u8]) -> Result<Option<Arc<UsdtBinary>>, String> {
         segments,
         symbols,
     })))
+}
+
+/// Where `exe` (by inode) is mapped in `pid`, as the load bias to add to link-time addresses.
+pub fn load_bias(
+    pid: u32,
+    exe_inode: u64,
+    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
+) -> anyhow::Result<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading /proc/{pid}/maps"))?;
+    parse_load_bias(&maps, exe_inode, offset_to_vaddr)
+}
+
+/// `/proc/PID/maps` lines: `start-end perms offset dev inode path`. The bias is the first
+/// mapping of the binary minus the link-time address of its file offset.
+pub fn parse_load_bias(
+    maps: &str,
+    inode: u64,
+    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
+) -> anyhow::Result<u64> {
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(ino)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        if ino.parse::<u64>().ok() != Some(inode) {
+            continue;
+        }
+        let start = range
+            .split('-')
+            .next()
+            .and_then(|s| u64::from_str_radix(s, 16).ok());
+        let off = u64::from_str_radix(off, 16).ok();
+        if let (Some(start), Some(off)) = (start, off)
+            && let Some(vaddr) = offset_to_vaddr(off)
+        {
+            return Ok(start.wrapping_sub(vaddr & !0xfff));
+        }
+    }
+    bail!("the QEMU binary (inode {inode}) is not mapped in the process")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_bias_from_maps() {
+        let maps = "\
+55d0c8a00000-55d0c8c85000 r--p 00000000 fe:01 1234 /usr/bin/qemu-system-x86_64
+55d0c8c85000-55d0c9130000 r-xp 00285000 fe:01 1234 /usr/bin/qemu-system-x86_64
+7f0000000000-7f0000001000 r--p 00000000 fe:01 999 /usr/lib/libc.so.6
+";
+        let bias = parse_load_bias(maps, 1234, Some).unwrap();
+        assert_eq!(bias, 0x55d0c8a00000);
+        assert!(parse_load_bias(maps, 42, Some).is_err());
+        // A non-PIE binary linked at 0x400000: bias 0.
+        let maps = "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/qemu-kvm\n";
+        assert_eq!(
+            parse_load_bias(maps, 173521, |_| Some(0x400000)).unwrap(),
+            0
+        );
+    }
 }

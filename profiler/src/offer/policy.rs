@@ -74,8 +74,8 @@ impl TimerSource {
     }
 
     /// How the libc source probes, if it is one.
-    pub fn libc_probes(self) -> Option<crate::probes::sources::libc_waits::LibcProbes> {
-        use crate::probes::sources::libc_waits::LibcProbes;
+    pub fn libc_probes(self) -> Option<crate::offer::libc::LibcProbes> {
+        use crate::offer::libc::LibcProbes;
         match self {
             TimerSource::LibcUprobes => Some(LibcProbes::Result),
             TimerSource::LibcEntryReturnUprobes => Some(LibcProbes::EntryReturn),

@@ -190,7 +190,7 @@ fn available(s: &str) -> bool {
 /// and its counters start again).
 fn vm_labels(id: &VmIdentity) -> Vec<(String, String)> {
     vec![
-        ("vm".into(), crate::analysis::report::sanitize(&id.name)),
+        ("vm".into(), crate::text::clean(&id.name)),
         ("pid".into(), id.pid.to_string()),
     ]
 }
@@ -198,7 +198,7 @@ fn vm_labels(id: &VmIdentity) -> Vec<(String, String)> {
 fn with(mut labels: Vec<(String, String)>, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     for (k, v) in extra {
         if !v.is_empty() {
-            labels.push((k.to_string(), crate::analysis::report::sanitize(v)));
+            labels.push((k.to_string(), crate::text::clean(v)));
         }
     }
     labels

@@ -19,7 +19,7 @@ pub fn create_private(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-use crate::{attribution::names::Note, record::WindowRecord};
+use crate::{note::Note, record::WindowRecord};
 
 /// A JSON-lines sink that keeps what it could not write.
 pub struct RecordSink<W: Write> {

@@ -9,12 +9,9 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use plotters::{coord::Shift, prelude::*};
 
+use crate::text::clean;
 use crate::{
-    analysis::{
-        capacity::CapacityReport,
-        compare::Comparison,
-        report::{group_by_vm, sanitize},
-    },
+    analysis::{capacity::CapacityReport, compare::Comparison, report::group_by_vm},
     record::WindowRecord,
 };
 
@@ -156,7 +153,7 @@ pub fn report_chart(records: &[WindowRecord]) -> anyhow::Result<String> {
                 chart
                     .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
                     .map_err(err)?
-                    .label(sanitize(g.name))
+                    .label(clean(g.name))
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
                     });
@@ -196,8 +193,8 @@ fn compare_panel(
         .caption(
             format!(
                 "{} → {}: mean per {} s window (log scale)",
-                sanitize(&vm.before),
-                sanitize(&vm.after),
+                clean(&vm.before),
+                clean(&vm.after),
                 vm.window_seconds
             ),
             (FONT, 18),

@@ -32,26 +32,116 @@ use aya::{
 };
 use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, link_generation, watch_flag};
 
+use std::{collections::BTreeMap, sync::Arc};
+
+use profiler_common::kind;
+
 use crate::{
-    attribution::{
-        RawCounters, RegionLabel,
-        names::{NameSources, Note},
-    },
     identity::discovery::QemuProcess,
+    note::Note,
+    offer::symbols::{CallbackNamer, ExeSymbols, OwnerLayout},
 };
 use crate::{
     offer::{
         exe::{ExeAnalysis, ExeCatalog},
+        libc::{LibcCatalog, LibcOffer, LibcProbes},
         policy::{ProcessOffer, ReadWriteSource, TimerChoice, TimerSource, VmSources},
     },
     probes::sources::{
-        kvm::KvmSource,
-        libc_waits::{LibcCatalog, LibcOffer, LibcProbes, LibcWaitSource},
-        symbols::SymbolSource,
-        syscall_waits::SyscallWaits,
-        usdt::UsdtSource,
+        kvm::KvmSource, libc_waits::LibcWaitSource, symbols::SymbolSource,
+        syscall_waits::SyscallWaits, usdt::UsdtSource,
     },
 };
+
+/// The name a read/write probe read for a `MemoryRegion`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegionLabel {
+    Named(String),
+    /// A region without a name: one of QEMU's subpages, which dispatch the same access again
+    /// to the real region (seen by the symbols source only).
+    Unnamed,
+}
+
+/// One process's counters as the probes keep them, cumulative since it was first watched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawCounters {
+    /// (kind, id) -> count, summed over CPUs. Kinds: `profiler_common::kind` and the KVM
+    /// kinds of `profiler_common::kvm`.
+    pub by_key: BTreeMap<(u32, u64), u64>,
+    /// `MemoryRegion` pointer -> its name, for read/write ids.
+    pub regions: HashMap<u64, RegionLabel>,
+}
+
+impl RawCounters {
+    /// Total of one kind over all ids.
+    pub fn total(&self, kind: u32) -> u64 {
+        self.by_key
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The region ids the read/write probes counted.
+    pub fn region_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_key
+            .keys()
+            .filter(|(k, _)| *k == kind::READ || *k == kind::WRITE)
+            .map(|&(_, id)| id)
+    }
+
+    /// The timer callback addresses counted.
+    pub fn callback_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_key
+            .keys()
+            .filter(|(k, _)| *k == kind::TIMER_CALLBACK)
+            .map(|&(_, id)| id)
+    }
+}
+
+/// What the probe layer knows that names can be resolved from, for one VM.
+#[derive(Debug, Clone, Default)]
+pub struct NameSources {
+    /// Timer callback names (QEMU's symbols), when callbacks are counted.
+    pub callbacks: Option<Arc<dyn CallbackNamer>>,
+    /// How to follow `mr->owner` to a QOM type name (QEMU's DWARF).
+    pub owner_layout: Option<OwnerLayout>,
+    /// Fetch the VM's memory map over QMP: its reads/writes are counted by port and page.
+    pub address_map: bool,
+}
+
+impl NameSources {
+    pub fn from_symbols(
+        symbols: Option<&Arc<ExeSymbols>>,
+        callbacks: bool,
+        address_map: bool,
+    ) -> Self {
+        Self {
+            callbacks: symbols
+                .filter(|_| callbacks)
+                .map(|s| s.clone() as Arc<dyn CallbackNamer>),
+            owner_layout: symbols.and_then(|s| s.owner_layout),
+            address_map,
+        }
+    }
+}
+
+/// What one uprobe hit cost the profiler's own thread at start-up, seconds of its CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HitCost {
+    /// In a tight loop of zero-timeout polls: hot caches, the least a trap costs.
+    pub tight: f64,
+    /// On polls that slept first, as most of QEMU's do: cold caches, dearer (and noisier: a
+    /// slowed try can make it several times the tight figure).
+    pub after_sleep: f64,
+}
+
+impl HitCost {
+    /// The figure to start from: the larger.
+    pub fn start(&self) -> f64 {
+        self.tight.max(self.after_sleep)
+    }
+}
 
 /// The compiled eBPF object, embedded at build time by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -174,7 +264,7 @@ pub trait ProbeLayer {
         Ok(Duration::ZERO)
     }
     /// Seconds one uprobe hit costs the probed thread on this host, measured.
-    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::windows::budget::HitCost> {
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<HitCost> {
         anyhow::bail!("this probe layer cannot measure uprobe costs")
     }
     /// The PIDs that exec'd since the last call, for discovery (`None`: not watched, or
@@ -765,7 +855,7 @@ impl EventProbes {
     /// each try's pair, once taken instead, went from 0.10 to 8.66 µs between runs here: one
     /// slowed bare try made the budget think a hit nearly free, and a VM never paused never
     /// teaches it otherwise.)
-    fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<crate::windows::budget::HitCost> {
+    fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<HitCost> {
         const TIGHT_CALLS: u32 = 5000;
         const SLEEPING_CALLS: u32 = 600;
         let pid = std::process::id();
@@ -840,7 +930,7 @@ impl EventProbes {
         self.watch_table.remove(&mut self.ebpf, pid)?;
         self.forget_counters(pid)?;
         result?;
-        Ok(crate::windows::budget::HitCost {
+        Ok(HitCost {
             tight: ((probed.0 - bare.0) / hits).max(1e-9),
             after_sleep: ((probed.1 - bare.1) / hits).max(1e-9),
         })
@@ -1029,7 +1119,7 @@ impl ProbeLayer for EventProbes {
         Ok(started.elapsed())
     }
 
-    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::windows::budget::HitCost> {
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<HitCost> {
         self.measure_uprobe_hit_cost()
     }
 
@@ -1323,9 +1413,9 @@ pub(crate) mod tests {
     }
 
     /// The symbols analysis of process `pid`'s executable.
-    fn analyzed_exe(pid: u32) -> Arc<symbols::ExeSymbols> {
+    fn analyzed_exe(pid: u32) -> Arc<crate::offer::symbols::ExeSymbols> {
         Arc::new(
-            symbols::analyze(
+            crate::offer::symbols::analyze(
                 &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
                 &crate::offer::elf::DebugRoots::system(),
             )

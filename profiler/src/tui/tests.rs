@@ -393,10 +393,10 @@ fn top_opens_on_rank_1_with_100_vms() {
 fn a_note_shows_in_the_status_line() {
     let mut snap = fixtures::snapshot();
     snap.notes = vec![
-        (2.0, crate::attribution::names::Note::general("first")),
+        (2.0, crate::note::Note::general("first")),
         (
             fixtures::T - 4.0,
-            crate::attribution::names::Note::vm(
+            crate::note::Note::vm(
                 "legacy-ubuntu",
                 "no QMP socket on its command line; KVM ports and pages are named by address",
             ),

@@ -10,6 +10,8 @@
 //! QEMU, after a sleep and among its other work, cost about twice the start-up figure here).
 //! Pure: the session feeds it hits, CPU times and times.
 
+pub use crate::probes::HitCost;
+
 /// The budget: a fraction of one core per VM, and what one uprobe hit costs on this host.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OverheadBudget {
@@ -30,23 +32,6 @@ impl OverheadBudget {
             hit_cost: measured.start(),
             hit_cost_floor: measured.tight.min(measured.start()),
         }
-    }
-}
-
-/// What one uprobe hit cost the profiler's own thread at start-up, seconds of its CPU.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HitCost {
-    /// In a tight loop of zero-timeout polls: hot caches, the least a trap costs.
-    pub tight: f64,
-    /// On polls that slept first, as most of QEMU's do: cold caches, dearer (and noisier: a
-    /// slowed try can make it several times the tight figure).
-    pub after_sleep: f64,
-}
-
-impl HitCost {
-    /// The figure to start from: the larger.
-    pub fn start(&self) -> f64 {
-        self.tight.max(self.after_sleep)
     }
 }
 

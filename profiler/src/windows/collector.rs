@@ -20,41 +20,7 @@ use crate::{
 /// Tolerance for comparing sample times with window boundaries.
 const EPSILON: f64 = 1e-6;
 
-/// Cumulative counters of one VM since the profiler started watching it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub timer: Option<u64>,
-    pub fd_wakeups: Option<u64>,
-    pub read: Option<u64>,
-    pub write: Option<u64>,
-    /// User + system CPU time of the QEMU process, in clock ticks (since it started).
-    pub cpu_ticks: Option<u64>,
-    /// KVM only: guest accesses an in-kernel device handled (never reached QEMU).
-    pub in_kernel: Option<u64>,
-}
-
-fn delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
-    // A counter that went backwards (reset) contributes 0 rather than wrapping. One that
-    // became available since `base` (a VM first seen before it opened /dev/kvm, its sources
-    // chosen again) counts from 0: every cumulative count starts there when the VM is watched.
-    Some(now?.saturating_sub(base.unwrap_or(0)))
-}
-
-impl Counts {
-    /// `self - base`, field by field; unavailable now stays unavailable.
-    pub fn since(&self, base: &Counts) -> Counts {
-        Counts {
-            timer: delta(self.timer, base.timer),
-            fd_wakeups: delta(self.fd_wakeups, base.fd_wakeups),
-            read: delta(self.read, base.read),
-            write: delta(self.write, base.write),
-            cpu_ticks: delta(self.cpu_ticks, base.cpu_ticks),
-            in_kernel: delta(self.in_kernel, base.in_kernel),
-        }
-    }
-}
-
-pub use crate::attribution::{CallbackTotals, DeviceKey, DeviceTotals};
+pub use crate::attribution::{CallbackTotals, Counts, DeviceKey, DeviceTotals};
 
 /// One VM as seen by one sample.
 #[derive(Debug, Clone)]

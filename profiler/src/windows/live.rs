@@ -9,8 +9,8 @@ use std::{
 };
 
 use crate::{
-    attribution::names::Note,
     identity::discovery::{VmIdentity, VmKey},
+    note::Note,
     record::{Sources, WindowRecord},
     windows::collector::{Counts, RunningWindow},
 };

@@ -13,8 +13,8 @@ use std::{future::Future, ops::ControlFlow, time::Duration};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::{
-    attribution::names::Note,
     identity::discovery::QemuProcess,
+    note::Note,
     probes::{ProbeCost, ProbeLayer},
     record::WindowRecord,
     windows::{
@@ -193,13 +193,13 @@ mod tests {
 
     use super::*;
     use crate::{
-        attribution::{RawCounters, names::NameSources},
+        attribution::RawCounters,
         identity::{
             cmdline::{Accel, ParsedCmdline},
             discovery::{CpuTicks, VmIdentity, VmKey},
         },
         offer::policy::{ReadWriteUnavailable, VmSources},
-        probes::WatchedVm,
+        probes::{NameSources, WatchedVm},
         windows::{collector::Collector, session::VmFilter},
     };
 

@@ -8,14 +8,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
-    attribution::{
-        self, RawCounters,
-        names::{Note, VmNameCache},
-    },
+    attribution::{self, RawCounters, names::VmNameCache},
     identity::discovery::{
         DiscoveryCache, HostCpu, HostPaths, QemuProcess, VmKey, scan_qemu_processes_cached,
         scan_qemu_processes_hinted,
     },
+    note::Note,
     offer::policy::{ReadWriteSource, TimerSource, VmSources},
     probes::{ProbeCost, ProbeLayer},
     record::WindowRecord,
@@ -704,13 +702,13 @@ mod tests {
 
     use super::*;
     use crate::{
-        attribution::{RegionLabel, names::NameSources},
+        attribution::RegionLabel,
         identity::{
             cmdline::{Accel, ParsedCmdline},
             discovery::{CpuTicks, VmIdentity},
         },
         offer::policy::ReadWriteUnavailable,
-        probes::WatchedVm as Watched,
+        probes::{NameSources, WatchedVm as Watched},
         record::PartialReason,
     };
 

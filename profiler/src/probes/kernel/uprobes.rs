@@ -40,13 +40,7 @@ pub fn program_fd(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<std::os::fd::Ra
         .as_raw_fd())
 }
 
-/// Where to attach: a file offset in the process's executable, and the BPF cookie the
-/// program reads there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UprobePoint {
-    pub file_offset: u64,
-    pub cookie: u64,
-}
+pub use crate::offer::UprobePoint;
 
 /// Links of one program in one process.
 #[derive(Debug)]

@@ -1,9 +1,9 @@
 //! Attaching QEMU's `qemu:memory_region_ops_read/_write` USDT probes to one QEMU process.
 //!
-//! aya has no USDT support, so this does what libbpf's usdt.c does: the probe sites come from
-//! the binary's `.note.stapsdt` ([`crate::offer::elf::usdt`]); a uprobe is attached at each site's
-//! file offset, scoped to the process, with a BPF cookie that indexes the argument layout in
-//! `USDT_SPECS`.
+//! aya has no USDT support, so this does what libbpf's usdt.c does: the probe sites and their
+//! argument specs come from the binary ([`crate::offer::usdt`]); a uprobe is attached at each
+//! site's file offset, scoped to the process, with a BPF cookie that indexes the argument
+//! layout in `USDT_SPECS`.
 //!
 //! **Semaphores.** QEMU guards these probe sites with USDT semaphores: the site only runs while
 //! the semaphore (a `u16` in QEMU's data segment) is non-zero. The sites are attached with the
@@ -14,20 +14,22 @@
 
 use std::{
     collections::HashMap,
-    fs::{self, File, OpenOptions},
+    fs::{File, OpenOptions},
     os::unix::fs::FileExt,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind, link_generation, usdt_arg};
+use profiler_common::{UsdtSpec, kind, link_generation};
 
-use crate::offer::elf::usdt::{UsdtArg, UsdtArgLocation, UsdtProbe, parse_usdt_probes};
 use crate::{
-    offer::exe::UsdtBinary,
+    offer::{
+        exe::{UsdtBinary, load_bias},
+        usdt::site_spec,
+    },
     probes::kernel::{
         perf_uprobe::{self, PerfUprobe, UprobeSite},
         uprobes::{self, UprobeLinks, UprobePoint},
@@ -37,148 +39,6 @@ use crate::{
 pub const PROGRAM: &str = "usdt_memory_region_ops";
 /// Argument specs by BPF cookie.
 pub const SPECS_MAP: &str = "USDT_SPECS";
-pub const PROVIDER: &str = "qemu";
-pub const READ_PROBE: &str = "memory_region_ops_read";
-pub const WRITE_PROBE: &str = "memory_region_ops_write";
-/// `(int cpu_index, void *mr, u64 addr, u64 value, unsigned size, const char *name)`.
-const REGION_ARG: u32 = 1;
-const NAME_ARG: u32 = 5;
-
-/// The read/write probe sites of one QEMU executable.
-#[derive(Debug, Clone)]
-pub struct RegionOpsSites {
-    pub read: Vec<UsdtProbe>,
-    pub write: Vec<UsdtProbe>,
-}
-
-/// Finds the memory_region_ops sites in a QEMU binary; `Ok(None)` when it has none.
-pub fn find_region_ops_sites(elf_bytes: &[u8]) -> anyhow::Result<Option<RegionOpsSites>> {
-    let probes = parse_usdt_probes(elf_bytes)?;
-    let pick = |name: &str| -> Vec<UsdtProbe> {
-        probes
-            .iter()
-            .filter(|p| p.provider == PROVIDER && p.name == name)
-            .cloned()
-            .collect()
-    };
-    let (read, write) = (pick(READ_PROBE), pick(WRITE_PROBE));
-    if read.is_empty() || write.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(RegionOpsSites { read, write }))
-}
-
-/// Resolves a RIP-relative operand (`symbol+offset`) to its runtime address.
-pub type RipResolver<'a> = dyn Fn(&str, i64) -> anyhow::Result<u64> + 'a;
-
-/// Turns a parsed USDT argument into the eBPF side's fetch instructions. RIP-relative operands
-/// (`8@seq_iter.6(%rip)`) are resolved here, in userspace, to an absolute runtime address the
-/// eBPF side reads; indexed operands (`(%rax,%rbx,8)`) are refused.
-pub fn arg_spec(arg: &UsdtArg, rip: &RipResolver<'_>) -> anyhow::Result<UsdtArgSpec> {
-    let bitshift = 64 - 8 * u8::min(arg.size, 8);
-    let base = UsdtArgSpec {
-        signed: arg.signed as u8,
-        bitshift,
-        ..UsdtArgSpec::default()
-    };
-    Ok(match &arg.location {
-        UsdtArgLocation::Register { reg } => UsdtArgSpec {
-            arg_type: usdt_arg::REG,
-            reg_off: reg.pt_regs_offset() as u16,
-            ..base
-        },
-        UsdtArgLocation::Memory { base: reg, offset } => UsdtArgSpec {
-            arg_type: usdt_arg::REG_DEREF,
-            reg_off: reg.pt_regs_offset() as u16,
-            val_off: *offset as u64,
-            ..base
-        },
-        UsdtArgLocation::Constant(v) => UsdtArgSpec {
-            arg_type: usdt_arg::CONST,
-            val_off: *v as u64,
-            ..base
-        },
-        UsdtArgLocation::RipRelative { symbol, offset } => UsdtArgSpec {
-            arg_type: usdt_arg::ABS_DEREF,
-            val_off: rip(symbol, *offset)?,
-            ..base
-        },
-        other => bail!("USDT operand {other:?} is not supported"),
-    })
-}
-
-/// The eBPF-side spec of one probe site.
-pub fn site_spec(
-    site: &UsdtProbe,
-    counter_kind: u32,
-    rip: &RipResolver<'_>,
-) -> anyhow::Result<UsdtSpec> {
-    let args = site.parsed_args()?;
-    if args.len() <= NAME_ARG as usize || args.len() > USDT_MAX_ARGS {
-        bail!(
-            "{}:{} has {} arguments ({}), expected 6",
-            site.provider,
-            site.name,
-            args.len(),
-            site.raw_args
-        );
-    }
-    let mut spec = UsdtSpec {
-        args: [UsdtArgSpec::default(); USDT_MAX_ARGS],
-        arg_count: args.len() as u32,
-        kind: counter_kind,
-        region_arg: REGION_ARG,
-        name_arg: NAME_ARG,
-    };
-    for i in [REGION_ARG as usize, NAME_ARG as usize] {
-        spec.args[i] = arg_spec(&args[i], rip)
-            .with_context(|| format!("argument {i} of {}:{}", site.provider, site.name))?;
-    }
-    Ok(spec)
-}
-
-/// Where `exe` (by inode) is mapped in `pid`, as the load bias to add to link-time addresses.
-pub fn load_bias(
-    pid: u32,
-    exe_inode: u64,
-    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
-) -> anyhow::Result<u64> {
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("reading /proc/{pid}/maps"))?;
-    parse_load_bias(&maps, exe_inode, offset_to_vaddr)
-}
-
-/// `/proc/PID/maps` lines: `start-end perms offset dev inode path`. The bias is the first
-/// mapping of the binary minus the link-time address of its file offset.
-pub fn parse_load_bias(
-    maps: &str,
-    inode: u64,
-    offset_to_vaddr: impl Fn(u64) -> Option<u64>,
-) -> anyhow::Result<u64> {
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(ino)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        if ino.parse::<u64>().ok() != Some(inode) {
-            continue;
-        }
-        let start = range
-            .split('-')
-            .next()
-            .and_then(|s| u64::from_str_radix(s, 16).ok());
-        let off = u64::from_str_radix(off, 16).ok();
-        if let (Some(start), Some(off)) = (start, off)
-            && let Some(vaddr) = offset_to_vaddr(off)
-        {
-            return Ok(start.wrapping_sub(vaddr & !0xfff));
-        }
-    }
-    bail!("the QEMU binary (inode {inode}) is not mapped in the process")
-}
-
 /// A USDT semaphore raised in a live process; lowered on drop.
 #[derive(Debug)]
 struct RaisedSemaphore {
@@ -518,79 +378,4 @@ fn attach_kernel_managed(
         }
     }
     Ok(made)
-}
-
-#[cfg(test)]
-mod tests {
-    use profiler_common::kind;
-
-    use super::*;
-    use crate::offer::elf::usdt::parse_args;
-
-    #[test]
-    fn specs_for_qemu_memory_region_ops() {
-        // The argument spec of QEMU 7.2's memory_region_ops_read (Debian source, dtrace).
-        let args = parse_args("-4@%edi 8@%rsi 8@%rdx 8@%rcx 4@%r8d 8@%r9").unwrap();
-        let no_rip = |_: &str, _: i64| -> anyhow::Result<u64> { anyhow::bail!("no symbols") };
-        let mr = arg_spec(&args[1], &no_rip).unwrap();
-        assert_eq!(mr.arg_type, usdt_arg::REG);
-        assert_eq!(mr.reg_off, 104); // rsi in struct pt_regs
-        assert_eq!(mr.bitshift, 0);
-        let name = arg_spec(&args[5], &no_rip).unwrap();
-        assert_eq!(name.reg_off, 64); // r9
-        let cpu = arg_spec(&args[0], &no_rip).unwrap();
-        assert_eq!((cpu.signed, cpu.bitshift, cpu.reg_off), (1, 32, 112)); // edi
-        let deref = arg_spec(&parse_args("-4@-20(%rbp)").unwrap()[0], &no_rip).unwrap();
-        assert_eq!(deref.arg_type, usdt_arg::REG_DEREF);
-        assert_eq!(deref.val_off as i64, -20);
-        let constant = arg_spec(&parse_args("4@$7").unwrap()[0], &no_rip).unwrap();
-        assert_eq!((constant.arg_type, constant.val_off), (usdt_arg::CONST, 7));
-        let rip = parse_args("8@seq_iter.6+8(%rip)").unwrap();
-        assert!(arg_spec(&rip[0], &no_rip).is_err());
-        // Resolved in userspace to symbol + offset + load bias; the eBPF side reads it.
-        let resolve = |sym: &str, off: i64| -> anyhow::Result<u64> {
-            assert_eq!(sym, "seq_iter.6");
-            Ok((0x55d0_0000_0000u64 + 0xe4b000).wrapping_add(off as u64))
-        };
-        let abs = arg_spec(&rip[0], &resolve).unwrap();
-        assert_eq!(abs.arg_type, usdt_arg::ABS_DEREF);
-        assert_eq!(abs.val_off, 0x55d0_00e4_b008);
-        assert!(arg_spec(&parse_args("8@(%rax,%rbx,8)").unwrap()[0], &resolve).is_err());
-    }
-
-    #[test]
-    fn load_bias_from_maps() {
-        let maps = "\
-55d0c8a00000-55d0c8c85000 r--p 00000000 fe:01 1234 /usr/bin/qemu-system-x86_64
-55d0c8c85000-55d0c9130000 r-xp 00285000 fe:01 1234 /usr/bin/qemu-system-x86_64
-7f0000000000-7f0000001000 r--p 00000000 fe:01 999 /usr/lib/libc.so.6
-";
-        let bias = parse_load_bias(maps, 1234, Some).unwrap();
-        assert_eq!(bias, 0x55d0c8a00000);
-        assert!(parse_load_bias(maps, 42, Some).is_err());
-        // A non-PIE binary linked at 0x400000: bias 0.
-        let maps = "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/qemu-kvm\n";
-        assert_eq!(
-            parse_load_bias(maps, 173521, |_| Some(0x400000)).unwrap(),
-            0
-        );
-    }
-
-    #[test]
-    fn qemu_with_usdt_has_one_site_each() {
-        let Some(path) = xtask::prereq::Prereq::new("qemu_with_usdt_has_one_site_each").usdt_qemu()
-        else {
-            return;
-        };
-        let bytes = fs::read(&path).unwrap();
-        let sites = find_region_ops_sites(&bytes)
-            .unwrap()
-            .expect("probes present");
-        assert_eq!((sites.read.len(), sites.write.len()), (1, 1));
-        let no_rip = |_: &str, _: i64| -> anyhow::Result<u64> { anyhow::bail!("no symbols") };
-        for site in sites.read.iter().chain(&sites.write) {
-            site_spec(site, kind::READ, &no_rip).unwrap();
-            assert!(site.semaphore.is_some());
-        }
-    }
 }

@@ -1,8 +1,7 @@
 //! Device classes: which regions, owner types, ports and timer callbacks are a VM's USB,
 //! serial, parallel, ... emulation, and what operators do to disable it. One table, shown by
-//! `profiler check --list-classes` and documented in docs/check.md.
-
-use crate::record::{DeviceCount, WindowRecord};
+//! `profiler check --list-classes` and documented in docs/check.md; `check` judges records
+//! by it and `ports` names a KVM guest's well-known ports from it.
 
 /// What an operator changes to disable a class, and what that was measured to bring.
 #[derive(Debug, Clone, Copy)]
@@ -40,14 +39,12 @@ pub struct DeviceClass {
 }
 
 impl DeviceClass {
-    /// Whether a device row of a record belongs to this class.
-    pub fn has_device(&self, d: &DeviceCount) -> bool {
-        let name = base_name(&d.name);
-        self.regions.iter().any(|p| matches(p, name))
-            || d.owner
-                .as_deref()
-                .is_some_and(|o| self.owners.iter().any(|p| matches(p, o)))
-            || port_of(&d.name)
+    /// Whether a device (a region `name`, the QOM type of its `owner`) belongs to this class.
+    pub fn has_device(&self, name: &str, owner: Option<&str>) -> bool {
+        let base = base_name(name);
+        self.regions.iter().any(|p| matches(p, base))
+            || owner.is_some_and(|o| self.owners.iter().any(|p| matches(p, o)))
+            || port_of(name)
                 .is_some_and(|port| self.ports.iter().any(|&(a, b)| (a..=b).contains(&port)))
     }
 
@@ -67,25 +64,6 @@ impl DeviceClass {
                         .is_some_and(|m| d.strip_prefix("default:") == Some(m))
             })
             .cloned()
-    }
-
-    /// The events of this class in one window: (what, events) for each device and callback.
-    pub fn events_in(&self, w: &WindowRecord) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        for d in &w.devices {
-            if self.has_device(d) && d.read + d.write > 0 {
-                out.push((
-                    format!("{} ({} reads, {} writes)", d.label(), d.read, d.write),
-                    d.read + d.write,
-                ));
-            }
-        }
-        for t in &w.timers {
-            if self.has_callback(&t.callback) && t.count > 0 {
-                out.push((format!("timer callback {}", t.callback), t.count));
-            }
-        }
-        out
     }
 }
 
@@ -368,32 +346,19 @@ pub fn class(id: &str) -> Option<&'static DeviceClass> {
 mod tests {
     use super::*;
 
-    fn dev(name: &str, owner: Option<&str>) -> DeviceCount {
-        DeviceCount {
-            name: name.into(),
-            owner: owner.map(Into::into),
-            read: 1,
-            write: 0,
-        }
-    }
-
     #[test]
     fn devices_by_name_owner_and_port() {
         let usb = class("usb").unwrap();
-        assert!(usb.has_device(&dev("uhci", None)));
-        assert!(usb.has_device(&dev("operational", Some("qemu-xhci"))));
-        assert!(usb.has_device(&dev("capabilities", Some("ich9-usb-ehci1"))));
-        assert!(!usb.has_device(&dev("hpet", Some("hpet"))));
+        assert!(usb.has_device("uhci", None));
+        assert!(usb.has_device("operational", Some("qemu-xhci")));
+        assert!(usb.has_device("capabilities", Some("ich9-usb-ehci1")));
+        assert!(!usb.has_device("hpet", Some("hpet")));
         let rtc = class("rtc").unwrap();
-        assert!(rtc.has_device(&dev("rtc @0000000000000001", None)));
+        assert!(rtc.has_device("rtc @0000000000000001", None));
         let parallel = class("parallel").unwrap();
-        assert!(parallel.has_device(&dev("port 0x37a", None)));
-        assert!(!parallel.has_device(&dev("port 0x3f8", None)));
-        assert!(
-            class("serial")
-                .unwrap()
-                .has_device(&dev("port 0x3f8", None))
-        );
+        assert!(parallel.has_device("port 0x37a", None));
+        assert!(!parallel.has_device("port 0x3f8", None));
+        assert!(class("serial").unwrap().has_device("port 0x3f8", None));
         assert!(usb.has_callback("uhci_frame_timer"));
         assert!(!usb.has_callback("apic_timer"));
     }
