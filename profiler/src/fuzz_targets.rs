@@ -86,7 +86,7 @@ pub fn proc_stat(data: &[u8]) {
     let t = text(data);
     let _ = crate::identity::discovery::parse_stat(&t);
     let _ = crate::identity::discovery::parse_proc_stat(&t);
-    let _ = crate::probes::parse_cap_eff(&t);
+    let _ = crate::probes::host::parse_cap_eff(&t);
 }
 
 /// A tracefs event `format` file.

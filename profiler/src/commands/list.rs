@@ -8,8 +8,8 @@ use crate::{
         cmdline::{Accel, QmpEndpoint},
         discovery::{HostPaths, scan_qemu_processes},
     },
-    offer::{exe::ExeCatalog, libc::LibcCatalog},
-    probes::{ProbeOptions, offered_sources, sources::kvm},
+    offer::{exe::ExeCatalog, libc::LibcCatalog, offered_sources},
+    probes::{ProbeOptions, sources::kvm},
     record::Sources,
 };
 

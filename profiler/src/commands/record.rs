@@ -138,7 +138,7 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
          total (kernel BPF statistics, sampled one refresh in {})",
         cost.run_count,
         cost.run_time.as_secs_f64() * 1e3,
-        crate::probes::STATS_EVERY
+        crate::probes::kernel::stats::STATS_EVERY
     );
     if let Some(b) = session.overhead_budget() {
         for (name, duty) in session.duty_cycles() {

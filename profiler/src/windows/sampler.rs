@@ -199,7 +199,7 @@ mod tests {
             discovery::{CpuTicks, VmIdentity, VmKey},
         },
         offer::policy::{ReadWriteUnavailable, VmSources},
-        probes::{NameSources, WatchedVm},
+        probes::{AttachedVm, NameSources},
         windows::{collector::Collector, session::VmFilter},
     };
 
@@ -212,8 +212,8 @@ mod tests {
     }
 
     impl ProbeLayer for Ticking {
-        fn watch(&mut self, _: &QemuProcess) -> anyhow::Result<WatchedVm> {
-            Ok(WatchedVm {
+        fn watch(&mut self, _: &QemuProcess) -> anyhow::Result<AttachedVm> {
+            Ok(AttachedVm {
                 sources: VmSources {
                     read_write: Err(ReadWriteUnavailable::NoUsdtStripped),
                     callbacks: Err(crate::offer::policy::CallbacksUnavailable::Stripped),
@@ -223,7 +223,7 @@ mod tests {
                 notes: vec![Note::general("watched")],
             })
         }
-        fn replan(&mut self, vm: &QemuProcess) -> anyhow::Result<WatchedVm> {
+        fn replan(&mut self, vm: &QemuProcess) -> anyhow::Result<AttachedVm> {
             self.watch(vm)
         }
         fn unwatch(&mut self, _: u32) -> anyhow::Result<()> {

@@ -708,7 +708,7 @@ mod tests {
             discovery::{CpuTicks, VmIdentity},
         },
         offer::policy::ReadWriteUnavailable,
-        probes::{NameSources, WatchedVm as Watched},
+        probes::{AttachedVm as Watched, NameSources},
         record::PartialReason,
     };
 

@@ -139,6 +139,18 @@ fn read_batched<K: Pod, V: Pod>(data: &MapData) -> io::Result<Vec<(K, V)>> {
     }
 }
 
+/// Entries of the hash map `name` with keys `K` and values `V` (0 if it cannot be read).
+pub fn count_entries<K: Pod, V: Pod>(ebpf: &aya::Ebpf, name: &str) -> usize {
+    ebpf.map(name)
+        .and_then(|m| read_hash::<K, V>(m).ok())
+        .map_or(0, |entries| entries.len())
+}
+
+/// Removes every entry of process `tgid` from a map keyed by [`RegionKey`].
+pub fn forget_region_keys<V: Pod>(ebpf: &mut aya::Ebpf, map: &str, tgid: u32) {
+    remove_where::<profiler_common::RegionKey, V>(ebpf, map, |k, _| k.tgid == tgid);
+}
+
 #[cfg(test)]
 mod tests {
     //! Root test: a real map read by batches agrees with iteration.
@@ -150,8 +162,10 @@ mod tests {
 
     #[test]
     fn root_batched_read_agrees_with_iteration() {
-        let _one_at_a_time = crate::probes::tests::attaching();
-        let Some(mut ebpf) = crate::probes::tests::root_ebpf("root_batched_read_agrees") else {
+        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
+        let Some(mut ebpf) =
+            crate::probes::kernel::test_support::root_ebpf("root_batched_read_agrees")
+        else {
             return;
         };
         let n = 10_000u32;

@@ -197,8 +197,9 @@ mod tests {
 
     #[test]
     fn root_counts_read_through_the_mapping_and_slots_come_back() {
-        let _one_at_a_time = crate::probes::tests::attaching();
-        let Some(mut ebpf) = crate::probes::tests::root_ebpf("root_counter_store") else {
+        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
+        let Some(mut ebpf) = crate::probes::kernel::test_support::root_ebpf("root_counter_store")
+        else {
             return;
         };
         let mut store = CounterStore::open(&ebpf).unwrap();
@@ -231,8 +232,9 @@ mod tests {
     #[test]
     fn root_wait_blocks_read_as_counters_and_are_reused_zeroed() {
         use profiler_common::{kind, wait_syscall};
-        let _one_at_a_time = crate::probes::tests::attaching();
-        let Some(mut ebpf) = crate::probes::tests::root_ebpf("root_wait_blocks") else {
+        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
+        let Some(mut ebpf) = crate::probes::kernel::test_support::root_ebpf("root_wait_blocks")
+        else {
             return;
         };
         let mut store = CounterStore::open(&ebpf).unwrap();

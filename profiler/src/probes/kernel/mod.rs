@@ -7,8 +7,12 @@ pub mod batch;
 pub mod counters;
 pub mod detacher;
 pub mod mapped;
+pub mod object;
 pub mod perf_uprobe;
 pub mod prog_info;
+pub mod stats;
+#[cfg(test)]
+pub mod test_support;
 pub mod tracepoint_group;
 pub mod uprobes;
 pub mod watch_table;

@@ -67,12 +67,15 @@ mod tests {
 
     #[test]
     fn root_prog_info_layout_agrees_with_aya() {
-        let _one_at_a_time = crate::probes::tests::attaching();
-        let Some(mut ebpf) = crate::probes::tests::root_ebpf("root_prog_info_layout") else {
+        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
+        let Some(mut ebpf) =
+            crate::probes::kernel::test_support::root_ebpf("root_prog_info_layout")
+        else {
             return;
         };
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-        crate::probes::attach_tracepoint(&mut ebpf, "sched", "sched_process_exec").unwrap();
+        crate::probes::kernel::object::attach_tracepoint(&mut ebpf, "sched", "sched_process_exec")
+            .unwrap();
         for _ in 0..5 {
             std::process::Command::new("true").status().unwrap();
         }

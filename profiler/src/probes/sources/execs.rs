@@ -21,7 +21,7 @@ impl ExecWatch {
     /// Attaches the tracepoint; `Err` (why) leaves discovery on full scans.
     pub fn attach(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         let ring = RingBuf::try_from(ebpf.take_map("EXECS").context("map EXECS missing")?)?;
-        crate::probes::attach_tracepoint(ebpf, "sched", "sched_process_exec")?;
+        crate::probes::kernel::object::attach_tracepoint(ebpf, "sched", "sched_process_exec")?;
         Ok(Self { ring, lost: 0 })
     }
 

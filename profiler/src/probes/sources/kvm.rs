@@ -229,7 +229,7 @@ pub fn attach(ebpf: &mut Ebpf, tracefs: &Path) -> anyhow::Result<()> {
         .set(0, offsets, 0)
         .with_context(|| format!("writing the KVM field layout into {FIELDS_MAP}"))?;
     for name in PROGRAMS {
-        crate::probes::attach_tracepoint(ebpf, "kvm", name)?;
+        crate::probes::kernel::object::attach_tracepoint(ebpf, "kvm", name)?;
     }
     Ok(())
 }
@@ -555,7 +555,7 @@ mod tests {
     #[test]
     fn root_loads_and_attaches_the_kvm_programs() {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let _one_at_a_time = crate::probes::tests::attaching();
+        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
         if skip_unless_root("root_loads_and_attaches_the_kvm_programs") {
             return;
         }
@@ -569,7 +569,8 @@ mod tests {
             return;
         }
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
-        let mut ebpf = Ebpf::load(crate::probes::EBPF_OBJECT).expect("loading the eBPF object");
+        let mut ebpf = Ebpf::load(crate::probes::kernel::object::EBPF_OBJECT)
+            .expect("loading the eBPF object");
         // The verifier accepts all four programs and perf_event attach succeeds.
         if let Err(e) = attach(&mut ebpf, &tracefs) {
             for cause in e.chain() {
@@ -885,7 +886,7 @@ mod tests {
 
     fn seabios_under_kvm(test: &'static str, machine: &str) -> Option<KvmCounts> {
         use std::time::{Duration, Instant};
-        let _one_at_a_time = crate::probes::tests::attaching();
+        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
         let prereq = xtask::prereq::Prereq::new(test);
         prereq.root()?;
         prereq.kvm()?;
@@ -897,7 +898,8 @@ mod tests {
             return skip("no kvm tracepoints in tracefs");
         }
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
-        let mut ebpf = Ebpf::load(crate::probes::EBPF_OBJECT).expect("loading the eBPF object");
+        let mut ebpf = Ebpf::load(crate::probes::kernel::object::EBPF_OBJECT)
+            .expect("loading the eBPF object");
         attach(&mut ebpf, &tracefs).expect("attach");
 
         let dir = tempfile::tempdir().unwrap();

@@ -338,7 +338,7 @@ impl SymbolSource {
         if let Some(process) = self.processes.remove(&pid) {
             process.release(ebpf);
         }
-        crate::probes::forget_region_keys::<u64>(ebpf, SEEN_CALLBACKS_MAP, pid);
+        crate::probes::kernel::batch::forget_region_keys::<u64>(ebpf, SEEN_CALLBACKS_MAP, pid);
     }
 
     pub fn detach_all(&mut self, ebpf: &mut Ebpf) {

@@ -1,0 +1,505 @@
+//! Root tests on the real kernel: an attach that fails part-way leaves nothing behind.
+
+use std::{
+    process::{Child, Command},
+    sync::Arc,
+};
+
+use ::object::{Object as _, ObjectSegment as _};
+use aya::maps::HashMap as BpfHashMap;
+use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind};
+
+use super::*;
+use crate::offer::libc::LibcProbes;
+use crate::probes::{
+    kernel::{
+        test_support::{attaching, root_ebpf},
+        uprobes::UprobePoint,
+    },
+    sources::{
+        symbols::{DISPATCH_PROGRAM, SymbolSource},
+        usdt::{self, SPECS_MAP, SiteToAttach, UsdtSource},
+    },
+};
+
+/// A process to attach to: `sleep`, killed on drop.
+struct Sleeper(Child);
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// (`sleep`, the file offset of its entry point: a valid uprobe site).
+fn sleeper() -> (Sleeper, u64) {
+    let child = Command::new("sleep").arg("60").spawn().expect("sleep runs");
+    let pid = child.id();
+    // exec has happened once /proc/PID/exe points at sleep.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|p| p.to_string_lossy().ends_with("sleep"))
+    {
+        assert!(std::time::Instant::now() < deadline, "sleep never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let bytes = std::fs::read(format!("/proc/{pid}/exe")).unwrap();
+    let elf = ::object::File::parse(&*bytes).unwrap();
+    let entry = elf.entry();
+    let offset = elf
+        .segments()
+        .find_map(|s| {
+            let (start, size) = (s.address(), s.size());
+            let (file_off, _) = s.file_range();
+            (start..start + size)
+                .contains(&entry)
+                .then(|| file_off + (entry - start))
+        })
+        .expect("entry point in a segment");
+    (Sleeper(child), offset)
+}
+
+/// Our perf events and BPF links: each attached uprobe holds one of each.
+fn probe_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|t| {
+            let t = t.to_string_lossy();
+            t == "anon_inode:[perf_event]" || t == "anon_inode:bpf_link"
+        })
+        .count()
+}
+
+fn spec_entries(ebpf: &mut Ebpf) -> usize {
+    let map: BpfHashMap<&MapData, u32, UsdtSpec> =
+        BpfHashMap::try_from(ebpf.map(SPECS_MAP).unwrap()).unwrap();
+    map.keys().count()
+}
+
+fn spec() -> UsdtSpec {
+    UsdtSpec {
+        args: [UsdtArgSpec::default(); USDT_MAX_ARGS],
+        arg_count: 6,
+        kind: kind::READ,
+        region_arg: 1,
+        name_arg: 5,
+    }
+}
+
+/// The symbols analysis of process `pid`'s executable.
+fn analyzed_exe(pid: u32) -> Arc<crate::offer::symbols::ExeSymbols> {
+    Arc::new(
+        crate::offer::symbols::analyze(
+            &std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+            &crate::offer::elf::DebugRoots::system(),
+        )
+        .unwrap(),
+    )
+}
+
+/// Two dispatch points, cookies 1 and 2.
+fn two_points(first: u64, second: u64) -> [UprobePoint; 2] {
+    [
+        UprobePoint {
+            file_offset: first,
+            cookie: 1,
+        },
+        UprobePoint {
+            file_offset: second,
+            cookie: 2,
+        },
+    ]
+}
+
+/// `n` zero-timeout `ppoll`s of this thread.
+fn zero_timeout_polls(n: u32) {
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    for _ in 0..n {
+        // SAFETY: no fds, a valid timespec, no signal mask.
+        unsafe { libc::ppoll(std::ptr::null_mut(), 0, &zero, std::ptr::null()) };
+    }
+}
+
+/// This process's libc offer (with result sites), the libc source, counters and watch
+/// table, on `ebpf`.
+fn own_libc_fixture(
+    ebpf: &mut Ebpf,
+) -> (
+    LibcOffer,
+    LibcWaitSource,
+    counters::CounterStore,
+    watch_table::WatchTable,
+) {
+    let offer = LibcCatalog::default().offer(std::process::id()).unwrap();
+    offer.result_points().expect("this glibc's wait results");
+    let libc = LibcWaitSource::load(ebpf).unwrap();
+    let counters = counters::CounterStore::open(ebpf).unwrap();
+    let table = watch_table::WatchTable::open(ebpf).unwrap();
+    (offer, libc, counters, table)
+}
+
+#[test]
+fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed() {
+    use profiler_common::{WATCH_SLOTS, wait_block, wait_syscall};
+    let _one_at_a_time = attaching();
+    let Some(mut ebpf) = root_ebpf("root_watch_table") else {
+        return;
+    };
+    let pid = std::process::id();
+    let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
+    libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, 0)
+        .unwrap();
+    let polls = zero_timeout_polls;
+    let counted = |counters: &mut counters::CounterStore, ebpf: &Ebpf| -> u64 {
+        counters
+            .read(ebpf)
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| {
+                k.tgid == pid && k.kind == kind::NONBLOCKING_POLL && k.id == wait_syscall::PPOLL
+            })
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let flags = watch_flag::WAITS_BY_LIBC_RESULT;
+    polls(100);
+    assert_eq!(counted(&mut counters, &ebpf), 0, "not watched yet");
+    // In its own slot, counted in its wait block.
+    let block = counters.wait_block(pid);
+    assert_ne!(block, wait_block::NONE);
+    table.set(&mut ebpf, pid, flags, block).unwrap();
+    polls(1000);
+    assert_eq!(counted(&mut counters, &ebpf), 1000, "in its slot");
+    table.remove(&mut ebpf, pid).unwrap();
+    counters.forget(&mut ebpf, pid).unwrap();
+    polls(100);
+    assert_eq!(counted(&mut counters, &ebpf), 0, "forgotten");
+    // Its slot held by another process: in the hash, found through the slot's mark.
+    let other = pid + WATCH_SLOTS;
+    table.set(&mut ebpf, other, 0, wait_block::NONE).unwrap();
+    let block = counters.wait_block(pid);
+    table.set(&mut ebpf, pid, flags, block).unwrap();
+    polls(1000);
+    assert_eq!(counted(&mut counters, &ebpf), 1000, "in the overflow hash");
+    table.remove(&mut ebpf, pid).unwrap();
+    counters.forget(&mut ebpf, pid).unwrap();
+    polls(100);
+    assert_eq!(counted(&mut counters, &ebpf), 0, "overflow forgotten");
+    // Without a wait block (the store was full): keyed like any counter.
+    table.set(&mut ebpf, pid, flags, wait_block::NONE).unwrap();
+    polls(500);
+    assert_eq!(counted(&mut counters, &ebpf), 500, "keyed");
+    libc.detach(&mut ebpf, pid);
+    table.remove(&mut ebpf, pid).unwrap();
+    table.remove(&mut ebpf, other).unwrap();
+    counters.forget(&mut ebpf, pid).unwrap();
+}
+
+/// A budget pause: the links of the VM's generation stop counting the moment its
+/// generation moves on (their runs are closing hits), and a resume's new links count
+/// beside the old ones, still attached, without counting twice.
+#[test]
+fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
+    use profiler_common::{link_generation, wait_syscall};
+    let _one_at_a_time = attaching();
+    let Some(mut ebpf) = root_ebpf("root_link_generations") else {
+        return;
+    };
+    let pid = std::process::id();
+    let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
+    let polls = zero_timeout_polls;
+    let count = |counters: &mut counters::CounterStore, ebpf: &Ebpf, kind: u32| -> u64 {
+        counters
+            .read(ebpf)
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.tgid == pid && k.kind == kind)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let first = link_generation::FIRST;
+    table.set_generation(&mut ebpf, pid, first).unwrap();
+    let block = counters.wait_block(pid);
+    let flags = watch_flag::WAITS_BY_LIBC_RESULT | watch_flag::COUNT_HITS;
+    table.set(&mut ebpf, pid, flags, block).unwrap();
+    libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, first)
+        .unwrap();
+    polls(1000);
+    let polled = |c: &mut counters::CounterStore, e: &Ebpf| count(c, e, kind::NONBLOCKING_POLL);
+    assert_eq!(polled(&mut counters, &ebpf), 1000, "live");
+    assert_eq!(count(&mut counters, &ebpf, kind::UPROBE_HIT), 1000);
+    assert_eq!(count(&mut counters, &ebpf, kind::CLOSING_HIT), 0);
+    // Paused, the links still attached (as while the detacher closes them).
+    let paused = link_generation::next(first);
+    table.set_generation(&mut ebpf, pid, paused).unwrap();
+    let old = libc.take(&mut ebpf, pid);
+    polls(700);
+    assert_eq!(
+        polled(&mut counters, &ebpf),
+        1000,
+        "a paused link counts nothing"
+    );
+    assert_eq!(count(&mut counters, &ebpf, kind::UPROBE_HIT), 1000);
+    assert_eq!(count(&mut counters, &ebpf, kind::CLOSING_HIT), 700);
+    // Resumed before the old links are closed: each poll counted once, by the new link.
+    let live = link_generation::next(paused);
+    libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, live)
+        .unwrap();
+    table.set_generation(&mut ebpf, pid, live).unwrap();
+    polls(500);
+    assert_eq!(polled(&mut counters, &ebpf), 1500, "counted once");
+    assert_eq!(count(&mut counters, &ebpf, kind::UPROBE_HIT), 1500);
+    assert_eq!(
+        count(&mut counters, &ebpf, kind::CLOSING_HIT),
+        1200,
+        "the old links ran"
+    );
+    let ppolls = counters
+        .read(&ebpf)
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.tgid == pid && k.id == wait_syscall::PPOLL)
+        .count();
+    assert!(ppolls > 0, "ppoll counters present");
+    drop(old);
+    polls(300);
+    assert_eq!(polled(&mut counters, &ebpf), 1800);
+    assert_eq!(
+        count(&mut counters, &ebpf, kind::CLOSING_HIT),
+        1200,
+        "old links gone"
+    );
+    libc.detach(&mut ebpf, pid);
+    table.remove(&mut ebpf, pid).unwrap();
+    counters.forget(&mut ebpf, pid).unwrap();
+}
+
+#[test]
+fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
+    use profiler_common::{MARK_SLOTS, PpollMark, mark_slot, wait_syscall};
+    use std::{mem::offset_of, sync::atomic::Ordering};
+    let _one_at_a_time = attaching();
+    let Some(mut ebpf) = root_ebpf("root_ppoll_marks") else {
+        return;
+    };
+    let pid = std::process::id();
+    // SAFETY: no arguments.
+    let tid = unsafe { libc::gettid() } as u32;
+    let offer = LibcCatalog::default().offer(pid).unwrap();
+    let tracefs = crate::offer::tracefs::ensure_tracefs().unwrap();
+    let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
+    let mut hrtimers = hrtimers::HrtimerWaits::load(&mut ebpf, &tracefs);
+    let mut counters = counters::CounterStore::open(&ebpf).unwrap();
+    let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
+    hrtimers.acquire_starts(&mut ebpf, pid).unwrap();
+    let block = counters.wait_block(pid);
+    table
+        .set(&mut ebpf, pid, watch_flag::WAITS_BY_LIBC_RESULT, block)
+        .unwrap();
+    libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, 0)
+        .unwrap();
+    // Timed-out ppolls (a timer) alternate with zero-timeout ones: each mark is consumed
+    // by its own wait's result.
+    let waits = |n: u32| {
+        for _ in 0..n {
+            for nanos in [200_000, 0] {
+                let timeout = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: nanos,
+                };
+                // SAFETY: no fds, a valid timespec, no signal mask.
+                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &timeout, std::ptr::null()) };
+            }
+        }
+    };
+    let ppolls = |counters: &mut counters::CounterStore, ebpf: &Ebpf| -> (u64, u64) {
+        let counts = counters.read(ebpf).unwrap();
+        let of = |kind| {
+            counts
+                .iter()
+                .filter(|(k, _)| k.tgid == pid && k.kind == kind && k.id == wait_syscall::PPOLL)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        (of(kind::TIMER), of(kind::NONBLOCKING_POLL))
+    };
+    waits(200);
+    assert_eq!(
+        ppolls(&mut counters, &ebpf),
+        (200, 200),
+        "in the thread's slot"
+    );
+    let marks = crate::probes::kernel::mapped::MappedArray::map(
+        &ebpf,
+        syscall_waits::MARKS_MAP,
+        MARK_SLOTS,
+        size_of::<PpollMark>(),
+    )
+    .unwrap();
+    let owner = marks
+        .u64_at(mark_slot(tid), offset_of!(PpollMark, owner))
+        .unwrap();
+    let armed = marks
+        .u64_at(mark_slot(tid), offset_of!(PpollMark, armed))
+        .unwrap();
+    assert_eq!(owner.load(Ordering::Relaxed), PpollMark::owner_of(tid, pid));
+    let ppoll_marks = syscall_waits::PpollMarks::open(&ebpf).unwrap();
+    // A mark left behind (as by a wait in flight when a budget pause took the probes) is
+    // disarmed on resume; the slot stays the thread's.
+    armed.store(1, Ordering::Relaxed);
+    ppoll_marks.disarm_threads(pid, [tid]);
+    assert_eq!(armed.load(Ordering::Relaxed), 0);
+    assert_eq!(owner.load(Ordering::Relaxed), PpollMark::owner_of(tid, pid));
+    // Forgetting the process frees its threads' slots.
+    ppoll_marks.free_process(pid);
+    assert_eq!(owner.load(Ordering::Relaxed), 0);
+    // The slot held by another thread: the marks go to `PENDING`, as exact.
+    let other = PpollMark::owner_of(tid.wrapping_add(MARK_SLOTS), pid + 1);
+    owner.store(other, Ordering::Relaxed);
+    waits(200);
+    assert_eq!(ppolls(&mut counters, &ebpf), (400, 400), "in PENDING");
+    assert_eq!(owner.load(Ordering::Relaxed), other, "not claimed");
+    // A mark left in `PENDING` is cleared on resume too, and the entry kept.
+    let pending_of = |ebpf: &Ebpf| {
+        aya::maps::HashMap::<_, u32, profiler_common::PendingWait>::try_from(
+            ebpf.map(syscall_waits::PENDING_MAP).unwrap(),
+        )
+        .unwrap()
+        .get(&tid, 0)
+        .unwrap()
+    };
+    let left = profiler_common::PendingWait {
+        syscall: wait_syscall::PPOLL,
+        ..pending_of(&ebpf)
+    };
+    aya::maps::HashMap::<_, u32, profiler_common::PendingWait>::try_from(
+        ebpf.map_mut(syscall_waits::PENDING_MAP).unwrap(),
+    )
+    .unwrap()
+    .insert(tid, left, 0)
+    .unwrap();
+    syscall_waits::clear_pending(&mut ebpf, pid, [tid]);
+    assert_eq!(pending_of(&ebpf).syscall, wait_syscall::NONE);
+    owner.store(0, Ordering::Relaxed);
+    libc.detach(&mut ebpf, pid);
+    drop(hrtimers.release_starts(&mut ebpf, pid));
+    table.remove(&mut ebpf, pid).unwrap();
+    syscall_waits::forget_process(&mut ebpf, pid);
+    counters.forget(&mut ebpf, pid).unwrap();
+}
+
+#[test]
+fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back() {
+    let _one_at_a_time = attaching();
+    let Some(mut ebpf) = root_ebpf("root_a_budget_pause_detaches_every_symbols_link") else {
+        return;
+    };
+    let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
+    let (sleeper, entry) = sleeper();
+    let pid = sleeper.0.id();
+    let exe = analyzed_exe(pid);
+    let before = probe_fds();
+    let points = two_points(entry, entry);
+    symbols
+        .attach_dispatch_at(&mut ebpf, pid, &exe, &points, 0)
+        .unwrap();
+    let attached = probe_fds();
+    assert!(attached > before);
+    for _ in 0..3 {
+        // The links are handed out, to be closed elsewhere; closing them detaches.
+        drop(symbols.pause(&mut ebpf, pid));
+        assert_eq!(probe_fds(), before, "a link survived the pause");
+        assert!(!symbols.dispatch_attached(pid));
+        symbols.resume(&mut ebpf, pid, 0).unwrap();
+        assert_eq!(probe_fds(), attached, "resume brings back what was there");
+        assert!(symbols.dispatch_attached(pid));
+    }
+    symbols.detach(&mut ebpf, pid);
+    assert_eq!(probe_fds(), before);
+}
+
+#[test]
+fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
+    let _one_at_a_time = attaching();
+    let Some(mut ebpf) = root_ebpf("root_a_usdt_attach_that_fails_part_way_leaves_nothing") else {
+        return;
+    };
+    let mut usdt = UsdtSource::load(&mut ebpf).unwrap();
+    let (sleeper, entry) = sleeper();
+    let pid = sleeper.0.id();
+    let before = probe_fds();
+
+    // The first site attaches; the second is past the end of the file.
+    let site = |file_offset, semaphore_file_offset| SiteToAttach {
+        file_offset,
+        spec: spec(),
+        semaphore_file_offset,
+        semaphore_address: None,
+    };
+    let sites = [site(entry, None), site(1 << 40, None)];
+    let err = usdt.attach_sites(&mut ebpf, pid, &sites, 0).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("file offset 0x10000000000"),
+        "{err:#}"
+    );
+    assert_eq!(probe_fds(), before, "a uprobe was left attached");
+    assert_eq!(spec_entries(&mut ebpf), 0, "a spec was left in {SPECS_MAP}");
+    assert!(!usdt.is_attached(pid));
+
+    // The first site attaches, the second's semaphore cannot be one (an odd offset).
+    let err = usdt
+        .attach_sites(
+            &mut ebpf,
+            pid,
+            &[site(entry, None), site(entry, Some(0x1001))],
+            0,
+        )
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("semaphore"), "{err:#}");
+    assert_eq!(probe_fds(), before);
+    assert_eq!(spec_entries(&mut ebpf), 0);
+
+    // And a good attach holds its uprobe and its spec, until detached.
+    let how = usdt.attach_sites(&mut ebpf, pid, &sites[..1], 0).unwrap();
+    assert_eq!(how, usdt::SemaphoreManagement::Kernel);
+    assert!(probe_fds() > before);
+    assert_eq!(spec_entries(&mut ebpf), 1);
+    usdt.detach(&mut ebpf, pid);
+    assert_eq!(probe_fds(), before);
+    assert_eq!(spec_entries(&mut ebpf), 0);
+}
+
+#[test]
+fn root_a_symbols_attach_that_fails_part_way_leaves_nothing() {
+    let _one_at_a_time = attaching();
+    let Some(mut ebpf) = root_ebpf("root_a_symbols_attach_that_fails_part_way_leaves_nothing")
+    else {
+        return;
+    };
+    let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
+    let (sleeper, entry) = sleeper();
+    let pid = sleeper.0.id();
+    let exe = analyzed_exe(pid);
+    let before = probe_fds();
+    // The second is past the end of the file.
+    let points = two_points(entry, 1 << 40);
+    assert!(
+        symbols
+            .attach_dispatch_at(&mut ebpf, pid, &exe, &points, 0)
+            .is_err()
+    );
+    assert_eq!(probe_fds(), before, "a {DISPATCH_PROGRAM} uprobe was left");
+    assert!(!symbols.dispatch_attached(pid));
+    symbols
+        .attach_dispatch_at(&mut ebpf, pid, &exe, &points[..1], 0)
+        .unwrap();
+    assert!(symbols.dispatch_attached(pid));
+    symbols.detach(&mut ebpf, pid);
+    assert_eq!(probe_fds(), before);
+}

@@ -1,0 +1,18 @@
+//! What the root tests of the probe layer share: the eBPF object loaded for a test that may
+//! attach, and one attaching test at a time.
+
+use aya::Ebpf;
+
+/// Root tests that attach probes run one at a time: these tests count the process's
+/// perf-event descriptors, which any other attaching test would change under them.
+pub static ATTACHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn attaching() -> std::sync::MutexGuard<'static, ()> {
+    ATTACHING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn root_ebpf(test: &str) -> Option<Ebpf> {
+    xtask::prereq::Prereq::new(test).root()?;
+    crate::offer::tracefs::ensure_tracefs().expect("tracefs");
+    Some(Ebpf::load(super::object::EBPF_OBJECT).expect("loading the eBPF object"))
+}
