@@ -206,7 +206,7 @@ use profiler_common::kind;
 use crate::{
     attribution::RawCounters,
     offer::policy::{ReadWriteSource, VmSources},
-    record::WindowRecord,
+    windows::finish::Probed,
 };
 
 /// Which of a VM's counts come from uprobes (and are scaled when they are duty-cycled).
@@ -472,43 +472,36 @@ impl BudgetedVms {
         }
     }
 
-    /// Scales the counts of closed records whose VM was probed for only part of the window
-    /// (`bounds(window)` = its start and end in profiler time), and marks them estimated;
-    /// forgets periods that ended before `forget_before`.
-    pub fn stamp(
-        &mut self,
-        closed: &mut [WindowRecord],
-        bounds: impl Fn(u64) -> (f64, f64),
-        forget_before: f64,
-    ) {
-        // What the last sample's exited VMs had added has been read by now.
-        self.forgotten.clear();
-        for r in closed.iter_mut() {
-            let Some(vm) = self.vms.get_mut(&r.vm.pid) else {
-                continue;
-            };
-            let (from, to) = bounds(r.window);
-            let on: f64 = vm.periods.iter().map(|p| p.overlap(from, to)).sum();
-            // Probed the whole time it was seen.
-            if on >= r.seconds - 1e-3 {
-                continue;
-            }
-            if on <= 0.0 {
-                // Its probes were away the whole window (every resume of it failed past
-                // its end): what they serve was not observed, so it is no count, never a 0.
-                unobserved(r, vm.uprobed);
-                continue;
-            }
-            let added = scale_record(r, on, vm.uprobed);
-            vm.added.absorb(&added);
+    /// How long `pid`'s uprobes were on in `[from, to]` (a window's coverage), as its record
+    /// is written ([`crate::windows::finish`]).
+    pub fn probed(&self, pid: u32, from: f64, to: f64) -> Probed {
+        match self.vms.get(&pid) {
+            None => Probed::Throughout,
+            Some(vm) => Probed::For {
+                seconds: vm.periods.iter().map(|p| p.overlap(from, to)).sum(),
+                uprobed: vm.uprobed,
+            },
         }
+    }
+
+    /// Adds what scaling one of `pid`'s windows added (for `serve`'s counters).
+    pub fn absorb(&mut self, pid: u32, added: &EstimateAddition) {
+        if let Some(vm) = self.vms.get_mut(&pid) {
+            vm.added.absorb(added);
+        }
+    }
+
+    /// Before a sample's records are written: what the last sample's exited VMs had added has
+    /// been read by now, and periods that ended before `forget_before` are no longer needed.
+    pub fn next_sample(&mut self, forget_before: f64) {
+        self.forgotten.clear();
         for vm in self.vms.values_mut() {
             vm.periods
                 .retain(|p| p.end.is_none_or(|end| end >= forget_before));
         }
     }
 
-    /// Forgets an exited VM (after its last records are stamped).
+    /// Forgets an exited VM (after its last records are written).
     pub fn forget(&mut self, pid: u32) {
         if let Some(vm) = self.vms.remove(&pid)
             && !vm.added.is_empty()
@@ -587,66 +580,6 @@ impl EstimateAddition {
     }
 }
 
-/// Scales the uprobe-served counts of `r`, probed for `on` of its seconds, to the window;
-/// returns what that added.
-pub fn scale_record(r: &mut WindowRecord, on: f64, uprobed: Uprobed) -> EstimateAddition {
-    let secs = r.seconds;
-    let mut added = EstimateAddition::default();
-    // Scales `n`, adding the difference to `sum`.
-    let s = |n: u64, sum: &mut u64| {
-        let scaled = scale(n, on, secs);
-        *sum += scaled.saturating_sub(n);
-        scaled
-    };
-    if uprobed.timer {
-        r.timer = r.timer.map(|n| s(n, &mut added.timer));
-        r.fd_wakeups = r.fd_wakeups.map(|n| s(n, &mut added.fd_wakeups));
-    }
-    if uprobed.read_write {
-        r.read = r.read.map(|n| s(n, &mut added.read));
-        r.write = r.write.map(|n| s(n, &mut added.write));
-        for d in &mut r.devices {
-            let e = added
-                .devices
-                .entry((d.name.clone(), d.owner.clone()))
-                .or_default();
-            d.read = s(d.read, &mut e.0);
-            d.write = s(d.write, &mut e.1);
-        }
-    }
-    if uprobed.callbacks {
-        for t in &mut r.timers {
-            let e = added.callbacks.entry(t.callback.clone()).or_default();
-            t.count = s(t.count, e);
-        }
-    }
-    r.estimated = true;
-    r.probed_seconds = Some((on * 1000.0).round() / 1000.0);
-    added
-}
-
-/// Blanks the counts `uprobed` serves in a record whose window the probes never saw: `null`,
-/// `estimated` with `probed_seconds` 0.
-fn unobserved(r: &mut WindowRecord, uprobed: Uprobed) {
-    if !uprobed.any() {
-        return;
-    }
-    if uprobed.timer {
-        r.timer = None;
-        r.fd_wakeups = None;
-    }
-    if uprobed.read_write {
-        r.read = None;
-        r.write = None;
-        r.devices.clear();
-    }
-    if uprobed.callbacks {
-        r.timers.clear();
-    }
-    r.estimated = true;
-    r.probed_seconds = Some(0.0);
-}
-
 /// A fraction as a percentage with two decimals, or two significant digits below 0.1 %.
 fn percent(fraction: f64) -> String {
     let p = fraction * 100.0;
@@ -708,6 +641,7 @@ pub fn scale(count: u64, on_secs: f64, secs: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::WindowRecord;
 
     #[test]
     fn small_budgets_keep_two_significant_digits() {
@@ -866,23 +800,23 @@ mod tests {
         b.forget(1);
         assert!(added(&b)[0].1);
         assert_eq!(added(&b)[0].2.timer, 281_338);
-        b.stamp(&mut [], |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0), 0.0);
+        b.next_sample(0.0);
         assert!(added(&b).is_empty());
     }
 
-    /// VM 1's record of window 1 (10 s windows) with `timer` waits counted, as `b` stamps it.
+    /// VM 1's record of window 1 (10 s windows) with `timer` waits counted, as its record is
+    /// written with `b`'s probed time (and what scaling added given to `b`).
     fn stamped_window_1(b: &mut BudgetedVms, timer: u64) -> WindowRecord {
-        let mut r = crate::record::tests::sample();
-        r.vm.pid = 1;
-        r.seconds = 10.0;
-        r.timer = Some(timer);
-        r.fd_wakeups = Some(0);
-        r.window = 1;
-        b.stamp(
-            std::slice::from_mut(&mut r),
-            |w| (w as f64 * 10.0, w as f64 * 10.0 + 10.0),
-            0.0,
-        );
+        use crate::windows::finish::{self, WindowFacts, tests::closed_window};
+        let mut closed = closed_window(1, 1, 10.0);
+        closed.counts.timer = Some(timer);
+        closed.counts.fd_wakeups = Some(0);
+        let facts = WindowFacts {
+            probed: b.probed(1, closed.from, closed.to),
+            ..WindowFacts::default()
+        };
+        let (r, added) = finish::record(&closed, &facts, &finish::tests::frame(10.0));
+        b.absorb(1, &added);
         r
     }
 
@@ -1015,7 +949,7 @@ mod tests {
         assert!(r.estimated);
         assert_eq!(r.probed_seconds, Some(0.0));
         // The counts its probes do not serve stay as counted.
-        assert_eq!(r.read, crate::record::tests::sample().read);
+        assert_eq!(r.read, Some(0));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! The runtime samples every VM's cumulative counters once per refresh, and always exactly at
 //! each window boundary. The collector turns consecutive samples into deltas, adds them to the
-//! window the sample interval belongs to, and emits a [`WindowRecord`] when a window closes, a
-//! VM exits, or the profiler stops. Times are seconds since the profiler started (monotonic);
+//! window the sample interval belongs to, and emits a [`ClosedWindow`] when a window closes, a
+//! VM exits, or the profiler stops ([`crate::windows::finish`] writes its record). Times are seconds since the profiler started (monotonic);
 //! no I/O happens here.
 
 use std::collections::BTreeMap;
@@ -11,10 +11,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
 use crate::{
-    identity::discovery::{HostCpu, VmIdentity, VmKey},
-    record::{
-        DeviceCount, HostWindow, PartialReason, Sources, TimerCallbackCount, VmRef, WindowRecord,
-    },
+    identity::discovery::{VmIdentity, VmKey},
+    record::{DeviceCount, PartialReason, Sources, TimerCallbackCount},
+    windows::finish::RecordFrame,
 };
 
 /// Tolerance for comparing sample times with window boundaries.
@@ -156,7 +155,27 @@ pub struct RunningWindow {
     pub timers: Vec<TimerCallbackCount>,
 }
 
-/// Turns samples of cumulative counters into window records.
+/// A window the collector closed: what it measured of one VM. The record is written from it
+/// and what else is known of that window ([`crate::windows::finish`]).
+#[derive(Debug, Clone)]
+pub struct ClosedWindow {
+    pub pid: u32,
+    pub identity: std::sync::Arc<VmIdentity>,
+    /// When its process started (RFC 3339), when known.
+    pub started: Option<String>,
+    pub sources: std::sync::Arc<Sources>,
+    pub window: u64,
+    /// Profiler time its coverage started and ended.
+    pub from: f64,
+    pub to: f64,
+    /// Why it covers less than the window (`None`: a full window).
+    pub reason: Option<PartialReason>,
+    pub counts: Counts,
+    pub devices: Vec<DeviceCount>,
+    pub timers: Vec<TimerCallbackCount>,
+}
+
+/// Turns samples of cumulative counters into closed windows.
 #[derive(Debug)]
 pub struct Collector {
     clock: WindowClock,
@@ -204,7 +223,7 @@ impl Collector {
         t: f64,
         observed: &[VmObservation],
         final_counts: &BTreeMap<VmKey, FinalCounts>,
-    ) -> Vec<WindowRecord> {
+    ) -> Vec<ClosedWindow> {
         let mut closed = Vec::new();
         let now_window = self.clock.index_at(t);
 
@@ -226,7 +245,7 @@ impl Collector {
                     state.last_callbacks.insert(name.clone(), *v);
                 }
             }
-            closed.push(self.record(&state, t, Some(PartialReason::VmExited)));
+            closed.push(self.close(&key, &state, t, Some(PartialReason::VmExited)));
         }
 
         for obs in observed {
@@ -264,7 +283,7 @@ impl Collector {
                     if now_window > state.window {
                         let state = state.clone();
                         let end = self.clock.end_of(state.window);
-                        closed.push(self.record(&state, end, None));
+                        closed.push(self.close(&obs.key, &state, end, None));
                         let state = self.vms.get_mut(&obs.key).expect("present");
                         state.window = now_window;
                         state.coverage_start = self.clock.start_of(now_window);
@@ -281,12 +300,12 @@ impl Collector {
 
     /// Closes every running window as partial: the profiler stops at `t`. Call after a last
     /// `observe` at `t`. Windows that cover no time (stop exactly on a boundary) are dropped.
-    pub fn finish(&mut self, t: f64) -> Vec<WindowRecord> {
-        let states: Vec<VmState> = std::mem::take(&mut self.vms).into_values().collect();
+    pub fn finish(&mut self, t: f64) -> Vec<ClosedWindow> {
+        let states = std::mem::take(&mut self.vms);
         states
             .iter()
-            .filter(|s| t - s.coverage_start > EPSILON)
-            .map(|s| self.record(s, t, Some(PartialReason::ProfilerStopped)))
+            .filter(|(_, s)| t - s.coverage_start > EPSILON)
+            .map(|(k, s)| self.close(k, s, t, Some(PartialReason::ProfilerStopped)))
             .collect()
     }
 
@@ -307,49 +326,34 @@ impl Collector {
             .collect()
     }
 
-    fn record(&self, state: &VmState, end: f64, reason: Option<PartialReason>) -> WindowRecord {
-        let end = end.min(self.clock.end_of(state.window));
-        let seconds = (end - state.coverage_start).max(0.0);
-        let reason = reason.or(state.started_mid_window.then_some(PartialReason::VmStarted));
-        let full = reason.is_none();
-        let counts = state.last.since(&state.base);
-        let start =
-            self.wall_start + TimeDelta::microseconds((state.coverage_start * 1e6).round() as i64);
-        WindowRecord {
+    fn close(
+        &self,
+        key: &VmKey,
+        state: &VmState,
+        end: f64,
+        reason: Option<PartialReason>,
+    ) -> ClosedWindow {
+        ClosedWindow {
+            pid: key.pid,
+            identity: state.identity.clone(),
+            started: state.started.clone(),
+            sources: state.sources.clone(),
             window: state.window,
-            start: start.to_rfc3339_opts(SecondsFormat::Millis, true),
-            seconds: if full {
-                self.clock.length
-            } else {
-                round3(seconds)
-            },
-            partial: !full,
-            partial_reason: reason,
-            vm: VmRef {
-                name: state.identity.name.clone(),
-                pid: state.identity.pid,
-                uuid: state.identity.uuid.clone(),
-                accel: state.identity.accel,
-                xen_domid: state.identity.xen_domid,
-                cmdline_devices: state.identity.devices.clone(),
-                libvirt: state.identity.libvirt.clone(),
-                started: state.started.clone(),
-            },
-            timer: counts.timer,
-            fd_wakeups: counts.fd_wakeups,
-            read: counts.read,
-            write: counts.write,
-            in_kernel: counts.in_kernel,
-            cpu_seconds: counts
-                .cpu_ticks
-                .map(|t| round3(t as f64 / self.ticks_per_second as f64)),
-            sources: (*state.sources).clone(),
+            from: state.coverage_start,
+            to: end.min(self.clock.end_of(state.window)),
+            reason: reason.or(state.started_mid_window.then_some(PartialReason::VmStarted)),
+            counts: state.last.since(&state.base),
             devices: device_deltas(&state.last_devices, &state.base_devices),
             timers: callback_deltas(&state.last_callbacks, &state.base_callbacks),
-            host: None,
-            dropped_updates: 0,
-            estimated: false,
-            probed_seconds: None,
+        }
+    }
+
+    /// How this collector's closed windows are written as records.
+    pub fn frame(&self) -> RecordFrame {
+        RecordFrame {
+            length: self.clock.length,
+            wall_start: self.wall_start,
+            ticks_per_second: self.ticks_per_second,
         }
     }
 }
@@ -367,62 +371,49 @@ fn merge_final(last: &Counts, fin: &Counts) -> Counts {
     }
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// Stamps the host's busy CPU onto the records of full windows: the host's CPU time is read
-/// at every sample, and the difference between two consecutive window boundaries belongs to
-/// the window between them.
-#[derive(Debug)]
-pub struct HostWindows {
-    clock: WindowClock,
-    ticks_per_second: u64,
-    /// The last boundary sampled: (window that starts there, host CPU then).
-    last_boundary: Option<(u64, HostCpu)>,
-}
-
-impl HostWindows {
-    pub fn new(clock: WindowClock, ticks_per_second: u64) -> Self {
-        Self {
-            clock,
-            ticks_per_second: ticks_per_second.max(1),
-            last_boundary: None,
-        }
-    }
-
-    /// A sample at `t` read `cpu` with `vms` VMs watched; `closed` are the records it closed.
-    pub fn stamp(&mut self, t: f64, cpu: Option<HostCpu>, vms: usize, closed: &mut [WindowRecord]) {
-        let index = self.clock.index_at(t);
-        if (t - self.clock.start_of(index)).abs() > EPSILON {
-            return;
-        }
-        let Some(cpu) = cpu else {
-            self.last_boundary = None;
-            return;
-        };
-        if let Some((prev, then)) = self.last_boundary
-            && prev + 1 == index
-        {
-            let host = HostWindow {
-                cpus: cpu.cpus,
-                busy_cpu_seconds: round3(
-                    cpu.busy_ticks.saturating_sub(then.busy_ticks) as f64
-                        / self.ticks_per_second as f64,
-                ),
-                vms_running: vms as u32,
-            };
-            for r in closed.iter_mut().filter(|r| r.window == prev && !r.partial) {
-                r.host = Some(host);
-            }
-        }
-        self.last_boundary = Some((index, cpu));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        record::WindowRecord,
+        windows::finish::{self, WindowFacts},
+    };
+
+    /// The collector's closed windows as records with no other facts (no host, drops or
+    /// budget): what it measured.
+    trait Records {
+        fn observe_records(
+            &mut self,
+            t: f64,
+            observed: &[VmObservation],
+            finals: &BTreeMap<VmKey, FinalCounts>,
+        ) -> Vec<WindowRecord>;
+        fn finish_records(&mut self, t: f64) -> Vec<WindowRecord>;
+    }
+
+    impl Records for Collector {
+        fn observe_records(
+            &mut self,
+            t: f64,
+            observed: &[VmObservation],
+            finals: &BTreeMap<VmKey, FinalCounts>,
+        ) -> Vec<WindowRecord> {
+            let closed = self.observe(t, observed, finals);
+            let frame = self.frame();
+            closed
+                .iter()
+                .map(|c| finish::record(c, &WindowFacts::default(), &frame).0)
+                .collect()
+        }
+        fn finish_records(&mut self, t: f64) -> Vec<WindowRecord> {
+            let closed = self.finish(t);
+            let frame = self.frame();
+            closed
+                .iter()
+                .map(|c| finish::record(c, &WindowFacts::default(), &frame).0)
+                .collect()
+        }
+    }
     use crate::identity::cmdline::Accel;
 
     fn vm(pid: u32, start_ticks: u64, name: &str) -> (VmKey, VmIdentity) {
@@ -496,17 +487,19 @@ mod tests {
         let mut c = collector().with_boot_time(Some(
             "2026-11-21T23:00:00Z".parse::<DateTime<Utc>>().unwrap(),
         ));
-        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
-        let closed = c.observe(10.0, &[obs(&a, 10, 5)], NONE);
+        c.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
+        let closed = c.observe_records(10.0, &[obs(&a, 10, 5)], NONE);
         // 6,000 ticks at 100 a second after boot.
         assert_eq!(
             closed[0].vm.started.as_deref(),
             Some("2026-11-21T23:01:00.000Z")
         );
         let mut unknown = collector();
-        unknown.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        unknown.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
         assert_eq!(
-            unknown.observe(10.0, &[obs(&a, 1, 1)], NONE)[0].vm.started,
+            unknown.observe_records(10.0, &[obs(&a, 1, 1)], NONE)[0]
+                .vm
+                .started,
             None
         );
     }
@@ -537,11 +530,11 @@ mod tests {
     fn a_count_that_becomes_available_counts_from_zero() {
         let a = vm(100, 1, "a");
         let mut c = collector();
-        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
+        c.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
         let mut later = obs(&a, 10, 5);
         later.counts.read = Some(42);
-        c.observe(5.0, &[later.clone()], NONE);
-        let closed = c.observe(10.0, &[later], NONE);
+        c.observe_records(5.0, &[later.clone()], NONE);
+        let closed = c.observe_records(10.0, &[later], NONE);
         assert_eq!(closed[0].read, Some(42));
         assert_eq!(closed[0].write, None, "still unavailable");
     }
@@ -550,9 +543,15 @@ mod tests {
     fn full_windows_from_boundary_samples() {
         let a = vm(100, 1, "a");
         let mut c = collector();
-        assert!(c.observe(0.0, &[obs(&a, 1000, 500)], NONE).is_empty());
-        assert!(c.observe(5.0, &[obs(&a, 1500, 550)], NONE).is_empty());
-        let closed = c.observe(10.0, &[obs(&a, 2000, 600)], NONE);
+        assert!(
+            c.observe_records(0.0, &[obs(&a, 1000, 500)], NONE)
+                .is_empty()
+        );
+        assert!(
+            c.observe_records(5.0, &[obs(&a, 1500, 550)], NONE)
+                .is_empty()
+        );
+        let closed = c.observe_records(10.0, &[obs(&a, 2000, 600)], NONE);
         assert_eq!(closed.len(), 1);
         let r = &closed[0];
         assert_eq!(r.window, 0);
@@ -564,7 +563,7 @@ mod tests {
         assert_eq!(r.read, None);
         assert_eq!(r.cpu_seconds, Some(1.0));
         assert_eq!(r.start, "2026-11-22T00:00:00.000Z");
-        let closed = c.observe(20.0, &[obs(&a, 2600, 600)], NONE);
+        let closed = c.observe_records(20.0, &[obs(&a, 2600, 600)], NONE);
         assert_eq!(closed[0].window, 1);
         assert_eq!(closed[0].timer, Some(600));
         assert_eq!(closed[0].cpu_seconds, Some(0.0));
@@ -576,9 +575,9 @@ mod tests {
         let a = vm(100, 1, "a");
         let b = vm(200, 2, "b");
         let mut c = collector();
-        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
-        c.observe(4.0, &[obs(&a, 40, 0), obs(&b, 7, 0)], NONE);
-        let closed = c.observe(10.0, &[obs(&a, 100, 0), obs(&b, 67, 0)], NONE);
+        c.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
+        c.observe_records(4.0, &[obs(&a, 40, 0), obs(&b, 7, 0)], NONE);
+        let closed = c.observe_records(10.0, &[obs(&a, 100, 0), obs(&b, 67, 0)], NONE);
         assert_eq!(closed.len(), 2);
         let rb = closed.iter().find(|r| r.vm.name == "b").unwrap();
         assert!(rb.partial);
@@ -587,7 +586,7 @@ mod tests {
         assert_eq!(rb.timer, Some(60));
         assert_eq!(rb.start, "2026-11-22T00:00:04.000Z");
         // Its next window is full.
-        let closed = c.observe(20.0, &[obs(&a, 100, 0), obs(&b, 77, 0)], NONE);
+        let closed = c.observe_records(20.0, &[obs(&a, 100, 0), obs(&b, 77, 0)], NONE);
         let rb = closed.iter().find(|r| r.vm.name == "b").unwrap();
         assert!(!rb.partial);
         assert_eq!(rb.seconds, 10.0);
@@ -598,8 +597,8 @@ mod tests {
         let a = vm(100, 1, "a");
         let b = vm(200, 2, "b");
         let mut c = collector();
-        c.observe(0.0, &[obs(&a, 0, 0), obs(&b, 0, 0)], NONE);
-        c.observe(12.0, &[obs(&a, 5, 0), obs(&b, 50, 10)], NONE);
+        c.observe_records(0.0, &[obs(&a, 0, 0), obs(&b, 0, 0)], NONE);
+        c.observe_records(12.0, &[obs(&a, 5, 0), obs(&b, 50, 10)], NONE);
         // b's window 0 closed at 10 with 0..12's counts (sample lag goes to the older window).
         let mut finals = BTreeMap::new();
         finals.insert(
@@ -616,7 +615,7 @@ mod tests {
                 ..FinalCounts::default()
             },
         );
-        let closed = c.observe(15.0, &[obs(&a, 9, 0)], &finals);
+        let closed = c.observe_records(15.0, &[obs(&a, 9, 0)], &finals);
         assert_eq!(closed.len(), 1);
         let rb = &closed[0];
         assert_eq!(rb.vm.name, "b");
@@ -635,12 +634,12 @@ mod tests {
         let old = vm(300, 10, "old");
         let new = vm(300, 99, "new");
         let mut c = collector();
-        c.observe(0.0, &[obs(&old, 0, 0)], NONE);
-        let closed = c.observe(3.0, &[obs(&new, 0, 0)], NONE);
+        c.observe_records(0.0, &[obs(&old, 0, 0)], NONE);
+        let closed = c.observe_records(3.0, &[obs(&new, 0, 0)], NONE);
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].vm.name, "old");
         assert_eq!(closed[0].partial_reason, Some(PartialReason::VmExited));
-        let closed = c.observe(10.0, &[obs(&new, 20, 0)], NONE);
+        let closed = c.observe_records(10.0, &[obs(&new, 20, 0)], NONE);
         assert_eq!(closed[0].vm.name, "new");
         assert_eq!(closed[0].partial_reason, Some(PartialReason::VmStarted));
         assert_eq!(closed[0].seconds, 7.0);
@@ -650,10 +649,10 @@ mod tests {
     fn stop_flushes_running_window_as_partial() {
         let a = vm(100, 1, "a");
         let mut c = collector();
-        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
-        c.observe(10.0, &[obs(&a, 10, 0)], NONE);
-        c.observe(13.5, &[obs(&a, 45, 0)], NONE);
-        let fin = c.finish(13.5);
+        c.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
+        c.observe_records(10.0, &[obs(&a, 10, 0)], NONE);
+        c.observe_records(13.5, &[obs(&a, 45, 0)], NONE);
+        let fin = c.finish_records(13.5);
         assert_eq!(fin.len(), 1);
         assert_eq!(fin[0].window, 1);
         assert_eq!(fin[0].partial_reason, Some(PartialReason::ProfilerStopped));
@@ -661,9 +660,9 @@ mod tests {
         assert_eq!(fin[0].timer, Some(35));
         // Stopping exactly on a boundary emits no empty window.
         let mut c = collector();
-        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
-        assert_eq!(c.observe(10.0, &[obs(&a, 10, 0)], NONE).len(), 1);
-        assert!(c.finish(10.0).is_empty());
+        c.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
+        assert_eq!(c.observe_records(10.0, &[obs(&a, 10, 0)], NONE).len(), 1);
+        assert!(c.finish_records(10.0).is_empty());
     }
 
     #[test]
@@ -672,8 +671,8 @@ mod tests {
         let mut c = collector();
         let mut o = obs(&a, 0, 0);
         o.counts.timer = None;
-        c.observe(0.0, std::slice::from_ref(&o), NONE);
-        let closed = c.observe(10.0, &[o], NONE);
+        c.observe_records(0.0, std::slice::from_ref(&o), NONE);
+        let closed = c.observe_records(10.0, &[o], NONE);
         assert_eq!(closed[0].timer, None);
         assert_eq!(closed[0].read, None);
     }
@@ -685,12 +684,12 @@ mod tests {
         let mut o = obs(&a, 0, 0);
         o.devices.insert(DeviceKey::named("uhci"), (100, 0));
         o.callbacks.insert("uhci_frame_timer".into(), 1000);
-        c.observe(0.0, std::slice::from_ref(&o), NONE);
+        c.observe_records(0.0, std::slice::from_ref(&o), NONE);
         o.devices.insert(DeviceKey::named("uhci"), (350, 0));
         o.devices.insert(DeviceKey::named("parallel"), (0, 7));
         o.devices.insert(DeviceKey::named("hpet"), (0, 0));
         o.callbacks.insert("uhci_frame_timer".into(), 11000);
-        let closed = c.observe(10.0, &[o], NONE);
+        let closed = c.observe_records(10.0, &[o], NONE);
         assert_eq!(
             closed[0].devices,
             vec![
@@ -726,9 +725,9 @@ mod tests {
         let a = vm(100, 1, "a");
         let mut c = collector();
         let mut o = obs(&a, 0, 0);
-        c.observe(0.0, std::slice::from_ref(&o), NONE);
+        c.observe_records(0.0, std::slice::from_ref(&o), NONE);
         o.devices.insert(key, (3, 4));
-        let closed = c.observe(10.0, &[o], NONE);
+        let closed = c.observe_records(10.0, &[o], NONE);
         assert_eq!(closed[0].devices[0].name, "operational");
         assert_eq!(closed[0].devices[0].owner.as_deref(), Some("qemu-xhci"));
     }
@@ -737,45 +736,12 @@ mod tests {
     fn running_window_grows() {
         let a = vm(100, 1, "a");
         let mut c = collector();
-        c.observe(0.0, &[obs(&a, 0, 0)], NONE);
-        c.observe(3.0, &[obs(&a, 30, 0)], NONE);
+        c.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
+        c.observe_records(3.0, &[obs(&a, 30, 0)], NONE);
         let r = c.running();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].counts.timer, Some(30));
         assert_eq!(r[0].elapsed, 3.0);
         assert_eq!(r[0].window, 0);
-    }
-
-    #[test]
-    fn host_busy_cpu_goes_on_full_windows_between_consecutive_boundaries() {
-        let a = vm(100, 1, "a");
-        let mut c = collector();
-        let mut h = HostWindows::new(c.clock(), 100);
-        let cpu = |busy| {
-            Some(HostCpu {
-                busy_ticks: busy,
-                cpus: 2,
-            })
-        };
-        let mut closed = c.observe(0.0, &[obs(&a, 0, 0)], NONE);
-        h.stamp(0.0, cpu(1000), 1, &mut closed);
-        let mut closed = c.observe(5.0, &[obs(&a, 1, 0)], NONE);
-        h.stamp(5.0, cpu(1100), 1, &mut closed);
-        let mut closed = c.observe(10.0, &[obs(&a, 2, 0)], NONE);
-        h.stamp(10.0, cpu(1350), 1, &mut closed);
-        assert_eq!(
-            closed[0].host,
-            Some(HostWindow {
-                cpus: 2,
-                busy_cpu_seconds: 3.5,
-                vms_running: 1
-            })
-        );
-        // A boundary without a reading breaks the chain: the next window gets nothing.
-        let mut closed = c.observe(20.0, &[obs(&a, 3, 0)], NONE);
-        h.stamp(20.0, None, 1, &mut closed);
-        let mut closed = c.observe(30.0, &[obs(&a, 4, 0)], NONE);
-        h.stamp(30.0, cpu(2000), 1, &mut closed);
-        assert!(closed.iter().all(|r| r.host.is_none()));
     }
 }

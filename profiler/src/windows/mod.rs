@@ -4,6 +4,9 @@
 
 pub mod budget;
 pub mod collector;
+pub mod drops;
+pub mod finish;
+pub mod host;
 pub mod live;
 pub mod sampler;
 pub mod session;

@@ -16,9 +16,14 @@ use crate::{
     note::Note,
     offer::policy::{ReadWriteSource, TimerSource, VmSources},
     probes::{ProbeCost, ProbeLayer},
-    record::WindowRecord,
-    windows::collector::{
-        Collector, FinalCounts, HostWindows, RunningWindow, VmObservation, WindowClock,
+    record::{HostWindow, WindowRecord},
+    windows::{
+        collector::{
+            ClosedWindow, Collector, FinalCounts, RunningWindow, VmObservation, WindowClock,
+        },
+        drops::DropLedger,
+        finish::{self, Probed, WindowFacts},
+        host::HostWindows,
     },
 };
 
@@ -187,69 +192,6 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     budgeted: Option<crate::windows::budget::BudgetedVms>,
     /// When the last sample was taken.
     last_t: Option<f64>,
-}
-
-/// Updates the probes dropped (a full kernel map), by window, so each closed record says how
-/// many were lost while it was open.
-#[derive(Debug, Default)]
-struct DropLedger {
-    /// Cumulative drops per map at the last sample.
-    last: BTreeMap<&'static str, u64>,
-    /// Drops per window index.
-    by_window: BTreeMap<u64, u64>,
-    /// The window in which drops were last said.
-    said: Option<u64>,
-}
-
-impl DropLedger {
-    /// Takes the cumulative drops `now` seen by a sample in `window`; says (once per window)
-    /// which maps are full.
-    fn sample(&mut self, window: u64, now: Vec<(&'static str, u64)>) -> Option<Note> {
-        let mut new = Vec::new();
-        for (map, total) in now {
-            let before = self.last.insert(map, total).unwrap_or(0);
-            if total > before {
-                new.push((map, total - before));
-            }
-        }
-        if new.is_empty() {
-            return None;
-        }
-        *self.by_window.entry(window).or_default() += new.iter().map(|(_, n)| n).sum::<u64>();
-        if self.said == Some(window) {
-            return None;
-        }
-        self.said = Some(window);
-        let (nested, full): (Vec<_>, Vec<_>) = new
-            .iter()
-            .partition(|(m, _)| *m == crate::probes::NESTED_RUNS);
-        let mut causes = Vec::new();
-        if !full.is_empty() {
-            let what: Vec<String> = full.iter().map(|(m, n)| format!("{n} by {m}")).collect();
-            causes.push(format!(
-                "updates dropped because a kernel map is full ({}); watch fewer VMs (--vm/--pid)",
-                what.join(", ")
-            ));
-        }
-        if let Some((_, n)) = nested.first() {
-            causes.push(format!(
-                "{n} probe runs skipped by the kernel because another BPF program or BPF map \
-                 operation held the CPU (events of any process; some may be this VM's)"
-            ));
-        }
-        Some(Note::general(format!(
-            "{}: counts are low by up to that many",
-            causes.join("; ")
-        )))
-    }
-
-    /// Stamps closed records with their window's drops, and forgets windows before `oldest`.
-    fn stamp(&mut self, closed: &mut [WindowRecord], oldest: u64) {
-        for r in closed.iter_mut() {
-            r.dropped_updates = self.by_window.get(&r.window).copied().unwrap_or(0);
-        }
-        self.by_window = self.by_window.split_off(&oldest);
-    }
 }
 
 impl<P: ProbeLayer> Session<P> {
@@ -537,19 +479,12 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             .map(|p| (p.key.pid, p.cpu.total() as f64 / ticks_per_second))
             .collect();
         self.cycle_duties(&counters, &cpu_seconds, t, secs, &mut notes);
-        let mut closed = self.collector.observe(t, &observations, &finals);
-        self.host
-            .stamp(t, host_cpu, observations.len(), &mut closed);
+        let closed = self.collector.observe(t, &observations, &finals);
+        let host = self.host.sample(t, host_cpu, observations.len());
         // A VM's window stays open for at most one window past the current one.
-        self.drops.stamp(&mut closed, open_window.saturating_sub(2));
+        let oldest = open_window.saturating_sub(2);
+        let closed = self.finish_windows(closed, host, oldest);
         if let Some(budgeted) = &mut self.budgeted {
-            let clock = self.collector.clock();
-            let bounds = |w| (clock.start_of(w), clock.end_of(w));
-            budgeted.stamp(
-                &mut closed,
-                bounds,
-                clock.start_of(open_window.saturating_sub(2)),
-            );
             for key in finals.keys() {
                 budgeted.forget(key.pid);
             }
@@ -576,17 +511,46 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
     /// Closes every running window as partial (the profiler stops at `t`).
     pub fn finish(&mut self, t: f64) -> Vec<WindowRecord> {
-        let mut closed = self.collector.finish(t);
-        self.drops.stamp(&mut closed, 0);
+        let closed = self.collector.finish(t);
+        self.finish_windows(closed, None, 0)
+    }
+
+    /// Writes the records of `closed`, each with what else is known of its window: the host in
+    /// it (`host`: the window that ended at this sample), the drops while it was open, and how
+    /// long a budgeted VM's uprobes were on in it. Facts older than window `oldest` are then
+    /// forgotten.
+    fn finish_windows(
+        &mut self,
+        closed: Vec<ClosedWindow>,
+        host: Option<(u64, HostWindow)>,
+        oldest: u64,
+    ) -> Vec<WindowRecord> {
+        let frame = self.collector.frame();
         if let Some(budgeted) = &mut self.budgeted {
-            let clock = self.collector.clock();
-            budgeted.stamp(
-                &mut closed,
-                |w| (clock.start_of(w), clock.end_of(w).min(t)),
-                0.0,
-            );
+            budgeted.next_sample(self.collector.clock().start_of(oldest));
         }
-        closed
+        let records = closed
+            .iter()
+            .map(|c| {
+                let facts = WindowFacts {
+                    host: host.filter(|(w, _)| *w == c.window).map(|(_, h)| h),
+                    dropped_updates: self.drops.in_window(c.window),
+                    probed: self
+                        .budgeted
+                        .as_ref()
+                        .map_or(Probed::Throughout, |b| b.probed(c.pid, c.from, c.to)),
+                };
+                let (record, added) = finish::record(c, &facts, &frame);
+                if let Some(budgeted) = &mut self.budgeted
+                    && !added.is_empty()
+                {
+                    budgeted.absorb(c.pid, &added);
+                }
+                record
+            })
+            .collect();
+        self.drops.forget_before(oldest);
+        records
     }
 
     /// The running windows.
@@ -680,7 +644,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
     /// Updates each eBPF map refused because it was full, since the start (as of the last
     /// sample).
     pub fn dropped(&self) -> Vec<(&'static str, u64)> {
-        self.drops.last.iter().map(|(m, n)| (*m, *n)).collect()
+        self.drops.totals()
     }
 
     #[cfg(test)]
@@ -1118,34 +1082,5 @@ mod tests {
             r.session.live_sources(),
             ["libc uprobes (timer, fd)", "uprobes timer callbacks"]
         );
-    }
-
-    #[test]
-    fn skipped_nested_runs_are_said_as_such_and_counted_in_their_window() {
-        use crate::probes::NESTED_RUNS;
-        let mut ledger = DropLedger::default();
-        assert!(
-            ledger
-                .sample(0, vec![("COUNTERS", 0), (NESTED_RUNS, 0)])
-                .is_none()
-        );
-        let note = ledger
-            .sample(1, vec![("COUNTERS", 0), (NESTED_RUNS, 3)])
-            .expect("said")
-            .to_string();
-        assert!(
-            note.contains("3 probe runs skipped") && !note.contains("map is full"),
-            "{note}"
-        );
-        let both = ledger
-            .sample(2, vec![("COUNTERS", 2), (NESTED_RUNS, 4)])
-            .expect("said")
-            .to_string();
-        assert!(
-            both.contains("2 by COUNTERS") && both.contains("1 probe runs skipped"),
-            "{both}"
-        );
-        assert_eq!(ledger.by_window.get(&1), Some(&3));
-        assert_eq!(ledger.by_window.get(&2), Some(&3));
     }
 }

@@ -36,11 +36,17 @@ impl Drop for Sleeper {
 fn sleeper() -> (Sleeper, u64) {
     let child = Command::new("sleep").arg("60").spawn().expect("sleep runs");
     let pid = child.id();
-    // exec has happened once /proc/PID/exe points at sleep.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !std::fs::read_link(format!("/proc/{pid}/exe"))
-        .is_ok_and(|p| p.to_string_lossy().ends_with("sleep"))
-    {
+    // exec is done once /proc/PID/exe points at sleep and sleep is mapped: the kernel sets
+    // the link before it maps the new program.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let execd = || {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        (exe.to_string_lossy().ends_with("sleep")
+            && maps.lines().any(|l| l.ends_with(&*exe.to_string_lossy())))
+        .then_some(())
+    };
+    while execd().is_none() {
         assert!(std::time::Instant::now() < deadline, "sleep never started");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
