@@ -4,36 +4,28 @@
 use std::{io::IsTerminal as _, ops::ControlFlow, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, bail};
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    time::Instant,
-};
+use tokio::time::Instant;
+
+use super::live::{LiveOptions, start_session, stop_signals};
 
 use crate::text::clean;
 use crate::{
     analysis::check::{CheckReport, CheckRequest, check, render_text},
     cli::CheckFormat,
     identity::devices::{CLASSES, DeviceClass, class},
-    probes::EventProbes,
     record::{WindowRecord, read_records},
-    windows::{
-        sampler::{self, Sample, SampleSink},
-        session::{Session, VmFilter},
-    },
+    windows::sampler::{self, Sample, SampleSink},
 };
 
 pub struct CheckOptions {
     pub file: Option<PathBuf>,
     pub quiet: Vec<String>,
     pub windows: u64,
-    pub window: u64,
     pub settle: Option<u64>,
     pub max_timer_rate: Option<f64>,
     pub format: CheckFormat,
-    pub filter: VmFilter,
-    pub probe: crate::probes::ProbeOptions,
-    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
-    pub libvirt_monitor: bool,
+    /// The window length is `live.window` (live checks only).
+    pub live: LiveOptions,
 }
 
 /// The classes named on the command line (`usb,serial`), or an error listing the known ones.
@@ -116,8 +108,8 @@ impl SampleSink for Collect {
 }
 
 async fn record_live(opts: &CheckOptions, settle: u64) -> anyhow::Result<Vec<WindowRecord>> {
-    let probes = EventProbes::load(opts.probe.clone())?;
-    let window = opts.window;
+    let mut session = start_session(&opts.live)?;
+    let window = opts.live.window;
     // Whole windows: the settle time rounded up, then the windows judged.
     let settle_windows = settle.div_ceil(window);
     let duration = (settle_windows + opts.windows) * window;
@@ -126,22 +118,7 @@ async fn record_live(opts: &CheckOptions, settle: u64) -> anyhow::Result<Vec<Win
         settle_windows * window,
         opts.windows
     );
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let stop = async move {
-        tokio::select! {
-            _ = sigint.recv() => {}
-            _ = sigterm.recv() => {}
-        }
-    };
-    let mut session = Session::new(
-        probes,
-        window as f64,
-        chrono::Utc::now(),
-        opts.filter.clone(),
-    )
-    .with_libvirt_monitor(opts.libvirt_monitor)
-    .with_overhead_budget(opts.probe.max_overhead)?;
+    let stop = stop_signals()?;
     let mut sink = Collect(Vec::new());
     sampler::run(
         &mut session,
@@ -171,22 +148,22 @@ pub fn run(opts: CheckOptions) -> anyhow::Result<ExitCode> {
             let records: Vec<WindowRecord> = records
                 .into_iter()
                 .filter(|r| {
-                    (opts.filter.names.is_empty() && opts.filter.pids.is_empty())
-                        || opts.filter.names.contains(&r.vm.name)
-                        || opts.filter.pids.contains(&r.vm.pid)
+                    (opts.live.filter.names.is_empty() && opts.live.filter.pids.is_empty())
+                        || opts.live.filter.names.contains(&r.vm.name)
+                        || opts.live.filter.pids.contains(&r.vm.pid)
                 })
                 .collect();
             (records, opts.settle.unwrap_or(0))
         }
         None => {
-            let settle = opts.settle.unwrap_or(opts.window);
+            let settle = opts.settle.unwrap_or(opts.live.window);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let mut records = runtime.block_on(record_live(&opts, settle))?;
             // The check's own settle windows are skipped whatever the VM's age: its probes
             // were just attached (a callback is under-counted in its first window).
-            records.retain(|r| r.window >= settle.div_ceil(opts.window));
+            records.retain(|r| r.window >= settle.div_ceil(opts.live.window));
             (records, settle)
         }
     };

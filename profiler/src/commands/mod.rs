@@ -4,6 +4,7 @@ mod capacity;
 mod check;
 mod compare;
 mod list;
+mod live;
 mod record;
 mod report;
 mod serve;
@@ -33,12 +34,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             target,
         } => record::run(record::RecordOptions {
-            window,
+            live: live_options(window, target),
             duration,
             output,
-            filter: filter(&target),
-            libvirt_monitor: target.libvirt_monitor,
-            probe: probe_options(target),
         }),
         Command::Report { file, format, plot } => report::run(&file, format, plot),
         Command::Compare {
@@ -93,13 +91,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             quiet,
             windows,
-            window,
             settle,
             max_timer_rate,
             format,
-            filter: filter(&target),
-            libvirt_monitor: target.libvirt_monitor,
-            probe: probe_options(target),
+            live: live_options(window, target),
         }),
         Command::Serve {
             listen,
@@ -109,41 +104,37 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             exit_grace,
             target,
         } => serve::run(serve::ServeOptions {
+            live: live_options(window, target),
             listen,
-            window,
             output,
             textfile_dir,
             exit_grace,
-            filter: filter(&target),
-            libvirt_monitor: target.libvirt_monitor,
-            probe: probe_options(target),
         }),
         Command::Top {
             window,
             output,
             target,
         } => top::run(top::TopOptions {
-            window,
+            live: live_options(window, target),
             output,
-            filter: filter(&target),
-            libvirt_monitor: target.libvirt_monitor,
-            probe: probe_options(target),
         }),
     }
 }
 
-fn filter(target: &crate::cli::Target) -> crate::windows::session::VmFilter {
-    crate::windows::session::VmFilter {
-        names: target.vms.clone(),
-        pids: target.pids.clone(),
-    }
-}
-
-fn probe_options(target: crate::cli::Target) -> crate::probes::ProbeOptions {
-    crate::probes::ProbeOptions {
-        debug_roots: debug_roots(target.debug_dirs),
-        timer_choice: target.timer_source,
-        max_overhead: target.max_overhead,
+/// What a live command is given by its window length and target options.
+fn live_options(window: u64, target: crate::cli::Target) -> live::LiveOptions {
+    live::LiveOptions {
+        window,
+        filter: crate::windows::session::VmFilter {
+            names: target.vms,
+            pids: target.pids,
+        },
+        libvirt_monitor: target.libvirt_monitor,
+        probe: crate::probes::ProbeOptions {
+            debug_roots: debug_roots(target.debug_dirs),
+            timer_choice: target.timer_source,
+            max_overhead: target.max_overhead,
+        },
     }
 }
 

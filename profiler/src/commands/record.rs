@@ -9,28 +9,19 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    time::Instant,
-};
+use tokio::time::Instant;
+
+use super::live::{LiveOptions, finish_output, start_session, stop_signals};
 
 use crate::{
     outputs::output::RecordSink,
-    probes::EventProbes,
-    windows::{
-        sampler::{self, Sample, SampleSink},
-        session::{Session, VmFilter},
-    },
+    windows::sampler::{self, Sample, SampleSink},
 };
 
 pub struct RecordOptions {
-    pub window: u64,
+    pub live: LiveOptions,
     pub duration: Option<u64>,
     pub output: PathBuf,
-    pub filter: VmFilter,
-    pub probe: crate::probes::ProbeOptions,
-    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
-    pub libvirt_monitor: bool,
 }
 
 fn open_output(path: &std::path::Path) -> anyhow::Result<Box<dyn Write>> {
@@ -85,28 +76,17 @@ pub fn run(opts: RecordOptions) -> anyhow::Result<ExitCode> {
 
 async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     // Probes first: a run that cannot record must not leave an empty output file behind.
-    let probes = EventProbes::load(opts.probe.clone())?;
+    let mut session = start_session(&opts.live)?;
     let out = RecordSink::new(open_output(&opts.output)?);
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let stop = async move {
-        tokio::select! {
-            _ = sigint.recv() => {}
-            _ = sigterm.recv() => {}
-        }
-    };
-
+    let stop = stop_signals()?;
     let start = Instant::now();
-    let selection = (opts.filter.is_selective()).then(|| opts.filter.describe());
-    let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter)
-        .with_libvirt_monitor(opts.libvirt_monitor)
-        .with_overhead_budget(opts.probe.max_overhead)?;
+    let selection = (opts.live.filter.is_selective()).then(|| opts.live.filter.describe());
     if let Some(b) = session.overhead_budget() {
         eprintln!("profiler: {}", crate::windows::budget::describe(&b));
     }
     let mut sink = RecordToOutput {
         out,
-        window: opts.window,
+        window: opts.live.window,
         duration: opts.duration,
     };
     let (stopped_at, _) = sampler::run(
@@ -120,11 +100,7 @@ async fn record(opts: RecordOptions) -> anyhow::Result<ExitCode> {
     if sink.out.is_closed() {
         anyhow::bail!("the output was closed before the recording ended (broken pipe)");
     }
-    if let Err(leftover) = sink.out.finish() {
-        eprintln!("profiler: these window records could not be written to the output:");
-        io::stderr().write_all(&leftover)?;
-        anyhow::bail!("the output could not take every window record (printed above instead)");
-    }
+    finish_output(&mut sink.out)?;
     if let Some(selection) = selection
         && !session.ever_matched()
     {

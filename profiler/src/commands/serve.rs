@@ -18,7 +18,6 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    thread,
 };
 
 use anyhow::Context as _;
@@ -34,33 +33,28 @@ use hyper_util::rt::TokioIo;
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::oneshot,
-    time::Instant,
 };
 
-use super::top::own_cpu_seconds;
+use super::{
+    live::{LiveOptions, finish_output, join_collector, spawn_collector, start_session},
+    top::own_cpu_seconds,
+};
 use crate::{
     identity::discovery::clock_ticks_per_second,
     outputs::{metrics::FleetState, output::RecordSink},
-    probes::EventProbes,
     windows::{
         live::ProfilerCost,
-        sampler::{self, Sample, SampleSink},
-        session::{Session, VmFilter},
+        sampler::{Sample, SampleSink},
     },
 };
 
 pub struct ServeOptions {
+    pub live: LiveOptions,
     pub listen: SocketAddr,
-    pub window: u64,
     pub output: Option<PathBuf>,
     pub textfile_dir: Option<PathBuf>,
     /// Seconds an exited VM's series stay.
     pub exit_grace: u64,
-    pub filter: VmFilter,
-    pub probe: crate::probes::ProbeOptions,
-    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
-    pub libvirt_monitor: bool,
 }
 
 /// The file name node_exporter's textfile collector reads (it takes `*.prom`).
@@ -235,7 +229,7 @@ fn respond(req: &Request<Incoming>, fleet: &Arc<Mutex<FleetState>>) -> Response<
 }
 
 pub fn run(opts: ServeOptions) -> anyhow::Result<ExitCode> {
-    let probes = EventProbes::load(opts.probe.clone())?;
+    let session = start_session(&opts.live)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -266,36 +260,18 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<ExitCode> {
     }
     let reopen = output.as_ref().map(|o| o.reopen.clone());
     let fleet = Arc::new(Mutex::new(FleetState::new(
-        opts.window as f64,
+        opts.live.window as f64,
         clock_ticks_per_second(),
     )));
-    let mut session = Session::new(probes, opts.window as f64, chrono::Utc::now(), opts.filter)
-        .with_libvirt_monitor(opts.libvirt_monitor)
-        .with_overhead_budget(opts.probe.max_overhead)?;
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let sink = Serve {
         fleet: fleet.clone(),
         exit_grace: opts.exit_grace as f64,
-        window: opts.window,
+        window: opts.live.window,
         textfile_dir: opts.textfile_dir.clone(),
         output,
         textfile_failing: false,
     };
-    let collector = thread::Builder::new().name("collector".into()).spawn(
-        move || -> anyhow::Result<Serve> {
-            let mut sink = sink;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let stop = async {
-                    let _ = stop_rx.await;
-                };
-                sampler::run(&mut session, Instant::now(), None, stop, &mut sink).await
-            })?;
-            Ok(sink)
-        },
-    )?;
+    let (collector, stop_tx) = spawn_collector(session, sink)?;
 
     let served = runtime.block_on(async {
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -329,16 +305,10 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     });
     let _ = stop_tx.send(());
-    let mut sink = collector
-        .join()
-        .map_err(|_| anyhow::anyhow!("the collector thread panicked"))??;
+    let mut sink = join_collector(collector)?;
     served?;
-    if let Some(out) = &mut sink.output
-        && let Err(leftover) = out.sink.finish()
-    {
-        eprintln!("profiler: these window records could not be written to the output:");
-        std::io::stderr().write_all(&leftover)?;
-        anyhow::bail!("the output could not take every window record (printed above instead)");
+    if let Some(out) = &mut sink.output {
+        finish_output(&mut out.sink)?;
     }
     eprintln!("profiler: stopped");
     Ok(ExitCode::SUCCESS)

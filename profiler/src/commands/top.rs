@@ -3,36 +3,27 @@
 //! written outside ratatui while the alternate screen is up: notes go to the status line, and
 //! whatever could not be written to `--output` is printed after the terminal is restored.
 
-use std::{
-    fs::File, io::Write, ops::ControlFlow, path::PathBuf, process::ExitCode, thread, time::Duration,
-};
+use std::{fs::File, ops::ControlFlow, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use crossterm::event::EventStream;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::{oneshot, watch},
-    time::Instant,
-};
+use tokio::sync::watch;
 
+use super::live::{
+    LiveOptions, finish_output, join_collector, spawn_collector, start_session, stop_signals,
+};
 use crate::{
     identity::discovery::clock_ticks_per_second,
     outputs::output::RecordSink,
-    probes::EventProbes,
     tui::{self, TerminalGuard},
     windows::{
         live::{LiveSnapshot, LiveState, ProfilerCost},
-        sampler::{self, Sample, SampleSink},
-        session::{Session, VmFilter},
+        sampler::{Sample, SampleSink},
     },
 };
 
 pub struct TopOptions {
-    pub window: u64,
-    pub filter: VmFilter,
-    pub probe: crate::probes::ProbeOptions,
-    /// Ask libvirt for the memory map of its KVM domains (`--libvirt-monitor`).
-    pub libvirt_monitor: bool,
+    pub live: LiveOptions,
     /// Also write closed windows here, as `profiler record` would.
     pub output: Option<PathBuf>,
 }
@@ -96,7 +87,7 @@ impl SampleSink for Publish {
 pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
     // Everything that can fail for an ordinary reason (not root, no tracefs) fails here,
     // before the terminal switches to full screen.
-    let probes = EventProbes::load(opts.probe.clone())?;
+    let session = start_session(&opts.live)?;
     let out = match &opts.output {
         Some(p) => Some(RecordSink::new(
             crate::outputs::output::create_private(p)
@@ -104,65 +95,40 @@ pub fn run(opts: TopOptions) -> anyhow::Result<ExitCode> {
         )),
         None => None,
     };
-    let window_secs = opts.window as f64;
-    let mut session = Session::new(probes, window_secs, chrono::Utc::now(), opts.filter)
-        .with_libvirt_monitor(opts.libvirt_monitor)
-        .with_overhead_budget(opts.probe.max_overhead)?;
+    let window_secs = opts.live.window as f64;
     let (tx, rx) = watch::channel(LiveSnapshot {
         window_secs,
         ..LiveSnapshot::default()
     });
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let collector = thread::Builder::new().name("collector".into()).spawn(
-        move || -> anyhow::Result<Option<RecordSink<File>>> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let mut sink = Publish {
-                live: LiveState::default(),
-                tx,
-                out,
-                ticks_per_second: clock_ticks_per_second(),
-                window_secs,
-            };
-            runtime.block_on(async {
-                // A dropped sender (the UI ended any way at all) stops sampling too.
-                let stop = async {
-                    let _ = stop_rx.await;
-                };
-                sampler::run(&mut session, Instant::now(), None, stop, &mut sink).await
-            })?;
-            Ok(sink.out)
-        },
-    )?;
+    let sink = Publish {
+        live: LiveState::default(),
+        tx,
+        out,
+        ticks_per_second: clock_ticks_per_second(),
+        window_secs,
+    };
+    // A dropped sender (the UI ended any way at all) stops sampling too.
+    let (collector, stop_tx) = spawn_collector(session, sink)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let ui_result = runtime.block_on(async {
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sigint = signal(SignalKind::interrupt())?;
+        let stop = stop_signals()?;
         let mut terminal = TerminalGuard::new().context("opening the terminal")?;
         let result = tokio::select! {
             r = tui::run(&mut terminal, EventStream::new(), rx, Duration::from_millis(250)) => r,
-            _ = sigterm.recv() => Ok(()),
-            _ = sigint.recv() => Ok(()),
+            _ = stop => Ok(()),
         };
         drop(terminal);
         result
     });
     let _ = stop_tx.send(());
-    let out = collector
-        .join()
-        .map_err(|_| anyhow::anyhow!("the collector thread panicked"))?;
+    let sink = join_collector(collector);
     ui_result?;
     // The terminal is back to normal: leftovers can be printed now.
-    if let Some(mut out) = out?
-        && let Err(leftover) = out.finish()
-    {
-        eprintln!("profiler: these window records could not be written to the output:");
-        std::io::stderr().write_all(&leftover)?;
-        anyhow::bail!("the output could not take every window record (printed above instead)");
+    if let Some(out) = &mut sink?.out {
+        finish_output(out)?;
     }
     Ok(ExitCode::SUCCESS)
 }
