@@ -199,16 +199,24 @@ pub fn read_records(reader: impl BufRead) -> anyhow::Result<(Vec<WindowRecord>, 
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn sample() -> WindowRecord {
+    /// The one window record tests start from: VM `name` (pid `pid`, TCG) in the full window
+    /// `window` of `seconds` seconds, starting `window × seconds` after
+    /// 2026-11-22T00:00:00Z; timer and fd wakeups counted (0) by the syscall source, reads and
+    /// writes unavailable, no CPU, devices or callbacks. Tests set what they look at.
+    pub(crate) fn window(name: &str, pid: u32, window: u64, seconds: f64) -> WindowRecord {
+        let start = chrono::DateTime::parse_from_rfc3339("2026-11-22T00:00:00Z").unwrap()
+            + chrono::TimeDelta::milliseconds((window as f64 * seconds * 1000.0) as i64);
         WindowRecord {
-            window: 0,
-            start: "2026-11-22T00:00:00.000Z".into(),
-            seconds: 30.0,
+            window,
+            start: start
+                .to_utc()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            seconds,
             partial: false,
             partial_reason: None,
             vm: VmRef {
-                name: "noisy".into(),
-                pid: 1234,
+                name: name.into(),
+                pid,
                 uuid: None,
                 accel: Accel::Tcg,
                 xen_domid: None,
@@ -216,16 +224,16 @@ pub(crate) mod tests {
                 libvirt: None,
                 started: None,
             },
-            timer: Some(57990),
-            fd_wakeups: Some(611),
+            timer: Some(0),
+            fd_wakeups: Some(0),
             read: None,
             write: None,
             in_kernel: None,
-            cpu_seconds: Some(1.62),
+            cpu_seconds: None,
             sources: Sources {
                 timer: "syscall".into(),
-                read: "unavailable: no read/write probe source yet".into(),
-                write: "unavailable: no read/write probe source yet".into(),
+                read: "unavailable: test fixture".into(),
+                write: "unavailable: test fixture".into(),
                 timer_callbacks: "unavailable: test fixture".into(),
             },
             devices: Vec::new(),
@@ -235,6 +243,15 @@ pub(crate) mod tests {
             estimated: false,
             probed_seconds: None,
         }
+    }
+
+    /// The README's example window: the demo's noisy guest, 30 s.
+    pub(crate) fn sample() -> WindowRecord {
+        let mut r = window("noisy", 1234, 0, 30.0);
+        r.timer = Some(57990);
+        r.fd_wakeups = Some(611);
+        r.cpu_seconds = Some(1.62);
+        r
     }
 
     #[test]

@@ -402,10 +402,7 @@ pub fn render_text(r: &CapacityReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        identity::cmdline::Accel,
-        record::{HostWindow, Sources, VmRef},
-    };
+    use crate::record::HostWindow;
 
     fn w(
         name: &str,
@@ -415,49 +412,15 @@ mod tests {
         timer: u64,
         host: Option<(u32, f64)>,
     ) -> WindowRecord {
-        WindowRecord {
-            window: n,
-            start: format!(
-                "2026-11-22T00:{:02}:{:02}.000Z",
-                (n * 10) / 60,
-                (n * 10) % 60
-            ),
-            seconds: 10.0,
-            partial: false,
-            partial_reason: None,
-            vm: VmRef {
-                name: name.into(),
-                pid,
-                uuid: None,
-                accel: Accel::Tcg,
-                xen_domid: None,
-                cmdline_devices: Vec::new(),
-                libvirt: None,
-                started: None,
-            },
-            timer: Some(timer),
-            fd_wakeups: Some(0),
-            read: None,
-            write: None,
-            in_kernel: None,
-            cpu_seconds: Some(cpu),
-            sources: Sources {
-                timer: "syscall".into(),
-                read: "unavailable: x".into(),
-                write: "unavailable: x".into(),
-                timer_callbacks: "unavailable: x".into(),
-            },
-            devices: Vec::new(),
-            timers: Vec::new(),
-            host: host.map(|(vms, busy)| HostWindow {
-                cpus: 4,
-                busy_cpu_seconds: busy,
-                vms_running: vms,
-            }),
-            dropped_updates: 0,
-            estimated: false,
-            probed_seconds: None,
-        }
+        let mut r = crate::record::tests::window(name, pid, n, 10.0);
+        r.timer = Some(timer);
+        r.cpu_seconds = Some(cpu);
+        r.host = host.map(|(vms, busy)| HostWindow {
+            cpus: 4,
+            busy_cpu_seconds: busy,
+            vms_running: vms,
+        });
+        r
     }
 
     const REQ: CapacityRequest = CapacityRequest {

@@ -383,46 +383,20 @@ fn windows_list(windows: &[u64]) -> String {
 mod tests {
     use super::*;
     use crate::{
-        identity::{cmdline::Accel, devices::class},
-        record::{DeviceCount, Sources, TimerCallbackCount, VmRef},
+        identity::devices::class,
+        record::{DeviceCount, TimerCallbackCount},
     };
 
     fn window(name: &str, n: u64, read: &str, callbacks: &str) -> WindowRecord {
-        WindowRecord {
-            window: n,
-            start: format!("2026-11-22T00:00:{:02}.000Z", n * 10),
-            seconds: 10.0,
-            partial: false,
-            partial_reason: None,
-            vm: VmRef {
-                name: name.into(),
-                pid: 42,
-                uuid: None,
-                accel: Accel::Tcg,
-                xen_domid: None,
-                cmdline_devices: vec!["usb".into(), "usb-tablet".into(), "default:parallel".into()],
-                libvirt: None,
-                started: None,
-            },
-            timer: Some(19_330),
-            fd_wakeups: Some(0),
-            read: Some(0),
-            write: Some(0),
-            in_kernel: None,
-            cpu_seconds: Some(0.5),
-            sources: Sources {
-                timer: "syscall".into(),
-                read: read.into(),
-                write: read.into(),
-                timer_callbacks: callbacks.into(),
-            },
-            devices: Vec::new(),
-            timers: Vec::new(),
-            host: None,
-            dropped_updates: 0,
-            estimated: false,
-            probed_seconds: None,
-        }
+        let mut r = crate::record::tests::window(name, 42, n, 10.0);
+        r.vm.cmdline_devices = vec!["usb".into(), "usb-tablet".into(), "default:parallel".into()];
+        r.timer = Some(19_330);
+        (r.read, r.write) = (Some(0), Some(0));
+        r.cpu_seconds = Some(0.5);
+        r.sources.read = read.into();
+        r.sources.write = read.into();
+        r.sources.timer_callbacks = callbacks.into();
+        r
     }
 
     fn req(classes: &[&str]) -> CheckRequest {

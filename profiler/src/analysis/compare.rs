@@ -422,63 +422,35 @@ pub fn render_text(c: &Comparison) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        identity::cmdline::Accel,
-        record::{DeviceCount, Sources, TimerCallbackCount, VmRef},
-    };
+    use crate::record::{DeviceCount, TimerCallbackCount};
 
     fn w(name: &str, n: u64, timer: u64, uhci: Option<u64>) -> WindowRecord {
-        WindowRecord {
-            window: n,
-            start: String::new(),
-            seconds: 30.0,
-            partial: false,
-            partial_reason: None,
-            vm: VmRef {
-                name: name.into(),
-                pid: 1,
-                uuid: None,
-                accel: Accel::Tcg,
-                xen_domid: None,
-                cmdline_devices: Vec::new(),
-                libvirt: None,
-                started: None,
-            },
-            timer: Some(timer),
-            fd_wakeups: Some(10),
-            read: uhci.map(|u| u + 60),
-            write: uhci.map(|_| 500),
-            in_kernel: None,
-            cpu_seconds: Some(if timer > 1000 { 1.62 } else { 0.06 }),
-            sources: Sources {
-                timer: "syscall".into(),
-                read: "usdt".into(),
-                write: "usdt".into(),
-                timer_callbacks: "symbols".into(),
-            },
-            devices: uhci
-                .map(|u| {
-                    vec![DeviceCount {
-                        name: "uhci".into(),
-                        owner: None,
-                        read: u,
-                        write: 0,
-                    }]
-                })
-                .unwrap_or_default(),
-            timers: if timer > 1000 {
-                vec![TimerCallbackCount {
-                    callback: "uhci_frame_timer".into(),
-                    count: 29_250,
+        let mut r = crate::record::tests::window(name, 1, n, 30.0);
+        r.timer = Some(timer);
+        r.fd_wakeups = Some(10);
+        r.read = uhci.map(|u| u + 60);
+        r.write = uhci.map(|_| 500);
+        r.cpu_seconds = Some(if timer > 1000 { 1.62 } else { 0.06 });
+        r.sources.read = "usdt".into();
+        r.sources.write = "usdt".into();
+        r.sources.timer_callbacks = "symbols".into();
+        r.devices = uhci
+            .map(|u| {
+                vec![DeviceCount {
+                    name: "uhci".into(),
+                    owner: None,
+                    read: u,
+                    write: 0,
                 }]
-            } else {
-                Vec::new()
-            },
-            host: None,
-            dropped_updates: 0,
-            estimated: false,
-            probed_seconds: None,
+            })
+            .unwrap_or_default();
+        if timer > 1000 {
+            r.timers = vec![TimerCallbackCount {
+                callback: "uhci_frame_timer".into(),
+                count: 29_250,
+            }];
         }
+        r
     }
 
     #[test]

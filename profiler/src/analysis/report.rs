@@ -465,10 +465,6 @@ fn render_csv(records: &[WindowRecord]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        identity::cmdline::Accel,
-        record::{Sources, VmRef},
-    };
 
     fn rec(
         name: &str,
@@ -477,41 +473,16 @@ mod tests {
         timer: u64,
         partial: Option<PartialReason>,
     ) -> WindowRecord {
-        WindowRecord {
-            window,
-            start: format!("2026-11-22T00:00:{:02}.000Z", window * 5),
-            seconds: if partial.is_some() { 2.5 } else { 5.0 },
-            partial: partial.is_some(),
-            partial_reason: partial,
-            vm: VmRef {
-                name: name.into(),
-                pid,
-                uuid: None,
-                accel: Accel::Tcg,
-                xen_domid: None,
-                cmdline_devices: Vec::new(),
-                libvirt: None,
-                started: None,
-            },
-            timer: Some(timer),
-            fd_wakeups: Some(3),
-            read: None,
-            write: None,
-            in_kernel: None,
-            cpu_seconds: Some(0.5),
-            sources: Sources {
-                timer: "syscall".into(),
-                read: "unavailable: why".into(),
-                write: "unavailable: why".into(),
-                timer_callbacks: "unavailable: test fixture".into(),
-            },
-            devices: Vec::new(),
-            timers: Vec::new(),
-            host: None,
-            dropped_updates: 0,
-            estimated: false,
-            probed_seconds: None,
+        let mut r = crate::record::tests::window(name, pid, window, 5.0);
+        if partial.is_some() {
+            (r.seconds, r.partial, r.partial_reason) = (2.5, true, partial);
         }
+        r.timer = Some(timer);
+        r.fd_wakeups = Some(3);
+        r.cpu_seconds = Some(0.5);
+        r.sources.read = "unavailable: why".into();
+        r.sources.write = "unavailable: why".into();
+        r
     }
 
     fn recording() -> Vec<WindowRecord> {

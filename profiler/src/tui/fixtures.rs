@@ -105,27 +105,11 @@ fn callback(name: &str, count: u64) -> TimerCallbackCount {
 
 /// A full window `w` with counts from `f`.
 fn record(id: &VmIdentity, src: &Sources, w: u64, f: impl Fn(&mut WindowRecord)) -> WindowRecord {
-    let mut r = WindowRecord {
-        window: w,
-        start: start(w, 0.0),
-        seconds: WINDOW_SECS,
-        partial: false,
-        partial_reason: None,
-        vm: vm_ref(id),
-        timer: None,
-        fd_wakeups: None,
-        read: None,
-        write: None,
-        in_kernel: None,
-        cpu_seconds: None,
-        sources: src.clone(),
-        devices: Vec::new(),
-        timers: Vec::new(),
-        host: None,
-        dropped_updates: 0,
-        estimated: false,
-        probed_seconds: None,
-    };
+    let mut r = crate::record::tests::window(&id.name, id.pid, w, WINDOW_SECS);
+    r.start = start(w, 0.0);
+    r.vm = vm_ref(id);
+    (r.timer, r.fd_wakeups) = (None, None);
+    r.sources = src.clone();
     f(&mut r);
     r
 }

@@ -214,7 +214,7 @@ impl LiveState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{identity::cmdline::Accel, record::VmRef};
+    use crate::identity::cmdline::Accel;
 
     fn running(pid: u32, timer: u64) -> (RunningWindow, Vec<String>) {
         (
@@ -256,41 +256,10 @@ mod tests {
     }
 
     fn closed(pid: u32, window: u64) -> WindowRecord {
-        WindowRecord {
-            window,
-            start: String::new(),
-            seconds: 5.0,
-            partial: false,
-            partial_reason: None,
-            vm: VmRef {
-                name: format!("vm{pid}"),
-                pid,
-                uuid: None,
-                accel: Accel::Tcg,
-                xen_domid: None,
-                cmdline_devices: Vec::new(),
-                libvirt: None,
-                started: None,
-            },
-            timer: Some(10),
-            fd_wakeups: Some(0),
-            read: None,
-            write: None,
-            in_kernel: None,
-            cpu_seconds: Some(0.1),
-            sources: Sources {
-                timer: "syscall".into(),
-                read: "unavailable: x".into(),
-                write: "unavailable: x".into(),
-                timer_callbacks: "unavailable: test fixture".into(),
-            },
-            devices: Vec::new(),
-            timers: Vec::new(),
-            host: None,
-            dropped_updates: 0,
-            estimated: false,
-            probed_seconds: None,
-        }
+        let mut r = crate::record::tests::window(&format!("vm{pid}"), pid, window, 5.0);
+        r.timer = Some(10);
+        r.cpu_seconds = Some(0.1);
+        r
     }
 
     #[test]
