@@ -590,7 +590,6 @@ mod tests {
     use super::*;
     use crate::{
         attribution::DeviceKey,
-        identity::cmdline::Accel,
         windows::collector::{CallbackTotals, Counts, DeviceTotals},
     };
 
@@ -614,13 +613,8 @@ mod tests {
                 start_ticks: 1,
             },
             identity: VmIdentity {
-                name: name.into(),
-                pid,
                 uuid: Some("5f1c2a9e-7b3d-4c11-9a0e-2d4f6b8c1e37".into()),
-                xen_domid: None,
-                accel: Accel::Tcg,
-                devices: Vec::new(),
-                libvirt: None,
+                ..crate::identity::fixtures::identity(name, pid)
             }
             .into(),
             sources: Sources {

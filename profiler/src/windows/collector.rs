@@ -414,20 +414,11 @@ mod tests {
                 .collect()
         }
     }
-    use crate::identity::cmdline::Accel;
 
     fn vm(pid: u32, start_ticks: u64, name: &str) -> (VmKey, VmIdentity) {
         (
             VmKey { pid, start_ticks },
-            VmIdentity {
-                name: name.into(),
-                pid,
-                uuid: None,
-                xen_domid: None,
-                accel: Accel::Tcg,
-                devices: Vec::new(),
-                libvirt: None,
-            },
+            crate::identity::fixtures::identity(name, pid),
         )
     }
 

@@ -178,11 +178,7 @@ fn unobserved(r: &mut WindowRecord, uprobed: Uprobed) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::{
-        identity::{cmdline::Accel, discovery::VmIdentity},
-        record::Sources,
-        windows::collector::Counts,
-    };
+    use crate::{record::Sources, windows::collector::Counts};
 
     /// A frame of `length`-second windows from 2026-11-22T00:00:00Z, 100 ticks a second.
     pub(crate) fn frame(length: f64) -> RecordFrame {
@@ -197,15 +193,10 @@ pub(crate) mod tests {
     pub(crate) fn closed_window(pid: u32, window: u64, length: f64) -> ClosedWindow {
         ClosedWindow {
             pid,
-            identity: std::sync::Arc::new(VmIdentity {
-                name: format!("vm-{pid}"),
+            identity: std::sync::Arc::new(crate::identity::fixtures::identity(
+                &format!("vm-{pid}"),
                 pid,
-                uuid: None,
-                xen_domid: None,
-                accel: Accel::Tcg,
-                devices: Vec::new(),
-                libvirt: None,
-            }),
+            )),
             started: None,
             sources: std::sync::Arc::new(Sources {
                 timer: "libc-uprobes".into(),

@@ -214,7 +214,6 @@ impl LiveState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::cmdline::Accel;
 
     fn running(pid: u32, timer: u64) -> (RunningWindow, Vec<String>) {
         (
@@ -223,16 +222,7 @@ mod tests {
                     pid,
                     start_ticks: 1,
                 },
-                identity: VmIdentity {
-                    name: format!("vm{pid}"),
-                    pid,
-                    uuid: None,
-                    xen_domid: None,
-                    accel: Accel::Tcg,
-                    devices: Vec::new(),
-                    libvirt: None,
-                }
-                .into(),
+                identity: crate::identity::fixtures::identity(&format!("vm{pid}"), pid).into(),
                 sources: Sources {
                     timer: "syscall".into(),
                     read: "unavailable: x".into(),

@@ -194,10 +194,6 @@ mod tests {
     use super::*;
     use crate::{
         attribution::RawCounters,
-        identity::{
-            cmdline::{Accel, ParsedCmdline},
-            discovery::{CpuTicks, VmIdentity, VmKey},
-        },
         offer::policy::{ReadWriteUnavailable, VmSources},
         probes::{AttachedVm, NameSources},
         windows::{collector::Collector, session::VmFilter},
@@ -252,23 +248,7 @@ mod tests {
     impl Discover for OneVm {
         fn scan(&mut self) -> Vec<QemuProcess> {
             vec![QemuProcess {
-                key: VmKey {
-                    pid: 7,
-                    start_ticks: 1,
-                },
-                identity: VmIdentity {
-                    name: "vm".into(),
-                    pid: 7,
-                    uuid: None,
-                    xen_domid: None,
-                    accel: Accel::Tcg,
-                    devices: Vec::new(),
-                    libvirt: None,
-                }
-                .into(),
-                cmdline: ParsedCmdline::default().into(),
-                exe: std::path::Path::new("/usr/bin/qemu-system-x86_64").into(),
-                cpu: CpuTicks::default(),
+                ..crate::identity::fixtures::process(7, 1, "vm")
             }]
         }
     }

@@ -667,10 +667,7 @@ mod tests {
     use super::*;
     use crate::{
         attribution::RegionLabel,
-        identity::{
-            cmdline::{Accel, ParsedCmdline},
-            discovery::{CpuTicks, VmIdentity},
-        },
+        identity::cmdline::Accel,
         offer::policy::ReadWriteUnavailable,
         probes::{AttachedVm as Watched, NameSources},
         record::PartialReason,
@@ -778,22 +775,7 @@ mod tests {
     }
 
     fn qemu(pid: u32, start_ticks: u64, name: &str) -> QemuProcess {
-        QemuProcess {
-            key: VmKey { pid, start_ticks },
-            identity: VmIdentity {
-                name: name.into(),
-                pid,
-                uuid: None,
-                xen_domid: None,
-                accel: Accel::Tcg,
-                devices: Vec::new(),
-                libvirt: None,
-            }
-            .into(),
-            cmdline: ParsedCmdline::default().into(),
-            exe: std::path::Path::new("/usr/bin/qemu-system-x86_64").into(),
-            cpu: CpuTicks::default(),
-        }
+        crate::identity::fixtures::process(pid, start_ticks, name)
     }
 
     struct Rig {
