@@ -437,44 +437,57 @@ impl VmSources {
     }
 }
 
+/// The first of `attempts` (candidates tried in order, with their results) that attached;
+/// else the first failure, as `failed` says it, or `none` when nothing was tried.
+fn first_attached<S: Copy, E>(
+    attempts: &[(S, Result<(), String>)],
+    failed: impl FnOnce(S, &str) -> E,
+    none: impl FnOnce() -> E,
+) -> Result<S, E> {
+    if let Some((source, _)) = attempts.iter().find(|(_, r)| r.is_ok()) {
+        return Ok(*source);
+    }
+    match attempts.first() {
+        Some((source, Err(why))) => Err(failed(*source, why)),
+        _ => Err(none()),
+    }
+}
+
 /// The outcome of attaching the timer candidates: the first that attached, else the first
 /// failure (the plan's own reason when it had no candidate).
 pub fn settle_timer(
     plan: &SourcePlan,
     attempts: &[(TimerSource, Result<(), String>)],
 ) -> Result<TimerSource, String> {
-    if let Some((source, _)) = attempts.iter().find(|(_, r)| r.is_ok()) {
-        return Ok(*source);
-    }
-    match attempts.first() {
-        Some((source, Err(why))) => Err(format!("attaching the {} source: {why}", source.label())),
-        _ => Err(plan
-            .timer_none
-            .clone()
-            .expect("a plan without timer candidates says why")),
-    }
+    first_attached(
+        attempts,
+        |source, why| format!("attaching the {} source: {why}", source.label()),
+        || {
+            plan.timer_none
+                .clone()
+                .expect("a plan without timer candidates says why")
+        },
+    )
 }
 
 /// The outcome of attaching a plan: the first candidate that attached serves the counts; if
 /// none did, the first attach failure says why (the plan's own reason when it had none).
-/// `attempts` are the candidates tried, in order, with their results.
 pub fn settle(
     plan: &SourcePlan,
     attempts: &[(ReadWriteSource, Result<(), String>)],
 ) -> Result<ReadWriteSource, ReadWriteUnavailable> {
-    if let Some((source, _)) = attempts.iter().find(|(_, r)| r.is_ok()) {
-        return Ok(*source);
-    }
-    match attempts.first() {
-        Some((source, Err(why))) => Err(ReadWriteUnavailable::AttachFailed {
-            source: *source,
-            why: why.clone(),
-        }),
-        _ => Err(plan
-            .read_write_none
-            .clone()
-            .expect("a plan without candidates says why")),
-    }
+    first_attached(
+        attempts,
+        |source, why| ReadWriteUnavailable::AttachFailed {
+            source,
+            why: why.to_string(),
+        },
+        || {
+            plan.read_write_none
+                .clone()
+                .expect("a plan without candidates says why")
+        },
+    )
 }
 
 #[cfg(test)]

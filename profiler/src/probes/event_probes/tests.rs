@@ -12,10 +12,7 @@ use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind};
 use super::*;
 use crate::offer::libc::LibcProbes;
 use crate::probes::{
-    kernel::{
-        test_support::{attaching, root_ebpf},
-        uprobes::UprobePoint,
-    },
+    kernel::{test_support::root_test, uprobes::UprobePoint},
     sources::{
         symbols::{DISPATCH_PROGRAM, SymbolSource},
         usdt::{self, SPECS_MAP, SiteToAttach, UsdtSource},
@@ -153,8 +150,7 @@ fn own_libc_fixture(
 #[test]
 fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed() {
     use profiler_common::{WATCH_SLOTS, wait_block, wait_syscall};
-    let _one_at_a_time = attaching();
-    let Some(mut ebpf) = root_ebpf("root_watch_table") else {
+    let Some((_one_at_a_time, mut ebpf)) = root_test("root_watch_table") else {
         return;
     };
     let pid = std::process::id();
@@ -213,8 +209,7 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
 #[test]
 fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
     use profiler_common::{link_generation, wait_syscall};
-    let _one_at_a_time = attaching();
-    let Some(mut ebpf) = root_ebpf("root_link_generations") else {
+    let Some((_one_at_a_time, mut ebpf)) = root_test("root_link_generations") else {
         return;
     };
     let pid = std::process::id();
@@ -290,8 +285,7 @@ fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
 fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
     use profiler_common::{MARK_SLOTS, PpollMark, mark_slot, wait_syscall};
     use std::{mem::offset_of, sync::atomic::Ordering};
-    let _one_at_a_time = attaching();
-    let Some(mut ebpf) = root_ebpf("root_ppoll_marks") else {
+    let Some((_one_at_a_time, mut ebpf)) = root_test("root_ppoll_marks") else {
         return;
     };
     let pid = std::process::id();
@@ -402,8 +396,9 @@ fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
 
 #[test]
 fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back() {
-    let _one_at_a_time = attaching();
-    let Some(mut ebpf) = root_ebpf("root_a_budget_pause_detaches_every_symbols_link") else {
+    let Some((_one_at_a_time, mut ebpf)) =
+        root_test("root_a_budget_pause_detaches_every_symbols_link")
+    else {
         return;
     };
     let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
@@ -432,8 +427,9 @@ fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back()
 
 #[test]
 fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
-    let _one_at_a_time = attaching();
-    let Some(mut ebpf) = root_ebpf("root_a_usdt_attach_that_fails_part_way_leaves_nothing") else {
+    let Some((_one_at_a_time, mut ebpf)) =
+        root_test("root_a_usdt_attach_that_fails_part_way_leaves_nothing")
+    else {
         return;
     };
     let mut usdt = UsdtSource::load(&mut ebpf).unwrap();
@@ -483,8 +479,8 @@ fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
 
 #[test]
 fn root_a_symbols_attach_that_fails_part_way_leaves_nothing() {
-    let _one_at_a_time = attaching();
-    let Some(mut ebpf) = root_ebpf("root_a_symbols_attach_that_fails_part_way_leaves_nothing")
+    let Some((_one_at_a_time, mut ebpf)) =
+        root_test("root_a_symbols_attach_that_fails_part_way_leaves_nothing")
     else {
         return;
     };

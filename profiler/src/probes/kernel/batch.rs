@@ -159,13 +159,11 @@ mod tests {
     use profiler_common::CounterKey;
 
     use super::*;
+    use crate::probes::kernel::test_support::root_test;
 
     #[test]
     fn root_batched_read_agrees_with_iteration() {
-        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
-        let Some(mut ebpf) =
-            crate::probes::kernel::test_support::root_ebpf("root_batched_read_agrees")
-        else {
+        let Some((_one_at_a_time, mut ebpf)) = root_test("root_batched_read_agrees") else {
             return;
         };
         let n = 10_000u32;

@@ -166,6 +166,7 @@ mod tests {
     //! tests cover the programs).
 
     use super::*;
+    use crate::probes::kernel::test_support::root_test;
 
     fn key(tgid: u32, id: u64) -> CounterKey {
         CounterKey {
@@ -197,9 +198,7 @@ mod tests {
 
     #[test]
     fn root_counts_read_through_the_mapping_and_slots_come_back() {
-        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
-        let Some(mut ebpf) = crate::probes::kernel::test_support::root_ebpf("root_counter_store")
-        else {
+        let Some((_one_at_a_time, mut ebpf)) = root_test("root_counter_store") else {
             return;
         };
         let mut store = CounterStore::open(&ebpf).unwrap();
@@ -232,9 +231,7 @@ mod tests {
     #[test]
     fn root_wait_blocks_read_as_counters_and_are_reused_zeroed() {
         use profiler_common::{kind, wait_syscall};
-        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
-        let Some(mut ebpf) = crate::probes::kernel::test_support::root_ebpf("root_wait_blocks")
-        else {
+        let Some((_one_at_a_time, mut ebpf)) = root_test("root_wait_blocks") else {
             return;
         };
         let mut store = CounterStore::open(&ebpf).unwrap();

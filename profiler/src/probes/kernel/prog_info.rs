@@ -65,12 +65,11 @@ mod tests {
 
     use std::os::fd::AsFd as _;
 
+    use crate::probes::kernel::test_support::root_test;
+
     #[test]
     fn root_prog_info_layout_agrees_with_aya() {
-        let _one_at_a_time = crate::probes::kernel::test_support::attaching();
-        let Some(mut ebpf) =
-            crate::probes::kernel::test_support::root_ebpf("root_prog_info_layout")
-        else {
+        let Some((_one_at_a_time, mut ebpf)) = root_test("root_prog_info_layout") else {
             return;
         };
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");

@@ -16,3 +16,10 @@ pub fn root_ebpf(test: &str) -> Option<Ebpf> {
     crate::offer::tracefs::ensure_tracefs().expect("tracefs");
     Some(Ebpf::load(super::object::EBPF_OBJECT).expect("loading the eBPF object"))
 }
+
+/// A root test's start: one attaching test at a time, the eBPF object loaded (`None`: skipped,
+/// not root; a failure under `PROFILER_E2E_REQUIRE`).
+pub fn root_test(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Ebpf)> {
+    let one_at_a_time = attaching();
+    Some((one_at_a_time, root_ebpf(test)?))
+}

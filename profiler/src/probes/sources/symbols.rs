@@ -140,23 +140,9 @@ impl SymbolSource {
         points: &[UprobePoint],
         generation: u32,
     ) -> anyhow::Result<()> {
-        let result = self
-            .process(pid, exe, generation)
-            .map(|_| ())
-            .and_then(|()| UprobeLinks::attach(ebpf, DISPATCH_PROGRAM, pid, points, generation));
-        match result {
-            Ok(links) => {
-                let process = self.processes.get_mut(&pid).expect("made above");
-                if let Some(old) = process.dispatch.replace(links) {
-                    old.detach(ebpf);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.tidy(pid);
-                Err(e)
-            }
-        }
+        self.attach_program(ebpf, pid, exe, DISPATCH_PROGRAM, points, generation, |p| {
+            &mut p.dispatch
+        })
     }
 
     /// Attaches the timer_mod discovery probes to `pid` (all of them or none).
@@ -175,14 +161,38 @@ impl SymbolSource {
                 cookie: exe.timer_cb_offset,
             })
             .collect();
+        self.attach_program(
+            ebpf,
+            pid,
+            exe,
+            TIMER_MOD_PROGRAM,
+            &points,
+            generation,
+            |p| &mut p.timer_mod,
+        )
+    }
+
+    /// Attaches `program` at `points` of `pid` (all or none) into the slot `slot` picks,
+    /// replacing what was there.
+    #[allow(clippy::too_many_arguments)]
+    fn attach_program(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        exe: &Arc<ExeSymbols>,
+        program: &'static str,
+        points: &[UprobePoint],
+        generation: u32,
+        slot: impl FnOnce(&mut SymbolProcess) -> &mut Option<UprobeLinks>,
+    ) -> anyhow::Result<()> {
         let result = self
             .process(pid, exe, generation)
             .map(|_| ())
-            .and_then(|()| UprobeLinks::attach(ebpf, TIMER_MOD_PROGRAM, pid, &points, generation));
+            .and_then(|()| UprobeLinks::attach(ebpf, program, pid, points, generation));
         match result {
             Ok(links) => {
                 let process = self.processes.get_mut(&pid).expect("made above");
-                if let Some(old) = process.timer_mod.replace(links) {
+                if let Some(old) = slot(process).replace(links) {
                     old.detach(ebpf);
                 }
                 Ok(())
