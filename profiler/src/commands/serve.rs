@@ -35,10 +35,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::{
-    live::{LiveOptions, finish_output, join_collector, spawn_collector, start_session},
-    top::own_cpu_seconds,
-};
+use super::live::{LiveOptions, finish_output, join_collector, spawn_collector, start_session};
 use crate::{
     identity::discovery::clock_ticks_per_second,
     outputs::{metrics::FleetState, output::RecordSink},
@@ -125,12 +122,7 @@ impl SampleSink for Serve {
             );
             fleet.set_estimates(s.session.estimate_additions());
             fleet.set_duties(s.session.duty_views());
-            let cost = s.session.probe_cost();
-            fleet.cost = ProfilerCost {
-                bpf_run_count: cost.run_count,
-                bpf_run_time_ns: cost.run_time.as_nanos() as u64,
-                collector_cpu_seconds: own_cpu_seconds(),
-            };
+            fleet.cost = ProfilerCost::now(s.session.probe_cost());
             fleet.maps = s.session.map_entries();
             fleet.dropped = s.session.dropped();
             fleet.sources_up = s

@@ -31,15 +31,6 @@ pub struct TopOptions {
 /// Exited VMs stay on screen for this many windows after their last one.
 const KEEP_EXITED_WINDOWS: u64 = 2;
 
-/// User + system CPU of this process, in seconds.
-pub fn own_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 /// Folds every sample into the live state and publishes a snapshot; stops when the UI is gone.
 struct Publish {
     live: LiveState,
@@ -69,12 +60,7 @@ impl SampleSink for Publish {
         self.live
             .prune_exited(window.saturating_sub(KEEP_EXITED_WINDOWS));
         let mut snapshot = self.live.snapshot(s.t, window, self.window_secs);
-        let cost = s.session.probe_cost();
-        snapshot.cost = ProfilerCost {
-            bpf_run_count: cost.run_count,
-            bpf_run_time_ns: cost.run_time.as_nanos() as u64,
-            collector_cpu_seconds: own_cpu_seconds(),
-        };
+        snapshot.cost = ProfilerCost::now(s.session.probe_cost());
         snapshot.live_sources = s.session.live_sources();
         match self.tx.send(snapshot) {
             Ok(()) => ControlFlow::Continue(()),

@@ -656,6 +656,11 @@ mod tests {
         hit_cost: 1e-6,
         hit_cost_floor: 1e-6,
     };
+    /// 0.1 % of a core at 1 µs a hit: a thousand hits a second.
+    const TIGHT_BUDGET: OverheadBudget = OverheadBudget {
+        max_fraction: 0.001,
+        ..BUDGET
+    };
 
     #[test]
     fn a_quiet_vm_is_always_probed() {
@@ -833,11 +838,7 @@ mod tests {
         // The start-up says 1 µs a hit; in QEMU a hit costs 2 µs (its CPU is 1 % of a core
         // higher while probed, at 5,000 hits a second), so the duty halves once a window with
         // probed and unprobed spans has closed.
-        let budget = OverheadBudget {
-            max_fraction: 0.001,
-            hit_cost: 1e-6,
-            hit_cost_floor: 1e-6,
-        };
+        let budget = TIGHT_BUDGET;
         let mut b = BudgetedVms::new(budget);
         let u = TIMER_ONLY;
         let (mut hits, mut cpu, mut on) = (0u64, 0.0, true);
@@ -924,11 +925,7 @@ mod tests {
     fn a_window_its_probes_never_saw_has_no_counts_not_zeros() {
         // Paused in window 0; every resume of window 1 failed (an attach refused):
         // its uprobe-served counts are null, not the 0 the probes counted.
-        let mut b = BudgetedVms::new(OverheadBudget {
-            max_fraction: 0.001,
-            hit_cost: 1e-6,
-            hit_cost_floor: 1e-6,
-        });
+        let mut b = BudgetedVms::new(TIGHT_BUDGET);
         let u = TIMER_ONLY;
         let (mut hits, mut on) = (0u64, true);
         b.observe(1, u, 0, None, tick10(0.0));
@@ -956,11 +953,7 @@ mod tests {
     fn a_failed_resume_moves_the_block_instead_of_losing_it() {
         // A one-interval block whose resume fails at the window's start is
         // probed one interval later, not skipped for the whole window.
-        let budget = OverheadBudget {
-            max_fraction: 0.001,
-            hit_cost: 1e-6,
-            hit_cost_floor: 1e-6,
-        };
+        let budget = TIGHT_BUDGET;
         let mut b = BudgetedVms::new(budget);
         let u = TIMER_ONLY;
         let (mut hits, mut on) = (0u64, true);

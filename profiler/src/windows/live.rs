@@ -103,6 +103,21 @@ pub struct ProfilerCost {
     pub collector_cpu_seconds: f64,
 }
 
+impl ProfilerCost {
+    /// The probes' cost so far (`probes`) and this process's own CPU.
+    pub fn now(probes: crate::probes::ProbeCost) -> Self {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Self {
+            bpf_run_count: probes.run_count,
+            bpf_run_time_ns: probes.run_time.as_nanos() as u64,
+            collector_cpu_seconds: tv(usage.ru_utime) + tv(usage.ru_stime),
+        }
+    }
+}
+
 /// Accumulates closed windows per VM between refreshes and builds [`LiveSnapshot`]s.
 #[derive(Debug, Default)]
 pub struct LiveState {

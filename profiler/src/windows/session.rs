@@ -580,42 +580,51 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
     /// Probe sources attached right now, for the live header.
     pub fn live_sources(&self) -> Vec<String> {
-        let mut live = Vec::new();
-        let timer_by = |source: TimerSource| {
-            self.watched
-                .values()
-                .any(|vm| vm.sources.timer == Ok(source))
-        };
-        if timer_by(TimerSource::LibcUprobes) {
-            live.push("libc uprobes (timer, fd)".to_string());
-        }
-        if timer_by(TimerSource::LibcEntryReturnUprobes) {
-            live.push("libc entry/return uprobes (timer, fd)".to_string());
-        }
-        if timer_by(TimerSource::SyscallTracepoints) {
-            live.push("syscall tracepoints (timer, fd)".to_string());
-        }
-        if timer_by(TimerSource::HrtimerTracepoints) {
-            live.push("hrtimer tracepoints (timer, fd of waits that slept)".to_string());
-        }
-        let has = |source: ReadWriteSource| {
-            self.watched
-                .values()
-                .any(|vm| vm.read_write() == Some(source))
-        };
-        if has(ReadWriteSource::Usdt) {
-            live.push("usdt memory_region_ops (read, write)".into());
-        }
-        if has(ReadWriteSource::Symbols) {
-            live.push("uprobes memory_region_dispatch (read, write)".into());
-        }
-        if has(ReadWriteSource::KvmTracepoints) {
-            live.push("kvm tracepoints (read, write)".into());
-        }
-        if self.watched.values().any(|vm| vm.sources.callbacks.is_ok()) {
-            live.push("uprobes timer callbacks".into());
-        }
-        live
+        let timers = [
+            (TimerSource::LibcUprobes, "libc uprobes (timer, fd)"),
+            (
+                TimerSource::LibcEntryReturnUprobes,
+                "libc entry/return uprobes (timer, fd)",
+            ),
+            (
+                TimerSource::SyscallTracepoints,
+                "syscall tracepoints (timer, fd)",
+            ),
+            (
+                TimerSource::HrtimerTracepoints,
+                "hrtimer tracepoints (timer, fd of waits that slept)",
+            ),
+        ];
+        let read_writes = [
+            (
+                ReadWriteSource::Usdt,
+                "usdt memory_region_ops (read, write)",
+            ),
+            (
+                ReadWriteSource::Symbols,
+                "uprobes memory_region_dispatch (read, write)",
+            ),
+            (
+                ReadWriteSource::KvmTracepoints,
+                "kvm tracepoints (read, write)",
+            ),
+        ];
+        let any = |f: &dyn Fn(&WatchedVm) -> bool| self.watched.values().any(f);
+        let timer_sources = timers
+            .iter()
+            .filter(|(source, _)| any(&|vm| vm.sources.timer == Ok(*source)))
+            .map(|(_, label)| *label);
+        let read_write_sources = read_writes
+            .iter()
+            .filter(|(source, _)| any(&|vm| vm.read_write() == Some(*source)))
+            .map(|(_, label)| *label);
+        let callbacks =
+            any(&|vm| vm.sources.callbacks.is_ok()).then_some("uprobes timer callbacks");
+        timer_sources
+            .chain(read_write_sources)
+            .chain(callbacks)
+            .map(String::from)
+            .collect()
     }
 
     pub fn window_clock(&self) -> WindowClock {
