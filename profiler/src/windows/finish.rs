@@ -4,36 +4,15 @@
 //! uprobe-served counts are then scaled to the window and marked estimated, or `null` when
 //! the probes never saw it).
 
-use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono::{SecondsFormat, TimeDelta};
 
 use crate::{
     record::{HostWindow, VmRef, WindowRecord},
     windows::{
-        budget::{EstimateAddition, Uprobed, scale},
-        collector::ClosedWindow,
+        budget::{EstimateAddition, Probed, Uprobed, scale},
+        collector::{ClosedWindow, RecordFrame},
     },
 };
-
-/// How closed windows are written: the window length, and the clocks their times come from.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RecordFrame {
-    /// Seconds of a full window.
-    pub length: f64,
-    /// Wall time of profiler time 0.
-    pub wall_start: DateTime<Utc>,
-    /// Clock ticks of the CPU counts per second.
-    pub ticks_per_second: u64,
-}
-
-/// How long a VM's uprobes were on in a window.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub enum Probed {
-    /// All along (or no budget): exact counts.
-    #[default]
-    Throughout,
-    /// For `seconds` of it (0: never); the counts `uprobed` serves are scaled.
-    For { seconds: f64, uprobed: Uprobed },
-}
 
 /// What is known of a closed window besides its counts.
 #[derive(Debug, Clone, Default, PartialEq)]

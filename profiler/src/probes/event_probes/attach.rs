@@ -12,10 +12,7 @@ use crate::{
         libc::{LibcOffer, LibcProbes},
         policy::{self, ProcessOffer, ReadWriteSource, TimerSource, VmSources},
     },
-    probes::{
-        AttachedVm, NameSources,
-        sources::usdt::{self},
-    },
+    probes::{AttachedVm, NameSources, sources::usdt},
 };
 
 use super::{EventProbes, Served, SharedWaits, process_alive};

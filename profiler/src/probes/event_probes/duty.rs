@@ -10,10 +10,7 @@ use crate::{
         libc::LibcProbes,
         policy::{ReadWriteSource, VmSources},
     },
-    probes::{
-        kernel::detacher,
-        sources::syscall_waits::{self},
-    },
+    probes::{kernel::detacher, sources::syscall_waits},
 };
 
 use super::{EventProbes, Served};

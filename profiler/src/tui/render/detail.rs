@@ -1,0 +1,337 @@
+//! A VM's detail view: its identity and sources, its windows, and its devices and timer
+//! callbacks over the recent windows.
+
+use super::*;
+
+impl App {
+    pub(super) fn render_detail(&self, frame: &mut Frame, area: Rect) {
+        let Some(vm) = self.detail_vm() else {
+            frame.render_widget(
+                Paragraph::new(
+                    "This VM is gone: its last window has scrolled away. Esc goes back.",
+                )
+                .wrap(Wrap { trim: true })
+                .block(Block::new().borders(Borders::TOP)),
+                area,
+            );
+            return;
+        };
+        let [identity, tables] = Layout::vertical([
+            Constraint::Length(if vm.identity.libvirt.is_some() { 6 } else { 5 }),
+            Constraint::Fill(1),
+        ])
+        .areas(area);
+        render_identity(frame, identity, vm);
+
+        let (windows, devices, callbacks) = if tables.width >= DETAIL_SIDE_BY_SIDE_MIN_WIDTH {
+            let [left, right] = Layout::horizontal([Constraint::Length(48), Constraint::Fill(1)])
+                .spacing(1)
+                .areas(tables);
+            let [top, bottom] =
+                Layout::vertical([Constraint::Fill(1), Constraint::Fill(1)]).areas(right);
+            (left, top, bottom)
+        } else {
+            let [top, bottom] =
+                Layout::vertical([Constraint::Fill(3), Constraint::Fill(2)]).areas(tables);
+            let [left, right] = Layout::horizontal([Constraint::Fill(1), Constraint::Fill(1)])
+                .spacing(1)
+                .areas(bottom);
+            (top, left, right)
+        };
+        self.render_windows(frame, windows, vm);
+        render_devices(frame, devices, vm, self.shown.window);
+        render_callbacks(frame, callbacks, vm, self.shown.window);
+    }
+
+    /// The VM's Pulsar table: one row per closed window, then the running window.
+    pub(super) fn render_windows(&self, frame: &mut Frame, area: Rect, vm: &LiveVm) {
+        let mut rows: Vec<Row<'static>> = vm.history.iter().map(|r| window_row(r)).collect();
+        if !vm.exited {
+            rows.push(running_row(vm));
+        }
+        let block = Block::new()
+            .borders(Borders::TOP)
+            .border_style(dim())
+            .title(format!(
+                " {} s windows · * partial{} ",
+                self.shown.window_secs,
+                if vm.exited {
+                    " · exited".to_string()
+                } else {
+                    format!(" · running {:.1} s", vm.running_elapsed)
+                }
+            ));
+        let inner = block.inner(area);
+        frame.render_widget(block, area);
+
+        let visible = usize::from(inner.height.saturating_sub(1));
+        let scroll = self.detail_scroll.min(rows.len().saturating_sub(visible));
+        let end = rows.len() - scroll;
+        let start = end.saturating_sub(visible);
+        let shown: Vec<Row<'static>> = rows.drain(start..end).collect();
+
+        let header = Row::new(
+            ["Interval", "Timer", "Read", "Write", "FD", "CPU s"]
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let line = Line::from(h);
+                    Cell::from(if i == 0 {
+                        line
+                    } else {
+                        line.alignment(Alignment::Right)
+                    })
+                }),
+        )
+        .style(Style::new().bold());
+        let widths = [8, 8, 7, 7, 7, 6].map(Constraint::Length);
+        frame.render_widget(
+            Table::new(shown, widths).header(header).column_spacing(1),
+            inner,
+        );
+    }
+}
+
+fn render_identity(frame: &mut Frame, area: Rect, vm: &LiveVm) {
+    let id = &vm.identity;
+    let mut first = vec![
+        label("pid"),
+        Span::raw(format!(" {}  ", id.pid)),
+        label("accel"),
+        Span::raw(format!(" {}  ", id.accel)),
+        label("uuid"),
+        match &id.uuid {
+            Some(u) => Span::raw(format!(" {}  ", clean(u))),
+            None => Span::styled(" -  ", dim()),
+        },
+    ];
+    if let Some(domid) = id.xen_domid {
+        first.push(label("xen domid"));
+        first.push(Span::raw(format!(" {domid}  ")));
+    }
+    first.push(if vm.exited {
+        Span::styled("exited", Style::new().yellow())
+    } else {
+        Span::styled("running", Style::new().green())
+    });
+    let devices = if vm.devices.is_empty() {
+        Span::styled("none named on the command line", dim())
+    } else {
+        Span::raw(
+            vm.devices
+                .iter()
+                .map(|d| clean(d))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    let sources = if vm.sources.read == vm.sources.write {
+        format!(
+            "timer: {} · read/write: {}",
+            clean(&vm.sources.timer),
+            clean(&vm.sources.read)
+        )
+    } else {
+        format!(
+            "timer: {} · read: {} · write: {}",
+            clean(&vm.sources.timer),
+            clean(&vm.sources.read),
+            clean(&vm.sources.write)
+        )
+    };
+    let mut lines = vec![Line::from(first)];
+    if let Some(l) = &id.libvirt {
+        let mut spans = vec![label("libvirt"), Span::raw(format!(" {}", clean(&l.name)))];
+        if let Some(n) = &l.nova {
+            for (what, v) in [
+                ("nova", &n.name),
+                ("project", &n.project),
+                ("flavor", &n.flavor),
+            ] {
+                if let Some(v) = v {
+                    spans.push(Span::raw("  "));
+                    spans.push(label(what));
+                    spans.push(Span::raw(format!(" {}", clean(v))));
+                }
+            }
+        }
+        lines.push(Line::from(spans));
+    }
+    lines.push(Line::from(vec![label("devices"), Span::raw(" "), devices]));
+    lines.push(Line::from(vec![
+        label("sources"),
+        Span::raw(" "),
+        Span::raw(sources),
+    ]));
+    let text = Text::from(lines);
+    let title = Line::from(vec![
+        Span::raw(" VM "),
+        Span::styled(clean(&id.name), Style::new().bold()),
+        Span::raw(" "),
+    ]);
+    frame.render_widget(
+        Paragraph::new(text).wrap(Wrap { trim: false }).block(
+            Block::new()
+                .borders(Borders::TOP)
+                .border_style(dim())
+                .title(title),
+        ),
+        area,
+    );
+}
+
+fn window_row(r: &WindowRecord) -> Row<'static> {
+    let count = |v: Option<u64>| {
+        let mut span = count_span(v);
+        if r.estimated && v.is_some() {
+            span.content = format!("{ESTIMATED_MARK}{}", span.content).into();
+        }
+        right(span)
+    };
+    Row::new([
+        Cell::from(format!(
+            "{:03}{}",
+            r.window,
+            if r.partial { "*" } else { "" }
+        )),
+        count(r.timer),
+        count(r.read),
+        count(r.write),
+        count(r.fd_wakeups),
+        right(cpu_seconds_span(r.cpu_seconds)),
+    ])
+}
+
+fn running_row(vm: &LiveVm) -> Row<'static> {
+    let c = &vm.running;
+    Row::new([
+        Cell::from("running"),
+        right(count_span(c.timer)),
+        right(count_span(c.read)),
+        right(count_span(c.write)),
+        right(count_span(c.fd_wakeups)),
+        right(cpu_seconds_span(vm.running_cpu_seconds)),
+    ])
+    .style(Style::new().italic().green())
+}
+
+fn titled(title: String) -> Block<'static> {
+    Block::new()
+        .borders(Borders::TOP)
+        .border_style(dim())
+        .title(title)
+}
+
+fn empty_state(frame: &mut Frame, area: Rect, block: Block<'static>, text: String) {
+    frame.render_widget(
+        Paragraph::new(Span::styled(text, dim()))
+            .wrap(Wrap { trim: true })
+            .block(block),
+        area,
+    );
+}
+
+/// Reads and writes per device in the last closed window, busiest first.
+fn render_devices(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
+    let Some(last) = vm.history.last() else {
+        empty_state(
+            frame,
+            area,
+            titled(" devices ".into()),
+            format!(
+                "no closed window yet: per-device counts come when window {running_window:03} closes"
+            ),
+        );
+        return;
+    };
+    let block = titled(format!(" devices · window {:03} ", last.window));
+    if last.devices.is_empty() {
+        let text = if last.read == Some(0) && last.write == Some(0) {
+            format!("no device reads or writes in window {:03}", last.window)
+        } else {
+            format!(
+                "no per-device source for this VM: {}",
+                clean(&last.sources.read)
+            )
+        };
+        empty_state(frame, area, block, text);
+        return;
+    }
+    let mut devices: Vec<_> = last.devices.iter().collect();
+    devices.sort_by_key(|d| std::cmp::Reverse(d.read + d.write));
+    let rows = devices.into_iter().map(|d| {
+        Row::new([
+            Cell::from(clean(&d.label())),
+            right(Span::raw(fmt_rate(d.read as f64 / last.seconds))),
+            right(Span::raw(fmt_rate(d.write as f64 / last.seconds))),
+        ])
+    });
+    let header = Row::new([
+        Cell::from("device"),
+        right(Span::raw("read/s")),
+        right(Span::raw("write/s")),
+    ])
+    .style(Style::new().bold());
+    frame.render_widget(
+        Table::new(
+            rows,
+            [
+                Constraint::Fill(1),
+                Constraint::Length(7),
+                Constraint::Length(7),
+            ],
+        )
+        .header(header)
+        .column_spacing(1)
+        .block(block),
+        area,
+    );
+}
+
+/// Timer events per QEMU callback in the last closed window, busiest first.
+fn render_callbacks(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
+    let Some(last) = vm.history.last() else {
+        empty_state(
+            frame,
+            area,
+            titled(" timer callbacks ".into()),
+            format!("no closed window yet: callbacks come when window {running_window:03} closes"),
+        );
+        return;
+    };
+    let block = titled(format!(" timer callbacks · window {:03} ", last.window));
+    if last.timers.is_empty() {
+        let text = if last.timer == Some(0) {
+            format!("no timer events in window {:03}", last.window)
+        } else if last.sources.timer_callbacks == "symbols" {
+            format!(
+                "no timer callback ran in window {:03} (other wakeups: glib timeouts)",
+                last.window
+            )
+        } else {
+            format!(
+                "timers by callback: {}",
+                clean(&last.sources.timer_callbacks)
+            )
+        };
+        empty_state(frame, area, block, text);
+        return;
+    }
+    let mut timers: Vec<_> = last.timers.iter().collect();
+    timers.sort_by_key(|t| std::cmp::Reverse(t.count));
+    let rows = timers.into_iter().map(|t| {
+        Row::new([
+            Cell::from(clean(&t.callback)),
+            right(Span::raw(fmt_rate(t.count as f64 / last.seconds))),
+        ])
+    });
+    let header =
+        Row::new([Cell::from("callback"), right(Span::raw("timer/s"))]).style(Style::new().bold());
+    frame.render_widget(
+        Table::new(rows, [Constraint::Fill(1), Constraint::Length(7)])
+            .header(header)
+            .column_spacing(1)
+            .block(block),
+        area,
+    );
+}

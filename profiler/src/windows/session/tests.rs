@@ -1,0 +1,410 @@
+use std::{
+    cell::RefCell,
+    collections::{BTreeSet, HashMap},
+    rc::Rc,
+};
+
+use chrono::{DateTime, Utc};
+use profiler_common::kind;
+
+use super::*;
+use crate::{
+    attribution::RegionLabel,
+    identity::cmdline::Accel,
+    offer::policy::ReadWriteUnavailable,
+    probes::{AttachedVm as Watched, NameSources},
+    record::PartialReason,
+};
+
+/// Counters per pid, as a test sets them; shared with the fake probes.
+type Kernel = Rc<RefCell<HashMap<u32, RawCounters>>>;
+
+/// Probes over a fake kernel: watching starts a process's counters from zero, as the
+/// real layer does; everything it was asked is logged.
+struct FakeProbes {
+    kernel: Kernel,
+    watched: BTreeSet<u32>,
+    log: Vec<String>,
+    read_write: HashMap<u32, ReadWriteSource>,
+    /// Cumulative updates the fake COUNTERS map refused.
+    dropped: Rc<std::cell::Cell<u64>>,
+}
+
+impl FakeProbes {
+    /// KVM guests get the kvm tracepoints; others what the test set.
+    fn watch_sources(&self, vm: &QemuProcess) -> Watched {
+        let pid = vm.key.pid;
+        let read_write = match (self.read_write.get(&pid), vm.identity.accel) {
+            (Some(source), _) => Ok(*source),
+            (None, Accel::Kvm) => Ok(ReadWriteSource::KvmTracepoints),
+            (None, _) => Err(ReadWriteUnavailable::NoUsdtStripped),
+        };
+        let notes = if read_write.is_err() {
+            vec![Note::vm(&vm.identity.name, "usdt source not used: test")]
+        } else {
+            Vec::new()
+        };
+        Watched {
+            sources: VmSources {
+                read_write,
+                callbacks: Ok(()),
+                timer: Ok(crate::offer::policy::TimerSource::LibcUprobes),
+            },
+            names: NameSources::default(),
+            notes,
+        }
+    }
+}
+
+impl ProbeLayer for FakeProbes {
+    fn watch(&mut self, vm: &QemuProcess) -> anyhow::Result<Watched> {
+        let pid = vm.key.pid;
+        self.log.push(format!("watch {pid}"));
+        self.watched.insert(pid);
+        self.kernel.borrow_mut().remove(&pid);
+        Ok(self.watch_sources(vm))
+    }
+    fn replan(&mut self, vm: &QemuProcess) -> anyhow::Result<Watched> {
+        self.log
+            .push(format!("replan {} {}", vm.key.pid, vm.identity.accel));
+        let mut w = self.watch_sources(vm);
+        w.notes.clear();
+        Ok(w)
+    }
+    fn unwatch(&mut self, pid: u32) -> anyhow::Result<()> {
+        self.log.push(format!("unwatch {pid}"));
+        self.watched.remove(&pid);
+        self.kernel.borrow_mut().remove(&pid);
+        Ok(())
+    }
+    fn refresh(&mut self) -> Vec<Note> {
+        Vec::new()
+    }
+    fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
+        Ok(self
+            .kernel
+            .borrow()
+            .iter()
+            .filter(|(pid, _)| self.watched.contains(pid))
+            .map(|(pid, c)| (*pid, c.clone()))
+            .collect())
+    }
+    fn cost(&self) -> ProbeCost {
+        ProbeCost::default()
+    }
+    fn dropped(&self) -> Vec<(&'static str, u64)> {
+        vec![("COUNTERS", self.dropped.get()), ("PENDING", 0)]
+    }
+    fn set_probing(&mut self, pid: u32, on: bool) -> anyhow::Result<std::time::Duration> {
+        self.log
+            .push(format!("probing {pid} {}", if on { "on" } else { "off" }));
+        Ok(std::time::Duration::ZERO)
+    }
+    fn uprobe_hit_cost(&mut self) -> anyhow::Result<crate::windows::budget::HitCost> {
+        Ok(crate::windows::budget::HitCost {
+            tight: 1e-6,
+            after_sleep: 1e-6,
+        })
+    }
+}
+
+/// Processes as a test sets them.
+struct FakeHost(Rc<RefCell<Vec<QemuProcess>>>);
+
+impl Discover for FakeHost {
+    fn scan(&mut self) -> Vec<QemuProcess> {
+        self.0.borrow().clone()
+    }
+}
+
+fn qemu(pid: u32, start_ticks: u64, name: &str) -> QemuProcess {
+    crate::identity::fixtures::process(pid, start_ticks, name)
+}
+
+struct Rig {
+    kernel: Kernel,
+    host: Rc<RefCell<Vec<QemuProcess>>>,
+    session: Session<FakeProbes, FakeHost>,
+}
+
+fn rig(filter: VmFilter, read_write: &[(u32, ReadWriteSource)]) -> Rig {
+    let kernel: Kernel = Rc::default();
+    let host: Rc<RefCell<Vec<QemuProcess>>> = Rc::default();
+    let probes = FakeProbes {
+        kernel: kernel.clone(),
+        watched: BTreeSet::new(),
+        log: Vec::new(),
+        read_write: read_write.iter().copied().collect(),
+        dropped: Rc::default(),
+    };
+    let collector = Collector::new(
+        10.0,
+        "2026-11-22T00:00:00Z".parse::<DateTime<Utc>>().unwrap(),
+        100,
+    );
+    Rig {
+        kernel: kernel.clone(),
+        host: host.clone(),
+        session: Session::with_discovery(probes, FakeHost(host), collector, filter),
+    }
+}
+
+impl Rig {
+    fn set_timer(&self, pid: u32, n: u64) {
+        self.kernel
+            .borrow_mut()
+            .entry(pid)
+            .or_default()
+            .by_key
+            .insert((kind::TIMER, 1), n);
+    }
+    fn log(&self) -> Vec<String> {
+        self.session.probes().log.clone()
+    }
+}
+
+#[test]
+fn new_vms_are_watched_once_and_count_from_zero() {
+    let mut r = rig(VmFilter::default(), &[]);
+    r.host.borrow_mut().push(qemu(10, 1, "a"));
+    // Events before the profiler watched the VM do not count.
+    r.set_timer(10, 500);
+    let report = r.session.sample(0.0).unwrap();
+    assert!(report.closed.is_empty());
+    assert_eq!(report.notes.len(), 1, "{:?}", report.notes);
+    r.set_timer(10, 40);
+    r.session.sample(5.0).unwrap();
+    r.set_timer(10, 100);
+    let report = r.session.sample(10.0).unwrap();
+    assert_eq!(r.log(), ["watch 10"]);
+    assert_eq!(report.closed.len(), 1);
+    assert_eq!(report.closed[0].timer, Some(100));
+    assert!(report.notes.is_empty(), "notes are said once");
+    assert!(
+        report.closed[0]
+            .sources
+            .read
+            .starts_with("unavailable: stripped")
+    );
+}
+
+#[test]
+fn dropped_updates_stamp_the_window_they_happened_in_and_are_said_once() {
+    let mut r = rig(VmFilter::default(), &[]);
+    r.host.borrow_mut().push(qemu(10, 1, "a"));
+    r.session.sample(0.0).unwrap();
+    let dropped = r.session.probes().dropped.clone();
+    dropped.set(7);
+    let notes = r.session.sample(4.0).unwrap().notes;
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].to_string().contains("7 by COUNTERS"),
+        "{}",
+        notes[0]
+    );
+    dropped.set(9);
+    assert!(
+        r.session.sample(8.0).unwrap().notes.is_empty(),
+        "once per window"
+    );
+    let report = r.session.sample(10.0).unwrap();
+    assert_eq!(report.closed[0].dropped_updates, 9);
+    // The next window lost nothing, and its record says so by leaving the field out.
+    let report = r.session.sample(20.0).unwrap();
+    assert_eq!(report.closed[0].dropped_updates, 0);
+    let line = serde_json::to_string(&report.closed[0]).unwrap();
+    assert!(!line.contains("dropped_updates"), "{line}");
+    dropped.set(10);
+    let closed = r.session.finish(25.0);
+    assert_eq!(closed[0].dropped_updates, 0, "not sampled before the stop");
+}
+
+/// A VM whose waits (libc uprobes, two hits each) would cost 4 % of a core under a 1 %
+/// budget is probed for a block of a quarter of each window (rounded up), and its window
+/// is scaled and marked.
+#[test]
+fn a_budget_duty_cycles_a_busy_vm_and_scales_its_window() {
+    let mut r = rig(VmFilter::default(), &[]);
+    r.session = std::mem::replace(&mut r.session, rig(VmFilter::default(), &[]).session)
+        .with_overhead_budget(Some(1.0))
+        .unwrap();
+    r.host.borrow_mut().push(qemu(10, 1, "busy"));
+    r.session.sample(0.0).unwrap();
+    let mut timer = 0;
+    let mut probing = true;
+    for t in 1..=10 {
+        // 20,000 waits a second while probed, none counted while paused.
+        if probing {
+            timer += 20_000;
+        }
+        r.set_timer(10, timer);
+        // The programs count their own runs: an entry and a return per wait.
+        r.kernel
+            .borrow_mut()
+            .get_mut(&10)
+            .unwrap()
+            .by_key
+            .insert((kind::UPROBE_HIT, 0), 2 * timer);
+        let report = r.session.sample(f64::from(t)).unwrap();
+        probing = r
+            .log()
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("probing 10"))
+            .is_none_or(|l| l.ends_with("on"));
+        if t == 10 {
+            let w = &report.closed[0];
+            assert!(w.estimated, "{w:?}");
+            let probed = w.probed_seconds.unwrap();
+            assert!((2.0..=4.0).contains(&probed), "{probed}");
+            // The estimate is the rate while probed times the window.
+            assert_eq!(w.timer, Some(200_000), "{w:?}");
+        }
+    }
+    // One block per window: off once the block is over, on again at the next window.
+    assert_eq!(
+        r.log(),
+        ["watch 10", "probing 10 off", "probing 10 on"],
+        "{:?}",
+        r.log()
+    );
+    // Without a budget nothing is paused.
+    let mut plain = rig(VmFilter::default(), &[]);
+    plain.host.borrow_mut().push(qemu(10, 1, "busy"));
+    for t in 0..=10 {
+        plain.set_timer(10, 20_000 * t);
+        plain.session.sample(t as f64).unwrap();
+    }
+    assert_eq!(plain.log(), ["watch 10"]);
+}
+
+#[test]
+fn an_exited_vm_keeps_its_last_counts_and_is_unwatched() {
+    let mut r = rig(VmFilter::default(), &[(10, ReadWriteSource::Usdt)]);
+    r.host.borrow_mut().push(qemu(10, 1, "a"));
+    r.session.sample(0.0).unwrap();
+    r.set_timer(10, 30);
+    {
+        let mut k = r.kernel.borrow_mut();
+        let c = k.get_mut(&10).unwrap();
+        c.by_key.insert((kind::READ, 0x77), 12);
+        c.regions
+            .insert(0x77, RegionLabel::Named("parallel".into()));
+    }
+    r.session.sample(1.0).unwrap();
+    // Events after the last sample, then the VM exits.
+    r.set_timer(10, 45);
+    r.host.borrow_mut().clear();
+    let report = r.session.sample(2.0).unwrap();
+    assert_eq!(r.log(), ["watch 10", "unwatch 10"]);
+    assert_eq!(report.closed.len(), 1);
+    let w = &report.closed[0];
+    assert_eq!(w.partial_reason, Some(PartialReason::VmExited));
+    assert_eq!((w.timer, w.read), (Some(45), Some(12)));
+    assert_eq!(w.devices[0].name, "parallel");
+    assert_eq!(w.sources.read, "usdt");
+    assert!(r.session.running().is_empty());
+    // The cumulative view (what `serve` exports) has the final counts too.
+    assert!(r.session.observations().is_empty());
+    let exits = r.session.exits();
+    assert_eq!(exits.len(), 1);
+    assert_eq!(
+        (exits[0].counts.timer, exits[0].counts.read),
+        (Some(45), Some(12))
+    );
+}
+
+#[test]
+fn a_reused_pid_is_a_new_vm() {
+    let mut r = rig(VmFilter::default(), &[]);
+    r.host.borrow_mut().push(qemu(10, 1, "old"));
+    r.session.sample(0.0).unwrap();
+    r.set_timer(10, 7);
+    // Same PID, another start time: the old QEMU exited, a new one took its PID.
+    *r.host.borrow_mut() = vec![qemu(10, 2, "new")];
+    let report = r.session.sample(1.0).unwrap();
+    assert_eq!(r.log(), ["watch 10", "unwatch 10", "watch 10"]);
+    assert_eq!(report.closed.len(), 1);
+    assert_eq!(report.closed[0].vm.name, "old");
+    assert_eq!(report.closed[0].timer, Some(7));
+    let running = r.session.running();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].identity.name, "new");
+    assert_eq!(running[0].counts.timer, Some(0));
+}
+
+#[test]
+fn a_selection_that_matches_nothing_is_said_each_window_until_a_vm_appears() {
+    let mut r = rig(
+        VmFilter {
+            names: vec!["web01".into()],
+            pids: Vec::new(),
+        },
+        &[],
+    );
+    let said = |report: &SampleReport| {
+        report
+            .notes
+            .iter()
+            .any(|n| n.text.starts_with("no QEMU process matches --vm web01"))
+    };
+    assert!(said(&r.session.sample(0.0).unwrap()));
+    assert!(!said(&r.session.sample(5.0).unwrap()), "once per window");
+    assert!(
+        said(&r.session.sample(10.0).unwrap()),
+        "again in the next window"
+    );
+    assert!(!r.session.ever_matched());
+    r.host.borrow_mut().push(qemu(10, 1, "web01"));
+    r.session.sample(11.0).unwrap();
+    assert!(r.session.ever_matched());
+    r.host.borrow_mut().clear();
+    assert!(!said(&r.session.sample(20.0).unwrap()), "it did match once");
+}
+
+#[test]
+fn a_vm_that_turns_out_to_be_kvm_gets_its_sources_again_and_keeps_its_counts() {
+    let mut r = rig(VmFilter::default(), &[]);
+    r.host.borrow_mut().push(qemu(10, 1, "a"));
+    let report = r.session.sample(0.0).unwrap();
+    assert_eq!(report.notes.len(), 1, "stripped TCG: {:?}", report.notes);
+    r.set_timer(10, 4);
+    // The next look finds /dev/kvm open.
+    std::sync::Arc::make_mut(&mut r.host.borrow_mut()[0].identity).accel = Accel::Kvm;
+    let report = r.session.sample(1.0).unwrap();
+    assert_eq!(r.log(), ["watch 10", "replan 10 kvm"]);
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.text.starts_with("runs under kvm (it was tcg")),
+        "{:?}",
+        report.notes
+    );
+    r.set_timer(10, 9);
+    let closed = r.session.sample(10.0).unwrap().closed;
+    assert_eq!(closed[0].sources.read, "kvm-tracepoints");
+    assert_eq!(closed[0].timer, Some(9), "counts kept across the re-plan");
+    // Once settled, no more re-planning.
+    r.session.sample(11.0).unwrap();
+    assert_eq!(r.log().len(), 2);
+}
+
+#[test]
+fn only_selected_vms_are_watched() {
+    let mut r = rig(
+        VmFilter {
+            names: vec!["b".into()],
+            pids: vec![30],
+        },
+        &[],
+    );
+    *r.host.borrow_mut() = vec![qemu(10, 1, "a"), qemu(20, 1, "b"), qemu(30, 1, "c")];
+    r.session.sample(0.0).unwrap();
+    assert_eq!(r.log(), ["watch 20", "watch 30"]);
+    assert_eq!(r.session.processes().len(), 2);
+    assert_eq!(
+        r.session.live_sources(),
+        ["libc uprobes (timer, fd)", "uprobes timer callbacks"]
+    );
+}
