@@ -1258,7 +1258,7 @@ pub(crate) mod tests {
         let child = Command::new("sleep").arg("60").spawn().expect("sleep runs");
         let pid = child.id();
         // exec has happened once /proc/PID/exe points at sleep.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !std::fs::read_link(format!("/proc/{pid}/exe"))
             .is_ok_and(|p| p.to_string_lossy().ends_with("sleep"))
         {
