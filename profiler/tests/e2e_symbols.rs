@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use xtask::launch::{DeviceSet, GuestSpec};
 
@@ -27,7 +25,9 @@ fn stripped_qemu_with_debug_file_counts_reads_and_names_timer_callbacks() {
         &image,
         dir.path(),
         &["--debug-dir".as_ref(), debug_root.as_os_str()],
-        Duration::from_secs(6),
+        // The frame timer is checked in a window after the workload: while the guest's
+        // reads hold QEMU's big lock, its main loop runs the timer less often.
+        1,
     );
     let windows = of(&records, "e2e-sym");
     assert!(windows.len() >= 3, "{records:#?}");
@@ -38,7 +38,8 @@ fn stripped_qemu_with_debug_file_counts_reads_and_names_timer_callbacks() {
     let (reads, _) = device_total(&windows, "parallel");
     eprintln!("parallel reads counted through memory_region_dispatch_read: {reads} of {N}");
     assert!((N..=N + N / 50).contains(&reads), "{reads} for {N}");
-    // UHCI's frame timer runs at 1 kHz while the tablet is attached.
+    // UHCI's frame timer runs at 1 kHz while the tablet is attached (the last full window
+    // started after the workload).
     let full: Vec<_> = windows.iter().filter(|w| !w.partial).collect();
     assert!(!full.is_empty());
     let last = full.last().unwrap();
@@ -59,11 +60,14 @@ fn stripped_qemu_with_debug_file_counts_reads_and_names_timer_callbacks() {
         "uhci_frame_timer ran {} times of {timer} timer events in {} s",
         frame_timer.count, last.seconds
     );
-    assert!(frame_timer.count * 2 >= timer, "{frame_timer:?} of {timer}");
+    assert!(
+        frame_timer.count * 2 >= timer,
+        "{frame_timer:?} of {timer}: {last:?}"
+    );
     // An idle Linux guest's next busiest timer (its APIC timer) runs ~15 times a second.
     assert!(
         frame_timer.count as f64 >= 100.0 * last.seconds,
-        "{frame_timer:?} in {} s",
+        "{frame_timer:?} in {} s: {last:?}",
         last.seconds
     );
 }

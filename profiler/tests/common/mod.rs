@@ -150,13 +150,14 @@ pub fn usdt_qemu(test: &str) -> Option<PathBuf> {
 }
 
 /// Boots `spec` (whose guest runs a port workload), records it with `extra` profiler
-/// arguments until the workload is done plus `tail`, and returns the recording.
+/// arguments until the workload is done and `idle_windows` full windows of the VM that
+/// started after it are written, and returns the recording.
 pub fn record_workload(
     spec: &GuestSpec,
     image: &GuestImage,
     dir: &Path,
     extra: &[&std::ffi::OsStr],
-    tail: Duration,
+    idle_windows: usize,
 ) -> Vec<WindowRecord> {
     // The workload waits for the test's go line, given once the profiler is attached.
     let mut spec = spec.clone();
@@ -180,7 +181,22 @@ pub fn record_workload(
     guest
         .wait_for_line("PROFILER-WORKLOAD-DONE", BOOT)
         .expect("workload finishes");
-    std::thread::sleep(tail);
+    let done = chrono::Utc::now();
+    wait_until(
+        &format!(
+            "{idle_windows} full windows of {} after its workload",
+            spec.name
+        ),
+        HANG,
+        || {
+            load_so_far(&rec)
+                .iter()
+                .filter(|w| w.vm.name == spec.name && !w.partial)
+                .filter(|w| w.start.parse::<chrono::DateTime<chrono::Utc>>().unwrap() >= done)
+                .count()
+                >= idle_windows
+        },
+    );
     // SAFETY: plain signal to our child.
     unsafe { libc::kill(recorder.0.id() as i32, libc::SIGINT) };
     assert!(recorder.0.wait().expect("profiler exits").success());
