@@ -1257,11 +1257,18 @@ pub(crate) mod tests {
     fn sleeper() -> (Sleeper, u64) {
         let child = Command::new("sleep").arg("60").spawn().expect("sleep runs");
         let pid = child.id();
-        // exec has happened once /proc/PID/exe points at sleep.
+        // exec is done once /proc/PID/exe points at sleep and sleep is mapped: execve sets
+        // the exe link before it maps the new binary, and a busy host may stop it between.
+        let mapped = || {
+            let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+                return false;
+            };
+            exe.to_string_lossy().ends_with("sleep")
+                && std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                    .is_ok_and(|maps| maps.lines().any(|l| l.ends_with(&*exe.to_string_lossy())))
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !std::fs::read_link(format!("/proc/{pid}/exe"))
-            .is_ok_and(|p| p.to_string_lossy().ends_with("sleep"))
-        {
+        while !mapped() {
             assert!(std::time::Instant::now() < deadline, "sleep never started");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
