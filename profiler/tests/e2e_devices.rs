@@ -22,8 +22,8 @@ fn exact_parallel_port_reads_by_name() {
     let dir = run_dir("parallel");
     let mut spec = GuestSpec::new("e2e-lpt", DeviceSet::Noisy);
     spec.qemu = qemu;
-    spec.extra_append = format!("workload=inb:0x378:{N} workload_delay=6");
-    let records = record_workload(&spec, &image, dir.path(), &[], Duration::from_secs(2));
+    spec.extra_append = format!("workload=inb:0x378:{N}");
+    let records = record_workload(&spec, &image, dir.path(), &[], 0);
     let windows = of(&records, "e2e-lpt");
     assert!(!windows.is_empty());
     for w in &windows {
@@ -73,8 +73,8 @@ fn uhci_polling_shows_and_quiet_guest_has_no_legacy_device_events() {
     quiet.qemu = qemu;
     let g1 = launch(&noisy, &image, dir.path()).unwrap();
     let g2 = launch(&quiet, &image, dir.path()).unwrap();
-    g1.wait_ready(Duration::from_secs(180)).unwrap();
-    g2.wait_ready(Duration::from_secs(180)).unwrap();
+    g1.wait_ready(BOOT).unwrap();
+    g2.wait_ready(BOOT).unwrap();
     // The guest's uhci-hcd may still be starting its schedule just after boot (seen once: the
     // frame timer ran ~1.5 s of a 5 s window); let it settle.
     std::thread::sleep(Duration::from_secs(6));
@@ -103,12 +103,7 @@ fn uhci_polling_shows_and_quiet_guest_has_no_legacy_device_events() {
     // The USDT build is unstripped, so timers are split by callback: UHCI's 1 kHz frame timer.
     let last = usb.last().unwrap();
     assert_eq!(last.sources.timer_callbacks, "symbols");
-    let frame = last
-        .timers
-        .iter()
-        .find(|t| t.callback == "uhci_frame_timer")
-        .unwrap_or_else(|| panic!("{last:?}"));
-    assert!(frame.count >= 4_000, "{frame:?}");
+    assert_frame_timer_dominates(last);
     assert!(
         !calm
             .last()
@@ -128,4 +123,28 @@ fn uhci_polling_shows_and_quiet_guest_has_no_legacy_device_events() {
         assert_eq!(w.sources.read, "usdt");
         assert!(w.read.is_some());
     }
+}
+
+/// UHCI's 1 kHz frame timer is most of the window's timer events, and runs at a kHz-class
+/// rate. Not 1,000 runs a second: a QEMU main loop that runs late (a slow or busy host)
+/// catches up on a late timer in one run, so the runs depend on the host's speed; the share
+/// of the window's own timer events does not.
+fn assert_frame_timer_dominates(w: &profiler::record::WindowRecord) {
+    let frame = w
+        .timers
+        .iter()
+        .find(|t| t.callback == "uhci_frame_timer")
+        .unwrap_or_else(|| panic!("no uhci_frame_timer: {w:?}"));
+    let timer = w.timer.expect("timer events counted");
+    eprintln!(
+        "uhci_frame_timer ran {} times of {timer} timer events in {} s",
+        frame.count, w.seconds
+    );
+    assert!(frame.count * 2 >= timer, "{frame:?} of {timer}: {w:?}");
+    // The next busiest timer of an idle Linux guest (its APIC timer) runs ~15 times a second.
+    assert!(
+        frame.count as f64 >= 100.0 * w.seconds,
+        "{frame:?} in {} s: {w:?}",
+        w.seconds
+    );
 }

@@ -3,9 +3,8 @@
 mod common;
 
 use std::{
-    io::Read,
+    io::{BufRead as _, BufReader},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use common::*;
@@ -73,16 +72,31 @@ fn full_disk_mid_recording_loses_no_window() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(4));
+    // Its stderr, line by line as it comes, and whole at the end.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = BufReader::new(recorder.stderr.take().unwrap()).lines();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // The disk frees up once the profiler has found it full.
+    let deadline = std::time::Instant::now() + HANG;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("keeping them in memory") => break,
+            Ok(_) => {}
+            Err(e) => panic!("the profiler never said the disk was full ({e})"),
+        }
+    }
     std::fs::remove_file(&filler).unwrap();
     let status = recorder.wait().unwrap();
-    let mut stderr = String::new();
-    recorder
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = reader.join().unwrap();
     let _ = qemu.kill();
     let _ = qemu.wait();
     assert!(status.success(), "{status}: {stderr}");

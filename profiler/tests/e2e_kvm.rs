@@ -40,7 +40,7 @@ fn boot_sector(n: u16) -> Vec<u8> {
 
 /// Sends `cont` on a QMP socket of the test's own (the profiler's QMP client is read-only).
 fn qmp_cont(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + HANG;
     let stream = loop {
         match UnixStream::connect(socket) {
             Ok(s) => break s,
@@ -48,9 +48,7 @@ fn qmp_cont(socket: &Path) {
             Err(e) => panic!("QMP {}: {e}", socket.display()),
         }
     };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(HANG)).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap(); // greeting
@@ -120,15 +118,14 @@ fn kvm_tracepoints_count_exact_parallel_reads_named_through_qmp() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Let the profiler find the VM, attach, and read its device names; then run the guest.
-    std::thread::sleep(Duration::from_secs(3));
+    // Run the guest once the profiler has found the VM and attached (its first window of the
+    // paused VM is written after that); its device names come from QMP in the background
+    // meanwhile, and name the counts when their window closes.
+    wait_for_record_of(&rec, "e2e-kvm");
     qmp_cont(&d.join("test.qmp"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read(d.join("debugcon")).is_ok_and(|b| b.contains(&b'D')) {
-        assert!(Instant::now() < deadline, "the boot sector never finished");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_secs(3));
+    wait_until("the boot sector to finish", HANG, || {
+        std::fs::read(d.join("debugcon")).is_ok_and(|b| b.contains(&b'D'))
+    });
     // SAFETY: plain signals to our children.
     unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
     assert!(recorder.wait().unwrap().success());

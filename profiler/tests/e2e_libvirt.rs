@@ -66,7 +66,7 @@ const NOVA_METADATA: &str = "<nova:instance xmlns:nova=\"http://openstack.org/xm
 
 fn wait_ready(images: &Path, name: &str) {
     let serial = images.join(format!("{name}.serial"));
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + BOOT;
     while !std::fs::read_to_string(&serial).is_ok_and(|s| s.contains("PROFILER-GUEST-READY")) {
         assert!(Instant::now() < deadline, "{name} never booted");
         sleep(Duration::from_millis(200));
@@ -211,7 +211,7 @@ fn libvirt_domains_identity_nova_name_and_ranking() {
         "30",
         &script,
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + HANG;
     let screen = loop {
         sleep(Duration::from_secs(1));
         let screen = tmux(&["capture-pane", "-p", "-t", &session]);
@@ -306,21 +306,51 @@ fn libvirt_kvm_domain_ports_named_from_the_well_known_table() {
                <parallel type='pty'><target port='0'/></parallel>\
                <video><model type='none'/></video><memballoon model='none'/></devices></domain>";
     // SeaBIOS probes the serial and parallel ports while it boots: the profiler must be
-    // watching before the domain starts, so it records first.
+    // watching before the domain runs, so the domain starts paused and runs once the profiler
+    // has written a window of it.
     let boot_recorded = |extra: &[&str], file: &str| -> Vec<String> {
         let rec = dir.path().join(file);
-        let mut recorder = profiler()
-            .args(["record", "--window", "2", "--vm", "e2e-lv-kvm", "--output"])
-            .arg(&rec)
-            .args(extra)
-            .spawn()
-            .unwrap();
-        sleep(Duration::from_secs(2));
-        let guest = LibvirtGuest::create("e2e-lv-kvm", xml, dir.path());
-        sleep(Duration::from_secs(6));
+        let mut recorder = KillOnDrop(
+            profiler()
+                .args(["record", "--window", "2", "--vm", "e2e-lv-kvm", "--output"])
+                .arg(&rec)
+                .args(extra)
+                .spawn()
+                .unwrap(),
+        );
+        let guest = LibvirtGuest::create_paused("e2e-lv-kvm", xml, dir.path());
+        wait_for_record_of(&rec, "e2e-lv-kvm");
+        guest.resume();
+        // SeaBIOS probes COM1 to COM4, then LPT1: once both configured ports are named in a
+        // closed window, so is whatever it probed between them.
+        let named = |records: &[WindowRecord], prefix: &str| {
+            records
+                .iter()
+                .flat_map(|w| &w.devices)
+                .any(|d| d.name.starts_with(prefix))
+        };
+        let deadline = Instant::now() + HANG;
+        loop {
+            let records = load_so_far(&rec);
+            if named(&records, "serial (serial0, port 0x3f")
+                && named(&records, "parallel (parallel0, port 0x37")
+            {
+                break;
+            }
+            let names: Vec<&str> = records
+                .iter()
+                .flat_map(|w| &w.devices)
+                .map(|d| d.name.as_str())
+                .collect();
+            assert!(
+                Instant::now() < deadline,
+                "SeaBIOS's serial and parallel probes not recorded after {HANG:?}: {names:?}"
+            );
+            sleep(Duration::from_millis(200));
+        }
         // SAFETY: plain signal to our child.
-        unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
-        assert!(recorder.wait().unwrap().success());
+        unsafe { libc::kill(recorder.0.id() as i32, libc::SIGINT) };
+        assert!(recorder.0.wait().unwrap().success());
         drop(guest);
         let records = load(&rec);
         let windows = of(&records, "e2e-lv-kvm");

@@ -56,7 +56,8 @@ fn device_names_and_busy_monitor() {
     let msg = format!("{err:#}");
     eprintln!("second client after {took:?}: {msg}");
     assert!(msg.contains("is busy"), "{msg}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    // Given up at its 2 s deadline, not left hanging (a slow host may add to it).
+    assert!(took < Duration::from_secs(10), "{took:?}");
     // The first client still works, and once it leaves the monitor is free again.
     assert!(
         client
@@ -65,7 +66,7 @@ fn device_names_and_busy_monitor() {
             .contains("(prio 0, i/o): parallel")
     );
     drop(client);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + HANG;
     loop {
         match qmp::connect(&endpoint, DEFAULT_TIMEOUT) {
             Ok(mut c) => {

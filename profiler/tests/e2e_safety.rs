@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     os::unix::fs::FileExt as _,
+    path::PathBuf,
     process::{Child, Stdio},
     thread::sleep,
     time::{Duration, Instant},
@@ -42,7 +43,7 @@ fn semaphores(pid: u32) -> Vec<u16> {
 
 /// Polls until QEMU's semaphores read `want`.
 fn wait_semaphores(pid: u32, want: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + HANG;
     loop {
         let now = semaphores(pid);
         if now.iter().all(|&v| v == want) {
@@ -56,16 +57,23 @@ fn wait_semaphores(pid: u32, want: u16, what: &str) {
     }
 }
 
-fn usdt_guest(test: &str, name: &str, append: &str) -> Option<(RunningGuest, tempfile::TempDir)> {
+/// A booted guest on the USDT QEMU; with a workload (`append`), also the socket of its sync
+/// port: the workload waits for the test's go line.
+fn usdt_guest(
+    test: &str,
+    name: &str,
+    append: &str,
+) -> Option<(RunningGuest, tempfile::TempDir, Option<PathBuf>)> {
     let image = e2e_guest_image(test)?;
     let qemu = usdt_qemu(test)?;
     let dir = run_dir(test);
     let mut spec = GuestSpec::new(name, DeviceSet::Noisy);
     spec.qemu = qemu;
     spec.extra_append = append.into();
+    let ctl = (!append.is_empty()).then(|| add_sync_port(&mut spec, dir.path()));
     let guest = launch(&spec, &image, dir.path()).expect("launch");
-    guest.wait_ready(Duration::from_secs(180)).expect("boots");
-    Some((guest, dir))
+    guest.wait_ready(BOOT).expect("boots");
+    Some((guest, dir, ctl))
 }
 
 fn recorder(vm: &str, out: &std::path::Path) -> Child {
@@ -82,7 +90,7 @@ fn recorder(vm: &str, out: &std::path::Path) -> Child {
 #[test]
 fn sigkill_of_the_profiler_leaves_qemus_semaphores_at_zero() {
     let test = "sigkill_semaphores";
-    let Some((guest, dir)) = usdt_guest(test, "e2e-sigkill", "") else {
+    let Some((guest, dir, _)) = usdt_guest(test, "e2e-sigkill", "") else {
         return;
     };
     let pid = guest.pid();
@@ -109,11 +117,8 @@ fn sigkill_of_the_profiler_leaves_qemus_semaphores_at_zero() {
 fn two_profilers_at_once_both_count_everything() {
     let test = "two_profilers";
     const N: u64 = 30_000;
-    let Some((guest, dir)) = usdt_guest(
-        test,
-        "e2e-two",
-        &format!("workload=inb:0x378:{N} workload_delay=8"),
-    ) else {
+    let Some((guest, dir, ctl)) = usdt_guest(test, "e2e-two", &format!("workload=inb:0x378:{N}"))
+    else {
         return;
     };
     let pid = guest.pid();
@@ -121,10 +126,13 @@ fn two_profilers_at_once_both_count_everything() {
     let mut first = recorder("e2e-two", &a);
     let mut second = recorder("e2e-two", &b);
     wait_semaphores(pid, 1, "both recording (one breakpoint, one increment)");
+    // Each has written a window of the VM, so each has attached: the workload may start.
+    wait_for_record_of(&a, "e2e-two");
+    wait_for_record_of(&b, "e2e-two");
+    let _go = release_workload(&guest, &ctl.expect("a sync port"));
     guest
-        .wait_for_line("PROFILER-WORKLOAD-DONE", Duration::from_secs(120))
+        .wait_for_line("PROFILER-WORKLOAD-DONE", BOOT)
         .expect("workload finishes");
-    sleep(Duration::from_secs(2));
     for child in [&mut first, &mut second] {
         // SAFETY: plain signal to our child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

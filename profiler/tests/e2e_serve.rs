@@ -152,13 +152,13 @@ fn prometheus_ranks_the_noisy_guest_first_across_two_hosts() {
         guests.push(launch(&spec, &image, dir.path()).expect("launch"));
     }
     for g in &guests {
-        g.wait_ready(Duration::from_secs(180)).expect("boots");
+        g.wait_ready(BOOT).expect("boots");
     }
     let host_a = serve("e2e-serve-noisy");
     let host_b = serve("e2e-serve-quiet");
 
     // The exposition passes Prometheus's own linter (once the first sample is in).
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + HANG;
     let metrics = loop {
         let metrics = get(&format!("http://{}/metrics", host_a.addr));
         if metrics.contains("qemu_profiler_device_reads_total") {
@@ -194,7 +194,7 @@ fn prometheus_ranks_the_noisy_guest_first_across_two_hosts() {
         &[(&host_a.addr, "host-a"), (&host_b.addr, "host-b")],
     );
     let _prom = KillOnDrop(prom);
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let ranking = loop {
         sleep(Duration::from_secs(2));
         let ready = std::panic::catch_unwind(|| {
@@ -258,11 +258,11 @@ fn serve_reopens_its_output_on_sighup_and_writes_the_textfile() {
         d,
     )
     .expect("launch");
-    guest.wait_ready(Duration::from_secs(180)).expect("boots");
+    guest.wait_ready(BOOT).expect("boots");
     let out = d.join("windows.jsonl");
     let textdir = d.join("textfile");
     std::fs::create_dir(&textdir).unwrap();
-    let mut child = profiler()
+    let child = profiler()
         .args(["serve", "--listen", "127.0.0.1:0", "--window", "1"])
         .args(["--vm", "e2e-serve-files", "--output"])
         .arg(&out)
@@ -271,18 +271,18 @@ fn serve_reopens_its_output_on_sighup_and_writes_the_textfile() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    sleep(Duration::from_secs(4));
+    let child = KillOnDrop(child);
+    // Written at the first sample, and again at each window's end.
+    let textfile = textdir.join("qemu_profiler.prom");
+    let series = "qemu_profiler_timer_events_total{vm=\"e2e-serve-files\"";
+    wait_until("the textfile with the VM's series", HANG, || {
+        std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains(series))
+    });
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(
         mode & 0o027,
         0,
         "output mode {mode:o} is group-writable or world-readable"
-    );
-    let textfile = textdir.join("qemu_profiler.prom");
-    let text = std::fs::read_to_string(&textfile).expect("textfile written");
-    assert!(
-        text.contains("qemu_profiler_timer_events_total{vm=\"e2e-serve-files\""),
-        "{text}"
     );
     let check = Command::new("promtool")
         .args(["check", "metrics"])
@@ -297,15 +297,22 @@ fn serve_reopens_its_output_on_sighup_and_writes_the_textfile() {
         .collect();
     assert_eq!(names, ["qemu_profiler.prom"], "{names:?}");
 
-    // logrotate: move the file away, then SIGHUP.
+    // logrotate: move the file away (once it has a window), then SIGHUP.
+    wait_until("a window in the output", HANG, || {
+        !load_so_far(&out).is_empty()
+    });
     let rotated = d.join("windows.jsonl.1");
     std::fs::rename(&out, &rotated).unwrap();
+    let mut child = child;
     // SAFETY: plain signal to our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-    sleep(Duration::from_secs(3));
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) };
+    // Reopened at the next sample: a new file, then a window written to it.
+    wait_until("a window in the reopened output", HANG, || {
+        !load_so_far(&out).is_empty()
+    });
     // SAFETY: as above.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success(), "SIGTERM is a clean stop");
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert!(child.0.wait().unwrap().success(), "SIGTERM is a clean stop");
     let old = load(&rotated);
     let new = load(&out);
     assert!(!old.is_empty() && !new.is_empty(), "{old:?} / {new:?}");

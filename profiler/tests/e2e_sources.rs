@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::{ffi::OsStr, path::Path, time::Duration};
+use std::{ffi::OsStr, path::Path};
 
 use common::*;
 use profiler::record::Sources;
@@ -66,7 +66,7 @@ fn list_and_record_agree_tcg_usdt() {
     let mut spec = GuestSpec::new("e2e-src-usdt", DeviceSet::Quiet);
     spec.qemu = qemu;
     let guest = launch(&spec, &image, dir.path()).expect("launch");
-    guest.wait_ready(Duration::from_secs(180)).expect("boots");
+    guest.wait_ready(BOOT).expect("boots");
     let s = agree(&spec.name, &[], dir.path());
     assert_eq!((s.read.as_str(), s.write.as_str()), ("usdt", "usdt"));
     assert_eq!(s.timer_callbacks, "symbols");
@@ -81,7 +81,7 @@ fn list_and_record_agree_tcg_stripped() {
     let dir = run_dir("sources-stripped");
     let spec = GuestSpec::new("e2e-src-stripped", DeviceSet::Quiet);
     let guest = launch(&spec, &image, dir.path()).expect("launch");
-    guest.wait_ready(Duration::from_secs(180)).expect("boots");
+    guest.wait_ready(BOOT).expect("boots");
     let s = agree(&spec.name, &[], dir.path());
     assert!(
         s.read
@@ -105,7 +105,7 @@ fn list_and_record_agree_tcg_debug_file() {
     let mut spec = GuestSpec::new("e2e-src-debug", DeviceSet::Quiet);
     spec.qemu = stripped;
     let guest = launch(&spec, &image, dir.path()).expect("launch");
-    guest.wait_ready(Duration::from_secs(180)).expect("boots");
+    guest.wait_ready(BOOT).expect("boots");
     let extra = ["--debug-dir".as_ref(), debug_root.as_os_str()];
     let s = agree(&spec.name, &extra, dir.path());
     assert_eq!(

@@ -137,16 +137,14 @@ fn record_with(source: &str, bin: &Path) -> Recorded {
     );
     // Watched once the first sample has attached its probes: its first window is written
     // after 2 s.
-    wait_for("the first window", Duration::from_secs(30), || {
+    wait_for("the first window", HANG, || {
         std::fs::read_to_string(&rec).is_ok_and(|t| t.contains(&name))
     });
     let stats = bpf_stats_on();
     let programs = ["sys_enter_ppoll", "libc_wait_result", "libc_ppoll"];
     let before = programs.map(program_runs);
     std::fs::write(dir.path().join("go"), "").unwrap();
-    wait_for("the workload", Duration::from_secs(60), || {
-        dir.path().join("done").exists()
-    });
+    wait_for("the workload", HANG, || dir.path().join("done").exists());
     let after = programs.map(program_runs);
     let [runs, result_runs, entry_runs] = [0, 1, 2].map(|i| after[i] - before[i]);
     drop(stats);
@@ -303,14 +301,14 @@ fn the_syscall_tracepoints_detach_when_their_last_vm_exits() {
     );
     let _stats = bpf_stats_on();
     // Attached: this test's own ppolls run the program.
-    wait_for("the tracepoints to attach", Duration::from_secs(30), || {
+    wait_for("the tracepoints to attach", HANG, || {
         let before = program_runs("sys_enter_ppoll");
         unrelated_ppolls(100);
         program_runs("sys_enter_ppoll") >= before + 100
     });
     drop(workload);
     // The next sample sees the VM gone and detaches them: ppolls no longer run the program.
-    wait_for("the tracepoints to detach", Duration::from_secs(10), || {
+    wait_for("the tracepoints to detach", HANG, || {
         let before = program_runs("sys_enter_ppoll");
         unrelated_ppolls(100);
         program_runs("sys_enter_ppoll") == before
@@ -334,6 +332,24 @@ fn counter_slots_used() -> u64 {
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
     meta.get(&profiler_common::counter_meta::NEXT_SLOT, 0)
         .unwrap()
+}
+
+/// Keyed counters of process `tgid` in the newest loaded profiler's `COUNTER_SLOTS`.
+fn counter_keys_of(tgid: u32) -> usize {
+    let id = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some("COUNTER_SLOTS"))
+        .map(|m| m.id())
+        .max()
+        .expect("a profiler's COUNTER_SLOTS is loaded");
+    let data = aya::maps::MapData::from_id(id).unwrap();
+    let slots: aya::maps::HashMap<_, profiler_common::CounterKey, u32> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    slots
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.tgid == tgid)
+        .count()
 }
 
 #[test]
@@ -364,22 +380,30 @@ fn a_gone_vms_counter_slots_serve_the_next_vm_without_its_counts() {
     let run = |name: &str| {
         let run = run_dir(name);
         let workload = start_waits(&bin, run.path(), name);
-        wait_for(
-            "the workload's first window",
-            Duration::from_secs(30),
-            || std::fs::read_to_string(&rec).is_ok_and(|t| t.contains(name)),
-        );
-        std::fs::write(run.path().join("go"), "").unwrap();
-        wait_for("the workload", Duration::from_secs(60), || {
-            run.path().join("done").exists()
+        wait_for("the workload's first window", HANG, || {
+            std::fs::read_to_string(&rec).is_ok_and(|t| t.contains(name))
         });
+        std::fs::write(run.path().join("go"), "").unwrap();
+        wait_for("the workload", HANG, || run.path().join("done").exists());
         // Its last waits land in a window that closes within a second.
         sleep(Duration::from_millis(1500));
+        let pid = workload.0.id();
         drop(workload);
+        pid
     };
-    run("slots-first");
-    // Gone: its counters are forgotten (after its uprobes are detached) and their slots freed.
-    sleep(Duration::from_secs(4));
+    let first = run("slots-first");
+    // Gone: its exit window is written, its counters forgotten (after its uprobes are
+    // detached) and their slots freed.
+    wait_for(
+        "the first VM's exit window and its counters forgotten",
+        HANG,
+        || {
+            load_so_far(&rec).iter().any(|w| {
+                w.vm.name == "slots-first"
+                    && w.partial_reason == Some(profiler::record::PartialReason::VmExited)
+            }) && counter_keys_of(first) == 0
+        },
+    );
     let used = counter_slots_used();
     run("slots-second");
     let used_after = counter_slots_used();

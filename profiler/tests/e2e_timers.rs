@@ -3,9 +3,10 @@
 mod common;
 
 use std::{
+    io::{BufRead as _, BufReader},
     process::Stdio,
     thread::sleep,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
@@ -100,18 +101,57 @@ fn vms_coming_and_going_and_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    sleep(Duration::from_secs(2));
-    // Boots during window 0 or 1; announced within one refresh of appearing.
+    // Its first sample (time zero) has seen `early`: what starts now starts mid-recording.
+    let mut stderr = BufReader::new(recorder.stderr.take().unwrap()).lines();
+    loop {
+        let line = stderr
+            .next()
+            .expect("the profiler says when it records")
+            .unwrap();
+        eprintln!("{line}");
+        if line.starts_with("profiler: recording ") {
+            break;
+        }
+    }
+    std::thread::spawn(move || stderr.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
+    // Announced within one refresh of appearing.
     let late = boot("e2e-late", DeviceSet::Quiet, &image, dir.path());
     let late_pid = late.pid();
+    // The profiler's windows start at its time zero, which window 0's record gives (on the
+    // wall clock); the test's own clock started earlier, by however long loading took.
+    wait_for_record_of(&rec, "e2e-early");
+    let zero = load_so_far(&rec)
+        .iter()
+        .find(|r| r.vm.name == "e2e-early" && r.window == 0)
+        .expect("window 0 of e2e-early")
+        .start
+        .parse::<chrono::DateTime<chrono::Utc>>()
+        .expect("an RFC 3339 start");
+    let phase = || {
+        let since = chrono::Utc::now() - zero;
+        (since.num_milliseconds() as f64 / 1000.0).rem_euclid(5.0)
+    };
     // Exit `early` well inside a window (not near a boundary).
-    while started.elapsed().as_secs_f64() % 5.0 < 1.5 || started.elapsed().as_secs_f64() % 5.0 > 3.5
-    {
+    while !(1.5..3.5).contains(&phase()) {
         sleep(Duration::from_millis(100));
     }
+    // At once (SIGKILL; dropping the guest asks QEMU with SIGTERM first, which a busy host
+    // may take a while to act on).
+    // SAFETY: a plain signal to our own child, not reaped yet.
+    unsafe { libc::kill(early.pid() as i32, libc::SIGKILL) };
     drop(early);
-    sleep(Duration::from_secs(7));
+    // Its exit window, and a full window of `late`, are written before the stop.
+    wait_until(
+        "the exit window of e2e-early and a full window of e2e-late",
+        HANG,
+        || {
+            let records = load_so_far(&rec);
+            of(&records, "e2e-early")
+                .iter()
+                .any(|w| w.partial_reason == Some(PartialReason::VmExited))
+                && of(&records, "e2e-late").iter().any(|w| !w.partial)
+        },
+    );
     // SAFETY: plain signal to our child.
     unsafe { libc::kill(recorder.id() as i32, libc::SIGTERM) };
     let status = recorder.wait().unwrap();

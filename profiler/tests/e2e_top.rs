@@ -55,7 +55,7 @@ fn top_ranks_noisy_above_quiet_and_q_restores_the_terminal() {
     let kill = scopeguard(session.clone());
 
     // Two closed 2 s windows, then read the ranking.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + HANG;
     let screen = loop {
         sleep(Duration::from_secs(1));
         let screen = capture(&session);
@@ -78,7 +78,7 @@ fn top_ranks_noisy_above_quiet_and_q_restores_the_terminal() {
     // Quitting detaches every probe: the kernel removes uprobes one at a time (about 10 a
     // second on a loaded machine here), so give it time.
     let quit = Instant::now();
-    let deadline = quit + Duration::from_secs(60);
+    let deadline = quit + HANG;
     let after = loop {
         sleep(Duration::from_millis(500));
         let after = capture(&session);
@@ -142,7 +142,7 @@ fn top_shows_notes_in_its_status_line_and_stays_intact() {
         &script,
     ]);
     let kill = scopeguard(session.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + HANG;
     let screen = loop {
         sleep(Duration::from_secs(1));
         let screen = capture(&session);

@@ -461,7 +461,7 @@ mod tests {
             VmNameCache::new(std::process::id(), "db", sources, Some(&endpoint));
         assert!(notes.is_empty());
         let raw = RawCounters::default();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let note = loop {
             let notes = cache.update(&raw);
             if let Some(n) = notes.into_iter().next() {

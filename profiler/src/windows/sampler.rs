@@ -315,8 +315,11 @@ mod tests {
     /// Real time: a paused clock does not move while a sample blocks the thread.
     #[tokio::test]
     async fn a_slow_sample_skips_the_missed_ticks_instead_of_mislabelling_them() {
-        // The 2nd sample (t = 1) takes 2.6 s: the ticks at t = 2 and t = 3 are missed.
-        let mut s = session(Some(2), 2600);
+        // The 2nd sample (t = 1) takes 2.2 s: the ticks at t = 2 and t = 3 are missed. It
+        // starts at t = 1 at the earliest, so it ends after t = 3.2 whatever the host; a host
+        // late by up to 0.8 s in all (waking the runtime, running the sample) still ends it
+        // before the tick at t = 4.
+        let mut s = session(Some(2), 2200);
         let mut log = Log::default();
         run(
             &mut s,

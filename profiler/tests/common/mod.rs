@@ -2,9 +2,11 @@
 #![allow(dead_code)]
 
 use std::{
+    io::Write as _,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use profiler::record::{WindowRecord, read_records};
@@ -14,6 +16,69 @@ use xtask::{
 };
 
 pub use xtask::prereq::Prereq;
+
+/// How long a guest may take to boot before the test calls it hung: machines of one kind
+/// differ several times in speed, and a busy neighbour slows a TCG boot further.
+pub const BOOT: Duration = Duration::from_secs(600);
+
+/// How long a test waits for something that should happen within seconds (the profiler
+/// attaching, a window closing, a process starting) before it calls it hung.
+pub const HANG: Duration = Duration::from_secs(120);
+
+/// Polls `done` every 50 ms until it holds; fails after `timeout` (a hang detector only).
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the recording at `rec` has a window record of VM `vm` yet. The profiler writes a
+/// VM's first record when its first window closes, after it attached to the VM.
+pub fn has_record_of(rec: &Path, vm: &str) -> bool {
+    std::fs::read_to_string(rec).is_ok_and(|t| t.contains(&format!("\"name\":\"{vm}\"")))
+}
+
+/// Waits until the recording at `rec` has a record of VM `vm`: the profiler has attached.
+pub fn wait_for_record_of(rec: &Path, vm: &str) {
+    wait_until(
+        &format!("the profiler's first record of {vm} in {}", rec.display()),
+        HANG,
+        || has_record_of(rec, vm),
+    );
+}
+
+/// Makes the guest's workload wait for a go line on its `/dev/ttyS1` (`workload_sync`), a
+/// second serial port on a Unix socket the test writes to: the workload then starts only
+/// once the test knows the profiler is attached. Returns the socket's path.
+pub fn add_sync_port(spec: &mut GuestSpec, dir: &Path) -> PathBuf {
+    let ctl = dir.join(format!("{}.ctl", spec.name));
+    let _ = std::fs::remove_file(&ctl);
+    spec.extra_append.push_str(" workload_sync=/dev/ttyS1");
+    spec.extra_args.extend([
+        "-chardev".to_string(),
+        format!("socket,id=ctl,path={},server=on,wait=off", ctl.display()),
+        "-device".to_string(),
+        "isa-serial,chardev=ctl".to_string(),
+    ]);
+    ctl
+}
+
+/// Lets the workload of `guest` (set up with [`add_sync_port`]) start its first round, once
+/// it waits for it. Keep the returned connection until the workload is done.
+pub fn release_workload(guest: &RunningGuest, ctl: &Path) -> UnixStream {
+    guest
+        .wait_for_line("PROFILER-WORKLOAD-WAITING round=0", BOOT)
+        .expect("the workload waits for its go line");
+    let mut go = UnixStream::connect(ctl)
+        .unwrap_or_else(|e| panic!("the guest's sync port {}: {e}", ctl.display()));
+    go.write_all(b"go\n").expect("go line written");
+    go
+}
 
 /// Root and the test guest image, or `None` after saying why (a failure under
 /// `PROFILER_E2E_REQUIRE`, which `cargo xtask test` sets as root).
@@ -32,9 +97,7 @@ pub fn run_dir(test: &str) -> tempfile::TempDir {
 
 pub fn boot(name: &str, devices: DeviceSet, image: &GuestImage, dir: &Path) -> RunningGuest {
     let guest = launch(&GuestSpec::new(name, devices), image, dir).expect("launch QEMU");
-    guest
-        .wait_ready(Duration::from_secs(180))
-        .expect("guest boots");
+    guest.wait_ready(BOOT).expect("guest boots");
     guest
 }
 
@@ -61,6 +124,17 @@ pub fn load(path: &Path) -> Vec<WindowRecord> {
     records
 }
 
+/// The whole records written to `path` so far (the profiler may be writing the next line);
+/// none if it does not exist yet.
+pub fn load_so_far(path: &Path) -> Vec<WindowRecord> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    whole
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 pub fn of<'a>(records: &'a [WindowRecord], name: &str) -> Vec<&'a WindowRecord> {
     records.iter().filter(|r| r.vm.name == name).collect()
 }
@@ -76,37 +150,56 @@ pub fn usdt_qemu(test: &str) -> Option<PathBuf> {
 }
 
 /// Boots `spec` (whose guest runs a port workload), records it with `extra` profiler
-/// arguments until the workload is done plus `tail`, and returns the recording.
+/// arguments until the workload is done and `idle_windows` full windows of the VM that
+/// started after it are written, and returns the recording.
 pub fn record_workload(
     spec: &GuestSpec,
     image: &GuestImage,
     dir: &Path,
     extra: &[&std::ffi::OsStr],
-    tail: Duration,
+    idle_windows: usize,
 ) -> Vec<WindowRecord> {
-    let guest = launch(spec, image, dir).expect("launch QEMU");
+    // The workload waits for the test's go line, given once the profiler is attached.
+    let mut spec = spec.clone();
+    let ctl = add_sync_port(&mut spec, dir);
+    let guest = launch(&spec, image, dir).expect("launch QEMU");
     let rec = recording_path(dir);
-    // Recording starts before the guest boots, so the workload (delayed after the ready line)
-    // runs while the probes are attached.
-    let mut recorder = profiler()
-        .args(["record", "--window", "5", "--vm", &spec.name])
-        .args(extra)
-        .arg("--output")
-        .arg(&rec)
-        // Inherited: the profiler's warnings show in the test output when something fails.
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("start profiler");
+    let mut recorder = KillOnDrop(
+        profiler()
+            .args(["record", "--window", "5", "--vm", &spec.name])
+            .args(extra)
+            .arg("--output")
+            .arg(&rec)
+            // Inherited: the profiler's warnings show in the test output when something fails.
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start profiler"),
+    );
+    guest.wait_ready(BOOT).expect("guest boots");
+    wait_for_record_of(&rec, &spec.name);
+    let _go = release_workload(&guest, &ctl);
     guest
-        .wait_ready(Duration::from_secs(180))
-        .expect("guest boots");
-    guest
-        .wait_for_line("PROFILER-WORKLOAD-DONE", Duration::from_secs(120))
+        .wait_for_line("PROFILER-WORKLOAD-DONE", BOOT)
         .expect("workload finishes");
-    std::thread::sleep(tail);
+    let done = chrono::Utc::now();
+    wait_until(
+        &format!(
+            "{idle_windows} full windows of {} after its workload",
+            spec.name
+        ),
+        HANG,
+        || {
+            load_so_far(&rec)
+                .iter()
+                .filter(|w| w.vm.name == spec.name && !w.partial)
+                .filter(|w| w.start.parse::<chrono::DateTime<chrono::Utc>>().unwrap() >= done)
+                .count()
+                >= idle_windows
+        },
+    );
     // SAFETY: plain signal to our child.
-    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
-    assert!(recorder.wait().expect("profiler exits").success());
+    unsafe { libc::kill(recorder.0.id() as i32, libc::SIGINT) };
+    assert!(recorder.0.wait().expect("profiler exits").success());
     load(&rec)
 }
 
@@ -192,9 +285,16 @@ pub fn kvm_guest_without_qmp(name: &str) -> Option<KillOnDrop> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("qemu starts");
-    // It opens /dev/kvm during start-up; give discovery a settled process.
-    std::thread::sleep(Duration::from_secs(1));
-    Some(KillOnDrop(child))
+    // It opens /dev/kvm during start-up: give discovery a settled process.
+    let fds = format!("/proc/{}/fd", child.id());
+    let child = KillOnDrop(child);
+    wait_until(&format!("{name} to open /dev/kvm"), HANG, || {
+        std::fs::read_dir(&fds).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/kvm")))
+        })
+    });
+    Some(child)
 }
 
 /// A real libvirtd (Debian's packages, no systemd): `virtlogd -d` and `libvirtd -d` are
@@ -228,7 +328,7 @@ impl Libvirtd {
                 let _ = std::fs::remove_file(socket);
                 // An instance stopped by the previous test may still hold its pidfile lock
                 // while it shuts down; the new one then exits 1 at once. Try again briefly.
-                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                let deadline = std::time::Instant::now() + HANG;
                 loop {
                     let status = std::process::Command::new(daemon)
                         .arg("-d")
@@ -239,14 +339,14 @@ impl Libvirtd {
                     }
                     assert!(
                         std::time::Instant::now() < deadline,
-                        "{daemon} -d: {status} (for 20 s)"
+                        "{daemon} -d: {status} (for {HANG:?})"
                     );
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 started.push(daemon.to_string());
             }
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + HANG;
         while !virsh(&["version"]).status.success() {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -268,7 +368,7 @@ impl Drop for Libvirtd {
         }
         // Let them finish shutting down (a zombie counts as gone: nothing may reap it here),
         // so the next test's daemons do not find the pidfile still locked.
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let deadline = std::time::Instant::now() + HANG;
         while std::time::Instant::now() < deadline && self.started.iter().any(|d| live_process(d)) {
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -309,10 +409,22 @@ pub struct LibvirtGuest {
 impl LibvirtGuest {
     /// Creates the domain from `xml` and waits for its QEMU process.
     pub fn create(name: &str, xml: &str, dir: &Path) -> Self {
+        Self::create_with(name, xml, dir, &[])
+    }
+
+    /// Creates the domain with its vCPUs paused (`virsh create --paused`) and waits for its
+    /// QEMU process; [`LibvirtGuest::resume`] runs it.
+    pub fn create_paused(name: &str, xml: &str, dir: &Path) -> Self {
+        Self::create_with(name, xml, dir, &["--paused"])
+    }
+
+    fn create_with(name: &str, xml: &str, dir: &Path, flags: &[&str]) -> Self {
         let _ = virsh(&["destroy", name]);
         let file = dir.join(format!("{name}.xml"));
         std::fs::write(&file, xml).unwrap();
-        let out = virsh(&["create", file.to_str().unwrap()]);
+        let mut args = vec!["create", file.to_str().unwrap()];
+        args.extend(flags);
+        let out = virsh(&args);
         assert!(
             out.status.success(),
             "virsh create {name}: {}{}",
@@ -320,7 +432,7 @@ impl LibvirtGuest {
             String::from_utf8_lossy(&out.stderr)
         );
         let pidfile = Path::new("/run/libvirt/qemu").join(format!("{name}.pid"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + HANG;
         let pid = loop {
             if let Some(pid) = std::fs::read_to_string(&pidfile)
                 .ok()
@@ -339,6 +451,18 @@ impl LibvirtGuest {
             name: name.into(),
             pid,
         }
+    }
+
+    /// Runs a domain created paused.
+    pub fn resume(&self) {
+        let out = virsh(&["resume", &self.name]);
+        assert!(
+            out.status.success(),
+            "virsh resume {}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The domain's uuid, as libvirt says.

@@ -190,9 +190,8 @@ mod tests {
     /// Root: the floor really puts a breakpoint at each site of the process, and takes it away.
     #[test]
     fn root_the_empty_program_breaks_at_every_site_and_leaves_nothing() {
-        // SAFETY: no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: attaching uprobes needs root");
+        let prereq = xtask::prereq::Prereq::new("root_the_empty_program_breaks_at_every_site");
+        if prereq.root().is_none() {
             return;
         }
         let pid = std::process::id();

@@ -344,6 +344,7 @@ mod tests {
     use std::{path::Path, process::Command, time::Instant};
 
     use super::*;
+    use crate::offer::elf::test_support::{missing, need_tool};
 
     const FIXTURE_A: &str = r#"
         #include <stddef.h>
@@ -374,8 +375,10 @@ mod tests {
         int main(void) { return 0; }
     "#;
 
-    /// Builds the two-CU fixture with `cc -g -c` plus `flags`, linked. `None` without `cc`.
-    fn build(dir: &Path, flags: &[&str]) -> Option<Vec<u8>> {
+    /// Builds the two-CU fixture with `cc -g -c` plus `flags`, linked. `None` after saying
+    /// why (a failure under `PROFILER_E2E_REQUIRE`) without `cc` or when it cannot build it.
+    fn build(test: &str, dir: &Path, flags: &[&str]) -> Option<Vec<u8>> {
+        need_tool(test, "cc", "build-essential")?;
         std::fs::write(dir.join("a.c"), FIXTURE_A).unwrap();
         std::fs::write(dir.join("b.c"), FIXTURE_B).unwrap();
         let out = dir.join("fixture");
@@ -388,17 +391,14 @@ mod tests {
             .output();
         match result {
             Ok(o) if o.status.success() => Some(std::fs::read(&out).unwrap()),
-            Ok(o) => {
-                eprintln!(
-                    "SKIP: cc {flags:?} failed: {}",
+            Ok(o) => missing(
+                test,
+                &format!(
+                    "cc {flags:?} cannot build the DWARF fixture: {}",
                     String::from_utf8_lossy(&o.stderr)
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIP: no C compiler (`cc`): {e}");
-                None
-            }
+                ),
+            ),
+            Err(e) => missing(test, &format!("cc does not run: {e}")),
         }
     }
 
@@ -410,7 +410,7 @@ mod tests {
             &["-gdwarf-5"],
             &["-gdwarf-4", "-fdebug-types-section"],
         ] {
-            let Some(elf) = build(dir.path(), flags) else {
+            let Some(elf) = build("offsets_from_a_compiled_fixture", dir.path(), flags) else {
                 return;
             };
             let off = |s: &str, m: &str| member_offset(&elf, s, m).unwrap();
@@ -438,19 +438,20 @@ mod tests {
         assert!(err.to_string().contains("not an ELF"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
+        let test = "clear_errors";
         // Stripped: no .debug_info.
-        if let Some(elf) = build(dir.path(), &["-s"]) {
+        if let Some(elf) = build(test, dir.path(), &["-s"]) {
             let err = member_offset(&elf, "Outer", "cb").unwrap_err();
             assert!(err.to_string().contains("no DWARF debug info"), "{err}");
         }
         // SHF_COMPRESSED sections (zlib).
-        if let Some(elf) = build(dir.path(), &["-gz=zlib"]) {
+        if let Some(elf) = build(test, dir.path(), &["-gz=zlib"]) {
             let err = format!("{:#}", member_offset(&elf, "Outer", "cb").unwrap_err());
             assert!(err.contains("compressed (SHF_COMPRESSED)"), "{err}");
             assert!(err.contains("objcopy --decompress-debug-sections"), "{err}");
         }
         // Truncated debug info: an error, never a panic.
-        if let Some(mut elf) = build(dir.path(), &["-gdwarf-5"]) {
+        if let Some(mut elf) = build(test, dir.path(), &["-gdwarf-5"]) {
             let (off, size) = super::super::with_elf(&elf, |e| {
                 let s = e.section(".debug_info").unwrap();
                 Ok((s.sh_offset(e.endian) as usize, s.sh_size(e.endian) as usize))

@@ -295,31 +295,99 @@ pub(crate) mod test_support {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/elf")
     }
 
+    /// `None` after saying what test `test` misses; a failure under `PROFILER_E2E_REQUIRE`
+    /// (which `cargo xtask test` sets as root, after its set-up installed everything).
+    pub fn missing<T>(test: &str, why: &str) -> Option<T> {
+        xtask::prereq::Prereq::new(test).missing(why)
+    }
+
+    /// `Some` when `tool` runs; else [`missing`], naming the Debian package with it.
+    pub fn need_tool(test: &str, tool: &str, package: &str) -> Option<()> {
+        if have_tool(tool) {
+            Some(())
+        } else {
+            missing(
+                test,
+                &format!(
+                    "{tool} is not installed (Debian package {package}; `cargo xtask setup` \
+                     installs it)"
+                ),
+            )
+        }
+    }
+
     /// Compiles the two-file USDT demo into `out` with `cc -O2 -g` plus `extra` flags.
-    /// Returns `None` (after saying why) when no C compiler or `<sys/sdt.h>` is installed.
-    pub fn build_demo(out: &Path, extra: &[&str]) -> Option<PathBuf> {
+    /// Returns `None` (after saying why; a failure under `PROFILER_E2E_REQUIRE`) when no C
+    /// compiler or `<sys/sdt.h>` is installed.
+    pub fn build_demo(test: &str, out: &Path, extra: &[&str]) -> Option<PathBuf> {
+        need_tool(test, "cc", "build-essential")?;
         let dir = fixtures_dir();
-        let result = Command::new("cc")
+        let o = Command::new("cc")
             .args(["-O2", "-g", "-o"])
             .arg(out)
             .arg(dir.join("usdt_demo_main.c"))
             .arg(dir.join("usdt_demo_sema.c"))
             .args(extra)
-            .output();
-        match result {
-            Ok(o) if o.status.success() => Some(out.to_path_buf()),
-            Ok(o) => {
-                eprintln!(
-                    "SKIP: cannot build the USDT fixture (needs systemtap-sdt-dev): {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIP: no C compiler (`cc`) to build the USDT fixture: {e}");
-                None
-            }
+            .output()
+            .expect("cc runs");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if o.status.success() {
+            Some(out.to_path_buf())
+        } else if stderr.contains("sys/sdt.h") {
+            missing(
+                test,
+                &format!(
+                    "cannot build the USDT fixture: no <sys/sdt.h> (Debian package \
+                     systemtap-sdt-dev; `cargo xtask setup` installs it): {stderr}"
+                ),
+            )
+        } else {
+            panic!("cc {extra:?} failed to build the USDT fixture: {stderr}");
         }
+    }
+
+    /// Debian's python3 (built with USDT notes): the real binary behind `/usr/bin/python3`
+    /// (`python3.11` in bookworm; not a `python3` earlier on `PATH`, such as a pyenv shim),
+    /// or `None` after saying why (a failure under `PROFILER_E2E_REQUIRE`).
+    pub fn python3(test: &str) -> Option<PathBuf> {
+        match std::fs::canonicalize("/usr/bin/python3") {
+            Ok(path) => Some(path),
+            Err(e) => missing(
+                test,
+                &format!(
+                    "no /usr/bin/python3 ({e}): Debian package python3, one of QEMU's build \
+                     dependencies that `cargo xtask qemu-usdt` installs"
+                ),
+            ),
+        }
+    }
+
+    /// The C++ runtime (`libstdc++.so.6`, which has USDT notes), or `None` after saying why
+    /// (a failure under `PROFILER_E2E_REQUIRE`).
+    pub fn libstdcxx(test: &str) -> Option<PathBuf> {
+        let found = [
+            "/usr/lib/x86_64-linux-gnu",
+            "/lib/x86_64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+        ]
+        .iter()
+        .map(|d| Path::new(d).join("libstdc++.so.6"))
+        .find(|p| p.exists());
+        found.or_else(|| {
+            missing(
+                test,
+                "libstdc++.so.6 is not installed (Debian package libstdc++6, which \
+                 build-essential brings; `cargo xtask setup` installs it)",
+            )
+        })
+    }
+
+    /// The C library this test process runs with, from `/proc/self/maps`.
+    pub fn own_libc() -> PathBuf {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let libc = crate::offer::libc::find_libc(&maps).expect("a C library is mapped");
+        PathBuf::from(libc.path.trim_end_matches(" (deleted)"))
     }
 
     /// Runs a tool (objcopy, strip, readelf) and panics with its stderr on failure.

@@ -560,7 +560,7 @@ mod tests {
     use std::{ffi::OsStr, fs, path::Path};
 
     use super::*;
-    use crate::offer::elf::test_support::{Rng, build_demo, have_tool, run};
+    use crate::offer::elf::test_support::{Rng, build_demo, need_tool, own_libc, run};
 
     #[test]
     fn crc32_known_vectors() {
@@ -598,12 +598,12 @@ mod tests {
 
     #[test]
     fn libc_dynsym_versions_and_symbolize() {
-        let libc = Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6");
-        if !libc.exists() {
-            eprintln!("SKIP: {} not installed", libc.display());
+        // The C library this test runs with (glibc: the versions are its).
+        let libc = own_libc();
+        if need_tool("libc_dynsym_versions_and_symbolize", "readelf", "binutils").is_none() {
             return;
         }
-        let bytes = fs::read(libc).unwrap();
+        let bytes = fs::read(&libc).unwrap();
         let table = SymbolTable::from_elf_bytes(&bytes).unwrap();
         // Compare a few with readelf: default versions win over hidden ones.
         let readelf = run(
@@ -647,7 +647,8 @@ mod tests {
     #[test]
     fn unstripped_fixture_symbols() {
         let dir = tempfile::tempdir().unwrap();
-        let Some(demo) = build_demo(&dir.path().join("demo"), &[]) else {
+        let Some(demo) = build_demo("unstripped_fixture_symbols", &dir.path().join("demo"), &[])
+        else {
             return;
         };
         let table = load_symbols_with(&demo, &DebugRoots::at(dir.path())).unwrap();
@@ -676,13 +677,17 @@ mod tests {
     }
 
     /// Builds the fixture, splits it into a stripped binary and a debug file, and returns
-    /// (binary, debug file, build-id hex).
-    fn split_fixture(dir: &Path, name: &str, extra: &[&str]) -> Option<(PathBuf, PathBuf)> {
-        if !(have_tool("objcopy") && have_tool("strip")) {
-            eprintln!("SKIP: objcopy/strip (binutils) not installed");
-            return None;
-        }
-        let bin = build_demo(&dir.join(name), extra)?;
+    /// (binary, debug file); `None` after saying what test `test` misses (a failure under
+    /// `PROFILER_E2E_REQUIRE`).
+    fn split_fixture(
+        test: &str,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Option<(PathBuf, PathBuf)> {
+        need_tool(test, "objcopy", "binutils")?;
+        need_tool(test, "strip", "binutils")?;
+        let bin = build_demo(test, &dir.join(name), extra)?;
         let debug = dir.join(format!("{name}.debug"));
         let os = |p: &Path| p.as_os_str().to_os_string();
         run(
@@ -723,7 +728,8 @@ mod tests {
         let bins = work.path().join("bin");
         let root = work.path().join("debugroot");
         fs::create_dir_all(&bins).unwrap();
-        let Some((bin, debug)) = split_fixture(&bins, "demo", &[]) else {
+        let test = "stripped_binary_resolves_through_build_id_tree";
+        let Some((bin, debug)) = split_fixture(test, &bins, "demo", &[]) else {
             return;
         };
         // The debug file must not be found next to the binary for this test.
@@ -757,11 +763,13 @@ mod tests {
         let root = work.path().join("debugroot");
         fs::create_dir_all(&a_dir).unwrap();
         fs::create_dir_all(&b_dir).unwrap();
-        let Some((bin, debug)) = split_fixture(&a_dir, "demo", &[]) else {
+        let test = "mismatching_build_id_is_rejected";
+        let Some((bin, debug)) = split_fixture(test, &a_dir, "demo", &[]) else {
             return;
         };
         // Another build (different code, so a different build-id) of the same program.
-        let Some((_, other_debug)) = split_fixture(&b_dir, "demo", &["-DDEMO_VARIANT=1"]) else {
+        let Some((_, other_debug)) = split_fixture(test, &b_dir, "demo", &["-DDEMO_VARIANT=1"])
+        else {
             return;
         };
         let id = build_id_of(&bin);
@@ -792,7 +800,9 @@ mod tests {
         let work = tempfile::tempdir().unwrap();
         let bins = work.path().join("usr/bin");
         fs::create_dir_all(&bins).unwrap();
-        let Some((bin, debug)) = split_fixture(&bins, "demo", &["-Wl,--build-id=none"]) else {
+        let test = "debuglink_without_build_id_checks_crc";
+        let Some((bin, debug)) = split_fixture(test, &bins, "demo", &["-Wl,--build-id=none"])
+        else {
             return;
         };
         let empty = work.path().join("empty-root");

@@ -698,7 +698,7 @@ mod tests {
     use super::*;
     use crate::offer::elf::{
         symbols::SymbolTable,
-        test_support::{Rng, build_demo, have_tool},
+        test_support::{Rng, build_demo, libstdcxx, need_tool, own_libc, python3},
     };
 
     fn qemu_usdt() -> Option<std::path::PathBuf> {
@@ -969,16 +969,21 @@ mod tests {
         args: String,
     }
 
-    fn readelf_probes(path: &Path) -> Option<Vec<ReadelfProbe>> {
-        if !have_tool("readelf") {
-            eprintln!("SKIP: readelf not installed");
-            return None;
-        }
+    /// `readelf -n`'s probes, or `None` after saying why (a failure under
+    /// `PROFILER_E2E_REQUIRE`) when binutils is not installed.
+    fn readelf_probes(test: &str, path: &Path) -> Option<Vec<ReadelfProbe>> {
+        need_tool(test, "readelf", "binutils")?;
         let out = Command::new("readelf")
             .args(["-n", "--wide"])
             .arg(path)
             .output()
-            .ok()?;
+            .expect("readelf runs");
+        assert!(
+            out.status.success(),
+            "readelf -n {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let hex = |s: &str| u64::from_str_radix(s.trim().trim_end_matches(','), 16).unwrap();
         let mut probes = Vec::new();
@@ -1012,12 +1017,13 @@ mod tests {
         Some(probes)
     }
 
-    /// Compares every probe with `readelf -n`, and checks each site is a `nop` in the file
-    /// and each semaphore a zero-initialised u16 in the file.
-    fn check_against_readelf(path: &Path) -> Vec<UsdtProbe> {
+    /// Compares every probe with `readelf -n` (without readelf: only the parse, after
+    /// saying so; a failure under `PROFILER_E2E_REQUIRE`), and checks each site is a `nop`
+    /// in the file and each semaphore a zero-initialised u16 in the file.
+    fn check_against_readelf(test: &str, path: &Path) -> Vec<UsdtProbe> {
         let bytes = std::fs::read(path).unwrap();
         let probes = parse_usdt_probes(&bytes).unwrap();
-        let Some(expected) = readelf_probes(path) else {
+        let Some(expected) = readelf_probes(test, path) else {
             return probes;
         };
         assert_eq!(
@@ -1048,14 +1054,15 @@ mod tests {
 
     #[test]
     fn python_matches_readelf_with_file_offsets() {
-        // Debian's python3.11 is a non-PIE executable at 0x400000 with semaphores in
-        // .probes, so file offsets differ from vaddrs: a real test of the conversion.
-        let path = Path::new("/usr/bin/python3.11");
-        if !path.exists() {
-            eprintln!("SKIP: {} not installed", path.display());
+        // Debian's python3 (3.11 in bookworm) is a non-PIE executable at 0x400000 with
+        // semaphores in .probes, so file offsets differ from vaddrs: a real test of the
+        // conversion.
+        let test = "python_matches_readelf_with_file_offsets";
+        let Some(python) = python3(test) else {
             return;
-        }
-        let probes = check_against_readelf(path);
+        };
+        let path = python.as_path();
+        let probes = check_against_readelf(test, path);
         assert!(!probes.is_empty());
         let gc_start = probes
             .iter()
@@ -1075,12 +1082,11 @@ mod tests {
 
     #[test]
     fn libstdcxx_shared_library_matches_readelf() {
-        let path = Path::new("/usr/lib/x86_64-linux-gnu/libstdc++.so.6");
-        if !path.exists() {
-            eprintln!("SKIP: {} not installed", path.display());
+        let test = "libstdcxx_shared_library_matches_readelf";
+        let Some(path) = libstdcxx(test) else {
             return;
-        }
-        let probes = check_against_readelf(path);
+        };
+        let probes = check_against_readelf(test, &path);
         assert!(probes.iter().any(|p| p.provider == "libstdcxx"));
         assert!(probes.iter().all(|p| p.args_error.is_none()));
     }
@@ -1088,20 +1094,21 @@ mod tests {
     #[test]
     fn libc_has_no_probes_on_this_machine_or_matches_readelf() {
         // Debian bookworm's glibc is built without systemtap notes (checked with readelf);
-        // where it has them, they must match readelf.
-        let path = Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6");
-        if path.exists() {
-            check_against_readelf(path);
-        }
+        // where it has them, they must match readelf. The C library this test runs with.
+        check_against_readelf(
+            "libc_has_no_probes_on_this_machine_or_matches_readelf",
+            &own_libc(),
+        );
     }
 
     #[test]
     fn demo_fixture_probes_semaphores_and_rip_relative_args() {
+        let test = "demo_fixture_probes_semaphores_and_rip_relative_args";
         let dir = tempfile::tempdir().unwrap();
-        let Some(path) = build_demo(&dir.path().join("demo"), &[]) else {
+        let Some(path) = build_demo(test, &dir.path().join("demo"), &[]) else {
             return;
         };
-        let probes = check_against_readelf(&path);
+        let probes = check_against_readelf(test, &path);
         let by_name: BTreeMap<&str, &UsdtProbe> =
             probes.iter().map(|p| (p.name.as_str(), p)).collect();
         assert_eq!(
@@ -1191,11 +1198,10 @@ mod tests {
 
     #[test]
     fn prelink_shift_moves_pc_and_semaphore() {
-        let path = Path::new("/usr/bin/python3.11");
-        let Ok(mut bytes) = std::fs::read(path) else {
-            eprintln!("SKIP: {} not installed", path.display());
+        let Some(path) = python3("prelink_shift_moves_pc_and_semaphore") else {
             return;
         };
+        let mut bytes = std::fs::read(path).unwrap();
         let before = parse_usdt_probes(&bytes).unwrap();
         // Pretend the note was written when .stapsdt.base sat 0x10 higher: every address
         // must then move 0x10 down, as after a prelink that moved the object.
@@ -1215,11 +1221,10 @@ mod tests {
 
     #[test]
     fn malformed_notes_are_clear_errors() {
-        let path = Path::new("/usr/bin/python3.11");
-        let Ok(bytes) = std::fs::read(path) else {
-            eprintln!("SKIP: {} not installed", path.display());
+        let Some(path) = python3("malformed_notes_are_clear_errors") else {
             return;
         };
+        let bytes = std::fs::read(path).unwrap();
         let desc = first_note_desc(&bytes);
         let header = desc - 12 - 8; // "stapsdt\0" is 8 bytes
         let descsz = u32::from_le_bytes(bytes[header + 4..header + 8].try_into().unwrap());
@@ -1294,10 +1299,10 @@ mod tests {
                 let _ = parse_usdt_probes(&with_magic);
             }
         }
-        let Ok(real) = std::fs::read("/usr/bin/python3.11") else {
-            eprintln!("SKIP: /usr/bin/python3.11 not installed");
+        let Some(python) = python3("elf::usdt garbage_never_panics") else {
             return;
         };
+        let real = std::fs::read(python).unwrap();
         // Truncations at many points, including inside the notes at the end of the file.
         let note_start = first_note_desc(&real) - 20;
         let mut cuts: Vec<usize> = (0..64).map(|i| i * real.len() / 64).collect();
@@ -1325,7 +1330,7 @@ mod tests {
         let Some(path) = qemu_usdt() else {
             return;
         };
-        let probes = check_against_readelf(&path);
+        let probes = check_against_readelf("qemu_usdt_build_matches_readelf", &path);
         let bytes = std::fs::read(&path).unwrap();
         let symbols = SymbolTable::from_elf_bytes(&bytes).unwrap();
         for which in ["memory_region_ops_read", "memory_region_ops_write"] {

@@ -254,7 +254,14 @@ mod tests {
                 assert_eq!(pmu.ref_ctr_shift, Some(32));
                 assert_eq!(pmu.retprobe_bit, 0);
             }
-            Err(e) => eprintln!("SKIPPED: no uprobe PMU readable here: {e}"),
+            Err(e) => {
+                xtask::prereq::Prereq::new("this_kernel_has_ref_ctr_offset").missing::<()>(
+                    &format!(
+                        "no uprobe PMU readable here ({e}): a kernel without CONFIG_UPROBE_EVENTS, \
+                         or no /sys mounted"
+                    ),
+                );
+            }
         }
     }
 }

@@ -561,11 +561,16 @@ mod tests {
         }
         let tracefs = crate::offer::tracefs::ensure_tracefs().expect("tracefs");
         if !tracefs.join("events/kvm").is_dir() {
-            eprintln!(
-                "SKIPPED root_loads_and_attaches_the_kvm_programs: no kvm tracepoints in {} \
-                 (kvm module not loaded)",
-                tracefs.display()
-            );
+            // No KVM on this host (a property of the host) skips; KVM without its
+            // tracepoints is a failure under PROFILER_E2E_REQUIRE.
+            let prereq = xtask::prereq::Prereq::new("root_loads_and_attaches_the_kvm_programs");
+            if prereq.kvm().is_some() {
+                prereq.missing::<()>(&format!(
+                    "no kvm tracepoints in {} although /dev/kvm exists (a kernel built without \
+                     CONFIG_KVM tracing, or the kvm module not loaded: `modprobe kvm`)",
+                    tracefs.display()
+                ));
+            }
             return;
         }
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -942,7 +947,7 @@ mod tests {
         watch_table
             .set(&mut ebpf, pid, 1, profiler_common::wait_block::NONE)
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(120);
         let mut qmp = loop {
             match Qmp::connect(&qmp_path) {
                 Ok(qmp) => break qmp,
@@ -979,7 +984,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         // A clean quit flushes QEMU's trace log.
         let _ = qmp.execute("quit");
-        let exit_deadline = Instant::now() + Duration::from_secs(10);
+        let exit_deadline = Instant::now() + Duration::from_secs(60);
         while qemu_child.0.try_wait().unwrap().is_none() && Instant::now() < exit_deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
