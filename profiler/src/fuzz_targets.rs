@@ -91,7 +91,7 @@ pub fn proc_stat(data: &[u8]) {
 
 /// A tracefs event `format` file.
 pub fn tracefs_format(data: &[u8]) {
-    let _ = crate::probes::sources::kvm::parse_format(&text(data));
+    let _ = crate::offer::kernel::parse_format(&text(data));
 }
 
 /// A recording (JSON lines) → every command that reads recordings: report (all formats),

@@ -16,7 +16,7 @@ fn positions(text: &str, phrases: &[&str], what: &str) -> Vec<usize> {
 }
 
 fn auto_order() -> Vec<&'static str> {
-    let (sources, _) = timer_plan(&Ok(()), TimerChoice::Auto);
+    let (sources, _) = timer_plan(&Ok(()), &Ok(()), TimerChoice::Auto);
     sources.iter().map(|s| s.what()).collect()
 }
 

@@ -72,6 +72,9 @@ pub fn kvm_counts(by_key: &BTreeMap<(u32, u64), u64>) -> KvmCounts {
 }
 
 #[cfg(test)]
+mod ground_truth;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use k::{

@@ -5,11 +5,11 @@ use serde::Serialize;
 use crate::text::clean;
 use crate::{
     identity::{
-        cmdline::{Accel, QmpEndpoint},
+        cmdline::QmpEndpoint,
         discovery::{HostPaths, scan_qemu_processes},
     },
-    offer::{exe::ExeCatalog, libc::LibcCatalog, offered_sources},
-    probes::{ProbeOptions, sources::kvm},
+    offer::{exe::ExeCatalog, kernel::KernelOffer, libc::LibcCatalog, offered_sources},
+    probes::ProbeOptions,
     record::Sources,
 };
 
@@ -31,11 +31,16 @@ struct ListedVm {
     libvirt: Option<crate::identity::libvirt::LibvirtDomain>,
 }
 
-/// Whether the KVM tracepoints can be attached, as `record` would find them (only asked when
-/// a KVM guest runs: it may mount tracefs).
-fn kvm_offer() -> Result<(), String> {
-    let tracefs = crate::offer::tracefs::ensure_tracefs().map_err(|e| format!("{e:#}"))?;
-    kvm::offered(&tracefs)
+/// What the kernel offers, as `record` would find it (only asked when a VM runs: it may
+/// mount tracefs).
+fn kernel_offer() -> KernelOffer {
+    match crate::offer::tracefs::ensure_tracefs() {
+        Ok(tracefs) => KernelOffer::of_host(&tracefs),
+        Err(e) => KernelOffer {
+            hrtimer: Err(format!("{e:#}")),
+            kvm: Err(format!("{e:#}")),
+        },
+    }
 }
 
 pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
@@ -43,10 +48,10 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
     // Reading a QEMU binary's notes and symbols costs tens of MB of I/O: once per binary.
     let mut catalog = ExeCatalog::new(options.debug_roots);
     let mut libc_catalog = LibcCatalog::default();
-    let kvm = if procs.iter().any(|p| p.identity.accel == Accel::Kvm) {
-        kvm_offer()
+    let kernel = if procs.is_empty() {
+        KernelOffer::all()
     } else {
-        Ok(())
+        kernel_offer()
     };
     let vms: Vec<ListedVm> = procs
         .iter()
@@ -56,7 +61,7 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
                 &mut libc_catalog,
                 options.timer_choice,
                 p,
-                &kvm,
+                &kernel,
             );
             ListedVm {
                 name: p.identity.name.clone(),

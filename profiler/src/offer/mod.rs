@@ -4,6 +4,7 @@
 
 pub mod elf;
 pub mod exe;
+pub mod kernel;
 pub mod libc;
 pub mod policy;
 pub mod symbols;
@@ -34,14 +35,14 @@ pub struct OfferedSources {
     pub symbols: String,
 }
 
-/// The plan for `vm` from what its binary offers (read through `catalog`) and whether the KVM
-/// tracepoints can be used (`kvm`, see [`crate::probes::sources::kvm::offered`]): what `record` will attach.
+/// The plan for `vm` from what its binary and C library offer (read through the catalogs)
+/// and what the kernel offers: what `record` will attach.
 pub fn offered_sources(
     catalog: &mut ExeCatalog,
     libc_catalog: &mut LibcCatalog,
     timer_choice: TimerChoice,
     vm: &QemuProcess,
-    kvm: &Result<(), String>,
+    kernel: &kernel::KernelOffer,
 ) -> OfferedSources {
     let (binary, exe) = catalog.offer(vm.key.pid);
     let offer = ProcessOffer {
@@ -49,7 +50,7 @@ pub fn offered_sources(
         libc: libc_catalog.offer(vm.key.pid).map(|_| ()),
         timer_choice,
     };
-    let plan = policy::plan(&offer, vm.identity.accel, kvm);
+    let plan = policy::plan(&offer, vm.identity.accel, kernel);
     OfferedSources {
         sources: plan.expected(),
         symbols: match (&exe, &offer.binary) {

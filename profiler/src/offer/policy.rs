@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::identity::cmdline::Accel;
+use crate::{identity::cmdline::Accel, offer::kernel::KernelOffer};
 
 /// What serves a VM's read/write counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -278,47 +278,66 @@ impl SourcePlan {
 }
 
 /// The timer sources for a process whose C library offers the wait functions (`Ok`) or not
-/// (`Err`: why), as `choice` allows, best first. The syscall tracepoints serve any process.
+/// (`Err`: why), on a kernel that offers the hrtimer tracepoints (`Ok`) or not, as `choice`
+/// allows, best first. The syscall tracepoints serve any process.
 pub fn timer_plan(
     libc: &Result<(), String>,
+    hrtimer: &Result<(), String>,
     choice: TimerChoice,
 ) -> (Vec<TimerSource>, Option<String>) {
     use TimerSource::*;
+    let name = |choice: TimerChoice| {
+        clap::ValueEnum::to_possible_value(&choice)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    };
     match (choice, libc) {
-        (TimerChoice::Auto, Ok(())) => (
-            vec![
-                HrtimerTracepoints,
-                LibcUprobes,
-                LibcEntryReturnUprobes,
-                SyscallTracepoints,
-            ],
-            None,
-        ),
-        (TimerChoice::Auto, Err(_)) => (vec![HrtimerTracepoints, SyscallTracepoints], None),
+        (TimerChoice::Auto, _) => {
+            let hrtimer = hrtimer.as_ref().ok().map(|()| HrtimerTracepoints);
+            let libc = libc
+                .as_ref()
+                .ok()
+                .into_iter()
+                .flat_map(|()| [LibcUprobes, LibcEntryReturnUprobes]);
+            let sources = hrtimer
+                .into_iter()
+                .chain(libc)
+                .chain([SyscallTracepoints])
+                .collect();
+            (sources, None)
+        }
         (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
         (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes, LibcEntryReturnUprobes], None),
         (TimerChoice::LibcEntryReturn, Ok(())) => (vec![LibcEntryReturnUprobes], None),
-        (TimerChoice::Hrtimer, _) => (vec![HrtimerTracepoints], None),
+        (TimerChoice::Hrtimer, _) => match hrtimer {
+            Ok(()) => (vec![HrtimerTracepoints], None),
+            Err(why) => (
+                Vec::new(),
+                Some(format!(
+                    "--timer-source {}, and the kernel does not offer its tracepoints: {why}",
+                    name(choice)
+                )),
+            ),
+        },
         (choice @ (TimerChoice::Libc | TimerChoice::LibcEntryReturn), Err(why)) => (
             Vec::new(),
             Some(format!(
                 "--timer-source {}, and its C library cannot be probed: {why}",
-                clap::ValueEnum::to_possible_value(&choice)
-                    .map(|v| v.get_name().to_string())
-                    .unwrap_or_default()
+                name(choice)
             )),
         ),
     }
 }
 
-/// The source policy: which sources can serve each count of a VM whose binary offers `offer`,
-/// running under `accel`, with the KVM tracepoints attached (`Ok`) or not (`Err`: why).
+/// The source policy: which sources can serve each count of a VM whose binary and C library
+/// offer `offer`, running under `accel`, on a kernel that offers `kernel`.
 ///
 /// Read/write, best first: USDT (exact, names every region, any accelerator) → uprobes on
 /// `memory_region_dispatch_*` (same counts, needs symbols) → under KVM only, the kvm
 /// tracepoints (exits to QEMU, named by port/page). Timer callbacks need symbols.
-pub fn plan(offer: &ProcessOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
-    let (timer, timer_none) = timer_plan(&offer.libc, offer.timer_choice);
+pub fn plan(offer: &ProcessOffer, accel: Accel, kernel: &KernelOffer) -> SourcePlan {
+    let kvm = &kernel.kvm;
+    let (timer, timer_none) = timer_plan(&offer.libc, &kernel.hrtimer, offer.timer_choice);
     let (usdt, symbols) = match &offer.binary {
         BinaryOffer::Unreadable(why) => {
             return with_kvm(

@@ -383,11 +383,20 @@ pub(crate) mod test_support {
         })
     }
 
-    /// The C library this test process runs with, from `/proc/self/maps`.
+    /// The C library this test process runs with: the `libc.so*` file `/proc/self/maps`
+    /// names.
     pub fn own_libc() -> PathBuf {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let libc = crate::offer::libc::find_libc(&maps).expect("a C library is mapped");
-        PathBuf::from(libc.path.trim_end_matches(" (deleted)"))
+        let path = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| {
+                p.rsplit('/')
+                    .next()
+                    .is_some_and(|f| f.starts_with("libc.so"))
+            })
+            .expect("a C library is mapped");
+        PathBuf::from(path)
     }
 
     /// Runs a tool (objcopy, strip, readelf) and panics with its stderr on failure.

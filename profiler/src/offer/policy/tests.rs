@@ -13,7 +13,7 @@ const STRIPPED: SymbolsOffer = SymbolsOffer {
 
 /// The plan for a binary, with a libc that offers the wait functions and the default
 /// timer choice.
-fn plan(offer: &BinaryOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePlan {
+fn plan(offer: &BinaryOffer, accel: Accel, kernel: &KernelOffer) -> SourcePlan {
     super::plan(
         &ProcessOffer {
             binary: offer.clone(),
@@ -21,7 +21,7 @@ fn plan(offer: &BinaryOffer, accel: Accel, kvm: &Result<(), String>) -> SourcePl
             timer_choice: TimerChoice::Auto,
         },
         accel,
-        kvm,
+        kernel,
     )
 }
 
@@ -32,12 +32,15 @@ fn readable(usdt: bool, symbols: SymbolsOffer) -> BinaryOffer {
     }
 }
 
-fn kvm_ok() -> Result<(), String> {
-    Ok(())
+fn kvm_ok() -> KernelOffer {
+    KernelOffer::all()
 }
 
-fn kvm_missing() -> Result<(), String> {
-    Err("tracepoint kvm:kvm_pio does not exist".into())
+fn kvm_missing() -> KernelOffer {
+    KernelOffer {
+        kvm: Err("tracepoint kvm:kvm_pio does not exist".into()),
+        ..KernelOffer::all()
+    }
 }
 
 use ReadWriteSource::*;
@@ -223,7 +226,7 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
     use TimerSource::*;
     let no_libc: Result<(), String> = Err("no C library mapped".into());
     assert_eq!(
-        timer_plan(&Ok(()), TimerChoice::Auto).0,
+        timer_plan(&Ok(()), &Ok(()), TimerChoice::Auto).0,
         [
             HrtimerTracepoints,
             LibcUprobes,
@@ -232,24 +235,24 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
         ]
     );
     assert_eq!(
-        timer_plan(&no_libc, TimerChoice::Auto).0,
+        timer_plan(&no_libc, &Ok(()), TimerChoice::Auto).0,
         [HrtimerTracepoints, SyscallTracepoints]
     );
     assert_eq!(
-        timer_plan(&Ok(()), TimerChoice::Syscall).0,
+        timer_plan(&Ok(()), &Ok(()), TimerChoice::Syscall).0,
         [SyscallTracepoints]
     );
     assert_eq!(
-        timer_plan(&Ok(()), TimerChoice::Libc).0,
+        timer_plan(&Ok(()), &Ok(()), TimerChoice::Libc).0,
         [LibcUprobes, LibcEntryReturnUprobes]
     );
     assert_eq!(
-        timer_plan(&Ok(()), TimerChoice::LibcEntryReturn).0,
+        timer_plan(&Ok(()), &Ok(()), TimerChoice::LibcEntryReturn).0,
         [LibcEntryReturnUprobes]
     );
     assert_eq!(LibcEntryReturnUprobes.label(), "libc-entry-return-uprobes");
     assert_eq!(
-        timer_plan(&no_libc, TimerChoice::LibcEntryReturn)
+        timer_plan(&no_libc, &Ok(()), TimerChoice::LibcEntryReturn)
             .1
             .as_deref(),
         Some(
@@ -261,12 +264,32 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
     // (a silent switch would change what fd_wakeups means).
     for libc in [Ok(()), no_libc.clone()] {
         assert_eq!(
-            timer_plan(&libc, TimerChoice::Hrtimer),
+            timer_plan(&libc, &Ok(()), TimerChoice::Hrtimer),
             (vec![HrtimerTracepoints], None)
         );
     }
     assert_eq!(HrtimerTracepoints.label(), "hrtimer");
-    let (none, why) = timer_plan(&no_libc, TimerChoice::Libc);
+    // A kernel that refuses them: auto goes on to the libc uprobes, and asking for them says
+    // why there is no timer source.
+    let refused: Result<(), String> = Err("hrtimer_wakeup has no address".into());
+    assert_eq!(
+        timer_plan(&Ok(()), &refused, TimerChoice::Auto).0,
+        [LibcUprobes, LibcEntryReturnUprobes, SyscallTracepoints]
+    );
+    assert_eq!(
+        timer_plan(&no_libc, &refused, TimerChoice::Auto).0,
+        [SyscallTracepoints]
+    );
+    let (none, why) = timer_plan(&Ok(()), &refused, TimerChoice::Hrtimer);
+    assert!(none.is_empty());
+    assert_eq!(
+        why.as_deref(),
+        Some(
+            "--timer-source hrtimer, and the kernel does not offer its tracepoints: \
+             hrtimer_wakeup has no address"
+        )
+    );
+    let (none, why) = timer_plan(&no_libc, &Ok(()), TimerChoice::Libc);
     assert!(none.is_empty());
     assert_eq!(
         why.as_deref(),
@@ -288,6 +311,14 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
     );
     let p = plan(&readable(true, FULL), Accel::Tcg, &kvm_ok());
     assert_eq!(p.expected().timer, Ok(HrtimerTracepoints));
+    // What list shows on a kernel without them is what record attaches first.
+    let without_hrtimer = KernelOffer {
+        hrtimer: Err("Linux 5.15 has no `prev_state`".into()),
+        ..KernelOffer::all()
+    };
+    let q = plan(&readable(true, FULL), Accel::Tcg, &without_hrtimer);
+    assert_eq!(q.expected().timer, Ok(LibcUprobes));
+    assert_eq!(q.timer.first(), Some(&LibcUprobes));
 
     // Settling: the first that attached; else the first failure, named.
     assert_eq!(

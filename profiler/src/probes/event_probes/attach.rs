@@ -7,6 +7,7 @@ use profiler_common::watch_flag;
 use crate::{
     identity::discovery::QemuProcess,
     note::Note,
+    offer::kernel::KernelOffer,
     offer::{
         exe::ExeAnalysis,
         libc::{LibcOffer, LibcProbes},
@@ -67,7 +68,11 @@ impl EventProbes {
             libc: libc.as_ref().map(|_| ()).map_err(Clone::clone),
             timer_choice: self.timer_choice,
         };
-        let mut plan = policy::plan(&offer, vm.identity.accel, self.kvm.status());
+        let kernel = KernelOffer {
+            hrtimer: self.hrtimer_waits.status(),
+            kvm: self.kvm.status().clone(),
+        };
+        let mut plan = policy::plan(&offer, vm.identity.accel, &kernel);
         if !process_alive(pid) {
             // Gone while it was being looked at: nothing to attach (its exit is recorded).
             plan = plan.exited();

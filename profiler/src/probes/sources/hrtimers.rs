@@ -44,55 +44,8 @@ pub const START_PROGRAM: &str = "hrtimer_start";
 /// only for timers armed or cancelled in an interrupt (the tick's), never one they count, so
 /// those skips are not lost counts.
 pub const PROCESS_CONTEXT_PROGRAMS: [&str; 2] = [START_PROGRAM, "hrtimer_cancel"];
-/// Field offsets the programs read: (category, event, field, offset, size).
-const LAYOUT: [(&str, &str, &str, usize, usize); 3] = [
-    ("timer", "hrtimer_start", "hrtimer", 8, 8),
-    ("timer", "hrtimer_start", "function", 16, 8),
-    ("timer", "hrtimer_cancel", "hrtimer", 8, 8),
-];
 /// Armed sleep timers of watched threads.
 pub const SLEEPERS_MAP: &str = "SLEEPERS";
-
-/// The address of `name` in a `/proc/kallsyms` text; `None` when absent or hidden (all zeros
-/// when `kptr_restrict` hides addresses from this reader).
-pub fn kallsyms_address(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let addr = fields.next()?;
-        let _kind = fields.next()?;
-        (fields.next()? == name && fields.next().is_none())
-            .then(|| u64::from_str_radix(addr, 16).ok())
-            .flatten()
-            .filter(|&a| a != 0)
-    })
-}
-
-/// Checks the field layout of the tracepoints against what the programs read.
-fn check_layout(tracefs: &Path) -> anyhow::Result<()> {
-    for (category, event, field, offset, size) in LAYOUT {
-        let path = tracefs
-            .join("events")
-            .join(category)
-            .join(event)
-            .join("format");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("tracepoint {category}:{event}: reading {}", path.display())
-        })?;
-        let format = crate::probes::sources::kvm::parse_format(&text)
-            .with_context(|| format!("parsing {}", path.display()))?;
-        match format.field(field) {
-            Some(f) if f.offset == offset && f.size == size => {}
-            Some(f) => bail!(
-                "{category}:{event} has `{field}` at offset {} (size {}), the programs read it \
-                 at {offset} (size {size})",
-                f.offset,
-                f.size
-            ),
-            None => bail!("{category}:{event} has no field `{field}`"),
-        }
-    }
-    Ok(())
-}
 
 /// The hrtimer tracepoints, attached while some VM uses them.
 #[derive(Debug)]
@@ -109,12 +62,8 @@ impl HrtimerWaits {
     /// each attach.
     pub fn load(ebpf: &mut Ebpf, tracefs: &Path) -> Self {
         let group = (|| {
-            check_layout(tracefs)?;
-            let kallsyms =
-                std::fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
-            let wakeup = kallsyms_address(&kallsyms, "hrtimer_wakeup").context(
-                "hrtimer_wakeup has no address in /proc/kallsyms (kptr_restrict hides it?)",
-            )?;
+            let wakeup =
+                crate::offer::kernel::hrtimer_offered_here(tracefs).map_err(anyhow::Error::msg)?;
             let mut slot: Array<&mut MapData, u64> = Array::try_from(
                 ebpf.map_mut("HRTIMER_WAKEUP")
                     .context("map HRTIMER_WAKEUP missing")?,
@@ -197,30 +146,4 @@ pub fn forget_process(ebpf: &mut Ebpf, tgid: u32) {
     crate::probes::kernel::batch::remove_where::<u64, Sleeper>(ebpf, SLEEPERS_MAP, |_, s| {
         s.tgid == tgid
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kallsyms_lookup() {
-        let text = "ffffffff814204b0 t hrtimer_wakeup\n\
-                    ffffffff81420500 T hrtimer_wakeup_other\n\
-                    ffffffffc0001000 t hrtimer_wakeup\t[some_module]\n";
-        assert_eq!(
-            kallsyms_address(text, "hrtimer_wakeup"),
-            Some(0xffffffff814204b0)
-        );
-        assert_eq!(kallsyms_address(text, "hrtimer"), None);
-        // kptr_restrict: zeros.
-        assert_eq!(
-            kallsyms_address("0000000000000000 t hrtimer_wakeup\n", "hrtimer_wakeup"),
-            None
-        );
-        assert_eq!(
-            kallsyms_address("garbage\n\n x y\n", "hrtimer_wakeup"),
-            None
-        );
-    }
 }
