@@ -16,7 +16,11 @@ fn positions(text: &str, phrases: &[&str], what: &str) -> Vec<usize> {
 }
 
 fn auto_order() -> Vec<&'static str> {
-    let (sources, _) = timer_plan(&Ok(()), &Ok(()), TimerChoice::Auto);
+    let (sources, _) = timer_plan(
+        &Ok(()),
+        &profiler::offer::kernel::KernelOffer::all(),
+        TimerChoice::Auto,
+    );
     sources.iter().map(|s| s.what()).collect()
 }
 

@@ -89,6 +89,44 @@ fn list_and_record_agree_tcg_stripped() {
         "{s:?}"
     );
     assert!(s.timer_callbacks.starts_with("unavailable: "), "{s:?}");
+    assert_eq!(
+        s.timer, "hrtimer",
+        "auto's first choice where the kernel offers it"
+    );
+
+    // A kernel that refuses the hrtimer tracepoints (kptr_restrict hides hrtimer_wakeup's
+    // address, which their programs need, and so do the libc result probes' hrtimer_start
+    // marks): both say the entry and return uprobes, auto's next choice.
+    let hidden = KptrRestrict::set("2");
+    let s = agree(&spec.name, &[], dir.path());
+    assert_eq!(s.timer, "libc-entry-return-uprobes", "{s:?}");
+    let out = run_ok(profiler().args(["list", "--json", "--timer-source", "hrtimer"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the kernel does not offer its tracepoints: hrtimer_wakeup has no address"),
+        "{text}"
+    );
+    drop(hidden);
+    assert_eq!(listed_sources(&spec.name, &[]).timer, "hrtimer");
+}
+
+/// `kernel.kptr_restrict` set for a test, restored when dropped (pass or fail).
+struct KptrRestrict(String);
+
+impl KptrRestrict {
+    const PATH: &str = "/proc/sys/kernel/kptr_restrict";
+
+    fn set(value: &str) -> Self {
+        let before = std::fs::read_to_string(Self::PATH).expect("reading kptr_restrict");
+        std::fs::write(Self::PATH, value).expect("setting kptr_restrict");
+        Self(before.trim().to_string())
+    }
+}
+
+impl Drop for KptrRestrict {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
 }
 
 #[test]

@@ -36,10 +36,14 @@ struct ListedVm {
 fn kernel_offer() -> KernelOffer {
     match crate::offer::tracefs::ensure_tracefs() {
         Ok(tracefs) => KernelOffer::of_host(&tracefs),
-        Err(e) => KernelOffer {
-            hrtimer: Err(format!("{e:#}")),
-            kvm: Err(format!("{e:#}")),
-        },
+        Err(e) => {
+            let why = Err(format!("{e:#}"));
+            KernelOffer {
+                hrtimer: why.clone(),
+                hrtimer_start: why.clone(),
+                kvm: why,
+            }
+        }
     }
 }
 

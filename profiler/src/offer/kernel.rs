@@ -12,8 +12,12 @@ use profiler_common::kvm::{KvmField, KvmFieldOffsets};
 /// What this kernel offers the sources the policy chooses between (`Err`: why not).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelOffer {
-    /// The hrtimer tracepoints (`timer:hrtimer_*`, and `sched_switch` as a raw tracepoint).
+    /// The hrtimer tracepoints (`timer:hrtimer_*`, and `sched_switch` as a raw tracepoint):
+    /// the hrtimer timer source.
     pub hrtimer: Result<(), String>,
+    /// `timer:hrtimer_start` alone, which tells a `ppoll`'s timeout from a zero one for the
+    /// libc result probes.
+    pub hrtimer_start: Result<(), String>,
     /// The kvm tracepoints (`kvm:kvm_pio`, `kvm_mmio`, `kvm_fast_mmio`, `kvm_userspace_exit`).
     pub kvm: Result<(), String>,
 }
@@ -23,6 +27,7 @@ impl KernelOffer {
     pub fn all() -> Self {
         Self {
             hrtimer: Ok(()),
+            hrtimer_start: Ok(()),
             kvm: Ok(()),
         }
     }
@@ -32,6 +37,7 @@ impl KernelOffer {
     pub fn of_host(tracefs: &Path) -> Self {
         Self {
             hrtimer: hrtimer_offered_here(tracefs).map(drop),
+            hrtimer_start: hrtimer_start_offered_here(tracefs).map(drop),
             kvm: kvm_offered(tracefs),
         }
     }
@@ -49,10 +55,19 @@ pub fn release_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// Whether the hrtimer source can serve on a kernel of `release` whose tracefs is at
-/// `tracefs` and whose `/proc/kallsyms` reads `kallsyms`: the release, the field layout its
-/// programs read, and the address of `hrtimer_wakeup` (the function of a sleep timer), which
-/// is returned.
+/// Whether `timer:hrtimer_start` can mark the sleep timers of a kernel whose tracefs is at
+/// `tracefs` and whose `/proc/kallsyms` reads `kallsyms`: its field layout, and the address of
+/// `hrtimer_wakeup` (the function of a sleep timer), which is returned.
+pub fn hrtimer_start_offered(tracefs: &Path, kallsyms: &str) -> Result<u64, String> {
+    check_layout(tracefs, &HRTIMER_START_LAYOUT).map_err(|e| format!("{e:#}"))?;
+    kallsyms_address(kallsyms, "hrtimer_wakeup").ok_or_else(|| {
+        "hrtimer_wakeup has no address in /proc/kallsyms (kernel.kptr_restrict hides it)".into()
+    })
+}
+
+/// Whether the hrtimer source can serve on a kernel of `release` as well: what
+/// [`hrtimer_start_offered`] checks, the rest of the layout its programs read, and the release
+/// (its `sched_switch` program reads `prev_state`). Returns `hrtimer_wakeup`'s address.
 pub fn hrtimer_offered(tracefs: &Path, kallsyms: &str, release: &str) -> Result<u64, String> {
     match release_version(release) {
         Some(v) if v >= HRTIMER_MIN_RELEASE => {}
@@ -65,27 +80,36 @@ pub fn hrtimer_offered(tracefs: &Path, kallsyms: &str, release: &str) -> Result<
         }
         None => return Err(format!("cannot read the kernel release {release:?}")),
     }
-    check_hrtimer_layout(tracefs).map_err(|e| format!("{e:#}"))?;
-    kallsyms_address(kallsyms, "hrtimer_wakeup").ok_or_else(|| {
-        "hrtimer_wakeup has no address in /proc/kallsyms (kernel.kptr_restrict hides it)".into()
-    })
+    check_layout(tracefs, &HRTIMER_CANCEL_LAYOUT).map_err(|e| format!("{e:#}"))?;
+    hrtimer_start_offered(tracefs, kallsyms)
+}
+
+fn kallsyms_here() -> Result<String, String> {
+    std::fs::read_to_string("/proc/kallsyms").map_err(|e| format!("reading /proc/kallsyms: {e}"))
+}
+
+/// [`hrtimer_start_offered`] on this host.
+pub fn hrtimer_start_offered_here(tracefs: &Path) -> Result<u64, String> {
+    hrtimer_start_offered(tracefs, &kallsyms_here()?)
 }
 
 /// [`hrtimer_offered`] on this host.
 pub fn hrtimer_offered_here(tracefs: &Path) -> Result<u64, String> {
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms")
-        .map_err(|e| format!("reading /proc/kallsyms: {e}"))?;
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|e| format!("reading /proc/sys/kernel/osrelease: {e}"))?;
-    hrtimer_offered(tracefs, &kallsyms, &release)
+    hrtimer_offered(tracefs, &kallsyms_here()?, &release)
 }
 
-/// Field offsets the hrtimer programs read: (category, event, field, offset, size).
-const HRTIMER_LAYOUT: [(&str, &str, &str, usize, usize); 3] = [
+/// A tracepoint field a program reads: (category, event, field, offset, size).
+type FieldAt = (&'static str, &'static str, &'static str, usize, usize);
+
+/// What the `hrtimer_start` program reads.
+const HRTIMER_START_LAYOUT: [FieldAt; 2] = [
     ("timer", "hrtimer_start", "hrtimer", 8, 8),
     ("timer", "hrtimer_start", "function", 16, 8),
-    ("timer", "hrtimer_cancel", "hrtimer", 8, 8),
 ];
+/// What the `hrtimer_cancel` program reads.
+const HRTIMER_CANCEL_LAYOUT: [FieldAt; 1] = [("timer", "hrtimer_cancel", "hrtimer", 8, 8)];
 /// The address of `name` in a `/proc/kallsyms` text; `None` when absent or hidden (all zeros
 /// when `kptr_restrict` hides addresses from this reader).
 pub fn kallsyms_address(text: &str, name: &str) -> Option<u64> {
@@ -101,8 +125,8 @@ pub fn kallsyms_address(text: &str, name: &str) -> Option<u64> {
 }
 
 /// Checks the field layout of the tracepoints against what the programs read.
-fn check_hrtimer_layout(tracefs: &Path) -> anyhow::Result<()> {
-    for (category, event, field, offset, size) in HRTIMER_LAYOUT {
+fn check_layout(tracefs: &Path, layout: &[FieldAt]) -> anyhow::Result<()> {
+    for &(category, event, field, offset, size) in layout {
         let path = tracefs
             .join("events")
             .join(category)

@@ -278,11 +278,11 @@ impl SourcePlan {
 }
 
 /// The timer sources for a process whose C library offers the wait functions (`Ok`) or not
-/// (`Err`: why), on a kernel that offers the hrtimer tracepoints (`Ok`) or not, as `choice`
-/// allows, best first. The syscall tracepoints serve any process.
+/// (`Err`: why), on a kernel that offers `kernel`, as `choice` allows, best first. The
+/// syscall tracepoints serve any process; the libc result probes need `timer:hrtimer_start`.
 pub fn timer_plan(
     libc: &Result<(), String>,
-    hrtimer: &Result<(), String>,
+    kernel: &KernelOffer,
     choice: TimerChoice,
 ) -> (Vec<TimerSource>, Option<String>) {
     use TimerSource::*;
@@ -291,25 +291,31 @@ pub fn timer_plan(
             .map(|v| v.get_name().to_string())
             .unwrap_or_default()
     };
+    // The libc sources this process and kernel allow, best first.
+    let libc_sources = || -> Vec<TimerSource> {
+        if libc.is_err() {
+            return Vec::new();
+        }
+        let results = kernel.hrtimer_start.is_ok().then_some(LibcUprobes);
+        results
+            .into_iter()
+            .chain([LibcEntryReturnUprobes])
+            .collect()
+    };
     match (choice, libc) {
         (TimerChoice::Auto, _) => {
-            let hrtimer = hrtimer.as_ref().ok().map(|()| HrtimerTracepoints);
-            let libc = libc
-                .as_ref()
-                .ok()
-                .into_iter()
-                .flat_map(|()| [LibcUprobes, LibcEntryReturnUprobes]);
+            let hrtimer = kernel.hrtimer.is_ok().then_some(HrtimerTracepoints);
             let sources = hrtimer
                 .into_iter()
-                .chain(libc)
+                .chain(libc_sources())
                 .chain([SyscallTracepoints])
                 .collect();
             (sources, None)
         }
         (TimerChoice::Syscall, _) => (vec![SyscallTracepoints], None),
-        (TimerChoice::Libc, Ok(())) => (vec![LibcUprobes, LibcEntryReturnUprobes], None),
+        (TimerChoice::Libc, Ok(())) => (libc_sources(), None),
         (TimerChoice::LibcEntryReturn, Ok(())) => (vec![LibcEntryReturnUprobes], None),
-        (TimerChoice::Hrtimer, _) => match hrtimer {
+        (TimerChoice::Hrtimer, _) => match &kernel.hrtimer {
             Ok(()) => (vec![HrtimerTracepoints], None),
             Err(why) => (
                 Vec::new(),
@@ -337,7 +343,7 @@ pub fn timer_plan(
 /// tracepoints (exits to QEMU, named by port/page). Timer callbacks need symbols.
 pub fn plan(offer: &ProcessOffer, accel: Accel, kernel: &KernelOffer) -> SourcePlan {
     let kvm = &kernel.kvm;
-    let (timer, timer_none) = timer_plan(&offer.libc, &kernel.hrtimer, offer.timer_choice);
+    let (timer, timer_none) = timer_plan(&offer.libc, kernel, offer.timer_choice);
     let (usdt, symbols) = match &offer.binary {
         BinaryOffer::Unreadable(why) => {
             return with_kvm(

@@ -226,7 +226,7 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
     use TimerSource::*;
     let no_libc: Result<(), String> = Err("no C library mapped".into());
     assert_eq!(
-        timer_plan(&Ok(()), &Ok(()), TimerChoice::Auto).0,
+        timer_plan(&Ok(()), &KernelOffer::all(), TimerChoice::Auto).0,
         [
             HrtimerTracepoints,
             LibcUprobes,
@@ -235,24 +235,24 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
         ]
     );
     assert_eq!(
-        timer_plan(&no_libc, &Ok(()), TimerChoice::Auto).0,
+        timer_plan(&no_libc, &KernelOffer::all(), TimerChoice::Auto).0,
         [HrtimerTracepoints, SyscallTracepoints]
     );
     assert_eq!(
-        timer_plan(&Ok(()), &Ok(()), TimerChoice::Syscall).0,
+        timer_plan(&Ok(()), &KernelOffer::all(), TimerChoice::Syscall).0,
         [SyscallTracepoints]
     );
     assert_eq!(
-        timer_plan(&Ok(()), &Ok(()), TimerChoice::Libc).0,
+        timer_plan(&Ok(()), &KernelOffer::all(), TimerChoice::Libc).0,
         [LibcUprobes, LibcEntryReturnUprobes]
     );
     assert_eq!(
-        timer_plan(&Ok(()), &Ok(()), TimerChoice::LibcEntryReturn).0,
+        timer_plan(&Ok(()), &KernelOffer::all(), TimerChoice::LibcEntryReturn).0,
         [LibcEntryReturnUprobes]
     );
     assert_eq!(LibcEntryReturnUprobes.label(), "libc-entry-return-uprobes");
     assert_eq!(
-        timer_plan(&no_libc, &Ok(()), TimerChoice::LibcEntryReturn)
+        timer_plan(&no_libc, &KernelOffer::all(), TimerChoice::LibcEntryReturn)
             .1
             .as_deref(),
         Some(
@@ -264,21 +264,41 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
     // (a silent switch would change what fd_wakeups means).
     for libc in [Ok(()), no_libc.clone()] {
         assert_eq!(
-            timer_plan(&libc, &Ok(()), TimerChoice::Hrtimer),
+            timer_plan(&libc, &KernelOffer::all(), TimerChoice::Hrtimer),
             (vec![HrtimerTracepoints], None)
         );
     }
     assert_eq!(HrtimerTracepoints.label(), "hrtimer");
     // A kernel that refuses them: auto goes on to the libc uprobes, and asking for them says
     // why there is no timer source.
-    let refused: Result<(), String> = Err("hrtimer_wakeup has no address".into());
+    // Without hrtimer_wakeup's address neither the hrtimer source nor the libc result probes
+    // (their hrtimer_start marks) can serve: auto goes on to entry and return uprobes.
+    let hidden: Result<(), String> = Err("hrtimer_wakeup has no address".into());
+    let refused = KernelOffer {
+        hrtimer: hidden.clone(),
+        hrtimer_start: hidden,
+        ..KernelOffer::all()
+    };
     assert_eq!(
         timer_plan(&Ok(()), &refused, TimerChoice::Auto).0,
-        [LibcUprobes, LibcEntryReturnUprobes, SyscallTracepoints]
+        [LibcEntryReturnUprobes, SyscallTracepoints]
+    );
+    assert_eq!(
+        timer_plan(&Ok(()), &refused, TimerChoice::Libc).0,
+        [LibcEntryReturnUprobes]
     );
     assert_eq!(
         timer_plan(&no_libc, &refused, TimerChoice::Auto).0,
         [SyscallTracepoints]
+    );
+    // An older kernel: no hrtimer source (sched_switch's prev_state), the result probes stay.
+    let old_kernel = KernelOffer {
+        hrtimer: Err("Linux 5.15 has no `prev_state`".into()),
+        ..KernelOffer::all()
+    };
+    assert_eq!(
+        timer_plan(&Ok(()), &old_kernel, TimerChoice::Auto).0,
+        [LibcUprobes, LibcEntryReturnUprobes, SyscallTracepoints]
     );
     let (none, why) = timer_plan(&Ok(()), &refused, TimerChoice::Hrtimer);
     assert!(none.is_empty());
@@ -289,7 +309,7 @@ fn timer_source_hrtimer_first_then_libc_then_syscall_tracepoints() {
              hrtimer_wakeup has no address"
         )
     );
-    let (none, why) = timer_plan(&no_libc, &Ok(()), TimerChoice::Libc);
+    let (none, why) = timer_plan(&no_libc, &KernelOffer::all(), TimerChoice::Libc);
     assert!(none.is_empty());
     assert_eq!(
         why.as_deref(),

@@ -70,6 +70,7 @@ impl EventProbes {
         };
         let kernel = KernelOffer {
             hrtimer: self.hrtimer_waits.status(),
+            hrtimer_start: self.hrtimer_waits.starts_status(),
             kvm: self.kvm.status().clone(),
         };
         let mut plan = policy::plan(&offer, vm.identity.accel, &kernel);

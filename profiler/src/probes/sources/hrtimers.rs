@@ -53,17 +53,17 @@ pub struct HrtimerWaits {
     /// The tracepoints, or why this host cannot have them.
     group: Result<TracepointGroup, String>,
     /// `hrtimer_start` alone, for the libc result probes (the same program: while both are
-    /// attached it runs twice per timer, and its map updates are idempotent).
-    starts: Option<TracepointGroup>,
+    /// attached it runs twice per timer, and its map updates are idempotent), or why not.
+    starts: Result<TracepointGroup, String>,
 }
 
 impl HrtimerWaits {
     /// Prepares the source; never fails the profiler: a host without it gets the reason at
     /// each attach.
     pub fn load(ebpf: &mut Ebpf, tracefs: &Path) -> Self {
-        let group = (|| {
-            let wakeup =
-                crate::offer::kernel::hrtimer_offered_here(tracefs).map_err(anyhow::Error::msg)?;
+        use crate::offer::kernel::{hrtimer_offered_here, hrtimer_start_offered_here};
+        let starts = (|| {
+            let wakeup = hrtimer_start_offered_here(tracefs).map_err(anyhow::Error::msg)?;
             let mut slot: Array<&mut MapData, u64> = Array::try_from(
                 ebpf.map_mut("HRTIMER_WAKEUP")
                     .context("map HRTIMER_WAKEUP missing")?,
@@ -71,27 +71,36 @@ impl HrtimerWaits {
             slot.set(0, wakeup, 0)?;
             TracepointGroup::load(
                 ebpf,
-                PROGRAMS
-                    .map(|(kind, name)| (kind, name.to_string()))
-                    .to_vec(),
+                vec![(Tracepoint::Classic("timer"), START_PROGRAM.to_string())],
             )
         })()
         .map_err(|e| format!("{e:#}"));
-        let starts = group.is_ok().then(|| {
-            TracepointGroup::loaded(vec![(
-                Tracepoint::Classic("timer"),
-                START_PROGRAM.to_string(),
-            )])
-        });
+        let group = match &starts {
+            Err(why) => Err(why.clone()),
+            Ok(_) => (|| {
+                hrtimer_offered_here(tracefs).map_err(anyhow::Error::msg)?;
+                let others = PROGRAMS
+                    .iter()
+                    .filter(|(_, name)| *name != START_PROGRAM)
+                    .map(|&(kind, name)| (kind, name.to_string()))
+                    .collect();
+                TracepointGroup::load(ebpf, others)?;
+                Ok::<_, anyhow::Error>(TracepointGroup::loaded(
+                    PROGRAMS
+                        .map(|(kind, name)| (kind, name.to_string()))
+                        .to_vec(),
+                ))
+            })()
+            .map_err(|e| format!("{e:#}")),
+        };
         Self { group, starts }
     }
 
     /// Attaches `timer:hrtimer_start` alone for `pid` (the libc result probes).
     pub fn acquire_starts(&mut self, ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
-        match (&mut self.starts, &self.group) {
-            (Some(starts), _) => starts.acquire(ebpf, pid),
-            (None, Err(why)) => bail!("the hrtimer tracepoints are not available: {why}"),
-            (None, Ok(_)) => bail!("the hrtimer tracepoints are not available"),
+        match &mut self.starts {
+            Ok(starts) => starts.acquire(ebpf, pid),
+            Err(why) => bail!("timer:hrtimer_start is not available: {why}"),
         }
     }
 
@@ -99,8 +108,8 @@ impl HrtimerWaits {
     #[must_use = "closing the returned links detaches the tracepoint"]
     pub fn release_starts(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<Detach> {
         match &mut self.starts {
-            Some(starts) => starts.release(ebpf, pid),
-            None => Vec::new(),
+            Ok(starts) => starts.release(ebpf, pid),
+            Err(_) => Vec::new(),
         }
     }
 
@@ -126,6 +135,11 @@ impl HrtimerWaits {
         self.group.as_ref().map(|_| ()).map_err(Clone::clone)
     }
 
+    /// Whether `timer:hrtimer_start` alone can be had (the libc result probes), or why not.
+    pub fn starts_status(&self) -> Result<(), String> {
+        self.starts.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
     pub fn is_attached(&self) -> bool {
         self.group.as_ref().is_ok_and(TracepointGroup::is_attached)
     }
@@ -134,7 +148,7 @@ impl HrtimerWaits {
         if let Ok(group) = &mut self.group {
             group.detach_all(ebpf);
         }
-        if let Some(starts) = &mut self.starts {
+        if let Ok(starts) = &mut self.starts {
             starts.detach_all(ebpf);
         }
     }
