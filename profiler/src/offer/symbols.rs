@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::offer::elf::{DebugRoots, SymbolSource as SymbolOrigin, SymbolTable, load_symbols_with};
+use crate::offer::elf::{DebugRoots, SymbolOrigin, SymbolTable, load_symbols_with};
 
 const DISPATCH_READ: &str = "memory_region_dispatch_read";
 const DISPATCH_WRITE: &str = "memory_region_dispatch_write";

@@ -10,7 +10,7 @@ pub mod symbols;
 pub mod usdt;
 
 pub use symbols::{
-    DebugRoots, DebugSearch, Symbol, SymbolBinding, SymbolKind, SymbolSource, SymbolTable,
+    DebugRoots, DebugSearch, Symbol, SymbolBinding, SymbolKind, SymbolOrigin, SymbolTable,
     file_offset_to_vaddr, find_debug_file, load_symbols, load_symbols_with, search_debug_file,
     vaddr_to_file_offset,
 };

@@ -66,7 +66,7 @@ impl Symbol {
 
 /// Where a [`SymbolTable`]'s symbols came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SymbolSource {
+pub enum SymbolOrigin {
     /// The binary's own `.symtab` (unstripped), plus `.dynsym`.
     Symtab,
     /// A separate debug file's `.symtab`, plus the binary's `.dynsym`.
@@ -76,12 +76,12 @@ pub enum SymbolSource {
     DynsymOnly { reason: String },
 }
 
-impl fmt::Display for SymbolSource {
+impl fmt::Display for SymbolOrigin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SymbolSource::Symtab => write!(f, "from the binary's .symtab"),
-            SymbolSource::DebugFile(p) => write!(f, "from debug file {}", p.display()),
-            SymbolSource::DynsymOnly { reason } => {
+            SymbolOrigin::Symtab => write!(f, "from the binary's .symtab"),
+            SymbolOrigin::DebugFile(p) => write!(f, "from debug file {}", p.display()),
+            SymbolOrigin::DynsymOnly { reason } => {
                 write!(f, "exported symbols only: {reason}")
             }
         }
@@ -97,7 +97,7 @@ pub struct SymbolTable {
     /// Largest symbol size: bounds the backwards scan in address lookups.
     max_size: u64,
     segments: Vec<LoadSegment>,
-    source: SymbolSource,
+    source: SymbolOrigin,
 }
 
 impl SymbolTable {
@@ -106,9 +106,9 @@ impl SymbolTable {
         with_elf(bytes, |elf| {
             let mut symbols = read_symbols(elf, elf::SHT_SYMTAB)?;
             let source = if symbols.iter().any(|s| s.kind == SymbolKind::Function) {
-                SymbolSource::Symtab
+                SymbolOrigin::Symtab
             } else {
-                SymbolSource::DynsymOnly {
+                SymbolOrigin::DynsymOnly {
                     reason: "no .symtab (debug-file search not attempted)".into(),
                 }
             };
@@ -117,7 +117,7 @@ impl SymbolTable {
         })
     }
 
-    fn new(mut symbols: Vec<Symbol>, segments: Vec<LoadSegment>, source: SymbolSource) -> Self {
+    fn new(mut symbols: Vec<Symbol>, segments: Vec<LoadSegment>, source: SymbolOrigin) -> Self {
         // `.symtab` comes first, so dedup keeps its copy (the one with a file for locals).
         let mut seen = HashSet::new();
         symbols.retain(|s| seen.insert((s.name.clone(), s.vaddr, s.hidden_version)));
@@ -138,7 +138,7 @@ impl SymbolTable {
         }
     }
 
-    pub fn source(&self) -> &SymbolSource {
+    pub fn source(&self) -> &SymbolOrigin {
         &self.source
     }
 
@@ -517,7 +517,7 @@ pub fn load_symbols(binary: &Path) -> anyhow::Result<SymbolTable> {
 
 /// The symbols of `binary`: its own `.symtab` if it has one, else the `.symtab` of its
 /// verified debug file, else only its exported `.dynsym` symbols (the table's
-/// [`SymbolSource`] says which, and why). `.dynsym` is always included.
+/// [`SymbolOrigin`] says which, and why). `.dynsym` is always included.
 pub fn load_symbols_with(binary: &Path, roots: &DebugRoots) -> anyhow::Result<SymbolTable> {
     let bytes = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
     with_elf(&bytes, |elf| {
@@ -530,7 +530,7 @@ pub fn load_symbols_with(binary: &Path, roots: &DebugRoots) -> anyhow::Result<Sy
             return Ok(SymbolTable::new(
                 symbols,
                 elf.segments.clone(),
-                SymbolSource::Symtab,
+                SymbolOrigin::Symtab,
             ));
         }
         let (search, debug_bytes) = search(binary, elf, roots);
@@ -542,14 +542,14 @@ pub fn load_symbols_with(binary: &Path, roots: &DebugRoots) -> anyhow::Result<Sy
             return Ok(SymbolTable::new(
                 symbols,
                 elf.segments.clone(),
-                SymbolSource::DebugFile(path),
+                SymbolOrigin::DebugFile(path),
             ));
         }
         let reason = format!("{} is stripped; {}", binary.display(), search.summary());
         Ok(SymbolTable::new(
             dynsym,
             elf.segments.clone(),
-            SymbolSource::DynsymOnly { reason },
+            SymbolOrigin::DynsymOnly { reason },
         ))
     })
     .with_context(|| format!("reading symbols of {}", binary.display()))

@@ -18,7 +18,7 @@ fn stripped_ls_has_dynsym_build_id_and_no_debug_file() {
     let ls = Path::new("/bin/ls");
     let empty = tempfile::tempdir().unwrap();
     let table = load_symbols_with(ls, &DebugRoots::at(empty.path())).unwrap();
-    let SymbolSource::DynsymOnly { reason } = table.source() else {
+    let SymbolOrigin::DynsymOnly { reason } = table.source() else {
         panic!("/bin/ls should be stripped: {:?}", table.source());
     };
     // It has a build-id, so the build-id path was tried and named in the reason.
@@ -92,7 +92,7 @@ fn unstripped_fixture_symbols() {
         return;
     };
     let table = load_symbols_with(&demo, &DebugRoots::at(dir.path())).unwrap();
-    assert_eq!(table.source(), &SymbolSource::Symtab);
+    assert_eq!(table.source(), &SymbolOrigin::Symtab);
     let global = table.lookup("demo_global_fn").unwrap();
     assert_eq!(global.binding, SymbolBinding::Global);
     assert_eq!(global.file, None);
@@ -180,7 +180,7 @@ fn stripped_binary_resolves_through_build_id_tree() {
     let roots = DebugRoots::at(&root);
     assert_eq!(find_debug_file(&bin, &roots), Some(moved.clone()));
     let table = load_symbols_with(&bin, &roots).unwrap();
-    assert_eq!(table.source(), &SymbolSource::DebugFile(moved));
+    assert_eq!(table.source(), &SymbolOrigin::DebugFile(moved));
     let f = table.lookup("demo_static_fn").expect("from the debug file");
     assert_eq!(f.file.as_deref(), Some("usdt_demo_main.c"));
     assert_eq!(table.symbolize(f.vaddr + 1), Some(("demo_static_fn", 1)));
@@ -222,7 +222,7 @@ fn mismatching_build_id_is_rejected() {
         .count();
     assert_eq!(mismatches, 2, "{search:?}");
     let table = load_symbols_with(&bin, &roots).unwrap();
-    let SymbolSource::DynsymOnly { reason } = table.source() else {
+    let SymbolOrigin::DynsymOnly { reason } = table.source() else {
         panic!("{:?}", table.source());
     };
     assert!(reason.contains("build-id mismatch"), "{reason}");
@@ -279,7 +279,7 @@ fn qemu_usdt_build_symbols() {
         return;
     };
     let table = load_symbols(&qemu).unwrap();
-    assert_eq!(table.source(), &SymbolSource::Symtab);
+    assert_eq!(table.source(), &SymbolOrigin::Symtab);
     for name in [
         "memory_region_dispatch_read",
         "memory_region_dispatch_write",
