@@ -131,8 +131,8 @@ pub mod counter_meta {
 /// Slots of the `WATCH_TABLE` array, where the programs find a watched process: slot
 /// `tgid % WATCH_SLOTS` ([`watch_slot`]). A process whose slot another one holds is in the
 /// `WATCHED` hash instead, and its slot says so ([`WatchEntry::overflow`]). One array load
-/// answers "not watched" for every other process of the host: a hash lookup costs ~150–290 ns
-/// on this machine kind, and the host-wide tracepoints ask it for every task.
+/// answers "not watched" for every other process of the host: a hash lookup costs several
+/// times as much (docs/benchmarks.md), and the host-wide tracepoints ask it for every task.
 pub const WATCH_SLOTS: u32 = 65536;
 
 /// The `WATCH_TABLE` slot of process `tgid`.

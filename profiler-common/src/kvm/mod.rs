@@ -46,8 +46,8 @@
 //!   QEMU (KVM traces nothing when it completes a userspace `out`);
 //! - PIO write traced, then an `IO` exit, then a PIO read: ambiguous. Either the write went
 //!   to QEMU and the guest's next `in` hit an in-kernel device, or the kernel took the write
-//!   and the exit is the read's, whose completion this is. Both happen on real KVM (seen on
-//!   this machine): QEMU's RTC index port 0x70 is a coalesced-PIO zone, so the CMOS read
+//!   and the exit is the read's, whose completion this is. Both happen on real KVM (the root
+//!   ground-truth test sees them): QEMU's RTC index port 0x70 is a coalesced-PIO zone, so the CMOS read
 //!   `out 0x70; in 0x71` traces write 0x70, `IO` exit, read 0x71 with 0x71 in QEMU; and
 //!   SeaBIOS's `out 0x402` (debugcon, QEMU) followed by `in 0x21` (PIC, in-kernel) traces the
 //!   same shape the other way round. The four tracepoints cannot tell (on VMX/SVM

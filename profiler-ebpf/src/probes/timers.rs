@@ -88,7 +88,7 @@ pub fn remember(tgid: u32, tid: u32, syscall: u64, timeout: u32) -> u32 {
 
 /// The libc result source's marks of a `ppoll` that armed its sleep timer, one slot per
 /// thread ([`profiler_common::MARK_SLOTS`]): marking and consuming are an array load and a
-/// store where a `PENDING` entry costs a hash lookup each (~150–290 ns here, on every ppoll).
+/// store where a `PENDING` entry costs a hash lookup each, on every ppoll.
 /// Freed by userspace when the process is forgotten (`forget_process`).
 #[map]
 pub static PPOLL_MARKS: Array<PpollMark> = Array::with_max_entries(MARK_SLOTS, BPF_F_MMAPABLE);

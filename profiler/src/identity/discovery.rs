@@ -294,10 +294,11 @@ impl Default for HostPaths {
 
 /// A known process's CPU clock and a pidfd that says when it has exited.
 ///
-/// `/proc/PID/stat` costs the kernel ~6 µs to produce (52 formatted fields, memory counters,
+/// Producing `/proc/PID/stat` is dear for the kernel (52 formatted fields, memory counters,
 /// locks) and was a third of the collector's time at hundreds of VMs; reading the process's
 /// CPU clock (`clock_gettime` of `CLOCK_PROCESS_CPUTIME_ID` for another process, allowed for
-/// any process) costs under 1 µs here. The clock is addressed by PID number, so the pidfd,
+/// any process) is several times cheaper (docs/benchmarks.md, "Figures behind the design").
+/// The clock is addressed by PID number, so the pidfd,
 /// bound to the process itself, is polled after the read: still running then means the PID
 /// was this process when the clock was read.
 #[derive(Debug)]

@@ -107,7 +107,7 @@ const SYSCALL: [u8; 2] = [0x0f, 0x05];
 /// Offsets in `code` (one function's bytes) of the conditional jump that follows each
 /// `syscall; cmp $-4096,%rax` (or `cmp $-4095,%rax`): there `rax` is the kernel's result and
 /// the argument registers what the kernel got, and the kernel emulates a jump without a
-/// single-step (a breakpoint on the `cmp` itself costs ten times as much on this machine).
+/// single-step (a breakpoint on the `cmp` itself needs one, and costs several times as much).
 /// Every `0f 05` byte pair in the function must be such a site; otherwise (another
 /// compiler's code, musl's shared syscall stub, a pair inside another instruction) the
 /// function is refused rather than half-probed: a wait through a site without a probe would

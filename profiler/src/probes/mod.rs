@@ -126,7 +126,7 @@ impl HitCost {
 /// The profiler's own cost in the kernel, from BPF run-time statistics.
 ///
 /// While statistics are on, the kernel times every BPF program run on the host (two clock
-/// reads per run: measured by `xtask bench events` as a fifth of a USDT event's cost here), so
+/// reads per run: a sizeable share of a USDT event's cost, `xtask bench events`), so
 /// the profiler turns them on for one refresh in [`kernel::stats::STATS_EVERY`] and scales what it measured
 /// to the whole run: an estimate from a 1-in-10 sample.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

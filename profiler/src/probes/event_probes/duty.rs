@@ -68,7 +68,7 @@ impl EventProbes {
             if how == LibcProbes::Result {
                 // `timer:hrtimer_start` is host-wide and stays attached: without the flag its
                 // program returns at the watch-table load for this VM's timers, which would
-                // otherwise cost it about half of a 0.1 % budget while its probes are away.
+                // otherwise cost it a good part of a small budget while its probes are away.
                 let _ = self.set_watch_flags(pid, 0);
             }
         }

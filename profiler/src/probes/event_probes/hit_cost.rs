@@ -18,9 +18,9 @@ impl EventProbes {
     /// by thread CPU time (preemption and the sleep are not costs), three interleaved tries of
     /// each; each kind's cost is its fastest probed try minus its fastest bare try, so a try
     /// an interrupt or a busy neighbour slowed drops out on either side. (The difference of
-    /// each try's pair, once taken instead, went from 0.10 to 8.66 µs between runs here: one
-    /// slowed bare try made the budget think a hit nearly free, and a VM never paused never
-    /// teaches it otherwise.)
+    /// each try's pair, once taken instead, varied tenfold between runs: one slowed bare try
+    /// made the budget think a hit nearly free, and a VM never paused never teaches it
+    /// otherwise.)
     pub(super) fn measure_uprobe_hit_cost(&mut self) -> anyhow::Result<HitCost> {
         const TIGHT_CALLS: u32 = 5000;
         const SLEEPING_CALLS: u32 = 600;

@@ -263,8 +263,8 @@ impl ProbeLayer for EventProbes {
             // Already gone is fine: the process may have been removed concurrently.
             self.watch_table.remove(&mut self.ebpf, pid)?;
         }
-        // Closing a uprobe link waits for a grace period (about a second here for a QEMU's
-        // links): off the sampling thread, or a VM that lives a second is never seen.
+        // Closing a uprobe link waits for a grace period: off the sampling thread, or a VM
+        // that lives a second is never seen.
         let items = self.take_uprobes(pid);
         self.detacher.submit(pid, items);
         self.closing.insert(pid);

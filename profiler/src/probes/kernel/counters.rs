@@ -1,7 +1,7 @@
 //! The counter store's userspace half (the kernel side is in `profiler-ebpf/src/maps.rs`):
 //! counts live in an array the collector reads through a memory mapping, and a hash map gives
 //! each counter key its slot. Reading a hash map whole scans every one of its buckets (2^19 for
-//! 2,000 VMs: ~0.7 ms here, whatever the number of VMs), so the index is read only when the
+//! 2,000 VMs, whatever the number of VMs), so the index is read only when the
 //! programs added keys since the last read (`COUNTER_META[INSERTS]`); in between, a refresh
 //! is one memory load per counter and no syscall.
 

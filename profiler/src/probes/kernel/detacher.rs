@@ -1,8 +1,9 @@
 //! Detaching uprobes off the sampling thread.
 //!
 //! Closing a perf-event uprobe link waits for an RCU grace period (the handlers must be done
-//! before the probe's memory goes): about 0.1 s per link here. Concurrent closes share grace periods, but a uprobe being opened meanwhile waits
-//! behind all of them (seconds, measured, with dozens queued). So the links of paused and
+//! before the probe's memory goes), one per link (docs/benchmarks.md, "teardown"). Concurrent
+//! closes share grace periods, but a uprobe being opened meanwhile waits behind all of them.
+//! So the links of paused and
 //! exited VMs are handed over here and closed in the background, in parallel batches, and the
 //! closer holds back between batches while the sampler attaches (see [`Detacher::hold`]). A
 //! budget resume does not wait for its VM's old links: they no longer count (see

@@ -5,11 +5,9 @@
 //! - **Opened disabled.** A uprobe scoped to one process is a per-task perf event of that
 //!   process's main thread, and an *enabled* per-task event is scheduled in and out of the
 //!   thread's perf context at every context switch, whether or not its breakpoint is ever hit.
-//!   QEMU's main loop sleeps and wakes thousands of times a second: measured on the demo's
-//!   noisy guest (Debian's QEMU, ~1,800 `ppoll` a second), 14 never-hit uprobe events cost its
-//!   main thread +5 to +11 ms of CPU per second enabled and -2 to +4 disabled, and the libc
-//!   result probes cost +15.8 ms/s through aya against +1.0 ms/s for a bare tracefs uprobe at
-//!   the same instruction (docs/probes.md). A disabled event is never scheduled, yet its
+//!   QEMU's main loop sleeps and wakes thousands of times a second, so never-hit enabled
+//!   events cost it CPU that disabled ones do not (docs/probes.md and docs/benchmarks.md have
+//!   the measurement). A disabled event is never scheduled, yet its
 //!   program runs on every hit: the kernel registers the uprobe and applies the breakpoint to
 //!   the process when the event is *opened*, and the hit runs the programs attached to the
 //!   event's trace call without looking at the event's state. The end-to-end tests' exact
