@@ -181,34 +181,19 @@ fn name_changes(
 fn compare_pair(b: &VmWindows<'_>, a: &VmWindows<'_>, settle: f64) -> VmComparison {
     let (bf, af) = (full(b, settle), full(a, settle));
     let window = bf.first().or(af.first()).map_or(30.0, |w| w.seconds);
-    let num = |f: fn(&WindowRecord) -> Option<u64>| move |w: &WindowRecord| f(w).map(|n| n as f64);
-    let counts = vec![
-        MeanChange::new(
-            "timer",
-            mean(&bf, window, num(|w| w.timer)),
-            mean(&af, window, num(|w| w.timer)),
-        ),
-        MeanChange::new(
-            "read",
-            mean(&bf, window, num(|w| w.read)),
-            mean(&af, window, num(|w| w.read)),
-        ),
-        MeanChange::new(
-            "write",
-            mean(&bf, window, num(|w| w.write)),
-            mean(&af, window, num(|w| w.write)),
-        ),
-        MeanChange::new(
-            "fd_wakeups",
-            mean(&bf, window, num(|w| w.fd_wakeups)),
-            mean(&af, window, num(|w| w.fd_wakeups)),
-        ),
-        MeanChange::new(
-            "cpu_seconds",
-            mean(&bf, window, |w| w.cpu_seconds),
-            mean(&af, window, |w| w.cpu_seconds),
-        ),
+    let count =
+        |f: fn(&WindowRecord) -> Option<u64>| move |w: &WindowRecord| f(w).map(|n| n as f64);
+    let measures: [(&str, Box<dyn Fn(&WindowRecord) -> Option<f64>>); 5] = [
+        ("timer", Box::new(count(|w| w.timer))),
+        ("read", Box::new(count(|w| w.read))),
+        ("write", Box::new(count(|w| w.write))),
+        ("fd_wakeups", Box::new(count(|w| w.fd_wakeups))),
+        ("cpu_seconds", Box::new(|w: &WindowRecord| w.cpu_seconds)),
     ];
+    let counts = measures
+        .iter()
+        .map(|(name, f)| MeanChange::new(*name, mean(&bf, window, f), mean(&af, window, f)))
+        .collect();
     let seen = |w: &[&WindowRecord], f: fn(&WindowRecord) -> bool| w.last().is_some_and(|r| f(r));
     let rw_seen = |r: &WindowRecord| !r.sources.read.starts_with("unavailable");
     let cb_seen = |r: &WindowRecord| !r.sources.timer_callbacks.starts_with("unavailable");

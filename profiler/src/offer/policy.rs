@@ -257,22 +257,17 @@ impl SourcePlan {
 
     /// What the plan gives when every attach succeeds: what `profiler list` shows.
     pub fn expected(&self) -> VmSources {
+        // The first candidate, else the plan's reason for having none.
+        fn first<S: Copy, E: Clone>(candidates: &[S], none: &Option<E>) -> Result<S, E> {
+            candidates
+                .first()
+                .copied()
+                .ok_or_else(|| none.clone().expect("a plan without candidates says why"))
+        }
         VmSources {
-            read_write: match self.read_write.first() {
-                Some(&source) => Ok(source),
-                None => Err(self
-                    .read_write_none
-                    .clone()
-                    .expect("a plan without candidates says why")),
-            },
+            read_write: first(&self.read_write, &self.read_write_none),
             callbacks: self.callbacks.clone(),
-            timer: match self.timer.first() {
-                Some(&source) => Ok(source),
-                None => Err(self
-                    .timer_none
-                    .clone()
-                    .expect("a plan without timer candidates says why")),
-            },
+            timer: first(&self.timer, &self.timer_none),
         }
     }
 }

@@ -143,11 +143,22 @@ impl DutyCycle {
 
     /// A window's runs of links that counted nothing: `hits` over its `secs`.
     pub fn closing_measured(&mut self, budget: &OverheadBudget, hits: u64, secs: f64) {
+        self.fold_rate(budget, hits, secs, |d| &mut d.closing_rate);
+    }
+
+    /// Folds `hits` over `secs` into the smoothed rate `which` picks, and updates the duty.
+    fn fold_rate(
+        &mut self,
+        budget: &OverheadBudget,
+        hits: u64,
+        secs: f64,
+        which: impl FnOnce(&mut Self) -> &mut Option<f64>,
+    ) {
         if secs <= 0.0 {
             return;
         }
-        let rate = hits as f64 / secs;
-        self.closing_rate = Some(smoothed(self.closing_rate, rate));
+        let rate = which(self);
+        *rate = Some(smoothed(*rate, hits as f64 / secs));
         self.update_duty(budget);
     }
 
@@ -158,12 +169,7 @@ impl DutyCycle {
 
     /// `hits` made over `secs` of probing: updates the rate and the duty.
     pub fn measured(&mut self, budget: &OverheadBudget, hits: u64, secs: f64) {
-        if secs <= 0.0 {
-            return;
-        }
-        let rate = hits as f64 / secs;
-        self.rate = Some(smoothed(self.rate, rate));
-        self.update_duty(budget);
+        self.fold_rate(budget, hits, secs, |d| &mut d.rate);
     }
 
     /// One window's CPU split: its QEMU used `on` of a core while probed and `off` while not

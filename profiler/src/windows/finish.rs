@@ -259,24 +259,17 @@ pub(crate) mod tests {
     #[test]
     fn a_window_its_probes_never_saw_has_no_counts_and_one_they_saw_all_along_is_exact() {
         let c = closed_window(7, 0, 10.0);
-        let never = WindowFacts {
+        let probed_for = |seconds| WindowFacts {
             probed: Probed::For {
-                seconds: 0.0,
+                seconds,
                 uprobed: TIMER_ONLY,
             },
             ..WindowFacts::default()
         };
-        let (r, _) = record(&c, &never, &frame(10.0));
+        let (r, _) = record(&c, &probed_for(0.0), &frame(10.0));
         assert_eq!((r.timer, r.fd_wakeups), (None, None));
         assert_eq!((r.estimated, r.probed_seconds), (true, Some(0.0)));
-        let all_along = WindowFacts {
-            probed: Probed::For {
-                seconds: 10.0,
-                uprobed: TIMER_ONLY,
-            },
-            ..WindowFacts::default()
-        };
-        let (r, added) = record(&c, &all_along, &frame(10.0));
+        let (r, added) = record(&c, &probed_for(10.0), &frame(10.0));
         assert!(!r.estimated && added.is_empty());
     }
 }

@@ -393,6 +393,42 @@ fn only_read_only_commands_are_sent() {
     assert_eq!(seen.len(), 1, "only qmp_capabilities was sent: {seen:?}");
 }
 
+/// Serves one QMP client like QEMU: greets it and answers every command, HMP commands with
+/// `hmp`, until it leaves.
+fn serve_hmp<S: std::io::Read + Write + TryCloneStream>(s: S, hmp: &str) {
+    let mut w = s.try_clone_stream();
+    w.write_all(format!("{GREETING}\r\n").as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while r.read_line(&mut line).unwrap_or(0) > 0 {
+        let cmd: Value = serde_json::from_str(&line).unwrap();
+        line.clear();
+        let ret = if cmd["execute"] == "human-monitor-command" {
+            json!(hmp)
+        } else {
+            json!({})
+        };
+        w.write_all(&ok_reply(&cmd, ret)).unwrap();
+    }
+}
+
+/// A socket a second handle to which can be had (`UnixStream`, `TcpStream`).
+trait TryCloneStream: Sized {
+    fn try_clone_stream(&self) -> Self;
+}
+
+impl TryCloneStream for std::os::unix::net::UnixStream {
+    fn try_clone_stream(&self) -> Self {
+        self.try_clone().unwrap()
+    }
+}
+
+impl TryCloneStream for std::net::TcpStream {
+    fn try_clone_stream(&self) -> Self {
+        self.try_clone().unwrap()
+    }
+}
+
 #[test]
 fn unix_socket_connect_busy_and_missing() {
     let dir = tempfile::tempdir().unwrap();
@@ -401,21 +437,7 @@ fn unix_socket_connect_busy_and_missing() {
     let endpoint = QmpEndpoint::Unix(path.to_str().unwrap().into());
     // Serve exactly one client, like QEMU: greet it, answer it, keep it.
     let server = thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut w = s.try_clone().unwrap();
-        w.write_all(format!("{GREETING}\r\n").as_bytes()).unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            let cmd: Value = serde_json::from_str(&line).unwrap();
-            line.clear();
-            let ret = if cmd["execute"] == "human-monitor-command" {
-                json!(HMP_TEXT)
-            } else {
-                json!({})
-            };
-            w.write_all(&ok_reply(&cmd, ret)).unwrap();
-        }
+        serve_hmp(listener.accept().unwrap().0, HMP_TEXT);
         listener
     });
     let mut first = connect(&endpoint, DEFAULT_TIMEOUT).unwrap();
@@ -460,23 +482,7 @@ fn unix_socket_connect_busy_and_missing() {
 fn tcp_connect_and_device_names() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let server = thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut w = s.try_clone().unwrap();
-        w.write_all(format!("{GREETING}\r\n").as_bytes()).unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            let cmd: Value = serde_json::from_str(&line).unwrap();
-            line.clear();
-            let ret = if cmd["execute"] == "human-monitor-command" {
-                json!(HMP_TEXT)
-            } else {
-                json!({})
-            };
-            w.write_all(&ok_reply(&cmd, ret)).unwrap();
-        }
-    });
+    let server = thread::spawn(move || serve_hmp(listener.accept().unwrap().0, HMP_TEXT));
     let endpoint = QmpEndpoint::Tcp {
         host: "127.0.0.1".into(),
         port,
@@ -492,21 +498,10 @@ fn device_names_rejects_an_unparsable_answer() {
     let path = dir.path().join("vm.qmp");
     let listener = UnixListener::bind(&path).unwrap();
     let server = thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        let mut w = s.try_clone().unwrap();
-        w.write_all(format!("{GREETING}\r\n").as_bytes()).unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            let cmd: Value = serde_json::from_str(&line).unwrap();
-            line.clear();
-            let ret = if cmd["execute"] == "human-monitor-command" {
-                json!("unknown command: 'info mtree'\r\n")
-            } else {
-                json!({})
-            };
-            w.write_all(&ok_reply(&cmd, ret)).unwrap();
-        }
+        serve_hmp(
+            listener.accept().unwrap().0,
+            "unknown command: 'info mtree'\r\n",
+        );
     });
     let endpoint = QmpEndpoint::Unix(path.to_str().unwrap().into());
     let err = device_names(&endpoint, DEFAULT_TIMEOUT)

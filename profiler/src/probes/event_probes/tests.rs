@@ -129,6 +129,17 @@ fn zero_timeout_polls(n: u32) {
     }
 }
 
+/// Stops watching `pid` and drops its counters.
+fn unwatch(
+    ebpf: &mut Ebpf,
+    table: &mut watch_table::WatchTable,
+    counters: &mut counters::CounterStore,
+    pid: u32,
+) {
+    table.remove(ebpf, pid).unwrap();
+    counters.forget(ebpf, pid).unwrap();
+}
+
 /// This process's libc offer (with result sites), the libc source, counters and watch
 /// table, on `ebpf`.
 fn own_libc_fixture(
@@ -178,8 +189,7 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
     table.set(&mut ebpf, pid, flags, block).unwrap();
     polls(1000);
     assert_eq!(counted(&mut counters, &ebpf), 1000, "in its slot");
-    table.remove(&mut ebpf, pid).unwrap();
-    counters.forget(&mut ebpf, pid).unwrap();
+    unwatch(&mut ebpf, &mut table, &mut counters, pid);
     polls(100);
     assert_eq!(counted(&mut counters, &ebpf), 0, "forgotten");
     // Its slot held by another process: in the hash, found through the slot's mark.
@@ -189,8 +199,7 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
     table.set(&mut ebpf, pid, flags, block).unwrap();
     polls(1000);
     assert_eq!(counted(&mut counters, &ebpf), 1000, "in the overflow hash");
-    table.remove(&mut ebpf, pid).unwrap();
-    counters.forget(&mut ebpf, pid).unwrap();
+    unwatch(&mut ebpf, &mut table, &mut counters, pid);
     polls(100);
     assert_eq!(counted(&mut counters, &ebpf), 0, "overflow forgotten");
     // Without a wait block (the store was full): keyed like any counter.
@@ -198,9 +207,8 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
     polls(500);
     assert_eq!(counted(&mut counters, &ebpf), 500, "keyed");
     libc.detach(&mut ebpf, pid);
-    table.remove(&mut ebpf, pid).unwrap();
     table.remove(&mut ebpf, other).unwrap();
-    counters.forget(&mut ebpf, pid).unwrap();
+    unwatch(&mut ebpf, &mut table, &mut counters, pid);
 }
 
 /// A budget pause: the links of the VM's generation stop counting the moment its
@@ -277,8 +285,7 @@ fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
         "old links gone"
     );
     libc.detach(&mut ebpf, pid);
-    table.remove(&mut ebpf, pid).unwrap();
-    counters.forget(&mut ebpf, pid).unwrap();
+    unwatch(&mut ebpf, &mut table, &mut counters, pid);
 }
 
 #[test]
