@@ -179,25 +179,30 @@ pub enum Command {
     },
     /// How many VMs like the recorded ones fit on a host: each VM's idle cost, per profile
     /// (VMs named alike), and the host's measured CPU against the number of VMs.
-    Capacity {
-        file: PathBuf,
-        /// Cores to plan for (default: the recorded host's).
-        #[arg(long)]
-        cores: Option<f64>,
-        /// Cores kept for the host itself.
-        #[arg(long, default_value_t = 0.0)]
-        reserve_cores: f64,
-        /// Share of the remaining cores the VMs' device models may use (0..1].
-        #[arg(long, default_value_t = 0.8)]
-        target_util: f64,
-        /// Seconds after a VM's QEMU started that do not count (boot; recordings that do not
-        /// say when it started count from its first window).
-        #[arg(long, default_value_t = 30.0)]
-        settle: f64,
-        #[arg(long)]
-        json: bool,
-        /// Also draw host CPU against VM count with the projection (.svg or .png).
-        #[arg(long)]
-        plot: Option<PathBuf>,
-    },
+    Capacity(CapacityArgs),
+}
+
+/// `profiler capacity`'s options.
+#[derive(Debug, clap::Args)]
+pub struct CapacityArgs {
+    /// A recording written by `profiler record`.
+    pub file: PathBuf,
+    /// Cores to plan for (default: the recorded host's).
+    #[arg(long)]
+    pub cores: Option<f64>,
+    /// Cores kept for the host itself.
+    #[arg(long, default_value_t = 0.0)]
+    pub reserve_cores: f64,
+    /// Share of the remaining cores the VMs' device models may use (0..1].
+    #[arg(long, default_value_t = 0.8)]
+    pub target_util: f64,
+    /// Seconds after a VM's QEMU started that do not count (boot; recordings that do not
+    /// say when it started count from its first window).
+    #[arg(long, default_value_t = 30.0)]
+    pub settle: f64,
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw host CPU against VM count with the projection (.svg or .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }

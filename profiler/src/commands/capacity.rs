@@ -1,25 +1,31 @@
 //! `profiler capacity RUN`: VMs per host from their measured idle cost.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
-use crate::analysis::capacity::{
-    CapacityRequest, capacity, render_text, why_no_host_points, why_no_vm_costs,
+use crate::{
+    analysis::capacity::{
+        CapacityRequest, capacity, render_text, why_no_host_points, why_no_vm_costs,
+    },
+    cli::CapacityArgs,
 };
 
-pub struct CapacityOptions {
-    pub file: PathBuf,
-    pub request: CapacityRequest,
-    pub json: bool,
-    pub plot: Option<PathBuf>,
-}
-
-pub fn run(opts: CapacityOptions) -> anyhow::Result<ExitCode> {
+pub fn run(opts: CapacityArgs) -> anyhow::Result<ExitCode> {
+    let target_util = opts.target_util;
+    if !(target_util > 0.0 && target_util <= 1.0) {
+        anyhow::bail!("--target-util must be in (0, 1], not {target_util}");
+    }
+    let request = CapacityRequest {
+        cores: opts.cores,
+        reserve_cores: opts.reserve_cores,
+        target_util,
+        settle: opts.settle,
+    };
     let records = super::report::load(&opts.file)?;
     // SAFETY: sysconf has no preconditions.
     let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as f64;
-    let report = capacity(&records, &opts.request, online);
+    let report = capacity(&records, &request, online);
     if report.vms.is_empty() {
-        let why = why_no_vm_costs(&records, &opts.request)
+        let why = why_no_vm_costs(&records, &request)
             .unwrap_or_else(|| "no VM has a settled full window with its CPU time".into());
         anyhow::bail!("{}: nothing to answer: {why}", opts.file.display());
     }

@@ -47,30 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             plot,
         } => compare::run(before, after, pairs, settle, json, plot),
-        Command::Capacity {
-            file,
-            cores,
-            reserve_cores,
-            target_util,
-            settle,
-            json,
-            plot,
-        } => {
-            if !(target_util > 0.0 && target_util <= 1.0) {
-                anyhow::bail!("--target-util must be in (0, 1], not {target_util}");
-            }
-            capacity::run(capacity::CapacityOptions {
-                file,
-                request: crate::analysis::capacity::CapacityRequest {
-                    cores,
-                    reserve_cores,
-                    target_util,
-                    settle,
-                },
-                json,
-                plot,
-            })
-        }
+        Command::Capacity(args) => capacity::run(args),
         Command::Check {
             list_classes: true, ..
         } => {

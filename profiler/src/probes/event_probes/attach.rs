@@ -13,6 +13,7 @@ use crate::{
         libc::{LibcOffer, LibcProbes},
         policy::{self, ProcessOffer, ReadWriteSource, TimerSource, VmSources},
     },
+    probes::sources::symbols::SymbolProbes,
     probes::{AttachedVm, NameSources, sources::usdt},
 };
 
@@ -44,10 +45,13 @@ impl EventProbes {
                 _ => Err(anyhow::anyhow!("no USDT probes")),
             },
             ReadWriteSource::Symbols => match exe.map(|e| &e.symbols) {
-                Some(Ok(symbols)) => {
-                    self.symbols
-                        .attach_dispatch(&mut self.ebpf, pid, symbols, generation)
-                }
+                Some(Ok(symbols)) => self.symbols.attach(
+                    &mut self.ebpf,
+                    pid,
+                    symbols,
+                    SymbolProbes::Dispatch,
+                    generation,
+                ),
                 _ => Err(anyhow::anyhow!("no symbols")),
             },
             // Attached host-wide at load; the plan only offers it when that worked.
@@ -104,10 +108,11 @@ impl EventProbes {
         let callbacks = match (&plan.callbacks, symbols) {
             (Ok(()), Some(symbols)) => self
                 .symbols
-                .attach_timers(
+                .attach(
                     &mut self.ebpf,
                     pid,
                     symbols,
+                    SymbolProbes::TimerMod,
                     self.watch_table.generation(pid),
                 )
                 .map_err(|e| policy::CallbacksUnavailable::AttachFailed(format!("{e:#}"))),

@@ -61,7 +61,8 @@ impl LibcWaitSource {
     }
 
     /// Attaches the probes of `how` to the wait functions of `pid`'s libc, as links of
-    /// `generation`: all of them, or none.
+    /// `generation`: all of them, or none. The result probes are one after each syscall of
+    /// each wait function; entry and return, a probe at each end of each.
     pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
@@ -70,63 +71,44 @@ impl LibcWaitSource {
         how: LibcProbes,
         generation: u32,
     ) -> anyhow::Result<()> {
-        match how {
-            LibcProbes::Result => self.attach_results(ebpf, pid, offer, generation),
-            LibcProbes::EntryReturn => self.attach_entry_return(ebpf, pid, offer, generation),
-        }
-    }
-
-    /// One result probe after each syscall of each wait function.
-    fn attach_results(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-        offer: &LibcOffer,
-        generation: u32,
-    ) -> anyhow::Result<()> {
-        self.detach(ebpf, pid);
-        let points = offer.result_points()?;
-        let target = offer.libc.reach(pid);
-        let links = UprobeLinks::attach_in(ebpf, RESULT_PROGRAM, pid, &target, points, generation)
-            .with_context(|| format!("the wait results in {}", offer.libc.path))?;
-        self.processes.insert(pid, vec![links]);
-        Ok(())
-    }
-
-    /// An entry probe and a return probe on each wait function.
-    fn attach_entry_return(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-        offer: &LibcOffer,
-        generation: u32,
-    ) -> anyhow::Result<()> {
         self.detach(ebpf, pid);
         let target = offer.libc.reach(pid);
-        let mut made: Vec<UprobeLinks> = Vec::new();
-        for &(function, offset) in &offer.functions.found {
-            let program = entry_program(function);
-            let point = [UprobePoint {
-                file_offset: offset,
-                cookie: 0,
-            }];
-            let attach = |ebpf: &mut Ebpf, program| {
-                UprobeLinks::attach_in(ebpf, program, pid, &target, &point, generation)
-            };
-            let result = attach(ebpf, program).and_then(|entry| {
-                made.push(entry);
-                attach(ebpf, RETURN_PROGRAM)
-            });
-            match result {
-                Ok(ret) => made.push(ret),
-                Err(e) => {
-                    for links in made {
-                        links.detach(ebpf);
-                    }
-                    return Err(e).with_context(|| format!("{function} in {}", offer.libc.path));
-                }
+        let made = match how {
+            LibcProbes::Result => {
+                let points = offer.result_points()?;
+                vec![
+                    UprobeLinks::attach_in(ebpf, RESULT_PROGRAM, pid, &target, points, generation)
+                        .with_context(|| format!("the wait results in {}", offer.libc.path))?,
+                ]
             }
-        }
+            LibcProbes::EntryReturn => {
+                let mut made: Vec<UprobeLinks> = Vec::new();
+                for &(function, offset) in &offer.functions.found {
+                    let point = [UprobePoint {
+                        file_offset: offset,
+                        cookie: 0,
+                    }];
+                    let attach = |ebpf: &mut Ebpf, program| {
+                        UprobeLinks::attach_in(ebpf, program, pid, &target, &point, generation)
+                    };
+                    let result = attach(ebpf, entry_program(function)).and_then(|entry| {
+                        made.push(entry);
+                        attach(ebpf, RETURN_PROGRAM)
+                    });
+                    match result {
+                        Ok(ret) => made.push(ret),
+                        Err(e) => {
+                            for links in made {
+                                links.detach(ebpf);
+                            }
+                            return Err(e)
+                                .with_context(|| format!("{function} in {}", offer.libc.path));
+                        }
+                    }
+                }
+                made
+            }
+        };
         self.processes.insert(pid, made);
         Ok(())
     }

@@ -20,6 +20,43 @@ pub const CALLBACK_PROGRAM: &str = "timer_callback";
 /// (process, callback address) of every callback `timer_mod` saw armed.
 pub const SEEN_CALLBACKS_MAP: &str = "SEEN_CALLBACKS";
 
+/// What the symbol-based probes put their uprobes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolProbes {
+    /// `memory_region_dispatch_read/_write`: the read/write fallback without USDT.
+    Dispatch,
+    /// `timer_mod_ns` and its siblings: timer callback discovery.
+    TimerMod,
+}
+
+impl SymbolProbes {
+    /// Where they go in `exe`, with their cookies.
+    fn points(self, exe: &ExeSymbols) -> anyhow::Result<Vec<UprobePoint>> {
+        Ok(match self {
+            SymbolProbes::Dispatch => {
+                let (read, write) = exe
+                    .dispatch
+                    .context("no memory_region_dispatch functions")?;
+                let name_off = exe.region_name_offset.unwrap_or(0);
+                [(read, kind::READ), (write, kind::WRITE)]
+                    .map(|(offset, k)| UprobePoint {
+                        file_offset: offset,
+                        cookie: ((k as u64) << 32) | name_off,
+                    })
+                    .to_vec()
+            }
+            SymbolProbes::TimerMod => exe
+                .timer_mod
+                .iter()
+                .map(|&offset| UprobePoint {
+                    file_offset: offset,
+                    cookie: exe.timer_cb_offset,
+                })
+                .collect(),
+        })
+    }
+}
+
 /// The symbol-based probes of one process.
 #[derive(Debug)]
 struct SymbolProcess {
@@ -111,27 +148,32 @@ impl SymbolSource {
         }
     }
 
-    /// Attaches memory_region_dispatch_read/_write to `pid`: both or neither (links of
-    /// `generation`, as every link of this source below).
-    pub fn attach_dispatch(
+    /// Attaches `probes` to `pid`: all of their points or none (links of `generation`, as
+    /// every link of this source below).
+    pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
         pid: u32,
         exe: &Arc<ExeSymbols>,
+        probes: SymbolProbes,
         generation: u32,
     ) -> anyhow::Result<()> {
-        let (read, write) = exe
-            .dispatch
-            .context("no memory_region_dispatch functions")?;
-        let name_off = exe.region_name_offset.unwrap_or(0);
-        let points = [(read, kind::READ), (write, kind::WRITE)].map(|(offset, k)| UprobePoint {
-            file_offset: offset,
-            cookie: ((k as u64) << 32) | name_off,
-        });
-        self.attach_dispatch_at(ebpf, pid, exe, &points, generation)
+        let points = probes.points(exe)?;
+        match probes {
+            SymbolProbes::Dispatch => self.attach_dispatch_at(ebpf, pid, exe, &points, generation),
+            SymbolProbes::TimerMod => self.attach_program(
+                ebpf,
+                pid,
+                exe,
+                TIMER_MOD_PROGRAM,
+                &points,
+                generation,
+                |p| &mut p.timer_mod,
+            ),
+        }
     }
 
-    /// [`Self::attach_dispatch`] at explicit points (tests inject a failing one).
+    /// The dispatch probes at explicit points (tests inject a failing one).
     pub fn attach_dispatch_at(
         &mut self,
         ebpf: &mut Ebpf,
@@ -143,33 +185,6 @@ impl SymbolSource {
         self.attach_program(ebpf, pid, exe, DISPATCH_PROGRAM, points, generation, |p| {
             &mut p.dispatch
         })
-    }
-
-    /// Attaches the timer_mod discovery probes to `pid` (all of them or none).
-    pub fn attach_timers(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-        exe: &Arc<ExeSymbols>,
-        generation: u32,
-    ) -> anyhow::Result<()> {
-        let points: Vec<UprobePoint> = exe
-            .timer_mod
-            .iter()
-            .map(|&offset| UprobePoint {
-                file_offset: offset,
-                cookie: exe.timer_cb_offset,
-            })
-            .collect();
-        self.attach_program(
-            ebpf,
-            pid,
-            exe,
-            TIMER_MOD_PROGRAM,
-            &points,
-            generation,
-            |p| &mut p.timer_mod,
-        )
     }
 
     /// Attaches `program` at `points` of `pid` (all or none) into the slot `slot` picks,
