@@ -33,6 +33,87 @@ fn buffer_text(buffer: &Buffer) -> String {
         .join("\n")
 }
 
+/// Keys a user presses, in order.
+enum Step {
+    Key(KeyCode),
+    Type(&'static str),
+    Detail(&'static str),
+}
+
+/// The loaded fixture after `steps`, at `width` × `height`, against snapshot `name`.
+fn snapshot_after(name: &str, steps: &[Step], width: u16, height: u16) {
+    let mut app = loaded();
+    for step in steps {
+        match step {
+            Step::Key(code) => press(&mut app, *code),
+            Step::Type(text) => type_str(&mut app, text),
+            Step::Detail(vm) => open_detail(&mut app, vm),
+        }
+    }
+    insta::assert_snapshot!(name, screen(&app, width, height));
+}
+
+#[test]
+fn the_list_at_every_size_and_sorted() {
+    use Step::*;
+    snapshot_after("list_80x24", &[], 80, 24);
+    snapshot_after("list_60x20_drops_columns", &[], 60, 20);
+    snapshot_after("list_120x30_widens_name_and_history", &[], 120, 30);
+    snapshot_after("list_tiny_terminal", &[], 20, 5);
+    snapshot_after(
+        "list_sorted_by_read_puts_na_last",
+        &[Key(KeyCode::Char('s'))],
+        80,
+        24,
+    );
+}
+
+#[test]
+fn the_detail_view_of_each_kind_of_vm() {
+    use Step::*;
+    snapshot_after("detail_80x24", &[Detail("noisy-usb")], 80, 24);
+    snapshot_after("detail_60x20", &[Detail("noisy-usb")], 60, 20);
+    snapshot_after(
+        "detail_of_a_vm_with_na_counts",
+        &[Detail("legacy-ubuntu")],
+        80,
+        24,
+    );
+    snapshot_after(
+        "detail_before_the_first_closed_window",
+        &[Detail("fresh-boot")],
+        80,
+        24,
+    );
+    snapshot_after("detail_of_an_exited_xen_vm", &[Detail("batch-07")], 80, 24);
+}
+
+#[test]
+fn help_and_filters() {
+    use Step::*;
+    let slash = Key(KeyCode::Char('/'));
+    let enter = Key(KeyCode::Enter);
+    snapshot_after("help_overlay", &[Key(KeyCode::Char('?'))], 80, 24);
+    snapshot_after(
+        "filter_while_typing",
+        &[Key(KeyCode::Char('/')), Type("u")],
+        80,
+        24,
+    );
+    snapshot_after(
+        "filter_applied",
+        &[Key(KeyCode::Char('/')), Type("QUIET"), Key(KeyCode::Enter)],
+        80,
+        24,
+    );
+    snapshot_after(
+        "filter_matching_nothing",
+        &[slash, Type("nope"), enter],
+        80,
+        12,
+    );
+}
+
 fn open_detail(app: &mut App, name: &str) {
     press(app, KeyCode::Home);
     while app
@@ -51,44 +132,10 @@ fn open_detail(app: &mut App, name: &str) {
 }
 
 #[test]
-fn list_80x24() {
-    insta::assert_snapshot!(screen(&loaded(), 80, 24));
-}
-
-#[test]
-fn list_60x20_drops_columns() {
-    insta::assert_snapshot!(screen(&loaded(), 60, 20));
-}
-
-#[test]
-fn list_120x30_widens_name_and_history() {
-    insta::assert_snapshot!(screen(&loaded(), 120, 30));
-}
-
-#[test]
-fn list_sorted_by_read_puts_na_last() {
-    let mut app = loaded();
-    press(&mut app, KeyCode::Char('s'));
-    insta::assert_snapshot!(screen(&app, 80, 24));
-}
-
-#[test]
-fn list_tiny_terminal() {
-    insta::assert_snapshot!(screen(&loaded(), 20, 5));
-}
-
-#[test]
 fn waiting_for_the_first_sample() {
     let mut app = App::new();
     app.apply(LiveSnapshot::default());
     insta::assert_snapshot!(screen(&app, 80, 12));
-}
-
-#[test]
-fn detail_80x24() {
-    let mut app = loaded();
-    open_detail(&mut app, "noisy-usb");
-    insta::assert_snapshot!(screen(&app, 80, 24));
 }
 
 /// A VM whose uprobes a `--max-overhead` budget duty-cycled: its windows' counts are scaled
@@ -134,73 +181,12 @@ fn detail_scrolled_back() {
 }
 
 #[test]
-fn detail_60x20() {
-    let mut app = loaded();
-    open_detail(&mut app, "noisy-usb");
-    insta::assert_snapshot!(screen(&app, 60, 20));
-}
-
-#[test]
-fn detail_of_a_vm_with_na_counts() {
-    let mut app = loaded();
-    open_detail(&mut app, "legacy-ubuntu");
-    insta::assert_snapshot!(screen(&app, 80, 24));
-}
-
-#[test]
-fn detail_before_the_first_closed_window() {
-    let mut app = loaded();
-    open_detail(&mut app, "fresh-boot");
-    insta::assert_snapshot!(screen(&app, 80, 24));
-}
-
-#[test]
-fn detail_of_an_exited_xen_vm() {
-    let mut app = loaded();
-    open_detail(&mut app, "batch-07");
-    insta::assert_snapshot!(screen(&app, 80, 24));
-}
-
-#[test]
 fn detail_of_a_vm_that_went_away() {
     let mut app = loaded();
     open_detail(&mut app, "quiet");
     let mut snap = fixtures::snapshot();
     snap.vms.retain(|v| v.identity.name != "quiet");
     app.apply(snap);
-    insta::assert_snapshot!(screen(&app, 80, 12));
-}
-
-#[test]
-fn help_overlay() {
-    let mut app = loaded();
-    press(&mut app, KeyCode::Char('?'));
-    insta::assert_snapshot!(screen(&app, 80, 24));
-}
-
-#[test]
-fn filter_while_typing() {
-    let mut app = loaded();
-    press(&mut app, KeyCode::Char('/'));
-    type_str(&mut app, "u");
-    insta::assert_snapshot!(screen(&app, 80, 24));
-}
-
-#[test]
-fn filter_applied() {
-    let mut app = loaded();
-    press(&mut app, KeyCode::Char('/'));
-    type_str(&mut app, "QUIET");
-    press(&mut app, KeyCode::Enter);
-    insta::assert_snapshot!(screen(&app, 80, 24));
-}
-
-#[test]
-fn filter_matching_nothing() {
-    let mut app = loaded();
-    press(&mut app, KeyCode::Char('/'));
-    type_str(&mut app, "nope");
-    press(&mut app, KeyCode::Enter);
     insta::assert_snapshot!(screen(&app, 80, 12));
 }
 
