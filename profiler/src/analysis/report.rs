@@ -389,34 +389,33 @@ fn render_markdown(groups: &[VmWindows<'_>]) -> String {
             let _ = writeln!(out, "{}  ", md_escape(&s));
         }
         out.push('\n');
-        let devices = device_rows(g);
-        if !devices.is_empty() {
-            let _ = writeln!(out, "| Device | Reads | Writes | Reads/s | Writes/s |");
-            let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-            for r in devices {
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} | {} |",
-                    md_escape(&r[0]),
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4]
-                );
-            }
-            out.push('\n');
-        }
-        let callbacks = callback_rows(g);
-        if !callbacks.is_empty() {
-            let _ = writeln!(out, "| Timer callback | Runs | Runs/s |");
-            let _ = writeln!(out, "|---|---:|---:|");
-            for r in callbacks {
-                let _ = writeln!(out, "| {} | {} | {} |", md_escape(&r[0]), r[1], r[2]);
-            }
-            out.push('\n');
-        }
+        md_breakdown(
+            &mut out,
+            &["Device", "Reads", "Writes", "Reads/s", "Writes/s"],
+            device_rows(g),
+        );
+        md_breakdown(
+            &mut out,
+            &["Timer callback", "Runs", "Runs/s"],
+            callback_rows(g),
+        );
     }
     out
+}
+
+/// A Markdown table of `rows` (the first column a name, escaped; the others right-aligned
+/// numbers) under `header`, and a blank line; nothing when there are no rows.
+fn md_breakdown<const N: usize>(out: &mut String, header: &[&str; N], rows: Vec<[String; N]>) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(N - 1));
+    for mut r in rows {
+        r[0] = md_escape(&r[0]);
+        let _ = writeln!(out, "| {} |", r.join(" | "));
+    }
+    out.push('\n');
 }
 
 use crate::text::clean;

@@ -41,25 +41,20 @@ impl KvmCounts {
 /// Turns one process's counters (`ProcessCounters::by_key`: (kind, id) -> count) into
 /// [`KvmCounts`]; other kinds are ignored.
 pub fn kvm_counts(by_key: &BTreeMap<(u32, u64), u64>) -> KvmCounts {
+    // `n` accesses QEMU handled at `id`: added to `total` and to `id`'s reads (`rw` 0) or
+    // writes (1).
+    fn user(total: &mut u64, by: &mut BTreeMap<u64, (u64, u64)>, id: u64, n: u64, rw: u8) {
+        *total += n;
+        let e = by.entry(id).or_default();
+        *(if rw == 0 { &mut e.0 } else { &mut e.1 }) += n;
+    }
     let mut out = KvmCounts::default();
     for (&(kind, id), &n) in by_key {
         match kind {
-            k::KVM_PIO_READ_USER => {
-                out.pio_reads_user += n;
-                out.by_port.entry(id).or_default().0 += n;
-            }
-            k::KVM_PIO_WRITE_USER => {
-                out.pio_writes_user += n;
-                out.by_port.entry(id).or_default().1 += n;
-            }
-            k::KVM_MMIO_READ_USER => {
-                out.mmio_reads_user += n;
-                out.by_page.entry(id).or_default().0 += n;
-            }
-            k::KVM_MMIO_WRITE_USER => {
-                out.mmio_writes_user += n;
-                out.by_page.entry(id).or_default().1 += n;
-            }
+            k::KVM_PIO_READ_USER => user(&mut out.pio_reads_user, &mut out.by_port, id, n, 0),
+            k::KVM_PIO_WRITE_USER => user(&mut out.pio_writes_user, &mut out.by_port, id, n, 1),
+            k::KVM_MMIO_READ_USER => user(&mut out.mmio_reads_user, &mut out.by_page, id, n, 0),
+            k::KVM_MMIO_WRITE_USER => user(&mut out.mmio_writes_user, &mut out.by_page, id, n, 1),
             k::KVM_PIO_READ_IN_KERNEL
             | k::KVM_PIO_WRITE_IN_KERNEL
             | k::KVM_MMIO_READ_IN_KERNEL

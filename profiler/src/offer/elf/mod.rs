@@ -168,26 +168,24 @@ impl<'data> Elf<'data> {
     /// a debug file, and its absence is a normal outcome.
     pub fn build_id(&self) -> Option<&'data [u8]> {
         let is_build_id = |n: &Note<'data>| n.name == b"GNU" && n.n_type == elf::NT_GNU_BUILD_ID;
+        // The build-id note among the notes of one section's or segment's data.
+        let build_id_in = |data: Option<&'data [u8]>, align| {
+            parse_notes(data?, align, self.endian)
+                .ok()?
+                .into_iter()
+                .find(is_build_id)
+        };
+        let endian = self.endian;
         let from_sections = self
             .sections
             .iter()
-            .filter(|s| s.sh_type(self.endian) == elf::SHT_NOTE)
-            .filter_map(|s| {
-                let data = s.data(self.endian, self.data).ok()?;
-                let notes = parse_notes(data, s.sh_addralign(self.endian), self.endian).ok()?;
-                notes.into_iter().find(is_build_id)
-            })
-            .next();
+            .filter(|s| s.sh_type(endian) == elf::SHT_NOTE)
+            .find_map(|s| build_id_in(s.data(endian, self.data).ok(), s.sh_addralign(endian)));
         let note = from_sections.or_else(|| {
             self.program_headers
                 .iter()
-                .filter(|p| p.p_type(self.endian) == elf::PT_NOTE)
-                .filter_map(|p| {
-                    let data = p.data(self.endian, self.data).ok()?;
-                    let notes = parse_notes(data, p.p_align(self.endian), self.endian).ok()?;
-                    notes.into_iter().find(is_build_id)
-                })
-                .next()
+                .filter(|p| p.p_type(endian) == elf::PT_NOTE)
+                .find_map(|p| build_id_in(p.data(endian, self.data).ok(), p.p_align(endian)))
         })?;
         (!note.desc.is_empty()).then_some(note.desc)
     }

@@ -148,39 +148,32 @@ fn parse_note(elf: &Elf<'_>, desc: &[u8], base_section: Option<u64>) -> anyhow::
     let pc = note_pc.wrapping_add(shift);
     let semaphore = (note_sema != 0).then(|| note_sema.wrapping_add(shift));
 
-    let pc_segment = elf
-        .segments
-        .iter()
-        .find(|s| s.file_offset_of(pc).is_some())
-        .with_context(|| {
-            format!(
-                "{}: pc {pc:#x} is not in any file-backed PT_LOAD segment",
-                what()
-            )
-        })?;
+    // The file-backed PT_LOAD segment holding `addr`, and its file offset there.
+    let segment_of = |addr: u64, what_addr: &str| {
+        elf.segments
+            .iter()
+            .find_map(|s| Some((s, s.file_offset_of(addr)?)))
+            .with_context(|| {
+                format!(
+                    "{}: {what_addr} {addr:#x} is not in any file-backed PT_LOAD segment",
+                    what()
+                )
+            })
+    };
+    let (pc_segment, pc_file_offset) = segment_of(pc, "pc")?;
     if !pc_segment.is_executable() {
         bail!("{}: pc {pc:#x} is in a non-executable segment", what());
     }
-    let pc_file_offset = pc_segment.file_offset_of(pc).expect("checked above");
 
     let semaphore_file_offset = match semaphore {
         None => None,
         Some(sema) => {
-            let segment = elf
-                .segments
-                .iter()
-                .find(|s| s.file_offset_of(sema).is_some())
-                .with_context(|| {
-                    format!(
-                        "{}: semaphore {sema:#x} is not in any file-backed PT_LOAD segment",
-                        what()
-                    )
-                })?;
+            let (segment, offset) = segment_of(sema, "semaphore")?;
             // The kernel and the profiler increment the semaphore in the process's memory.
             if !segment.is_writable() {
                 bail!("{}: semaphore {sema:#x} is in a read-only segment", what());
             }
-            segment.file_offset_of(sema)
+            Some(offset)
         }
     };
 

@@ -161,9 +161,7 @@ fn own_libc_fixture(
 #[test]
 fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed() {
     use profiler_common::{WATCH_SLOTS, wait_block, wait_syscall};
-    let Some((_one_at_a_time, mut ebpf)) = root_test("root_watch_table") else {
-        return;
-    };
+    let (_one_at_a_time, mut ebpf) = root_test!("root_watch_table");
     let pid = std::process::id();
     let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
     libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, 0)
@@ -217,9 +215,7 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
 #[test]
 fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
     use profiler_common::{link_generation, wait_syscall};
-    let Some((_one_at_a_time, mut ebpf)) = root_test("root_link_generations") else {
-        return;
-    };
+    let (_one_at_a_time, mut ebpf) = root_test!("root_link_generations");
     let pid = std::process::id();
     let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
     let polls = zero_timeout_polls;
@@ -292,9 +288,7 @@ fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
 fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
     use profiler_common::{MARK_SLOTS, PpollMark, mark_slot, wait_syscall};
     use std::{mem::offset_of, sync::atomic::Ordering};
-    let Some((_one_at_a_time, mut ebpf)) = root_test("root_ppoll_marks") else {
-        return;
-    };
+    let (_one_at_a_time, mut ebpf) = root_test!("root_ppoll_marks");
     let pid = std::process::id();
     // SAFETY: no arguments.
     let tid = unsafe { libc::gettid() } as u32;
@@ -403,11 +397,7 @@ fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
 
 #[test]
 fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back() {
-    let Some((_one_at_a_time, mut ebpf)) =
-        root_test("root_a_budget_pause_detaches_every_symbols_link")
-    else {
-        return;
-    };
+    let (_one_at_a_time, mut ebpf) = root_test!("root_a_budget_pause_detaches_every_symbols_link");
     let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
     let (sleeper, entry) = sleeper();
     let pid = sleeper.0.id();
@@ -434,11 +424,8 @@ fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back()
 
 #[test]
 fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
-    let Some((_one_at_a_time, mut ebpf)) =
-        root_test("root_a_usdt_attach_that_fails_part_way_leaves_nothing")
-    else {
-        return;
-    };
+    let (_one_at_a_time, mut ebpf) =
+        root_test!("root_a_usdt_attach_that_fails_part_way_leaves_nothing");
     let mut usdt = UsdtSource::load(&mut ebpf).unwrap();
     let (sleeper, entry) = sleeper();
     let pid = sleeper.0.id();
@@ -486,11 +473,8 @@ fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
 
 #[test]
 fn root_a_symbols_attach_that_fails_part_way_leaves_nothing() {
-    let Some((_one_at_a_time, mut ebpf)) =
-        root_test("root_a_symbols_attach_that_fails_part_way_leaves_nothing")
-    else {
-        return;
-    };
+    let (_one_at_a_time, mut ebpf) =
+        root_test!("root_a_symbols_attach_that_fails_part_way_leaves_nothing");
     let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
     let (sleeper, entry) = sleeper();
     let pid = sleeper.0.id();

@@ -198,9 +198,7 @@ mod tests {
 
     #[test]
     fn root_counts_read_through_the_mapping_and_slots_come_back() {
-        let Some((_one_at_a_time, mut ebpf)) = root_test("root_counter_store") else {
-            return;
-        };
+        let (_one_at_a_time, mut ebpf) = root_test!("root_counter_store");
         let mut store = CounterStore::open(&ebpf).unwrap();
         assert!(store.read(&ebpf).unwrap().is_empty());
         program_insert(&mut ebpf, key(10, 1), 0, 5);
@@ -231,9 +229,7 @@ mod tests {
     #[test]
     fn root_wait_blocks_read_as_counters_and_are_reused_zeroed() {
         use profiler_common::{kind, wait_syscall};
-        let Some((_one_at_a_time, mut ebpf)) = root_test("root_wait_blocks") else {
-            return;
-        };
+        let (_one_at_a_time, mut ebpf) = root_test!("root_wait_blocks");
         let mut store = CounterStore::open(&ebpf).unwrap();
         // Taken from the never-used slots, after the programs' own.
         program_insert(&mut ebpf, key(10, 1), 0, 5);

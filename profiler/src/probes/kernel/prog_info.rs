@@ -69,9 +69,7 @@ mod tests {
 
     #[test]
     fn root_prog_info_layout_agrees_with_aya() {
-        let Some((_one_at_a_time, mut ebpf)) = root_test("root_prog_info_layout") else {
-            return;
-        };
+        let (_one_at_a_time, mut ebpf) = root_test!("root_prog_info_layout");
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
         crate::probes::kernel::object::attach_tracepoint(&mut ebpf, "sched", "sched_process_exec")
             .unwrap();

@@ -19,7 +19,19 @@ pub fn root_ebpf(test: &str) -> Option<Ebpf> {
 
 /// A root test's start: one attaching test at a time, the eBPF object loaded (`None`: skipped,
 /// not root; a failure under `PROFILER_E2E_REQUIRE`).
-pub fn root_test(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Ebpf)> {
+pub fn start_root_test(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Ebpf)> {
     let one_at_a_time = attaching();
     Some((one_at_a_time, root_ebpf(test)?))
 }
+
+/// `let (guard, ebpf) = root_test!("name");`: [`start_root_test`], returning from the test when it
+/// is skipped.
+macro_rules! root_test {
+    ($test:expr) => {
+        match $crate::probes::kernel::test_support::start_root_test($test) {
+            Some(started) => started,
+            None => return,
+        }
+    };
+}
+pub(crate) use root_test;

@@ -231,17 +231,28 @@ fn empty_state(frame: &mut Frame, area: Rect, block: Block<'static>, text: Strin
     );
 }
 
+/// The VM's last closed window; until there is one, says what comes when the running window
+/// (`running_window`) closes in a box titled `title`.
+fn last_closed<'a>(
+    frame: &mut Frame,
+    area: Rect,
+    vm: &'a LiveVm,
+    running_window: u64,
+    (title, what): (&str, &str),
+) -> Option<&'a WindowRecord> {
+    let last = vm.history.last();
+    if last.is_none() {
+        let text =
+            format!("no closed window yet: {what} come when window {running_window:03} closes");
+        empty_state(frame, area, titled(format!(" {title} ")), text);
+    }
+    last.map(|w| &**w)
+}
+
 /// Reads and writes per device in the last closed window, busiest first.
 fn render_devices(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
-    let Some(last) = vm.history.last() else {
-        empty_state(
-            frame,
-            area,
-            titled(" devices ".into()),
-            format!(
-                "no closed window yet: per-device counts come when window {running_window:03} closes"
-            ),
-        );
+    let what = ("devices", "per-device counts");
+    let Some(last) = last_closed(frame, area, vm, running_window, what) else {
         return;
     };
     let block = titled(format!(" devices · window {:03} ", last.window));
@@ -290,13 +301,8 @@ fn render_devices(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u6
 
 /// Timer events per QEMU callback in the last closed window, busiest first.
 fn render_callbacks(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
-    let Some(last) = vm.history.last() else {
-        empty_state(
-            frame,
-            area,
-            titled(" timer callbacks ".into()),
-            format!("no closed window yet: callbacks come when window {running_window:03} closes"),
-        );
+    let what = ("timer callbacks", "callbacks");
+    let Some(last) = last_closed(frame, area, vm, running_window, what) else {
         return;
     };
     let block = titled(format!(" timer callbacks · window {:03} ", last.window));
