@@ -335,30 +335,25 @@ pub fn render_text(r: &CapacityReport) -> String {
         "  {:<20} {:>4} {:>12} {:>12} {:>12}",
         "profile", "VMs", "CPU % core", "events/s", "VMs/host"
     );
-    for p in &r.profiles {
-        let _ = writeln!(
-            out,
-            "  {:<20} {:>4} {:>12.2} {:>12.1} {:>12}",
-            clean(&p.profile),
-            p.vms,
-            p.cpu_percent,
-            p.events_per_second,
-            p.vms_per_host
-                .map_or("unbounded".to_string(), |n| n.to_string())
-        );
-    }
+    let profile_rows = r.profiles.iter().map(|p| {
+        let fits = p
+            .vms_per_host
+            .map_or("unbounded".to_string(), |n| n.to_string());
+        let name = clean(&p.profile);
+        let (vms, cpu, events) = (p.vms, p.cpu_percent, p.events_per_second);
+        format!("  {name:<20} {vms:>4} {cpu:>12.2} {events:>12.1} {fits:>12}\n")
+    });
+    out.extend(profile_rows);
     let _ = writeln!(out, "\nper VM:");
-    for v in &r.vms {
-        let _ = writeln!(
-            out,
-            "  {:<24} pid {:<8} {:>3} windows  CPU {:>6.2} % of a core  {:>10.1} events/s",
-            clean(&v.name),
-            v.pid,
-            v.windows,
-            v.cpu_percent,
-            v.events_per_second
-        );
-    }
+    let vm_rows = r.vms.iter().map(|v| {
+        let (name, pid, windows) = (clean(&v.name), v.pid, v.windows);
+        let (cpu, events) = (v.cpu_percent, v.events_per_second);
+        format!(
+            "  {name:<24} pid {pid:<8} {windows:>3} windows  CPU {cpu:>6.2} % of a core  \
+             {events:>10.1} events/s\n"
+        )
+    });
+    out.extend(vm_rows);
     if !r.host.is_empty() {
         let _ = writeln!(
             out,

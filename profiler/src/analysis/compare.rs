@@ -286,19 +286,17 @@ pub fn compare(
             }
         }
     }
+    let unpaired = |groups: &[VmWindows<'_>], used: &[bool]| {
+        groups
+            .iter()
+            .zip(used)
+            .filter(|(_, u)| !**u)
+            .map(|(g, _)| g.name.to_string())
+            .collect()
+    };
     Comparison {
-        unpaired_before: b
-            .iter()
-            .zip(&used_b)
-            .filter(|(_, u)| !**u)
-            .map(|(g, _)| g.name.to_string())
-            .collect(),
-        unpaired_after: a
-            .iter()
-            .zip(&used_a)
-            .filter(|(_, u)| !**u)
-            .map(|(g, _)| g.name.to_string())
-            .collect(),
+        unpaired_before: unpaired(&b, &used_b),
+        unpaired_after: unpaired(&a, &used_a),
         vms,
     }
 }

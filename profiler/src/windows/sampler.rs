@@ -290,19 +290,20 @@ mod tests {
         )
     }
 
+    /// Runs `s` into `log` from now for `duration` seconds.
+    async fn run_for(
+        s: &mut Session<Ticking, OneVm>,
+        duration: Option<f64>,
+        log: &mut Log,
+    ) -> anyhow::Result<(f64, StopReason)> {
+        run(s, Instant::now(), duration, std::future::pending(), log).await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn samples_every_second_until_the_duration_then_closes_the_running_window() {
         let mut s = session(None, 0);
         let mut log = Log::default();
-        let (stopped, reason) = run(
-            &mut s,
-            Instant::now(),
-            Some(5.0),
-            std::future::pending(),
-            &mut log,
-        )
-        .await
-        .unwrap();
+        let (stopped, reason) = run_for(&mut s, Some(5.0), &mut log).await.unwrap();
         assert_eq!((stopped, reason), (5.0, StopReason::Duration));
         assert_eq!(log.times, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.0]);
         assert!(log.last_seen);
@@ -321,15 +322,7 @@ mod tests {
         // before the tick at t = 4.
         let mut s = session(Some(2), 2200);
         let mut log = Log::default();
-        run(
-            &mut s,
-            Instant::now(),
-            Some(4.0),
-            std::future::pending(),
-            &mut log,
-        )
-        .await
-        .unwrap();
+        run_for(&mut s, Some(4.0), &mut log).await.unwrap();
         // t = 2 is taken late, once; t = 3 is skipped; no label is repeated or made up.
         assert_eq!(log.times, [0.0, 1.0, 2.0, 4.0, 4.0]);
     }

@@ -168,30 +168,28 @@ fn garbage_is_an_error() {
     let err = format!("{:#}", client_on(stream, DEFAULT_TIMEOUT).err().unwrap());
     assert!(err.contains("not a QMP monitor"), "{err}");
 
+    // A client whose every command after the handshake gets `reply`, and its first error.
+    let after_handshake = |reply: &'static [u8]| {
+        let (stream, server) = fake_server(Some(GREETING), move |cmd| {
+            if cmd["execute"] == "qmp_capabilities" {
+                ok_reply(cmd, json!({}))
+            } else {
+                reply.to_vec()
+            }
+        });
+        let mut c = client_on(stream, DEFAULT_TIMEOUT).unwrap();
+        let err = format!("{:#}", c.execute("query-a", None).unwrap_err());
+        (c, err, server)
+    };
+
     // Broken JSON in a reply retires the connection.
-    let (stream, _s) = fake_server(Some(GREETING), |cmd| {
-        if cmd["execute"] == "qmp_capabilities" {
-            ok_reply(cmd, json!({}))
-        } else {
-            b"{\"return\": [1, 2,, 3]}\r\n".to_vec()
-        }
-    });
-    let mut c = client_on(stream, DEFAULT_TIMEOUT).unwrap();
-    let err = format!("{:#}", c.execute("query-a", None).unwrap_err());
+    let (mut c, err, _s) = after_handshake(b"{\"return\": [1, 2,, 3]}\r\n");
     assert!(err.contains("invalid JSON"), "{err}");
     let err = format!("{:#}", c.execute("query-b", None).unwrap_err());
     assert!(err.contains("unusable after an earlier error"), "{err}");
 
     // A non-object top-level value.
-    let (stream, _s) = fake_server(Some(GREETING), |cmd| {
-        if cmd["execute"] == "qmp_capabilities" {
-            ok_reply(cmd, json!({}))
-        } else {
-            b"[\"return\"]\r\n".to_vec()
-        }
-    });
-    let mut c = client_on(stream, DEFAULT_TIMEOUT).unwrap();
-    let err = format!("{:#}", c.execute("query-a", None).unwrap_err());
+    let (_, err, _s) = after_handshake(b"[\"return\"]\r\n");
     assert!(err.contains("expected a JSON object"), "{err}");
 
     // A reply cut off by the server closing the connection.
