@@ -178,12 +178,15 @@ fn name_changes(
     out
 }
 
+/// One figure of a window record, as a number.
+type Measure = Box<dyn Fn(&WindowRecord) -> Option<f64>>;
+
 fn compare_pair(b: &VmWindows<'_>, a: &VmWindows<'_>, settle: f64) -> VmComparison {
     let (bf, af) = (full(b, settle), full(a, settle));
     let window = bf.first().or(af.first()).map_or(30.0, |w| w.seconds);
     let count =
         |f: fn(&WindowRecord) -> Option<u64>| move |w: &WindowRecord| f(w).map(|n| n as f64);
-    let measures: [(&str, Box<dyn Fn(&WindowRecord) -> Option<f64>>); 5] = [
+    let measures: [(&str, Measure); 5] = [
         ("timer", Box::new(count(|w| w.timer))),
         ("read", Box::new(count(|w| w.read))),
         ("write", Box::new(count(|w| w.write))),
