@@ -38,6 +38,22 @@ pub mod kind {
     /// [`super::link_generation`] (paused, still being closed), which count nothing else but
     /// cost the traps all the same.
     pub const CLOSING_HIT: u32 = 10;
+    /// KVM: a vCPU thread woke from a guest halt after sleeping (`kvm:kvm_vcpu_wakeup` with
+    /// `waited`): the guest's own timer (PIT, LAPIC, HPET) or an interrupt woke the host for
+    /// it, without QEMU's event loop. id: 0.
+    pub const VCPU_WAKEUP: u32 = 11;
+    /// KVM: a guest halt ended while KVM was still polling, before the vCPU thread slept
+    /// (`kvm:kvm_vcpu_wakeup` without `waited`): host CPU spent spinning, no sleep. id: 0.
+    pub const VCPU_HALT_POLL: u32 = 12;
+    /// KVM: a VM exit (`kvm:kvm_exit`, fired by VMX and SVM). id: [`super::kvm_exit_id`].
+    pub const KVM_EXIT: u32 = 13;
+}
+
+/// The counter id of a VM exit: the instruction set (`isa`, 1 VMX, 2 SVM) in the high half,
+/// the exit reason in the low.
+#[inline(always)]
+pub const fn kvm_exit_id(isa: u32, reason: u32) -> u64 {
+    ((isa as u64) << 32) | reason as u64
 }
 
 /// Flags of a watched process ([`WatchEntry::flags`]).

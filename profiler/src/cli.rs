@@ -101,7 +101,7 @@ pub enum Command {
         file: Option<PathBuf>,
         /// Device classes that must be quiet, comma-separated (`usb,serial,parallel`);
         /// `--list-classes` shows them all.
-        #[arg(long, value_delimiter = ',', required_unless_present_any = ["list_classes", "max_timer_rate"])]
+        #[arg(long, value_delimiter = ',', required_unless_present_any = ["list_classes", "max_timer_rate", "max_wakeup_rate"])]
         quiet: Vec<String>,
         /// Windows to judge (live).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
@@ -117,6 +117,10 @@ pub enum Command {
         /// Also noisy: more timer events per second than this.
         #[arg(long)]
         max_timer_rate: Option<f64>,
+        /// Also noisy: more host wakeups per second than this: QEMU's timer and fd wakeups
+        /// plus, under KVM, its vCPUs woken from guest halts (the guest's own tick).
+        #[arg(long)]
+        max_wakeup_rate: Option<f64>,
         #[arg(long, value_enum, default_value = "text")]
         format: CheckFormat,
         /// List the device classes: what each matches and how it is disabled.

@@ -91,7 +91,7 @@ pub fn proc_stat(data: &[u8]) {
 
 /// A tracefs event `format` file.
 pub fn tracefs_format(data: &[u8]) {
-    let _ = crate::offer::kernel::parse_format(&text(data));
+    let _ = crate::offer::tracefs::parse_format(&text(data));
 }
 
 /// A recording (JSON lines) → every command that reads recordings: report (all formats),
@@ -114,6 +114,7 @@ pub fn recording(data: &[u8]) {
             classes,
             settle: 0.0,
             max_timer_rate: Some(10.0),
+            max_wakeup_rate: Some(10.0),
         },
     );
     let _ = crate::analysis::check::render_text(&report);

@@ -60,7 +60,7 @@ pub struct HostWindow {
 }
 
 /// Which probe source produced each count, or `unavailable: <reason>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sources {
     pub timer: String,
     pub read: String,
@@ -68,6 +68,14 @@ pub struct Sources {
     /// What splits `timer` by QEMU callback (`timers`): `symbols`, or `unavailable: <why>`.
     #[serde(default)]
     pub timer_callbacks: String,
+    /// What counts `vcpu_wakeups` and `vcpu_halt_polls` (KVM: `kvm-tracepoints`), or
+    /// `unavailable: <why>`. Empty in recordings made before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vcpu_wakeups: String,
+    /// What counts `kvm_exits`, or `unavailable: <why>` (this host's KVM may not fire
+    /// `kvm:kvm_exit`). Empty in older recordings.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kvm_exits: String,
 }
 
 /// Reads and writes of one emulated device (a QEMU MemoryRegion or a named port range).
@@ -100,6 +108,35 @@ pub struct TimerCallbackCount {
     pub count: u64,
 }
 
+/// VM exits for one reason (`kvm:kvm_exit`'s own name for it: `HLT`, `IO_INSTRUCTION`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitCount {
+    pub reason: String,
+    pub count: u64,
+}
+
+/// Where one VM's CPU time went in a window, in CPU seconds. The QEMU process's own time
+/// (`cpu_seconds`) is `vcpu + device_model + other` plus the kernel workers that are its
+/// threads; `kernel_workers` also holds kernel threads outside it (`kvm-pit/PID`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CpuByRole {
+    /// vCPU threads: running the guest, and the host work its exits and halts cause.
+    pub vcpu: f64,
+    /// The part of `vcpu` the kernel accounted as guest time.
+    pub vcpu_guest: f64,
+    /// The main loop and iothreads: QEMU's device model.
+    pub device_model: f64,
+    /// The process's other threads (RCU, thread-pool workers, VNC, ...), exited ones too.
+    pub other: f64,
+    /// Kernel threads that work for this VM alone: vhost, the in-kernel PIT, NX recovery.
+    pub kernel_workers: f64,
+    /// vCPU threads at the window's end.
+    pub vcpu_threads: u32,
+}
+
+/// How many of a window's exit reasons a record keeps by name; the rest are summed as `other`.
+pub const EXIT_REASONS_KEPT: usize = 8;
+
 /// One VM's events in one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowRecord {
@@ -126,8 +163,24 @@ pub struct WindowRecord {
     /// ioeventfd, coalesced MMIO/PIO) handled without waking QEMU. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_kernel: Option<u64>,
+    /// KVM: times a vCPU thread was woken after sleeping in a guest halt (the guest's own
+    /// timer or an interrupt): host wakeups QEMU's event loop never sees. `null` under TCG
+    /// and Xen, with the reason in `sources.vcpu_wakeups`.
+    #[serde(default)]
+    pub vcpu_wakeups: Option<u64>,
+    /// KVM: guest halts that ended while KVM still polled, before its vCPU thread slept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_halt_polls: Option<u64>,
+    /// KVM, where the kernel fires `kvm:kvm_exit`: VM exits by reason, most first (the first
+    /// [`EXIT_REASONS_KEPT`], the rest as `other`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kvm_exits: Vec<ExitCount>,
     /// User + system CPU time the QEMU process used in the window.
     pub cpu_seconds: Option<f64>,
+    /// Where the VM's CPU time went, by thread role; absent where its threads were not read at
+    /// both ends of the window (a VM that exited, a recording made before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_by_role: Option<CpuByRole>,
     pub sources: Sources,
     /// Per-device breakdown of `read`/`write`, busiest first (empty when no source names
     /// devices).
@@ -229,12 +282,17 @@ pub(crate) mod tests {
             read: None,
             write: None,
             in_kernel: None,
+            vcpu_wakeups: None,
+            vcpu_halt_polls: None,
+            kvm_exits: Vec::new(),
             cpu_seconds: None,
+            cpu_by_role: None,
             sources: Sources {
                 timer: "syscall".into(),
                 read: "unavailable: test fixture".into(),
                 write: "unavailable: test fixture".into(),
                 timer_callbacks: "unavailable: test fixture".into(),
+                ..Default::default()
             },
             devices: Vec::new(),
             timers: Vec::new(),
@@ -292,6 +350,22 @@ pub(crate) mod tests {
         assert_eq!(records.len(), 1);
         assert!(warnings.is_empty());
         assert_eq!(records[0].timer, Some(57990));
+        // Written before the guest's own counts existed: unknown, not zero.
+        let r = &records[0];
+        assert_eq!((r.vcpu_wakeups, r.vcpu_halt_polls, r.cpu_by_role), (None, None, None));
+        assert!(r.kvm_exits.is_empty() && r.sources.vcpu_wakeups.is_empty());
+    }
+
+    /// Under TCG `vcpu_wakeups` is written as `null` (with its reason in `sources`); the
+    /// other guest counts are left out where there are none.
+    #[test]
+    fn vcpu_wakeups_is_always_written() {
+        let v: serde_json::Value = serde_json::from_str(&sample().to_json_line()).unwrap();
+        assert_eq!(v["vcpu_wakeups"], serde_json::Value::Null);
+        assert!(v.get("vcpu_wakeups").is_some());
+        for absent in ["vcpu_halt_polls", "kvm_exits", "cpu_by_role"] {
+            assert!(v.get(absent).is_none(), "{absent}");
+        }
     }
 
     #[test]

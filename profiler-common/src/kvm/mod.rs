@@ -132,8 +132,10 @@ pub struct KvmField {
     pub signed: u8,
 }
 
-/// Field layout of the four tracepoints, parsed by userspace from tracefs and stored in the
-/// eBPF config map (tracepoint layouts are not ABI).
+/// Field layout of the kvm tracepoints, parsed by userspace from tracefs and stored in the
+/// eBPF config map (tracepoint layouts are not ABI). The four of the access state machine are
+/// required; `kvm_vcpu_wakeup`'s and `kvm_exit`'s fields have size 0 where the kernel lacks
+/// them (their programs then count nothing).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvmFieldOffsets {
@@ -147,6 +149,11 @@ pub struct KvmFieldOffsets {
     pub fast_mmio_gpa: KvmField,
     pub exit_reason: KvmField,
     pub exit_errno: KvmField,
+    /// `kvm_vcpu_wakeup`: `waited` (slept, rather than ended while halt-polling).
+    pub wakeup_waited: KvmField,
+    /// `kvm_exit`: `exit_reason` and `isa` (1 VMX, 2 SVM).
+    pub vm_exit_reason: KvmField,
+    pub vm_exit_isa: KvmField,
 }
 
 /// States of [`KvmThreadState::state`].

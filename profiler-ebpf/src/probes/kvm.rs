@@ -16,11 +16,12 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use profiler_common::{
-    CounterKey,
+    CounterKey, kind,
     kvm::{
         KvmEvent, KvmField, KvmFieldOffsets, KvmStore, KvmThreadState, MAX_KVM_PORTS,
         MAX_KVM_THREADS, PortKey, handle, port_class,
     },
+    kvm_exit_id,
 };
 
 use crate::maps::{add, current_ids, is_watched};
@@ -210,4 +211,52 @@ pub fn kvm_userspace_exit(ctx: TracePointContext) -> u32 {
             errno: errno as i64,
         },
     )
+}
+
+/// A vCPU thread's halt ended: woken after sleeping (the guest's own timer, an interrupt), or
+/// while KVM still polled. Fires in the vCPU thread, so the tgid is the QEMU process.
+#[tracepoint]
+pub fn kvm_vcpu_wakeup(ctx: TracePointContext) -> u32 {
+    let (tgid, _) = current_ids();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    let Some(f) = fields() else { return 0 };
+    let Some(waited) = field(&ctx, f.wakeup_waited) else {
+        return 0;
+    };
+    let kind = if waited != 0 {
+        kind::VCPU_WAKEUP
+    } else {
+        kind::VCPU_HALT_POLL
+    };
+    add(&CounterKey { tgid, kind, id: 0 }, 1);
+    0
+}
+
+/// A VM exit, by reason (VMX and SVM fire it; some KVM implementations, PVM among them, do
+/// not).
+#[tracepoint]
+pub fn kvm_exit(ctx: TracePointContext) -> u32 {
+    let (tgid, _) = current_ids();
+    if !is_watched(tgid) {
+        return 0;
+    }
+    let Some(f) = fields() else { return 0 };
+    let Some(reason) = field(&ctx, f.vm_exit_reason) else {
+        return 0;
+    };
+    let Some(isa) = field(&ctx, f.vm_exit_isa) else {
+        return 0;
+    };
+    let id = kvm_exit_id(isa as u32, reason as u32);
+    add(
+        &CounterKey {
+            tgid,
+            kind: kind::KVM_EXIT,
+            id,
+        },
+        1,
+    );
+    0
 }

@@ -19,6 +19,9 @@ pub struct CheckRequest {
     pub settle: f64,
     /// Also call a VM noisy when its timer events exceed this rate (per second).
     pub max_timer_rate: Option<f64>,
+    /// Also call a VM noisy when the host wakeups it causes (QEMU's timer and fd wakeups, its
+    /// vCPUs woken from guest halts) exceed this rate (per second).
+    pub max_wakeup_rate: Option<f64>,
 }
 
 /// A verdict on one class of one VM.
@@ -151,7 +154,10 @@ pub fn check(records: &[WindowRecord], req: &CheckRequest) -> CheckReport {
             });
         }
         if let Some(max) = req.max_timer_rate {
-            classes.push(judge_timer_rate(&windows, seconds, max));
+            classes.push(judge_rate(&windows, seconds, max, &TIMER_RATE));
+        }
+        if let Some(max) = req.max_wakeup_rate {
+            classes.push(judge_rate(&windows, seconds, max, &WAKEUP_RATE));
         }
         vms.push(VmVerdict {
             name: vm.name.to_string(),
@@ -245,31 +251,86 @@ fn judge(
     Verdict::Noisy { evidence }
 }
 
-fn judge_timer_rate(windows: &[&WindowRecord], seconds: f64, max: f64) -> ClassVerdict {
-    let total: Option<u64> = windows.iter().map(|w| w.timer).sum();
+/// One count of a window record, named as evidence calls it.
+type RatePart = (&'static str, fn(&WindowRecord) -> Option<u64>);
+
+/// A rate `check` can hold a VM to: the class its verdict is reported under, and the counts
+/// that add up to it, each with what its evidence is called.
+struct RateLimit {
+    class: &'static str,
+    /// What is counted, for a verdict that cannot tell.
+    counted: &'static str,
+    parts: &'static [RatePart],
+}
+
+const TIMER_RATE: RateLimit = RateLimit {
+    class: "timers",
+    counted: "timer events",
+    parts: &[("timer events", |w| w.timer)],
+};
+
+/// The host wakeups a VM causes: every one is a context switch and the end of a CPU's idle
+/// state. Under KVM most of an idle guest's are its own (its tick wakes its halted vCPU);
+/// under TCG the guest's timers are QEMU timers, counted in `timer`.
+const WAKEUP_RATE: RateLimit = RateLimit {
+    class: "wakeups",
+    counted: "host wakeups (QEMU timer, fd and vCPU wakeups)",
+    parts: &[
+        ("vCPU wakeups from guest halts", |w| w.vcpu_wakeups),
+        ("QEMU timer wakeups", |w| w.timer),
+        ("QEMU fd wakeups", |w| w.fd_wakeups),
+    ],
+};
+
+/// Holds `windows` to `max` per second of `limit`'s counts summed: noisy with each part's
+/// share as evidence (largest first) when the sum is above it over the windows checked.
+fn judge_rate(
+    windows: &[&WindowRecord],
+    seconds: f64,
+    max: f64,
+    limit: &RateLimit,
+) -> ClassVerdict {
+    let of_window = |w: &WindowRecord| -> Option<u64> {
+        limit
+            .parts
+            .iter()
+            .filter_map(|(_, count)| count(w))
+            .reduce(|a, b| a + b)
+    };
+    let total: Option<u64> = windows.iter().map(|w| of_window(w)).sum();
     let verdict = match total {
         _ if windows.is_empty() || seconds <= 0.0 => Verdict::CannotTell {
             why: "no window after the settle time".into(),
         },
         None => Verdict::CannotTell {
-            why: "timer events were not counted".into(),
+            why: format!("{} were not counted", limit.counted),
         },
-        Some(n) if n as f64 / seconds > max => Verdict::Noisy {
-            evidence: vec![Evidence {
-                what: format!("timer events (more than {max}/s)"),
-                events: n,
-                per_second: n as f64 / seconds,
-                windows: windows
-                    .iter()
-                    .filter(|w| w.timer.is_some_and(|t| t as f64 / w.seconds > max))
-                    .map(|w| w.window)
-                    .collect(),
-            }],
-        },
+        Some(n) if n as f64 / seconds > max => {
+            let over: Vec<u64> = windows
+                .iter()
+                .filter(|w| of_window(w).is_some_and(|n| n as f64 / w.seconds > max))
+                .map(|w| w.window)
+                .collect();
+            let mut evidence: Vec<Evidence> = limit
+                .parts
+                .iter()
+                .filter_map(|(what, count)| {
+                    let events: u64 = windows.iter().filter_map(|w| count(w)).sum();
+                    (events > 0).then(|| Evidence {
+                        what: format!("{what} ({} more than {max}/s)", limit.class),
+                        events,
+                        per_second: events as f64 / seconds,
+                        windows: over.clone(),
+                    })
+                })
+                .collect();
+            evidence.sort_by_key(|e| std::cmp::Reverse(e.events));
+            Verdict::Noisy { evidence }
+        }
         Some(_) => Verdict::Quiet { partly: None },
     };
     ClassVerdict {
-        class: "timers".into(),
+        class: limit.class.into(),
         verdict,
         configured: None,
         configured_known: false,
@@ -404,6 +465,7 @@ mod tests {
             classes: classes.iter().map(|c| class(c).unwrap()).collect(),
             settle: 10.0,
             max_timer_rate: None,
+            max_wakeup_rate: None,
         }
     }
 
@@ -505,6 +567,67 @@ mod tests {
         assert!((evidence[0].per_second - 1933.0).abs() < 1e-9);
         r.max_timer_rate = Some(5000.0);
         assert_eq!(check(&records, &r).exit_code, 0);
+    }
+
+    /// A KVM guest whose own 1 kHz timer wakes its halted vCPU: noisy by its wakeups, the
+    /// evidence naming the vCPU wakeups first; a TCG guest's wakeups are its QEMU's.
+    #[test]
+    fn the_wakeup_rate_limit_names_the_vcpu_wakeups() {
+        let kvm: Vec<WindowRecord> = (0..3)
+            .map(|n| {
+                let mut w = window("pit", n, "kvm-tracepoints", "unavailable: stripped");
+                w.vm.accel = crate::identity::cmdline::Accel::Kvm;
+                (w.timer, w.fd_wakeups, w.vcpu_wakeups) = (Some(0), Some(20), Some(9_900));
+                w
+            })
+            .collect();
+        let mut r = req(&[]);
+        r.max_wakeup_rate = Some(100.0);
+        let report = check(&kvm, &r);
+        assert_eq!(report.exit_code, 1);
+        let c = &report.vms[0].classes[0];
+        assert_eq!(c.class, "wakeups");
+        let Verdict::Noisy { evidence } = &c.verdict else {
+            panic!("{c:?}")
+        };
+        assert!(evidence[0].what.starts_with("vCPU wakeups"), "{evidence:?}");
+        assert!((evidence[0].per_second - 990.0).abs() < 1e-9);
+        assert_eq!(evidence[0].windows, [1, 2]);
+        let text = render_text(&report);
+        assert!(
+            text.contains(
+                "vCPU wakeups from guest halts (wakeups more than 100/s): 19,800 events (990.0/s)"
+            ),
+            "{text}"
+        );
+        // A quiet guest passes; one whose wakeups nothing counted cannot be told.
+        let quiet: Vec<WindowRecord> = kvm
+            .iter()
+            .cloned()
+            .map(|mut w| {
+                w.vcpu_wakeups = Some(182);
+                w
+            })
+            .collect();
+        assert_eq!(check(&quiet, &r).exit_code, 0);
+        let blind: Vec<WindowRecord> = kvm
+            .iter()
+            .cloned()
+            .map(|mut w| {
+                (w.timer, w.fd_wakeups, w.vcpu_wakeups) = (None, None, None);
+                w
+            })
+            .collect();
+        assert_eq!(check(&blind, &r).exit_code, 2);
+        // TCG: no vCPU wakeups, the QEMU's own count.
+        let tcg: Vec<WindowRecord> = (0..3)
+            .map(|n| window("tcg", n, "usdt", "symbols"))
+            .collect();
+        let Verdict::Noisy { evidence } = &check(&tcg, &r).vms[0].classes[0].verdict else {
+            panic!()
+        };
+        assert_eq!(evidence.len(), 1);
+        assert!(evidence[0].what.starts_with("QEMU timer wakeups"));
     }
 
     #[test]

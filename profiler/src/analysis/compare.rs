@@ -71,12 +71,15 @@ pub struct VmComparison {
     /// Full windows the means are over (after the settle time).
     pub before_windows: usize,
     pub after_windows: usize,
-    /// timer, read, write, fd_wakeups, cpu_seconds: means per full window.
+    /// timer, read, write, fd_wakeups, cpu_seconds, vcpu_wakeups, cpu_vcpu_seconds,
+    /// cpu_device_model_seconds: means per full window.
     pub counts: Vec<MeanChange>,
     /// Reads + writes per full window, per device.
     pub devices: Vec<MeanChange>,
     /// Runs per full window, per timer callback.
     pub callbacks: Vec<MeanChange>,
+    /// KVM exits per full window, per reason (where the kernel fires `kvm_exit`).
+    pub exits: Vec<MeanChange>,
     /// The windows side by side: (interval, before (timer, read, write), after (...)).
     #[serde(skip)]
     pub rows: Vec<Row>,
@@ -186,12 +189,21 @@ fn compare_pair(b: &VmWindows<'_>, a: &VmWindows<'_>, settle: f64) -> VmComparis
     let window = bf.first().or(af.first()).map_or(30.0, |w| w.seconds);
     let count =
         |f: fn(&WindowRecord) -> Option<u64>| move |w: &WindowRecord| f(w).map(|n| n as f64);
-    let measures: [(&str, Measure); 5] = [
+    let role = |f: fn(&crate::record::CpuByRole) -> f64| {
+        move |w: &WindowRecord| w.cpu_by_role.as_ref().map(f)
+    };
+    let measures: [(&str, Measure); 8] = [
         ("timer", Box::new(count(|w| w.timer))),
         ("read", Box::new(count(|w| w.read))),
         ("write", Box::new(count(|w| w.write))),
         ("fd_wakeups", Box::new(count(|w| w.fd_wakeups))),
         ("cpu_seconds", Box::new(|w: &WindowRecord| w.cpu_seconds)),
+        ("vcpu_wakeups", Box::new(count(|w| w.vcpu_wakeups))),
+        ("cpu_vcpu_seconds", Box::new(role(|r| r.vcpu))),
+        (
+            "cpu_device_model_seconds",
+            Box::new(role(|r| r.device_model)),
+        ),
     ];
     let counts = measures
         .iter()
@@ -232,6 +244,13 @@ fn compare_pair(b: &VmWindows<'_>, a: &VmWindows<'_>, settle: f64) -> VmComparis
         seen(&bf, cb_seen),
         seen(&af, cb_seen),
     );
+    let exits_seen = |r: &WindowRecord| !r.kvm_exits.is_empty();
+    let exits = name_changes(
+        per_name_means(&bf, window, exit_counts),
+        per_name_means(&af, window, exit_counts),
+        seen(&bf, exits_seen),
+        seen(&af, exits_seen),
+    );
     let triple = |w: &WindowRecord| [w.timer, w.read, w.write];
     let rows = (0..b.windows.len().max(a.windows.len()))
         .map(|i| Row {
@@ -249,8 +268,16 @@ fn compare_pair(b: &VmWindows<'_>, a: &VmWindows<'_>, settle: f64) -> VmComparis
         counts,
         devices,
         callbacks,
+        exits,
         rows,
     }
+}
+
+fn exit_counts(w: &WindowRecord) -> Vec<(String, u64)> {
+    w.kvm_exits
+        .iter()
+        .map(|e| (e.reason.clone(), e.count))
+        .collect()
 }
 
 /// Compares two recordings: VMs paired by `pairs`, else by name, else (one VM on each side)
@@ -358,7 +385,12 @@ pub fn render_text(c: &Comparison) -> String {
             vm.window_seconds
         );
         for m in &vm.counts {
-            let cpu = m.name == "cpu_seconds";
+            if m.before.is_none() && m.after.is_none() && m.name != "read" && m.name != "write" {
+                // Counted on neither side (vCPU wakeups under TCG, CPU by role in an old
+                // recording): nothing to compare.
+                continue;
+            }
+            let cpu = m.name.starts_with("cpu_");
             let _ = writeln!(
                 out,
                 "    {:<26} {:>10} {:>10} {:>8}",
@@ -371,6 +403,7 @@ pub fn render_text(c: &Comparison) -> String {
         for (title, list) in [
             ("devices (reads+writes)", &vm.devices),
             ("timer callbacks", &vm.callbacks),
+            ("KVM exits by reason", &vm.exits),
         ] {
             if list.is_empty() {
                 continue;
@@ -437,6 +470,36 @@ mod tests {
             }];
         }
         r
+    }
+
+    /// Recorded under KVM: the same boot sector with its PIT at 1,000 Hz, then at 100 Hz.
+    #[test]
+    fn a_kvm_guest_s_own_tick_slowed_down() {
+        let text = include_str!("../../tests/fixtures/records/kvm-pit-and-seabios.jsonl");
+        let (records, _) = crate::record::read_records(text.as_bytes()).unwrap();
+        let pick = |name: &str| -> Vec<WindowRecord> {
+            records
+                .iter()
+                .filter(|r| r.vm.name == name)
+                .cloned()
+                .collect()
+        };
+        let pair = "pit1000=pit100".parse::<Pair>().unwrap();
+        let c = compare(&pick("pit1000"), &pick("pit100"), &[pair], 0.0);
+        let vm = &c.vms[0];
+        let by = |name: &str| vm.counts.iter().find(|m| m.name == name).unwrap();
+        let wakeups = by("vcpu_wakeups");
+        assert!(
+            (wakeups.change_percent.unwrap() + 90.0).abs() < 1.0,
+            "{wakeups:?}"
+        );
+        let vcpu_cpu = by("cpu_vcpu_seconds");
+        assert!(vcpu_cpu.change_percent.unwrap() < -80.0, "{vcpu_cpu:?}");
+        let text = render_text(&c);
+        assert!(text.contains("vcpu_wakeups"), "{text}");
+        // Exits are not fired on that host: no list, and no row for what neither side has.
+        assert!(vm.exits.is_empty());
+        assert!(!text.contains("KVM exits"), "{text}");
     }
 
     #[test]

@@ -219,17 +219,73 @@ fn device_totals(g: &VmWindows<'_>) -> Vec<(String, u64, u64)> {
     totals
 }
 
-/// Timer callback runs summed over the VM's windows, busiest first.
-fn callback_totals(g: &VmWindows<'_>) -> Vec<(String, u64)> {
+/// Counts per name (what `names` lists of each window) summed over the VM's windows, most
+/// first.
+fn named_totals(
+    g: &VmWindows<'_>,
+    names: fn(&WindowRecord) -> Vec<(&str, u64)>,
+) -> Vec<(String, u64)> {
     let mut totals: Vec<(String, u64)> = Vec::new();
-    for c in g.windows.iter().flat_map(|w| &w.timers) {
-        match totals.iter_mut().find(|t| t.0 == c.callback) {
-            Some(t) => t.1 += c.count,
-            None => totals.push((c.callback.clone(), c.count)),
+    for (name, n) in g.windows.iter().flat_map(|w| names(w)) {
+        match totals.iter_mut().find(|t| t.0 == name) {
+            Some(t) => t.1 += n,
+            None => totals.push((name.to_string(), n)),
         }
     }
     totals.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     totals
+}
+
+fn callbacks_of(w: &WindowRecord) -> Vec<(&str, u64)> {
+    w.timers
+        .iter()
+        .map(|t| (t.callback.as_str(), t.count))
+        .collect()
+}
+
+fn exits_of(w: &WindowRecord) -> Vec<(&str, u64)> {
+    w.kvm_exits
+        .iter()
+        .map(|e| (e.reason.as_str(), e.count))
+        .collect()
+}
+
+/// What a KVM guest did itself, beyond its QEMU: its vCPU wakeups, and where its CPU went by
+/// thread role (every record that says).
+fn guest_lines(g: &VmWindows<'_>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let secs = covered_seconds(g).max(1e-9);
+    let sum = |f: fn(&WindowRecord) -> Option<u64>| -> Option<u64> {
+        g.windows.iter().filter_map(|w| f(w)).reduce(|a, b| a + b)
+    };
+    if let Some(wakeups) = sum(|w| w.vcpu_wakeups) {
+        let polls = sum(|w| w.vcpu_halt_polls).unwrap_or(0);
+        lines.push(format!(
+            "vCPU wakeups from guest halts: {} ({:.1}/s), halt polls: {}",
+            thousands(Some(wakeups)),
+            wakeups as f64 / secs,
+            thousands(Some(polls))
+        ));
+    } else if let Some(last) = g.windows.last()
+        && let Some(why) = last.sources.vcpu_wakeups.strip_prefix("unavailable: ")
+    {
+        lines.push(format!("vCPU wakeups: n/a ({})", clean(why)));
+    }
+    let split: Vec<_> = g.windows.iter().filter_map(|w| w.cpu_by_role).collect();
+    if !split.is_empty() {
+        let total = |f: fn(&crate::record::CpuByRole) -> f64| split.iter().map(f).sum::<f64>();
+        lines.push(format!(
+            "CPU by thread role ({} windows): vCPU {:.2} s (guest time {:.2} s), device model \
+             {:.2} s, other {:.2} s; kernel workers {:.2} s",
+            split.len(),
+            total(|r| r.vcpu),
+            total(|r| r.vcpu_guest),
+            total(|r| r.device_model),
+            total(|r| r.other),
+            total(|r| r.kernel_workers),
+        ));
+    }
+    lines
 }
 
 fn covered_seconds(g: &VmWindows<'_>) -> f64 {
@@ -253,9 +309,10 @@ fn device_rows(g: &VmWindows<'_>) -> Vec<[String; 5]> {
         .collect()
 }
 
-fn callback_rows(g: &VmWindows<'_>) -> Vec<[String; 3]> {
+/// Rows of a per-name table: name, count, count/s.
+fn named_rows(g: &VmWindows<'_>, names: fn(&WindowRecord) -> Vec<(&str, u64)>) -> Vec<[String; 3]> {
     let secs = covered_seconds(g).max(1e-9);
-    callback_totals(g)
+    named_totals(g, names)
         .into_iter()
         .map(|(name, n)| {
             [
@@ -342,7 +399,7 @@ fn render_table(groups: &[VmWindows<'_>]) -> String {
         for f in footnotes(g) {
             let _ = writeln!(out, "  * {f}");
         }
-        for s in sources_line(g) {
+        for s in sources_line(g).into_iter().chain(guest_lines(g)) {
             let _ = writeln!(out, "  {s}");
         }
         let devices = device_rows(g);
@@ -354,14 +411,18 @@ fn render_table(groups: &[VmWindows<'_>]) -> String {
                 "  ",
             ));
         }
-        let callbacks = callback_rows(g);
-        if !callbacks.is_empty() {
-            out.push('\n');
-            out.push_str(&aligned(
-                ["Timer callback", "Runs", "Runs/s"],
-                &callbacks,
-                "  ",
-            ));
+        for (head, names) in [
+            (
+                "Timer callback",
+                callbacks_of as fn(&WindowRecord) -> Vec<(&str, u64)>,
+            ),
+            ("KVM exit reason", exits_of),
+        ] {
+            let rows = named_rows(g, names);
+            if !rows.is_empty() {
+                out.push('\n');
+                out.push_str(&aligned([head, "Runs", "Runs/s"], &rows, "  "));
+            }
         }
     }
     out
@@ -385,7 +446,7 @@ fn render_markdown(groups: &[VmWindows<'_>]) -> String {
         for f in footnotes(g) {
             let _ = writeln!(out, "\\* {f}  ");
         }
-        for s in sources_line(g) {
+        for s in sources_line(g).into_iter().chain(guest_lines(g)) {
             let _ = writeln!(out, "{}  ", md_escape(&s));
         }
         out.push('\n');
@@ -397,7 +458,12 @@ fn render_markdown(groups: &[VmWindows<'_>]) -> String {
         md_breakdown(
             &mut out,
             &["Timer callback", "Runs", "Runs/s"],
-            callback_rows(g),
+            named_rows(g, callbacks_of),
+        );
+        md_breakdown(
+            &mut out,
+            &["KVM exit reason", "Exits", "Exits/s"],
+            named_rows(g, exits_of),
         );
     }
     out
@@ -427,7 +493,9 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 fn render_csv(records: &[WindowRecord]) -> String {
     let mut out = String::from(
-        "vm,pid,uuid,accel,interval,start,seconds,partial,partial_reason,timer,fd_wakeups,read,write,cpu_seconds\n",
+        "vm,pid,uuid,accel,interval,start,seconds,partial,partial_reason,timer,fd_wakeups,read,write,\
+         cpu_seconds,vcpu_wakeups,vcpu_halt_polls,in_kernel,cpu_vcpu_seconds,\
+         cpu_device_model_seconds,cpu_other_seconds,cpu_kernel_workers_seconds\n",
     );
     for r in records {
         let reason = r
@@ -439,9 +507,10 @@ fn render_csv(records: &[WindowRecord]) -> String {
                     .unwrap_or_default()
             })
             .unwrap_or_default();
+        let role = |f: fn(&crate::record::CpuByRole) -> f64| opt(r.cpu_by_role.as_ref().map(f));
         let _ = writeln!(
             out,
-            "{},{},{},{},{:03},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{:03},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             csv_field(&r.vm.name),
             r.vm.pid,
             csv_field(r.vm.uuid.as_deref().unwrap_or("")),
@@ -456,6 +525,13 @@ fn render_csv(records: &[WindowRecord]) -> String {
             opt(r.read),
             opt(r.write),
             opt(r.cpu_seconds),
+            opt(r.vcpu_wakeups),
+            opt(r.vcpu_halt_polls),
+            opt(r.in_kernel),
+            role(|c| c.vcpu),
+            role(|c| c.device_model),
+            role(|c| c.other),
+            role(|c| c.kernel_workers),
         );
     }
     out
@@ -589,7 +665,31 @@ VM quiet (pid 11, tcg)
         assert_eq!(lines.len(), 6);
         assert_eq!(
             lines[5],
-            "noisy,10,,tcg,002,2026-11-22T00:00:10.000Z,2.5,true,profiler_stopped,4000,3,,,0.5"
+            "noisy,10,,tcg,002,2026-11-22T00:00:10.000Z,2.5,true,profiler_stopped,4000,3,,,0.5,,,,,,,"
+        );
+    }
+
+    /// Windows recorded under KVM: the guest's own wakeups, its CPU by role, in every format.
+    #[test]
+    fn a_kvm_guest_s_own_counts() {
+        let text = include_str!("../../tests/fixtures/records/kvm-pit-and-seabios.jsonl");
+        let (records, _) = crate::record::read_records(text.as_bytes()).unwrap();
+        let table = render(&records, ReportFormat::Table);
+        assert!(
+            table.contains("vCPU wakeups from guest halts: 29,749 (991.6/s), halt polls: 0"),
+            "{table}"
+        );
+        assert!(
+            table.contains("CPU by thread role (3 windows): vCPU 9.81 s"),
+            "{table}"
+        );
+        let md = render(&records, ReportFormat::Markdown);
+        assert!(md.contains("vCPU wakeups from guest halts: 29,749"), "{md}");
+        let csv = render(&records, ReportFormat::Csv);
+        let first = csv.lines().nth(1).unwrap();
+        assert!(
+            first.ends_with(",3.27,9883,0,9998,3.24,0,0.03,0.19"),
+            "{first}"
         );
     }
 

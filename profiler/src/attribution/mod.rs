@@ -7,6 +7,7 @@
 //! owner's QOM type, or from the VM's memory map. All of that is decided here, with no I/O:
 //! the names arrive as plain maps ([`VmNames`]) resolved elsewhere (`crate::attribution::names`).
 
+pub mod cpu_roles;
 pub mod kvm;
 pub mod names;
 
@@ -19,7 +20,11 @@ use crate::{
         mtree::MtreeMap,
         ports::{VmDevices, well_known_port_name},
     },
-    offer::policy::ReadWriteSource,
+    offer::{
+        kvm::ExitReasonNames,
+        policy::{GuestSources, ReadWriteSource},
+    },
+    record::{DeviceCount, ExitCount, TimerCallbackCount},
 };
 
 pub use crate::probes::{RawCounters, RegionLabel};
@@ -47,6 +52,9 @@ pub type DeviceTotals = BTreeMap<DeviceKey, (u64, u64)>;
 /// Cumulative timer-callback runs per callback name.
 pub type CallbackTotals = BTreeMap<String, u64>;
 
+/// Cumulative VM exits per reason name.
+pub type ExitTotals = BTreeMap<String, u64>;
+
 /// Cumulative counters of one VM since the profiler started watching it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -58,6 +66,13 @@ pub struct Counts {
     pub cpu_ticks: Option<u64>,
     /// KVM only: guest accesses an in-kernel device handled (never reached QEMU).
     pub in_kernel: Option<u64>,
+    /// KVM only: the guest's vCPUs woken from a halt after sleeping (its own timer, an
+    /// interrupt): host wakeups QEMU's event loop never sees.
+    pub vcpu_wakeups: Option<u64>,
+    /// KVM only: guest halts that ended while KVM still polled, before sleeping.
+    pub vcpu_halt_polls: Option<u64>,
+    /// The VM's threads' CPU time by role, where it was read at both ends (window boundaries).
+    pub cpu_roles: Option<cpu_roles::RoleTicks>,
 }
 
 fn delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
@@ -77,6 +92,29 @@ impl Counts {
             write: delta(self.write, base.write),
             cpu_ticks: delta(self.cpu_ticks, base.cpu_ticks),
             in_kernel: delta(self.in_kernel, base.in_kernel),
+            vcpu_wakeups: delta(self.vcpu_wakeups, base.vcpu_wakeups),
+            vcpu_halt_polls: delta(self.vcpu_halt_polls, base.vcpu_halt_polls),
+            cpu_roles: match (self.cpu_roles, base.cpu_roles) {
+                (Some(now), Some(base)) => Some(now.since(&base)),
+                _ => None,
+            },
+        }
+    }
+
+    /// These counts with what could still be read after the VM exited: the event counters
+    /// come from the kernel maps, which outlive the process; its CPU time cannot be read any
+    /// more, so the last sampled value stays, and its threads are gone.
+    pub fn with_final(&self, fin: &Counts) -> Counts {
+        Counts {
+            timer: fin.timer.or(self.timer),
+            fd_wakeups: fin.fd_wakeups.or(self.fd_wakeups),
+            read: fin.read.or(self.read),
+            write: fin.write.or(self.write),
+            cpu_ticks: fin.cpu_ticks.or(self.cpu_ticks),
+            in_kernel: fin.in_kernel.or(self.in_kernel),
+            vcpu_wakeups: fin.vcpu_wakeups.or(self.vcpu_wakeups),
+            vcpu_halt_polls: fin.vcpu_halt_polls.or(self.vcpu_halt_polls),
+            cpu_roles: None,
         }
     }
 }
@@ -90,17 +128,102 @@ pub struct VmNames<'a> {
     pub callbacks: Option<&'a HashMap<u64, String>>,
     /// The VM's memory map (QEMU's `info mtree -f`), naming KVM ports and pages.
     pub address_map: Option<&'a MtreeMap>,
+    /// VM exit reasons' names (`kvm:kvm_exit`'s own).
+    pub exit_reasons: Option<&'a ExitReasonNames>,
     /// The VM's devices, naming the well-known ISA ports of those it has when there is no
     /// memory map.
     pub devices: VmDevices<'a>,
 }
 
-/// One VM's counts, devices and callbacks, cumulative (no CPU time: that is not a counter).
+/// One VM's counts, devices, callbacks and exits, cumulative.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Attributed {
     pub counts: Counts,
     pub devices: DeviceTotals,
     pub callbacks: CallbackTotals,
+    /// VM exits by reason (KVM, where the kernel fires `kvm_exit`).
+    pub exits: ExitTotals,
+}
+
+/// What one VM did between two samples of its [`Attributed`] totals.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WindowCounts {
+    pub counts: Counts,
+    /// Per device, busiest first, idle ones left out.
+    pub devices: Vec<DeviceCount>,
+    /// Per timer callback, busiest first.
+    pub timers: Vec<TimerCallbackCount>,
+    /// VM exits per reason, most first.
+    pub exits: Vec<ExitCount>,
+}
+
+impl Attributed {
+    /// These totals with what could still be read after the VM exited (`fin`).
+    pub fn with_final(&self, fin: &Attributed) -> Attributed {
+        let mut out = self.clone();
+        out.counts = self.counts.with_final(&fin.counts);
+        out.devices
+            .extend(fin.devices.iter().map(|(k, v)| (k.clone(), *v)));
+        out.callbacks
+            .extend(fin.callbacks.iter().map(|(k, v)| (k.clone(), *v)));
+        out.exits
+            .extend(fin.exits.iter().map(|(k, v)| (k.clone(), *v)));
+        out
+    }
+
+    /// What was done since `base`.
+    pub fn since(&self, base: &Attributed) -> WindowCounts {
+        WindowCounts {
+            counts: self.counts.since(&base.counts),
+            devices: device_deltas(&self.devices, &base.devices),
+            timers: named_deltas(&self.callbacks, &base.callbacks)
+                .map(|(callback, count)| TimerCallbackCount { callback, count })
+                .collect(),
+            exits: named_deltas(&self.exits, &base.exits)
+                .map(|(reason, count)| ExitCount { reason, count })
+                .collect(),
+        }
+    }
+}
+
+/// Per-device deltas, busiest first, zero rows dropped.
+fn device_deltas(now: &DeviceTotals, base: &DeviceTotals) -> Vec<DeviceCount> {
+    let mut out: Vec<DeviceCount> = now
+        .iter()
+        .map(|(key, (r, w))| {
+            let (br, bw) = base.get(key).copied().unwrap_or_default();
+            DeviceCount {
+                name: key.name.clone(),
+                owner: key.owner.clone(),
+                read: r.saturating_sub(br),
+                write: w.saturating_sub(bw),
+            }
+        })
+        .filter(|d| d.read + d.write > 0)
+        .collect();
+    out.sort_by(|a, b| {
+        (b.read + b.write)
+            .cmp(&(a.read + a.write))
+            .then(a.name.cmp(&b.name))
+    });
+    out
+}
+
+/// Per-name deltas, most first (then by name), zero rows dropped.
+fn named_deltas(
+    now: &BTreeMap<String, u64>,
+    base: &BTreeMap<String, u64>,
+) -> impl Iterator<Item = (String, u64)> {
+    let mut out: Vec<(String, u64)> = now
+        .iter()
+        .map(|(name, n)| {
+            let before = base.get(name).copied().unwrap_or_default();
+            (name.clone(), n.saturating_sub(before))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    out.into_iter()
 }
 
 /// Turns raw counters into counts: `timer` and `fd_wakeups` always; `read`/`write` and the
@@ -147,6 +270,28 @@ pub fn attribute(
         counts,
         devices,
         callbacks,
+        exits: ExitTotals::new(),
+    }
+}
+
+/// Adds a KVM guest's own counts to `a`, as `guest` says they are served: vCPU wakeups and
+/// halt polls, and exits by reason name; `None` (unknown, not zero) where nothing counts them.
+pub fn add_guest(a: &mut Attributed, raw: &RawCounters, guest: &GuestSources, names: &VmNames<'_>) {
+    if guest.vcpu_wakeups.is_ok() {
+        a.counts.vcpu_wakeups = Some(raw.total(kind::VCPU_WAKEUP));
+        a.counts.vcpu_halt_polls = Some(raw.total(kind::VCPU_HALT_POLL));
+    }
+    if guest.exits.is_ok() {
+        for (&(k, id), &n) in &raw.by_key {
+            if k == kind::KVM_EXIT {
+                let (isa, reason) = ((id >> 32) as u32, id as u32);
+                let name = match names.exit_reasons {
+                    Some(names) => names.name(isa, reason),
+                    None => format!("{isa}:{reason:#x}"),
+                };
+                *a.exits.entry(name).or_default() += n;
+            }
+        }
     }
 }
 

@@ -234,6 +234,7 @@ impl ResolvedNames<'_> {
             owners: Some(&self.cache.owners),
             callbacks: Some(&self.cache.callbacks),
             address_map: self.map.as_deref(),
+            exit_reasons: self.cache.sources.exit_reasons.as_deref(),
             devices: crate::identity::ports::VmDevices {
                 cmdline: &self.cache.devices,
                 libvirt: self.cache.libvirt.as_ref(),
@@ -393,6 +394,7 @@ mod tests {
             callbacks: Some(Arc::new(Names)),
             owner_layout: None,
             address_map: true,
+            exit_reasons: None,
         };
         let (mut cache, notes) = VmNameCache::new(42, "web01", sources, None);
         assert_eq!(notes.len(), 1);

@@ -23,6 +23,7 @@ pub struct CheckOptions {
     pub windows: u64,
     pub settle: Option<u64>,
     pub max_timer_rate: Option<f64>,
+    pub max_wakeup_rate: Option<f64>,
     pub format: CheckFormat,
     /// The window length is `live.window` (live checks only).
     pub live: LiveOptions,
@@ -133,8 +134,11 @@ async fn record_live(opts: &CheckOptions, settle: u64) -> anyhow::Result<Vec<Win
 
 pub fn run(opts: CheckOptions) -> anyhow::Result<ExitCode> {
     let classes = parse_classes(&opts.quiet)?;
-    if classes.is_empty() && opts.max_timer_rate.is_none() {
-        bail!("nothing to check: give --quiet CLASS[,CLASS...] and/or --max-timer-rate");
+    if classes.is_empty() && opts.max_timer_rate.is_none() && opts.max_wakeup_rate.is_none() {
+        bail!(
+            "nothing to check: give --quiet CLASS[,CLASS...], --max-timer-rate or \
+             --max-wakeup-rate"
+        );
     }
     let (records, settle) = match &opts.file {
         Some(path) => {
@@ -173,6 +177,7 @@ pub fn run(opts: CheckOptions) -> anyhow::Result<ExitCode> {
             classes,
             settle: settle as f64,
             max_timer_rate: opts.max_timer_rate,
+            max_wakeup_rate: opts.max_wakeup_rate,
         },
     );
     match opts.format {

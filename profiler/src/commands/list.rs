@@ -41,7 +41,11 @@ fn kernel_offer() -> KernelOffer {
             KernelOffer {
                 hrtimer: why.clone(),
                 hrtimer_start: why.clone(),
-                kvm: why,
+                kvm: why.clone(),
+                guest: crate::offer::kvm::KvmOffer {
+                    vcpu_wakeups: why.clone(),
+                    exits: why,
+                },
             }
         }
     }
@@ -122,6 +126,12 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
             "",
             clean(&vm.sources.timer_callbacks)
         );
+        for (what, source) in [
+            ("vcpu wakeups", &vm.sources.vcpu_wakeups),
+            ("kvm exits", &vm.sources.kvm_exits),
+        ] {
+            println!("{:pad$}{what}: {}", "", clean(source));
+        }
         println!("{:pad$}symbols: {}", "", clean(&vm.symbols));
         if let Some(l) = &vm.libvirt {
             let mut line = format!("libvirt domain: {}", clean(&l.name));

@@ -8,6 +8,7 @@ pub mod libvirt;
 pub mod mtree;
 pub mod ports;
 pub mod qmp;
+pub mod threads;
 
 #[cfg(test)]
 pub(crate) mod fixtures {

@@ -7,7 +7,11 @@
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
-use profiler_common::kvm::{KvmField, KvmFieldOffsets};
+
+use super::{
+    kvm::{KvmOffer, kvm_offered},
+    tracefs::parse_format,
+};
 
 /// What this kernel offers the sources the policy chooses between (`Err`: why not).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +24,8 @@ pub struct KernelOffer {
     pub hrtimer_start: Result<(), String>,
     /// The kvm tracepoints (`kvm:kvm_pio`, `kvm_mmio`, `kvm_fast_mmio`, `kvm_userspace_exit`).
     pub kvm: Result<(), String>,
+    /// A KVM guest's own counts: vCPU wakeups and VM exits by reason.
+    pub guest: KvmOffer,
 }
 
 impl KernelOffer {
@@ -29,6 +35,10 @@ impl KernelOffer {
             hrtimer: Ok(()),
             hrtimer_start: Ok(()),
             kvm: Ok(()),
+            guest: KvmOffer {
+                vcpu_wakeups: Ok(()),
+                exits: Ok(()),
+            },
         }
     }
 
@@ -39,6 +49,7 @@ impl KernelOffer {
             hrtimer: hrtimer_offered_here(tracefs).map(drop),
             hrtimer_start: hrtimer_start_offered_here(tracefs).map(drop),
             kvm: kvm_offered(tracefs),
+            guest: KvmOffer::of_host(tracefs, Path::new("/sys/module")),
         }
     }
 }
@@ -148,205 +159,6 @@ fn check_layout(tracefs: &Path, layout: &[FieldAt]) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// True when this host can run KVM guests at all (`/dev/kvm` exists). Without it the
-/// tracepoints may still exist and attach, but never fire.
-pub fn kvm_available() -> bool {
-    Path::new("/dev/kvm").exists()
-}
-
-/// One field of a tracefs event `format` file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FormatField {
-    pub name: String,
-    /// The C declaration without the name, e.g. `unsigned int`, `u64`, `__data_loc char[]`.
-    pub c_type: String,
-    pub offset: usize,
-    pub size: usize,
-    pub signed: bool,
-}
-
-/// A parsed tracefs `events/<system>/<event>/format` file.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TracepointFormat {
-    pub name: Option<String>,
-    pub id: Option<u32>,
-    /// Common fields first, then the event's own, in file order.
-    pub fields: Vec<FormatField>,
-}
-
-impl TracepointFormat {
-    pub fn field(&self, name: &str) -> Option<&FormatField> {
-        self.fields.iter().find(|f| f.name == name)
-    }
-}
-
-fn parse_field(line_no: usize, line: &str) -> anyhow::Result<FormatField> {
-    // `field:unsigned int rw;	offset:8;	size:4;	signed:0;`
-    let mut parts = line.split(';').map(str::trim).filter(|p| !p.is_empty());
-    let decl = parts
-        .next()
-        .and_then(|p| p.strip_prefix("field:"))
-        .with_context(|| format!("line {line_no}: expected `field:<declaration>;`"))?
-        .trim();
-    let (c_type, raw_name) = decl
-        .rsplit_once(char::is_whitespace)
-        .with_context(|| format!("line {line_no}: field declaration `{decl}` has no name"))?;
-    // `char comm[16]` names `comm`; `void *ptr` names `ptr`.
-    let name = raw_name
-        .trim_start_matches('*')
-        .split('[')
-        .next()
-        .unwrap_or_default();
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        bail!("line {line_no}: field declaration `{decl}` has no valid name");
-    }
-    let (mut offset, mut size, mut signed) = (None, None, None);
-    for part in parts {
-        let (key, value) = part
-            .split_once(':')
-            .with_context(|| format!("line {line_no}: malformed attribute `{part}` of `{name}`"))?;
-        let value: usize = value.trim().parse().with_context(|| {
-            format!("line {line_no}: `{key}` of field `{name}` is not a number: `{value}`")
-        })?;
-        match key.trim() {
-            "offset" => offset = Some(value),
-            "size" => size = Some(value),
-            "signed" => signed = Some(value != 0),
-            _ => {} // Attributes a future kernel may add.
-        }
-    }
-    let missing = |what: &str| format!("line {line_no}: field `{name}` has no {what}");
-    Ok(FormatField {
-        name: name.to_string(),
-        c_type: c_type.trim().to_string(),
-        offset: offset.with_context(|| missing("offset"))?,
-        size: size.with_context(|| missing("size"))?,
-        // Kernels before 2.6.32 had no `signed`; nothing here needs them, but be lenient.
-        signed: signed.unwrap_or(false),
-    })
-}
-
-/// Parses a tracefs event `format` file. Errors name the line; a file without the
-/// `format:` header, without fields, or cut before its `print fmt:` line is rejected.
-pub fn parse_format(text: &str) -> anyhow::Result<TracepointFormat> {
-    let mut out = TracepointFormat::default();
-    let mut in_format = false;
-    let mut complete = false;
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        let trimmed = line.trim();
-        if trimmed.is_empty() {
-            continue;
-        }
-        if !in_format {
-            if let Some(name) = trimmed.strip_prefix("name:") {
-                out.name = Some(name.trim().to_string());
-            } else if let Some(id) = trimmed.strip_prefix("ID:") {
-                out.id = Some(id.trim().parse().with_context(|| {
-                    format!("line {line_no}: event ID is not a number: `{}`", id.trim())
-                })?);
-            } else if trimmed == "format:" {
-                in_format = true;
-            } else {
-                bail!("line {line_no}: not a tracefs format file: unexpected `{trimmed}`");
-            }
-            continue;
-        }
-        if trimmed.starts_with("print fmt:") {
-            complete = true;
-            break;
-        }
-        if !trimmed.starts_with("field:") {
-            bail!("line {line_no}: expected a `field:` line, found `{trimmed}`");
-        }
-        out.fields.push(parse_field(line_no, trimmed)?);
-    }
-    if !in_format {
-        bail!("not a tracefs format file: no `format:` line");
-    }
-    if out.fields.is_empty() {
-        bail!("the format lists no fields");
-    }
-    if !complete {
-        bail!("truncated format: no `print fmt:` line after the fields");
-    }
-    Ok(out)
-}
-
-fn read_format(tracefs: &Path, event: &str) -> anyhow::Result<TracepointFormat> {
-    let path = tracefs.join("events/kvm").join(event).join("format");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "tracepoint kvm:{event} does not exist ({} not found): the kvm module is not \
-             loaded (`modprobe kvm`) or the kernel was built without CONFIG_KVM",
-            path.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    parse_format(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
-fn kvm_field(format: &TracepointFormat, event: &str, name: &str) -> anyhow::Result<KvmField> {
-    let Some(field) = format.field(name) else {
-        let names: Vec<&str> = format.fields.iter().map(|f| f.name.as_str()).collect();
-        bail!(
-            "tracepoint kvm:{event} has no field `{name}` (it has: {}); this kernel's KVM \
-             tracepoints differ from the ones the profiler knows",
-            names.join(", ")
-        );
-    };
-    if !matches!(field.size, 1 | 2 | 4 | 8) {
-        bail!(
-            "field `{name}` of tracepoint kvm:{event} is {} bytes; expected 1, 2, 4 or 8",
-            field.size
-        );
-    }
-    let offset = u16::try_from(field.offset)
-        .ok()
-        .filter(|o| usize::from(*o) + field.size <= usize::from(u16::MAX))
-        .with_context(|| {
-            format!(
-                "field `{name}` of tracepoint kvm:{event} is at offset {}, too far",
-                field.offset
-            )
-        })?;
-    Ok(KvmField {
-        offset,
-        size: field.size as u8,
-        signed: u8::from(field.signed),
-    })
-}
-
-/// Field layout of the four tracepoints from `<tracefs>/events/kvm/*/format`. The error
-/// names the missing tracepoint or field.
-pub fn field_offsets(tracefs: &Path) -> anyhow::Result<KvmFieldOffsets> {
-    let pio = read_format(tracefs, "kvm_pio")?;
-    let mmio = read_format(tracefs, "kvm_mmio")?;
-    let fast = read_format(tracefs, "kvm_fast_mmio")?;
-    let exit = read_format(tracefs, "kvm_userspace_exit")?;
-    Ok(KvmFieldOffsets {
-        configured: 1,
-        pio_rw: kvm_field(&pio, "kvm_pio", "rw")?,
-        pio_port: kvm_field(&pio, "kvm_pio", "port")?,
-        pio_count: kvm_field(&pio, "kvm_pio", "count")?,
-        mmio_type: kvm_field(&mmio, "kvm_mmio", "type")?,
-        mmio_gpa: kvm_field(&mmio, "kvm_mmio", "gpa")?,
-        fast_mmio_gpa: kvm_field(&fast, "kvm_fast_mmio", "gpa")?,
-        exit_reason: kvm_field(&exit, "kvm_userspace_exit", "reason")?,
-        exit_errno: kvm_field(&exit, "kvm_userspace_exit", "errno")?,
-    })
-}
-
-/// Whether the KVM tracepoints can be used on this host, as the kvm source's attach would find them: the
-/// four tracepoints exist with the fields the programs read. For `profiler list`, which
-/// attaches nothing.
-pub fn kvm_offered(tracefs: &Path) -> Result<(), String> {
-    field_offsets(tracefs)
-        .map(|_| ())
-        .map_err(|e| format!("{e:#}"))
 }
 
 #[cfg(test)]

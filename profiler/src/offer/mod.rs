@@ -5,6 +5,7 @@
 pub mod elf;
 pub mod exe;
 pub mod kernel;
+pub mod kvm;
 pub mod libc;
 pub mod policy;
 pub mod symbols;

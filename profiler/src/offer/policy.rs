@@ -239,6 +239,40 @@ pub struct SourcePlan {
     pub timer: Vec<TimerSource>,
     /// Why no timer source is allowed when `timer` is empty.
     pub timer_none: Option<String>,
+    /// What counts the guest's own activity (vCPU wakeups, exits); host-wide, nothing to try.
+    pub guest: GuestSources,
+}
+
+/// What counts a guest's own activity, which never reaches QEMU's event loop (`Err`: why not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSources {
+    /// Its vCPU threads woken from a halt (`kvm:kvm_vcpu_wakeup`).
+    pub vcpu_wakeups: Result<(), String>,
+    /// Its VM exits by reason (`kvm:kvm_exit`).
+    pub exits: Result<(), String>,
+}
+
+impl GuestSources {
+    /// Under `accel` on a kernel offering `kernel`: under KVM what the kernel offers; under TCG
+    /// and Xen nothing, and why.
+    pub fn plan(accel: Accel, kernel: &KernelOffer) -> Self {
+        let none = |why: &str| Self {
+            vcpu_wakeups: Err(why.to_string()),
+            exits: Err(why.to_string()),
+        };
+        match accel {
+            Accel::Kvm => Self {
+                vcpu_wakeups: kernel.guest.vcpu_wakeups.clone(),
+                exits: kernel.guest.exits.clone(),
+            },
+            Accel::Tcg => none(
+                "TCG: the guest's timers are QEMU timers (counted in `timer`), and no vCPU \
+                 halts or exits in the kernel",
+            ),
+            Accel::Xen => none("Xen schedules this guest's vCPUs: no host thread halts for them"),
+            Accel::Unknown => none("not a KVM guest as far as its open files tell"),
+        }
+    }
 }
 
 impl SourcePlan {
@@ -252,6 +286,10 @@ impl SourcePlan {
             callbacks: Err(CallbacksUnavailable::ExeUnreadable(WHY.into())),
             timer: Vec::new(),
             timer_none: Some(WHY.into()),
+            guest: GuestSources {
+                vcpu_wakeups: Err(WHY.into()),
+                exits: Err(WHY.into()),
+            },
         }
     }
 
@@ -268,6 +306,7 @@ impl SourcePlan {
             read_write: first(&self.read_write, &self.read_write_none),
             callbacks: self.callbacks.clone(),
             timer: first(&self.timer, &self.timer_none),
+            guest: self.guest.clone(),
         }
     }
 }
@@ -348,6 +387,7 @@ pub fn plan(offer: &ProcessOffer, accel: Accel, kernel: &KernelOffer) -> SourceP
                     callbacks: Err(CallbacksUnavailable::ExeUnreadable(why.clone())),
                     timer,
                     timer_none,
+                    guest: GuestSources::plan(accel, kernel),
                 },
                 accel,
                 kvm,
@@ -387,6 +427,7 @@ pub fn plan(offer: &ProcessOffer, accel: Accel, kernel: &KernelOffer) -> SourceP
             callbacks,
             timer,
             timer_none,
+            guest: GuestSources::plan(accel, kernel),
         },
         accel,
         kvm,
@@ -433,6 +474,8 @@ pub struct VmSources {
     pub callbacks: Result<(), CallbacksUnavailable>,
     /// What counts its timer and fd wakeups (`Err`: why nothing does).
     pub timer: Result<TimerSource, String>,
+    /// What counts its own activity under KVM.
+    pub guest: GuestSources,
 }
 
 impl VmSources {
@@ -453,7 +496,17 @@ impl VmSources {
                 Ok(()) => "symbols".into(),
                 Err(why) => format!("unavailable: {why}"),
             },
+            vcpu_wakeups: kvm_label(&self.guest.vcpu_wakeups),
+            kvm_exits: kvm_label(&self.guest.exits),
         }
+    }
+}
+
+/// `kvm-tracepoints`, or `unavailable: <why>`.
+fn kvm_label(source: &Result<(), String>) -> String {
+    match source {
+        Ok(()) => ReadWriteSource::KvmTracepoints.label().into(),
+        Err(why) => format!("unavailable: {why}"),
     }
 }
 

@@ -81,21 +81,24 @@ impl FleetState {
         grace: f64,
     ) {
         self.samples += 1;
-        for o in observations {
+        for (o, exited_at) in observations
+            .iter()
+            .map(|o| (o, None))
+            .chain(exits.iter().map(|o| (o, Some(t))))
+        {
+            let mut observation = o.clone();
+            // Threads are read at window boundaries only: their CPU stays as last read.
+            if observation.totals.counts.cpu_roles.is_none() {
+                observation.totals.counts.cpu_roles = self
+                    .vms
+                    .get(&o.key)
+                    .and_then(|vm| vm.observation.totals.counts.cpu_roles);
+            }
             self.vms.insert(
                 o.key,
                 VmSeries {
-                    observation: o.clone(),
-                    exited_at: None,
-                },
-            );
-        }
-        for o in exits {
-            self.vms.insert(
-                o.key,
-                VmSeries {
-                    observation: o.clone(),
-                    exited_at: Some(t),
+                    observation,
+                    exited_at,
                 },
             );
         }
@@ -218,6 +221,8 @@ fn info_labels(id: &VmIdentity, sources: &Sources) -> Vec<(String, String)> {
                 "timer_callbacks_source",
                 short_source(&sources.timer_callbacks),
             ),
+            ("vcpu_wakeups_source", short_source(&sources.vcpu_wakeups)),
+            ("kvm_exits_source", short_source(&sources.kvm_exits)),
         ],
     );
     if let Some(domid) = id.xen_domid {
@@ -349,11 +354,34 @@ impl Collector for FleetCollector {
             "User + system CPU time of the VM's QEMU process.",
         )
         .seconds();
+        let mut vcpu_wakeups = CounterFamily::new(
+            "vcpu_wakeups",
+            "KVM guests: times a vCPU thread was woken after sleeping in a guest halt (the \
+             guest's own timer, an interrupt): host wakeups QEMU's event loop never sees.",
+        );
+        let mut halt_polls = CounterFamily::new(
+            "vcpu_halt_polls",
+            "KVM guests: guest halts that ended while KVM still polled, before the vCPU \
+             thread slept.",
+        );
+        let mut exits = CounterFamily::new(
+            "kvm_exits",
+            "KVM guests, where the kernel fires kvm:kvm_exit (VMX, SVM): VM exits by reason, \
+             named as the kernel's table names them (reasons it does not name: other).",
+        );
+        let mut thread_cpu = CounterFamily::new(
+            "thread_cpu",
+            "CPU time of the VM's threads by role, read at window boundaries: vcpu (vCPU \
+             threads, their guest time included), vcpu_guest (that guest time), device_model \
+             (main loop and iothreads), kernel_workers (kernel threads working for this VM \
+             alone, kvm-pit/PID outside its process included).",
+        )
+        .seconds();
         let none = crate::windows::budget::EstimateAddition::default();
         for vm in state.vms() {
             let o = &vm.observation;
             let labels = vm_labels(&o.identity);
-            let c = &o.counts;
+            let c = &o.totals.counts;
             // Counted, plus what the budget's estimates added to closed windows.
             let add = state.estimates.get(&o.key).unwrap_or(&none);
             if let Some(n) = c.timer {
@@ -367,7 +395,7 @@ impl Collector for FleetCollector {
             {
                 reads.push(labels.clone(), r + add.read);
                 writes.push(labels.clone(), w + add.write);
-                for (key, (r, w)) in &o.devices {
+                for (key, (r, w)) in &o.totals.devices {
                     let owner = key.owner.as_deref().unwrap_or("");
                     let l = with(
                         labels.clone(),
@@ -386,9 +414,38 @@ impl Collector for FleetCollector {
                 in_kernel.push(labels.clone(), n);
             }
             if available(&o.sources.timer_callbacks) {
-                for (name, n) in &o.callbacks {
+                for (name, n) in &o.totals.callbacks {
                     let a = add.callbacks.get(name).copied().unwrap_or(0);
                     callbacks.push(with(labels.clone(), &[("callback", name)]), *n + a);
+                }
+            }
+            if let Some(n) = c.vcpu_wakeups {
+                vcpu_wakeups.push(labels.clone(), n);
+            }
+            if let Some(n) = c.vcpu_halt_polls {
+                halt_polls.push(labels.clone(), n);
+            }
+            let mut by_reason: BTreeMap<&str, u64> = BTreeMap::new();
+            for (reason, n) in &o.totals.exits {
+                // Names outside the kernel's table (`vmx:0x..`) would make the label unbounded.
+                let reason = if reason.contains(':') {
+                    "other"
+                } else {
+                    reason
+                };
+                *by_reason.entry(reason).or_default() += n;
+            }
+            for (reason, n) in by_reason {
+                exits.push(with(labels.clone(), &[("reason", reason)]), n);
+            }
+            if let Some(r) = c.cpu_roles {
+                for (role, ticks) in [
+                    ("vcpu", r.vcpu),
+                    ("vcpu_guest", r.vcpu_guest),
+                    ("device_model", r.device_model),
+                    ("kernel_workers", r.workers_in_process + r.workers_outside),
+                ] {
+                    thread_cpu.push(with(labels.clone(), &[("role", role)]), ticks as f64 / tps);
                 }
             }
             if let Some(ticks) = c.cpu_ticks {
@@ -450,6 +507,10 @@ impl Collector for FleetCollector {
             &in_kernel,
             &callbacks,
             &cpu,
+            &vcpu_wakeups,
+            &halt_polls,
+            &exits,
+            &thread_cpu,
         ] {
             family.encode(&mut encoder)?;
         }

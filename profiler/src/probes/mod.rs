@@ -88,6 +88,8 @@ pub struct NameSources {
     pub owner_layout: Option<OwnerLayout>,
     /// Fetch the VM's memory map over QMP: its reads/writes are counted by port and page.
     pub address_map: bool,
+    /// The names of VM exit reasons, as this kernel's `kvm:kvm_exit` prints them.
+    pub exit_reasons: Option<Arc<crate::offer::kvm::ExitReasonNames>>,
 }
 
 impl NameSources {
@@ -102,6 +104,7 @@ impl NameSources {
                 .map(|s| s.clone() as Arc<dyn CallbackNamer>),
             owner_layout: symbols.and_then(|s| s.owner_layout),
             address_map,
+            exit_reasons: None,
         }
     }
 }

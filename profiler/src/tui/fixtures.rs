@@ -71,6 +71,7 @@ fn sources(timer: &str, rw: &str) -> Sources {
         } else {
             "symbols".into()
         },
+        ..Default::default()
     }
 }
 
@@ -154,6 +155,14 @@ pub fn noisy() -> LiveVm {
                 r.read = Some(around(918, w, 3, 25));
                 r.write = Some(around(1_416, w, 4, 30));
                 r.cpu_seconds = Some(1.62 + jitter(w, 5, 4) as f64 / 100.0);
+                r.cpu_by_role = Some(crate::record::CpuByRole {
+                    vcpu: 1.19,
+                    vcpu_guest: 0.0,
+                    device_model: 0.36,
+                    other: r.cpu_seconds.unwrap() - 1.55,
+                    kernel_workers: 0.0,
+                    vcpu_threads: 1,
+                });
                 r.devices = vec![
                     device("uhci", around(738, w, 6, 20), 0),
                     device("apic-msi", 0, around(1_416, w, 4, 30)),
@@ -188,6 +197,7 @@ pub fn noisy() -> LiveVm {
         write: Some(818),
         cpu_ticks: Some(94),
         in_kernel: None,
+        ..Counts::default()
     };
     vm.running_cpu_seconds = Some(0.94);
     vm
@@ -221,6 +231,7 @@ pub fn quiet() -> LiveVm {
         write: Some(5),
         cpu_ticks: Some(3),
         in_kernel: None,
+        ..Counts::default()
     };
     vm.running_cpu_seconds = Some(0.03);
     vm
@@ -234,13 +245,40 @@ pub fn legacy() -> LiveVm {
         Some("0e8f4c6a-1d2b-4e3f-8a9b-7c6d5e4f3a21"),
         Accel::Kvm,
     );
-    let src = sources(SYSCALL, STRIPPED);
+    let src = Sources {
+        vcpu_wakeups: "kvm-tracepoints".into(),
+        kvm_exits: "kvm-tracepoints".into(),
+        ..sources(SYSCALL, STRIPPED)
+    };
     let history = (0..12)
         .map(|w| {
             record(&id, &src, w, |r| {
                 r.timer = Some(around(4_500, w, 21, 60));
                 r.fd_wakeups = Some(around(1_200, w, 22, 30));
                 r.cpu_seconds = Some(0.45);
+                // A Linux guest's 250 Hz tick, halting between ticks.
+                r.vcpu_wakeups = Some(around(7_420, w, 23, 40));
+                r.vcpu_halt_polls = Some(around(310, w, 24, 15));
+                r.in_kernel = Some(around(15_100, w, 25, 90));
+                r.cpu_by_role = Some(crate::record::CpuByRole {
+                    vcpu: 0.38,
+                    vcpu_guest: 0.11,
+                    device_model: 0.05,
+                    other: 0.02,
+                    kernel_workers: 0.03,
+                    vcpu_threads: 2,
+                });
+                r.kvm_exits = [
+                    ("HLT", 7_730),
+                    ("EXTERNAL_INTERRUPT", 4_210),
+                    ("MSR_WRITE", 3_980),
+                    ("EPT_MISCONFIG", 640),
+                ]
+                .map(|(reason, count)| crate::record::ExitCount {
+                    reason: reason.into(),
+                    count,
+                })
+                .to_vec();
             })
         })
         .collect();
@@ -257,7 +295,10 @@ pub fn legacy() -> LiveVm {
         read: None,
         write: None,
         cpu_ticks: Some(26),
-        in_kernel: None,
+        in_kernel: Some(8_640),
+        vcpu_wakeups: Some(4_270),
+        vcpu_halt_polls: Some(180),
+        ..Counts::default()
     };
     vm.running_cpu_seconds = Some(0.26);
     vm
@@ -273,11 +314,12 @@ pub fn fresh() -> LiveVm {
         fd_wakeups: Some(42),
         read: Some(2_950),
         write: Some(1_880),
-        cpu_ticks: Some(310),
+        cpu_ticks: Some(20),
         in_kernel: None,
+        ..Counts::default()
     };
     vm.running_elapsed = 4.2;
-    vm.running_cpu_seconds = Some(3.1);
+    vm.running_cpu_seconds = Some(0.2);
     vm
 }
 
@@ -293,7 +335,7 @@ pub fn exited() -> LiveVm {
                 r.fd_wakeups = Some(around(300, w, 32, 10));
                 r.read = Some(45);
                 r.write = Some(around(90, w, 33, 4));
-                r.cpu_seconds = Some(0.21);
+                r.cpu_seconds = Some(0.03);
                 r.devices = vec![device("xen-platform", 45, 90)];
             })
         })
@@ -329,6 +371,37 @@ pub fn snapshot() -> LiveSnapshot {
         vms: vec![quiet(), noisy(), exited(), legacy(), fresh()],
         cost: cost(),
         live_sources: vec![SYSCALL.into(), USDT.into()],
+        notes: Vec::new(),
+    }
+}
+
+/// Windows recorded on this project's test host (`profiler record --window 10`, KVM/PVM,
+/// Debian's QEMU 7.2): a boot sector that sets the PIT to 1,000 Hz and halts, one at 100 Hz,
+/// and SeaBIOS waiting with no boot device (`-nic none`). As `top` holds them after the third
+/// window closed.
+pub fn recorded_kvm() -> LiveSnapshot {
+    let text = include_str!("../../tests/fixtures/records/kvm-pit-and-seabios.jsonl");
+    let (records, _) = crate::record::read_records(text.as_bytes()).expect("fixture reads");
+    let mut vms: Vec<LiveVm> = Vec::new();
+    for r in records {
+        match vms.iter_mut().find(|v| v.identity.name == r.vm.name) {
+            Some(vm) => vm.history.push(r),
+            None => {
+                let mut id = identity(&r.vm.name, r.vm.pid, None, r.vm.accel);
+                id.devices = r.vm.cmdline_devices.clone();
+                let mut vm = live(id, 1, &[], r.sources.clone(), vec![r]);
+                vm.running_elapsed = 0.0;
+                vms.push(vm);
+            }
+        }
+    }
+    LiveSnapshot {
+        t: 30.0,
+        window: 3,
+        window_secs: 10.0,
+        vms,
+        cost: cost(),
+        live_sources: vec!["hrtimer".into(), "kvm-tracepoints".into()],
         notes: Vec::new(),
     }
 }

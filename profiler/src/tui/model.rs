@@ -56,24 +56,34 @@ pub fn fmt_percent(v: f64) -> String {
 }
 
 /// What a ranking is by.
+///
+/// By default, CPU: what the host pays for the VM, the process's CPU clock (exact, not
+/// sampled) with its guest time. It ranks both ways a guest keeps a host busy: waking it
+/// (a guest tick that wakes its vCPU a thousand times a second, a device model that polls)
+/// and never letting go (a guest spinning in a PXE ROM's poll loop wakes nothing and takes a
+/// core). The wakeup columns then say which it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SortKey {
     #[default]
+    Cpu,
+    Wakeups,
     Timer,
+    Vcpu,
     Read,
     Write,
     Fd,
-    Cpu,
     Name,
 }
 
 impl SortKey {
-    pub const ALL: [SortKey; 6] = [
+    pub const ALL: [SortKey; 8] = [
+        SortKey::Cpu,
+        SortKey::Wakeups,
         SortKey::Timer,
+        SortKey::Vcpu,
         SortKey::Read,
         SortKey::Write,
         SortKey::Fd,
-        SortKey::Cpu,
         SortKey::Name,
     ];
 
@@ -85,7 +95,9 @@ impl SortKey {
 
     pub fn label(self) -> &'static str {
         match self {
+            SortKey::Wakeups => "wakeups",
             SortKey::Timer => "timer",
+            SortKey::Vcpu => "vcpu",
             SortKey::Read => "read",
             SortKey::Write => "write",
             SortKey::Fd => "fd",
@@ -98,38 +110,56 @@ impl SortKey {
 /// Per-second rates of one VM over one window; `None` = unavailable.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Rates {
+    /// Host wakeups: `timer + fd + vcpu`, those of them that are counted.
+    pub wakeups: Option<f64>,
     pub timer: Option<f64>,
+    /// vCPU wakeups from guest halts (KVM).
+    pub vcpu: Option<f64>,
     pub read: Option<f64>,
     pub write: Option<f64>,
     pub fd: Option<f64>,
     pub cpu_percent: Option<f64>,
 }
 
+/// The host wakeups of a window: the counted ones of its QEMU timer, fd and vCPU wakeups;
+/// `None` when none is counted.
+pub fn host_wakeups(timer: Option<u64>, fd: Option<u64>, vcpu: Option<u64>) -> Option<u64> {
+    [timer, fd, vcpu].into_iter().flatten().reduce(|a, b| a + b)
+}
+
 impl Rates {
     pub fn of_record(r: &WindowRecord) -> Rates {
+        let s = r.seconds;
         Rates {
-            timer: rate(r.timer, r.seconds),
-            read: rate(r.read, r.seconds),
-            write: rate(r.write, r.seconds),
-            fd: rate(r.fd_wakeups, r.seconds),
-            cpu_percent: cpu_percent(r.cpu_seconds, r.seconds),
+            wakeups: rate(host_wakeups(r.timer, r.fd_wakeups, r.vcpu_wakeups), s),
+            timer: rate(r.timer, s),
+            vcpu: rate(r.vcpu_wakeups, s),
+            read: rate(r.read, s),
+            write: rate(r.write, s),
+            fd: rate(r.fd_wakeups, s),
+            cpu_percent: cpu_percent(r.cpu_seconds, s),
         }
     }
 
     pub fn of_running(vm: &LiveVm) -> Rates {
         let s = vm.running_elapsed;
+        let c = &vm.running;
         Rates {
-            timer: rate(vm.running.timer, s),
-            read: rate(vm.running.read, s),
-            write: rate(vm.running.write, s),
-            fd: rate(vm.running.fd_wakeups, s),
+            wakeups: rate(host_wakeups(c.timer, c.fd_wakeups, c.vcpu_wakeups), s),
+            timer: rate(c.timer, s),
+            vcpu: rate(c.vcpu_wakeups, s),
+            read: rate(c.read, s),
+            write: rate(c.write, s),
+            fd: rate(c.fd_wakeups, s),
             cpu_percent: cpu_percent(vm.running_cpu_seconds, s),
         }
     }
 
     fn get(&self, key: SortKey) -> Option<f64> {
         match key {
+            SortKey::Wakeups => self.wakeups,
             SortKey::Timer => self.timer,
+            SortKey::Vcpu => self.vcpu,
             SortKey::Read => self.read,
             SortKey::Write => self.write,
             SortKey::Fd => self.fd,
@@ -248,7 +278,9 @@ pub fn host_totals(snapshot: &LiveSnapshot) -> Rates {
     let mut t = Rates::default();
     for vm in &snapshot.vms {
         let (r, _) = ranking_rates(vm);
+        add(&mut t.wakeups, r.wakeups);
         add(&mut t.timer, r.timer);
+        add(&mut t.vcpu, r.vcpu);
         add(&mut t.read, r.read);
         add(&mut t.write, r.write);
         add(&mut t.fd, r.fd);
@@ -271,29 +303,29 @@ pub fn top_device(r: &WindowRecord) -> Option<&DeviceCount> {
 }
 
 /// Timer rate of a closed window.
-fn timer_rate(r: &WindowRecord) -> Option<f64> {
-    rate(r.timer, r.seconds)
+fn history_value(r: &WindowRecord) -> Option<f64> {
+    cpu_percent(r.cpu_seconds, r.seconds)
 }
 
-/// The highest timer rate among the last `width` closed windows of every VM: the top of the
+/// The highest CPU percentage among the last `width` closed windows of every VM: the top of the
 /// scale all sparklines share.
 pub fn sparkline_scale(vms: &[LiveVm], width: usize) -> f64 {
     vms.iter()
         .flat_map(|vm| &vm.history[vm.history.len().saturating_sub(width)..])
-        .filter_map(|r| timer_rate(r))
+        .filter_map(|r| history_value(r))
         .fold(0.0, f64::max)
 }
 
-/// Timer rate of each of the last `width` closed windows, as block characters on a log scale
-/// from 0 to `max` (shared by all VMs, so 9/s looks low next to 1,900/s yet a spike still
-/// shows). A window without a timer count is a space; any activity is at least the second
+/// CPU percentage of each of the last `width` closed windows, as block characters on a log
+/// scale from 0 to `max` (shared by all VMs, so 0.2 % looks low next to 30 % yet a spike
+/// still shows). A window without a CPU figure is a space; any activity is at least the second
 /// bar, so it never looks like zero.
 pub fn sparkline<R: Borrow<WindowRecord>>(history: &[R], width: usize, max: f64) -> String {
     const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     let top = (1.0 + max).ln();
     history[history.len().saturating_sub(width)..]
         .iter()
-        .map(|r| match timer_rate(r.borrow()) {
+        .map(|r| match history_value(r.borrow()) {
             None => ' ',
             Some(v) if v <= 0.0 || top <= 0.0 => BARS[0],
             Some(v) => {
@@ -413,7 +445,28 @@ mod tests {
         );
         assert_eq!(by(SortKey::Write).last().unwrap(), "legacy-ubuntu");
         assert_eq!(by(SortKey::Fd)[0], "noisy-usb");
-        assert_eq!(by(SortKey::Cpu)[0], "fresh-boot");
+        assert_eq!(
+            by(SortKey::Cpu),
+            [
+                "noisy-usb",
+                "fresh-boot",
+                "legacy-ubuntu",
+                "quiet",
+                "batch-07"
+            ]
+        );
+        // The KVM guest's vCPU wakeups count with its QEMU's timer and fd wakeups.
+        assert_eq!(
+            by(SortKey::Wakeups),
+            [
+                "noisy-usb",
+                "legacy-ubuntu",
+                "fresh-boot",
+                "batch-07",
+                "quiet"
+            ]
+        );
+        assert_eq!(by(SortKey::Vcpu)[0], "legacy-ubuntu");
         assert_eq!(
             by(SortKey::Name),
             [
@@ -431,16 +484,38 @@ mod tests {
         assert_eq!(ranks, [1, 2, 3, 4, 5]);
     }
 
+    /// Recorded under KVM: the guest whose only activity is its own 1 kHz PIT costs its QEMU
+    /// a third of a core, all of it in its vCPU thread, and none of it reaches QEMU's event
+    /// loop; it ranks first by default and by wakeups, SeaBIOS idling last.
+    #[test]
+    fn a_kvm_guest_s_own_timer_ranks_it_first() {
+        let snap = fixtures::recorded_kvm();
+        let rows = ranked_rows(&snap, SortKey::default(), "");
+        assert_eq!(names(&rows), ["pit1000", "pit100", "seabios"]);
+        assert_eq!(
+            names(&ranked_rows(&snap, SortKey::Wakeups, "")),
+            ["pit1000", "pit100", "seabios"]
+        );
+        let pit = &rows[0];
+        assert_eq!((pit.rates.timer, pit.rates.fd), (Some(0.0), Some(0.0)));
+        let vcpu = pit.rates.vcpu.unwrap();
+        assert!((970.0..=1030.0).contains(&vcpu), "{vcpu}");
+        assert_eq!(pit.rates.wakeups, pit.rates.vcpu);
+        let last = pit.vm.history.last().unwrap();
+        let split = last.cpu_by_role.unwrap();
+        assert!(split.vcpu / last.cpu_seconds.unwrap() >= 0.9, "{split:?}");
+    }
+
     #[test]
     fn sort_cycle_visits_every_key_once() {
         let mut k = SortKey::default();
         let mut seen = vec![k];
-        for _ in 0..5 {
+        for _ in 1..SortKey::ALL.len() {
             k = k.next();
             seen.push(k);
         }
         assert_eq!(seen, SortKey::ALL);
-        assert_eq!(k.next(), SortKey::Timer);
+        assert_eq!(k.next(), SortKey::Cpu);
     }
 
     #[test]
@@ -503,18 +578,18 @@ mod tests {
             .map(|r| (**r).clone())
             .collect();
         h.truncate(5);
-        for (r, t) in h
+        for (r, cpu) in h
             .iter_mut()
-            .zip([Some(0), Some(267), None, Some(57_990), Some(30)])
+            .zip([Some(0.0), Some(0.06), None, Some(9.3), Some(0.3)])
         {
-            r.timer = t;
+            r.cpu_seconds = cpu;
             r.seconds = 30.0;
         }
-        // 0/s, 8.9/s, n/a, 1,933/s, 1/s against a top of 1,933/s.
-        assert_eq!(sparkline(&h, 8, 1_933.0), "▁▄ █▃");
-        assert_eq!(sparkline(&h, 2, 1_933.0), "█▃");
-        // Against a much busier neighbour the same windows sit lower.
-        assert_eq!(sparkline(&h, 8, 1e6), "▁▃ ▅▂");
+        // 0 %, 0.2 %, n/a, 31 %, 1 % against a top of 31 %.
+        assert_eq!(sparkline(&h, 8, 31.0), "▁▂ █▃");
+        assert_eq!(sparkline(&h, 2, 31.0), "█▃");
+        // Against a much busier neighbour (4 cores) the same windows sit lower.
+        assert_eq!(sparkline(&h, 8, 400.0), "▁▂ ▅▃");
         assert_eq!(sparkline::<WindowRecord>(&[], 5, 10.0), "");
         assert_eq!(sparkline(&h[..1], 5, 0.0), "▁");
     }
@@ -526,7 +601,7 @@ mod tests {
         let expect = noisy
             .history
             .iter()
-            .filter_map(|r| timer_rate(r))
+            .filter_map(|r| history_value(r))
             .fold(0.0, f64::max);
         assert_eq!(sparkline_scale(&snap.vms, 12), expect);
         assert_eq!(sparkline_scale(&[], 12), 0.0);

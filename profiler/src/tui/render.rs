@@ -178,13 +178,19 @@ impl App {
         let t = host_totals(s);
         let mut host = vec![label("host"), Span::raw(format!("  {} VMs", s.vms.len()))];
         for (name, v, fmt, unit) in [
-            ("timer", t.timer, fmt_rate as fn(f64) -> String, "/s"),
+            ("CPU", t.cpu_percent, fmt_percent as fn(f64) -> String, "%"),
+            ("wakeups", t.wakeups, fmt_rate, "/s"),
+            ("(vCPU", t.vcpu, fmt_rate, ")"),
             ("read", t.read, fmt_rate, "/s"),
             ("write", t.write, fmt_rate, "/s"),
-            ("fd", t.fd, fmt_rate, "/s"),
-            ("CPU", t.cpu_percent, fmt_percent, "%"),
         ] {
-            host.push(Span::raw(format!(" · {name} ")));
+            // The vCPU wakeups are part of the wakeups: said in parentheses after them, where
+            // some VM has them.
+            let sep = if name.starts_with('(') { " " } else { " · " };
+            if sep == " " && v.is_none() {
+                continue;
+            }
+            host.push(Span::raw(format!("{sep}{name} ")));
             host.push(value_span(v, fmt));
             if v.is_some() {
                 host.push(Span::raw(unit));
@@ -214,10 +220,11 @@ impl App {
     fn render_list(&self, frame: &mut Frame, area: Rect) {
         let rows = self.rows();
         let total = self.shown.vms.len();
-        let mut title = vec![Span::raw(format!(" ranked by {}/s", self.sort.label()))];
-        if self.sort == SortKey::Name {
-            title = vec![Span::raw(" ranked by name")];
-        }
+        let mut title = vec![Span::raw(match self.sort {
+            SortKey::Name => " ranked by name".to_string(),
+            SortKey::Cpu => " ranked by CPU%".to_string(),
+            key => format!(" ranked by {}/s", key.label()),
+        })];
         title.push(Span::raw(" · last closed window "));
         if !self.filter.is_empty() {
             title.push(Span::styled(
@@ -387,7 +394,9 @@ enum Col {
     Name,
     Pid,
     Accel,
+    Wakeups,
     Timer,
+    Vcpu,
     Read,
     Write,
     Fd,
@@ -397,29 +406,33 @@ enum Col {
 }
 
 impl Col {
-    const ALL: [Col; 11] = [
+    const ALL: [Col; 13] = [
         Col::Rank,
         Col::Name,
         Col::Pid,
         Col::Accel,
+        Col::Cpu,
+        Col::Wakeups,
         Col::Timer,
+        Col::Vcpu,
         Col::Read,
         Col::Write,
         Col::Fd,
-        Col::Cpu,
         Col::History,
         Col::TopDevice,
     ];
-    /// Dropped first to last when the terminal is too narrow; rank, name and timer/s stay.
-    const DROP_ORDER: [Col; 8] = [
+    /// Dropped first to last when the terminal is too narrow; rank, name and CPU% stay.
+    const DROP_ORDER: [Col; 10] = [
         Col::TopDevice,
-        Col::History,
+        Col::Pid,
         Col::Accel,
         Col::Fd,
-        Col::Pid,
+        Col::History,
         Col::Write,
         Col::Read,
-        Col::Cpu,
+        Col::Timer,
+        Col::Vcpu,
+        Col::Wakeups,
     ];
 
     fn header(self) -> &'static str {
@@ -428,7 +441,9 @@ impl Col {
             Col::Name => "VM",
             Col::Pid => "PID",
             Col::Accel => "acc",
+            Col::Wakeups => "wake/s",
             Col::Timer => "timer/s",
+            Col::Vcpu => "vcpu/s",
             Col::Read => "read/s",
             Col::Write => "write/s",
             Col::Fd => "fd/s",
@@ -444,7 +459,9 @@ impl Col {
             Col::Name => 10,
             Col::Pid => 7,
             Col::Accel => 3,
+            Col::Wakeups => 7,
             Col::Timer => 7,
+            Col::Vcpu => 6,
             Col::Read => 6,
             Col::Write => 7,
             Col::Fd => 6,
@@ -461,7 +478,9 @@ impl Col {
     fn sort_key(self) -> Option<SortKey> {
         Some(match self {
             Col::Name => SortKey::Name,
+            Col::Wakeups => SortKey::Wakeups,
             Col::Timer => SortKey::Timer,
+            Col::Vcpu => SortKey::Vcpu,
             Col::Read => SortKey::Read,
             Col::Write => SortKey::Write,
             Col::Fd => SortKey::Fd,
@@ -530,7 +549,9 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
     };
     let c = &vm.running;
     let Rates {
+        wakeups,
         timer,
+        vcpu,
         read,
         write,
         fd,
@@ -549,7 +570,10 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
             crate::identity::cmdline::Accel::Unknown => "?",
             a => a.as_str(),
         }),
+        // Scaled when any part of it is (the vCPU wakeups never are: tracepoints).
+        Col::Wakeups => rate_cell(wakeups, c.timer.is_some(), fmt_rate, true),
         Col::Timer => rate_cell(timer, c.timer.is_some(), fmt_rate, true),
+        Col::Vcpu => rate_cell(vcpu, c.vcpu_wakeups.is_some(), fmt_rate, false),
         Col::Read => rate_cell(read, c.read.is_some(), fmt_rate, true),
         Col::Write => rate_cell(write, c.write.is_some(), fmt_rate, true),
         Col::Fd => rate_cell(fd, c.fd_wakeups.is_some(), fmt_rate, true),
@@ -582,7 +606,10 @@ const HELP: &[(&str, &str)] = &[
     ("↑/↓ j/k", "select a VM · in detail: older/newer windows"),
     ("Enter", "detail of the selected VM"),
     ("Esc", "back · clear the filter"),
-    ("s", "sort: timer → read → write → fd → cpu → name"),
+    (
+        "s",
+        "sort: cpu → wakeups → timer → vcpu → read → write → fd → name",
+    ),
     ("/", "filter by name (Enter keeps, Esc clears)"),
     ("p", "pause / resume the display"),
     ("?", "this help"),
@@ -592,7 +619,7 @@ const HELP: &[(&str, &str)] = &[
 
 fn render_help(frame: &mut Frame, area: Rect) {
     let width = area.width.min(64);
-    let height = area.height.min(18);
+    let height = area.height.min(21);
     let popup = Rect {
         x: area.x + (area.width - width) / 2,
         y: area.y + (area.height - height) / 2,
@@ -611,8 +638,10 @@ fn render_help(frame: &mut Frame, area: Rect) {
     lines.push(Line::raw(""));
     lines.push(Line::raw(
         "Rates are per second over each VM's last closed window; a VM without one yet shows \
-         its running window (history: running). history: timer/s of the last windows, on a \
-         log scale shared by all VMs. n/a: no probe source for that count on this VM, never 0.",
+         its running window (history: running). Ranked by CPU% of a core by default. wake/s: \
+         host wakeups the VM causes, QEMU's timer + fd wakeups + vCPU wakeups from guest \
+         halts (KVM). history: CPU% of the last windows, on a log scale shared by all VMs. n/a: no probe source for that count on \
+         this VM, never 0.",
     ));
     frame.render_widget(Clear, popup);
     frame.render_widget(

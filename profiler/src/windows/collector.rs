@@ -12,13 +12,15 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
 use crate::{
     identity::discovery::{VmIdentity, VmKey},
-    record::{DeviceCount, PartialReason, Sources, TimerCallbackCount},
+    record::{DeviceCount, ExitCount, PartialReason, Sources, TimerCallbackCount},
 };
 
 /// Tolerance for comparing sample times with window boundaries.
 const EPSILON: f64 = 1e-6;
 
-pub use crate::attribution::{CallbackTotals, Counts, DeviceKey, DeviceTotals};
+pub use crate::attribution::{
+    Attributed, CallbackTotals, Counts, DeviceKey, DeviceTotals, WindowCounts,
+};
 
 /// One VM as seen by one sample.
 #[derive(Debug, Clone)]
@@ -26,69 +28,9 @@ pub struct VmObservation {
     pub key: VmKey,
     pub identity: std::sync::Arc<VmIdentity>,
     pub sources: std::sync::Arc<Sources>,
-    pub counts: Counts,
-    pub devices: DeviceTotals,
-    pub callbacks: CallbackTotals,
-}
-
-impl VmObservation {
-    /// This observation updated with what could still be read after the VM exited: counts
-    /// that could be read replace the old ones (CPU time cannot be: the process is gone).
-    pub fn with_final(&self, fin: &FinalCounts) -> VmObservation {
-        let mut out = self.clone();
-        out.counts = merge_final(&self.counts, &fin.counts);
-        for (key, v) in &fin.devices {
-            out.devices.insert(key.clone(), *v);
-        }
-        for (name, v) in &fin.callbacks {
-            out.callbacks.insert(name.clone(), *v);
-        }
-        out
-    }
-}
-
-/// What could still be read of a VM after it exited.
-#[derive(Debug, Clone, Default)]
-pub struct FinalCounts {
-    pub counts: Counts,
-    pub devices: DeviceTotals,
-    pub callbacks: CallbackTotals,
-}
-
-/// Per-device deltas, busiest first, zero rows dropped.
-fn device_deltas(now: &DeviceTotals, base: &DeviceTotals) -> Vec<DeviceCount> {
-    let mut out: Vec<DeviceCount> = now
-        .iter()
-        .map(|(key, (r, w))| {
-            let (br, bw) = base.get(key).copied().unwrap_or_default();
-            DeviceCount {
-                name: key.name.clone(),
-                owner: key.owner.clone(),
-                read: r.saturating_sub(br),
-                write: w.saturating_sub(bw),
-            }
-        })
-        .filter(|d| d.read + d.write > 0)
-        .collect();
-    out.sort_by(|a, b| {
-        (b.read + b.write)
-            .cmp(&(a.read + a.write))
-            .then(a.name.cmp(&b.name))
-    });
-    out
-}
-
-fn callback_deltas(now: &CallbackTotals, base: &CallbackTotals) -> Vec<TimerCallbackCount> {
-    let mut out: Vec<TimerCallbackCount> = now
-        .iter()
-        .map(|(name, n)| TimerCallbackCount {
-            callback: name.clone(),
-            count: n.saturating_sub(base.get(name).copied().unwrap_or_default()),
-        })
-        .filter(|c| c.count > 0)
-        .collect();
-    out.sort_by(|a, b| b.count.cmp(&a.count).then(a.callback.cmp(&b.callback)));
-    out
+    /// Its totals since it was first watched; `counts.cpu_ticks` is the process's whole CPU
+    /// time, `counts.cpu_roles` set when its threads were read in this sample.
+    pub totals: Attributed,
 }
 
 /// Fixed windows aligned to the profiler's start.
@@ -130,14 +72,10 @@ struct VmState {
     /// When this window's coverage started (window start, or first sight of the VM).
     coverage_start: f64,
     started_mid_window: bool,
-    /// Cumulative counts at `coverage_start`.
-    base: Counts,
-    /// Cumulative counts at the last sample.
-    last: Counts,
-    base_devices: DeviceTotals,
-    last_devices: DeviceTotals,
-    base_callbacks: CallbackTotals,
-    last_callbacks: CallbackTotals,
+    /// Totals at `coverage_start`.
+    base: Attributed,
+    /// Totals at the last sample.
+    last: Attributed,
     last_t: f64,
 }
 
@@ -152,6 +90,7 @@ pub struct RunningWindow {
     pub counts: Counts,
     pub devices: Vec<DeviceCount>,
     pub timers: Vec<TimerCallbackCount>,
+    pub exits: Vec<ExitCount>,
 }
 
 /// How closed windows are written: the window length, and the clocks their times come from.
@@ -163,6 +102,18 @@ pub struct RecordFrame {
     pub wall_start: DateTime<Utc>,
     /// Clock ticks of the CPU counts per second.
     pub ticks_per_second: u64,
+}
+
+impl RecordFrame {
+    /// `ticks` of CPU time in seconds, to the millisecond.
+    pub fn seconds(&self, ticks: u64) -> f64 {
+        round3(ticks as f64 / self.ticks_per_second.max(1) as f64)
+    }
+}
+
+/// `x` to the thousandth (records keep seconds to the millisecond).
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 /// A window the collector closed: what it measured of one VM. The record is written from it
@@ -183,6 +134,7 @@ pub struct ClosedWindow {
     pub counts: Counts,
     pub devices: Vec<DeviceCount>,
     pub timers: Vec<TimerCallbackCount>,
+    pub exits: Vec<ExitCount>,
 }
 
 /// Turns samples of cumulative counters into closed windows.
@@ -232,7 +184,7 @@ impl Collector {
         &mut self,
         t: f64,
         observed: &[VmObservation],
-        final_counts: &BTreeMap<VmKey, FinalCounts>,
+        final_counts: &BTreeMap<VmKey, Attributed>,
     ) -> Vec<ClosedWindow> {
         let mut closed = Vec::new();
         let now_window = self.clock.index_at(t);
@@ -246,15 +198,8 @@ impl Collector {
             .collect();
         for key in exited {
             let mut state = self.vms.remove(&key).expect("key from map");
-            if let Some(fin) = final_counts.get(&key) {
-                state.last = merge_final(&state.last, &fin.counts);
-                for (name, v) in &fin.devices {
-                    state.last_devices.insert(name.clone(), *v);
-                }
-                for (name, v) in &fin.callbacks {
-                    state.last_callbacks.insert(name.clone(), *v);
-                }
-            }
+            let fin = final_counts.get(&key).cloned().unwrap_or_default();
+            state.last = state.last.with_final(&fin);
             closed.push(self.close(&key, &state, t, Some(PartialReason::VmExited)));
         }
 
@@ -272,20 +217,14 @@ impl Collector {
                             window: now_window,
                             coverage_start: t,
                             started_mid_window: t > window_start + EPSILON,
-                            base: obs.counts,
-                            last: obs.counts,
-                            base_devices: obs.devices.clone(),
-                            last_devices: obs.devices.clone(),
-                            base_callbacks: obs.callbacks.clone(),
-                            last_callbacks: obs.callbacks.clone(),
+                            base: obs.totals.clone(),
+                            last: obs.totals.clone(),
                             last_t: t,
                         },
                     );
                 }
                 Some(state) => {
-                    state.last = obs.counts;
-                    state.last_devices = obs.devices.clone();
-                    state.last_callbacks = obs.callbacks.clone();
+                    state.last = obs.totals.clone();
                     state.last_t = t;
                     // Identity details (accel from open fds, sources) may sharpen over time.
                     state.identity = obs.identity.clone();
@@ -298,9 +237,7 @@ impl Collector {
                         state.window = now_window;
                         state.coverage_start = self.clock.start_of(now_window);
                         state.started_mid_window = false;
-                        state.base = state.last;
-                        state.base_devices = state.last_devices.clone();
-                        state.base_callbacks = state.last_callbacks.clone();
+                        state.base = state.last.clone();
                     }
                 }
             }
@@ -323,15 +260,24 @@ impl Collector {
     pub fn running(&self) -> Vec<RunningWindow> {
         self.vms
             .iter()
-            .map(|(key, s)| RunningWindow {
-                key: *key,
-                identity: s.identity.clone(),
-                sources: s.sources.clone(),
-                window: s.window,
-                elapsed: s.last_t - s.coverage_start,
-                counts: s.last.since(&s.base),
-                devices: device_deltas(&s.last_devices, &s.base_devices),
-                timers: callback_deltas(&s.last_callbacks, &s.base_callbacks),
+            .map(|(key, s)| {
+                let WindowCounts {
+                    counts,
+                    devices,
+                    timers,
+                    exits,
+                } = s.last.since(&s.base);
+                RunningWindow {
+                    key: *key,
+                    identity: s.identity.clone(),
+                    sources: s.sources.clone(),
+                    window: s.window,
+                    elapsed: s.last_t - s.coverage_start,
+                    counts,
+                    devices,
+                    timers,
+                    exits,
+                }
             })
             .collect()
     }
@@ -343,6 +289,12 @@ impl Collector {
         end: f64,
         reason: Option<PartialReason>,
     ) -> ClosedWindow {
+        let WindowCounts {
+            counts,
+            devices,
+            timers,
+            exits,
+        } = state.last.since(&state.base);
         ClosedWindow {
             pid: key.pid,
             identity: state.identity.clone(),
@@ -352,9 +304,10 @@ impl Collector {
             from: state.coverage_start,
             to: end.min(self.clock.end_of(state.window)),
             reason: reason.or(state.started_mid_window.then_some(PartialReason::VmStarted)),
-            counts: state.last.since(&state.base),
-            devices: device_deltas(&state.last_devices, &state.base_devices),
-            timers: callback_deltas(&state.last_callbacks, &state.base_callbacks),
+            counts,
+            devices,
+            timers,
+            exits,
         }
     }
 
@@ -365,19 +318,6 @@ impl Collector {
             wall_start: self.wall_start,
             ticks_per_second: self.ticks_per_second,
         }
-    }
-}
-
-/// Final counters of an exited VM: the event counters come from the kernel maps, which outlive
-/// the process; its CPU time cannot be read any more, so the last sampled value stays.
-fn merge_final(last: &Counts, fin: &Counts) -> Counts {
-    Counts {
-        timer: fin.timer.or(last.timer),
-        fd_wakeups: fin.fd_wakeups.or(last.fd_wakeups),
-        read: fin.read.or(last.read),
-        write: fin.write.or(last.write),
-        cpu_ticks: fin.cpu_ticks.or(last.cpu_ticks),
-        in_kernel: fin.in_kernel.or(last.in_kernel),
     }
 }
 

@@ -7,10 +7,11 @@
 use chrono::{SecondsFormat, TimeDelta};
 
 use crate::{
-    record::{HostWindow, VmRef, WindowRecord},
+    attribution::Counts,
+    record::{CpuByRole, EXIT_REASONS_KEPT, ExitCount, HostWindow, VmRef, WindowRecord},
     windows::{
         budget::{EstimateAddition, Probed, Uprobed, scale},
-        collector::{ClosedWindow, RecordFrame},
+        collector::{ClosedWindow, RecordFrame, round3},
     },
 };
 
@@ -24,9 +25,6 @@ pub struct WindowFacts {
     pub probed: Probed,
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
 
 /// The record of `closed`, with `facts`; and what scaling a duty-cycled VM's counts added.
 pub fn record(
@@ -64,9 +62,11 @@ pub fn record(
         read: counts.read,
         write: counts.write,
         in_kernel: counts.in_kernel,
-        cpu_seconds: counts
-            .cpu_ticks
-            .map(|t| round3(t as f64 / frame.ticks_per_second.max(1) as f64)),
+        vcpu_wakeups: counts.vcpu_wakeups,
+        vcpu_halt_polls: counts.vcpu_halt_polls,
+        kvm_exits: kept_exits(&closed.exits),
+        cpu_seconds: counts.cpu_ticks.map(|t| frame.seconds(t)),
+        cpu_by_role: cpu_by_role(counts, frame),
         sources: (*closed.sources).clone(),
         devices: closed.devices.clone(),
         timers: closed.timers.clone(),
@@ -95,6 +95,34 @@ pub fn record(
         } => scale_record(&mut r, on, uprobed),
     };
     (r, added)
+}
+
+/// The first [`EXIT_REASONS_KEPT`] reasons of `exits` (most first), the rest summed as `other`.
+fn kept_exits(exits: &[ExitCount]) -> Vec<ExitCount> {
+    let mut kept: Vec<ExitCount> = exits.iter().take(EXIT_REASONS_KEPT).cloned().collect();
+    let rest: u64 = exits.iter().skip(EXIT_REASONS_KEPT).map(|e| e.count).sum();
+    if rest > 0 {
+        kept.push(ExitCount {
+            reason: "other".into(),
+            count: rest,
+        });
+    }
+    kept
+}
+
+/// The window's CPU time by thread role, where the threads were read at both its ends. What
+/// the process used beyond its threads with a role went to its other threads.
+fn cpu_by_role(counts: &Counts, frame: &RecordFrame) -> Option<CpuByRole> {
+    let roles = counts.cpu_roles?;
+    let process = counts.cpu_ticks?;
+    Some(CpuByRole {
+        vcpu: frame.seconds(roles.vcpu),
+        vcpu_guest: frame.seconds(roles.vcpu_guest),
+        device_model: frame.seconds(roles.device_model),
+        other: frame.seconds(process.saturating_sub(roles.in_process())),
+        kernel_workers: frame.seconds(roles.workers_in_process + roles.workers_outside),
+        vcpu_threads: roles.vcpu_threads,
+    })
 }
 
 /// Scales the uprobe-served counts of `r`, probed for `on` of its seconds, to the window;
@@ -157,7 +185,7 @@ fn unobserved(r: &mut WindowRecord, uprobed: Uprobed) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::{record::Sources, windows::collector::Counts};
+    use crate::record::Sources;
 
     /// A frame of `length`-second windows from 2026-11-22T00:00:00Z, 100 ticks a second.
     pub(crate) fn frame(length: f64) -> RecordFrame {
@@ -182,6 +210,7 @@ pub(crate) mod tests {
                 read: "usdt".into(),
                 write: "usdt".into(),
                 timer_callbacks: "symbols".into(),
+                ..Default::default()
             }),
             window,
             from: window as f64 * length,
@@ -194,9 +223,11 @@ pub(crate) mod tests {
                 write: Some(0),
                 cpu_ticks: Some(0),
                 in_kernel: None,
+                ..Counts::default()
             },
             devices: Vec::new(),
             timers: Vec::new(),
+            exits: Vec::new(),
         }
     }
 
@@ -271,5 +302,65 @@ pub(crate) mod tests {
         assert_eq!((r.estimated, r.probed_seconds), (true, Some(0.0)));
         let (r, added) = record(&c, &probed_for(10.0), &frame(10.0));
         assert!(!r.estimated && added.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod guest_tests {
+    use super::{tests::*, *};
+    use crate::attribution::cpu_roles::RoleTicks;
+
+    #[test]
+    fn exits_keep_the_top_reasons_and_sum_the_rest() {
+        let mut c = closed_window(7, 0, 10.0);
+        c.exits = (0..12)
+            .map(|i| ExitCount {
+                reason: format!("R{i}"),
+                count: 100 - i,
+            })
+            .collect();
+        let (r, _) = record(&c, &WindowFacts::default(), &frame(10.0));
+        assert_eq!(r.kvm_exits.len(), EXIT_REASONS_KEPT + 1);
+        assert_eq!(r.kvm_exits[0].reason, "R0");
+        let other = r.kvm_exits.last().unwrap();
+        assert_eq!(
+            (other.reason.as_str(), other.count),
+            ("other", 92 + 91 + 90 + 89)
+        );
+    }
+
+    #[test]
+    fn cpu_by_role_puts_what_no_role_explains_in_other() {
+        let mut c = closed_window(7, 0, 10.0);
+        c.counts.cpu_ticks = Some(300);
+        c.counts.cpu_roles = Some(RoleTicks {
+            vcpu: 280,
+            vcpu_guest: 1,
+            device_model: 5,
+            workers_in_process: 2,
+            workers_outside: 14,
+            vcpu_threads: 1,
+        });
+        let (r, _) = record(&c, &WindowFacts::default(), &frame(10.0));
+        let split = r.cpu_by_role.unwrap();
+        assert_eq!(r.cpu_seconds, Some(3.0));
+        assert_eq!(
+            (
+                split.vcpu,
+                split.vcpu_guest,
+                split.device_model,
+                split.other
+            ),
+            (2.8, 0.01, 0.05, 0.13)
+        );
+        assert_eq!((split.kernel_workers, split.vcpu_threads), (0.16, 1));
+        // Threads not read at both ends: no split rather than a wrong one.
+        c.counts.cpu_roles = None;
+        assert_eq!(
+            record(&c, &WindowFacts::default(), &frame(10.0))
+                .0
+                .cpu_by_role,
+            None
+        );
     }
 }

@@ -243,6 +243,7 @@ mod tests {
                     read: "unavailable: x".into(),
                     write: "unavailable: x".into(),
                     timer_callbacks: "unavailable: test fixture".into(),
+                    ..Default::default()
                 }
                 .into(),
                 window: 0,
@@ -255,6 +256,7 @@ mod tests {
                 },
                 devices: Vec::new(),
                 timers: Vec::new(),
+                exits: Vec::new(),
             },
             vec!["usb-tablet".into()],
         )

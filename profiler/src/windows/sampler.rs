@@ -172,7 +172,7 @@ pub async fn run<P: ProbeLayer, D: Discover>(
         }
     };
     // A last sample so the running windows carry everything up to the stop.
-    let mut report = session.sample(stopped_at)?;
+    let mut report = session.sample_last(stopped_at)?;
     report.closed.extend(session.finish(stopped_at));
     let _ = sink.on_sample(&Sample {
         t: stopped_at,
@@ -214,6 +214,10 @@ mod tests {
                     read_write: Err(ReadWriteUnavailable::NoUsdtStripped),
                     callbacks: Err(crate::offer::policy::CallbacksUnavailable::Stripped),
                     timer: Ok(crate::offer::policy::TimerSource::LibcUprobes),
+                    guest: crate::offer::policy::GuestSources::plan(
+                        crate::identity::cmdline::Accel::Tcg,
+                        &crate::offer::kernel::KernelOffer::all(),
+                    ),
                 },
                 names: NameSources::default(),
                 notes: vec![Note::general("watched")],

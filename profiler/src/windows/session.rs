@@ -8,10 +8,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
-    attribution::{self, RawCounters, names::VmNameCache},
-    identity::discovery::{
-        DiscoveryCache, HostCpu, HostPaths, QemuProcess, VmKey, scan_qemu_processes_cached,
-        scan_qemu_processes_hinted,
+    attribution::{self, RawCounters, cpu_roles::ThreadLedger, names::VmNameCache},
+    identity::{
+        discovery::{
+            DiscoveryCache, HostCpu, HostPaths, QemuProcess, VmKey, scan_qemu_processes_cached,
+            scan_qemu_processes_hinted,
+        },
+        threads::{KernelWorkerSample, KernelWorkers, ThreadRole, ThreadSample, read_threads},
     },
     note::Note,
     offer::policy::{ReadWriteSource, TimerSource, VmSources},
@@ -19,9 +22,7 @@ use crate::{
     record::{HostWindow, WindowRecord},
     windows::{
         budget::Probed,
-        collector::{
-            ClosedWindow, Collector, FinalCounts, RunningWindow, VmObservation, WindowClock,
-        },
+        collector::{ClosedWindow, Collector, RunningWindow, VmObservation, WindowClock},
         drops::DropLedger,
         finish::{self, WindowFacts},
         host::HostWindows,
@@ -87,6 +88,20 @@ pub trait Discover {
     fn host_cpu(&mut self) -> Option<HostCpu> {
         None
     }
+    /// The threads of process `pid` with their roles, reusing the `settled` ones (`None`: not
+    /// known).
+    fn threads(
+        &mut self,
+        pid: u32,
+        settled: &HashMap<u32, ThreadRole>,
+    ) -> Option<Vec<ThreadSample>> {
+        let _ = (pid, settled);
+        None
+    }
+    /// The kernel threads that work for some VM, now.
+    fn kernel_workers(&mut self) -> Vec<KernelWorkerSample> {
+        Vec::new()
+    }
 }
 
 /// The host's procfs (and libvirt's state files).
@@ -97,6 +112,7 @@ pub struct ProcDiscovery {
     /// Scans since the last full one.
     since_full: u32,
     host_cpu: crate::identity::discovery::HostCpuReader,
+    kernel_workers: KernelWorkers,
 }
 
 /// A hinted scan trusts the exec hints and pidfds; every this many scans, one looks at all of
@@ -125,6 +141,16 @@ impl Discover for ProcDiscovery {
     fn host_cpu(&mut self) -> Option<HostCpu> {
         self.host_cpu.read(&self.paths)
     }
+    fn threads(
+        &mut self,
+        pid: u32,
+        settled: &HashMap<u32, ThreadRole>,
+    ) -> Option<Vec<ThreadSample>> {
+        read_threads(&self.paths.proc_root, pid, settled)
+    }
+    fn kernel_workers(&mut self) -> Vec<KernelWorkerSample> {
+        self.kernel_workers.read(&self.paths.proc_root)
+    }
 }
 
 /// What one sample produced.
@@ -146,6 +172,8 @@ struct WatchedVm {
     /// `sources` as records say it, built once.
     record_sources: std::sync::Arc<crate::record::Sources>,
     names: VmNameCache,
+    /// Its threads' CPU time by role, read at window boundaries.
+    threads: ThreadLedger,
 }
 
 impl WatchedVm {
@@ -157,7 +185,9 @@ impl WatchedVm {
     fn attribute(&mut self, raw: &RawCounters, notes: &mut Vec<Note>) -> attribution::Attributed {
         notes.extend(self.names.update(raw));
         let resolved = self.names.names();
-        let mut attributed = attribution::attribute(raw, self.read_write(), &resolved.as_names());
+        let names = resolved.as_names();
+        let mut attributed = attribution::attribute(raw, self.read_write(), &names);
+        attribution::add_guest(&mut attributed, raw, &self.sources.guest, &names);
         if self.sources.timer.is_err() {
             // Nothing counted its waits: unknown, not zero.
             attributed.counts.timer = None;
@@ -356,6 +386,24 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
     /// Samples every VM at `t` seconds since the start.
     pub fn sample(&mut self, t: f64) -> anyhow::Result<SampleReport> {
+        self.sample_at(t, false)
+    }
+
+    /// The last sample, at the stop `t`: its threads are read, for the windows it closes.
+    pub fn sample_last(&mut self, t: f64) -> anyhow::Result<SampleReport> {
+        self.sample_at(t, true)
+    }
+
+    /// Samples every VM at `t`; threads are read at the first sample, at each one that starts
+    /// a new window (their CPU by role is a per-window count, and reading every thread of
+    /// every VM each second would cost more than the rest of a sample), and at the `last`.
+    fn sample_at(&mut self, t: f64, last: bool) -> anyhow::Result<SampleReport> {
+        let clock = self.collector.clock();
+        let workers = (last
+            || self
+                .last_t
+                .is_none_or(|before| clock.index_at(before) != clock.index_at(t)))
+        .then(|| self.discovery.kernel_workers());
         let filter = &self.filter;
         let execs = self.probes.take_execs();
         let procs: Vec<QemuProcess> = self
@@ -399,15 +447,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         for pid in gone {
             let mut vm = self.watched.remove(&pid).expect("listed above");
             let raw = counters.get(&pid).cloned().unwrap_or_default();
-            let a = vm.attribute(&raw, &mut notes);
-            finals.insert(
-                vm.key,
-                FinalCounts {
-                    counts: a.counts,
-                    devices: a.devices,
-                    callbacks: a.callbacks,
-                },
-            );
+            finals.insert(vm.key, vm.attribute(&raw, &mut notes));
             self.probes.unwatch(pid)?;
         }
 
@@ -454,20 +494,31 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                         record_sources: std::sync::Arc::new(watched.sources.record()),
                         sources: watched.sources,
                         names,
+                        threads: ThreadLedger::default(),
                     },
                 );
                 &no_counters
             };
             let vm = self.watched.get_mut(&p.key.pid).expect("watched above");
-            let mut a = vm.attribute(raw, &mut notes);
-            a.counts.cpu_ticks = Some(p.cpu.total());
+            let mut totals = vm.attribute(raw, &mut notes);
+            totals.counts.cpu_ticks = Some(p.cpu.total());
+            if let Some(workers) = &workers
+                && let Some(threads) = self
+                    .discovery
+                    .threads(p.key.pid, &vm.threads.settled_roles())
+            {
+                let mine: Vec<_> = workers
+                    .iter()
+                    .filter(|w| w.owner == p.key.pid)
+                    .copied()
+                    .collect();
+                totals.counts.cpu_roles = Some(vm.threads.update(&threads, &mine));
+            }
             observations.push(VmObservation {
                 key: p.key,
                 identity: p.identity.clone(),
                 sources: vm.record_sources.clone(),
-                counts: a.counts,
-                devices: a.devices,
-                callbacks: a.callbacks,
+                totals,
             });
         }
         self.last_seen = procs;
@@ -493,7 +544,13 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         self.exited = self
             .observed
             .iter()
-            .filter_map(|o| finals.get(&o.key).map(|fin| o.with_final(fin)))
+            .filter_map(|o| {
+                let fin = finals.get(&o.key)?;
+                Some(VmObservation {
+                    totals: o.totals.with_final(fin),
+                    ..o.clone()
+                })
+            })
             .collect();
         self.observed = observations;
         Ok(SampleReport { closed, notes })

@@ -212,6 +212,7 @@ fn labels_are_the_record_contract() {
         read_write: Ok(Usdt),
         callbacks: Ok(()),
         timer: Ok(TimerSource::LibcUprobes),
+        guest: GuestSources::plan(Accel::Kvm, &KernelOffer::all()),
     }
     .record();
     assert_eq!(

@@ -1,7 +1,7 @@
 use super::*;
 use crate::{
     attribution::DeviceKey,
-    windows::collector::{CallbackTotals, Counts, DeviceTotals},
+    windows::collector::{Attributed, CallbackTotals, Counts, DeviceTotals},
 };
 
 fn obs(pid: u32, name: &str, read: &str) -> VmObservation {
@@ -37,18 +37,22 @@ fn obs(pid: u32, name: &str, read: &str) -> VmObservation {
             } else {
                 "unavailable: stripped".into()
             },
+            ..Default::default()
         }
         .into(),
-        counts: Counts {
-            timer: Some(1000),
-            fd_wakeups: Some(10),
-            read: (read == "usdt").then_some(703),
-            write: (read == "usdt").then_some(24),
-            cpu_ticks: Some(250),
-            in_kernel: None,
+        totals: Attributed {
+            counts: Counts {
+                timer: Some(1000),
+                fd_wakeups: Some(10),
+                read: (read == "usdt").then_some(703),
+                write: (read == "usdt").then_some(24),
+                cpu_ticks: Some(250),
+                ..Counts::default()
+            },
+            devices,
+            callbacks,
+            ..Attributed::default()
         },
-        devices,
-        callbacks,
     }
 }
 
@@ -175,7 +179,7 @@ fn budget_estimates_are_added_to_the_counters() {
     // its PID: the addition stays with the exited one.
     let mut s = state.lock().unwrap();
     let mut gone = obs(10, "noisy", "usdt");
-    gone.counts.timer = Some(1100);
+    gone.totals.counts.timer = Some(1100);
     let mut new = obs(10, "fresh", "usdt");
     new.key.start_ticks = 2;
     s.update(1.0, &[new], &[gone], 300.0);
@@ -235,12 +239,56 @@ fn an_exited_vm_keeps_its_final_counts_for_the_grace_period() {
     let mut s = FleetState::new(30.0, 100);
     s.update(0.0, &[obs(10, "a", "usdt")], &[], 60.0);
     let mut last = obs(10, "a", "usdt");
-    last.counts.timer = Some(1500);
+    last.totals.counts.timer = Some(1500);
     s.update(5.0, &[], &[last], 60.0);
     assert_eq!(s.vms().count(), 1);
-    assert_eq!(s.vms().next().unwrap().observation.counts.timer, Some(1500));
+    assert_eq!(
+        s.vms().next().unwrap().observation.totals.counts.timer,
+        Some(1500)
+    );
     s.update(64.0, &[], &[], 60.0);
     assert_eq!(s.vms().count(), 1);
     s.update(65.0, &[], &[], 60.0);
     assert_eq!(s.vms().count(), 0);
+}
+
+/// A KVM guest's own counts: vCPU wakeups, halt polls, exits by a bounded reason label, and
+/// its threads' CPU by role, which stays as last read between window boundaries.
+#[test]
+fn a_kvm_guest_s_own_counts_and_cpu_by_role() {
+    let mut kvm = obs(30, "pit", "kvm-tracepoints");
+    kvm.totals.counts.vcpu_wakeups = Some(29_749);
+    kvm.totals.counts.vcpu_halt_polls = Some(3);
+    kvm.totals.exits.insert("HLT".into(), 29_000);
+    kvm.totals.exits.insert("vmx:0x99".into(), 2);
+    kvm.totals.exits.insert("vmx:0x98".into(), 1);
+    kvm.totals.counts.cpu_roles = Some(crate::attribution::cpu_roles::RoleTicks {
+        vcpu: 981,
+        vcpu_guest: 1,
+        device_model: 2,
+        workers_in_process: 0,
+        workers_outside: 56,
+        vcpu_threads: 1,
+    });
+    let state = Arc::new(Mutex::new(FleetState::new(30.0, 100)));
+    state
+        .lock()
+        .unwrap()
+        .update(0.0, &[kvm.clone()], &[], 300.0);
+    // A sample between boundaries: no thread read.
+    kvm.totals.counts.cpu_roles = None;
+    state.lock().unwrap().update(1.0, &[kvm], &[], 300.0);
+    let text = openmetrics_text(&state);
+    for line in [
+        "qemu_profiler_vcpu_wakeups_total{vm=\"pit\",pid=\"30\"} 29749",
+        "qemu_profiler_vcpu_halt_polls_total{vm=\"pit\",pid=\"30\"} 3",
+        "qemu_profiler_kvm_exits_total{vm=\"pit\",pid=\"30\",reason=\"HLT\"} 29000",
+        "qemu_profiler_kvm_exits_total{vm=\"pit\",pid=\"30\",reason=\"other\"} 3",
+        "qemu_profiler_thread_cpu_seconds_total{vm=\"pit\",pid=\"30\",role=\"vcpu\"} 9.81",
+        "qemu_profiler_thread_cpu_seconds_total{vm=\"pit\",pid=\"30\",role=\"kernel_workers\"} 0.56",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    // A TCG guest has none of these series: absent, never 0.
+    assert!(!openmetrics_text(&self::state()).contains("vcpu_wakeups_total"));
 }

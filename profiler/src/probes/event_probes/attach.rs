@@ -7,14 +7,16 @@ use profiler_common::watch_flag;
 use crate::{
     identity::discovery::QemuProcess,
     note::Note,
-    offer::kernel::KernelOffer,
     offer::{
         exe::ExeAnalysis,
+        kernel::KernelOffer,
         libc::{LibcOffer, LibcProbes},
         policy::{self, ProcessOffer, ReadWriteSource, TimerSource, VmSources},
     },
-    probes::sources::symbols::SymbolProbes,
-    probes::{AttachedVm, NameSources, sources::usdt},
+    probes::{
+        AttachedVm, NameSources,
+        sources::{symbols::SymbolProbes, usdt},
+    },
 };
 
 use super::{EventProbes, Served, SharedWaits, process_alive};
@@ -76,6 +78,7 @@ impl EventProbes {
             hrtimer: self.hrtimer_waits.status(),
             hrtimer_start: self.hrtimer_waits.starts_status(),
             kvm: self.kvm.status().clone(),
+            guest: self.kvm.guest().clone(),
         };
         let mut plan = policy::plan(&offer, vm.identity.accel, &kernel);
         if !process_alive(pid) {
@@ -125,15 +128,19 @@ impl EventProbes {
             notes.push(Note::vm(name, why.to_string()));
         }
         notes.append(&mut self.pending_notes);
-        let names = NameSources::from_symbols(
+        let mut names = NameSources::from_symbols(
             symbols,
             callbacks.is_ok(),
             read_write == Ok(ReadWriteSource::KvmTracepoints),
         );
+        if plan.guest.exits.is_ok() {
+            names.exit_reasons = Some(self.kvm.exit_reasons());
+        }
         let sources = VmSources {
             read_write,
             callbacks,
             timer,
+            guest: plan.guest.clone(),
         };
         self.served.insert(
             pid,

@@ -1,5 +1,7 @@
-//! KVM guest reads/writes, symbol-free: the `kvm:kvm_pio`, `kvm:kvm_mmio`,
-//! `kvm:kvm_fast_mmio` and `kvm:kvm_userspace_exit` tracepoints (kernel side:
+//! KVM guests, symbol-free: their reads/writes from the `kvm:kvm_pio`, `kvm:kvm_mmio`,
+//! `kvm:kvm_fast_mmio` and `kvm:kvm_userspace_exit` tracepoints, and the guest's own activity
+//! from `kvm:kvm_vcpu_wakeup` (vCPUs woken from a halt) and `kvm:kvm_exit` (exits by reason)
+//! (kernel side:
 //! `profiler-ebpf/src/probes/kvm.rs`; the per-vCPU-thread state machine that tells QEMU-handled
 //! from in-kernel accesses, and the kernel facts behind it: `profiler-common/src/kvm.rs`).
 //!
@@ -18,6 +20,8 @@ use aya::{
 };
 use profiler_common::kvm::{KvmFieldOffsets, KvmThreadState, PortKey, replay};
 
+use crate::offer::kvm::{ExitReasonNames, KvmOffer};
+
 /// The eBPF programs, each named after the `kvm:` tracepoint it attaches to.
 pub const PROGRAMS: [&str; 4] = ["kvm_pio", "kvm_mmio", "kvm_fast_mmio", "kvm_userspace_exit"];
 /// The config map holding [`KvmFieldOffsets`] at index 0.
@@ -30,7 +34,7 @@ pub const PORTS_MAP: &str = "KVM_PORTS";
 /// Writes the field layout into the config map, then loads and attaches the four programs.
 /// `tracefs` is the mounted tracefs (`crate::offer::tracefs::ensure_tracefs`).
 pub fn attach(ebpf: &mut Ebpf, tracefs: &Path) -> anyhow::Result<()> {
-    let offsets = crate::offer::kernel::field_offsets(tracefs)?;
+    let offsets = crate::offer::kvm::field_offsets(tracefs)?;
     let mut config: Array<&mut MapData, KvmFieldOffsets> = Array::try_from(
         ebpf.map_mut(FIELDS_MAP)
             .with_context(|| format!("map {FIELDS_MAP} missing from the eBPF object"))?,
@@ -68,25 +72,59 @@ pub fn outstanding_counts(ebpf: &Ebpf, tgid: u32) -> anyhow::Result<BTreeMap<(u3
     Ok(replay::outstanding(&states, tgid))
 }
 
-/// The KVM read/write source: four tracepoint programs attached once for the whole host
-/// (cheap when no KVM guest runs: the first thing each does is the watched-process lookup),
-/// and the per-thread states they keep per process.
+/// The programs of a KVM guest's own activity: vCPU wakeups, VM exits.
+const GUEST_PROGRAMS: [&str; 2] = ["kvm_vcpu_wakeup", "kvm_exit"];
+
+/// The KVM sources: four tracepoint programs of the read/write source and two of the guest's
+/// own activity, attached once for the whole host (cheap when no KVM guest runs: the first
+/// thing each does is the watched-process lookup), and the per-thread states they keep per
+/// process.
 #[derive(Debug)]
 pub struct KvmSource {
     /// `Err`: why the tracepoints could not be attached (the source is unavailable).
     status: Result<(), String>,
+    /// What the guest's own counts have: the kernel's offer, where their programs attached.
+    guest: KvmOffer,
+    /// The names of exit reasons, as this kernel's `kvm_exit` prints them.
+    exit_reasons: std::sync::Arc<ExitReasonNames>,
 }
 
 impl KvmSource {
-    /// Attaches the programs; a failure makes the source unavailable, not the profiler.
+    /// Attaches the programs; a failure makes a source unavailable, not the profiler.
     pub fn attach(ebpf: &mut Ebpf, tracefs: &Path) -> Self {
+        let status = attach(ebpf, tracefs).map_err(|e| format!("{e:#}"));
+        let offer = KvmOffer::of_host(tracefs, Path::new("/sys/module"));
+        let mut attached = |offered: Result<(), String>, program: &str| {
+            status.clone()?;
+            offered?;
+            crate::probes::kernel::object::attach_tracepoint(ebpf, "kvm", program)
+                .map_err(|e| format!("{e:#}"))
+        };
+        let [wakeup, exit] = GUEST_PROGRAMS;
+        let vcpu_wakeups = attached(offer.vcpu_wakeups, wakeup);
+        let exits = attached(offer.exits, exit);
         Self {
-            status: attach(ebpf, tracefs).map_err(|e| format!("{e:#}")),
+            status,
+            guest: KvmOffer {
+                vcpu_wakeups,
+                exits,
+            },
+            exit_reasons: std::sync::Arc::new(ExitReasonNames::of_host(tracefs)),
         }
     }
 
     pub fn status(&self) -> &Result<(), String> {
         &self.status
+    }
+
+    /// What the guest's own counts have here.
+    pub fn guest(&self) -> &KvmOffer {
+        &self.guest
+    }
+
+    /// The names of exit reasons.
+    pub fn exit_reasons(&self) -> std::sync::Arc<ExitReasonNames> {
+        self.exit_reasons.clone()
     }
 
     /// Drops what the programs keep of process `tgid`.
@@ -102,7 +140,7 @@ mod tests {
     use profiler_common::kvm as k;
 
     use super::*;
-    use crate::offer::kernel::{field_offsets, kvm_available};
+    use crate::offer::kvm::{field_offsets, kvm_available};
 
     // ---- root: load the real object, attach on this kernel ----
 

@@ -16,15 +16,17 @@ impl App {
             );
             return;
         };
-        let [identity, tables] = Layout::vertical([
-            Constraint::Length(if vm.identity.libvirt.is_some() { 6 } else { 5 }),
-            Constraint::Fill(1),
-        ])
-        .areas(area);
-        render_identity(frame, identity, vm);
+        let lines = identity_lines(vm, self.shown.window);
+        // A border and the lines as they wrap (word wrapping may take one more).
+        let width = usize::from(area.width.max(1));
+        let rows: usize = lines.iter().map(|l| l.width().div_ceil(width).max(1)).sum();
+        let [identity, tables] =
+            Layout::vertical([Constraint::Length(rows as u16 + 2), Constraint::Fill(1)])
+                .areas(area);
+        render_identity(frame, identity, vm, lines);
 
         let (windows, devices, callbacks) = if tables.width >= DETAIL_SIDE_BY_SIDE_MIN_WIDTH {
-            let [left, right] = Layout::horizontal([Constraint::Length(48), Constraint::Fill(1)])
+            let [left, right] = Layout::horizontal([Constraint::Length(53), Constraint::Fill(1)])
                 .spacing(1)
                 .areas(tables);
             let [top, bottom] =
@@ -71,7 +73,7 @@ impl App {
         let shown: Vec<Row<'static>> = rows.drain(start..end).collect();
 
         let header = Row::new(
-            ["Interval", "Timer", "Read", "Write", "FD", "CPU s"]
+            ["Interval", "Timer", "vCPU", "Read", "Write", "FD", "CPU s"]
                 .into_iter()
                 .enumerate()
                 .map(|(i, h)| {
@@ -84,7 +86,7 @@ impl App {
                 }),
         )
         .style(Style::new().bold());
-        let widths = [8, 8, 7, 7, 7, 6].map(Constraint::Length);
+        let widths = [8, 7, 7, 7, 7, 6, 5].map(Constraint::Length);
         frame.render_widget(
             Table::new(shown, widths).header(header).column_spacing(1),
             inner,
@@ -92,7 +94,9 @@ impl App {
     }
 }
 
-fn render_identity(frame: &mut Frame, area: Rect, vm: &LiveVm) {
+/// The lines above the tables: identity, devices, sources, where the CPU went, and (KVM) what
+/// the guest itself did.
+fn identity_lines(vm: &LiveVm, running_window: u64) -> Vec<Line<'static>> {
     let id = &vm.identity;
     let mut first = vec![
         label("pid"),
@@ -163,6 +167,111 @@ fn render_identity(frame: &mut Frame, area: Rect, vm: &LiveVm) {
         Span::raw(" "),
         Span::raw(sources),
     ]));
+    let last = vm.history.last();
+    lines.push(Line::from(
+        [label("cpu"), Span::raw(" ")]
+            .into_iter()
+            .chain(cpu_spans(last.map(|r| &**r), running_window))
+            .collect::<Vec<_>>(),
+    ));
+    if id.accel == crate::identity::cmdline::Accel::Kvm {
+        lines.push(Line::from(
+            [label("guest"), Span::raw(" ")]
+                .into_iter()
+                .chain(guest_spans(last.map(|r| &**r), running_window))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    lines
+}
+
+/// Where the last closed window's CPU went: the QEMU process's share by thread role, and the
+/// kernel workers besides.
+fn cpu_spans(last: Option<&WindowRecord>, running_window: u64) -> Vec<Span<'static>> {
+    let Some(r) = last else {
+        return vec![Span::styled(
+            format!("by thread role when window {running_window:03} closes"),
+            dim(),
+        )];
+    };
+    let mut spans = vec![Span::raw(format!("window {:03} · ", r.window))];
+    let (Some(cpu), Some(split)) = (r.cpu_seconds, r.cpu_by_role) else {
+        spans.push(Span::styled(
+            "n/a by thread role (threads not read at both ends of the window)",
+            dim(),
+        ));
+        return spans;
+    };
+    let share = |part: f64| {
+        if cpu > 0.0 {
+            format!("{:.0}%", (part / cpu * 100.0).min(100.0))
+        } else {
+            "-".into()
+        }
+    };
+    let core = |secs: f64| fmt_percent(secs / r.seconds * 100.0);
+    spans.push(Span::raw(format!(
+        "{}% of a core: vCPU threads {} · device model {} · other {} · kernel workers +{}% \
+         · guest time {}% · {} vCPU thread{}",
+        core(cpu),
+        share(split.vcpu),
+        share(split.device_model),
+        share(split.other),
+        core(split.kernel_workers),
+        core(split.vcpu_guest),
+        split.vcpu_threads,
+        if split.vcpu_threads == 1 { "" } else { "s" },
+    )));
+    spans
+}
+
+/// What a KVM guest itself did in the last closed window: vCPU wakeups, halt polls, accesses
+/// the kernel handled, exits by reason.
+fn guest_spans(last: Option<&WindowRecord>, running_window: u64) -> Vec<Span<'static>> {
+    let Some(r) = last else {
+        return vec![Span::styled(
+            format!("vCPU wakeups and exits when window {running_window:03} closes"),
+            dim(),
+        )];
+    };
+    let per_s = |n: Option<u64>| value_span(crate::tui::model::rate(n, r.seconds), fmt_rate);
+    let mut spans = vec![
+        Span::raw(format!("window {:03} · vCPU wakeups ", r.window)),
+        per_s(r.vcpu_wakeups),
+        Span::raw("/s · halt polls "),
+        per_s(r.vcpu_halt_polls),
+        Span::raw("/s · in-kernel accesses "),
+        per_s(r.in_kernel),
+        Span::raw("/s · exits "),
+    ];
+    if r.kvm_exits.is_empty() {
+        let why = r
+            .sources
+            .kvm_exits
+            .strip_prefix("unavailable: ")
+            .map_or_else(|| "none".to_string(), |why| format!("n/a: {}", clean(why)));
+        spans.push(Span::styled(why, dim()));
+    } else {
+        spans.push(Span::raw(
+            r.kvm_exits
+                .iter()
+                .take(4)
+                .map(|e| {
+                    format!(
+                        "{} {}/s",
+                        clean(&e.reason),
+                        fmt_rate(e.count as f64 / r.seconds)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    spans
+}
+
+fn render_identity(frame: &mut Frame, area: Rect, vm: &LiveVm, lines: Vec<Line<'static>>) {
+    let id = &vm.identity;
     let text = Text::from(lines);
     let title = Line::from(vec![
         Span::raw(" VM "),
@@ -195,6 +304,7 @@ fn window_row(r: &WindowRecord) -> Row<'static> {
             if r.partial { "*" } else { "" }
         )),
         count(r.timer),
+        right(count_span(r.vcpu_wakeups)),
         count(r.read),
         count(r.write),
         count(r.fd_wakeups),
@@ -207,6 +317,7 @@ fn running_row(vm: &LiveVm) -> Row<'static> {
     Row::new([
         Cell::from("running"),
         right(count_span(c.timer)),
+        right(count_span(c.vcpu_wakeups)),
         right(count_span(c.read)),
         right(count_span(c.write)),
         right(count_span(c.fd_wakeups)),

@@ -11,7 +11,7 @@ trait Records {
         &mut self,
         t: f64,
         observed: &[VmObservation],
-        finals: &BTreeMap<VmKey, FinalCounts>,
+        finals: &BTreeMap<VmKey, Attributed>,
     ) -> Vec<WindowRecord>;
     fn finish_records(&mut self, t: f64) -> Vec<WindowRecord>;
 }
@@ -21,7 +21,7 @@ impl Records for Collector {
         &mut self,
         t: f64,
         observed: &[VmObservation],
-        finals: &BTreeMap<VmKey, FinalCounts>,
+        finals: &BTreeMap<VmKey, Attributed>,
     ) -> Vec<WindowRecord> {
         let closed = self.observe(t, observed, finals);
         let frame = self.frame();
@@ -53,6 +53,7 @@ fn sources() -> Sources {
         read: "unavailable: test".into(),
         write: "unavailable: test".into(),
         timer_callbacks: "unavailable: test fixture".into(),
+        ..Default::default()
     }
 }
 
@@ -61,16 +62,15 @@ fn obs(v: &(VmKey, VmIdentity), timer: u64, cpu: u64) -> VmObservation {
         key: v.0,
         identity: v.1.clone().into(),
         sources: sources().into(),
-        counts: Counts {
-            timer: Some(timer),
-            fd_wakeups: Some(timer / 10),
-            read: None,
-            write: None,
-            cpu_ticks: Some(cpu),
-            in_kernel: None,
+        totals: Attributed {
+            counts: Counts {
+                timer: Some(timer),
+                fd_wakeups: Some(timer / 10),
+                cpu_ticks: Some(cpu),
+                ..Counts::default()
+            },
+            ..Attributed::default()
         },
-        devices: DeviceTotals::new(),
-        callbacks: CallbackTotals::new(),
     }
 }
 
@@ -82,7 +82,7 @@ fn collector() -> Collector {
     )
 }
 
-const NONE: &BTreeMap<VmKey, FinalCounts> = &BTreeMap::new();
+const NONE: &BTreeMap<VmKey, Attributed> = &BTreeMap::new();
 
 #[test]
 fn clock_boundaries() {
@@ -148,7 +148,7 @@ fn a_count_that_becomes_available_counts_from_zero() {
     let mut c = collector();
     c.observe_records(0.0, &[obs(&a, 0, 0)], NONE);
     let mut later = obs(&a, 10, 5);
-    later.counts.read = Some(42);
+    later.totals.counts.read = Some(42);
     c.observe_records(5.0, &[later.clone()], NONE);
     let closed = c.observe_records(10.0, &[later], NONE);
     assert_eq!(closed[0].read, Some(42));
@@ -219,7 +219,7 @@ fn vm_exiting_mid_window_is_closed_at_once_with_final_counts() {
     let mut finals = BTreeMap::new();
     finals.insert(
         b.0,
-        FinalCounts {
+        Attributed {
             counts: Counts {
                 timer: Some(80),
                 fd_wakeups: Some(8),
@@ -227,8 +227,9 @@ fn vm_exiting_mid_window_is_closed_at_once_with_final_counts() {
                 write: None,
                 cpu_ticks: None,
                 in_kernel: None,
+                ..Counts::default()
             },
-            ..FinalCounts::default()
+            ..Attributed::default()
         },
     );
     let closed = c.observe_records(15.0, &[obs(&a, 9, 0)], &finals);
@@ -286,7 +287,7 @@ fn unavailable_counts_stay_null() {
     let a = vm(100, 1, "a");
     let mut c = collector();
     let mut o = obs(&a, 0, 0);
-    o.counts.timer = None;
+    o.totals.counts.timer = None;
     c.observe_records(0.0, std::slice::from_ref(&o), NONE);
     let closed = c.observe_records(10.0, &[o], NONE);
     assert_eq!(closed[0].timer, None);
@@ -298,13 +299,15 @@ fn per_device_and_callback_deltas() {
     let a = vm(100, 1, "a");
     let mut c = collector();
     let mut o = obs(&a, 0, 0);
-    o.devices.insert(DeviceKey::named("uhci"), (100, 0));
-    o.callbacks.insert("uhci_frame_timer".into(), 1000);
+    o.totals.devices.insert(DeviceKey::named("uhci"), (100, 0));
+    o.totals.callbacks.insert("uhci_frame_timer".into(), 1000);
     c.observe_records(0.0, std::slice::from_ref(&o), NONE);
-    o.devices.insert(DeviceKey::named("uhci"), (350, 0));
-    o.devices.insert(DeviceKey::named("parallel"), (0, 7));
-    o.devices.insert(DeviceKey::named("hpet"), (0, 0));
-    o.callbacks.insert("uhci_frame_timer".into(), 11000);
+    o.totals.devices.insert(DeviceKey::named("uhci"), (350, 0));
+    o.totals
+        .devices
+        .insert(DeviceKey::named("parallel"), (0, 7));
+    o.totals.devices.insert(DeviceKey::named("hpet"), (0, 0));
+    o.totals.callbacks.insert("uhci_frame_timer".into(), 11000);
     let closed = c.observe_records(10.0, &[o], NONE);
     assert_eq!(
         closed[0].devices,
@@ -342,7 +345,7 @@ fn device_keys_carry_the_owner() {
     let mut c = collector();
     let mut o = obs(&a, 0, 0);
     c.observe_records(0.0, std::slice::from_ref(&o), NONE);
-    o.devices.insert(key, (3, 4));
+    o.totals.devices.insert(key, (3, 4));
     let closed = c.observe_records(10.0, &[o], NONE);
     assert_eq!(closed[0].devices[0].name, "operational");
     assert_eq!(closed[0].devices[0].owner.as_deref(), Some("qemu-xhci"));

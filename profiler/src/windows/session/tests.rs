@@ -11,6 +11,7 @@ use super::*;
 use crate::{
     attribution::RegionLabel,
     identity::cmdline::Accel,
+    identity::threads::{KernelWorkerSample, ThreadRole, ThreadSample},
     offer::policy::ReadWriteUnavailable,
     probes::{AttachedVm as Watched, NameSources},
     record::PartialReason,
@@ -49,6 +50,10 @@ impl FakeProbes {
                 read_write,
                 callbacks: Ok(()),
                 timer: Ok(crate::offer::policy::TimerSource::LibcUprobes),
+                guest: crate::offer::policy::GuestSources::plan(
+                    vm.identity.accel,
+                    &crate::offer::kernel::KernelOffer::all(),
+                ),
             },
             names: NameSources::default(),
             notes,
@@ -108,12 +113,32 @@ impl ProbeLayer for FakeProbes {
     }
 }
 
-/// Processes as a test sets them.
-struct FakeHost(Rc<RefCell<Vec<QemuProcess>>>);
+/// Threads per pid and kernel workers, as a test sets them; and the times they were read.
+#[derive(Default)]
+struct FakeThreads {
+    threads: HashMap<u32, Vec<ThreadSample>>,
+    workers: Vec<KernelWorkerSample>,
+    reads: u32,
+}
+
+/// Processes (and their threads) as a test sets them.
+struct FakeHost(Rc<RefCell<Vec<QemuProcess>>>, Rc<RefCell<FakeThreads>>);
 
 impl Discover for FakeHost {
     fn scan(&mut self) -> Vec<QemuProcess> {
         self.0.borrow().clone()
+    }
+    fn threads(
+        &mut self,
+        pid: u32,
+        _settled: &HashMap<u32, ThreadRole>,
+    ) -> Option<Vec<ThreadSample>> {
+        self.1.borrow().threads.get(&pid).cloned()
+    }
+    fn kernel_workers(&mut self) -> Vec<KernelWorkerSample> {
+        let mut t = self.1.borrow_mut();
+        t.reads += 1;
+        t.workers.clone()
     }
 }
 
@@ -124,6 +149,7 @@ fn qemu(pid: u32, start_ticks: u64, name: &str) -> QemuProcess {
 struct Rig {
     kernel: Kernel,
     host: Rc<RefCell<Vec<QemuProcess>>>,
+    threads: Rc<RefCell<FakeThreads>>,
     session: Session<FakeProbes, FakeHost>,
 }
 
@@ -142,10 +168,12 @@ fn rig(filter: VmFilter, read_write: &[(u32, ReadWriteSource)]) -> Rig {
         "2026-11-22T00:00:00Z".parse::<DateTime<Utc>>().unwrap(),
         100,
     );
+    let threads: Rc<RefCell<FakeThreads>> = Rc::default();
     Rig {
         kernel: kernel.clone(),
         host: host.clone(),
-        session: Session::with_discovery(probes, FakeHost(host), collector, filter),
+        threads: threads.clone(),
+        session: Session::with_discovery(probes, FakeHost(host, threads), collector, filter),
     }
 }
 
@@ -186,6 +214,62 @@ fn new_vms_are_watched_once_and_count_from_zero() {
             .read
             .starts_with("unavailable: stripped")
     );
+}
+
+/// A QEMU whose vCPU thread spent `vcpu` ticks and main thread `main`, with a kernel worker
+/// outside it at `pit` ticks, and its process CPU time (stat) at `process`.
+fn set_threads(r: &Rig, vcpu: u64, main: u64, pit: u64, process: u64) {
+    let thread = |tid, role, ticks| ThreadSample {
+        tid,
+        role,
+        settled: true,
+        ticks,
+        guest_ticks: 0,
+    };
+    let mut t = r.threads.borrow_mut();
+    t.threads.insert(
+        10,
+        vec![
+            thread(10, ThreadRole::DeviceModel, main),
+            thread(12, ThreadRole::Vcpu, vcpu),
+        ],
+    );
+    t.workers = vec![KernelWorkerSample {
+        owner: 10,
+        tid: 11,
+        ticks: pit,
+    }];
+    r.host.borrow_mut()[0].cpu = crate::identity::discovery::CpuTicks(process);
+}
+
+#[test]
+fn threads_are_read_at_window_boundaries_and_split_the_window_cpu() {
+    let mut r = rig(VmFilter::default(), &[]);
+    r.host.borrow_mut().push(qemu(10, 1, "a"));
+    set_threads(&r, 1000, 50, 7, 1060);
+    r.session.sample(0.0).unwrap();
+    for t in 1..10 {
+        set_threads(&r, 1000 + 25 * t, 50 + t, 7 + t, 1060 + 27 * t);
+        assert!(r.session.sample(t as f64).unwrap().closed.is_empty());
+    }
+    assert_eq!(
+        r.threads.borrow().reads,
+        1,
+        "only at the first sample so far"
+    );
+    set_threads(&r, 1250, 60, 17, 1330);
+    let closed = r.session.sample(10.0).unwrap().closed;
+    assert_eq!(r.threads.borrow().reads, 2);
+    let split = closed[0].cpu_by_role.expect("read at both ends");
+    assert_eq!(closed[0].cpu_seconds, Some(2.7));
+    assert_eq!((split.vcpu, split.device_model), (2.5, 0.1));
+    assert_eq!((split.other, split.kernel_workers), (0.1, 0.1));
+    assert_eq!(split.vcpu_threads, 1);
+    // The stop reads them again, for the partial window it closes.
+    set_threads(&r, 1300, 61, 18, 1382);
+    let mut closed = r.session.sample_last(12.0).unwrap().closed;
+    closed.extend(r.session.finish(12.0));
+    assert_eq!(closed[0].cpu_by_role.unwrap().vcpu, 0.5);
 }
 
 #[test]
@@ -309,7 +393,7 @@ fn an_exited_vm_keeps_its_last_counts_and_is_unwatched() {
     let exits = r.session.exits();
     assert_eq!(exits.len(), 1);
     assert_eq!(
-        (exits[0].counts.timer, exits[0].counts.read),
+        (exits[0].totals.counts.timer, exits[0].totals.counts.read),
         (Some(45), Some(12))
     );
 }
