@@ -175,3 +175,83 @@ fn top_shows_notes_in_its_status_line_and_stays_intact() {
     tmux(&["send-keys", "-t", &session, "q"]);
     drop(kill);
 }
+
+/// Under KVM a guest whose only activity is its own 1 kHz timer costs its QEMU a share of a
+/// core that never reaches QEMU's event loop: `top` ranks it above SeaBIOS idling, and its
+/// detail view says its vCPU thread took that CPU.
+#[test]
+fn top_ranks_a_kvm_guest_s_own_timer_first_and_shows_its_vcpu_share() {
+    use xtask::boot_sector::{BootSector, BootSectorGuest};
+    let test = "top_kvm_guest_tick";
+    let p = Prereq::new(test);
+    if p.root().is_none() || p.kvm().is_none() || p.system_qemu().is_none() {
+        return;
+    }
+    if p.tool("tmux").is_none() {
+        return;
+    }
+    let dir = run_dir("top-kvm");
+    let mut guests = Vec::new();
+    // SeaBIOS first: the default order of discovery would otherwise favour the PIT guest.
+    for spec in [
+        BootSectorGuest::seabios("e2e-top-bios"),
+        BootSectorGuest::new("e2e-top-pit", BootSector::Pit { hz: 1000 }),
+    ] {
+        let guest = spec.launch(dir.path()).expect("QEMU starts");
+        guest.wait_for_line(&spec.ready_line(), BOOT).expect("runs");
+        guests.push(guest);
+    }
+    let session = format!("profiler-e2e-kvm-{}", std::process::id());
+    let profiler = env!("CARGO_BIN_EXE_profiler");
+    let script =
+        format!("{profiler} top --window 3 --vm e2e-top-bios --vm e2e-top-pit 2>&1; sleep 60");
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "110",
+        "-y",
+        "30",
+        &script,
+    ]);
+    let kill = scopeguard(session.clone());
+    let deadline = Instant::now() + HANG;
+    let screen = loop {
+        sleep(Duration::from_secs(1));
+        let screen = capture(&session);
+        if screen.contains("window 002") || Instant::now() > deadline {
+            break screen;
+        }
+    };
+    eprintln!("{screen}");
+    let rank1 = screen
+        .lines()
+        .find(|l| l.starts_with("> 1 "))
+        .unwrap_or_else(|| panic!("no rank 1:\n{screen}"));
+    assert!(rank1.contains("e2e-top-pit"), "{screen}");
+    assert!(screen.contains("ranked by CPU%"), "{screen}");
+
+    // Rank 1 is selected: its detail view.
+    tmux(&["send-keys", "-t", &session, "Enter"]);
+    let deadline = Instant::now() + HANG;
+    let detail = loop {
+        sleep(Duration::from_millis(500));
+        let screen = capture(&session);
+        if screen.contains("vCPU threads") || Instant::now() > deadline {
+            break screen;
+        }
+    };
+    eprintln!("{detail}");
+    let share: f64 = detail
+        .split("vCPU threads ")
+        .nth(1)
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no vCPU share:\n{detail}"));
+    assert!(share >= 90.0, "{detail}");
+    assert!(detail.contains("vCPU wakeups"), "{detail}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+    drop(kill);
+}

@@ -188,7 +188,19 @@ pub struct RunningGuest {
 pub fn launch(spec: &GuestSpec, image: &GuestImage, run_dir: &Path) -> Result<RunningGuest> {
     fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let args = spec.qemu_args(image, run_dir)?;
-    let files = GuestFiles::new(&spec.name, run_dir)?;
+    spawn_qemu(&spec.name, &spec.qemu, &args, run_dir)
+}
+
+/// Starts `qemu` with `args` as guest `name`, its files (`NAME.serial`, `NAME.qmp`,
+/// `NAME.qemu.log`) in `run_dir`, which is created; stale ones are removed first.
+pub(crate) fn spawn_qemu(
+    name: &str,
+    qemu: &Path,
+    args: &[OsString],
+    run_dir: &Path,
+) -> Result<RunningGuest> {
+    fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let files = GuestFiles::new(name, run_dir)?;
     for stale in [&files.serial, &files.qmp, &files.log] {
         // An old serial log would satisfy wait_ready before this guest printed anything.
         match fs::remove_file(stale) {
@@ -200,15 +212,15 @@ pub fn launch(spec: &GuestSpec, image: &GuestImage, run_dir: &Path) -> Result<Ru
     }
     let log =
         File::create(&files.log).with_context(|| format!("creating {}", files.log.display()))?;
-    let child = Command::new(&spec.qemu)
-        .args(&args)
+    let child = Command::new(qemu)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .with_context(|| format!("starting {}", spec.qemu.display()))?;
+        .with_context(|| format!("starting {}", qemu.display()))?;
     Ok(RunningGuest {
-        name: spec.name.clone(),
+        name: name.to_string(),
         pid: child.id(),
         child: Mutex::new(child),
         files_serial: files.serial,

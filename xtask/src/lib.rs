@@ -2,6 +2,7 @@
 //! end-to-end tests: the cache location, the test guest image, a QEMU guest launcher, and
 //! the test prerequisites.
 
+pub mod boot_sector;
 pub mod cache;
 pub mod guest;
 pub mod launch;

@@ -17,6 +17,8 @@ tasks:
   setup   install everything building and testing needs (idempotent; needs root on Debian)
   guest   build the test guest (Debian kernel + busybox initramfs + workload) into the cache
   qemu-usdt  build Debian's QEMU source with USDT probes (dtrace backend) into the cache
+  boot-sectors  write the KVM test guests (boot sectors: PIT at 1,000 and 100 Hz, halt) into
+          the cache and print their paths
   demo    set up, boot a noisy and a quiet guest, profile them, print the report
   test [--busy-neighbour] [TEST ARGS...]
           set up, build the guest, run lints, unit tests and the root end-to-end tests;
@@ -29,6 +31,19 @@ tasks:
           boot N guests one by one while recording; host CPU vs VM count into docs/capacity.md
 ";
 
+/// The boot-sector test guests the KVM end-to-end tests run.
+fn boot_sectors() -> anyhow::Result<()> {
+    use xtask::boot_sector::BootSector;
+    for sector in [
+        BootSector::Pit { hz: 1000 },
+        BootSector::Pit { hz: 100 },
+        BootSector::Halt,
+    ] {
+        println!("{}: {}", sector.name(), sector.image()?.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = xtask::launch::find_workspace_root();
@@ -36,6 +51,7 @@ fn main() -> ExitCode {
         Some("setup") => setup::setup(&root),
         Some("guest") => xtask::guest::guest_command(&root),
         Some("qemu-usdt") => qemu_usdt::qemu_usdt().map(|bin| println!("{}", bin.display())),
+        Some("boot-sectors") => boot_sectors(),
         Some("demo") => demo::demo(&root, &args[1..]),
         Some("test") => test::test(&root, &args[1..]),
         Some("bench") => bench::bench(&root, &args[1..]),
