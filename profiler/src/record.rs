@@ -352,7 +352,10 @@ pub(crate) mod tests {
         assert_eq!(records[0].timer, Some(57990));
         // Written before the guest's own counts existed: unknown, not zero.
         let r = &records[0];
-        assert_eq!((r.vcpu_wakeups, r.vcpu_halt_polls, r.cpu_by_role), (None, None, None));
+        assert_eq!(
+            (r.vcpu_wakeups, r.vcpu_halt_polls, r.cpu_by_role),
+            (None, None, None)
+        );
         assert!(r.kvm_exits.is_empty() && r.sources.vcpu_wakeups.is_empty());
     }
 

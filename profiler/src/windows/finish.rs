@@ -25,7 +25,6 @@ pub struct WindowFacts {
     pub probed: Probed,
 }
 
-
 /// The record of `closed`, with `facts`; and what scaling a duty-cycled VM's counts added.
 pub fn record(
     closed: &ClosedWindow,

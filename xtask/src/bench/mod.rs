@@ -35,7 +35,8 @@ docs/benchmarks.md rewritten; --quick runs fewer rounds and sizes (up to 100 VMs
 benchmarks:
   tax [--quick]       unrelated getppid/ppoll loops and a watched QEMU's ppoll, per timer source
                       and against bpftrace
-  watched [--quick]   a real guest's QEMU CPU per second while watched, per timer source
+  watched [--quick]   a real guest's QEMU CPU per second while watched, per timer source, and
+                      (with /dev/kvm) a KVM guest's whose only activity is its own 1 kHz tick
   events [--quick]    ns per guest port read per read/write source, against bpftrace and QEMU's
                       log trace backend
   budget [--quick]    --max-overhead on a busy guest: its QEMU's CPU, and the estimates' error
@@ -130,14 +131,21 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
             }
             "watched" => {
                 let (rounds, secs) = if quick { (2, 10) } else { (5, 20) };
-                watched::run(
+                let (mut body, mut json) = watched::run(
                     image.as_ref().expect("built"),
                     &profiler,
                     &dir,
                     rounds,
                     secs,
                     &command(name),
-                )?
+                )?;
+                if let Some((kvm, kvm_json)) =
+                    watched::run_kvm(&profiler, &dir, rounds, secs, &command(name))?
+                {
+                    body.push_str(&kvm);
+                    json["kvm"] = kvm_json;
+                }
+                (body, json)
             }
             "events" => {
                 let (rounds, reads) = if quick { (1, 100_000) } else { (3, 300_000) };

@@ -207,14 +207,25 @@ fn program_rates(
     source: &str,
     secs: u64,
 ) -> anyhow::Result<Vec<ProgramRate>> {
+    program_rates_of(profiler, dir, &["--timer-source", source], VM, secs)
+}
+
+/// [`program_rates`] of `profiler record ARGS --vm VM`.
+fn program_rates_of(
+    profiler: &Path,
+    dir: &Path,
+    args: &[&str],
+    vm: &str,
+    secs: u64,
+) -> anyhow::Result<Vec<ProgramRate>> {
     let before = program_stats(0).into_keys().max().unwrap_or(0);
     let tracer = Tracer::profiler(
         profiler,
-        &["--timer-source", source],
-        &[VM],
-        &[VM],
+        args,
+        &[vm],
+        &[vm],
         dir,
-        &format!("watched-programs-{source}"),
+        &format!("watched-programs-{vm}"),
     )?;
     let _stats = super::bpf_stats_on()?;
     let (a, t0) = (program_stats(before), Instant::now());
@@ -495,4 +506,122 @@ pub fn run(
                     "added_libc_entry_return": entry_return, "added_hrtimer": hrtimer},
     });
     Ok((body, json))
+}
+
+/// A KVM guest whose only activity is its own 1 kHz PIT, and an identical twin.
+const KVM_VM: &str = "watched-pit";
+const KVM_TWIN: &str = "watched-pit-twin";
+
+/// What watching a KVM guest costs it: a boot sector with its PIT at 1,000 Hz (its vCPU is
+/// woken a thousand times a second in the kernel, never in QEMU's event loop) and its twin,
+/// nothing running against `profiler record` with its defaults, interleaved; and the BPF
+/// statistics of the programs that ran for it. `None` without /dev/kvm.
+pub fn run_kvm(
+    profiler: &Path,
+    dir: &Path,
+    rounds: usize,
+    secs: u64,
+    command: &str,
+) -> anyhow::Result<Option<(String, serde_json::Value)>> {
+    use xtask::boot_sector::{BootSector, BootSectorGuest};
+    if !Path::new("/dev/kvm").exists() {
+        return Ok(None);
+    }
+    let specs =
+        [KVM_VM, KVM_TWIN].map(|name| BootSectorGuest::new(name, BootSector::Pit { hz: 1000 }));
+    let guests = specs
+        .iter()
+        .map(|spec| {
+            let guest = spec.launch(dir)?;
+            guest.wait_for_line(&spec.ready_line(), Duration::from_secs(240))?;
+            Ok(guest)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pids = [guests[0].pid(), guests[1].pid()];
+    sleep(Duration::from_secs(5));
+    // Per round: (nothing, profiler) each as the watched QEMU's CPU minus its twin's.
+    let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut own: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for k in 0..2 {
+            let i = (k + round) % 2;
+            let tracer = (i == 1)
+                .then(|| Tracer::profiler(profiler, &[], &[KVM_VM], &[KVM_VM], dir, "watched-kvm"))
+                .transpose()?;
+            let cpus = cpu_per_second_of(&pids, secs)?;
+            drop(tracer);
+            eprintln!(
+                "xtask bench watched: KVM round {round} {} QEMU {:6.2} ms CPU per s, twin {:6.2}",
+                if i == 1 { "profiler" } else { "nothing " },
+                cpus[0] * 1e3,
+                cpus[1] * 1e3
+            );
+            samples[i].push(cpus[0] - cpus[1]);
+            own[i].push(cpus[0]);
+        }
+    }
+    let rates = program_rates_of(profiler, dir, &[], KVM_VM, secs)?;
+    drop(guests);
+    let added = median(&samples[1]) - median(&samples[0]);
+    let cpu = median(&own[0]);
+    let wakeups = rates
+        .iter()
+        .find(|r| r.name.starts_with("kvm_vcpu_wakeup"))
+        .map_or(f64::NAN, |r| r.runs_per_s);
+    let target = added <= 0.02 * cpu;
+    let each = rates
+        .iter()
+        .take(6)
+        .map(|r| {
+            format!(
+                "`{}` {:.0}/s × {:.0} ns",
+                r.name, r.runs_per_s, r.ns_per_run
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let programs_ms: f64 = rates
+        .iter()
+        .map(|r| r.runs_per_s * r.ns_per_run)
+        .sum::<f64>()
+        / 1e6;
+    let body = format!(
+        "\n### A KVM guest's own tick\n\n\
+         The same measure (`{command}`) on a KVM guest whose only activity is its own timer: a \
+         boot sector that sets the PIT to 1,000 Hz and halts (Debian's QEMU, this host's KVM), \
+         beside an identical twin, with nothing running and with `profiler record` and its \
+         defaults (which count this guest's vCPU wakeups, its accesses by the kvm tracepoints, \
+         its threads' CPU by role at each window boundary); {rounds} rounds of {secs} s. Its \
+         QEMU uses {:.1} ms of CPU per second unwatched; watching it adds {:+.2} ms/s \
+         (rounds minus the twin: nothing {}, profiler {}). Target: at most 2 % of the guest's \
+         own CPU — {} ({:+.2} %). The programs that ran meanwhile, with the BPF statistics on \
+         (every KVM guest's events on the host run them; `kvm_vcpu_wakeup` ran {:.0} times a \
+         second): {programs_ms:.2} ms/s in all — {each}.\n",
+        cpu * 1e3,
+        added * 1e3,
+        fmt_rounds(&samples[0]),
+        fmt_rounds(&samples[1]),
+        if target { "met" } else { "MISSED" },
+        added / cpu * 100.0,
+        wakeups,
+    );
+    let json = json!({
+        "command": command, "rounds": rounds, "seconds": secs,
+        "cpu_seconds_per_second": cpu, "added": added,
+        "rounds_minus_twin": {"nothing": samples[0], "profiler": samples[1]},
+        "programs": rates.iter().map(|r| json!({
+            "name": r.name, "runs_per_second": r.runs_per_s, "ns_per_run": r.ns_per_run,
+        })).collect::<Vec<_>>(),
+        "target_met": target,
+    });
+    Ok(Some((body, json)))
+}
+
+/// Each round's figure in ms/s: `+1.20, -0.35, ...`.
+fn fmt_rounds(samples: &[f64]) -> String {
+    samples
+        .iter()
+        .map(|x| format!("{:+.2}", x * 1e3))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
