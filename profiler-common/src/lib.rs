@@ -261,6 +261,38 @@ pub mod wait_block {
     }
 }
 
+/// One CPU's time in its idle task, kept by the `sched_switch_idle` program (a per-CPU array
+/// of one slot): what the host's busy time is measured from, exactly, where `/proc/stat` only
+/// samples at the tick. Times are `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuIdle {
+    /// Nanoseconds this CPU ran its idle task, in the idle periods that ended.
+    pub idle_ns: u64,
+    /// When this CPU last switched tasks (0: not since the program was attached).
+    pub last_switch: u64,
+    /// This CPU's idle task (its `struct task_struct *`), learnt when it is first switched out.
+    pub idle_task: u64,
+    /// 1 while this CPU runs its idle task (since `last_switch`).
+    pub idle_now: u64,
+}
+
+impl CpuIdle {
+    /// This CPU's idle nanoseconds up to `now`, counting an idle period still going on; `None`
+    /// while the CPU has not switched since the program was attached (its state is unknown).
+    pub fn idle_until(&self, now: u64) -> Option<u64> {
+        if self.last_switch == 0 {
+            return None;
+        }
+        let running = if self.idle_now != 0 {
+            now.saturating_sub(self.last_switch)
+        } else {
+            0
+        };
+        Some(self.idle_ns + running)
+    }
+}
+
 /// Maximum number of threads inside a wait at once.
 pub const MAX_PENDING: u32 = 65536;
 
@@ -594,6 +626,7 @@ mod tests {
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
+    unsafe impl aya::Pod for super::CpuIdle {}
     unsafe impl aya::Pod for super::PendingWait {}
     unsafe impl aya::Pod for super::Sleeper {}
     unsafe impl aya::Pod for super::ThreadWait {}

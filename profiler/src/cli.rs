@@ -204,6 +204,12 @@ pub struct CapacityArgs {
     /// say when it started count from its first window).
     #[arg(long, default_value_t = 30.0)]
     pub settle: f64,
+    /// The host's memory to plan for, GiB (default: the recorded host's).
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
+    /// Memory kept for the host itself, GiB.
+    #[arg(long, default_value_t = 4.0)]
+    pub reserve_memory_gib: f64,
     #[arg(long)]
     pub json: bool,
     /// Also draw host CPU against VM count with the projection (.svg or .png).

@@ -127,6 +127,8 @@ pub fn recording(data: &[u8]) {
             reserve_cores: 0.0,
             target_util: 0.8,
             settle: 0.0,
+            memory: None,
+            reserve_memory: 0,
         },
         2.0,
     );

@@ -45,6 +45,10 @@ pub struct VmRef {
     /// settle time counts from. Absent in recordings made before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started: Option<String>,
+    /// The guest's RAM as configured (`-m`, else QEMU's default), bytes. Absent in
+    /// recordings made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory_bytes: Option<u64>,
 }
 
 /// The host during one window, on the records of VMs that ran through all of it.
@@ -52,11 +56,32 @@ pub struct VmRef {
 pub struct HostWindow {
     /// Online CPUs.
     pub cpus: u32,
-    /// CPU time the whole host spent busy (not idle, not waiting for I/O) in the window,
-    /// summed over CPUs.
+    /// CPU time the whole host spent busy (not idle) in the window, summed over CPUs.
     pub busy_cpu_seconds: f64,
     /// QEMU processes the profiler watched at the window's end.
     pub vms_running: u32,
+    /// Where `busy_cpu_seconds` comes from; absent in recordings made before it existed
+    /// (which took `/proc/stat`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_source: Option<BusySource>,
+    /// `/proc/stat`'s busy time over the same window, beside a `sched_switch` figure: the
+    /// tick-sampled figure it replaces, kept to show the difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proc_stat_busy_cpu_seconds: Option<f64>,
+    /// The host's memory (`MemTotal`), bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+/// How the host's busy time was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusySource {
+    /// Every CPU's time outside its idle task, kept at each context switch: exact.
+    SchedSwitch,
+    /// `/proc/stat`'s non-idle time: sampled at the timer tick, so work in bursts shorter
+    /// than a tick is mostly counted as idle.
+    ProcStat,
 }
 
 /// Which probe source produced each count, or `unavailable: <reason>`.
@@ -181,6 +206,10 @@ pub struct WindowRecord {
     /// both ends of the window (a VM that exited, a recording made before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_by_role: Option<CpuByRole>,
+    /// The QEMU process's resident memory at the window's end (its own and the guest RAM the
+    /// guest has touched), bytes; absent where it was not read then (as `cpu_by_role`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_bytes: Option<u64>,
     pub sources: Sources,
     /// Per-device breakdown of `read`/`write`, busiest first (empty when no source names
     /// devices).
@@ -276,6 +305,7 @@ pub(crate) mod tests {
                 cmdline_devices: Vec::new(),
                 libvirt: None,
                 started: None,
+                guest_memory_bytes: None,
             },
             timer: Some(0),
             fd_wakeups: Some(0),
@@ -287,6 +317,7 @@ pub(crate) mod tests {
             kvm_exits: Vec::new(),
             cpu_seconds: None,
             cpu_by_role: None,
+            resident_bytes: None,
             sources: Sources {
                 timer: "syscall".into(),
                 read: "unavailable: test fixture".into(),

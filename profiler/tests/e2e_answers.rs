@@ -219,6 +219,38 @@ fn check_compare_capacity_and_plots_on_real_guests() {
         "host CPU per window: {cap:#}"
     );
     assert_svg(&plot);
+    // Memory: every settled record carries its QEMU's resident memory and its guest's RAM;
+    // each profile says how many fit by CPU and by memory, and which binds.
+    let records = load(&rec);
+    for r in records.iter().filter(|r| !r.partial) {
+        let rss = r
+            .resident_bytes
+            .unwrap_or_else(|| panic!("no resident: {r:?}"));
+        assert!(rss > 10 << 20, "{r:?}");
+        assert_eq!(r.vm.guest_memory_bytes, Some(256 << 20), "{r:?}");
+        // The host's busy time comes from the scheduler and holds its VMs' CPU.
+        let host = r.host.expect("a full window has the host");
+        assert_eq!(
+            host.busy_source,
+            Some(profiler::record::BusySource::SchedSwitch),
+            "{r:?}"
+        );
+        assert!(host.memory_bytes.is_some_and(|m| m > rss), "{r:?}");
+    }
+    assert_eq!(cap["host_below_vms"], serde_json::json!([]), "{cap:#}");
+    for p in cap["profiles"].as_array().unwrap() {
+        let count = |key: &str| p[key].as_u64().unwrap_or_else(|| panic!("no {key}: {p:#}"));
+        let (cpu, memory) = (count("vms_per_host"), count("vms_per_host_memory"));
+        let binding = if memory < cpu { "memory" } else { "cpu" };
+        assert_eq!(p["binding"], binding, "{p:#}");
+        assert_eq!(p["fits"], cpu.min(memory), "{p:#}");
+    }
+    let text = run_ok(profiler().args(["capacity", "--settle", "2"]).arg(&rec));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("(CPU)") || text.contains("(memory)"),
+        "the binding limit is named: {text}"
+    );
 
     let plot = d.join("report.svg");
     run_ok(profiler().arg("report").arg(&rec).arg("--plot").arg(&plot));

@@ -1,4 +1,5 @@
 pub mod execs;
+pub mod host_cpu;
 pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;

@@ -420,7 +420,7 @@ fn short(source: &str) -> &str {
 }
 
 /// `[1, 2, 3, 7]` → `001-003, 007`.
-fn windows_list(windows: &[u64]) -> String {
+pub fn windows_list(windows: &[u64]) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut i = 0;
     while i < windows.len() {

@@ -73,6 +73,9 @@ pub struct Counts {
     pub vcpu_halt_polls: Option<u64>,
     /// The VM's threads' CPU time by role, where it was read at both ends (window boundaries).
     pub cpu_roles: Option<cpu_roles::RoleTicks>,
+    /// Not a count: the QEMU's resident memory when last read (at window boundaries), bytes;
+    /// a window keeps its value at the end.
+    pub resident_bytes: Option<u64>,
 }
 
 fn delta(now: Option<u64>, base: Option<u64>) -> Option<u64> {
@@ -98,6 +101,7 @@ impl Counts {
                 (Some(now), Some(base)) => Some(now.since(&base)),
                 _ => None,
             },
+            resident_bytes: self.resident_bytes,
         }
     }
 
@@ -115,6 +119,7 @@ impl Counts {
             vcpu_wakeups: fin.vcpu_wakeups.or(self.vcpu_wakeups),
             vcpu_halt_polls: fin.vcpu_halt_polls.or(self.vcpu_halt_polls),
             cpu_roles: None,
+            resident_bytes: None,
         }
     }
 }

@@ -9,6 +9,10 @@ use crate::{
     cli::CapacityArgs,
 };
 
+fn gib(g: f64) -> u64 {
+    (g.max(0.0) * (1u64 << 30) as f64) as u64
+}
+
 pub fn run(opts: CapacityArgs) -> anyhow::Result<ExitCode> {
     let target_util = opts.target_util;
     if !(target_util > 0.0 && target_util <= 1.0) {
@@ -19,6 +23,8 @@ pub fn run(opts: CapacityArgs) -> anyhow::Result<ExitCode> {
         reserve_cores: opts.reserve_cores,
         target_util,
         settle: opts.settle,
+        memory: opts.memory_gib.map(gib),
+        reserve_memory: gib(opts.reserve_memory_gib),
     };
     let records = super::report::load(&opts.file)?;
     // SAFETY: sysconf has no preconditions.

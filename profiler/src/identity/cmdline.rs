@@ -63,6 +63,31 @@ pub struct ParsedCmdline {
     /// Default devices turned off with `-<opt> none` (`serial`, `parallel`, `vga`, ...).
     #[serde(default)]
     pub disabled: Vec<String>,
+    /// `-m`: the guest's RAM, bytes (`None`: not given, QEMU's default).
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+}
+
+/// The guest RAM QEMU gives an x86 machine without `-m`.
+pub const DEFAULT_GUEST_MEMORY: u64 = 128 << 20;
+
+/// `-m`'s size: `512` (MiB), `512M`, `4G`, `4096m`, `size=4G,slots=2,maxmem=8G`.
+pub fn parse_memory_size(value: &str) -> Option<u64> {
+    let size = opt_value(value, "size", Some("size"))?;
+    let size = size.trim();
+    let (digits, unit) = match size.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => size.split_at(i),
+        None => (size, "M"),
+    };
+    let n: f64 = digits.parse().ok()?;
+    let scale: u64 = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "K" => 1 << 10,
+        "M" | "" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return None,
+    };
+    Some((n * scale as f64) as u64)
 }
 
 /// Shorthand options whose device the `pc` and `q35` machines create by default.
@@ -272,6 +297,7 @@ pub fn parse_cmdline(argv: &[String]) -> ParsedCmdline {
                 parsed.name = opt_value(value_str, "guest", Some("guest")).filter(|n| !n.is_empty())
             }
             "uuid" => parsed.uuid = Some(value_str.to_string()).filter(|u| !u.is_empty()),
+            "m" => parsed.memory_bytes = parse_memory_size(value_str),
             "xen-domid" => {
                 parsed.xen_domid = value_str.parse().ok();
                 parsed.requested_accels.push(Accel::Xen);

@@ -4,6 +4,9 @@
 //! files when present, else `pid N`. A VM is keyed by (pid, start time) so that a PID reused by
 //! a new QEMU is a new VM.
 
+pub use crate::identity::procfs::{
+    HostCpu, HostCpuReader, parse_mem_total, parse_proc_stat, parse_statm_resident,
+};
 use std::{
     collections::{HashMap, HashSet},
     fs,
@@ -42,6 +45,9 @@ pub struct VmIdentity {
     /// The libvirt domain this process runs, when libvirt started it.
     #[serde(default)]
     pub libvirt: Option<LibvirtDomain>,
+    /// The guest's RAM as configured (`-m`, else QEMU's default), bytes.
+    #[serde(default)]
+    pub guest_memory_bytes: Option<u64>,
 }
 
 /// A QEMU process found on the host.
@@ -94,44 +100,6 @@ pub fn parse_stat(content: &str) -> Option<ProcStat> {
     Some(ProcStat {
         cpu: CpuTicks(user + system),
         start_ticks,
-    })
-}
-
-/// The host's CPU time so far, from the first line of `/proc/stat`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HostCpu {
-    /// Clock ticks all CPUs spent neither idle nor waiting for I/O (guest time is part of user
-    /// time already).
-    pub busy_ticks: u64,
-    /// Online CPUs (`cpuN` lines).
-    pub cpus: u32,
-}
-
-/// Parses `/proc/stat`: `cpu  user nice system idle iowait irq softirq steal guest guest_nice`.
-pub fn parse_proc_stat(text: &str) -> Option<HostCpu> {
-    let mut lines = text.lines();
-    let first = lines.next()?;
-    let mut fields = first.split_whitespace();
-    if fields.next()? != "cpu" {
-        return None;
-    }
-    let v: Vec<u64> = fields.map_while(|f| f.parse().ok()).collect();
-    if v.len() < 4 {
-        return None;
-    }
-    // user nice system idle [iowait irq softirq steal]; guest and guest_nice are already
-    // counted in user and nice.
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v[3] + v.get(4).copied().unwrap_or(0);
-    let cpus = lines
-        .filter(|l| {
-            l.strip_prefix("cpu")
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-        })
-        .count() as u32;
-    Some(HostCpu {
-        busy_ticks: total.saturating_sub(idle),
-        cpus: cpus.max(1),
     })
 }
 
@@ -477,6 +445,11 @@ fn look_at_process(
             accel,
             devices: crate::identity::cmdline::effective_devices(&cmdline),
             libvirt: domain,
+            guest_memory_bytes: Some(
+                cmdline
+                    .memory_bytes
+                    .unwrap_or(crate::identity::cmdline::DEFAULT_GUEST_MEMORY),
+            ),
         }),
         cmdline: Arc::new(cmdline),
         exe: exe.into(),
@@ -688,39 +661,6 @@ fn scan_pids(
     found
 }
 
-/// The host's CPU time so far.
-///
-/// `/proc/stat` is kept open: each refresh re-reads it from offset 0 (`pread` regenerates a
-/// proc file), without the open and close that were half its cost.
-#[derive(Debug, Default)]
-pub struct HostCpuReader {
-    file: Option<fs::File>,
-    buf: Vec<u8>,
-}
-
-impl HostCpuReader {
-    pub fn read(&mut self, paths: &HostPaths) -> Option<HostCpu> {
-        use std::os::unix::fs::FileExt as _;
-        if self.file.is_none() {
-            self.file = fs::File::open(paths.proc_root.join("stat")).ok();
-        }
-        let file = self.file.as_ref()?;
-        self.buf.clear();
-        let mut chunk = [0u8; 16384];
-        loop {
-            match file.read_at(&mut chunk, self.buf.len() as u64) {
-                Ok(0) => break,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => {
-                    self.file = None;
-                    return None;
-                }
-            }
-        }
-        parse_proc_stat(std::str::from_utf8(&self.buf).ok()?)
-    }
-}
-
 /// CPU ticks and start time of a process, if it still exists.
 pub fn read_stat(paths: &HostPaths, pid: u32) -> Option<ProcStat> {
     parse_stat(&fs::read_to_string(paths.proc_root.join(pid.to_string()).join("stat")).ok()?)
@@ -758,22 +698,5 @@ mod garbage_tests {
             let _ = parse_stat(&String::from_utf8_lossy(&bytes));
             let _ = detect_accel(&parse_cmdline(&with_qemu), None);
         }
-    }
-
-    #[test]
-    fn proc_stat_busy_time_and_cpus() {
-        let text = "cpu  100 5 50 1000 20 3 2 1 40 0\ncpu0 50 2 25 500 10 1 1 0 20 0\n\
-                    cpu1 50 3 25 500 10 2 1 1 20 0\nintr 12345\nctxt 999\n";
-        let h = parse_proc_stat(text).unwrap();
-        // user+nice+system+irq+softirq+steal = 100+5+50+3+2+1; idle and iowait excluded.
-        assert_eq!(
-            h,
-            HostCpu {
-                busy_ticks: 161,
-                cpus: 2
-            }
-        );
-        assert_eq!(parse_proc_stat("intr 1\n"), None);
-        assert_eq!(parse_proc_stat("cpu 1 2\n"), None);
     }
 }

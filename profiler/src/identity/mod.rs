@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod libvirt;
 pub mod mtree;
 pub mod ports;
+pub mod procfs;
 pub mod qmp;
 pub mod threads;
 
@@ -29,6 +30,7 @@ pub(crate) mod fixtures {
             accel: Accel::Tcg,
             devices: Vec::new(),
             libvirt: None,
+            guest_memory_bytes: None,
         }
     }
 

@@ -326,8 +326,37 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
             });
-        if let Some(f) = r.fit {
+        if let Some(c) = &r.ramp {
+            let f = c.fit;
             let orange = color(1);
+            // The band the slope's 95 % interval allows, pivoting on the mean VM count.
+            if f.per_vm_ci95.is_finite() {
+                let mean = r.host_windows.iter().map(|p| f64::from(p.0)).sum::<f64>()
+                    / r.host_windows.len().max(1) as f64;
+                let at =
+                    |x: f64, slope: f64| f.base_cores + f.per_vm_cores * mean + slope * (x - mean);
+                let (lo, hi) = (
+                    f.per_vm_cores - f.per_vm_ci95,
+                    f.per_vm_cores + f.per_vm_ci95,
+                );
+                let steps = 40;
+                let xs: Vec<f64> = (0..=steps)
+                    .map(|i| x_max * i as f64 / steps as f64)
+                    .collect();
+                let mut band: Vec<(f64, f64)> =
+                    xs.iter().map(|&x| (x, at(x, lo).max(at(x, hi)))).collect();
+                band.extend(xs.iter().rev().map(|&x| (x, at(x, lo).min(at(x, hi)))));
+                chart
+                    .draw_series(std::iter::once(Polygon::new(
+                        band,
+                        orange.mix(0.15).filled(),
+                    )))
+                    .map_err(err)?
+                    .label("the slope's 95 % interval")
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 4), (x + 20, y + 4)], orange.mix(0.15).filled())
+                    });
+            }
             chart
                 .draw_series(LineSeries::new(
                     [
@@ -338,14 +367,20 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
                 ))
                 .map_err(err)?
                 .label(format!(
-                    "straight line: {:.2} + {:.3}/VM (R² {:.2})",
-                    f.base_cores, f.per_vm_cores, f.r_squared
+                    "line: {:.2} + {:.4} ± {:.4}/VM (R² {:.2}): {}",
+                    f.base_cores,
+                    f.per_vm_cores,
+                    f.per_vm_ci95,
+                    f.r_squared,
+                    match c.verdict {
+                        crate::analysis::capacity::RampVerdict::Agrees { .. } => "agrees",
+                        crate::analysis::capacity::RampVerdict::Disagrees => "disagrees",
+                        crate::analysis::capacity::RampVerdict::Unresolved { .. } => "unresolved",
+                    }
                 ))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange));
-            // The projection Pulsar would make: the base load plus each VM's own QEMU CPU.
-            let per_vm = r.profiles.iter().map(|p| p.cpu_percent).sum::<f64>()
-                / r.profiles.len().max(1) as f64
-                / 100.0;
+            // The projection from the VMs' own cost: the base load plus each VM's QEMU CPU.
+            let per_vm = c.per_vm_cost_cores;
             let green = color(2);
             chart
                 .draw_series(DashedLineSeries::new(
@@ -355,7 +390,7 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
                     green.stroke_width(2),
                 ))
                 .map_err(err)?
-                .label(format!("projection from QEMU's own CPU: {:.3}/VM", per_vm))
+                .label(format!("projection from the VMs' own CPU: {per_vm:.4}/VM"))
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2))
                 });
@@ -405,6 +440,9 @@ mod tests {
                     cpus: 2,
                     busy_cpu_seconds: 3.0 + n as f64,
                     vms_running: 1 + n as u32 / 2,
+                    busy_source: None,
+                    proc_stat_busy_cpu_seconds: None,
+                    memory_bytes: None,
                 });
                 out.push(r);
             }
@@ -431,6 +469,8 @@ mod tests {
                 reserve_cores: 0.0,
                 target_util: 0.8,
                 settle: 0.0,
+                memory: None,
+                reserve_memory: 0,
             },
             2.0,
         );

@@ -198,6 +198,11 @@ pub trait ProbeLayer {
     fn take_execs(&mut self) -> Option<Vec<u32>> {
         None
     }
+    /// The host's busy nanoseconds (all CPUs) from the scheduler's idle time, from an
+    /// arbitrary origin; `None` when not measured (then `/proc/stat` is the figure).
+    fn host_busy_ns(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What the user chose about the probes.

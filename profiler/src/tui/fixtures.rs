@@ -55,6 +55,7 @@ fn identity(name: &str, pid: u32, uuid: Option<&str>, accel: Accel) -> VmIdentit
         accel,
         devices: Vec::new(),
         libvirt: None,
+        guest_memory_bytes: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn vm_ref(id: &VmIdentity) -> VmRef {
         cmdline_devices: Vec::new(),
         libvirt: None,
         started: None,
+        guest_memory_bytes: None,
     }
 }
 

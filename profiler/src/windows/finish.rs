@@ -55,6 +55,7 @@ pub fn record(
             cmdline_devices: id.devices.clone(),
             libvirt: id.libvirt.clone(),
             started: closed.started.clone(),
+            guest_memory_bytes: id.guest_memory_bytes,
         },
         timer: counts.timer,
         fd_wakeups: counts.fd_wakeups,
@@ -66,6 +67,7 @@ pub fn record(
         kvm_exits: kept_exits(&closed.exits),
         cpu_seconds: counts.cpu_ticks.map(|t| frame.seconds(t)),
         cpu_by_role: cpu_by_role(counts, frame),
+        resident_bytes: counts.resident_bytes,
         sources: (*closed.sources).clone(),
         devices: closed.devices.clone(),
         timers: closed.timers.clone(),
@@ -245,6 +247,9 @@ pub(crate) mod tests {
             cpus: 2,
             busy_cpu_seconds: 1.5,
             vms_running: 3,
+            busy_source: None,
+            proc_stat_busy_cpu_seconds: None,
+            memory_bytes: None,
         };
         let facts = WindowFacts {
             host: Some(host),
@@ -278,6 +283,9 @@ pub(crate) mod tests {
                 cpus: 2,
                 busy_cpu_seconds: 1.0,
                 vms_running: 1,
+                busy_source: None,
+                proc_stat_busy_cpu_seconds: None,
+                memory_bytes: None,
             }),
             ..WindowFacts::default()
         };

@@ -88,6 +88,10 @@ pub trait Discover {
     fn host_cpu(&mut self) -> Option<HostCpu> {
         None
     }
+    /// The host's memory, bytes (`None`: not known).
+    fn host_memory(&mut self) -> Option<u64> {
+        None
+    }
     /// The threads of process `pid` with their roles, reusing the `settled` ones (`None`: not
     /// known).
     fn threads(
@@ -102,6 +106,11 @@ pub trait Discover {
     fn kernel_workers(&mut self) -> Vec<KernelWorkerSample> {
         Vec::new()
     }
+    /// Process `pid`'s resident memory, bytes (`None`: not known).
+    fn resident_bytes(&mut self, pid: u32) -> Option<u64> {
+        let _ = pid;
+        None
+    }
 }
 
 /// The host's procfs (and libvirt's state files).
@@ -113,6 +122,7 @@ pub struct ProcDiscovery {
     since_full: u32,
     host_cpu: crate::identity::discovery::HostCpuReader,
     kernel_workers: KernelWorkers,
+    memory_total: Option<u64>,
 }
 
 /// A hinted scan trusts the exec hints and pidfds; every this many scans, one looks at all of
@@ -139,7 +149,16 @@ impl Discover for ProcDiscovery {
         }
     }
     fn host_cpu(&mut self) -> Option<HostCpu> {
-        self.host_cpu.read(&self.paths)
+        self.host_cpu.read(&self.paths.proc_root)
+    }
+    fn host_memory(&mut self) -> Option<u64> {
+        // Constant while the host runs: read once.
+        if self.memory_total.is_none() {
+            self.memory_total = std::fs::read_to_string(self.paths.proc_root.join("meminfo"))
+                .ok()
+                .and_then(|t| crate::identity::discovery::parse_mem_total(&t));
+        }
+        self.memory_total
     }
     fn threads(
         &mut self,
@@ -150,6 +169,10 @@ impl Discover for ProcDiscovery {
     }
     fn kernel_workers(&mut self) -> Vec<KernelWorkerSample> {
         self.kernel_workers.read(&self.paths.proc_root)
+    }
+    fn resident_bytes(&mut self, pid: u32) -> Option<u64> {
+        let statm = std::fs::read_to_string(self.paths.proc_root.join(format!("{pid}/statm")));
+        crate::identity::discovery::parse_statm_resident(&statm.ok()?)
     }
 }
 
@@ -426,7 +449,11 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                 )));
             }
         }
-        let host_cpu = self.discovery.host_cpu();
+        let host_now = crate::windows::host::HostReading {
+            stat: self.discovery.host_cpu(),
+            busy_ns: self.probes.host_busy_ns(),
+            memory_bytes: self.discovery.host_memory(),
+        };
         let mut notes = notes_first;
         notes.extend(self.probes.refresh());
         let counters = self.probes.read_counters()?;
@@ -514,6 +541,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                     .collect();
                 totals.counts.cpu_roles = Some(vm.threads.update(&threads, &mine));
             }
+            if workers.is_some() {
+                totals.counts.resident_bytes = self.discovery.resident_bytes(p.key.pid);
+            }
             observations.push(VmObservation {
                 key: p.key,
                 identity: p.identity.clone(),
@@ -532,7 +562,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             .collect();
         self.cycle_duties(&counters, &cpu_seconds, t, secs, &mut notes);
         let closed = self.collector.observe(t, &observations, &finals);
-        let host = self.host.sample(t, host_cpu, observations.len());
+        let host = self.host.sample(t, host_now, observations.len());
         // A VM's window stays open for at most one window past the current one.
         let oldest = open_window.saturating_sub(2);
         let closed = self.finish_windows(closed, host, oldest);

@@ -190,10 +190,10 @@ fn a_settled_process_is_timed_by_its_cpu_clock_until_it_exits() {
 fn the_host_cpu_is_read_again_through_the_kept_handle() {
     let mut reader = HostCpuReader::default();
     let paths = HostPaths::default();
-    let first = reader.read(&paths).unwrap();
+    let first = reader.read(&paths.proc_root).unwrap();
     let t = std::time::Instant::now();
     while t.elapsed() < Duration::from_millis(50) {}
-    let second = reader.read(&paths).unwrap();
+    let second = reader.read(&paths.proc_root).unwrap();
     assert!(second.busy_ticks >= first.busy_ticks);
     assert_eq!(
         second.cpus as usize,

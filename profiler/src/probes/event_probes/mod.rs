@@ -33,7 +33,7 @@ use crate::{
         RegionLabel,
         kernel::{batch, counters, detacher, object, prog_info, stats, watch_table},
         sources::{
-            execs, hrtimers,
+            execs, host_cpu, hrtimers,
             kvm::{self, KvmSource},
             libc_waits::LibcWaitSource,
             symbols::{self, SymbolSource},
@@ -98,6 +98,8 @@ pub struct EventProbes {
     usdt: UsdtSource,
     symbols: SymbolSource,
     kvm: KvmSource,
+    /// The host's busy time from the scheduler.
+    host_cpu: host_cpu::HostCpuSource,
     /// Said while attaching, handed out with the watch that caused it.
     pending_notes: Vec<Note>,
     /// What serves each watched VM, to re-attach it after a pause.
@@ -145,6 +147,7 @@ impl EventProbes {
         // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
         let kvm = KvmSource::attach(&mut ebpf, &tracefs);
         let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
+        let host_cpu = host_cpu::HostCpuSource::attach(&mut ebpf);
         let counters = counters::CounterStore::open(&ebpf)?;
         let watch_table = watch_table::WatchTable::open(&ebpf)?;
         let ppoll_marks = syscall_waits::PpollMarks::open(&ebpf)?;
@@ -160,6 +163,7 @@ impl EventProbes {
             usdt,
             symbols,
             kvm,
+            host_cpu,
             pending_notes: Vec::new(),
             served: HashMap::new(),
             detacher: detacher::Detacher::new(),
@@ -287,6 +291,10 @@ impl ProbeLayer for EventProbes {
 
     fn take_execs(&mut self) -> Option<Vec<u32>> {
         self.execs.as_mut().ok()?.drain(&self.ebpf)
+    }
+
+    fn host_busy_ns(&self) -> Option<u64> {
+        self.host_cpu.busy_ns(&self.ebpf)
     }
 
     fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
@@ -420,6 +428,7 @@ impl ProbeLayer for EventProbes {
                 self.execs.as_ref().map(|_| ()).map_err(Clone::clone),
             ),
             ("kvm-tracepoints", self.kvm.status().clone()),
+            ("sched-switch-idle-time", self.host_cpu.status().clone()),
         ]
     }
 

@@ -2,6 +2,7 @@
 //! and owns its per-process state.
 
 pub mod execs;
+pub mod host_cpu;
 pub mod hrtimers;
 pub mod kvm;
 pub mod libc_waits;

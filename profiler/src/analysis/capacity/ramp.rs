@@ -1,0 +1,303 @@
+//! The measured ramp: the host's busy CPU against the VMs running, fitted with a straight line
+//! whose slope comes with its 95 % confidence interval, and checked against what the VMs'
+//! own processes measured. A line only answers "how many VMs fit" when its slope resolves the
+//! per-VM cost (its interval excludes 0) and agrees with it (holds it); otherwise the answer
+//! says why and gives no VM count from the line.
+
+use serde::Serialize;
+
+/// Least-squares line through the host points: busy cores = base + per_vm × VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Fit {
+    pub base_cores: f64,
+    pub per_vm_cores: f64,
+    /// Half the 95 % confidence interval of `per_vm_cores` (Student's t, n − 2 degrees of
+    /// freedom); infinite with two windows.
+    pub per_vm_ci95: f64,
+    /// How far the windows scatter around the line: the residuals' standard deviation, cores.
+    pub noise_cores: f64,
+    /// Coefficient of determination, 1 = perfectly linear.
+    pub r_squared: f64,
+    /// Windows fitted.
+    pub windows: usize,
+    /// Σ (VMs − mean VMs)²: how much the ramp varies the VM count (the slope's error is the
+    /// noise over its square root).
+    pub spread: f64,
+}
+
+/// Fits busy cores = a + b × VMs; `None` with fewer than two distinct VM counts.
+pub fn fit(points: &[(u32, f64)]) -> Option<Fit> {
+    let n = points.len() as f64;
+    let distinct: std::collections::BTreeSet<u32> = points.iter().map(|p| p.0).collect();
+    if distinct.len() < 2 {
+        return None;
+    }
+    let mx = points.iter().map(|p| p.0 as f64).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 as f64 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 as f64 - mx) * (p.1 - my)).sum();
+    let b = sxy / sxx;
+    let a = my - b * mx;
+    let ss_tot: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let ss_res: f64 = points
+        .iter()
+        .map(|p| (p.1 - (a + b * p.0 as f64)).powi(2))
+        .sum();
+    let dof = points.len().saturating_sub(2);
+    let noise = if dof > 0 {
+        (ss_res / dof as f64).sqrt()
+    } else {
+        f64::INFINITY
+    };
+    Some(Fit {
+        base_cores: a,
+        per_vm_cores: b,
+        per_vm_ci95: t975(dof) * noise / sxx.sqrt(),
+        noise_cores: noise,
+        r_squared: if ss_tot > 0.0 {
+            1.0 - ss_res / ss_tot
+        } else {
+            1.0
+        },
+        windows: points.len(),
+        spread: sxx,
+    })
+}
+
+/// Student's t at 97.5 % (two-sided 95 %) for `dof` degrees of freedom (a table; between its
+/// rows the next smaller row, which errs wide).
+pub fn t975(dof: usize) -> f64 {
+    const TABLE: [(usize, f64); 19] = [
+        (1, 12.706),
+        (2, 4.303),
+        (3, 3.182),
+        (4, 2.776),
+        (5, 2.571),
+        (6, 2.447),
+        (7, 2.365),
+        (8, 2.306),
+        (9, 2.262),
+        (10, 2.228),
+        (12, 2.179),
+        (15, 2.131),
+        (20, 2.086),
+        (25, 2.060),
+        (30, 2.042),
+        (40, 2.021),
+        (60, 2.000),
+        (120, 1.980),
+        (usize::MAX, 1.960),
+    ];
+    if dof == 0 {
+        return f64::INFINITY;
+    }
+    TABLE
+        .iter()
+        .rev()
+        .find(|(d, _)| *d <= dof)
+        .map_or(TABLE[0].1, |(_, t)| *t)
+}
+
+/// What the ramp says of the per-VM cost the VMs' processes measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum RampVerdict {
+    /// The slope holds the per-VM cost: the line may project.
+    Agrees {
+        /// VMs at the CPU budget by the line, and by the ends of its slope's interval.
+        vms: Option<u64>,
+        range: Option<(u64, u64)>,
+    },
+    /// The slope's interval includes 0, or is wider than half the slope: the host's noise
+    /// hides what one VM adds.
+    Unresolved {
+        /// The Σ (VMs − mean)² the ramp would need for its interval to be half the per-VM
+        /// cost, at this noise (more VMs, or more windows at each count).
+        spread_needed: f64,
+    },
+    /// The slope is resolved but its interval misses the per-VM cost.
+    Disagrees,
+}
+
+/// The ramp checked against the VMs' own cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RampCheck {
+    pub fit: Fit,
+    /// The median VM's own CPU, cores (its QEMU process).
+    pub per_vm_cost_cores: f64,
+    #[serde(flatten)]
+    pub verdict: RampVerdict,
+    /// Why, in a sentence for people.
+    pub why: String,
+}
+
+/// Checks `fit` against `per_vm` (cores per VM, the VMs' own measure) for a CPU budget of
+/// `budget` cores. The slope resolves the per-VM cost when its 95 % interval excludes 0 and
+/// is within half the slope either side; it agrees when it is within that interval, widened
+/// by a tenth of the VMs' own cost, of it.
+pub fn check(fit: Fit, per_vm: f64, budget: f64) -> RampCheck {
+    let (lo, hi) = (
+        fit.per_vm_cores - fit.per_vm_ci95,
+        fit.per_vm_cores + fit.per_vm_ci95,
+    );
+    let count = |slope: f64| {
+        (slope > 0.0).then(|| ((budget - fit.base_cores) / slope).floor().max(0.0) as u64)
+    };
+    // The VMs' own cost is a measurement too (VMs of a profile differ by more than this):
+    // the slope agrees within its interval widened by a tenth of that cost.
+    let tolerance = fit.per_vm_ci95 + 0.1 * per_vm;
+    let resolved =
+        fit.per_vm_ci95.is_finite() && lo > 0.0 && fit.per_vm_ci95 <= 0.5 * fit.per_vm_cores;
+    let (verdict, why) = if !resolved {
+        // Half the per-VM cost as the interval's half width: t·noise/√spread = cost/2.
+        let t = t975(fit.windows.saturating_sub(2).max(1));
+        let spread_needed = if per_vm > 0.0 && fit.noise_cores.is_finite() {
+            (2.0 * t * fit.noise_cores / per_vm).powi(2)
+        } else {
+            f64::INFINITY
+        };
+        let why = format!(
+            "the ramp does not resolve the per-VM cost: the host's busy CPU scatters by {:.3} \
+             cores around the line (its noise), and one VM adds {:.4} cores by its own measure; \
+             the slope's 95 % interval {:.4} to {:.4} {}. Resolving it needs Σ(VMs − mean)² ≈ \
+             {:.0} (this ramp: {:.0}): more VMs, or more windows at each count",
+            fit.noise_cores,
+            per_vm,
+            lo,
+            hi,
+            if lo <= 0.0 {
+                "includes 0"
+            } else {
+                "is wider than half the slope"
+            },
+            spread_needed,
+            fit.spread
+        );
+        (RampVerdict::Unresolved { spread_needed }, why)
+    } else if (fit.per_vm_cores - per_vm).abs() <= tolerance {
+        let why = format!(
+            "the slope {:.4} ± {:.4} cores per VM holds the VMs' own cost {:.4}: the host \
+             pays about what their processes use",
+            fit.per_vm_cores, fit.per_vm_ci95, per_vm
+        );
+        let range = count(hi).zip(count(lo));
+        (
+            RampVerdict::Agrees {
+                vms: count(fit.per_vm_cores),
+                range,
+            },
+            why,
+        )
+    } else {
+        let why = format!(
+            "the slope {:.4} ± {:.4} cores per VM misses the VMs' own cost {:.4} ({}): the \
+             host pays {} per VM than their processes use (kernel threads, interrupts and \
+             timers on their behalf; or other load that changed during the ramp)",
+            fit.per_vm_cores,
+            fit.per_vm_ci95,
+            per_vm,
+            if per_vm < lo { "below" } else { "above" },
+            if per_vm < lo { "more" } else { "less" },
+        );
+        (RampVerdict::Disagrees, why)
+    };
+    RampCheck {
+        fit,
+        per_vm_cost_cores: per_vm,
+        verdict,
+        why,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic noise in −1..1.
+    fn noise(i: usize) -> f64 {
+        let h = (i as u64).wrapping_mul(2_654_435_761) % 1000;
+        h as f64 / 500.0 - 1.0
+    }
+
+    #[test]
+    fn a_clean_ramp_agrees_and_counts_vms_with_a_range() {
+        // 0.03 cores per VM, 0.2 base, little noise, 0..=6 VMs, 3 windows each.
+        let points: Vec<(u32, f64)> = (0..21)
+            .map(|i| {
+                let vms = (i / 3) as u32;
+                (vms, 0.2 + 0.03 * vms as f64 + 0.002 * noise(i))
+            })
+            .collect();
+        let f = fit(&points).unwrap();
+        assert!((f.per_vm_cores - 0.03).abs() < 0.002, "{f:?}");
+        assert!(f.per_vm_ci95 > 0.0 && f.per_vm_ci95 < 0.005, "{f:?}");
+        let c = check(f, 0.0305, 1.6);
+        let RampVerdict::Agrees {
+            vms: Some(vms),
+            range: Some((lo, hi)),
+        } = c.verdict
+        else {
+            panic!("{c:?}")
+        };
+        assert!((44..=50).contains(&vms), "{vms}");
+        assert!(lo <= vms && vms <= hi, "{lo} {vms} {hi}");
+    }
+
+    /// Today's quiet ramp: 0.5 % of a core per VM on a host whose noise is several times that.
+    #[test]
+    fn a_noisy_host_does_not_resolve_a_small_per_vm_cost() {
+        let points: Vec<(u32, f64)> = (0..16)
+            .map(|i| {
+                let vms = (i / 2) as u32;
+                (vms, 0.036 + 0.005 * vms as f64 + 0.05 * noise(i))
+            })
+            .collect();
+        let f = fit(&points).unwrap();
+        let c = check(f, 0.0049, 1.6);
+        let RampVerdict::Unresolved { spread_needed } = c.verdict else {
+            panic!("{c:?}")
+        };
+        assert!(spread_needed > f.spread, "{c:?}");
+        assert!(c.why.contains("wider than half the slope"), "{}", c.why);
+        // Noisier still: the interval includes 0.
+        let noisier: Vec<(u32, f64)> = (0..16)
+            .map(|i| {
+                (
+                    (i / 2) as u32,
+                    0.036 + 0.005 * (i / 2) as f64 + 0.2 * noise(i),
+                )
+            })
+            .collect();
+        let c = check(fit(&noisier).unwrap(), 0.0049, 1.6);
+        assert!(c.why.contains("includes 0"), "{}", c.why);
+    }
+
+    #[test]
+    fn a_resolved_slope_far_from_the_vms_cost_disagrees() {
+        let points: Vec<(u32, f64)> = (0..12)
+            .map(|i| {
+                let vms = (i / 2) as u32;
+                (vms, 0.1 + 0.0077 * vms as f64 + 0.0005 * noise(i))
+            })
+            .collect();
+        let c = check(fit(&points).unwrap(), 0.0205, 1.6);
+        assert_eq!(c.verdict, RampVerdict::Disagrees, "{c:?}");
+        assert!(c.why.contains("misses"), "{}", c.why);
+    }
+
+    #[test]
+    fn t_quantiles() {
+        assert_eq!(t975(0), f64::INFINITY);
+        assert_eq!(t975(1), 12.706);
+        assert_eq!(t975(11), 2.228, "between rows: the smaller row's, wider");
+        assert_eq!(t975(1000), 1.980);
+        // Two windows: a line through both, no interval.
+        let f = fit(&[(1, 0.5), (2, 0.6)]).unwrap();
+        assert!(!f.per_vm_ci95.is_finite());
+        assert!(matches!(
+            check(f, 0.1, 1.0).verdict,
+            RampVerdict::Unresolved { .. }
+        ));
+        assert!(fit(&[(1, 0.5), (1, 0.6)]).is_none());
+    }
+}
