@@ -4,10 +4,10 @@
 //! against the VM count next to the projection from each VM's own QEMU CPU, and the result
 //! goes to docs/capacity.md with the commands.
 //!
-//! How many guests (up to N) and how many windows at each count are chosen from what the first
-//! guest measures: its own cost and the host's noise around it. A ramp's slope is known to
-//! t·noise/√Σ(VMs − mean)²; it is planned so that this is at most half the per-VM cost, or the
-//! ramp says it cannot resolve it on this host and stops there.
+//! How many windows each count is held for is chosen from what the first guest measures: its
+//! own cost and the host's noise around it. A ramp's slope is known to t·noise/√Σ(VMs −
+//! mean)²; it is planned so that this is at most half the per-VM cost, or the ramp says up
+//! front that it cannot resolve it on this host (and how many guests would).
 
 use std::{
     path::Path,
@@ -113,13 +113,12 @@ pub fn density(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let rec = dir.join(format!("density-{profile}.jsonl"));
     let settle = 2 * window;
     eprintln!(
-        "xtask density: up to {max_vms} {profile} guests (Debian's QEMU, TCG), `profiler record \
+        "xtask density: {max_vms} {profile} guests (Debian's QEMU, TCG), `profiler record \
          --window {window}` throughout"
     );
     let names: Vec<String> = (1..=max_vms)
         .map(|i| format!("density-{profile}-{i:02}"))
         .collect();
-    let mut vms = max_vms;
     let mut hold = fixed_hold.unwrap_or(2);
     let mut planned = String::new();
     // Only this ramp's guests: anything else running on the host is in the host CPU anyway,
@@ -135,9 +134,6 @@ pub fn density(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         for (i, name) in names.iter().enumerate() {
             let i = i + 1;
-            if i > vms {
-                break;
-            }
             let spec = GuestSpec::new(name.clone(), devices);
             let guest = launch(&spec, &image, &dir)?;
             guest.wait_ready(Duration::from_secs(300))?;
@@ -173,12 +169,12 @@ pub fn density(root: &Path, args: &[String]) -> anyhow::Result<()> {
                          busy CPU scattered by {:.2} % of a core around it ({CALIBRATION_WINDOWS} \
                          windows): resolving that cost to half needs Σ(VMs − mean)² ≥ \
                          {needed:.0}, which {n} guests held {MAX_HOLD} windows each do not \
-                         reach ({guests} would): the ramp cannot resolve it on this host, so it \
-                         stops at one guest, and the per-VM figures answer.\n\n",
+                         reach ({guests} would): the ramp cannot resolve it on this host. It \
+                         runs its {n} guests anyway, {hold} windows at each count, to show what \
+                         `capacity` makes of such a ramp; the per-VM figures answer.\n\n",
                         cost * 100.0,
                         noise * 100.0,
                     );
-                    vms = 1;
                 }
             }
             eprintln!("xtask density: {}", planned.trim());
