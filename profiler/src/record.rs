@@ -77,7 +77,12 @@ pub struct HostWindow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BusySource {
-    /// Every CPU's time outside its idle task, kept at each context switch: exact.
+    /// The scheduler's runtime of every task (the root cgroup v1 `cpuacct.usage`): exact, in
+    /// the clock processes' CPU time is kept in, so never below what they used.
+    Cpuacct,
+    /// Every CPU's wall-clock time outside its idle task, kept at each context switch (where
+    /// no `cpuacct` hierarchy is mounted). A task's runtime also counts the path that wakes it
+    /// from idle, so this can read a little below the tasks' sum (docs/capacity.md).
     SchedSwitch,
     /// `/proc/stat`'s non-idle time: sampled at the timer tick, so work in bursts shorter
     /// than a tick is mostly counted as idle.

@@ -148,8 +148,7 @@ pub struct CapacityReport {
     /// Every window with host data and no VM settling in it: (VMs running, busy cores).
     pub host_windows: Vec<(u32, f64)>,
     pub host: Vec<HostPoint>,
-    /// How the host's busy time was measured in those windows (`proc_stat` when any window
-    /// had only that).
+    /// How the host's busy time was measured in those windows (the least exact of theirs).
     pub host_busy_source: Option<BusySource>,
     /// Windows in which the VMs' own CPU added up to more than the host's busy time: a host
     /// figure that misses work (`/proc/stat` samples at the tick).
@@ -336,8 +335,14 @@ fn host_windows(records: &[WindowRecord], settle: f64) -> (Vec<(u32, f64)>, Opti
         });
         if !booting {
             per_window.insert(r.window, (h.vms_running, h.busy_cpu_seconds / r.seconds));
+            // The least exact of the windows' sources is the ramp's.
+            let exactness = |s: BusySource| match s {
+                BusySource::ProcStat => 0,
+                BusySource::SchedSwitch => 1,
+                BusySource::Cpuacct => 2,
+            };
             let this = h.busy_source.unwrap_or(BusySource::ProcStat);
-            if source != Some(BusySource::ProcStat) {
+            if source.is_none_or(|s| exactness(this) < exactness(s)) {
                 source = Some(this);
             }
         }

@@ -1,6 +1,8 @@
 //! The host's busy CPU per window: read at every sample, and the difference between two
-//! consecutive window boundaries belongs to the window between them. The scheduler's idle
-//! time where the probes measure it (exact), else `/proc/stat` (sampled at the tick).
+//! consecutive window boundaries belongs to the window between them. The scheduler's runtime
+//! of every task (root `cpuacct`: exact, and in the clock processes' CPU time is kept in),
+//! else each CPU's time outside its idle task (the probes' `sched_switch` program), else
+//! `/proc/stat` (sampled at the tick).
 
 use crate::{
     identity::discovery::HostCpu,
@@ -16,6 +18,8 @@ const EPSILON: f64 = 1e-6;
 pub struct HostReading {
     /// `/proc/stat`.
     pub stat: Option<HostCpu>,
+    /// Nanoseconds every task ran, from the root `cpuacct` cgroup.
+    pub runtime_ns: Option<u64>,
     /// Busy nanoseconds of all CPUs from the scheduler's idle time (arbitrary origin).
     pub busy_ns: Option<u64>,
     /// The host's memory (`MemTotal`), bytes.
@@ -42,7 +46,7 @@ impl HostWindows {
 
     /// A sample at `t` read `now` with `vms` VMs watched. On a window boundary whose previous
     /// boundary was read too, returns the window that just ended and the host in it: its busy
-    /// time from the scheduler where both ends have it, else from `/proc/stat`.
+    /// time from the first source both ends have (see the module).
     pub fn sample(&mut self, t: f64, now: HostReading, vms: usize) -> Option<(u64, HostWindow)> {
         let index = self.clock.index_at(t);
         if (t - self.clock.start_of(index)).abs() > EPSILON {
@@ -58,20 +62,22 @@ impl HostWindows {
             .and_then(|(prev, then)| {
                 let ticks = stat.busy_ticks.saturating_sub(then.stat?.busy_ticks);
                 let proc_stat = round3(ticks as f64 / self.ticks_per_second as f64);
-                let sched = then
-                    .busy_ns
-                    .zip(now.busy_ns)
-                    .map(|(a, b)| round3(b.saturating_sub(a) as f64 / 1e9));
+                let seconds = |a: Option<u64>, b: Option<u64>| {
+                    a.zip(b)
+                        .map(|(a, b)| round3(b.saturating_sub(a) as f64 / 1e9))
+                };
+                let exact = seconds(then.runtime_ns, now.runtime_ns)
+                    .map(|s| (s, BusySource::Cpuacct))
+                    .or_else(|| {
+                        seconds(then.busy_ns, now.busy_ns).map(|s| (s, BusySource::SchedSwitch))
+                    });
+                let (busy, source) = exact.unwrap_or((proc_stat, BusySource::ProcStat));
                 let host = HostWindow {
                     cpus: stat.cpus,
-                    busy_cpu_seconds: sched.unwrap_or(proc_stat),
+                    busy_cpu_seconds: busy,
                     vms_running: vms as u32,
-                    busy_source: Some(if sched.is_some() {
-                        BusySource::SchedSwitch
-                    } else {
-                        BusySource::ProcStat
-                    }),
-                    proc_stat_busy_cpu_seconds: sched.map(|_| proc_stat),
+                    busy_source: Some(source),
+                    proc_stat_busy_cpu_seconds: exact.map(|_| proc_stat),
                     memory_bytes: now.memory_bytes,
                 };
                 Some((prev, host))
@@ -134,6 +140,7 @@ mod sched_tests {
             }),
             busy_ns: ns,
             memory_bytes: Some(24 << 30),
+            ..HostReading::default()
         };
         h.sample(0.0, read(0, Some(1_000_000_000)), 2);
         let (_, w) = h.sample(10.0, read(39, Some(11_400_000_000)), 2).unwrap();

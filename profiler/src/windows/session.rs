@@ -92,6 +92,11 @@ pub trait Discover {
     fn host_memory(&mut self) -> Option<u64> {
         None
     }
+    /// Nanoseconds every task on the host ran so far, from the root `cpuacct` cgroup (`None`:
+    /// not mounted).
+    fn host_runtime_ns(&mut self) -> Option<u64> {
+        None
+    }
     /// The threads of process `pid` with their roles, reusing the `settled` ones (`None`: not
     /// known).
     fn threads(
@@ -123,6 +128,7 @@ pub struct ProcDiscovery {
     host_cpu: crate::identity::discovery::HostCpuReader,
     kernel_workers: KernelWorkers,
     memory_total: Option<u64>,
+    cpuacct: crate::identity::procfs::CpuacctReader,
 }
 
 /// A hinted scan trusts the exec hints and pidfds; every this many scans, one looks at all of
@@ -150,6 +156,9 @@ impl Discover for ProcDiscovery {
     }
     fn host_cpu(&mut self) -> Option<HostCpu> {
         self.host_cpu.read(&self.paths.proc_root)
+    }
+    fn host_runtime_ns(&mut self) -> Option<u64> {
+        self.cpuacct.read(&self.paths.proc_root)
     }
     fn host_memory(&mut self) -> Option<u64> {
         // Constant while the host runs: read once.
@@ -451,6 +460,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         }
         let host_now = crate::windows::host::HostReading {
             stat: self.discovery.host_cpu(),
+            runtime_ns: self.discovery.host_runtime_ns(),
             busy_ns: self.probes.host_busy_ns(),
             memory_bytes: self.discovery.host_memory(),
         };

@@ -111,7 +111,11 @@ fn render_host(out: &mut String, r: &CapacityReport, budget: f64) {
         return;
     }
     let source = match r.host_busy_source {
-        Some(BusySource::SchedSwitch) => "each CPU's time outside its idle task, exact",
+        Some(BusySource::Cpuacct) => "the scheduler's runtime of every task, exact",
+        Some(BusySource::SchedSwitch) => {
+            "each CPU's time outside its idle task (it may read a little below the tasks' own \
+             runtimes)"
+        }
         _ => "/proc/stat, sampled at the tick: it reads low when work comes in short bursts",
     };
     let _ = writeln!(
@@ -171,11 +175,16 @@ fn render_host(out: &mut String, r: &CapacityReport, budget: f64) {
              time ({}): the host figure misses work{}",
             r.host_below_vms.len(),
             crate::analysis::check::windows_list(&r.host_below_vms),
-            if r.host_busy_source == Some(BusySource::SchedSwitch) {
-                ""
-            } else {
-                " (/proc/stat samples at the tick; a recording by this profiler's current \
-                 version measures it exactly)"
+            match r.host_busy_source {
+                Some(BusySource::Cpuacct) => "",
+                Some(BusySource::SchedSwitch) => {
+                    " (idle time ends at a switch, while a woken task's runtime starts at its \
+                     wakeup; a host with a cgroup v1 cpuacct hierarchy measures it exactly)"
+                }
+                _ => {
+                    " (/proc/stat samples at the tick; a recording by this profiler's current \
+                     version measures it exactly)"
+                }
             }
         );
     }

@@ -147,7 +147,16 @@ impl EventProbes {
         // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
         let kvm = KvmSource::attach(&mut ebpf, &tracefs);
         let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
-        let host_cpu = host_cpu::HostCpuSource::attach(&mut ebpf);
+        // Only where no cpuacct hierarchy gives the tasks' runtimes: it costs every context
+        // switch on the host.
+        let host_cpu = if crate::identity::procfs::CpuacctReader::default()
+            .read(std::path::Path::new("/proc"))
+            .is_some()
+        {
+            host_cpu::HostCpuSource::not_needed()
+        } else {
+            host_cpu::HostCpuSource::attach(&mut ebpf)
+        };
         let counters = counters::CounterStore::open(&ebpf)?;
         let watch_table = watch_table::WatchTable::open(&ebpf)?;
         let ppoll_marks = syscall_waits::PpollMarks::open(&ebpf)?;

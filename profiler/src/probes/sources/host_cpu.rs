@@ -1,6 +1,6 @@
-//! The host's busy time from the scheduler (the kernel side is
-//! `profiler-ebpf/src/probes/host_cpu.rs`): every CPU's time in its idle task, kept at each
-//! context switch, so that a busy time is exact where `/proc/stat`'s is sampled at the tick.
+//! The host's busy time from the scheduler where no cgroup v1 `cpuacct` hierarchy gives it
+//! (the kernel side is `profiler-ebpf/src/probes/host_cpu.rs`): every CPU's time in its idle
+//! task, kept at each context switch, where `/proc/stat`'s is sampled at the tick.
 
 use anyhow::Context as _;
 use aya::{
@@ -39,6 +39,15 @@ impl HostCpuSource {
             switch_every_cpu();
         }
         Self { status }
+    }
+
+    /// Not attached: the root `cpuacct` cgroup gives the host's busy time instead.
+    pub fn not_needed() -> Self {
+        Self {
+            status: Err(
+                "not needed: the root cpuacct cgroup gives the scheduler's runtimes".into(),
+            ),
+        }
     }
 
     pub fn status(&self) -> &Result<(), String> {
