@@ -51,6 +51,11 @@ pub struct Target {
     /// attached for only part of each window, and its counts scaled and marked estimated.
     #[arg(long, value_name = "PCT")]
     pub max_overhead: Option<f64>,
+    /// How uprobes are linked: `auto`, one multi-uprobe link per VM and program where the
+    /// kernel makes them (Linux ≥ 6.6; quitting, a VM's exit and a budget pause then wait one
+    /// grace period per link, not per probe site), else per site; `per-site` forces the latter.
+    #[arg(long, value_enum, default_value_t)]
+    pub uprobe_links: crate::offer::policy::UprobeLinkChoice,
 }
 
 #[derive(Debug, Subcommand)]

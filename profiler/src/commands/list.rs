@@ -151,6 +151,15 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{}", capacity_line(vms.len()));
+    println!(
+        "uprobe links: {}",
+        match crate::probes::kernel::uprobe_multi::offered() {
+            Ok(()) => "one multi-uprobe link per VM and program (detaching waits one grace \
+                       period per link)"
+                .to_string(),
+            Err(why) => format!("one per probe site: {}", clean(&why)),
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 

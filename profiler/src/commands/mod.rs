@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 debug_roots: debug_roots(debug_dirs),
                 timer_choice: timer_source,
                 max_overhead: None,
+                uprobe_links: Default::default(),
             },
         ),
         Command::Record {
@@ -113,6 +114,7 @@ fn live_options(window: u64, target: crate::cli::Target) -> live::LiveOptions {
             debug_roots: debug_roots(target.debug_dirs),
             timer_choice: target.timer_source,
             max_overhead: target.max_overhead,
+            uprobe_links: target.uprobe_links,
         },
     }
 }

@@ -115,6 +115,18 @@ pub enum TimerChoice {
     Hrtimer,
 }
 
+/// How uprobes are linked (`--uprobe-links`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UprobeLinkChoice {
+    /// One multi-uprobe link per VM per program where the kernel makes them (Linux ≥ 6.6):
+    /// detaching a VM, a budget pause or quitting waits one grace period per link, not one
+    /// per probe site. Per-site links where it does not.
+    #[default]
+    Auto,
+    /// One perf-event link per probe site (what older kernels get).
+    PerSite,
+}
+
 /// Why a VM's QEMU gives no read/write counts without a better build.
 pub const NO_USDT_REASON: &str = "this QEMU has no qemu:memory_region_ops_read/write USDT \
      probes (built without the dtrace trace backend, e.g. Debian/Ubuntu packages); use a QEMU \

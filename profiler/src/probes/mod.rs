@@ -214,4 +214,6 @@ pub struct ProbeOptions {
     pub timer_choice: TimerChoice,
     /// `--max-overhead`: percent of a core each VM's uprobes may cost (applied by the session).
     pub max_overhead: Option<f64>,
+    /// How uprobes are linked.
+    pub uprobe_links: crate::offer::policy::UprobeLinkChoice,
 }

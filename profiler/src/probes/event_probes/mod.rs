@@ -10,6 +10,7 @@ mod tests;
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -26,12 +27,12 @@ use crate::{
     offer::{
         exe::{ExeAnalysis, ExeCatalog},
         libc::{LibcCatalog, LibcOffer},
-        policy::{TimerChoice, VmSources},
+        policy::{TimerChoice, UprobeLinkChoice, VmSources},
     },
     probes::{
         AttachedVm, HitCost, NESTED_RUNS, ProbeCost, ProbeLayer, ProbeOptions, RawCounters,
         RegionLabel,
-        kernel::{batch, counters, detacher, object, prog_info, stats, watch_table},
+        kernel::{batch, counters, detacher, object, prog_info, stats, uprobe_multi, watch_table},
         sources::{
             execs, host_cpu, hrtimers,
             kvm::{self, KvmSource},
@@ -100,6 +101,8 @@ pub struct EventProbes {
     kvm: KvmSource,
     /// The host's busy time from the scheduler.
     host_cpu: host_cpu::HostCpuSource,
+    /// Multi-uprobe links (`Err`: why per-site links are used).
+    uprobe_links: Result<(), String>,
     /// Said while attaching, handed out with the watch that caused it.
     pending_notes: Vec<Note>,
     /// What serves each watched VM, to re-attach it after a pause.
@@ -134,16 +137,32 @@ impl EventProbes {
             debug_roots,
             timer_choice,
             max_overhead,
+            uprobe_links,
         } = options;
         crate::probes::host::check_privileges()?;
         crate::probes::host::raise_fd_limit();
         let tracefs = crate::offer::tracefs::ensure_tracefs()?;
         let mut ebpf = Ebpf::load(object::EBPF_OBJECT).context("loading the eBPF object")?;
+        // Before any map is taken out of `ebpf`: the copies are relocated against them all.
+        let multi = match uprobe_links {
+            UprobeLinkChoice::PerSite => Err("per-site links asked for (--uprobe-links)".into()),
+            UprobeLinkChoice::Auto => {
+                let programs: Vec<&str> = SymbolSource::PROGRAMS
+                    .into_iter()
+                    .chain([usdt::PROGRAM])
+                    .chain(LibcWaitSource::programs())
+                    .collect();
+                uprobe_multi::MultiPrograms::load(&ebpf, object::EBPF_OBJECT, &programs)
+                    .map(Arc::new)
+                    .map_err(|e| format!("{e:#}"))
+            }
+        };
+        let shared = multi.as_ref().ok().cloned();
         let syscall_waits = syscall_waits::load(&mut ebpf)?;
         let hrtimer_waits = hrtimers::HrtimerWaits::load(&mut ebpf, &tracefs);
-        let libc = LibcWaitSource::load(&mut ebpf)?;
-        let usdt = UsdtSource::load(&mut ebpf)?;
-        let symbols = SymbolSource::load(&mut ebpf)?;
+        let libc = LibcWaitSource::load(&mut ebpf, shared.clone())?;
+        let usdt = UsdtSource::load(&mut ebpf, shared.clone())?;
+        let symbols = SymbolSource::load(&mut ebpf, shared)?;
         // KVM tracepoints are cheap when no KVM guest runs; their absence is not fatal.
         let kvm = KvmSource::attach(&mut ebpf, &tracefs);
         let execs = execs::ExecWatch::attach(&mut ebpf).map_err(|e| format!("{e:#}"));
@@ -173,6 +192,7 @@ impl EventProbes {
             symbols,
             kvm,
             host_cpu,
+            uprobe_links: multi.map(|_| ()),
             pending_notes: Vec::new(),
             served: HashMap::new(),
             detacher: detacher::Detacher::new(),
@@ -438,6 +458,7 @@ impl ProbeLayer for EventProbes {
             ),
             ("kvm-tracepoints", self.kvm.status().clone()),
             ("sched-switch-idle-time", self.host_cpu.status().clone()),
+            ("multi-uprobe-links", self.uprobe_links.clone()),
         ]
     }
 

@@ -19,6 +19,33 @@ use crate::probes::{
     },
 };
 
+/// The multi-uprobe copies of every uprobe program on `ebpf`, as `EventProbes::load` makes
+/// them, when `on`.
+fn multi(ebpf: &Ebpf, on: bool) -> Option<Arc<uprobe_multi::MultiPrograms>> {
+    let programs: Vec<&str> = SymbolSource::PROGRAMS
+        .into_iter()
+        .chain([usdt::PROGRAM])
+        .chain(LibcWaitSource::programs())
+        .collect();
+    on.then(|| {
+        Arc::new(
+            uprobe_multi::MultiPrograms::load(ebpf, object::EBPF_OBJECT, &programs)
+                .expect("multi-uprobe copies of the programs"),
+        )
+    })
+}
+
+/// Whether this kernel makes no multi-uprobe links (said, and the test skipped).
+fn multi_links_missing(test: &str) -> bool {
+    match uprobe_multi::offered() {
+        Ok(()) => false,
+        Err(why) => {
+            xtask::prereq::Prereq::new(test).host_lacks::<()>(&why);
+            true
+        }
+    }
+}
+
 /// A process to attach to: `sleep`, killed on drop.
 struct Sleeper(Child);
 
@@ -144,6 +171,7 @@ fn unwatch(
 /// table, on `ebpf`.
 fn own_libc_fixture(
     ebpf: &mut Ebpf,
+    multi_links: bool,
 ) -> (
     LibcOffer,
     LibcWaitSource,
@@ -152,7 +180,8 @@ fn own_libc_fixture(
 ) {
     let offer = LibcCatalog::default().offer(std::process::id()).unwrap();
     offer.result_points().expect("this glibc's wait results");
-    let libc = LibcWaitSource::load(ebpf).unwrap();
+    let multi = multi(ebpf, multi_links);
+    let libc = LibcWaitSource::load(ebpf, multi).unwrap();
     let counters = counters::CounterStore::open(ebpf).unwrap();
     let table = watch_table::WatchTable::open(ebpf).unwrap();
     (offer, libc, counters, table)
@@ -163,7 +192,7 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
     use profiler_common::{WATCH_SLOTS, wait_block, wait_syscall};
     let (_one_at_a_time, mut ebpf) = root_test!("root_watch_table");
     let pid = std::process::id();
-    let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
+    let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf, false);
     libc.attach(&mut ebpf, pid, &offer, LibcProbes::Result, 0)
         .unwrap();
     let polls = zero_timeout_polls;
@@ -212,12 +241,11 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
 /// A budget pause: the links of the VM's generation stop counting the moment its
 /// generation moves on (their runs are closing hits), and a resume's new links count
 /// beside the old ones, still attached, without counting twice.
-#[test]
-fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
+fn a_paused_generations_links_count_nothing_and_a_resume_counts_once(multi_links: bool) {
     use profiler_common::{link_generation, wait_syscall};
     let (_one_at_a_time, mut ebpf) = root_test!("root_link_generations");
     let pid = std::process::id();
-    let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf);
+    let (offer, mut libc, mut counters, mut table) = own_libc_fixture(&mut ebpf, multi_links);
     let polls = zero_timeout_polls;
     let count = |counters: &mut counters::CounterStore, ebpf: &Ebpf, kind: u32| -> u64 {
         counters
@@ -294,7 +322,7 @@ fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
     let tid = unsafe { libc::gettid() } as u32;
     let offer = LibcCatalog::default().offer(pid).unwrap();
     let tracefs = crate::offer::tracefs::ensure_tracefs().unwrap();
-    let mut libc = LibcWaitSource::load(&mut ebpf).unwrap();
+    let mut libc = LibcWaitSource::load(&mut ebpf, None).unwrap();
     let mut hrtimers = hrtimers::HrtimerWaits::load(&mut ebpf, &tracefs);
     let mut counters = counters::CounterStore::open(&ebpf).unwrap();
     let mut table = watch_table::WatchTable::open(&ebpf).unwrap();
@@ -395,10 +423,10 @@ fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
     counters.forget(&mut ebpf, pid).unwrap();
 }
 
-#[test]
-fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back() {
+fn a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back(multi_links: bool) {
     let (_one_at_a_time, mut ebpf) = root_test!("root_a_budget_pause_detaches_every_symbols_link");
-    let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
+    let multi = multi(&ebpf, multi_links);
+    let mut symbols = SymbolSource::load(&mut ebpf, multi).unwrap();
     let (sleeper, entry) = sleeper();
     let pid = sleeper.0.id();
     let exe = analyzed_exe(pid);
@@ -422,11 +450,11 @@ fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back()
     assert_eq!(probe_fds(), before);
 }
 
-#[test]
-fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
+fn a_usdt_attach_that_fails_part_way_leaves_nothing(multi_links: bool) {
     let (_one_at_a_time, mut ebpf) =
         root_test!("root_a_usdt_attach_that_fails_part_way_leaves_nothing");
-    let mut usdt = UsdtSource::load(&mut ebpf).unwrap();
+    let multi = multi(&ebpf, multi_links);
+    let mut usdt = UsdtSource::load(&mut ebpf, multi).unwrap();
     let (sleeper, entry) = sleeper();
     let pid = sleeper.0.id();
     let before = probe_fds();
@@ -440,10 +468,7 @@ fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
     };
     let sites = [site(entry, None), site(1 << 40, None)];
     let err = usdt.attach_sites(&mut ebpf, pid, &sites, 0).unwrap_err();
-    assert!(
-        format!("{err:#}").contains("file offset 0x10000000000"),
-        "{err:#}"
-    );
+    assert!(format!("{err:#}").contains("0x10000000000"), "{err:#}");
     assert_eq!(probe_fds(), before, "a uprobe was left attached");
     assert_eq!(spec_entries(&mut ebpf), 0, "a spec was left in {SPECS_MAP}");
     assert!(!usdt.is_attached(pid));
@@ -471,11 +496,11 @@ fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
     assert_eq!(spec_entries(&mut ebpf), 0);
 }
 
-#[test]
-fn root_a_symbols_attach_that_fails_part_way_leaves_nothing() {
+fn a_symbols_attach_that_fails_part_way_leaves_nothing(multi_links: bool) {
     let (_one_at_a_time, mut ebpf) =
         root_test!("root_a_symbols_attach_that_fails_part_way_leaves_nothing");
-    let mut symbols = SymbolSource::load(&mut ebpf).unwrap();
+    let multi = multi(&ebpf, multi_links);
+    let mut symbols = SymbolSource::load(&mut ebpf, multi).unwrap();
     let (sleeper, entry) = sleeper();
     let pid = sleeper.0.id();
     let exe = analyzed_exe(pid);
@@ -495,4 +520,63 @@ fn root_a_symbols_attach_that_fails_part_way_leaves_nothing() {
     assert!(symbols.dispatch_attached(pid));
     symbols.detach(&mut ebpf, pid);
     assert_eq!(probe_fds(), before);
+}
+
+#[test]
+fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once() {
+    a_paused_generations_links_count_nothing_and_a_resume_counts_once(false);
+}
+
+#[test]
+fn root_a_paused_generations_links_count_nothing_and_a_resume_counts_once_with_multi_links() {
+    if multi_links_missing(
+        "root_a_paused_generations_links_count_nothing_and_a_resume_counts_once_with_multi_links",
+    ) {
+        return;
+    }
+    a_paused_generations_links_count_nothing_and_a_resume_counts_once(true);
+}
+
+#[test]
+fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back() {
+    a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back(false);
+}
+
+#[test]
+fn root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back_with_multi_links() {
+    if multi_links_missing(
+        "root_a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back_with_multi_links",
+    ) {
+        return;
+    }
+    a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back(true);
+}
+
+#[test]
+fn root_a_usdt_attach_that_fails_part_way_leaves_nothing() {
+    a_usdt_attach_that_fails_part_way_leaves_nothing(false);
+}
+
+#[test]
+fn root_a_usdt_attach_that_fails_part_way_leaves_nothing_with_multi_links() {
+    if multi_links_missing("root_a_usdt_attach_that_fails_part_way_leaves_nothing_with_multi_links")
+    {
+        return;
+    }
+    a_usdt_attach_that_fails_part_way_leaves_nothing(true);
+}
+
+#[test]
+fn root_a_symbols_attach_that_fails_part_way_leaves_nothing() {
+    a_symbols_attach_that_fails_part_way_leaves_nothing(false);
+}
+
+#[test]
+fn root_a_symbols_attach_that_fails_part_way_leaves_nothing_with_multi_links() {
+    if multi_links_missing(
+        "root_a_symbols_attach_that_fails_part_way_leaves_nothing_with_multi_links",
+    ) {
+        return;
+    }
+    a_symbols_attach_that_fails_part_way_leaves_nothing(true);
 }

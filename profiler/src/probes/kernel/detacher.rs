@@ -39,6 +39,8 @@ pub struct Detacher {
     /// …unless someone waits for closes to finish ([`Detacher::wait_for`], typically inside
     /// an attach that holds the closer: waiting out the hold there would never end).
     waiters: Arc<AtomicUsize>,
+    /// Exiting: no batches any more.
+    draining: Arc<std::sync::atomic::AtomicBool>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -72,9 +74,11 @@ impl Detacher {
         let done = Arc::new(Mutex::new(Vec::new()));
         let holds = Arc::new(AtomicUsize::new(0));
         let waiters = Arc::new(AtomicUsize::new(0));
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let gate = Gate {
             holds: holds.clone(),
             waiters: waiters.clone(),
+            draining: draining.clone(),
         };
         let worker_done = done.clone();
         let worker = std::thread::Builder::new()
@@ -87,6 +91,7 @@ impl Detacher {
             pending: Default::default(),
             holds,
             waiters,
+            draining,
             worker,
         }
     }
@@ -156,8 +161,10 @@ impl Detacher {
         finished
     }
 
-    /// Waits for every detach under way (at exit: QEMU must be left as it was found).
+    /// Waits for every detach under way (at exit: QEMU must be left as it was found), closing
+    /// what is left all at once.
     pub fn drain(&mut self) {
+        self.draining.store(true, Ordering::SeqCst);
         self.tx = None;
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
@@ -175,13 +182,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// At most this many links are closed at once (concurrent closes share grace periods).
-const BATCH: usize = 16;
+/// At most this many links are closed at once while the profiler runs (concurrent closes
+/// share grace periods; a multi-uprobe link's release waits for one, a per-site link's too).
+/// At exit every link is closed at once (docs/benchmarks.md, `bench teardown`).
+const BATCH: usize = 64;
 
 /// When the closer may close: no attach holds it, or someone waits for it.
 struct Gate {
     holds: Arc<AtomicUsize>,
     waiters: Arc<AtomicUsize>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Gate {
@@ -190,6 +200,7 @@ impl Gate {
         Self {
             holds: Arc::new(AtomicUsize::new(0)),
             waiters: Arc::new(AtomicUsize::new(0)),
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -206,7 +217,12 @@ fn close_all(items: Vec<Detach>, requested: Instant, gate: &Gate) -> Duration {
         while gate.is_closed() {
             std::thread::sleep(Duration::from_millis(2));
         }
-        let batch: Vec<Detach> = items.drain(..items.len().min(BATCH)).collect();
+        let size = if gate.draining.load(Ordering::SeqCst) {
+            items.len()
+        } else {
+            BATCH
+        };
+        let batch: Vec<Detach> = items.drain(..items.len().min(size)).collect();
         std::thread::scope(|s| {
             for item in batch {
                 s.spawn(move || drop(item));

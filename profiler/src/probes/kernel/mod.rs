@@ -14,5 +14,6 @@ pub mod stats;
 #[cfg(test)]
 pub mod test_support;
 pub mod tracepoint_group;
+pub mod uprobe_multi;
 pub mod uprobes;
 pub mod watch_table;

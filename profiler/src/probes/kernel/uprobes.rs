@@ -1,5 +1,9 @@
 //! uprobe links of one program in one process, made all at once or not at all (libbpf's
 //! `bpf_link` discipline): what an attach made is undone when a later step of it fails.
+//!
+//! One multi-uprobe link for all the points of an attach where the kernel makes them
+//! ([`uprobe_multi`]: its release waits one grace period, not one per point), else one perf
+//! link per point ([`perf_uprobe`]).
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
@@ -14,7 +18,10 @@ use aya::{
 
 use profiler_common::link_generation;
 
-use crate::probes::kernel::perf_uprobe::{self, PerfUprobe, UprobeSite};
+use crate::probes::kernel::{
+    perf_uprobe::{self, PerfUprobe, UprobeSite},
+    uprobe_multi::{self, MultiPrograms, MultiUprobe},
+};
 
 /// Loads the uprobe program `name` (once, at start-up).
 pub fn load(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
@@ -42,13 +49,20 @@ pub fn program_fd(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<std::os::fd::Ra
 
 pub use crate::offer::UprobePoint;
 
+/// One kernel link: a multi-uprobe link holding several points, or one point's perf link
+/// (opened disabled, by hand: aya's enabled per-task events would cost the process at every
+/// context switch).
+#[derive(Debug)]
+pub enum UprobeLink {
+    Multi(MultiUprobe),
+    PerSite(PerfUprobe),
+}
+
 /// Links of one program in one process.
 #[derive(Debug)]
 pub struct UprobeLinks {
     program: &'static str,
-    /// Opened disabled, by hand ([`perf_uprobe`]): aya's enabled per-task events would cost
-    /// the process at every context switch.
-    links: Vec<PerfUprobe>,
+    links: Vec<UprobeLink>,
     /// Where each link is, to attach them again after a pause.
     points: Vec<UprobePoint>,
     /// The [`profiler_common::link_generation`] every link carries in its cookie.
@@ -81,10 +95,12 @@ impl UprobeLinks {
     }
 
     /// Attaches `program` at every point of `pid`'s executable, scoped to that process (its
-    /// breakpoints go into that process only), each link carrying `generation` in its cookie.
-    /// On error, the links made so far are detached.
+    /// breakpoints go into that process only), each point carrying `generation` in its
+    /// cookie: one multi-uprobe link when `multi` has the program, else a link per point.
+    /// On error, nothing is left attached.
     pub fn attach(
         ebpf: &mut Ebpf,
+        multi: Option<&MultiPrograms>,
         program: &'static str,
         pid: u32,
         points: &[UprobePoint],
@@ -92,6 +108,7 @@ impl UprobeLinks {
     ) -> anyhow::Result<Self> {
         Self::attach_in(
             ebpf,
+            multi,
             program,
             pid,
             Path::new(&format!("/proc/{pid}/exe")),
@@ -104,6 +121,7 @@ impl UprobeLinks {
     /// library, named through `/proc/PID/map_files` so it is the inode the process maps).
     pub fn attach_in(
         ebpf: &mut Ebpf,
+        multi: Option<&MultiPrograms>,
         program: &'static str,
         pid: u32,
         target: &Path,
@@ -111,49 +129,90 @@ impl UprobeLinks {
         generation: u32,
     ) -> anyhow::Result<Self> {
         let mut made = Self::empty(program, generation);
-        for point in points {
-            if let Err(e) = made.add_in(ebpf, pid, target, *point) {
-                made.detach(ebpf);
-                return Err(e);
-            }
-        }
+        made.add_in(ebpf, multi, pid, target, points)?;
         Ok(made)
     }
 
-    /// Attaches one more point in `pid`'s executable; on error nothing is added.
-    pub fn add(&mut self, ebpf: &mut Ebpf, pid: u32, point: UprobePoint) -> anyhow::Result<()> {
-        self.add_in(ebpf, pid, Path::new(&format!("/proc/{pid}/exe")), point)
+    /// Attaches more points in `pid`'s executable, as one link where the kernel makes multi
+    /// links (so a batch of timer callbacks found in one refresh costs one grace period when
+    /// it goes); on error nothing is added.
+    pub fn add(
+        &mut self,
+        ebpf: &mut Ebpf,
+        multi: Option<&MultiPrograms>,
+        pid: u32,
+        points: &[UprobePoint],
+    ) -> anyhow::Result<()> {
+        self.add_in(
+            ebpf,
+            multi,
+            pid,
+            Path::new(&format!("/proc/{pid}/exe")),
+            points,
+        )
     }
 
     fn add_in(
         &mut self,
         ebpf: &mut Ebpf,
+        multi: Option<&MultiPrograms>,
         pid: u32,
         target: &Path,
-        point: UprobePoint,
+        points: &[UprobePoint],
     ) -> anyhow::Result<()> {
         anyhow::ensure!(pid != 0, "pid 0 cannot be probed");
+        if points.is_empty() {
+            return Ok(());
+        }
         let retprobe = matches!(program(ebpf, self.program)?.kind(), ProbeKind::Return);
-        let prog_fd = program_fd(ebpf, self.program)?;
-        let site = UprobeSite {
-            target,
-            file_offset: point.file_offset,
-            ref_ctr_offset: None,
-            retprobe,
+        let cookies: Vec<u64> = points
+            .iter()
+            .map(|p| link_generation::tag(p.cookie, self.generation))
+            .collect();
+        let offsets: Vec<u64> = points.iter().map(|p| p.file_offset).collect();
+        let made: Vec<UprobeLink> = match multi.and_then(|m| m.fd(self.program)) {
+            Some(prog_fd) => {
+                let link =
+                    uprobe_multi::link(prog_fd, target, &offsets, None, &cookies, pid, retprobe)
+                        .with_context(|| {
+                            format!(
+                                "attaching uprobes at file offsets {} of {} (one multi-uprobe \
+                                 link)",
+                                uprobe_multi::offsets_text(&offsets),
+                                target.display()
+                            )
+                        })?;
+                vec![UprobeLink::Multi(link)]
+            }
+            None => {
+                let prog_fd = program_fd(ebpf, self.program)?;
+                let mut made = Vec::with_capacity(points.len());
+                for (&file_offset, &cookie) in offsets.iter().zip(&cookies) {
+                    let site = UprobeSite {
+                        target,
+                        file_offset,
+                        ref_ctr_offset: None,
+                        retprobe,
+                    };
+                    // On error `made` drops: what this call attached goes.
+                    let link =
+                        perf_uprobe::attach(prog_fd, pid, &site, cookie).with_context(|| {
+                            format!(
+                                "attaching a uprobe at file offset {file_offset:#x} of {}",
+                                target.display()
+                            )
+                        })?;
+                    made.push(UprobeLink::PerSite(link));
+                }
+                made
+            }
         };
-        let cookie = link_generation::tag(point.cookie, self.generation);
-        let link = perf_uprobe::attach(prog_fd, pid, &site, cookie).with_context(|| {
-            format!(
-                "attaching a uprobe at file offset {:#x} of {}",
-                point.file_offset,
-                target.display()
-            )
-        })?;
-        self.links.push(link);
-        self.points.push(point);
+        self.links.extend(made);
+        self.points.extend_from_slice(points);
         Ok(())
     }
 
+    /// Kernel links held (a multi link counts once, whatever its points).
     pub fn len(&self) -> usize {
         self.links.len()
     }

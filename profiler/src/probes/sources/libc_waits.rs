@@ -16,7 +16,10 @@ use aya::Ebpf;
 
 use crate::{
     offer::libc::{LibcOffer, LibcProbes},
-    probes::kernel::uprobes::{self, UprobeLinks, UprobePoint},
+    probes::kernel::{
+        uprobe_multi::MultiPrograms,
+        uprobes::{self, UprobeLinks, UprobePoint},
+    },
 };
 
 /// Entry programs, each remembering its function's timeout class.
@@ -47,17 +50,31 @@ fn entry_program(function: &str) -> &'static str {
 #[derive(Debug, Default)]
 pub struct LibcWaitSource {
     processes: HashMap<u32, Vec<UprobeLinks>>,
+    /// The multi-uprobe copies of the programs (`None`: per-site links).
+    multi: Option<std::sync::Arc<MultiPrograms>>,
 }
 
 impl LibcWaitSource {
-    /// Loads the entry and return programs (attached per process later).
-    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        for (_, program) in FUNCTIONS {
+    /// The uprobe programs of this source.
+    pub fn programs() -> Vec<&'static str> {
+        let mut all: Vec<&'static str> = FUNCTIONS.iter().map(|(_, p)| *p).collect();
+        all.extend([RETURN_PROGRAM, RESULT_PROGRAM]);
+        all
+    }
+
+    /// Loads the entry and return programs (attached per process later), linked through
+    /// `multi` where given.
+    pub fn load(
+        ebpf: &mut Ebpf,
+        multi: Option<std::sync::Arc<MultiPrograms>>,
+    ) -> anyhow::Result<Self> {
+        for program in Self::programs() {
             uprobes::load(ebpf, program)?;
         }
-        uprobes::load(ebpf, RETURN_PROGRAM)?;
-        uprobes::load(ebpf, RESULT_PROGRAM)?;
-        Ok(Self::default())
+        Ok(Self {
+            processes: HashMap::new(),
+            multi,
+        })
     }
 
     /// Attaches the probes of `how` to the wait functions of `pid`'s libc, as links of
@@ -73,12 +90,21 @@ impl LibcWaitSource {
     ) -> anyhow::Result<()> {
         self.detach(ebpf, pid);
         let target = offer.libc.reach(pid);
+        let multi = self.multi.as_deref();
         let made = match how {
             LibcProbes::Result => {
                 let points = offer.result_points()?;
                 vec![
-                    UprobeLinks::attach_in(ebpf, RESULT_PROGRAM, pid, &target, points, generation)
-                        .with_context(|| format!("the wait results in {}", offer.libc.path))?,
+                    UprobeLinks::attach_in(
+                        ebpf,
+                        multi,
+                        RESULT_PROGRAM,
+                        pid,
+                        &target,
+                        points,
+                        generation,
+                    )
+                    .with_context(|| format!("the wait results in {}", offer.libc.path))?,
                 ]
             }
             LibcProbes::EntryReturn => {
@@ -89,7 +115,9 @@ impl LibcWaitSource {
                         cookie: 0,
                     }];
                     let attach = |ebpf: &mut Ebpf, program| {
-                        UprobeLinks::attach_in(ebpf, program, pid, &target, &point, generation)
+                        UprobeLinks::attach_in(
+                            ebpf, multi, program, pid, &target, &point, generation,
+                        )
                     };
                     let result = attach(ebpf, entry_program(function)).and_then(|entry| {
                         made.push(entry);

@@ -12,7 +12,10 @@ use aya::Ebpf;
 use profiler_common::{RegionKey, kind};
 
 use crate::offer::symbols::ExeSymbols;
-use crate::probes::kernel::uprobes::{self, UprobeLinks, UprobePoint};
+use crate::probes::kernel::{
+    uprobe_multi::MultiPrograms,
+    uprobes::{self, UprobeLinks, UprobePoint},
+};
 
 pub const DISPATCH_PROGRAM: &str = "region_dispatch";
 pub const TIMER_MOD_PROGRAM: &str = "timer_mod";
@@ -97,15 +100,24 @@ impl SymbolProcess {
 #[derive(Debug, Default)]
 pub struct SymbolSource {
     processes: HashMap<u32, SymbolProcess>,
+    /// The multi-uprobe copies of the programs (`None`: per-site links).
+    multi: Option<Arc<MultiPrograms>>,
 }
 
 impl SymbolSource {
-    /// Loads the three programs (attached per process later).
-    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        for name in [DISPATCH_PROGRAM, TIMER_MOD_PROGRAM, CALLBACK_PROGRAM] {
+    /// The uprobe programs of this source.
+    pub const PROGRAMS: [&'static str; 3] = [DISPATCH_PROGRAM, TIMER_MOD_PROGRAM, CALLBACK_PROGRAM];
+
+    /// Loads the three programs (attached per process later), linked through `multi` where
+    /// given.
+    pub fn load(ebpf: &mut Ebpf, multi: Option<Arc<MultiPrograms>>) -> anyhow::Result<Self> {
+        for name in Self::PROGRAMS {
             uprobes::load(ebpf, name)?;
         }
-        Ok(Self::default())
+        Ok(Self {
+            processes: HashMap::new(),
+            multi,
+        })
     }
 
     /// `pid`'s state, made with callback links of `generation` if new.
@@ -203,7 +215,16 @@ impl SymbolSource {
         let result = self
             .process(pid, exe, generation)
             .map(|_| ())
-            .and_then(|()| UprobeLinks::attach(ebpf, program, pid, points, generation));
+            .and_then(|()| {
+                UprobeLinks::attach(
+                    ebpf,
+                    self.multi.as_deref(),
+                    program,
+                    pid,
+                    points,
+                    generation,
+                )
+            });
         match result {
             Ok(links) => {
                 let process = self.processes.get_mut(&pid).expect("made above");
@@ -240,7 +261,8 @@ impl SymbolSource {
             return 0;
         };
         let found: Vec<(u32, u64)> = seen.into_iter().map(|(k, _)| (k.tgid, k.region)).collect();
-        let mut attached = 0;
+        // This refresh's new callbacks of each VM, attached as one batch: one link to close.
+        let mut batches: HashMap<u32, Vec<UprobePoint>> = HashMap::new();
         for (pid, address) in found {
             let Some(process) = self.processes.get_mut(&pid) else {
                 continue;
@@ -258,12 +280,17 @@ impl SymbolSource {
             let Some(offset) = process.exe.symbols.vaddr_to_file_offset(vaddr) else {
                 continue;
             };
-            let point = UprobePoint {
+            batches.entry(pid).or_default().push(UprobePoint {
                 file_offset: offset,
                 cookie: vaddr,
-            };
-            if process.callbacks.add(ebpf, pid, point).is_ok() {
-                attached += 1;
+            });
+        }
+        let mut attached = 0;
+        for (pid, points) in batches {
+            let process = self.processes.get_mut(&pid).expect("found above");
+            let multi = self.multi.as_deref();
+            if process.callbacks.add(ebpf, multi, pid, &points).is_ok() {
+                attached += points.len();
             }
         }
         attached
@@ -315,7 +342,14 @@ impl SymbolSource {
         };
         let mut made: Vec<UprobeLinks> = Vec::new();
         for (program, points) in &process.paused {
-            match UprobeLinks::attach(ebpf, program, pid, points, generation) {
+            match UprobeLinks::attach(
+                ebpf,
+                self.multi.as_deref(),
+                program,
+                pid,
+                points,
+                generation,
+            ) {
                 Ok(links) => made.push(links),
                 Err(e) => {
                     for links in made {

@@ -31,8 +31,9 @@ use crate::{
         usdt::site_spec,
     },
     probes::kernel::{
-        perf_uprobe::{self, PerfUprobe, UprobeSite},
-        uprobes::{self, UprobeLinks, UprobePoint},
+        perf_uprobe::{self, UprobeSite},
+        uprobe_multi::{self, MultiPrograms},
+        uprobes::{self, UprobeLink, UprobeLinks, UprobePoint},
     },
 };
 
@@ -78,7 +79,7 @@ impl Drop for RaisedSemaphore {
 enum SiteLinks {
     /// Uprobes with a kernel-managed semaphore ([`perf_uprobe`]): nothing to undo by hand, and
     /// nothing left raised if the profiler is killed.
-    Kernel(Vec<PerfUprobe>),
+    Kernel(Vec<UprobeLink>),
     /// aya uprobes and semaphores raised through `/proc/PID/mem`: the fallback when the kernel
     /// refuses the managed form (another tracer holds a site without it). A SIGKILL of the
     /// profiler leaves these semaphores raised.
@@ -152,15 +153,21 @@ pub enum SemaphoreManagement {
 pub struct UsdtSource {
     attached: HashMap<u32, UsdtAttachment>,
     next_cookie: u32,
+    /// The multi-uprobe copy of the program (`None`: per-site links).
+    multi: Option<std::sync::Arc<MultiPrograms>>,
 }
 
 impl UsdtSource {
-    /// Loads the program (attached per process later).
-    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    /// Loads the program (attached per process later), linked through `multi` where given.
+    pub fn load(
+        ebpf: &mut Ebpf,
+        multi: Option<std::sync::Arc<MultiPrograms>>,
+    ) -> anyhow::Result<Self> {
         uprobes::load(ebpf, PROGRAM)?;
         Ok(Self {
             attached: HashMap::new(),
             next_cookie: 1,
+            multi,
         })
     }
 
@@ -246,7 +253,7 @@ impl UsdtSource {
                     generation,
                 ));
             }
-            match attach_kernel_managed(ebpf, pid, sites, &cookies) {
+            match attach_kernel_managed(ebpf, self.multi.as_deref(), pid, sites, &cookies) {
                 Ok(uprobes) => {
                     made.sites = Some(SiteLinks::Kernel(uprobes));
                     Ok(SemaphoreManagement::Kernel)
@@ -262,7 +269,14 @@ impl UsdtSource {
                             cookie,
                         })
                         .collect();
-                    let links = UprobeLinks::attach(ebpf, PROGRAM, pid, &points, generation)?;
+                    let links = UprobeLinks::attach(
+                        ebpf,
+                        self.multi.as_deref(),
+                        PROGRAM,
+                        pid,
+                        &points,
+                        generation,
+                    )?;
                     made.sites = Some(SiteLinks::ByHand {
                         links,
                         semaphores: Vec::new(),
@@ -343,15 +357,53 @@ enum KernelAttachError {
 }
 
 /// Attaches every site with its semaphore managed by the kernel; all or nothing (what was
-/// made is dropped, which detaches it, on the first error).
+/// made is dropped, which detaches it, on the first error). One multi-uprobe link where
+/// `multi` has the program, else a perf link per site.
 fn attach_kernel_managed(
     ebpf: &mut Ebpf,
+    multi: Option<&MultiPrograms>,
     pid: u32,
     sites: &[SiteToAttach],
     cookies: &[u64],
-) -> Result<Vec<PerfUprobe>, KernelAttachError> {
-    let prog_fd = uprobes::program_fd(ebpf, PROGRAM).map_err(KernelAttachError::Failed)?;
+) -> Result<Vec<UprobeLink>, KernelAttachError> {
     let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
+    if let Some(prog_fd) = multi.and_then(|m| m.fd(PROGRAM)) {
+        let offsets: Vec<u64> = sites.iter().map(|s| s.file_offset).collect();
+        let semaphores: Vec<u64> = sites
+            .iter()
+            .map(|s| s.semaphore_file_offset.unwrap_or(0))
+            .collect();
+        // A semaphore is a 16-bit counter: the kernel takes only even offsets.
+        if let Some(odd) = semaphores.iter().find(|r| !r.is_multiple_of(2)) {
+            return Err(KernelAttachError::Failed(anyhow::anyhow!(
+                "semaphore file offset {odd:#x} cannot be a ref_ctr_offset"
+            )));
+        }
+        return match uprobe_multi::link(
+            prog_fd,
+            &exe,
+            &offsets,
+            Some(&semaphores),
+            cookies,
+            pid,
+            false,
+        ) {
+            Ok(link) => Ok(vec![UprobeLink::Multi(link)]),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL) && semaphores.iter().any(|&r| r != 0) =>
+            {
+                Err(KernelAttachError::Refused)
+            }
+            Err(e) => Err(KernelAttachError::Failed(anyhow::Error::new(e).context(
+                format!(
+                    "attaching USDT sites at file offsets {} of /proc/{pid}/exe (one multi-uprobe \
+                 link)",
+                    uprobe_multi::offsets_text(&offsets)
+                ),
+            ))),
+        };
+    }
+    let prog_fd = uprobes::program_fd(ebpf, PROGRAM).map_err(KernelAttachError::Failed)?;
     let mut made = Vec::with_capacity(sites.len());
     for (site, &cookie) in sites.iter().zip(cookies) {
         let ref_ctr = site.semaphore_file_offset.unwrap_or(0);
@@ -362,7 +414,7 @@ fn attach_kernel_managed(
             retprobe: false,
         };
         match perf_uprobe::attach(prog_fd, pid, &uprobe_site, cookie) {
-            Ok(uprobe) => made.push(uprobe),
+            Ok(uprobe) => made.push(UprobeLink::PerSite(uprobe)),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && ref_ctr != 0 => {
                 return Err(KernelAttachError::Refused);
             }
