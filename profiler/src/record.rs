@@ -71,6 +71,10 @@ pub struct HostWindow {
     /// The host's memory (`MemTotal`), bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// The profiler's own CPU time in the window (part of `busy_cpu_seconds`; `capacity`
+    /// leaves it out: it is the measurement's, not the VMs').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profiler_cpu_seconds: Option<f64>,
 }
 
 /// How the host's busy time was measured.

@@ -209,8 +209,9 @@ pub fn capacity(
             windows: v.len(),
         })
         .collect();
-    let per_vm = median(vms.iter().map(|v| v.cpu_percent / 100.0).collect());
-    let ramp = fit(&host_windows).map(|f| ramp::check(f, per_vm, budget));
+    let costs: Vec<f64> = vms.iter().map(|v| v.cpu_percent / 100.0).collect();
+    let (per_vm, per_vm_ci95) = ramp::per_vm_cost(&costs);
+    let ramp = fit(&host_windows).map(|f| ramp::check(f, per_vm, per_vm_ci95, budget));
     CapacityReport {
         cores,
         reserve_cores: req.reserve_cores,
@@ -334,7 +335,9 @@ fn host_windows(records: &[WindowRecord], settle: f64) -> (Vec<(u32, f64)>, Opti
                 .any(|&s0| s < s0 + settle && s + r.seconds > s0)
         });
         if !booting {
-            per_window.insert(r.window, (h.vms_running, h.busy_cpu_seconds / r.seconds));
+            // Less the profiler's own CPU: the measurement's, not what the VMs cost.
+            let busy = h.busy_cpu_seconds - h.profiler_cpu_seconds.unwrap_or(0.0);
+            per_window.insert(r.window, (h.vms_running, busy / r.seconds));
             // The least exact of the windows' sources is the ramp's.
             let exactness = |s: BusySource| match s {
                 BusySource::ProcStat => 0,

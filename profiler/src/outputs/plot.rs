@@ -443,6 +443,7 @@ mod tests {
                     busy_source: None,
                     proc_stat_busy_cpu_seconds: None,
                     memory_bytes: None,
+                    profiler_cpu_seconds: None,
                 });
                 out.push(r);
             }

@@ -250,6 +250,7 @@ pub(crate) mod tests {
             busy_source: None,
             proc_stat_busy_cpu_seconds: None,
             memory_bytes: None,
+            profiler_cpu_seconds: None,
         };
         let facts = WindowFacts {
             host: Some(host),
@@ -286,6 +287,7 @@ pub(crate) mod tests {
                 busy_source: None,
                 proc_stat_busy_cpu_seconds: None,
                 memory_bytes: None,
+                profiler_cpu_seconds: None,
             }),
             ..WindowFacts::default()
         };

@@ -24,6 +24,8 @@ pub struct HostReading {
     pub busy_ns: Option<u64>,
     /// The host's memory (`MemTotal`), bytes.
     pub memory_bytes: Option<u64>,
+    /// The profiler's own CPU time so far, nanoseconds.
+    pub own_cpu_ns: Option<u64>,
 }
 
 /// The host at window boundaries.
@@ -79,6 +81,7 @@ impl HostWindows {
                     busy_source: Some(source),
                     proc_stat_busy_cpu_seconds: exact.map(|_| proc_stat),
                     memory_bytes: now.memory_bytes,
+                    profiler_cpu_seconds: seconds(then.own_cpu_ns, now.own_cpu_ns),
                 };
                 Some((prev, host))
             });
@@ -114,6 +117,7 @@ mod tests {
                     busy_source: Some(BusySource::ProcStat),
                     proc_stat_busy_cpu_seconds: None,
                     memory_bytes: None,
+                    profiler_cpu_seconds: None,
                 }
             ))
         );

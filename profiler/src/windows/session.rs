@@ -29,6 +29,17 @@ use crate::{
     },
 };
 
+/// This process's CPU time so far, nanoseconds.
+fn own_cpu_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write to.
+    (unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0)
+        .then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 /// Which VMs to profile: empty means all.
 #[derive(Debug, Clone, Default)]
 pub struct VmFilter {
@@ -463,6 +474,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             runtime_ns: self.discovery.host_runtime_ns(),
             busy_ns: self.probes.host_busy_ns(),
             memory_bytes: self.discovery.host_memory(),
+            own_cpu_ns: own_cpu_ns(),
         };
         let mut notes = notes_first;
         notes.extend(self.probes.refresh());

@@ -125,17 +125,40 @@ pub struct RampCheck {
     pub fit: Fit,
     /// The median VM's own CPU, cores (its QEMU process).
     pub per_vm_cost_cores: f64,
+    /// Half the 95 % interval of the VMs' mean cost (their spread over √n; 0 for one VM).
+    pub per_vm_cost_ci95: f64,
     #[serde(flatten)]
     pub verdict: RampVerdict,
     /// Why, in a sentence for people.
     pub why: String,
 }
 
-/// Checks `fit` against `per_vm` (cores per VM, the VMs' own measure) for a CPU budget of
-/// `budget` cores. The slope resolves the per-VM cost when its 95 % interval excludes 0 and
-/// is within half the slope either side; it agrees when it is within that interval, widened
-/// by a tenth of the VMs' own cost, of it.
-pub fn check(fit: Fit, per_vm: f64, budget: f64) -> RampCheck {
+/// The median of `costs` (cores per VM) and half the 95 % interval of their mean.
+pub fn per_vm_cost(costs: &[f64]) -> (f64, f64) {
+    let mut v = costs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    if n < 2 {
+        return (median, 0.0);
+    }
+    let mean = v.iter().sum::<f64>() / n as f64;
+    let sd = (v.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    (median, t975(n - 1) * sd / (n as f64).sqrt())
+}
+
+/// Checks `fit` against `per_vm` ± `per_vm_ci95` (cores per VM, the VMs' own measure) for a
+/// CPU budget of `budget` cores. The slope resolves the per-VM cost when its 95 % interval
+/// excludes 0 and is within half the slope either side; it agrees when the two intervals,
+/// combined (the root of their squares), hold the difference.
+pub fn check(fit: Fit, per_vm: f64, per_vm_ci95: f64, budget: f64) -> RampCheck {
     let (lo, hi) = (
         fit.per_vm_cores - fit.per_vm_ci95,
         fit.per_vm_cores + fit.per_vm_ci95,
@@ -143,9 +166,7 @@ pub fn check(fit: Fit, per_vm: f64, budget: f64) -> RampCheck {
     let count = |slope: f64| {
         (slope > 0.0).then(|| ((budget - fit.base_cores) / slope).floor().max(0.0) as u64)
     };
-    // The VMs' own cost is a measurement too (VMs of a profile differ by more than this):
-    // the slope agrees within its interval widened by a tenth of that cost.
-    let tolerance = fit.per_vm_ci95 + 0.1 * per_vm;
+    let tolerance = fit.per_vm_ci95.hypot(per_vm_ci95);
     let resolved =
         fit.per_vm_ci95.is_finite() && lo > 0.0 && fit.per_vm_ci95 <= 0.5 * fit.per_vm_cores;
     let (verdict, why) = if !resolved {
@@ -176,9 +197,9 @@ pub fn check(fit: Fit, per_vm: f64, budget: f64) -> RampCheck {
         (RampVerdict::Unresolved { spread_needed }, why)
     } else if (fit.per_vm_cores - per_vm).abs() <= tolerance {
         let why = format!(
-            "the slope {:.4} ± {:.4} cores per VM holds the VMs' own cost {:.4}: the host \
-             pays about what their processes use",
-            fit.per_vm_cores, fit.per_vm_ci95, per_vm
+            "the slope {:.4} ± {:.4} cores per VM agrees with the VMs' own cost {:.4} ± {:.4} \
+             (95 % intervals): the host pays what their processes use",
+            fit.per_vm_cores, fit.per_vm_ci95, per_vm, per_vm_ci95
         );
         let range = count(hi).zip(count(lo));
         (
@@ -189,21 +210,28 @@ pub fn check(fit: Fit, per_vm: f64, budget: f64) -> RampCheck {
             why,
         )
     } else {
+        let above = per_vm > fit.per_vm_cores;
         let why = format!(
-            "the slope {:.4} ± {:.4} cores per VM misses the VMs' own cost {:.4} ({}): the \
-             host pays {} per VM than their processes use (kernel threads, interrupts and \
-             timers on their behalf; or other load that changed during the ramp)",
+            "the slope {:.4} ± {:.4} cores per VM differs from the VMs' own cost {:.4} ± {:.4} \
+             (95 % intervals): the host pays {} per VM than their processes use ({})",
             fit.per_vm_cores,
             fit.per_vm_ci95,
             per_vm,
-            if per_vm < lo { "below" } else { "above" },
-            if per_vm < lo { "more" } else { "less" },
+            per_vm_ci95,
+            if above { "less" } else { "more" },
+            if above {
+                "other load on the host fell while VMs were added"
+            } else {
+                "kernel threads, interrupts and timers on their behalf, or other load that \
+                 rose while VMs were added"
+            },
         );
         (RampVerdict::Disagrees, why)
     };
     RampCheck {
         fit,
         per_vm_cost_cores: per_vm,
+        per_vm_cost_ci95: per_vm_ci95,
         verdict,
         why,
     }
@@ -231,7 +259,7 @@ mod tests {
         let f = fit(&points).unwrap();
         assert!((f.per_vm_cores - 0.03).abs() < 0.002, "{f:?}");
         assert!(f.per_vm_ci95 > 0.0 && f.per_vm_ci95 < 0.005, "{f:?}");
-        let c = check(f, 0.0305, 1.6);
+        let c = check(f, 0.0305, 0.0005, 1.6);
         let RampVerdict::Agrees {
             vms: Some(vms),
             range: Some((lo, hi)),
@@ -253,7 +281,7 @@ mod tests {
             })
             .collect();
         let f = fit(&points).unwrap();
-        let c = check(f, 0.0049, 1.6);
+        let c = check(f, 0.0049, 0.0002, 1.6);
         let RampVerdict::Unresolved { spread_needed } = c.verdict else {
             panic!("{c:?}")
         };
@@ -268,7 +296,7 @@ mod tests {
                 )
             })
             .collect();
-        let c = check(fit(&noisier).unwrap(), 0.0049, 1.6);
+        let c = check(fit(&noisier).unwrap(), 0.0049, 0.0002, 1.6);
         assert!(c.why.contains("includes 0"), "{}", c.why);
     }
 
@@ -280,9 +308,18 @@ mod tests {
                 (vms, 0.1 + 0.0077 * vms as f64 + 0.0005 * noise(i))
             })
             .collect();
-        let c = check(fit(&points).unwrap(), 0.0205, 1.6);
+        let c = check(fit(&points).unwrap(), 0.0205, 0.001, 1.6);
         assert_eq!(c.verdict, RampVerdict::Disagrees, "{c:?}");
-        assert!(c.why.contains("misses"), "{}", c.why);
+        assert!(c.why.contains("differs"), "{}", c.why);
+    }
+
+    #[test]
+    fn the_vms_own_cost_with_its_interval() {
+        let (median, ci) = per_vm_cost(&[0.031, 0.0284, 0.028, 0.0287, 0.028, 0.0255]);
+        assert!((median - 0.0282).abs() < 1e-9);
+        assert!(ci > 0.001 && ci < 0.003, "{ci}");
+        assert_eq!(per_vm_cost(&[0.02]), (0.02, 0.0));
+        assert_eq!(per_vm_cost(&[]), (0.0, 0.0));
     }
 
     #[test]
@@ -295,7 +332,7 @@ mod tests {
         let f = fit(&[(1, 0.5), (2, 0.6)]).unwrap();
         assert!(!f.per_vm_ci95.is_finite());
         assert!(matches!(
-            check(f, 0.1, 1.0).verdict,
+            check(f, 0.1, 0.0, 1.0).verdict,
             RampVerdict::Unresolved { .. }
         ));
         assert!(fit(&[(1, 0.5), (1, 0.6)]).is_none());

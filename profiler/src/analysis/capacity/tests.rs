@@ -12,6 +12,7 @@ fn w(name: &str, pid: u32, n: u64, cpu: f64, timer: u64, host: Option<(u32, f64)
         busy_source: None,
         proc_stat_busy_cpu_seconds: None,
         memory_bytes: None,
+        profiler_cpu_seconds: None,
     });
     r
 }
