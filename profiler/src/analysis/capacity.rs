@@ -196,7 +196,9 @@ pub fn capacity(
     let budget = (cores - req.reserve_cores).max(0.0) * req.target_util;
     let memory_budget = memory.map(|m| m.saturating_sub(req.reserve_memory));
     let profiles = profiles(&vms, budget, memory_budget);
-    let (host_windows, host_source) = host_windows(records, req.settle);
+    let (ramp_windows, host_source) = host_windows(records, req.settle);
+    let host_windows: Vec<(u32, f64)> = ramp_windows.iter().map(|w| (w.0, w.1)).collect();
+    let own_windows: Vec<(u32, f64)> = ramp_windows.iter().map(|w| (w.0, w.2)).collect();
     let mut by_count: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
     for &(n, busy) in &host_windows {
         by_count.entry(n).or_default().push(busy);
@@ -211,7 +213,8 @@ pub fn capacity(
         .collect();
     let costs: Vec<f64> = vms.iter().map(|v| v.cpu_percent / 100.0).collect();
     let (per_vm, per_vm_ci95) = ramp::per_vm_cost(&costs);
-    let ramp = fit(&host_windows).map(|f| ramp::check(f, per_vm, per_vm_ci95, budget));
+    let ramp = fit(&host_windows)
+        .map(|f| ramp::check(f, fit(&own_windows), (per_vm, per_vm_ci95), budget));
     CapacityReport {
         cores,
         reserve_cores: req.reserve_cores,
@@ -317,12 +320,15 @@ fn profiles(vms: &[VmCost], budget: f64, memory_budget: Option<u64>) -> Vec<Prof
 /// One point per window (every VM record of a window carries the same host figures), leaving
 /// out windows that overlap a VM's settle time: a booting guest is not what the host costs
 /// with that many VMs idle. And how their busy time was measured (`proc_stat` if any was).
-fn host_windows(records: &[WindowRecord], settle: f64) -> (Vec<(u32, f64)>, Option<BusySource>) {
+/// The windows of the ramp: (VMs running, host busy cores, the VMs' own cores) each.
+type RampWindows = Vec<(u32, f64, f64)>;
+
+fn host_windows(records: &[WindowRecord], settle: f64) -> (RampWindows, Option<BusySource>) {
     let starts: Vec<f64> = group_by_vm(records)
         .iter()
         .filter_map(|g| g.started())
         .collect();
-    let mut per_window: BTreeMap<u64, (u32, f64)> = BTreeMap::new();
+    let mut per_window: BTreeMap<u64, (u32, f64, f64)> = BTreeMap::new();
     let mut source = None;
     for r in records {
         let Some(h) = r.host else { continue };
@@ -337,7 +343,10 @@ fn host_windows(records: &[WindowRecord], settle: f64) -> (Vec<(u32, f64)>, Opti
         if !booting {
             // Less the profiler's own CPU: the measurement's, not what the VMs cost.
             let busy = h.busy_cpu_seconds - h.profiler_cpu_seconds.unwrap_or(0.0);
-            per_window.insert(r.window, (h.vms_running, busy / r.seconds));
+            let e = per_window
+                .entry(r.window)
+                .or_insert((h.vms_running, busy / r.seconds, 0.0));
+            e.2 += r.cpu_seconds.unwrap_or(0.0) / r.seconds;
             // The least exact of the windows' sources is the ramp's.
             let exactness = |s: BusySource| match s {
                 BusySource::ProcStat => 0,

@@ -13,7 +13,9 @@ mod qemu_like;
 mod remedies;
 mod scale;
 mod soak;
+mod standin;
 mod tax;
+mod teardown;
 mod top_history;
 mod tracers;
 mod watched;
@@ -42,6 +44,9 @@ benchmarks:
   budget [--quick]    --max-overhead on a busy guest: its QEMU's CPU, and the estimates' error
   scale [--quick]     collector CPU and memory with 1, 10, 100, 500, 2,000 QEMU-like processes
   attach              time to attach to 50 running USDT QEMUs
+  teardown [--quick]  time until the profiler is gone after q / SIGTERM / SIGKILL, uprobes
+                      linked per site and with multi-uprobe links: 20 and 100 paused USDT
+                      QEMUs, 500 USDT stand-ins
   self-cost [--quick] the demo's own cost
   soak [--minutes M] [--step S]
                       profiler serve against churning guests for M minutes (30), 20 QEMU-like
@@ -66,7 +71,8 @@ pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
             soak::run(root, &image, &profiler, &dir, &args[1..])
         }
         Some(
-            name @ ("tax" | "watched" | "events" | "budget" | "scale" | "attach" | "self-cost"),
+            name @ ("tax" | "watched" | "events" | "budget" | "scale" | "attach" | "self-cost"
+            | "teardown"),
         ) => cost_set(root, &[name], quick),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
@@ -116,7 +122,7 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
     };
     let needs_usdt = names
         .iter()
-        .any(|n| matches!(*n, "events" | "budget" | "attach"));
+        .any(|n| matches!(*n, "events" | "budget" | "attach" | "teardown"));
     let usdt_qemu = if needs_usdt {
         Some(crate::qemu_usdt::qemu_usdt()?)
     } else {
@@ -186,6 +192,29 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
                 50,
                 &command(name),
             )?,
+            "teardown" => {
+                use teardown::Fleet;
+                let (fleets, per_site_up_to): (&[Fleet], usize) = if quick {
+                    (&[Fleet::PausedUsdtQemus(20)], 20)
+                } else {
+                    (
+                        &[
+                            Fleet::PausedUsdtQemus(20),
+                            Fleet::PausedUsdtQemus(100),
+                            Fleet::Standins(500),
+                        ],
+                        100,
+                    )
+                };
+                teardown::run(
+                    &profiler,
+                    usdt_qemu.as_ref().expect("built"),
+                    &dir,
+                    fleets,
+                    per_site_up_to,
+                    &command(name),
+                )?
+            }
             "self-cost" => scale::run_self_cost(
                 image.as_ref().expect("built"),
                 &profiler,
