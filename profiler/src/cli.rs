@@ -54,7 +54,7 @@ pub struct Target {
     /// How uprobes are linked: `auto`, one multi-uprobe link per VM and program where the
     /// kernel makes them (Linux ≥ 6.6; quitting, a VM's exit and a budget pause then wait one
     /// grace period per link, not per probe site), else per site; `per-site` forces the latter.
-    #[arg(long, value_enum, default_value_t)]
+    #[arg(long, value_enum, default_value_t, env = "PROFILER_UPROBE_LINKS")]
     pub uprobe_links: crate::offer::policy::UprobeLinkChoice,
 }
 
@@ -73,6 +73,9 @@ pub enum Command {
         /// hrtimer tracepoints, else libc uprobes, else the syscall tracepoints).
         #[arg(long, value_enum, default_value_t)]
         timer_source: crate::offer::policy::TimerChoice,
+        /// The uprobe links to show, as `record --uprobe-links` would make them.
+        #[arg(long, value_enum, default_value_t, env = "PROFILER_UPROBE_LINKS")]
+        uprobe_links: crate::offer::policy::UprobeLinkChoice,
     },
     /// Record per-VM events in fixed windows, one JSON line per VM per closed window.
     Record {

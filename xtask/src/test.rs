@@ -142,7 +142,7 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         );
     }
     // Guests get the two cores to themselves: one test binary, one test at a time.
-    tests.args(["--", "--test-threads=1"]).args(args);
+    tests.args(["--", "--test-threads=1"]).args(&args);
     eprintln!("xtask: cargo test");
     // Built first, so that the neighbour slows the tests, not the compiler.
     let mut build = cargo_cmd();
@@ -155,5 +155,35 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     ]);
     run(&mut build)?;
     let _neighbour = busy_neighbour.then(BusyNeighbour::start);
-    run(&mut tests)
+    run(&mut tests)?;
+    if is_root() {
+        // The exact counts again with the per-site uprobe links kernels before 6.6 get (the
+        // default is one multi-uprobe link per VM and program where the kernel makes them).
+        eprintln!("xtask: exact-count end-to-end tests with --uprobe-links per-site");
+        let mut per_site = cargo_cmd();
+        per_site.args(["test", "-p", "profiler"]);
+        for test in PER_SITE_TESTS {
+            per_site.args(["--test", test]);
+        }
+        per_site
+            .env("PROFILER_UPROBE_LINKS", "per-site")
+            .args(["--", "--test-threads=1"])
+            .args(args);
+        for (key, value) in tests.get_envs() {
+            if let Some(value) = value {
+                per_site.env(key, value);
+            }
+        }
+        run(&mut per_site)?;
+    }
+    Ok(())
 }
+
+/// The end-to-end tests whose counts are exact through uprobes: run a second time with the
+/// per-site links.
+const PER_SITE_TESTS: [&str; 4] = [
+    "e2e_devices",
+    "e2e_symbols",
+    "e2e_timers",
+    "e2e_timer_sources",
+];

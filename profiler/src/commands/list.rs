@@ -153,7 +153,14 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
     println!("{}", capacity_line(vms.len()));
     println!(
         "uprobe links: {}",
-        match crate::probes::kernel::uprobe_multi::offered() {
+        match match options.uprobe_links {
+            crate::offer::policy::UprobeLinkChoice::PerSite => {
+                Err("per-site links asked for (--uprobe-links)".to_string())
+            }
+            crate::offer::policy::UprobeLinkChoice::Auto => {
+                crate::probes::kernel::uprobe_multi::offered()
+            }
+        } {
             Ok(()) => "one multi-uprobe link per VM and program (detaching waits one grace \
                        period per link)"
                 .to_string(),

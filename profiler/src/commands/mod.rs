@@ -20,13 +20,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             debug_dirs,
             timer_source,
+            uprobe_links,
         } => list::run(
             json,
             crate::probes::ProbeOptions {
                 debug_roots: debug_roots(debug_dirs),
                 timer_choice: timer_source,
                 max_overhead: None,
-                uprobe_links: Default::default(),
+                uprobe_links,
             },
         ),
         Command::Record {
