@@ -74,19 +74,40 @@ fn paused_usdt_qemus(usdt_qemu: &Path, n: usize) -> anyhow::Result<Processes> {
     Ok(all)
 }
 
-/// Probe links (BPF links, perf events) the process `pid` holds.
+/// Probe links (BPF links, perf events) the process `pid` holds, in its own descriptor table
+/// and in those of its threads that have one of their own (where multi-uprobe links live).
 fn links_held(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|t| {
-                    let t = t.to_string_lossy();
-                    t == "anon_inode:bpf_link" || t == "anon_inode:[perf_event]"
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    let mut bpf_links = std::collections::BTreeSet::new();
+    let mut perf_events = 0;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for task in tasks {
+        let leader = task.ends_with(pid.to_string());
+        let Ok(fds) = std::fs::read_dir(task.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            match target.to_string_lossy().as_ref() {
+                "anon_inode:bpf_link" => {
+                    let info = task.join("fdinfo").join(fd.file_name());
+                    if let Some(id) = std::fs::read_to_string(info).ok().and_then(|t| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix("link_id:").map(|v| v.trim().to_string()))
+                    }) {
+                        bpf_links.insert(id);
+                    }
+                }
+                // Per-site links are perf events in the process's own table.
+                "anon_inode:[perf_event]" if leader => perf_events += 1,
+                _ => {}
+            }
+        }
+    }
+    bpf_links.len() + perf_events
 }
 
 /// `profiler record` watching every VM, once it has attached to all `n` and a window closed.

@@ -239,10 +239,11 @@ pub fn offsets_text(offsets: &[u64]) -> String {
     text.join(", ")
 }
 
-/// One multi-uprobe link: closing it detaches every one of its probes.
+/// One multi-uprobe link: closing it detaches every one of its probes. Its descriptor lives
+/// in a table of its own ([`super::link_tables`]).
 #[derive(Debug)]
 pub struct MultiUprobe {
-    _link: OwnedFd,
+    _link: super::link_tables::KeptFd,
 }
 
 /// Links `prog_fd` at `offsets` of `target`, scoped to process `pid` (its breakpoints go into
@@ -299,9 +300,10 @@ pub fn link(
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: a new descriptor the kernel just gave us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     Ok(MultiUprobe {
-        // SAFETY: a new descriptor the kernel just gave us.
-        _link: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+        _link: super::link_tables::keep(fd),
     })
 }
 
