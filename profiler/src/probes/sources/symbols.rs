@@ -20,6 +20,9 @@ use crate::probes::kernel::{
 pub const DISPATCH_PROGRAM: &str = "region_dispatch";
 pub const TIMER_MOD_PROGRAM: &str = "timer_mod";
 pub const CALLBACK_PROGRAM: &str = "timer_callback";
+
+/// How long one refresh may spend attaching newly found timer callbacks.
+const CALLBACK_ATTACH_PER_REFRESH: std::time::Duration = std::time::Duration::from_millis(200);
 /// (process, callback address) of every callback `timer_mod` saw armed.
 pub const SEEN_CALLBACKS_MAP: &str = "SEEN_CALLBACKS";
 
@@ -286,8 +289,19 @@ impl SymbolSource {
             });
         }
         let mut attached = 0;
+        let started = std::time::Instant::now();
         for (pid, points) in batches {
             let process = self.processes.get_mut(&pid).expect("found above");
+            // Registering a uprobe waits for an RCU grace period per probed offset: with
+            // thousands of VMs finding their callbacks at once, attaching them all in one
+            // refresh would hold the sampling thread (and every window's close) for tens of
+            // seconds. The rest are tried again at the next refresh.
+            if started.elapsed() > CALLBACK_ATTACH_PER_REFRESH {
+                for point in &points {
+                    process.callbacks_tried.remove(&point.cookie);
+                }
+                continue;
+            }
             let multi = self.multi.as_deref();
             if process.callbacks.add(ebpf, multi, pid, &points).is_ok() {
                 attached += points.len();
