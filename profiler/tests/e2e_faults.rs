@@ -16,17 +16,7 @@ use std::{
 use common::*;
 
 fn probe_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter(|t| {
-                    let t = t.to_string_lossy();
-                    t == "anon_inode:[perf_event]" || t == "anon_inode:bpf_link"
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    profiler::probes::kernel::link_tables::probe_links(pid)
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -90,17 +90,9 @@ fn sleeper() -> (Sleeper, u64) {
     (Sleeper(child), offset)
 }
 
-/// Our perf events and BPF links: each attached uprobe holds one of each.
+/// Our perf events and BPF links, in every descriptor table of ours.
 fn probe_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter(|t| {
-            let t = t.to_string_lossy();
-            t == "anon_inode:[perf_event]" || t == "anon_inode:bpf_link"
-        })
-        .count()
+    crate::probes::kernel::link_tables::probe_links(std::process::id())
 }
 
 fn spec_entries(ebpf: &mut Ebpf) -> usize {

@@ -204,6 +204,42 @@ fn keeper(rx: Receiver<Request>, ready: SyncSender<io::Result<()>>) {
     }
 }
 
+/// The probe links process `pid` holds: its BPF links in every descriptor table of its
+/// threads (each counted once, by its link ID) and the perf events in its own table (per-site
+/// uprobes). For tests and benchmarks that check nothing is left behind.
+pub fn probe_links(pid: u32) -> usize {
+    let mut bpf_links = std::collections::BTreeSet::new();
+    let mut perf_events = 0;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for task in tasks {
+        let leader = task.ends_with(pid.to_string());
+        let Ok(fds) = std::fs::read_dir(task.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            match target.to_string_lossy().as_ref() {
+                "anon_inode:bpf_link" => {
+                    let info = task.join("fdinfo").join(fd.file_name());
+                    if let Some(id) = std::fs::read_to_string(info).ok().and_then(|t| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix("link_id:").map(|v| v.trim().to_string()))
+                    }) {
+                        bpf_links.insert(id);
+                    }
+                }
+                "anon_inode:[perf_event]" if leader => perf_events += 1,
+                _ => {}
+            }
+        }
+    }
+    bpf_links.len() + perf_events
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
