@@ -43,6 +43,13 @@ fn full<'a>(records: &'a [WindowRecord], name: &str) -> Vec<&'a WindowRecord> {
         .collect()
 }
 
+/// Each full window: the guest's own ticks at `hz` (its BIOS's timer handler makes one `out`
+/// to the PIC per tick, handled in the kernel: `in_kernel`), and a vCPU wakeup per tick. A
+/// tick wakes the vCPU only if it was halted when the tick came: with every host CPU busy (as
+/// measured in that window) the vCPU thread waits for a CPU, and takes some ticks without
+/// halting in between, and the in-kernel PIT's thread waits too, delivering the ticks late
+/// (caught up later). There the ticks are held to the rate's order (not SeaBIOS's 18.2 Hz nor
+/// another guest's rate) and the wakeups to at most the ticks.
 fn assert_rate(windows: &[&WindowRecord], hz: f64) {
     assert!(!windows.is_empty());
     for w in windows {
@@ -50,14 +57,36 @@ fn assert_rate(windows: &[&WindowRecord], hz: f64) {
             .vcpu_wakeups
             .unwrap_or_else(|| panic!("not counted: {w:?}"));
         let rate = n as f64 / w.seconds;
+        let ticks = w
+            .in_kernel
+            .unwrap_or_else(|| panic!("no in-kernel accesses: {w:?}")) as f64
+            / w.seconds;
+        let host = w.host.as_ref().unwrap_or_else(|| panic!("no host: {w:?}"));
+        let idle_cpus = f64::from(host.cpus) - host.busy_cpu_seconds / w.seconds;
         eprintln!(
-            "{} window {}: {rate:.1} vCPU wakeups/s",
+            "{} window {}: {rate:.1} vCPU wakeups/s, {ticks:.1} ticks/s, {idle_cpus:.2} host \
+             CPUs idle",
             w.vm.name, w.window
         );
-        assert!(
-            (rate - hz).abs() <= hz * 0.03,
-            "{rate}/s for a {hz} Hz PIT: {w:?}"
-        );
+        assert!(rate <= ticks * 1.03, "more wakeups than ticks: {w:?}");
+        if idle_cpus >= 0.5 {
+            assert!(
+                (ticks - hz).abs() <= hz * 0.03,
+                "{ticks} ticks/s for a {hz} Hz PIT: {w:?}"
+            );
+            assert!(
+                (rate - hz).abs() <= hz * 0.03,
+                "{rate}/s for a {hz} Hz PIT with {idle_cpus:.2} CPUs idle: {w:?}"
+            );
+        } else {
+            eprintln!(
+                "  the host had no CPU idle: ticks held to the rate's order, wakeups to them"
+            );
+            assert!(
+                ticks > hz * 0.5 && ticks < hz * 1.5,
+                "{ticks} ticks/s for a {hz} Hz PIT: {w:?}"
+            );
+        }
     }
 }
 
