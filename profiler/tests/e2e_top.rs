@@ -41,28 +41,8 @@ fn top_ranks_noisy_above_quiet_and_q_restores_the_terminal() {
          echo TOP-EXITED rc=$?; stty -a | tr ' ' '\\n' | grep -E '^-?(icanon|echo)$' | tr '\\n' ' '; \
          echo; echo TTY-CHECKED; sleep 60"
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &script,
-    ]);
-    let kill = scopeguard(session.clone());
-
-    // Two closed 2 s windows, then read the ranking.
-    let deadline = Instant::now() + HANG;
-    let screen = loop {
-        sleep(Duration::from_secs(1));
-        let screen = capture(&session);
-        if screen.contains("window 003") || Instant::now() > deadline {
-            break screen;
-        }
-    };
+    let kill = start_session(&session, &script, 100, 30);
+    let screen = screen_showing(&session, "window 003");
     eprintln!("{screen}");
     let row = |name: &str| {
         screen
@@ -112,8 +92,33 @@ impl Drop for KillSession {
     }
 }
 
-fn scopeguard(session: String) -> KillSession {
-    KillSession(session)
+/// `script` in a detached tmux session of `width` × `height`, killed when the guard drops.
+fn start_session(session: &str, script: &str, width: u16, height: u16) -> KillSession {
+    let (width, height) = (width.to_string(), height.to_string());
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        session,
+        "-x",
+        &width,
+        "-y",
+        &height,
+        script,
+    ]);
+    KillSession(session.to_string())
+}
+
+/// The screen once it shows `marker` (checked each second), or as it is after [`HANG`].
+fn screen_showing(session: &str, marker: &str) -> String {
+    let deadline = Instant::now() + HANG;
+    loop {
+        sleep(Duration::from_secs(1));
+        let screen = capture(session);
+        if screen.contains(marker) || Instant::now() > deadline {
+            return screen;
+        }
+    }
 }
 
 /// A KVM guest without a QMP socket (as under libvirt, which holds the monitor): the profiler
@@ -130,26 +135,8 @@ fn top_shows_notes_in_its_status_line_and_stays_intact() {
     let session = format!("profiler-e2e-notes-{}", std::process::id());
     let profiler = env!("CARGO_BIN_EXE_profiler");
     let script = format!("{profiler} top --window 2 --vm {name} 2>&1; sleep 60");
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "100",
-        "-y",
-        "24",
-        &script,
-    ]);
-    let kill = scopeguard(session.clone());
-    let deadline = Instant::now() + HANG;
-    let screen = loop {
-        sleep(Duration::from_secs(1));
-        let screen = capture(&session);
-        if screen.contains("window 002") || Instant::now() > deadline {
-            break screen;
-        }
-    };
+    let kill = start_session(&session, &script, 100, 24);
+    let screen = screen_showing(&session, "window 002");
     eprintln!("{screen}");
     let lines: Vec<&str> = screen.lines().collect();
     assert!(lines[0].starts_with("window 00"), "{screen}");
@@ -205,26 +192,8 @@ fn top_ranks_a_kvm_guest_s_own_timer_first_and_shows_its_vcpu_share() {
     let profiler = env!("CARGO_BIN_EXE_profiler");
     let script =
         format!("{profiler} top --window 3 --vm e2e-top-bios --vm e2e-top-pit 2>&1; sleep 60");
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "110",
-        "-y",
-        "30",
-        &script,
-    ]);
-    let kill = scopeguard(session.clone());
-    let deadline = Instant::now() + HANG;
-    let screen = loop {
-        sleep(Duration::from_secs(1));
-        let screen = capture(&session);
-        if screen.contains("window 002") || Instant::now() > deadline {
-            break screen;
-        }
-    };
+    let kill = start_session(&session, &script, 110, 30);
+    let screen = screen_showing(&session, "window 002");
     eprintln!("{screen}");
     let rank1 = screen
         .lines()
