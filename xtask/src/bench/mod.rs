@@ -16,6 +16,7 @@ mod soak;
 mod standin;
 mod tax;
 mod teardown;
+mod tmux;
 mod top_history;
 mod tracers;
 mod watched;

@@ -13,7 +13,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::json;
 
-use super::standin::StandinFleet;
+use super::{
+    standin::StandinFleet,
+    tmux::{TmuxSession, tmux},
+};
 
 /// What the VMs are.
 #[derive(Debug, Clone, Copy)]
@@ -151,14 +154,6 @@ fn signal_until_gone(child: &mut Child, signal: i32) -> anyhow::Result<f64> {
     Ok(t0.elapsed().as_secs_f64())
 }
 
-fn tmux(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .context("running tmux")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// `profiler top` in a terminal (tmux): seconds from `q` until its process is gone and the
 /// shell after it has printed (the terminal is back).
 fn top_quit(profiler: &Path, mode: &str) -> anyhow::Result<f64> {
@@ -167,26 +162,7 @@ fn top_quit(profiler: &Path, mode: &str) -> anyhow::Result<f64> {
         "{} top --window 3 --uprobe-links {mode}; echo TOP-EXITED; sleep 600",
         profiler.display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "120",
-        "-y",
-        "30",
-        &script,
-    ])?;
-    struct Kill(String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("tmux")
-                .args(["kill-session", "-t", &self.0])
-                .status();
-        }
-    }
-    let _kill = Kill(session.clone());
+    let _kill = TmuxSession::start(&session, &script, 120, 30)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     while !tmux(&["capture-pane", "-p", "-t", &session])?.contains("window 002") {
         if Instant::now() > deadline {

@@ -4,26 +4,22 @@
 
 use std::{
     path::Path,
-    process::Command,
     thread::sleep,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use serde_json::json;
 
-use super::{ProcUsage, flag, proc_usage, publish, qemu_like::QemuLikeFleet, ticks_per_second};
+use super::{
+    ProcUsage, flag, proc_usage, publish,
+    qemu_like::QemuLikeFleet,
+    ticks_per_second,
+    tmux::{TmuxSession, tmux},
+};
 
 /// Seconds over which each CPU figure is averaged.
 const SPAN: u64 = 10;
-
-fn tmux(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("tmux")
-        .args(args)
-        .output()
-        .context("running tmux")?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// CPU % of one core between two readings `secs` apart.
 fn cpu_percent(a: ProcUsage, b: ProcUsage, secs: f64) -> f64 {
@@ -53,18 +49,7 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
         pidfile.display(),
         profiler.display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "160",
-        "-y",
-        "50",
-        &script,
-    ])?;
-    let _kill = KillSession(session.clone());
+    let _kill = TmuxSession::start(&session, &script, 160, 50)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let pid: u32 = loop {
         if let Some(pid) = std::fs::read_to_string(&pidfile)
@@ -153,15 +138,4 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-/// Ends the tmux session (and `top` with it) however the benchmark ends.
-struct KillSession(String);
-
-impl Drop for KillSession {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .status();
-    }
 }
