@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    mem::{MaybeUninit, size_of},
+    mem::MaybeUninit,
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
@@ -12,9 +12,8 @@ use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, Map, MapData},
 };
+use super::bpf_call::{BPF_MAP_LOOKUP_BATCH, bpf};
 
-/// `BPF_MAP_LOOKUP_BATCH` from `include/uapi/linux/bpf.h`.
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
@@ -100,15 +99,7 @@ fn read_batched<K: Pod, V: Pod>(data: &MapData) -> io::Result<Vec<(K, V)>> {
         };
         // SAFETY: `attr` points at buffers of `chunk` keys and values that outlive the call;
         // the kernel writes at most `count` of each.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (ret < 0).then(io::Error::last_os_error);
+        let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match err.as_ref().and_then(io::Error::raw_os_error) {
             None | Some(libc::ENOENT) => {}
             // A bucket holds more entries than fit: ask for more at once.

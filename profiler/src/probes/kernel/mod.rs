@@ -5,6 +5,7 @@
 //! program statistics.
 
 pub mod batch;
+pub mod bpf_call;
 pub mod counters;
 pub mod detacher;
 pub mod link_tables;

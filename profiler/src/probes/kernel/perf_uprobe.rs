@@ -38,11 +38,11 @@ use std::{
     sync::OnceLock,
 };
 
+use super::bpf_call::{BPF_LINK_CREATE, bpf_fd};
+
 const UPROBE_PMU: &str = "/sys/bus/event_source/devices/uprobe";
 /// `PERF_FLAG_FD_CLOEXEC`.
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-/// `BPF_LINK_CREATE` (enum bpf_cmd).
-const BPF_LINK_CREATE: libc::c_long = 28;
 /// `perf_event_attr.disabled` (bit 0 of the flags).
 const PERF_ATTR_DISABLED: u64 = 1;
 /// `BPF_PERF_EVENT` (enum bpf_attach_type).
@@ -194,7 +194,7 @@ pub fn attach(prog_fd: RawFd, pid: u32, site: &UprobeSite, cookie: u64) -> io::R
     }
     // SAFETY: a new descriptor the kernel just gave us.
     let perf = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    let link_attr = LinkCreatePerfEvent {
+    let mut link_attr = LinkCreatePerfEvent {
         prog_fd: prog_fd as u32,
         target_fd: perf.as_raw_fd() as u32,
         attach_type: BPF_PERF_EVENT,
@@ -202,21 +202,11 @@ pub fn attach(prog_fd: RawFd, pid: u32, site: &UprobeSite, cookie: u64) -> io::R
         bpf_cookie: cookie,
     };
     // SAFETY: a valid bpf_attr prefix for BPF_LINK_CREATE of the size passed.
-    let link = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &link_attr as *const LinkCreatePerfEvent,
-            std::mem::size_of::<LinkCreatePerfEvent>() as libc::c_uint,
-        )
-    };
-    if link < 0 {
-        // `perf` closes here: the uprobe goes away (and a managed semaphore comes back down).
-        return Err(io::Error::last_os_error());
-    }
+    // On an error `perf` closes here: the uprobe goes away (and a managed semaphore comes
+    // back down).
+    let link = unsafe { bpf_fd(BPF_LINK_CREATE, &mut link_attr) }?;
     Ok(PerfUprobe {
-        // SAFETY: a new descriptor the kernel just gave us.
-        _link: unsafe { OwnedFd::from_raw_fd(link as RawFd) },
+        _link: link,
         _perf: perf,
     })
 }

@@ -10,8 +10,8 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
-/// `BPF_OBJ_GET_INFO_BY_FD` from `include/uapi/linux/bpf.h`.
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+use super::bpf_call::{BPF_OBJ_GET_INFO_BY_FD, bpf};
+
 
 /// `struct bpf_prog_info` up to `recursion_misses` (Linux 5.12): 27 eight-byte words, the
 /// misses in the last. The kernel fills what fits of a shorter buffer.
@@ -35,17 +35,7 @@ fn info_head(program: BorrowedFd<'_>) -> io::Result<ProgInfoHead> {
         info: head.as_mut_ptr() as u64,
     };
     // SAFETY: `attr` points at a buffer of `info_len` bytes that outlives the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            size_of::<InfoAttr>() as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(head)
 }
 

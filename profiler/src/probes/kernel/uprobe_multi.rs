@@ -15,7 +15,7 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -23,10 +23,9 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{Ebpf, maps::Map};
+use super::bpf_call::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd};
 
 /// `BPF_PROG_LOAD`, `BPF_LINK_CREATE` (enum bpf_cmd).
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
 /// `BPF_PROG_TYPE_KPROBE` (uprobes are kprobe-typed programs).
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `BPF_TRACE_UPROBE_MULTI` (enum bpf_attach_type).
@@ -194,7 +193,7 @@ fn load_program(
     for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
         *d = s;
     }
-    let attr = ProgLoadAttr {
+    let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_KPROBE,
         insn_cnt: count as u32,
         insns: insns as u64,
@@ -205,19 +204,7 @@ fn load_program(
     };
     // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD of the size passed; the instructions
     // and the license outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) }
 }
 
 /// libbpf's probe: a multi-uprobe link on `/` (a directory) fails with `EBADF` where the
@@ -269,7 +256,7 @@ pub fn link(
     }
     let path = CString::new(target.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = LinkCreateUprobeMulti {
+    let mut attr = LinkCreateUprobeMulti {
         prog_fd: prog_fd as u32,
         target_fd: 0,
         attach_type: BPF_TRACE_UPROBE_MULTI,
@@ -289,19 +276,7 @@ pub fn link(
     };
     // SAFETY: a valid bpf_attr prefix for BPF_LINK_CREATE of the size passed; the path and
     // the arrays outlive the call (the kernel copies them).
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &attr as *const LinkCreateUprobeMulti,
-            std::mem::size_of::<LinkCreateUprobeMulti>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor the kernel just gave us.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let fd = unsafe { bpf_fd(BPF_LINK_CREATE, &mut attr) }?;
     Ok(MultiUprobe {
         _link: super::link_tables::keep(fd),
     })

@@ -173,7 +173,6 @@ mod tests {
             batch_size: u32,
             _pad: u32,
         }
-        const BPF_PROG_TEST_RUN: libc::c_long = 10;
         let mut attr = TestAttr {
             prog_fd: fd as u32,
             ctx_size_in: ctx.len() as u32,
@@ -182,18 +181,10 @@ mod tests {
             ..Default::default()
         };
         // SAFETY: attr is a valid bpf_attr prefix that outlives the call; ctx is readable.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &mut attr as *mut TestAttr,
-                std::mem::size_of::<TestAttr>(),
-            )
-        };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-        } else {
-            Ok(attr.retval)
+        use crate::probes::kernel::bpf_call::{BPF_PROG_TEST_RUN, bpf};
+        match unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) } {
+            Ok(_) => Ok(attr.retval),
+            Err(e) => Err(e.raw_os_error().unwrap_or(0)),
         }
     }
 
