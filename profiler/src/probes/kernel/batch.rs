@@ -8,12 +8,11 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
+use super::bpf_call::{BPF_MAP_LOOKUP_BATCH, bpf};
 use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, Map, MapData},
 };
-use super::bpf_call::{BPF_MAP_LOOKUP_BATCH, bpf};
-
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]

@@ -12,7 +12,6 @@ use std::{
 
 use super::bpf_call::{BPF_OBJ_GET_INFO_BY_FD, bpf};
 
-
 /// `struct bpf_prog_info` up to `recursion_misses` (Linux 5.12): 27 eight-byte words, the
 /// misses in the last. The kernel fills what fits of a shorter buffer.
 type ProgInfoHead = [u64; 27];

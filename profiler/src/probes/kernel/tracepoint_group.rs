@@ -14,6 +14,8 @@ use aya::{
     },
 };
 
+use super::object::{load_interrupted, retry_interrupted};
+
 /// How a program of the group attaches to its tracepoint (of the same name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tracepoint {
@@ -58,8 +60,14 @@ impl TracepointGroup {
     pub fn load(ebpf: &mut Ebpf, programs: Vec<(Tracepoint, String)>) -> anyhow::Result<Self> {
         for (kind, name) in &programs {
             match kind {
-                Tracepoint::Classic(_) => program::<TracePoint>(ebpf, name)?.load(),
-                Tracepoint::Raw => program::<RawTracePoint>(ebpf, name)?.load(),
+                Tracepoint::Classic(_) => {
+                    let program = program::<TracePoint>(ebpf, name)?;
+                    retry_interrupted(|| program.load(), load_interrupted)
+                }
+                Tracepoint::Raw => {
+                    let program = program::<RawTracePoint>(ebpf, name)?;
+                    retry_interrupted(|| program.load(), load_interrupted)
+                }
             }
             .with_context(|| format!("loading eBPF program {name}"))?;
         }

@@ -21,9 +21,9 @@ use std::{
     path::Path,
 };
 
+use super::bpf_call::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd};
 use anyhow::Context as _;
 use aya::{Ebpf, maps::Map};
-use super::bpf_call::{BPF_LINK_CREATE, BPF_PROG_LOAD, bpf_fd};
 
 /// `BPF_PROG_LOAD`, `BPF_LINK_CREATE` (enum bpf_cmd).
 /// `BPF_PROG_TYPE_KPROBE` (uprobes are kprobe-typed programs).
@@ -202,9 +202,12 @@ fn load_program(
         expected_attach_type: BPF_TRACE_UPROBE_MULTI,
         ..ProgLoadAttr::default()
     };
-    // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD of the size passed; the instructions
-    // and the license outlive the call.
-    unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) }
+    // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD; the instructions and the license
+    // outlive the call.
+    super::object::retry_interrupted(
+        || unsafe { bpf_fd(BPF_PROG_LOAD, &mut attr) },
+        |e| e.raw_os_error() == Some(libc::EAGAIN),
+    )
 }
 
 /// libbpf's probe: a multi-uprobe link on `/` (a directory) fails with `EBADF` where the

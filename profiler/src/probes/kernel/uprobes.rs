@@ -25,8 +25,8 @@ use crate::probes::kernel::{
 
 /// Loads the uprobe program `name` (once, at start-up).
 pub fn load(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
-    program(ebpf, name)?
-        .load()
+    let program = program(ebpf, name)?;
+    super::object::retry_interrupted(|| program.load(), super::object::load_interrupted)
         .with_context(|| format!("loading eBPF program {name}"))
 }
 

@@ -28,7 +28,11 @@ impl HostCpuSource {
                 .program_mut(PROGRAM)
                 .with_context(|| format!("eBPF program {PROGRAM} missing from the object"))?
                 .try_into()?;
-            program.load().context("loading the idle-time program")?;
+            {
+                use crate::probes::kernel::object::{load_interrupted, retry_interrupted};
+                retry_interrupted(|| program.load(), load_interrupted)
+            }
+            .context("loading the idle-time program")?;
             program
                 .attach("sched_switch")
                 .context("attaching to raw tracepoint sched_switch")?;
