@@ -12,7 +12,7 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
 use crate::{
     identity::discovery::{VmIdentity, VmKey},
-    record::{DeviceCount, ExitCount, PartialReason, Sources, TimerCallbackCount},
+    record::{PartialReason, Sources},
 };
 
 /// Tolerance for comparing sample times with window boundaries.
@@ -87,10 +87,7 @@ pub struct RunningWindow {
     pub sources: std::sync::Arc<Sources>,
     pub window: u64,
     pub elapsed: f64,
-    pub counts: Counts,
-    pub devices: Vec<DeviceCount>,
-    pub timers: Vec<TimerCallbackCount>,
-    pub exits: Vec<ExitCount>,
+    pub activity: WindowCounts,
 }
 
 /// How closed windows are written: the window length, and the clocks their times come from.
@@ -131,10 +128,7 @@ pub struct ClosedWindow {
     pub to: f64,
     /// Why it covers less than the window (`None`: a full window).
     pub reason: Option<PartialReason>,
-    pub counts: Counts,
-    pub devices: Vec<DeviceCount>,
-    pub timers: Vec<TimerCallbackCount>,
-    pub exits: Vec<ExitCount>,
+    pub activity: WindowCounts,
 }
 
 /// Turns samples of cumulative counters into closed windows.
@@ -260,24 +254,13 @@ impl Collector {
     pub fn running(&self) -> Vec<RunningWindow> {
         self.vms
             .iter()
-            .map(|(key, s)| {
-                let WindowCounts {
-                    counts,
-                    devices,
-                    timers,
-                    exits,
-                } = s.last.since(&s.base);
-                RunningWindow {
-                    key: *key,
-                    identity: s.identity.clone(),
-                    sources: s.sources.clone(),
-                    window: s.window,
-                    elapsed: s.last_t - s.coverage_start,
-                    counts,
-                    devices,
-                    timers,
-                    exits,
-                }
+            .map(|(key, s)| RunningWindow {
+                key: *key,
+                identity: s.identity.clone(),
+                sources: s.sources.clone(),
+                window: s.window,
+                elapsed: s.last_t - s.coverage_start,
+                activity: s.last.since(&s.base),
             })
             .collect()
     }
@@ -289,12 +272,6 @@ impl Collector {
         end: f64,
         reason: Option<PartialReason>,
     ) -> ClosedWindow {
-        let WindowCounts {
-            counts,
-            devices,
-            timers,
-            exits,
-        } = state.last.since(&state.base);
         ClosedWindow {
             pid: key.pid,
             identity: state.identity.clone(),
@@ -304,10 +281,7 @@ impl Collector {
             from: state.coverage_start,
             to: end.min(self.clock.end_of(state.window)),
             reason: reason.or(state.started_mid_window.then_some(PartialReason::VmStarted)),
-            counts,
-            devices,
-            timers,
-            exits,
+            activity: state.last.since(&state.base),
         }
     }
 

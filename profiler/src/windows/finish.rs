@@ -39,7 +39,7 @@ pub fn record(
     };
     let start = frame.wall_start + TimeDelta::microseconds((closed.from * 1e6).round() as i64);
     let id = &closed.identity;
-    let counts = &closed.counts;
+    let counts = &closed.activity.counts;
     let mut r = WindowRecord {
         window: closed.window,
         start: start.to_rfc3339_opts(SecondsFormat::Millis, true),
@@ -64,13 +64,13 @@ pub fn record(
         in_kernel: counts.in_kernel,
         vcpu_wakeups: counts.vcpu_wakeups,
         vcpu_halt_polls: counts.vcpu_halt_polls,
-        kvm_exits: kept_exits(&closed.exits),
+        kvm_exits: kept_exits(&closed.activity.exits),
         cpu_seconds: counts.cpu_ticks.map(|t| frame.seconds(t)),
         cpu_by_role: cpu_by_role(counts, frame),
         resident_bytes: counts.resident_bytes,
         sources: (*closed.sources).clone(),
-        devices: closed.devices.clone(),
-        timers: closed.timers.clone(),
+        devices: closed.activity.devices.clone(),
+        timers: closed.activity.timers.clone(),
         host: facts.host.filter(|_| full),
         dropped_updates: facts.dropped_updates,
         estimated: false,
@@ -186,7 +186,7 @@ fn unobserved(r: &mut WindowRecord, uprobed: Uprobed) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::record::Sources;
+    use crate::{attribution::WindowCounts, record::Sources};
 
     /// A frame of `length`-second windows from 2026-11-22T00:00:00Z, 100 ticks a second.
     pub(crate) fn frame(length: f64) -> RecordFrame {
@@ -217,18 +217,18 @@ pub(crate) mod tests {
             from: window as f64 * length,
             to: (window + 1) as f64 * length,
             reason: None,
-            counts: Counts {
-                timer: Some(0),
-                fd_wakeups: Some(0),
-                read: Some(0),
-                write: Some(0),
-                cpu_ticks: Some(0),
-                in_kernel: None,
-                ..Counts::default()
+            activity: WindowCounts {
+                counts: Counts {
+                    timer: Some(0),
+                    fd_wakeups: Some(0),
+                    read: Some(0),
+                    write: Some(0),
+                    cpu_ticks: Some(0),
+                    in_kernel: None,
+                    ..Counts::default()
+                },
+                ..WindowCounts::default()
             },
-            devices: Vec::new(),
-            timers: Vec::new(),
-            exits: Vec::new(),
         }
     }
 
@@ -241,8 +241,8 @@ pub(crate) mod tests {
     #[test]
     fn every_fact_lands_in_the_one_record() {
         let mut c = closed_window(7, 2, 10.0);
-        c.counts.timer = Some(250);
-        c.counts.cpu_ticks = Some(123);
+        c.activity.counts.timer = Some(250);
+        c.activity.counts.cpu_ticks = Some(123);
         let host = HostWindow {
             cpus: 2,
             busy_cpu_seconds: 1.5,
@@ -322,7 +322,7 @@ mod guest_tests {
     #[test]
     fn exits_keep_the_top_reasons_and_sum_the_rest() {
         let mut c = closed_window(7, 0, 10.0);
-        c.exits = (0..12)
+        c.activity.exits = (0..12)
             .map(|i| ExitCount {
                 reason: format!("R{i}"),
                 count: 100 - i,
@@ -341,8 +341,8 @@ mod guest_tests {
     #[test]
     fn cpu_by_role_puts_what_no_role_explains_in_other() {
         let mut c = closed_window(7, 0, 10.0);
-        c.counts.cpu_ticks = Some(300);
-        c.counts.cpu_roles = Some(RoleTicks {
+        c.activity.counts.cpu_ticks = Some(300);
+        c.activity.counts.cpu_roles = Some(RoleTicks {
             vcpu: 280,
             vcpu_guest: 1,
             device_model: 5,
@@ -364,7 +364,7 @@ mod guest_tests {
         );
         assert_eq!((split.kernel_workers, split.vcpu_threads), (0.16, 1));
         // Threads not read at both ends: no split rather than a wrong one.
-        c.counts.cpu_roles = None;
+        c.activity.counts.cpu_roles = None;
         assert_eq!(
             record(&c, &WindowFacts::default(), &frame(10.0))
                 .0

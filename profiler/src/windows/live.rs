@@ -152,10 +152,11 @@ impl LiveState {
             vm.devices = devices;
             vm.sources = r.sources;
             vm.running_cpu_seconds = r
+                .activity
                 .counts
                 .cpu_ticks
                 .map(|t| t as f64 / ticks_per_second.max(1) as f64);
-            vm.running = r.counts;
+            vm.running = r.activity.counts;
             vm.running_elapsed = r.elapsed;
             vm.exited = false;
         }
@@ -248,15 +249,15 @@ mod tests {
                 .into(),
                 window: 0,
                 elapsed: 2.0,
-                counts: Counts {
-                    timer: Some(timer),
-                    cpu_ticks: Some(50),
-                    in_kernel: None,
-                    ..Counts::default()
+                activity: crate::attribution::WindowCounts {
+                    counts: Counts {
+                        timer: Some(timer),
+                        cpu_ticks: Some(50),
+                        in_kernel: None,
+                        ..Counts::default()
+                    },
+                    ..Default::default()
                 },
-                devices: Vec::new(),
-                timers: Vec::new(),
-                exits: Vec::new(),
             },
             vec!["usb-tablet".into()],
         )

@@ -172,8 +172,8 @@ fn a_window_is_probed_in_one_block_and_scaled_by_the_time_really_probed() {
 fn stamped_window_1(b: &mut BudgetedVms, timer: u64) -> WindowRecord {
     use crate::windows::finish::{self, WindowFacts, tests::closed_window};
     let mut closed = closed_window(1, 1, 10.0);
-    closed.counts.timer = Some(timer);
-    closed.counts.fd_wakeups = Some(0);
+    closed.activity.counts.timer = Some(timer);
+    closed.activity.counts.fd_wakeups = Some(0);
     let facts = WindowFacts {
         probed: b.probed(1, closed.from, closed.to),
         ..WindowFacts::default()

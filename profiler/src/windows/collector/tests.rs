@@ -1,6 +1,6 @@
 use super::*;
 use crate::{
-    record::WindowRecord,
+    record::{DeviceCount, TimerCallbackCount, WindowRecord},
     windows::finish::{self, WindowFacts},
 };
 
@@ -359,7 +359,7 @@ fn running_window_grows() {
     c.observe_records(3.0, &[obs(&a, 30, 0)], NONE);
     let r = c.running();
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0].counts.timer, Some(30));
+    assert_eq!(r[0].activity.counts.timer, Some(30));
     assert_eq!(r[0].elapsed, 3.0);
     assert_eq!(r[0].window, 0);
 }

@@ -414,7 +414,7 @@ fn a_reused_pid_is_a_new_vm() {
     let running = r.session.running();
     assert_eq!(running.len(), 1);
     assert_eq!(running[0].identity.name, "new");
-    assert_eq!(running[0].counts.timer, Some(0));
+    assert_eq!(running[0].activity.counts.timer, Some(0));
 }
 
 #[test]
