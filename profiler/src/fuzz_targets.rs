@@ -123,12 +123,8 @@ pub fn recording(data: &[u8]) {
     let cap = crate::analysis::capacity::capacity(
         &records,
         &crate::analysis::capacity::CapacityRequest {
-            cores: None,
-            reserve_cores: 0.0,
             target_util: 0.8,
-            settle: 0.0,
-            memory: None,
-            reserve_memory: 0,
+            ..crate::analysis::capacity::CapacityRequest::WHOLE_HOST
         },
         2.0,
     );

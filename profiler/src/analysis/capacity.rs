@@ -42,6 +42,18 @@ pub struct CapacityRequest {
     pub reserve_memory: u64,
 }
 
+impl CapacityRequest {
+    /// The recorded host, all of it for VMs: nothing reserved, no settle time.
+    pub const WHOLE_HOST: Self = Self {
+        cores: None,
+        reserve_cores: 0.0,
+        target_util: 1.0,
+        settle: 0.0,
+        memory: None,
+        reserve_memory: 0,
+    };
+}
+
 /// One VM's idle cost.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VmCost {

@@ -24,6 +24,25 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing the chart: {e}")
 }
 
+/// A legend's mark for a line series: a short stroke in its style.
+fn line_mark(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)
+}
+
+/// The labelled series' legend, boxed, at `position`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
 const FONT: &str = "sans-serif";
 
 /// `12345.0` → `12,345`; `0.5` → `0.5`.
@@ -154,19 +173,12 @@ pub fn report_chart(records: &[WindowRecord]) -> anyhow::Result<String> {
                     .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
                     .map_err(err)?
                     .label(clean(g.name))
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                    });
+                    .legend(line_mark(c.stroke_width(2)));
                 chart
                     .draw_series(points.into_iter().map(|p| Circle::new(p, 3, c.filled())))
                     .map_err(err)?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
+            draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         }
         root.present().map_err(err)?;
     }
@@ -246,13 +258,7 @@ fn compare_panel(
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)
 }
 
 /// Before vs after, one panel per VM pair: mean timer, read, write and fd events per window.
@@ -323,9 +329,7 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
             ))
             .map_err(err)?
             .label("measured (mean per VM count)")
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
-            });
+            .legend(line_mark(blue.stroke_width(2)));
         if let Some(c) = &r.ramp {
             let f = c.fit;
             let orange = color(1);
@@ -378,7 +382,7 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
                         crate::analysis::capacity::RampVerdict::Unresolved { .. } => "unresolved",
                     }
                 ))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], orange));
+                .legend(line_mark(orange.into()));
             // The projection from the VMs' own cost: the base load plus each VM's QEMU CPU.
             let per_vm = c.per_vm_cost_cores;
             let green = color(2);
@@ -391,9 +395,7 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
                 ))
                 .map_err(err)?
                 .label(format!("projection from the VMs' own CPU: {per_vm:.4}/VM"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2))
-                });
+                .legend(line_mark(green.stroke_width(2)));
         }
         let red = color(3);
         chart
@@ -405,14 +407,8 @@ pub fn capacity_chart(r: &CapacityReport) -> anyhow::Result<String> {
             ))
             .map_err(err)?
             .label(format!("budget: {budget:.2} cores"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+            .legend(line_mark(red.into()));
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         root.present().map_err(err)?;
     }
     Ok(svg)
@@ -466,12 +462,8 @@ mod tests {
         let report = capacity(
             &records(),
             &CapacityRequest {
-                cores: None,
-                reserve_cores: 0.0,
                 target_util: 0.8,
-                settle: 0.0,
-                memory: None,
-                reserve_memory: 0,
+                ..CapacityRequest::WHOLE_HOST
             },
             2.0,
         );

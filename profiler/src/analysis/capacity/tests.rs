@@ -17,14 +17,7 @@ fn w(name: &str, pid: u32, n: u64, cpu: f64, timer: u64, host: Option<(u32, f64)
     r
 }
 
-const REQ: CapacityRequest = CapacityRequest {
-    cores: None,
-    reserve_cores: 0.0,
-    target_util: 1.0,
-    settle: 0.0,
-    memory: None,
-    reserve_memory: 0,
-};
+const REQ: CapacityRequest = CapacityRequest::WHOLE_HOST;
 
 /// Recorded under KVM: a guest whose own 1 kHz timer costs its QEMU a third of a core,
 /// nearly all in its vCPU thread, plus the in-kernel PIT's kernel thread beside it.
