@@ -422,61 +422,21 @@ mod tests {
     fn sorting_by_every_key() {
         let snap = fixtures::snapshot();
         let by = |k| names(&ranked_rows(&snap, k, ""));
-        assert_eq!(
-            by(SortKey::Timer),
-            [
-                "noisy-usb",
-                "fresh-boot",
-                "legacy-ubuntu",
-                "quiet",
-                "batch-07"
-            ]
-        );
-        // legacy-ubuntu has no read/write source: unavailable sorts last, never as 0.
-        assert_eq!(
-            by(SortKey::Read),
-            [
-                "fresh-boot",
-                "noisy-usb",
-                "batch-07",
-                "quiet",
-                "legacy-ubuntu"
-            ]
-        );
+        let orders = [
+            (SortKey::Timer, "noisy-usb fresh-boot legacy-ubuntu quiet batch-07"),
+            // legacy-ubuntu has no read/write source: unavailable sorts last, never as 0.
+            (SortKey::Read, "fresh-boot noisy-usb batch-07 quiet legacy-ubuntu"),
+            (SortKey::Cpu, "noisy-usb fresh-boot legacy-ubuntu quiet batch-07"),
+            // The KVM guest's vCPU wakeups count with its QEMU's timer and fd wakeups.
+            (SortKey::Wakeups, "noisy-usb legacy-ubuntu fresh-boot batch-07 quiet"),
+            (SortKey::Name, "batch-07 fresh-boot legacy-ubuntu noisy-usb quiet"),
+        ];
+        for (key, order) in orders {
+            assert_eq!(by(key).join(" "), order, "{key:?}");
+        }
         assert_eq!(by(SortKey::Write).last().unwrap(), "legacy-ubuntu");
         assert_eq!(by(SortKey::Fd)[0], "noisy-usb");
-        assert_eq!(
-            by(SortKey::Cpu),
-            [
-                "noisy-usb",
-                "fresh-boot",
-                "legacy-ubuntu",
-                "quiet",
-                "batch-07"
-            ]
-        );
-        // The KVM guest's vCPU wakeups count with its QEMU's timer and fd wakeups.
-        assert_eq!(
-            by(SortKey::Wakeups),
-            [
-                "noisy-usb",
-                "legacy-ubuntu",
-                "fresh-boot",
-                "batch-07",
-                "quiet"
-            ]
-        );
         assert_eq!(by(SortKey::Vcpu)[0], "legacy-ubuntu");
-        assert_eq!(
-            by(SortKey::Name),
-            [
-                "batch-07",
-                "fresh-boot",
-                "legacy-ubuntu",
-                "noisy-usb",
-                "quiet"
-            ]
-        );
         let ranks: Vec<usize> = ranked_rows(&snap, SortKey::Timer, "")
             .iter()
             .map(|r| r.rank)

@@ -153,6 +153,18 @@ impl SymbolSource {
     }
 
     /// Drops the entry of a process that has nothing attached (after a failed attach).
+    /// Links `program` at `points` of `pid`, as multi links where the kernel makes them.
+    fn link(
+        &self,
+        ebpf: &mut Ebpf,
+        program: &'static str,
+        pid: u32,
+        points: &[UprobePoint],
+        generation: u32,
+    ) -> anyhow::Result<UprobeLinks> {
+        UprobeLinks::attach(ebpf, self.multi.as_deref(), program, pid, points, generation)
+    }
+
     fn tidy(&mut self, pid: u32) {
         if self
             .processes
@@ -218,16 +230,7 @@ impl SymbolSource {
         let result = self
             .process(pid, exe, generation)
             .map(|_| ())
-            .and_then(|()| {
-                UprobeLinks::attach(
-                    ebpf,
-                    self.multi.as_deref(),
-                    program,
-                    pid,
-                    points,
-                    generation,
-                )
-            });
+            .and_then(|()| self.link(ebpf, program, pid, points, generation));
         match result {
             Ok(links) => {
                 let process = self.processes.get_mut(&pid).expect("made above");
@@ -351,19 +354,12 @@ impl SymbolSource {
     /// Attaches again what [`Self::pause`] detached, as links of `generation` (all or
     /// nothing).
     pub fn resume(&mut self, ebpf: &mut Ebpf, pid: u32, generation: u32) -> anyhow::Result<()> {
-        let Some(process) = self.processes.get_mut(&pid) else {
+        let Some(process) = self.processes.get(&pid) else {
             return Ok(());
         };
         let mut made: Vec<UprobeLinks> = Vec::new();
         for (program, points) in &process.paused {
-            match UprobeLinks::attach(
-                ebpf,
-                self.multi.as_deref(),
-                program,
-                pid,
-                points,
-                generation,
-            ) {
+            match self.link(ebpf, program, pid, points, generation) {
                 Ok(links) => made.push(links),
                 Err(e) => {
                     for links in made {
@@ -373,6 +369,7 @@ impl SymbolSource {
                 }
             }
         }
+        let process = self.processes.get_mut(&pid).expect("looked up above");
         process.paused.clear();
         process.is_paused = false;
         process.callbacks = UprobeLinks::empty(CALLBACK_PROGRAM, generation);
