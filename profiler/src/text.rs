@@ -32,6 +32,15 @@ pub(crate) fn is_unsafe(c: char) -> bool {
         )
 }
 
+/// Each item [`clean`]ed, joined with `, `.
+pub fn clean_list<S: AsRef<str>>(items: &[S]) -> String {
+    items
+        .iter()
+        .map(|s| clean(s.as_ref()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A CSV cell: cleaned, quoted when needed, and a leading `=`, `+`, `-`, `@` (or tab / CR, which
 /// some spreadsheets also read as a formula start) defused with `'`, so a hostile VM name
 /// cannot run a formula in whoever opens the file.

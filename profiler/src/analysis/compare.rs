@@ -424,11 +424,10 @@ pub fn render_text(c: &Comparison) -> String {
     }
     for (side, names) in [("before", &c.unpaired_before), ("after", &c.unpaired_after)] {
         if !names.is_empty() {
-            let names: Vec<String> = names.iter().map(|n| clean(n)).collect();
             let _ = writeln!(
                 out,
                 "only {side}: {} (pair with --pair BEFORE=AFTER)",
-                names.join(", ")
+                crate::text::clean_list(names)
             );
         }
     }

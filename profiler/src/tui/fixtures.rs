@@ -192,17 +192,22 @@ pub fn noisy() -> LiveVm {
         src,
         history,
     );
+    set_running(&mut vm, [33_460, 1_069, 531, 818], 94);
+    vm
+}
+
+/// A TCG guest's running window so far: timer, fd, read and write events, and its CPU time
+/// in ticks (100 a second).
+fn set_running(vm: &mut LiveVm, [timer, fd, read, write]: [u64; 4], cpu_ticks: u64) {
     vm.running = Counts {
-        timer: Some(33_460),
-        fd_wakeups: Some(1_069),
-        read: Some(531),
-        write: Some(818),
-        cpu_ticks: Some(94),
-        in_kernel: None,
+        timer: Some(timer),
+        fd_wakeups: Some(fd),
+        read: Some(read),
+        write: Some(write),
+        cpu_ticks: Some(cpu_ticks),
         ..Counts::default()
     };
-    vm.running_cpu_seconds = Some(0.94);
-    vm
+    vm.running_cpu_seconds = Some(cpu_ticks as f64 / 100.0);
 }
 
 /// The same guest with `-parallel none -vga none` and no USB: 8.9 wakeups a second.
@@ -226,16 +231,7 @@ pub fn quiet() -> LiveVm {
         })
         .collect();
     let mut vm = live(id, 88_310, &["isa-serial"], src, history);
-    vm.running = Counts {
-        timer: Some(154),
-        fd_wakeups: Some(10),
-        read: Some(7),
-        write: Some(5),
-        cpu_ticks: Some(3),
-        in_kernel: None,
-        ..Counts::default()
-    };
-    vm.running_cpu_seconds = Some(0.03);
+    set_running(&mut vm, [154, 10, 7, 5], 3);
     vm
 }
 
@@ -311,17 +307,8 @@ pub fn fresh() -> LiveVm {
     let id = identity("fresh-boot", 6001, None, Accel::Tcg);
     let src = sources(SYSCALL, USDT);
     let mut vm = live(id, 124_530, &["isa-serial", "e1000"], src, Vec::new());
-    vm.running = Counts {
-        timer: Some(1_290),
-        fd_wakeups: Some(42),
-        read: Some(2_950),
-        write: Some(1_880),
-        cpu_ticks: Some(20),
-        in_kernel: None,
-        ..Counts::default()
-    };
+    set_running(&mut vm, [1_290, 42, 2_950, 1_880], 20);
     vm.running_elapsed = 4.2;
-    vm.running_cpu_seconds = Some(0.2);
     vm
 }
 

@@ -423,13 +423,28 @@ mod tests {
         let snap = fixtures::snapshot();
         let by = |k| names(&ranked_rows(&snap, k, ""));
         let orders = [
-            (SortKey::Timer, "noisy-usb fresh-boot legacy-ubuntu quiet batch-07"),
+            (
+                SortKey::Timer,
+                "noisy-usb fresh-boot legacy-ubuntu quiet batch-07",
+            ),
             // legacy-ubuntu has no read/write source: unavailable sorts last, never as 0.
-            (SortKey::Read, "fresh-boot noisy-usb batch-07 quiet legacy-ubuntu"),
-            (SortKey::Cpu, "noisy-usb fresh-boot legacy-ubuntu quiet batch-07"),
+            (
+                SortKey::Read,
+                "fresh-boot noisy-usb batch-07 quiet legacy-ubuntu",
+            ),
+            (
+                SortKey::Cpu,
+                "noisy-usb fresh-boot legacy-ubuntu quiet batch-07",
+            ),
             // The KVM guest's vCPU wakeups count with its QEMU's timer and fd wakeups.
-            (SortKey::Wakeups, "noisy-usb legacy-ubuntu fresh-boot batch-07 quiet"),
-            (SortKey::Name, "batch-07 fresh-boot legacy-ubuntu noisy-usb quiet"),
+            (
+                SortKey::Wakeups,
+                "noisy-usb legacy-ubuntu fresh-boot batch-07 quiet",
+            ),
+            (
+                SortKey::Name,
+                "batch-07 fresh-boot legacy-ubuntu noisy-usb quiet",
+            ),
         ];
         for (key, order) in orders {
             assert_eq!(by(key).join(" "), order, "{key:?}");

@@ -201,13 +201,7 @@ impl App {
         let probes = if s.live_sources.is_empty() {
             Span::styled("none attached", Style::new().red())
         } else {
-            Span::raw(
-                s.live_sources
-                    .iter()
-                    .map(|x| clean(x))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
+            Span::raw(crate::text::clean_list(&s.live_sources))
         };
         frame.render_widget(
             Line::from(vec![label("probes"), Span::raw("  "), probes]),

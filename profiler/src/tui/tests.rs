@@ -420,20 +420,21 @@ fn key(code: KeyCode) -> io::Result<Event> {
     Ok(Event::Key(KeyEvent::new(code, KeyModifiers::NONE)))
 }
 
-#[tokio::test]
-async fn run_drives_the_screens_and_quits_on_q() {
+/// The screen after `run` took `keys` (the last one quitting) over the fixture snapshot.
+async fn screen_after(keys: &[KeyCode]) -> String {
     let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
     let (_tx, rx) = watch::channel(fixtures::snapshot());
-    let events = stream::iter([
-        key(KeyCode::Char('j')),
-        key(KeyCode::Enter),
-        key(KeyCode::Esc),
-        key(KeyCode::Char('q')),
-    ]);
+    let events = stream::iter(keys.iter().map(|k| key(*k)));
     run(&mut terminal, events, rx, Duration::from_secs(3600))
         .await
         .unwrap();
-    let text = terminal.backend().to_string();
+    terminal.backend().to_string()
+}
+
+#[tokio::test]
+async fn run_drives_the_screens_and_quits_on_q() {
+    use KeyCode::{Char, Enter, Esc};
+    let text = screen_after(&[Char('j'), Enter, Esc, Char('q')]).await;
     // Back on the list with the second VM selected.
     let selected = text
         .lines()
@@ -445,17 +446,8 @@ async fn run_drives_the_screens_and_quits_on_q() {
 
 #[tokio::test]
 async fn run_shows_the_detail_view() {
-    let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
-    let (_tx, rx) = watch::channel(fixtures::snapshot());
-    let events = stream::iter([
-        key(KeyCode::Char('j')),
-        key(KeyCode::Enter),
-        key(KeyCode::Char('q')),
-    ]);
-    run(&mut terminal, events, rx, Duration::from_secs(3600))
-        .await
-        .unwrap();
-    let text = terminal.backend().to_string();
+    use KeyCode::{Char, Enter};
+    let text = screen_after(&[Char('j'), Enter, Char('q')]).await;
     assert!(text.contains("VM fresh-boot"), "{text}");
     assert!(text.contains("running"), "{text}");
 }

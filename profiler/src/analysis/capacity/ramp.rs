@@ -289,15 +289,21 @@ mod tests {
         h as f64 / 500.0 - 1.0
     }
 
+    /// `windows` windows at each of `counts` VM counts (0, 1, ...): `base + slope` cores per
+    /// VM, plus up to `noise` either way.
+    fn ramp(counts: usize, windows: usize, base: f64, slope: f64, noise: f64) -> Vec<(u32, f64)> {
+        (0..counts * windows)
+            .map(|i| {
+                let vms = (i / windows) as u32;
+                (vms, base + slope * vms as f64 + noise * self::noise(i))
+            })
+            .collect()
+    }
+
     #[test]
     fn a_clean_ramp_agrees_and_counts_vms_with_a_range() {
         // 0.03 cores per VM, 0.2 base, little noise, 0..=6 VMs, 3 windows each.
-        let points: Vec<(u32, f64)> = (0..21)
-            .map(|i| {
-                let vms = (i / 3) as u32;
-                (vms, 0.2 + 0.03 * vms as f64 + 0.002 * noise(i))
-            })
-            .collect();
+        let points = ramp(7, 3, 0.2, 0.03, 0.002);
         let f = fit(&points).unwrap();
         assert!((f.per_vm_cores - 0.03).abs() < 0.002, "{f:?}");
         assert!(f.per_vm_ci95 > 0.0 && f.per_vm_ci95 < 0.005, "{f:?}");
@@ -316,12 +322,7 @@ mod tests {
     /// Today's quiet ramp: 0.5 % of a core per VM on a host whose noise is several times that.
     #[test]
     fn a_noisy_host_does_not_resolve_a_small_per_vm_cost() {
-        let points: Vec<(u32, f64)> = (0..16)
-            .map(|i| {
-                let vms = (i / 2) as u32;
-                (vms, 0.036 + 0.005 * vms as f64 + 0.05 * noise(i))
-            })
-            .collect();
+        let points = ramp(8, 2, 0.036, 0.005, 0.05);
         let f = fit(&points).unwrap();
         let c = check(f, None, (0.0049, 0.0002), 1.6);
         let RampVerdict::Unresolved { spread_needed } = c.verdict else {
@@ -344,12 +345,7 @@ mod tests {
 
     #[test]
     fn a_resolved_slope_far_from_the_vms_cost_disagrees() {
-        let points: Vec<(u32, f64)> = (0..12)
-            .map(|i| {
-                let vms = (i / 2) as u32;
-                (vms, 0.1 + 0.0077 * vms as f64 + 0.0005 * noise(i))
-            })
-            .collect();
+        let points = ramp(6, 2, 0.1, 0.0077, 0.0005);
         let c = check(fit(&points).unwrap(), None, (0.0205, 0.001), 1.6);
         assert_eq!(c.verdict, RampVerdict::Disagrees, "{c:?}");
         assert!(c.why.contains("differs"), "{}", c.why);

@@ -162,7 +162,14 @@ impl SymbolSource {
         points: &[UprobePoint],
         generation: u32,
     ) -> anyhow::Result<UprobeLinks> {
-        UprobeLinks::attach(ebpf, self.multi.as_deref(), program, pid, points, generation)
+        UprobeLinks::attach(
+            ebpf,
+            self.multi.as_deref(),
+            program,
+            pid,
+            points,
+            generation,
+        )
     }
 
     fn tidy(&mut self, pid: u32) {

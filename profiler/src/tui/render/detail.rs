@@ -121,13 +121,7 @@ fn identity_lines(vm: &LiveVm, running_window: u64) -> Vec<Line<'static>> {
     let devices = if vm.devices.is_empty() {
         Span::styled("none named on the command line", dim())
     } else {
-        Span::raw(
-            vm.devices
-                .iter()
-                .map(|d| clean(d))
-                .collect::<Vec<_>>()
-                .join(", "),
-        )
+        Span::raw(crate::text::clean_list(&vm.devices))
     };
     let sources = if vm.sources.read == vm.sources.write {
         format!(
@@ -185,14 +179,19 @@ fn identity_lines(vm: &LiveVm, running_window: u64) -> Vec<Line<'static>> {
     lines
 }
 
+/// What comes once the running window closes, dimmed.
+fn until_closed(what: &str, running_window: u64) -> Vec<Span<'static>> {
+    vec![Span::styled(
+        format!("{what} when window {running_window:03} closes"),
+        dim(),
+    )]
+}
+
 /// Where the last closed window's CPU went: the QEMU process's share by thread role, and the
 /// kernel workers besides.
 fn cpu_spans(last: Option<&WindowRecord>, running_window: u64) -> Vec<Span<'static>> {
     let Some(r) = last else {
-        return vec![Span::styled(
-            format!("by thread role when window {running_window:03} closes"),
-            dim(),
-        )];
+        return until_closed("by thread role", running_window);
     };
     let mut spans = vec![Span::raw(format!("window {:03} · ", r.window))];
     let (Some(cpu), Some(split)) = (r.cpu_seconds, r.cpu_by_role) else {
@@ -229,10 +228,7 @@ fn cpu_spans(last: Option<&WindowRecord>, running_window: u64) -> Vec<Span<'stat
 /// the kernel handled, exits by reason.
 fn guest_spans(last: Option<&WindowRecord>, running_window: u64) -> Vec<Span<'static>> {
     let Some(r) = last else {
-        return vec![Span::styled(
-            format!("vCPU wakeups and exits when window {running_window:03} closes"),
-            dim(),
-        )];
+        return until_closed("vCPU wakeups and exits", running_window);
     };
     let per_s = |n: Option<u64>| value_span(crate::tui::model::rate(n, r.seconds), fmt_rate);
     let mut spans = vec![
