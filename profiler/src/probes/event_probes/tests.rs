@@ -95,6 +95,20 @@ fn probe_fds() -> usize {
     crate::probes::kernel::link_tables::probe_links(std::process::id())
 }
 
+/// A source loaded (with multi links or per site), a sleeping process to attach it to (its
+/// pid, an offset in its code) and the probe links before any attach.
+fn source_and_sleeper<S>(
+    ebpf: &mut Ebpf,
+    multi_links: bool,
+    load: impl FnOnce(&mut Ebpf, Option<Arc<uprobe_multi::MultiPrograms>>) -> anyhow::Result<S>,
+) -> (S, Sleeper, u32, u64, usize) {
+    let multi = multi(ebpf, multi_links);
+    let source = load(ebpf, multi).unwrap();
+    let (sleeper, entry) = sleeper();
+    let pid = sleeper.0.id();
+    (source, sleeper, pid, entry, probe_fds())
+}
+
 fn spec_entries(ebpf: &mut Ebpf) -> usize {
     let map: BpfHashMap<&MapData, u32, UsdtSpec> =
         BpfHashMap::try_from(ebpf.map(SPECS_MAP).unwrap()).unwrap();
@@ -202,25 +216,23 @@ fn root_a_watched_process_is_counted_in_its_slot_in_the_overflow_hash_and_keyed(
     let flags = watch_flag::WAITS_BY_LIBC_RESULT;
     polls(100);
     assert_eq!(counted(&mut counters, &ebpf), 0, "not watched yet");
-    // In its own slot, counted in its wait block.
-    let block = counters.wait_block(pid);
-    assert_ne!(block, wait_block::NONE);
-    table.set(&mut ebpf, pid, flags, block).unwrap();
-    polls(1000);
-    assert_eq!(counted(&mut counters, &ebpf), 1000, "in its slot");
-    unwatch(&mut ebpf, &mut table, &mut counters, pid);
-    polls(100);
-    assert_eq!(counted(&mut counters, &ebpf), 0, "forgotten");
-    // Its slot held by another process: in the hash, found through the slot's mark.
+    // Watched with its wait block, first in its own slot, then with its slot held by another
+    // process (in the hash, found through the slot's mark): counted, and forgotten once
+    // unwatched.
     let other = pid + WATCH_SLOTS;
-    table.set(&mut ebpf, other, 0, wait_block::NONE).unwrap();
-    let block = counters.wait_block(pid);
-    table.set(&mut ebpf, pid, flags, block).unwrap();
-    polls(1000);
-    assert_eq!(counted(&mut counters, &ebpf), 1000, "in the overflow hash");
-    unwatch(&mut ebpf, &mut table, &mut counters, pid);
-    polls(100);
-    assert_eq!(counted(&mut counters, &ebpf), 0, "overflow forgotten");
+    for (place, slot_taken) in [("in its slot", false), ("in the overflow hash", true)] {
+        if slot_taken {
+            table.set(&mut ebpf, other, 0, wait_block::NONE).unwrap();
+        }
+        let block = counters.wait_block(pid);
+        assert_ne!(block, wait_block::NONE);
+        table.set(&mut ebpf, pid, flags, block).unwrap();
+        polls(1000);
+        assert_eq!(counted(&mut counters, &ebpf), 1000, "{place}");
+        unwatch(&mut ebpf, &mut table, &mut counters, pid);
+        polls(100);
+        assert_eq!(counted(&mut counters, &ebpf), 0, "{place}: forgotten");
+    }
     // Without a wait block (the store was full): keyed like any counter.
     table.set(&mut ebpf, pid, flags, wait_block::NONE).unwrap();
     polls(500);
@@ -417,12 +429,9 @@ fn root_ppoll_timer_marks_are_exact_in_the_thread_slot_and_in_pending() {
 
 fn a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back(multi_links: bool) {
     let (_one_at_a_time, mut ebpf) = root_test!("root_a_budget_pause_detaches_every_symbols_link");
-    let multi = multi(&ebpf, multi_links);
-    let mut symbols = SymbolSource::load(&mut ebpf, multi).unwrap();
-    let (sleeper, entry) = sleeper();
-    let pid = sleeper.0.id();
+    let (mut symbols, _sleeper, pid, entry, before) =
+        source_and_sleeper(&mut ebpf, multi_links, SymbolSource::load);
     let exe = analyzed_exe(pid);
-    let before = probe_fds();
     let points = two_points(entry, entry);
     symbols
         .attach_dispatch_at(&mut ebpf, pid, &exe, &points, 0)
@@ -445,11 +454,8 @@ fn a_budget_pause_detaches_every_symbols_link_and_resume_brings_them_back(multi_
 fn a_usdt_attach_that_fails_part_way_leaves_nothing(multi_links: bool) {
     let (_one_at_a_time, mut ebpf) =
         root_test!("root_a_usdt_attach_that_fails_part_way_leaves_nothing");
-    let multi = multi(&ebpf, multi_links);
-    let mut usdt = UsdtSource::load(&mut ebpf, multi).unwrap();
-    let (sleeper, entry) = sleeper();
-    let pid = sleeper.0.id();
-    let before = probe_fds();
+    let (mut usdt, _sleeper, pid, entry, before) =
+        source_and_sleeper(&mut ebpf, multi_links, UsdtSource::load);
 
     // The first site attaches; the second is past the end of the file.
     let site = |file_offset, semaphore_file_offset| SiteToAttach {
@@ -491,12 +497,9 @@ fn a_usdt_attach_that_fails_part_way_leaves_nothing(multi_links: bool) {
 fn a_symbols_attach_that_fails_part_way_leaves_nothing(multi_links: bool) {
     let (_one_at_a_time, mut ebpf) =
         root_test!("root_a_symbols_attach_that_fails_part_way_leaves_nothing");
-    let multi = multi(&ebpf, multi_links);
-    let mut symbols = SymbolSource::load(&mut ebpf, multi).unwrap();
-    let (sleeper, entry) = sleeper();
-    let pid = sleeper.0.id();
+    let (mut symbols, _sleeper, pid, entry, before) =
+        source_and_sleeper(&mut ebpf, multi_links, SymbolSource::load);
     let exe = analyzed_exe(pid);
-    let before = probe_fds();
     // The second is past the end of the file.
     let points = two_points(entry, 1 << 40);
     assert!(
