@@ -16,6 +16,8 @@ pub mod offer;
 pub mod outputs;
 pub mod probes;
 pub mod record;
+#[cfg(test)]
+pub mod testing;
 pub mod text;
 pub mod tui;
 pub mod windows;

@@ -11,6 +11,7 @@ use std::{
 /// The layers, bottom first: a module may use its own layer and the ones before it. Within
 /// `offer` and `probes`, the sub-layers below keep the same rule.
 const LAYERS: &[&str] = &[
+    "testing",
     "text",
     "note",
     "identity",

@@ -423,13 +423,7 @@ mod tests {
         // Deterministic fuzz: mangled copies of the real fixture never panic.
         let real = fixture();
         let bytes = real.as_bytes();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift();
         for _ in 0..300 {
             let mut b = bytes.to_vec();
             for _ in 0..(next() % 40) {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::record::HostWindow;
+use crate::testing::assert_contains;
 
 fn w(name: &str, pid: u32, n: u64, cpu: f64, timer: u64, host: Option<(u32, f64)>) -> WindowRecord {
     let mut r = crate::record::tests::window(name, pid, n, 10.0);
@@ -34,11 +35,7 @@ fn a_kvm_guest_s_cost_is_split_by_thread_role() {
         pit.events_per_second > 970.0,
         "its vCPU wakeups count: {pit:?}"
     );
-    assert!(
-        render_text(&report).contains("(vCPU 32."),
-        "{}",
-        render_text(&report)
-    );
+    assert_contains(&render_text(&report), "(vCPU 32.");
 }
 
 #[test]
@@ -113,10 +110,9 @@ fn host_cpu_against_vm_count_with_a_straight_line() {
     assert!((f.base_cores - 0.2).abs() < 1e-9 && (f.per_vm_cores - 0.05).abs() < 1e-9);
     assert!((f.r_squared - 1.0).abs() < 1e-9);
     assert_eq!(r.cores, 4.0, "cores from the recording");
-    assert!(
-        render_text(&r).contains("straight line: 0.200 cores + 0.0500 ± 0.0000 cores per VM"),
-        "{}",
-        render_text(&r)
+    assert_contains(
+        &render_text(&r),
+        "straight line: 0.200 cores + 0.0500 ± 0.0000 cores per VM",
     );
 }
 

@@ -251,18 +251,12 @@ mod tests {
     fn random_placements_keep_one_holder_per_slot() {
         // Random watch/unwatch sequences over a few crowded slots: every watched process is in
         // exactly one place, each slot has at most one holder, and the overflow counts match.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::testing::xorshift();
         let mut p = Placement::default();
         let mut watched = std::collections::HashSet::new();
         for _ in 0..5000 {
             let tgid = 1 + (next() % 4) as u32 + WATCH_SLOTS * (next() % 5) as u32;
-            if next() % 2 == 0 {
+            if next().is_multiple_of(2) {
                 p.place(tgid);
                 watched.insert(tgid);
             } else {
