@@ -182,18 +182,16 @@ mod tests {
             cmdline: &cmdline,
             libvirt: None,
         };
+        let name = |port| well_known_port_name(port, d);
         assert_eq!(
-            well_known_port_name(0x3f8, d).as_deref(),
+            name(0x3f8).as_deref(),
             Some("serial (port 0x3f8, well-known)")
         );
         assert_eq!(
-            well_known_port_name(0x37a, d).as_deref(),
+            name(0x37a).as_deref(),
             Some("parallel (port 0x37a, well-known)")
         );
-        assert_eq!(
-            well_known_port_name(0x71, d).as_deref(),
-            Some("rtc (port 0x71, well-known)")
-        );
+        assert_eq!(name(0x71).as_deref(), Some("rtc (port 0x71, well-known)"));
         assert!(
             well_known_port_name(0x3f5, d).is_some(),
             "the pc machine's floppy"
@@ -231,12 +229,13 @@ mod tests {
             cmdline: &[],
             libvirt: Some(&domain),
         };
+        let name = |port| well_known_port_name(port, d);
         assert_eq!(
-            well_known_port_name(0x3fd, d).as_deref(),
+            name(0x3fd).as_deref(),
             Some("serial (serial0, port 0x3fd, well-known)")
         );
         assert_eq!(
-            well_known_port_name(0x378, d).as_deref(),
+            name(0x378).as_deref(),
             Some("parallel (parallel0, port 0x378, well-known)")
         );
         // COM2 and LPT2 are probed by firmware but not configured: by address.
