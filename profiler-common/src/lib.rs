@@ -184,10 +184,15 @@ pub struct WatchEntry {
 /// the VM's generation odd, so its links stop counting at once, while they are closed in the
 /// background (a grace period each); a resume makes it the next even one and attaches new
 /// links with it, without waiting for the old ones to be gone (they no longer count).
-/// Generation 0 is an unbudgeted link's: it counts without looking.
+/// Generation 0 is an unbudgeted link's: it counts without looking. Generation [`SHARED`]
+/// is a binary-wide link's (every process that maps the binary hits it): it counts for a
+/// watched, unbudgeted process.
 pub mod link_generation {
     const SHIFT: u32 = 48;
     const MASK: u64 = 0xff << SHIFT;
+
+    /// A link of every process mapping the binary (no pid), shared by its watched VMs.
+    pub const SHARED: u32 = 1;
 
     /// A budgeted VM's first generation.
     pub const FIRST: u32 = 2;

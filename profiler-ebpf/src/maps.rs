@@ -130,6 +130,10 @@ pub fn is_watched(tgid: u32) -> bool {
 pub fn watched_uprobe_hit(tgid: u32, cookie: u64) -> Option<WatchEntry> {
     let watched = watched(tgid)?;
     let generation = link_generation::of(cookie);
+    if generation == link_generation::SHARED {
+        // Budgeted VMs have links of their own.
+        return (watched.generation == 0).then_some(watched);
+    }
     let counts_hits = watched.flags & watch_flag::COUNT_HITS != 0;
     if generation != 0 && generation != watched.generation {
         if counts_hits {
@@ -144,9 +148,9 @@ pub fn watched_uprobe_hit(tgid: u32, cookie: u64) -> Option<WatchEntry> {
 }
 
 /// Whether this run of a read/write uprobe link with BPF `cookie` counts for process `tgid`:
-/// as [`watched_uprobe_hit`], but an unbudgeted link (generation 0: scoped to its watched
-/// process and detached when it is unwatched) counts without a lookup, and a counted run is
-/// not counted again (each access it counts is one).
+/// as [`watched_uprobe_hit`], but an unbudgeted process's own link (generation 0: scoped to
+/// its watched process and detached when it is unwatched) counts without a lookup, and a
+/// counted run is not counted again (each access it counts is one).
 #[inline(always)]
 pub fn read_write_link_counts(tgid: u32, cookie: u64) -> bool {
     let generation = link_generation::of(cookie);
@@ -156,6 +160,9 @@ pub fn read_write_link_counts(tgid: u32, cookie: u64) -> bool {
     let Some(watched) = watched(tgid) else {
         return false;
     };
+    if generation == link_generation::SHARED {
+        return watched.generation == 0;
+    }
     if generation == watched.generation {
         return true;
     }

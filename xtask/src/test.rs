@@ -157,31 +157,34 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let _neighbour = busy_neighbour.then(BusyNeighbour::start);
     run(&mut tests)?;
     if is_root() {
-        // The exact counts again with the per-site uprobe links kernels before 6.6 get (the
-        // default is one multi-uprobe link per VM and program where the kernel makes them).
-        eprintln!("xtask: exact-count end-to-end tests with --uprobe-links per-site");
-        let mut per_site = cargo_cmd();
-        per_site.args(["test", "-p", "profiler"]);
-        for test in PER_SITE_TESTS {
-            per_site.args(["--test", test]);
-        }
-        per_site
-            .env("PROFILER_UPROBE_LINKS", "per-site")
-            .args(["--", "--test-threads=1"])
-            .args(args);
-        for (key, value) in tests.get_envs() {
-            if let Some(value) = value {
-                per_site.env(key, value);
+        // The exact counts again with the other uprobe links: one per VM (what a budget
+        // uses), and per site (what kernels before 6.6 get). The default shares one per
+        // binary where the kernel makes multi links.
+        for links in ["per-vm", "per-site"] {
+            eprintln!("xtask: exact-count end-to-end tests with --uprobe-links {links}");
+            let mut again = cargo_cmd();
+            again.args(["test", "-p", "profiler"]);
+            for test in LINK_MODE_TESTS {
+                again.args(["--test", test]);
             }
+            again
+                .env("PROFILER_UPROBE_LINKS", links)
+                .args(["--", "--test-threads=1"])
+                .args(&args);
+            for (key, value) in tests.get_envs() {
+                if let Some(value) = value {
+                    again.env(key, value);
+                }
+            }
+            run(&mut again)?;
         }
-        run(&mut per_site)?;
     }
     Ok(())
 }
 
-/// The end-to-end tests whose counts are exact through uprobes: run a second time with the
-/// per-site links.
-const PER_SITE_TESTS: [&str; 4] = [
+/// The end-to-end tests whose counts are exact through uprobes: run again with each other kind
+/// of uprobe link.
+const LINK_MODE_TESTS: [&str; 4] = [
     "e2e_devices",
     "e2e_symbols",
     "e2e_timers",

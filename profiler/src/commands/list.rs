@@ -151,23 +151,28 @@ pub fn run(json: bool, options: ProbeOptions) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{}", capacity_line(vms.len()));
-    println!(
-        "uprobe links: {}",
-        match match options.uprobe_links {
-            crate::offer::policy::UprobeLinkChoice::PerSite => {
-                Err("per-site links asked for (--uprobe-links)".to_string())
-            }
-            crate::offer::policy::UprobeLinkChoice::Auto => {
-                crate::probes::kernel::uprobe_multi::offered()
-            }
-        } {
-            Ok(()) => "one multi-uprobe link per VM and program (detaching waits one grace \
-                       period per link)"
-                .to_string(),
-            Err(why) => format!("one per probe site: {}", clean(&why)),
-        }
-    );
+    println!("uprobe links: {}", uprobe_links_line(options.uprobe_links));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The uprobe links `record` would make, as `--uprobe-links` and the kernel allow.
+fn uprobe_links_line(choice: crate::offer::policy::UprobeLinkChoice) -> String {
+    use crate::offer::policy::UprobeLinkChoice;
+    let offered = match choice {
+        UprobeLinkChoice::PerSite => Err("per-site links asked for (--uprobe-links)".to_string()),
+        UprobeLinkChoice::Auto | UprobeLinkChoice::PerVm => {
+            crate::probes::kernel::uprobe_multi::offered()
+        }
+    };
+    match (offered, choice) {
+        (Err(why), _) => format!("one per probe site: {}", clean(&why)),
+        (Ok(()), UprobeLinkChoice::PerVm) => "one multi-uprobe link per VM and program \
+             (detaching a VM waits one grace period per link)"
+            .to_string(),
+        (Ok(()), _) => "one multi-uprobe link per QEMU binary and program, shared by its VMs \
+             (per VM under --max-overhead)"
+            .to_string(),
+    }
 }
 
 /// What the kernel maps hold, and whether this host's QEMUs fit.

@@ -118,11 +118,16 @@ pub enum TimerChoice {
 /// How uprobes are linked (`--uprobe-links`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum UprobeLinkChoice {
-    /// One multi-uprobe link per VM per program where the kernel makes them (Linux ≥ 6.6):
-    /// detaching a VM, a budget pause or quitting waits one grace period per link, not one
-    /// per probe site. Per-site links where it does not.
+    /// Multi-uprobe links where the kernel makes them (Linux ≥ 6.6), per-site links where it
+    /// does not. A QEMU binary's sites are linked once for all its VMs (a trap costs one
+    /// handler however many VMs run it, and a VM's exit closes nothing); under
+    /// `--max-overhead` each VM has its own, which a budget pause detaches.
     #[default]
     Auto,
+    /// One multi-uprobe link per VM and program: breakpoints in watched processes only (a
+    /// binary-wide link traps in every process of the binary, watched or not), but each trap
+    /// runs every VM's handler and each VM's exit waits a grace period per link.
+    PerVm,
     /// One perf-event link per probe site (what older kernels get).
     PerSite,
 }

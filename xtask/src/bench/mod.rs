@@ -46,12 +46,15 @@ benchmarks:
   scale [--quick]     collector CPU and memory with 1, 10, 100, 500, 2,000 QEMU-like processes
   attach              time to attach to 50 running USDT QEMUs
   teardown [--quick]  time until the profiler is gone after q / SIGTERM / SIGKILL, uprobes
-                      linked per site and with multi-uprobe links: 20 and 100 paused USDT
-                      QEMUs, 500 USDT stand-ins
+                      linked per site, per VM and per binary: 20 and 100 paused USDT QEMUs,
+                      500 USDT stand-ins
   self-cost [--quick] the demo's own cost
   soak [--minutes M] [--step S]
                       profiler serve against churning guests for M minutes (30), 20 QEMU-like
                       processes replaced every S seconds (60): CPU, memory, descriptors flat
+  soak --exits-per-second R [--standins N] [--minutes M]
+                      profiler serve watching N USDT stand-ins (200), one killed and replaced
+                      R times a second for M minutes (10): CPU, memory, links, descriptors flat
   top-history [--vms N] [--windows W]
       profiler top's CPU and memory with N QEMU-like processes after 5 windows and after W
       (default 100 VMs, 120 one-second windows)
@@ -64,6 +67,11 @@ pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("top-history") => top_history::run(root, &args[1..]),
         Some("remedies") => remedies::run(root, &args[1..]),
+        Some("soak") if args.iter().any(|a| a == "--exits-per-second") => {
+            crate::setup::setup(root)?;
+            let profiler = crate::demo::build_profiler(root)?;
+            soak::run_churn(root, &profiler, &args[1..])
+        }
         Some("soak") => {
             crate::setup::setup(root)?;
             let image = xtask::guest::build_guest(root)?;

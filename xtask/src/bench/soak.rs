@@ -19,7 +19,12 @@ use xtask::{
     launch::{DeviceSet, GuestSpec, RunningGuest, launch},
 };
 
-use super::{flag, proc_usage, qemu_like::QemuLikeFleet, ticks_per_second};
+use super::{
+    flag, proc_usage,
+    qemu_like::QemuLikeFleet,
+    standin::{StandinFleet, links_held},
+    ticks_per_second,
+};
 
 /// Real guests alive at once, and how long each lives.
 const GUESTS: usize = 2;
@@ -211,5 +216,140 @@ pub fn run(
         &body,
         &json!({"command": command, "minutes": minutes, "samples": rows,
                 "cpu_ratio": cpu_ratio, "rss_ratio": rss_ratio, "fds_ratio": fds_ratio}),
+    )
+}
+
+/// `soak --exits-per-second R`: `profiler serve` watching `--standins N` USDT stand-ins (each
+/// with the probes a USDT QEMU gets), one of them killed and replaced R times a second for
+/// `--minutes M`. Sampled every minute: the profiler's CPU, RSS, open descriptors and probe
+/// links (in every descriptor table of its). Flat means the last third as the first.
+pub fn run_churn(root: &Path, profiler: &Path, args: &[String]) -> anyhow::Result<()> {
+    let minutes = flag(args, "--minutes", 10)?;
+    let rate = flag(args, "--exits-per-second", 4)?.max(1);
+    let n = flag(args, "--standins", 200)? as usize;
+    if minutes < 3 {
+        bail!("--minutes must be at least 3");
+    }
+    let period_ms = 100;
+    let mut fleet = StandinFleet::start(n, "churn", period_ms)?;
+    let port = 19465;
+    let mut cmd = Command::new(profiler);
+    cmd.args(["serve", "--window", "10", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    super::die_with_parent(&mut cmd, libc::SIGTERM);
+    let mut serve = Serve(cmd.spawn().context("starting profiler serve")?);
+    let pid = serve.0.id();
+    // Every stand-in watched before the churn starts.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scrape(port).is_none_or(|(_, vms)| (vms as usize) < n) {
+        if let Some(status) = serve.0.try_wait()? {
+            bail!("profiler serve exited ({status}); is 127.0.0.1:{port} taken?");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "serve never watched all {n} stand-ins"
+        );
+        sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "xtask bench soak: {minutes} min; {n} USDT stand-ins, {rate} exits a second; profiler \
+         serve pid {pid}"
+    );
+    let step = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let end = started + Duration::from_secs(minutes * 60);
+    let mut next_exit = Instant::now();
+    let mut next_sample = Instant::now() + Duration::from_secs(60);
+    let mut exits = 0usize;
+    let mut last = proc_usage(pid)?;
+    let mut last_t = Instant::now();
+    let mut rows = Vec::new();
+    while Instant::now() < end {
+        if Instant::now() >= next_exit {
+            fleet.replace_oldest(&format!("churn-r{exits:06}"), period_ms)?;
+            exits += 1;
+            next_exit += step;
+        }
+        if Instant::now() >= next_sample {
+            let now = proc_usage(pid)?;
+            let secs = last_t.elapsed().as_secs_f64();
+            let cpu = (now.cpu_ticks - last.cpu_ticks) as f64 / ticks_per_second() / secs * 100.0;
+            let (_, vms) = scrape(port).unwrap_or((f64::NAN, f64::NAN));
+            let row = json!({
+                "minute": (started.elapsed().as_secs_f64() / 6.0).round() / 10.0,
+                "cpu_percent": cpu,
+                "rss_mib": now.rss_bytes as f64 / (1 << 20) as f64,
+                "fds": open_fds(pid),
+                "links": links_held(pid),
+                "vms_watched": vms,
+                "exits_so_far": exits,
+            });
+            eprintln!("xtask bench soak: {row}");
+            rows.push(row);
+            last = now;
+            last_t = Instant::now();
+            next_sample += Duration::from_secs(60);
+        }
+        sleep(
+            next_exit
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100)),
+        );
+    }
+    drop(serve);
+    drop(fleet);
+    let third = (rows.len() / 3).max(1);
+    let mean = |rs: &[serde_json::Value], k: &str| {
+        rs.iter().filter_map(|r| r[k].as_f64()).sum::<f64>() / rs.len().max(1) as f64
+    };
+    let (first, last_rows) = (&rows[..third], &rows[rows.len() - third..]);
+    let ratio = |k: &str| mean(last_rows, k) / mean(first, k).max(1e-9);
+    let verdict = |x: f64| if x <= 1.2 { "flat" } else { "GROWING" };
+    let mut table = String::new();
+    for r in &rows {
+        table.push_str(&format!(
+            "| {} | {:.2} | {:.1} | {} | {} | {} | {} |\n",
+            r["minute"],
+            r["cpu_percent"].as_f64().unwrap_or(0.0),
+            r["rss_mib"].as_f64().unwrap_or(0.0),
+            r["fds"],
+            r["links"],
+            r["vms_watched"],
+            r["exits_so_far"],
+        ));
+    }
+    let command = format!(
+        "cargo xtask bench soak --exits-per-second {rate} --standins {n} --minutes {minutes}"
+    );
+    let (cpu, rss, fds, links) = (
+        ratio("cpu_percent"),
+        ratio("rss_mib"),
+        ratio("fds"),
+        ratio("links"),
+    );
+    let body = format!(
+        "## Churn: {rate} VM exits a second for {minutes} minutes\n\n\
+         `{command}`: `profiler serve --window 10` (release build, default options) watching \
+         {n} USDT stand-ins, the oldest killed and a new one started {rate} times a second \
+         ({exits} exits in all). Sampled every minute; \"links\": BPF links and perf events in \
+         every descriptor table of the profiler's.\n\n\
+         | minute | CPU (% of a core) | RSS (MiB) | open fds | links | VMs watched | exits so far |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n{table}\n\
+         Last third against the first: CPU {cpu:.2}× ({}), RSS {rss:.2}× ({}), open descriptors \
+         {fds:.2}× ({}), links {links:.2}× ({}).\n",
+        verdict(cpu),
+        verdict(rss),
+        verdict(fds),
+        verdict(links),
+    );
+    super::publish(
+        root,
+        "churn",
+        &body,
+        &json!({"command": command, "minutes": minutes, "exits_per_second": rate,
+                "standins": n, "samples": rows, "cpu_ratio": cpu, "rss_ratio": rss,
+                "fds_ratio": fds, "links_ratio": links}),
     )
 }

@@ -48,22 +48,38 @@ impl StandinFleet {
         let bin = standin()?;
         let mut fleet = Self(Vec::with_capacity(n));
         for i in 0..n {
-            let mut cmd = Command::new(&bin);
-            cmd.args(["-name", &format!("guest={prefix}-{i:04}")])
-                .args(["--period-ms", &period_ms.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            // An interrupted bench leaves no fleet behind.
-            super::die_with_parent(&mut cmd, libc::SIGKILL);
-            // arg0 as QEMU's own.
-            cmd.arg0("qemu-system-x86_64");
             fleet
                 .0
-                .push(cmd.spawn().context("starting a QEMU stand-in")?);
+                .push(spawn(&bin, &format!("{prefix}-{i:04}"), period_ms)?);
         }
         Ok(fleet)
     }
+
+    /// Kills the oldest stand-in (a VM exit) and starts one named `name` in its stead.
+    pub fn replace_oldest(&mut self, name: &str, period_ms: u64) -> anyhow::Result<()> {
+        if !self.0.is_empty() {
+            let mut oldest = self.0.remove(0);
+            let _ = oldest.kill();
+            let _ = oldest.wait();
+        }
+        self.0.push(spawn(&standin()?, name, period_ms)?);
+        Ok(())
+    }
+}
+
+/// One stand-in named `name` (`-name guest=NAME`), waking every `period_ms`.
+fn spawn(bin: &std::path::Path, name: &str, period_ms: u64) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["-name", &format!("guest={name}")])
+        .args(["--period-ms", &period_ms.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // An interrupted bench leaves no fleet behind.
+    super::die_with_parent(&mut cmd, libc::SIGKILL);
+    // arg0 as QEMU's own.
+    cmd.arg0("qemu-system-x86_64");
+    cmd.spawn().context("starting a QEMU stand-in")
 }
 
 impl Drop for StandinFleet {
@@ -75,4 +91,40 @@ impl Drop for StandinFleet {
             let _ = c.wait();
         }
     }
+}
+
+/// Probe links (BPF links, perf events) the process `pid` holds, in its own descriptor table
+/// and in those of its threads that have one of their own (where multi-uprobe links live).
+pub fn links_held(pid: u32) -> usize {
+    let mut bpf_links = std::collections::BTreeSet::new();
+    let mut perf_events = 0;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for task in tasks {
+        let leader = task.ends_with(pid.to_string());
+        let Ok(fds) = std::fs::read_dir(task.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            match target.to_string_lossy().as_ref() {
+                "anon_inode:bpf_link" => {
+                    let info = task.join("fdinfo").join(fd.file_name());
+                    if let Some(id) = std::fs::read_to_string(info).ok().and_then(|t| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix("link_id:").map(|v| v.trim().to_string()))
+                    }) {
+                        bpf_links.insert(id);
+                    }
+                }
+                // Per-site links are perf events in the process's own table.
+                "anon_inode:[perf_event]" if leader => perf_events += 1,
+                _ => {}
+            }
+        }
+    }
+    bpf_links.len() + perf_events
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench teardown`: how long the profiler takes to be gone once asked (`q` in
-//! `top`, SIGTERM to `record`, SIGKILL), with its uprobes linked per site and with one
-//! multi-uprobe link per VM and program, side by side: paused USDT QEMUs (the cache's build,
-//! `-S`) at 20 and 100, and the USDT stand-ins (`standin.c`) at 500.
+//! `top`, SIGTERM to `record`, SIGKILL), with its uprobes linked per site, with one
+//! multi-uprobe link per VM and program, and with binary-wide links shared by the VMs (the
+//! default), side by side: paused USDT QEMUs (the cache's build, `-S`) at 20 and 100, and the
+//! USDT stand-ins (`standin.c`) at 500.
 
 use std::{
     path::Path,
@@ -14,7 +15,7 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::{
-    standin::StandinFleet,
+    standin::{StandinFleet, links_held},
     tmux::{TmuxSession, tmux},
 };
 
@@ -75,42 +76,6 @@ fn paused_usdt_qemus(usdt_qemu: &Path, n: usize) -> anyhow::Result<Processes> {
             .push(cmd.spawn().context("starting a paused USDT QEMU")?);
     }
     Ok(all)
-}
-
-/// Probe links (BPF links, perf events) the process `pid` holds, in its own descriptor table
-/// and in those of its threads that have one of their own (where multi-uprobe links live).
-fn links_held(pid: u32) -> usize {
-    let mut bpf_links = std::collections::BTreeSet::new();
-    let mut perf_events = 0;
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-        .unwrap_or_default();
-    for task in tasks {
-        let leader = task.ends_with(pid.to_string());
-        let Ok(fds) = std::fs::read_dir(task.join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            match target.to_string_lossy().as_ref() {
-                "anon_inode:bpf_link" => {
-                    let info = task.join("fdinfo").join(fd.file_name());
-                    if let Some(id) = std::fs::read_to_string(info).ok().and_then(|t| {
-                        t.lines()
-                            .find_map(|l| l.strip_prefix("link_id:").map(|v| v.trim().to_string()))
-                    }) {
-                        bpf_links.insert(id);
-                    }
-                }
-                // Per-site links are perf events in the process's own table.
-                "anon_inode:[perf_event]" if leader => perf_events += 1,
-                _ => {}
-            }
-        }
-    }
-    bpf_links.len() + perf_events
 }
 
 /// `profiler record` watching every VM, once it has attached to all `n` and a window closed.
@@ -235,6 +200,7 @@ pub fn run(
         };
         sleep(Duration::from_secs(3));
         let multi = measure(profiler, dir, "auto", n)?;
+        let per_vm = measure(profiler, dir, "per-vm", n)?;
         let per_site = if n <= per_site_up_to {
             Some(measure(profiler, dir, "per-site", n)?)
         } else {
@@ -254,15 +220,17 @@ pub fn run(
             ("`record`, SIGKILL", "sigkill_seconds"),
         ] {
             rows.push_str(&format!(
-                "| {} | {action} | {} | {:.2} s |\n",
+                "| {} | {action} | {} | {} | {:.2} s |\n",
                 fleet.label(),
                 cell(&per_site, key),
+                cell(&Some(per_vm.clone()), key),
                 multi[key].as_f64().unwrap_or(f64::NAN),
             ));
         }
         rows.push_str(&format!(
-            "| {} | probe links held | {per_site_links} | {} |\n",
+            "| {} | probe links held | {per_site_links} | {} | {} |\n",
             fleet.label(),
+            per_vm["links"],
             multi["links"]
         ));
         if n >= 100 {
@@ -277,8 +245,10 @@ pub fn run(
                 if met { "met" } else { "MISSED" }
             ));
         }
-        results
-            .push(json!({"fleet": fleet.label(), "vms": n, "multi": multi, "per_site": per_site}));
+        results.push(json!({
+            "fleet": fleet.label(), "vms": n, "per_binary": multi, "per_vm": per_vm,
+            "per_site": per_site,
+        }));
     }
     let body = format!(
         "## How long stopping takes\n\n\
@@ -286,10 +256,11 @@ pub fn run(
          3 s windows) until window 1 of each has closed, then asked to stop; seconds until its \
          process is gone (reaped; for `top`, gone and the shell after it printing in the \
          terminal). With the uprobes linked per probe site (`--uprobe-links per-site`, what \
-         kernels before 6.6 get) and with one multi-uprobe link per VM and program (the \
-         default where the kernel makes them). \"Probe links held\": the BPF links and perf \
-         events open in the recording process.\n\n\
-         | VMs | action | per site | multi-uprobe links |\n|---|---|---:|---:|\n{rows}\n\
+         kernels before 6.6 get), with one multi-uprobe link per VM and program \
+         (`--uprobe-links per-vm`, what a budget uses) and with one multi-uprobe link per QEMU \
+         binary and program shared by its VMs (the default where the kernel makes them). \
+         \"Probe links held\": the BPF links and perf events open in the recording process.\n\n\
+         | VMs | action | per site | per VM | per binary (default) |\n|---|---|---:|---:|---:|\n{rows}\n\
          Targets (100 paused USDT QEMUs or 500 stand-ins): `top` quits and `record` exits on \
          SIGTERM with every window written in < 1 s, a SIGKILLed profiler is gone in < 3 s — \
          {}.\n",

@@ -12,7 +12,7 @@ use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind};
 use super::*;
 use crate::offer::libc::LibcProbes;
 use crate::probes::{
-    kernel::{test_support::root_test, uprobes::UprobePoint},
+    kernel::{shared_links, test_support::root_test, uprobes::UprobePoint},
     sources::{
         symbols::{DISPATCH_PROGRAM, SymbolSource},
         usdt::{self, SPECS_MAP, SiteToAttach, UsdtSource},
@@ -463,6 +463,7 @@ fn a_usdt_attach_that_fails_part_way_leaves_nothing(multi_links: bool) {
         spec: spec(),
         semaphore_file_offset,
         semaphore_address: None,
+        process_independent: true,
     };
     let sites = [site(entry, None), site(1 << 40, None)];
     let err = usdt.attach_sites(&mut ebpf, pid, &sites, 0).unwrap_err();
@@ -574,4 +575,70 @@ fn root_a_symbols_attach_that_fails_part_way_leaves_nothing_with_multi_links() {
         return;
     }
     a_symbols_attach_that_fails_part_way_leaves_nothing(true);
+}
+
+/// Binary-wide links: two processes of one binary share one link per batch of points; a
+/// point already held is not linked again, nor with another cookie; and the points' links
+/// outlive the VMs that asked for them (only the profiler's end closes them).
+#[test]
+fn root_processes_of_one_binary_share_binary_wide_links() {
+    if multi_links_missing("root_processes_of_one_binary_share_binary_wide_links") {
+        return;
+    }
+    let (_one_at_a_time, ebpf) = root_test!("root_processes_of_one_binary_share_binary_wide_links");
+    let programs = [DISPATCH_PROGRAM];
+    let multi = uprobe_multi::MultiPrograms::load(&ebpf, object::EBPF_OBJECT, &programs)
+        .unwrap()
+        .shared_per_binary();
+    let ((a, entry), (b, _)) = (sleeper(), sleeper());
+    let exe = |s: &Sleeper| std::path::PathBuf::from(format!("/proc/{}/exe", s.0.id()));
+    let point = |offset, cookie| shared_links::SharedPoint {
+        offset,
+        cookie,
+        ref_ctr_offset: 0,
+    };
+    let before = probe_fds();
+    let program = DISPATCH_PROGRAM;
+    let first = multi
+        .link_shared(program, &exe(&a), &[point(entry, 7)], false)
+        .unwrap();
+    let again = multi
+        .link_shared(program, &exe(&b), &[point(entry, 7)], false)
+        .unwrap();
+    assert!(
+        Arc::ptr_eq(&first[0], &again[0]),
+        "the second process shares the link"
+    );
+    assert_eq!((multi.shared_links(), probe_fds()), (1, before + 1));
+    let err = multi
+        .link_shared(program, &exe(&b), &[point(entry, 8)], false)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("another cookie"), "{err:#}");
+    // One point held, one new (the entry's second instruction): the new one gets a link of
+    // its own.
+    let code = std::fs::read(exe(&b)).unwrap();
+    let second = entry
+        + match &code[entry as usize..entry as usize + 4] {
+            [0xf3, 0x0f, 0x1e, 0xfa] => 4, // endbr64
+            [0x31, 0xed, ..] => 2,         // xor %ebp,%ebp
+            other => panic!("an entry point that starts with {other:x?}"),
+        };
+    let both = multi
+        .link_shared(
+            program,
+            &exe(&b),
+            &[point(entry, 7), point(second, 9)],
+            false,
+        )
+        .unwrap();
+    assert_eq!(both.len(), 2);
+    assert_eq!((multi.shared_links(), probe_fds()), (2, before + 2));
+    drop((first, again, both, a, b));
+    assert_eq!(
+        probe_fds(),
+        before + 2,
+        "links stay while the profiler runs"
+    );
+    drop(multi);
+    assert_eq!(probe_fds(), before);
 }

@@ -13,6 +13,7 @@ pub mod mapped;
 pub mod object;
 pub mod perf_uprobe;
 pub mod prog_info;
+pub mod shared_links;
 pub mod stats;
 #[cfg(test)]
 pub mod test_support;

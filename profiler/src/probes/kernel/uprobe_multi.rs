@@ -73,6 +73,8 @@ struct LinkCreateUprobeMulti {
 #[derive(Debug, Default)]
 pub struct MultiPrograms {
     fds: HashMap<String, OwnedFd>,
+    /// Binary-wide links for unbudgeted VMs, where asked for (`None`: each VM links its own).
+    shared: Option<std::sync::Mutex<super::shared_links::SharedLinks>>,
 }
 
 /// The map data of any kind of map (aya keeps every kind's in the same struct).
@@ -156,7 +158,10 @@ impl MultiPrograms {
                 .with_context(|| format!("loading {name} for multi-uprobe links"))?;
             loaded.insert(name.to_string(), fd);
         }
-        let this = Self { fds: loaded };
+        let this = Self {
+            fds: loaded,
+            shared: None,
+        };
         if let Some(fd) = this.fds.values().next() {
             probe_kernel(fd.as_raw_fd())?;
         }
@@ -166,6 +171,44 @@ impl MultiPrograms {
     /// The multi-link copy of `program`.
     pub fn fd(&self, program: &str) -> Option<RawFd> {
         self.fds.get(program).map(|fd| fd.as_raw_fd())
+    }
+
+    /// Links QEMU binaries once for all their unbudgeted VMs ([`super::shared_links`]).
+    pub fn shared_per_binary(mut self) -> Self {
+        self.shared = Some(Default::default());
+        self
+    }
+
+    /// Whether unbudgeted VMs share binary-wide links.
+    pub fn shares(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The binary-wide links of `program` holding `points` of `target` ([`Self::shares`]).
+    pub fn link_shared(
+        &self,
+        program: &str,
+        target: &Path,
+        points: &[super::shared_links::SharedPoint],
+        retprobe: bool,
+    ) -> anyhow::Result<Vec<std::sync::Arc<MultiUprobe>>> {
+        let shared = self
+            .shared
+            .as_ref()
+            .context("binary-wide links not asked for")?;
+        let prog_fd = self
+            .fd(program)
+            .with_context(|| format!("no multi-link copy of {program}"))?;
+        // A poisoned lock still holds every link made.
+        let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.link(prog_fd, program, target, points, retprobe)
+    }
+
+    /// Binary-wide links made so far.
+    pub fn shared_links(&self) -> usize {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
     }
 }
 

@@ -20,6 +20,7 @@ use profiler_common::link_generation;
 
 use crate::probes::kernel::{
     perf_uprobe::{self, PerfUprobe, UprobeSite},
+    shared_links::SharedPoint,
     uprobe_multi::{self, MultiPrograms, MultiUprobe},
 };
 
@@ -56,6 +57,8 @@ pub use crate::offer::UprobePoint;
 pub enum UprobeLink {
     Multi(MultiUprobe),
     PerSite(PerfUprobe),
+    /// A binary-wide link other VMs of the binary may hold too ([`super::shared_links`]).
+    Shared(std::sync::Arc<MultiUprobe>),
 }
 
 /// Links of one program in one process.
@@ -94,10 +97,11 @@ impl UprobeLinks {
         self.program
     }
 
-    /// Attaches `program` at every point of `pid`'s executable, scoped to that process (its
-    /// breakpoints go into that process only), each point carrying `generation` in its
-    /// cookie: one multi-uprobe link when `multi` has the program, else a link per point.
-    /// On error, nothing is left attached.
+    /// Attaches `program` at every point of `pid`'s executable, each point carrying
+    /// `generation` in its cookie: one multi-uprobe link when `multi` has the program, else a
+    /// link per point, scoped to that process (its breakpoints go into that process only).
+    /// An unbudgeted VM (generation 0) shares binary-wide links instead where `multi`
+    /// [shares](MultiPrograms::shares). On error, nothing is left attached.
     pub fn attach(
         ebpf: &mut Ebpf,
         multi: Option<&MultiPrograms>,
@@ -106,19 +110,15 @@ impl UprobeLinks {
         points: &[UprobePoint],
         generation: u32,
     ) -> anyhow::Result<Self> {
-        Self::attach_in(
-            ebpf,
-            multi,
-            program,
-            pid,
-            Path::new(&format!("/proc/{pid}/exe")),
-            points,
-            generation,
-        )
+        let mut made = Self::empty(program, generation);
+        let exe = format!("/proc/{pid}/exe");
+        made.add_in(ebpf, multi, pid, Path::new(&exe), points, true)?;
+        Ok(made)
     }
 
     /// [`Self::attach`] at file offsets of `target`, a file mapped in `pid` (a shared
-    /// library, named through `/proc/PID/map_files` so it is the inode the process maps).
+    /// library, named through `/proc/PID/map_files` so it is the inode the process maps),
+    /// scoped to that process whatever `multi` shares: every process maps the C library.
     pub fn attach_in(
         ebpf: &mut Ebpf,
         multi: Option<&MultiPrograms>,
@@ -129,7 +129,7 @@ impl UprobeLinks {
         generation: u32,
     ) -> anyhow::Result<Self> {
         let mut made = Self::empty(program, generation);
-        made.add_in(ebpf, multi, pid, target, points)?;
+        made.add_in(ebpf, multi, pid, target, points, false)?;
         Ok(made)
     }
 
@@ -149,6 +149,7 @@ impl UprobeLinks {
             pid,
             Path::new(&format!("/proc/{pid}/exe")),
             points,
+            true,
         )
     }
 
@@ -159,17 +160,48 @@ impl UprobeLinks {
         pid: u32,
         target: &Path,
         points: &[UprobePoint],
+        share: bool,
     ) -> anyhow::Result<()> {
         anyhow::ensure!(pid != 0, "pid 0 cannot be probed");
         if points.is_empty() {
             return Ok(());
         }
         let retprobe = matches!(program(ebpf, self.program)?.kind(), ProbeKind::Return);
+        let shared = multi.filter(|m| {
+            share && self.generation == 0 && m.shares() && m.fd(self.program).is_some()
+        });
+        let generation = match shared {
+            Some(_) => link_generation::SHARED,
+            None => self.generation,
+        };
         let cookies: Vec<u64> = points
             .iter()
-            .map(|p| link_generation::tag(p.cookie, self.generation))
+            .map(|p| link_generation::tag(p.cookie, generation))
             .collect();
         let offsets: Vec<u64> = points.iter().map(|p| p.file_offset).collect();
+        if let Some(multi) = shared {
+            let at: Vec<SharedPoint> = offsets
+                .iter()
+                .zip(&cookies)
+                .map(|(&offset, &cookie)| SharedPoint {
+                    offset,
+                    cookie,
+                    ref_ctr_offset: 0,
+                })
+                .collect();
+            let links = multi
+                .link_shared(self.program, target, &at, retprobe)
+                .with_context(|| {
+                    format!(
+                        "attaching uprobes at file offsets {} of {} (binary-wide links)",
+                        uprobe_multi::offsets_text(&offsets),
+                        target.display()
+                    )
+                })?;
+            self.links.extend(links.into_iter().map(UprobeLink::Shared));
+            self.points.extend_from_slice(points);
+            return Ok(());
+        }
         let made: Vec<UprobeLink> = match multi.and_then(|m| m.fd(self.program)) {
             Some(prog_fd) => {
                 let link =

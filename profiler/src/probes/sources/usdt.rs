@@ -32,6 +32,7 @@ use crate::{
     },
     probes::kernel::{
         perf_uprobe::{self, UprobeSite},
+        shared_links::{FileId, SharedPoint},
         uprobe_multi::{self, MultiPrograms},
         uprobes::{self, UprobeLink, UprobeLinks, UprobePoint},
     },
@@ -136,6 +137,9 @@ pub struct SiteToAttach {
     pub spec: UsdtSpec,
     pub semaphore_file_offset: Option<u64>,
     pub semaphore_address: Option<u64>,
+    /// Its spec is the same in every process of the binary (no operand at an address that
+    /// moves with where the process is loaded): a binary-wide link can serve it.
+    pub process_independent: bool,
 }
 
 /// How a process's USDT semaphores are managed.
@@ -153,6 +157,9 @@ pub enum SemaphoreManagement {
 pub struct UsdtSource {
     attached: HashMap<u32, UsdtAttachment>,
     next_cookie: u32,
+    /// Spec ids of the sites binary-wide links serve, by binary and site; kept while the
+    /// links are (the profiler's life).
+    shared_specs: HashMap<(FileId, u64), u32>,
     /// The multi-uprobe copy of the program (`None`: per-site links).
     multi: Option<std::sync::Arc<MultiPrograms>>,
 }
@@ -167,6 +174,7 @@ impl UsdtSource {
         Ok(Self {
             attached: HashMap::new(),
             next_cookie: 1,
+            shared_specs: HashMap::new(),
             multi,
         })
     }
@@ -183,7 +191,9 @@ impl UsdtSource {
             (&exe.sites.write, kind::WRITE),
         ] {
             for site in list {
+                let moves = std::cell::Cell::new(false);
                 let rip = |symbol: &str, offset: i64| -> anyhow::Result<u64> {
+                    moves.set(true);
                     let symbols = exe
                         .symbols
                         .as_ref()
@@ -201,6 +211,7 @@ impl UsdtSource {
                     spec: site_spec(site, k, &rip)?,
                     semaphore_file_offset: site.semaphore_file_offset,
                     semaphore_address: site.semaphore.map(|sem| bias.wrapping_add(sem)),
+                    process_independent: !moves.get(),
                 });
             }
         }
@@ -241,19 +252,46 @@ impl UsdtSource {
             cookies: Vec::new(),
             sites: None,
         };
+        // Unbudgeted, where links are shared and every site's spec is the binary's.
+        let shared = match &self.multi {
+            Some(m) if m.shares() && generation == 0 => sites
+                .iter()
+                .all(|s| s.process_independent)
+                .then(|| FileId::of(std::path::Path::new(&format!("/proc/{pid}/exe"))))
+                .transpose()?,
+            _ => None,
+        };
         let result = (|| -> anyhow::Result<SemaphoreManagement> {
             let mut cookies = Vec::new();
             for site in sites {
-                let id = self.next_cookie;
-                self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
-                specs_map(ebpf)?.insert(id, site.spec, 0)?;
-                made.cookies.push(id);
+                let known =
+                    shared.and_then(|file| self.shared_specs.get(&(file, site.file_offset)));
+                let id = match known {
+                    Some(&id) => id,
+                    None => {
+                        let id = self.next_cookie;
+                        self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
+                        specs_map(ebpf)?.insert(id, site.spec, 0)?;
+                        match shared {
+                            Some(file) => {
+                                self.shared_specs.insert((file, site.file_offset), id);
+                            }
+                            None => made.cookies.push(id),
+                        }
+                        id
+                    }
+                };
                 cookies.push(link_generation::tag(
                     profiler_common::usdt_cookie::encode(id, &site.spec),
-                    generation,
+                    if shared.is_some() {
+                        link_generation::SHARED
+                    } else {
+                        generation
+                    },
                 ));
             }
-            match attach_kernel_managed(ebpf, self.multi.as_deref(), pid, sites, &cookies) {
+            let multi = self.multi.as_deref();
+            match attach_kernel_managed(ebpf, multi, pid, sites, &cookies, shared.is_some()) {
                 Ok(uprobes) => {
                     made.sites = Some(SiteLinks::Kernel(uprobes));
                     Ok(SemaphoreManagement::Kernel)
@@ -269,11 +307,13 @@ impl UsdtSource {
                             cookie,
                         })
                         .collect();
-                    let links = UprobeLinks::attach(
+                    // Scoped to the process: its semaphores are raised in it alone.
+                    let links = UprobeLinks::attach_in(
                         ebpf,
                         self.multi.as_deref(),
                         PROGRAM,
                         pid,
+                        std::path::Path::new(&format!("/proc/{pid}/exe")),
                         &points,
                         generation,
                     )?;
@@ -365,9 +405,11 @@ fn attach_kernel_managed(
     pid: u32,
     sites: &[SiteToAttach],
     cookies: &[u64],
+    shared: bool,
 ) -> Result<Vec<UprobeLink>, KernelAttachError> {
     let exe = std::path::PathBuf::from(format!("/proc/{pid}/exe"));
-    if let Some(prog_fd) = multi.and_then(|m| m.fd(PROGRAM)) {
+    if let Some(multi) = multi.filter(|m| m.fd(PROGRAM).is_some()) {
+        let prog_fd = multi.fd(PROGRAM).expect("checked");
         let offsets: Vec<u64> = sites.iter().map(|s| s.file_offset).collect();
         let semaphores: Vec<u64> = sites
             .iter()
@@ -378,6 +420,31 @@ fn attach_kernel_managed(
             return Err(KernelAttachError::Failed(anyhow::anyhow!(
                 "semaphore file offset {odd:#x} cannot be a ref_ctr_offset"
             )));
+        }
+        if shared {
+            let points: Vec<SharedPoint> = (0..offsets.len())
+                .map(|i| SharedPoint {
+                    offset: offsets[i],
+                    cookie: cookies[i],
+                    ref_ctr_offset: semaphores[i],
+                })
+                .collect();
+            return match multi.link_shared(PROGRAM, &exe, &points, false) {
+                Ok(links) => Ok(links.into_iter().map(UprobeLink::Shared).collect()),
+                Err(e)
+                    if e.downcast_ref::<std::io::Error>()
+                        .and_then(std::io::Error::raw_os_error)
+                        == Some(libc::EINVAL)
+                        && semaphores.iter().any(|&r| r != 0) =>
+                {
+                    Err(KernelAttachError::Refused)
+                }
+                Err(e) => Err(KernelAttachError::Failed(e.context(format!(
+                    "attaching USDT sites at file offsets {} of /proc/{pid}/exe (binary-wide \
+                     links)",
+                    uprobe_multi::offsets_text(&offsets)
+                )))),
+            };
         }
         return match uprobe_multi::link(
             prog_fd,
