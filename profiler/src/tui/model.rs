@@ -508,18 +508,14 @@ mod tests {
     fn host_totals_sum_available_rates_only() {
         let snap = fixtures::snapshot();
         let t = host_totals(&snap);
-        let sum: f64 = snap
-            .vms
-            .iter()
-            .filter_map(|vm| ranking_rates(vm).0.timer)
-            .sum();
-        assert_eq!(t.timer, Some(sum));
-        let reads: f64 = snap
-            .vms
-            .iter()
-            .filter_map(|vm| ranking_rates(vm).0.read)
-            .sum();
-        assert_eq!(t.read, Some(reads));
+        let sum = |rate: fn(&Rates) -> Option<f64>| -> f64 {
+            snap.vms
+                .iter()
+                .filter_map(|vm| rate(&ranking_rates(vm).0))
+                .sum()
+        };
+        assert_eq!(t.timer, Some(sum(|r| r.timer)));
+        assert_eq!(t.read, Some(sum(|r| r.read)));
         assert_eq!(host_totals(&LiveSnapshot::default()).timer, None);
     }
 

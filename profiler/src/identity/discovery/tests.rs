@@ -11,6 +11,14 @@ impl Drop for Reaped {
     }
 }
 
+/// A process directory `root/PID` with an `fd` folder and a command line.
+fn fake_process(root: &std::path::Path, pid: u32, cmdline: &[u8]) -> std::path::PathBuf {
+    let d = root.join(pid.to_string());
+    fs::create_dir_all(d.join("fd")).unwrap();
+    fs::write(d.join("cmdline"), cmdline).unwrap();
+    d
+}
+
 #[test]
 fn stat_with_hostile_comm() {
     // comm may contain spaces and ')' — count fields from the last ')'.
@@ -87,9 +95,7 @@ fn fake_proc_tree() {
 #[test]
 fn cache_rereads_only_stat_once_settled() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("42");
-    fs::create_dir_all(d.join("fd")).unwrap();
-    fs::write(d.join("cmdline"), b"qemu-system-x86_64\0-name\0first\0").unwrap();
+    let d = fake_process(dir.path(), 42, b"qemu-system-x86_64\0-name\0first\0");
     let stat = |cpu: u64| format!("42 (q) S 1 1 1 0 -1 0 0 0 0 0 {cpu} 0 0 0 20 0 1 0 7 0 0");
     fs::write(d.join("stat"), stat(1)).unwrap();
     let paths = HostPaths::fake(dir.path().into(), dir.path().join("none"));
@@ -277,9 +283,7 @@ fn a_hinted_scan_looks_only_at_known_qemus_and_processes_that_exec_d() {
     }
     // A fake tree has no pidfds: a hinted scan is a full one there.
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("42");
-    fs::create_dir_all(d.join("fd")).unwrap();
-    fs::write(d.join("cmdline"), b"qemu-system-x86_64\0").unwrap();
+    let d = fake_process(dir.path(), 42, b"qemu-system-x86_64\0");
     fs::write(
         d.join("stat"),
         "42 (q) S 1 1 1 0 -1 0 0 0 0 0 1 0 0 0 20 0 1 0 7 0 0",
@@ -293,9 +297,7 @@ fn a_hinted_scan_looks_only_at_known_qemus_and_processes_that_exec_d() {
 #[test]
 fn a_kernel_thread_is_looked_at_again_only_now_and_then() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("5");
-    fs::create_dir_all(d.join("fd")).unwrap();
-    fs::write(d.join("cmdline"), b"").unwrap();
+    let d = fake_process(dir.path(), 5, b"");
     let paths = HostPaths::fake(dir.path().into(), dir.path().join("none"));
     let mut cache = DiscoveryCache::default();
     assert!(scan_qemu_processes_cached(&paths, &mut cache).is_empty());

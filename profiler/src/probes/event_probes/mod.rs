@@ -407,45 +407,25 @@ impl ProbeLayer for EventProbes {
             UsdtSpec,
             kvm::{KvmThreadState, MAX_KVM_PORTS, MAX_KVM_THREADS, PortKey},
         };
+        // A hash map's entries, under its name, with its capacity.
+        fn hash<K: aya::Pod, V: aya::Pod>(
+            e: &Ebpf,
+            name: &'static str,
+            max: u32,
+        ) -> (&'static str, usize, u32) {
+            (name, batch::count_entries::<K, V>(e, name), max)
+        }
         let e = &self.ebpf;
         vec![
             ("COUNTERS", self.counters.known(), MAX_COUNTERS),
             ("WATCHED", self.watch_table.len(), MAX_WATCHED),
-            (
-                "PENDING",
-                batch::count_entries::<u32, PendingWait>(e, syscall_waits::PENDING_MAP),
-                MAX_PENDING,
-            ),
-            (
-                "SLEEPERS",
-                batch::count_entries::<u64, profiler_common::Sleeper>(e, hrtimers::SLEEPERS_MAP),
-                MAX_PENDING,
-            ),
-            (
-                "REGION_NAMES",
-                batch::count_entries::<RegionKey, RegionName>(e, "REGION_NAMES"),
-                MAX_REGION_NAMES,
-            ),
-            (
-                "USDT_SPECS",
-                batch::count_entries::<u32, UsdtSpec>(e, usdt::SPECS_MAP),
-                MAX_USDT_SPECS,
-            ),
-            (
-                "SEEN_CALLBACKS",
-                batch::count_entries::<RegionKey, u64>(e, symbols::SEEN_CALLBACKS_MAP),
-                MAX_REGION_NAMES,
-            ),
-            (
-                "KVM_THREADS",
-                batch::count_entries::<u32, KvmThreadState>(e, kvm::THREADS_MAP),
-                MAX_KVM_THREADS,
-            ),
-            (
-                "KVM_PORTS",
-                batch::count_entries::<PortKey, u32>(e, kvm::PORTS_MAP),
-                MAX_KVM_PORTS,
-            ),
+            hash::<u32, PendingWait>(e, syscall_waits::PENDING_MAP, MAX_PENDING),
+            hash::<u64, profiler_common::Sleeper>(e, hrtimers::SLEEPERS_MAP, MAX_PENDING),
+            hash::<RegionKey, RegionName>(e, "REGION_NAMES", MAX_REGION_NAMES),
+            hash::<u32, UsdtSpec>(e, usdt::SPECS_MAP, MAX_USDT_SPECS),
+            hash::<RegionKey, u64>(e, symbols::SEEN_CALLBACKS_MAP, MAX_REGION_NAMES),
+            hash::<u32, KvmThreadState>(e, kvm::THREADS_MAP, MAX_KVM_THREADS),
+            hash::<PortKey, u32>(e, kvm::PORTS_MAP, MAX_KVM_PORTS),
         ]
     }
 

@@ -13,6 +13,7 @@ use profiler_common::{RegionKey, kind};
 
 use crate::offer::symbols::ExeSymbols;
 use crate::probes::kernel::{
+    detacher::Detach,
     uprobe_multi::MultiPrograms,
     uprobes::{self, UprobeLinks, UprobePoint},
 };
@@ -322,11 +323,7 @@ impl SymbolSource {
 
     /// Takes every link of `pid` (to be closed in the background) but remembers where they
     /// were, discovered callbacks included, for [`Self::resume`] (a budget pause).
-    pub fn pause(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-    ) -> Vec<crate::probes::kernel::detacher::Detach> {
+    pub fn pause(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<Detach> {
         let Some(process) = self.processes.get_mut(&pid) else {
             return Vec::new();
         };
@@ -391,11 +388,7 @@ impl SymbolSource {
     }
 
     /// Every link of `pid`, to be closed in the background (the VM is gone).
-    pub fn take(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-    ) -> Vec<crate::probes::kernel::detacher::Detach> {
+    pub fn take(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<Detach> {
         let mut taken = Vec::new();
         if let Some(process) = self.processes.remove(&pid) {
             for links in [process.dispatch, process.timer_mod, Some(process.callbacks)]

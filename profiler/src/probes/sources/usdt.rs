@@ -31,6 +31,7 @@ use crate::{
         usdt::site_spec,
     },
     probes::kernel::{
+        detacher::Detach,
         perf_uprobe::{self, UprobeSite},
         shared_links::{FileId, SharedPoint},
         uprobe_multi::{self, MultiPrograms},
@@ -364,15 +365,11 @@ impl UsdtSource {
 
     /// `pid`'s sites, to be closed in the background (a budget pause); its specs go now (the
     /// hot path does not need them, and a site whose spec is gone counts nothing).
-    pub fn take(
-        &mut self,
-        ebpf: &mut Ebpf,
-        pid: u32,
-    ) -> Vec<crate::probes::kernel::detacher::Detach> {
+    pub fn take(&mut self, ebpf: &mut Ebpf, pid: u32) -> Vec<Detach> {
         let Some(attachment) = self.attached.remove(&pid) else {
             return Vec::new();
         };
-        let mut taken: Vec<crate::probes::kernel::detacher::Detach> = Vec::new();
+        let mut taken: Vec<Detach> = Vec::new();
         match attachment.sites {
             Some(SiteLinks::Kernel(uprobes)) => {
                 taken.extend(uprobes.into_iter().map(|u| Box::new(u) as _));

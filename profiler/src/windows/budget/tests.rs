@@ -121,25 +121,41 @@ fn tick10(t: f64) -> Tick {
     }
 }
 
+/// VM 1 (timer probes only), first seen at 0, through intervals `1..=secs` of [`tick10`],
+/// its probes hit `per_interval` times in each interval they are on; `apply` carries out a
+/// change the budget asks for at `t` (false: it failed). The changes asked for, with their
+/// times.
+fn drive(
+    b: &mut BudgetedVms,
+    secs: u32,
+    per_interval: u64,
+    mut apply: impl FnMut(&mut BudgetedVms, f64, bool) -> bool,
+) -> Vec<(f64, bool)> {
+    let (mut hits, mut on) = (0u64, true);
+    let mut changes = Vec::new();
+    for t in 1..=secs {
+        let t = f64::from(t);
+        if on {
+            hits += per_interval;
+        }
+        if let Some(want) = b.observe(1, TIMER_ONLY, hits, None, tick10(t)) {
+            changes.push((t, want));
+            if apply(b, t, want) {
+                on = want;
+            }
+        }
+    }
+    changes
+}
+
 #[test]
 fn a_window_is_probed_in_one_block_and_scaled_by_the_time_really_probed() {
     let mut b = BudgetedVms::new(BUDGET);
-    let u = TIMER_ONLY;
-    let mut hits = 0;
-    let mut on = true;
-    let mut changes = Vec::new();
-    assert_eq!(b.observe(1, u, 0, None, tick10(0.0)), None);
-    for t in 1..=20u32 {
-        let t = f64::from(t);
-        if on {
-            hits += 40_000;
-        }
-        if let Some(want) = b.observe(1, u, hits, None, tick10(t)) {
-            changes.push((t, want));
-            b.applied(1, want, t, if want { 0.01 } else { 0.0 });
-            on = want;
-        }
-    }
+    assert_eq!(b.observe(1, TIMER_ONLY, 0, None, tick10(0.0)), None);
+    let changes = drive(&mut b, 20, 40_000, |b, t, want| {
+        b.applied(1, want, t, if want { 0.01 } else { 0.0 });
+        true
+    });
     // Window 0 (first seen at 0): on until the rate is known at 1, then for the rest of
     // its block of 3; window 1: on at 10 for 3 intervals, off at 13.
     assert_eq!(
@@ -284,21 +300,14 @@ fn a_window_its_probes_never_saw_has_no_counts_not_zeros() {
     // Paused in window 0; every resume of window 1 failed (an attach refused):
     // its uprobe-served counts are null, not the 0 the probes counted.
     let mut b = BudgetedVms::new(TIGHT_BUDGET);
-    let u = TIMER_ONLY;
-    let (mut hits, mut on) = (0u64, true);
-    b.observe(1, u, 0, None, tick10(0.0));
-    for t in 1..=20u32 {
-        let t = f64::from(t);
-        if on {
-            hits += 200_000;
-        }
-        if let Some(want) = b.observe(1, u, hits, None, tick10(t))
-            && !(want && t < 20.0)
-        {
+    b.observe(1, TIMER_ONLY, 0, None, tick10(0.0));
+    drive(&mut b, 20, 200_000, |b, t, want| {
+        let done = !(want && t < 20.0);
+        if done {
             b.applied(1, want, t, 0.0);
-            on = want;
         }
-    }
+        done
+    });
     let r = stamped_window_1(&mut b, 0);
     assert_eq!((r.timer, r.fd_wakeups), (None, None));
     assert!(r.estimated);
@@ -313,24 +322,15 @@ fn a_failed_resume_moves_the_block_instead_of_losing_it() {
     // probed one interval later, not skipped for the whole window.
     let budget = TIGHT_BUDGET;
     let mut b = BudgetedVms::new(budget);
-    let u = TIMER_ONLY;
-    let (mut hits, mut on) = (0u64, true);
-    b.observe(1, u, 0, None, tick10(0.0));
-    let mut changes = Vec::new();
-    for t in 1..=12u32 {
-        let t = f64::from(t);
-        if on {
-            hits += 200_000;
+    b.observe(1, TIMER_ONLY, 0, None, tick10(0.0));
+    let changes = drive(&mut b, 12, 200_000, |b, t, want| {
+        // The resume at the window's start (10) fails.
+        let done = t != 10.0;
+        if done {
+            b.applied(1, want, t, 0.0);
         }
-        if let Some(want) = b.observe(1, u, hits, None, tick10(t)) {
-            changes.push((t, want));
-            // The resume at the window's start (10) fails.
-            if t != 10.0 {
-                b.applied(1, want, t, 0.0);
-                on = want;
-            }
-        }
-    }
+        done
+    });
     // 200,000/s × 1 µs = 20 % against 0.1 %: the 5 % floor, one interval of ten.
     assert_eq!(
         changes,
