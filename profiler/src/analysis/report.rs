@@ -640,7 +640,7 @@ VM quiet (pid 11, tcg)
             ),
             "{out}"
         );
-        assert!(out.contains("  uhci_frame_timer  9,750   780.0"), "{out}");
+        crate::testing::assert_contains(&out, "  uhci_frame_timer  9,750   780.0");
         let md = render(&records, ReportFormat::Markdown);
         assert!(
             md.contains("| parallel | 100,000 | 0 | 8000.0 | 0.0 |"),
@@ -684,7 +684,7 @@ VM quiet (pid 11, tcg)
             "{table}"
         );
         let md = render(&records, ReportFormat::Markdown);
-        assert!(md.contains("vCPU wakeups from guest halts: 29,749"), "{md}");
+        crate::testing::assert_contains(&md, "vCPU wakeups from guest halts: 29,749");
         let csv = render(&records, ReportFormat::Csv);
         let first = csv.lines().nth(1).unwrap();
         assert!(
@@ -700,6 +700,6 @@ VM quiet (pid 11, tcg)
         let table = render(std::slice::from_ref(&r), ReportFormat::Table);
         assert!(!table.contains('\x1b'));
         let csv = render(&[r], ReportFormat::Csv);
-        assert!(csv.contains("\"'=cmd\u{FFFD}[2J,x\""), "{csv}");
+        crate::testing::assert_contains(&csv, "\"'=cmd\u{FFFD}[2J,x\"");
     }
 }

@@ -224,11 +224,11 @@ fn hostile_vm_name_is_neutralized() {
             "a control character reached the screen:\n{text}"
         );
         // Truncated to its column in the list, whole in the detail's title.
-        assert!(text.contains("�[2J�]0;pw"), "{text}");
+        crate::testing::assert_contains(text, "�[2J�]0;pw");
     }
-    assert!(detail.contains("VM �[2J�]0;pwned� "), "{detail}");
+    crate::testing::assert_contains(&detail, "VM �[2J�]0;pwned� ");
     // The uuid's right-to-left override is neutralized too.
-    assert!(detail.contains("�[31mred�txt.exe"), "{detail}");
+    crate::testing::assert_contains(&detail, "�[31mred�txt.exe");
     insta::assert_snapshot!("hostile_list", list);
     insta::assert_snapshot!("hostile_detail", detail);
 }
@@ -441,15 +441,15 @@ async fn run_drives_the_screens_and_quits_on_q() {
         .find(|l| l.starts_with("\">"))
         .expect("a selected row");
     assert!(selected.contains("fresh-boot"), "{text}");
-    assert!(text.contains("ranked by CPU%"), "{text}");
+    crate::testing::assert_contains(&text, "ranked by CPU%");
 }
 
 #[tokio::test]
 async fn run_shows_the_detail_view() {
     use KeyCode::{Char, Enter};
     let text = screen_after(&[Char('j'), Enter, Char('q')]).await;
-    assert!(text.contains("VM fresh-boot"), "{text}");
-    assert!(text.contains("running"), "{text}");
+    crate::testing::assert_contains(&text, "VM fresh-boot");
+    crate::testing::assert_contains(&text, "running");
 }
 
 #[tokio::test]
@@ -473,8 +473,8 @@ async fn run_applies_updates_and_stops_when_the_collector_goes() {
     );
     result.unwrap();
     let text = terminal.backend().to_string();
-    assert!(text.contains("noisy-usb"), "{text}");
-    assert!(text.contains("window 012"), "{text}");
+    crate::testing::assert_contains(&text, "noisy-usb");
+    crate::testing::assert_contains(&text, "window 012");
 }
 
 #[tokio::test]

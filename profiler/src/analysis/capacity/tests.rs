@@ -51,7 +51,7 @@ fn pulsars_arithmetic_3_percent_per_vm_is_about_130_on_4_cores() {
     assert!((r.profiles[0].events_per_second - 103.5).abs() < 1e-9);
     let text = render_text(&r);
     assert!(text.starts_with("assumptions: 4 cores"), "{text}");
-    assert!(text.contains("win7"), "{text}");
+    crate::testing::assert_contains(&text, "win7");
 }
 
 #[test]
@@ -171,18 +171,18 @@ fn settle_counts_from_the_vms_process_start_not_its_first_window() {
     let report = capacity(&records, &req, 4.0);
     assert!(report.vms.is_empty());
     let why = why_no_vm_costs(&records, &req).unwrap();
-    assert!(why.contains("--settle 30"), "{why}");
-    assert!(why.contains("does not say when its VMs started"), "{why}");
-    assert!(why.contains("lower --settle (e.g. --settle 5)"), "{why}");
+    crate::testing::assert_contains(&why, "--settle 30");
+    crate::testing::assert_contains(&why, "does not say when its VMs started");
+    crate::testing::assert_contains(&why, "lower --settle (e.g. --settle 5)");
     let why = why_no_host_points(&records, &report).unwrap();
-    assert!(why.contains("overlaps a VM's first --settle 30 s"), "{why}");
+    crate::testing::assert_contains(&why, "overlaps a VM's first --settle 30 s");
 }
 
 #[test]
 fn nothing_to_answer_says_what_is_missing() {
     let req = CapacityRequest { settle: 0.0, ..REQ };
     let none = why_no_vm_costs(&[], &req).unwrap();
-    assert!(none.contains("no window records"), "{none}");
+    crate::testing::assert_contains(&none, "no window records");
     let mut partial = w("a-1", 1, 0, 0.1, 5, None);
     partial.partial = true;
     let why = why_no_vm_costs(std::slice::from_ref(&partial), &req).unwrap();
@@ -190,11 +190,11 @@ fn nothing_to_answer_says_what_is_missing() {
         why.contains("has a full window (all 1 records are partial"),
         "{why}"
     );
-    assert!(why.contains("--duration at least twice --window"), "{why}");
+    crate::testing::assert_contains(&why, "--duration at least twice --window");
     let full = [w("a-1", 1, 0, 0.1, 5, None)];
     let report = capacity(&full, &req, 4.0);
     let why = why_no_host_points(&full, &report).unwrap();
-    assert!(why.contains("no record carries the host's CPU"), "{why}");
+    crate::testing::assert_contains(&why, "no record carries the host's CPU");
 }
 
 #[test]
@@ -233,7 +233,7 @@ fn the_binding_limit_is_named_with_both_counts() {
     assert_eq!((p.fits, p.binding), (Some(20), Some(Limit::Memory)));
     assert_eq!(r.memory_bytes, Some(24 << 30), "the recorded host's");
     let text = render_text(&r);
-    assert!(text.contains("20 (memory)"), "{text}");
+    crate::testing::assert_contains(&text, "20 (memory)");
     assert!(
         text.contains("all its configured RAM: 10 by memory"),
         "{text}"
@@ -283,8 +283,8 @@ fn a_host_below_its_vms_is_warned_about() {
         Some(crate::record::BusySource::ProcStat)
     );
     let text = render_text(&r);
-    assert!(text.contains("warning: in 3 window(s)"), "{text}");
-    assert!(text.contains("/proc/stat samples at the tick"), "{text}");
+    crate::testing::assert_contains(&text, "warning: in 3 window(s)");
+    crate::testing::assert_contains(&text, "/proc/stat samples at the tick");
 }
 
 /// Today's quiet ramp (docs/capacity.md before this check): 0.5 % of a core per VM on a host
@@ -305,6 +305,6 @@ fn an_unresolved_ramp_gives_no_count_from_its_line() {
         "{ramp:?}"
     );
     let text = render_text(&r);
-    assert!(text.contains("the line gives no VM count"), "{text}");
+    crate::testing::assert_contains(&text, "the line gives no VM count");
     assert!(!text.contains("the line says"), "{text}");
 }

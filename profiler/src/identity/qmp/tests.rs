@@ -144,7 +144,7 @@ fn error_reply_is_a_clear_err_and_the_session_goes_on() {
     });
     let mut c = client_on(stream, DEFAULT_TIMEOUT).unwrap();
     let err = c.execute("query-nope", None).unwrap_err().to_string();
-    assert!(err.contains("query-nope"), "{err}");
+    crate::testing::assert_contains(&err, "query-nope");
     assert!(
         err.contains("CommandNotFound: The command query-nope has not been found"),
         "{err}"
@@ -160,13 +160,13 @@ fn garbage_is_an_error() {
         |_| vec![],
     );
     let err = format!("{:#}", client_on(stream, DEFAULT_TIMEOUT).err().unwrap());
-    assert!(err.contains("not a QMP monitor"), "{err}");
-    assert!(err.contains("QEMU 7.2.22 monitor"), "{err}");
+    crate::testing::assert_contains(&err, "not a QMP monitor");
+    crate::testing::assert_contains(&err, "QEMU 7.2.22 monitor");
 
     // A JSON greeting without "QMP".
     let (stream, _s) = fake_server(Some(r#"{"hello": 1}"#), |_| vec![]);
     let err = format!("{:#}", client_on(stream, DEFAULT_TIMEOUT).err().unwrap());
-    assert!(err.contains("not a QMP monitor"), "{err}");
+    crate::testing::assert_contains(&err, "not a QMP monitor");
 
     // A client whose every command after the handshake gets `reply`, and its first error.
     let after_handshake = |reply: &'static [u8]| {
@@ -184,13 +184,13 @@ fn garbage_is_an_error() {
 
     // Broken JSON in a reply retires the connection.
     let (mut c, err, _s) = after_handshake(b"{\"return\": [1, 2,, 3]}\r\n");
-    assert!(err.contains("invalid JSON"), "{err}");
+    crate::testing::assert_contains(&err, "invalid JSON");
     let err = format!("{:#}", c.execute("query-b", None).unwrap_err());
-    assert!(err.contains("unusable after an earlier error"), "{err}");
+    crate::testing::assert_contains(&err, "unusable after an earlier error");
 
     // A non-object top-level value.
     let (_, err, _s) = after_handshake(b"[\"return\"]\r\n");
-    assert!(err.contains("expected a JSON object"), "{err}");
+    crate::testing::assert_contains(&err, "expected a JSON object");
 
     // A reply cut off by the server closing the connection.
     let (client, server) = UnixStream::pair().unwrap();
@@ -255,7 +255,7 @@ fn silent_server_times_out_within_the_deadline() {
         .unwrap()
         .to_string();
     let took = started.elapsed();
-    assert!(err.contains("is busy"), "{err}");
+    crate::testing::assert_contains(&err, "is busy");
     assert!(
         took >= Duration::from_millis(300) && took < LATE,
         "{took:?}"
@@ -273,7 +273,7 @@ fn silent_server_times_out_within_the_deadline() {
     let started = Instant::now();
     let err = c.execute("query-status", None).unwrap_err().to_string();
     let took = started.elapsed();
-    assert!(err.contains("did not answer \"query-status\""), "{err}");
+    crate::testing::assert_contains(&err, "did not answer \"query-status\"");
     assert!(took < LATE, "{took:?}");
 
     // A server trickling bytes of an endless event keeps resetting per-read timeouts,
@@ -314,7 +314,7 @@ fn oversized_reply_is_an_error() {
     });
     let mut c = client_on(stream, Duration::from_secs(10)).unwrap();
     let err = format!("{:#}", c.execute("query-big", None).unwrap_err());
-    assert!(err.contains("larger than 4 MiB"), "{err}");
+    crate::testing::assert_contains(&err, "larger than 4 MiB");
 
     // Just under the limit is fine.
     let (stream, _s) = fake_server(Some(GREETING), |cmd| {
@@ -383,9 +383,9 @@ fn only_read_only_commands_are_sent() {
         .execute("human-monitor-command", Some(hmp("quit")))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("refusing"), "{err}");
+    crate::testing::assert_contains(&err, "refusing");
     let err = c.hmp("system_reset").unwrap_err().to_string();
-    assert!(err.contains("refusing to send HMP command"), "{err}");
+    crate::testing::assert_contains(&err, "refusing to send HMP command");
     drop(c);
     let seen = server.join().unwrap();
     assert_eq!(seen.len(), 1, "only qmp_capabilities was sent: {seen:?}");
@@ -445,8 +445,8 @@ fn unix_socket_connect_busy_and_missing() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("is busy"), "{err}");
-    assert!(err.contains(&format!("unix:{}", path.display())), "{err}");
+    crate::testing::assert_contains(&err, "is busy");
+    crate::testing::assert_contains(&err, &format!("unix:{}", path.display()));
     assert!(started.elapsed() < LATE, "{:?}", started.elapsed());
     assert!(first.hmp("info mtree -f").unwrap().contains("parallel"));
     drop(first);
@@ -454,8 +454,8 @@ fn unix_socket_connect_busy_and_missing() {
 
     let missing = QmpEndpoint::Unix(dir.path().join("nope.qmp").to_str().unwrap().into());
     let err = format!("{:#}", connect(&missing, DEFAULT_TIMEOUT).err().unwrap());
-    assert!(err.contains("cannot connect to QMP monitor unix:"), "{err}");
-    assert!(err.contains("No such file"), "{err}");
+    crate::testing::assert_contains(&err, "cannot connect to QMP monitor unix:");
+    crate::testing::assert_contains(&err, "No such file");
 
     // A socket file whose listener is gone.
     let stale = dir.path().join("stale.qmp");
@@ -469,11 +469,11 @@ fn unix_socket_connect_busy_and_missing() {
         .err()
         .unwrap()
     );
-    assert!(err.contains("nobody listens"), "{err}");
+    crate::testing::assert_contains(&err, "nobody listens");
 
     let long = QmpEndpoint::Unix(format!("/tmp/{}", "x".repeat(200)));
     let err = connect(&long, DEFAULT_TIMEOUT).err().unwrap().to_string();
-    assert!(err.contains("longer than 107 bytes"), "{err}");
+    crate::testing::assert_contains(&err, "longer than 107 bytes");
 }
 
 #[test]
@@ -505,7 +505,7 @@ fn device_names_rejects_an_unparsable_answer() {
     let err = device_names(&endpoint, DEFAULT_TIMEOUT)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("no I/O or memory flat view"), "{err}");
-    assert!(err.contains("unknown command"), "{err}");
+    crate::testing::assert_contains(&err, "no I/O or memory flat view");
+    crate::testing::assert_contains(&err, "unknown command");
     server.join().unwrap();
 }

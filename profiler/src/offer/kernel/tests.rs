@@ -65,12 +65,12 @@ fn the_hrtimer_sources_need_the_release_the_layout_and_hrtimer_wakeup() {
     );
     // An older kernel: no hrtimer source, but hrtimer_start still marks for the libc probes.
     let old = hrtimer_offered(tracefs.path(), kallsyms, "5.15.0").unwrap_err();
-    assert!(old.contains("Linux 5.15 has no `prev_state`"), "{old}");
+    crate::testing::assert_contains(&old, "Linux 5.15 has no `prev_state`");
     assert!(hrtimer_start_offered(tracefs.path(), kallsyms).is_ok());
     // kptr_restrict: neither.
     let hidden = "0000000000000000 t hrtimer_wakeup\n";
     let why = hrtimer_start_offered(tracefs.path(), hidden).unwrap_err();
-    assert!(why.contains("kptr_restrict"), "{why}");
+    crate::testing::assert_contains(&why, "kptr_restrict");
     assert!(hrtimer_offered(tracefs.path(), hidden, "6.18.44").is_err());
     // A field moved: refused, naming it.
     let moved = hrtimer_tracefs();
@@ -80,5 +80,5 @@ fn the_hrtimer_sources_need_the_release_the_layout_and_hrtimer_wakeup() {
         .replace("offset:16", "offset:24");
     std::fs::write(&format, text).unwrap();
     let why = hrtimer_start_offered(moved.path(), kallsyms).unwrap_err();
-    assert!(why.contains("`function` at offset 24"), "{why}");
+    crate::testing::assert_contains(&why, "`function` at offset 24");
 }

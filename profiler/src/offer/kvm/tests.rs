@@ -89,7 +89,7 @@ fn the_host_offers_wakeups_and_exits_where_its_kvm_fires_them() {
     let why = KvmOffer::of_host(old.path(), modules.path())
         .vcpu_wakeups
         .unwrap_err();
-    assert!(why.contains("kvm:kvm_vcpu_wakeup does not exist"), "{why}");
+    crate::testing::assert_contains(&why, "kvm:kvm_vcpu_wakeup does not exist");
 }
 
 #[test]
@@ -121,13 +121,13 @@ fn field_offsets_name_what_is_missing() {
         err.contains("tracepoint kvm:kvm_fast_mmio does not exist"),
         "{err}"
     );
-    assert!(err.contains("modprobe kvm"), "{err}");
+    crate::testing::assert_contains(&err, "modprobe kvm");
 
     let no_gpa = MMIO.replace("u64 gpa;", "u64 addr;");
     let dir = fake_tracefs(&[ALL[0], ("kvm_mmio", &no_gpa), ALL[2], ALL[3]]);
     let err = format!("{:#}", field_offsets(dir.path()).unwrap_err());
-    assert!(err.contains("kvm:kvm_mmio has no field `gpa`"), "{err}");
-    assert!(err.contains("type, len, addr, val"), "{err}");
+    crate::testing::assert_contains(&err, "kvm:kvm_mmio has no field `gpa`");
+    crate::testing::assert_contains(&err, "type, len, addr, val");
 
     let odd = PIO.replace(
         "unsigned int port;\toffset:12;\tsize:4",
@@ -143,6 +143,6 @@ fn field_offsets_name_what_is_missing() {
     let cut = &EXIT[..EXIT.find("print fmt").unwrap()];
     let dir = fake_tracefs(&[ALL[0], ALL[1], ALL[2], ("kvm_userspace_exit", cut)]);
     let err = format!("{:#}", field_offsets(dir.path()).unwrap_err());
-    assert!(err.contains("kvm_userspace_exit/format"), "{err}");
-    assert!(err.contains("truncated"), "{err}");
+    crate::testing::assert_contains(&err, "kvm_userspace_exit/format");
+    crate::testing::assert_contains(&err, "truncated");
 }

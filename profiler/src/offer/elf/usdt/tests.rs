@@ -239,7 +239,7 @@ fn rejects_unsupported_and_malformed_specs_clearly() {
     }
     // The failing argument is named by position.
     let err = format!("{:#}", parse_args("8@%rdi 4@%xmm1").unwrap_err());
-    assert!(err.contains("argument 1"), "{err}");
+    crate::testing::assert_contains(&err, "argument 1");
 }
 
 #[test]
@@ -539,12 +539,12 @@ fn malformed_notes_are_clear_errors() {
     };
     // Huge descriptor size.
     let err = mutate(&|b| b[header + 4..header + 8].copy_from_slice(&u32::MAX.to_le_bytes()));
-    assert!(err.contains("descriptor size"), "{err}");
+    crate::testing::assert_contains(&err, "descriptor size");
     // Descriptor too short for the three addresses and strings.
     let err = with_elf(&bytes, |elf| parse_note(elf, &bytes[desc..desc + 26], None))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("too short"), "{err}");
+    crate::testing::assert_contains(&err, "too short");
     // Strings without NULs.
     let err = mutate(&|b| {
         for x in &mut b[desc + 24..desc + descsz as usize] {
@@ -553,26 +553,26 @@ fn malformed_notes_are_clear_errors() {
             }
         }
     });
-    assert!(err.contains("NUL"), "{err}");
+    crate::testing::assert_contains(&err, "NUL");
     // pc outside every segment.
     let err = mutate(&|b| b[desc..desc + 8].copy_from_slice(&0xdead_0000_0000u64.to_le_bytes()));
-    assert!(err.contains("not in any file-backed PT_LOAD"), "{err}");
+    crate::testing::assert_contains(&err, "not in any file-backed PT_LOAD");
     assert!(err.contains("python:"), "names the probe: {err}");
     // pc in a data segment.
     let err = mutate(&|b| {
         let sema: [u8; 8] = b[desc + 16..desc + 24].try_into().unwrap();
         b[desc..desc + 8].copy_from_slice(&sema);
     });
-    assert!(err.contains("non-executable"), "{err}");
+    crate::testing::assert_contains(&err, "non-executable");
     // Semaphore in the read-only text.
     let err = mutate(&|b| {
         let pc: [u8; 8] = b[desc..desc + 8].try_into().unwrap();
         b[desc + 16..desc + 24].copy_from_slice(&pc);
     });
-    assert!(err.contains("read-only"), "{err}");
+    crate::testing::assert_contains(&err, "read-only");
     // Invalid UTF-8 in the provider.
     let err = mutate(&|b| b[desc + 24] = 0xff);
-    assert!(err.contains("UTF-8"), "{err}");
+    crate::testing::assert_contains(&err, "UTF-8");
 }
 
 #[test]
@@ -580,7 +580,7 @@ fn not_x86_64_is_a_clear_error() {
     let mut bytes = std::fs::read("/bin/ls").unwrap();
     bytes[18..20].copy_from_slice(&elf::EM_AARCH64.to_le_bytes());
     let err = format!("{:#}", parse_usdt_probes(&bytes).unwrap_err());
-    assert!(err.contains("only supported in x86_64"), "{err}");
+    crate::testing::assert_contains(&err, "only supported in x86_64");
 }
 
 #[test]
