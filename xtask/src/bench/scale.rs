@@ -304,7 +304,7 @@ pub fn run_scale(
         "## The collector at scale\n\n\
          `{command}`: N USDT stand-ins (`xtask/src/bench/standin.c`: a small process named \
          like QEMU with QEMU's USDT read/write probes and timer functions, so each gets the \
-         per-VM links a USDT QEMU gets), each arming a timer, running its callback, making one \
+         probes a USDT QEMU gets: by default linked once for the binary, shared by all), each arming a timer, running its callback, making one \
          read and one write through the probes and waking from `ppoll` with the period shown \
          (so all sizes fit on 2 cores), watched by `profiler record --window 5` with the \
          default sources (one refresh a second). Attach: seconds from the profiler's start \
