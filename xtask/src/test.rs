@@ -157,10 +157,10 @@ pub fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let _neighbour = busy_neighbour.then(BusyNeighbour::start);
     run(&mut tests)?;
     if is_root() {
-        // The exact counts again with the other uprobe links: one per VM (what a budget
-        // uses), and per site (what kernels before 6.6 get). The default shares one per
-        // binary where the kernel makes multi links.
-        for links in ["per-vm", "per-site"] {
+        // The exact counts again with the other uprobe links: one per binary, shared by its
+        // VMs (what watching every VM gets; these tests select theirs, which gets one per VM),
+        // and per site (what kernels before 6.6 get).
+        for links in ["per-binary", "per-site"] {
             eprintln!("xtask: exact-count end-to-end tests with --uprobe-links {links}");
             let mut again = cargo_cmd();
             again.args(["test", "-p", "profiler"]);

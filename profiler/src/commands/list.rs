@@ -160,7 +160,7 @@ fn uprobe_links_line(choice: crate::offer::policy::UprobeLinkChoice) -> String {
     use crate::offer::policy::UprobeLinkChoice;
     let offered = match choice {
         UprobeLinkChoice::PerSite => Err("per-site links asked for (--uprobe-links)".to_string()),
-        UprobeLinkChoice::Auto | UprobeLinkChoice::PerVm => {
+        UprobeLinkChoice::Auto | UprobeLinkChoice::PerBinary | UprobeLinkChoice::PerVm => {
             crate::probes::kernel::uprobe_multi::offered()
         }
     };
@@ -169,8 +169,11 @@ fn uprobe_links_line(choice: crate::offer::policy::UprobeLinkChoice) -> String {
         (Ok(()), UprobeLinkChoice::PerVm) => "one multi-uprobe link per VM and program \
              (detaching a VM waits one grace period per link)"
             .to_string(),
+        (Ok(()), UprobeLinkChoice::PerBinary) => "one multi-uprobe link per QEMU binary and \
+             program, shared by its VMs (per VM under --max-overhead)"
+            .to_string(),
         (Ok(()), _) => "one multi-uprobe link per QEMU binary and program, shared by its VMs \
-             (per VM under --max-overhead)"
+             (per VM with --vm/--pid or --max-overhead)"
             .to_string(),
     }
 }

@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timer_choice: timer_source,
                 max_overhead: None,
                 uprobe_links,
+                selective: false,
             },
         ),
         Command::Record {
@@ -104,6 +105,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// What a live command is given by its window length and target options.
 fn live_options(window: u64, target: crate::cli::Target) -> live::LiveOptions {
+    let selective = !target.vms.is_empty() || !target.pids.is_empty();
     live::LiveOptions {
         window,
         filter: crate::windows::session::VmFilter {
@@ -116,6 +118,7 @@ fn live_options(window: u64, target: crate::cli::Target) -> live::LiveOptions {
             timer_choice: target.timer_source,
             max_overhead: target.max_overhead,
             uprobe_links: target.uprobe_links,
+            selective,
         },
     }
 }

@@ -119,14 +119,18 @@ pub enum TimerChoice {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum UprobeLinkChoice {
     /// Multi-uprobe links where the kernel makes them (Linux ≥ 6.6), per-site links where it
-    /// does not. A QEMU binary's sites are linked once for all its VMs (a trap costs one
-    /// handler however many VMs run it, and a VM's exit closes nothing); under
-    /// `--max-overhead` each VM has its own, which a budget pause detaches.
+    /// does not. Watching every VM, a QEMU binary's sites are linked once for all its VMs (a
+    /// trap costs one handler however many VMs run it, and a VM's exit closes nothing); with
+    /// `--vm`/`--pid` (the others would trap too) or `--max-overhead` (a pause detaches one
+    /// VM's links) each VM has its own.
     #[default]
     Auto,
-    /// One multi-uprobe link per VM and program: breakpoints in watched processes only (a
-    /// binary-wide link traps in every process of the binary, watched or not), but each trap
-    /// runs every VM's handler and each VM's exit waits a grace period per link.
+    /// One multi-uprobe link per QEMU binary and program, shared by its VMs, even with
+    /// `--vm`/`--pid` (the binary's other QEMUs then trap without being counted); per VM
+    /// under `--max-overhead`.
+    PerBinary,
+    /// One multi-uprobe link per VM and program: breakpoints in watched processes only, but
+    /// each trap runs every VM's handler and each VM's exit waits a grace period per link.
     PerVm,
     /// One perf-event link per probe site (what older kernels get).
     PerSite,

@@ -216,4 +216,6 @@ pub struct ProbeOptions {
     pub max_overhead: Option<f64>,
     /// How uprobes are linked.
     pub uprobe_links: crate::offer::policy::UprobeLinkChoice,
+    /// `--vm`/`--pid` select some VMs: links per binary would trap in the others too.
+    pub selective: bool,
 }

@@ -138,6 +138,7 @@ impl EventProbes {
             timer_choice,
             max_overhead,
             uprobe_links,
+            selective,
         } = options;
         crate::probes::host::check_privileges()?;
         crate::probes::host::raise_fd_limit();
@@ -146,14 +147,19 @@ impl EventProbes {
         // Before any map is taken out of `ebpf`: the copies are relocated against them all.
         let multi = match uprobe_links {
             UprobeLinkChoice::PerSite => Err("per-site links asked for (--uprobe-links)".into()),
-            UprobeLinkChoice::Auto | UprobeLinkChoice::PerVm => {
+            UprobeLinkChoice::Auto | UprobeLinkChoice::PerBinary | UprobeLinkChoice::PerVm => {
                 let programs: Vec<&str> = SymbolSource::PROGRAMS
                     .into_iter()
                     .chain([usdt::PROGRAM])
                     .chain(LibcWaitSource::programs())
                     .collect();
                 // A budget pauses one VM's probes: each needs links of its own.
-                let per_binary = uprobe_links == UprobeLinkChoice::Auto && max_overhead.is_none();
+                let per_binary = max_overhead.is_none()
+                    && match uprobe_links {
+                        UprobeLinkChoice::Auto => !selective,
+                        UprobeLinkChoice::PerBinary => true,
+                        _ => false,
+                    };
                 uprobe_multi::MultiPrograms::load(&ebpf, object::EBPF_OBJECT, &programs)
                     .map(|m| if per_binary { m.shared_per_binary() } else { m })
                     .map(Arc::new)
