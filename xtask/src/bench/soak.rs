@@ -334,7 +334,9 @@ pub fn run_churn(root: &Path, profiler: &Path, args: &[String]) -> anyhow::Resul
          `{command}`: `profiler serve --window 10` (release build, default options) watching \
          {n} USDT stand-ins, the oldest killed and a new one started {rate} times a second \
          ({exits} exits in all). Sampled every minute; \"links\": BPF links and perf events in \
-         every descriptor table of the profiler's.\n\n\
+         every descriptor table of the profiler's. `serve` keeps an exited VM's series for \
+         `--exit-grace` (300 s by default), so what it holds grows over the first five minutes \
+         before exits drop out as fast as they come.\n\n\
          | minute | CPU (% of a core) | RSS (MiB) | open fds | links | VMs watched | exits so far |\n\
          |---:|---:|---:|---:|---:|---:|---:|\n{table}\n\
          Last third against the first: CPU {cpu:.2}× ({}), RSS {rss:.2}× ({}), open descriptors \
