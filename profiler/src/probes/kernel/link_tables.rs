@@ -132,6 +132,16 @@ fn start() -> Option<Vec<Keeper>> {
 
 /// A keeper: a table of its own holding only the links given to it.
 fn keeper(rx: Receiver<Request>, ready: SyncSender<io::Result<()>>) {
+    // Signals go to the threads that share the process's descriptors: a handler run here
+    // would write to the runtime's wake-up pipe through a descriptor this table does not
+    // hold, and the signal would be lost (a SIGTERM to `record` was, under load). The close
+    // threads spawned from here inherit the mask.
+    // SAFETY: sigfillset fills a plain sigset_t; pthread_sigmask changes this thread's mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
     // SAFETY: plain syscalls. close_range with CLOSE_RANGE_UNSHARE gives this thread a copy
     // of the table and closes every descriptor in the copy (the process's stay open).
     let unshared = unsafe {
@@ -293,5 +303,35 @@ mod tests {
             0,
             "end of file once the kept writer is closed"
         );
+    }
+
+    /// A process-directed signal must reach a thread that shares the process's descriptors:
+    /// every keeper blocks them all.
+    #[test]
+    fn keepers_take_no_signal() {
+        let (_reader, writer) = std::io::pipe().expect("pipe");
+        let kept = keep(OwnedFd::from(writer));
+        if !matches!(kept, KeptFd::Table { .. }) {
+            // No keepers on this kernel: the process's own table holds the links.
+            return;
+        }
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+        let mut keepers = 0;
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            if !status.lines().any(|l| l.starts_with("Name:\tlink-table-")) {
+                continue;
+            }
+            keepers += 1;
+            let blocked = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .unwrap();
+            let term = 1u64 << (libc::SIGTERM - 1);
+            let int = 1u64 << (libc::SIGINT - 1);
+            assert_eq!(blocked & (term | int), term | int, "{status}");
+        }
+        assert_eq!(keepers, TABLES);
     }
 }
