@@ -156,6 +156,95 @@ fn top_quit(profiler: &Path, mode: &str) -> anyhow::Result<f64> {
     }
 }
 
+/// How long a budget pause and a resume take to be done with: `profiler record --window 3
+/// --max-overhead 0.001` on `n` busy stand-ins (a budget that pauses every one of them for most
+/// of each window), its probe links sampled every 10 ms over four windows. A pause stops the
+/// counting at once (the links' generation); it has taken effect when its links are closed
+/// (the breakpoints gone): seconds from the first sample below the fleet's full count of links
+/// to the first at the paused count. A resume: from the first above the paused count to the
+/// full count again. The longest of each over the windows seen.
+fn measure_pause(
+    profiler: &Path,
+    dir: &Path,
+    mode: &str,
+    n: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let out = dir.join(format!("pause-{mode}.jsonl"));
+    let _ = std::fs::remove_file(&out);
+    let mut cmd = Command::new(profiler);
+    cmd.args([
+        "record",
+        "--window",
+        "3",
+        "--max-overhead",
+        "0.001",
+        "--uprobe-links",
+        mode,
+    ])
+    .arg("--output")
+    .arg(&out)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    super::die_with_parent(&mut cmd, libc::SIGKILL);
+    let mut rec = cmd.spawn().context("starting profiler record")?;
+    let pid = rec.id();
+    // Past the first window: every VM attached, its cost learned.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while std::fs::read_to_string(&out)
+        .map(|t| t.lines().filter(|l| l.contains("\"window\":1,")).count())
+        .unwrap_or(0)
+        < n
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "window 1 of {n} VMs never closed"
+        );
+        sleep(Duration::from_millis(200));
+    }
+    let t0 = Instant::now();
+    let mut samples: Vec<(f64, usize)> = Vec::new();
+    while t0.elapsed() < Duration::from_secs(12) {
+        samples.push((t0.elapsed().as_secs_f64(), links_held(pid)));
+        sleep(Duration::from_millis(10));
+    }
+    let _ = signal_until_gone(&mut rec, libc::SIGTERM);
+    let full = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let paused = samples.iter().map(|s| s.1).min().unwrap_or(0);
+    // Each run from one level to the other: (seconds, falling).
+    let mut spans: Vec<(f64, bool)> = Vec::new();
+    let mut start: Option<(f64, bool)> = None;
+    for pair in samples.windows(2) {
+        let ((_, a), (t, b)) = (pair[0], pair[1]);
+        match start {
+            None if a == full && b < full => start = Some((pair[0].0, true)),
+            None if a == paused && b > paused => start = Some((pair[0].0, false)),
+            Some((from, falling)) if (falling && b == paused) || (!falling && b == full) => {
+                spans.push((t - from, falling));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    let longest = |falling: bool| {
+        spans
+            .iter()
+            .filter(|s| s.1 == falling)
+            .map(|s| s.0)
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+    };
+    let (pause, resume) = (longest(true), longest(false));
+    eprintln!(
+        "xtask bench teardown: {n} busy stand-ins, budget, {mode}: links {full} → {paused}; \
+         pause done in {pause:?} s, resume in {resume:?} s"
+    );
+    Ok(json!({
+        "mode": mode, "links_full": full, "links_paused": paused,
+        "pause_seconds": pause, "resume_seconds": resume,
+        "pauses_seen": spans.iter().filter(|s| s.1).count(),
+        "resumes_seen": spans.iter().filter(|s| !s.1).count(),
+    }))
+}
+
 /// Every measure of one fleet with one link mode.
 fn measure(profiler: &Path, dir: &Path, mode: &str, n: usize) -> anyhow::Result<serde_json::Value> {
     let out = dir.join(format!("teardown-{mode}.jsonl"));
@@ -245,9 +334,36 @@ pub fn run(
                 if met { "met" } else { "MISSED" }
             ));
         }
+        // A budget pause needs VMs busy enough to be paused: stand-ins, as many.
+        drop(_vms);
+        let busy = StandinFleet::start(n, "pause", 100)?;
+        sleep(Duration::from_secs(3));
+        let pause_vm = measure_pause(profiler, dir, "per-vm", n)?;
+        let pause_site = if n <= per_site_up_to {
+            Some(measure_pause(profiler, dir, "per-site", n)?)
+        } else {
+            None
+        };
+        drop(busy);
+        let secs = |m: Option<&serde_json::Value>, k: &str| match m.map(|m| m[k].as_f64()) {
+            None => "not run".to_string(),
+            Some(None) => "not done in 12 s".to_string(),
+            Some(Some(s)) => format!("{s:.2} s"),
+        };
+        for (action, key) in [
+            ("budget pause: links closed", "pause_seconds"),
+            ("budget resume: links made", "resume_seconds"),
+        ] {
+            rows.push_str(&format!(
+                "| {n} busy stand-ins | {action} | {} | {} | — |\n",
+                secs(pause_site.as_ref(), key),
+                secs(Some(&pause_vm), key),
+            ));
+        }
         results.push(json!({
             "fleet": fleet.label(), "vms": n, "per_binary": multi, "per_vm": per_vm,
-            "per_site": per_site,
+            "per_site": per_site, "budget_pause_per_vm": pause_vm,
+            "budget_pause_per_site": pause_site,
         }));
     }
     let body = format!(
@@ -259,7 +375,12 @@ pub fn run(
          kernels before 6.6 get), with one multi-uprobe link per VM and program \
          (`--uprobe-links per-vm`, what a budget uses) and with one multi-uprobe link per QEMU \
          binary and program shared by its VMs (the default where the kernel makes them). \
-         \"Probe links held\": the BPF links and perf events open in the recording process.\n\n\
+         \"Probe links held\": the BPF links and perf events open in the recording process. \
+         Budget rows: `record --window 3 --max-overhead 0.001` on as many busy stand-ins (a \
+         budget has each VM's own links, so no per-binary column), links sampled every 10 ms \
+         for 12 s: the longest a pause took from its first link closed to its last (the \
+         counting stops at the pause itself: the links' generation), and a resume from its \
+         first link made to its last.\n\n\
          | VMs | action | per site | per VM | per binary (default) |\n|---|---|---:|---:|---:|\n{rows}\n\
          Targets (100 paused USDT QEMUs or 500 stand-ins): `top` quits and `record` exits on \
          SIGTERM with every window written in < 1 s, a SIGKILLed profiler is gone in < 3 s — \
