@@ -51,9 +51,9 @@ pub struct Target {
     /// attached for only part of each window, and its counts scaled and marked estimated.
     #[arg(long, value_name = "PCT")]
     pub max_overhead: Option<f64>,
-    /// How uprobes are linked: `auto`, one multi-uprobe link per VM and program where the
-    /// kernel makes them (Linux ≥ 6.6; quitting, a VM's exit and a budget pause then wait one
-    /// grace period per link, not per probe site), else per site; `per-site` forces the latter.
+    /// How uprobes are linked: `auto`, multi-uprobe links where the kernel makes them (Linux ≥
+    /// 6.6), one per QEMU binary shared by its VMs when every VM is watched, one per VM with
+    /// `--vm`/`--pid` or `--max-overhead`; else per site. `profiler list` says which.
     #[arg(long, value_enum, default_value_t, env = "PROFILER_UPROBE_LINKS")]
     pub uprobe_links: crate::offer::policy::UprobeLinkChoice,
 }
