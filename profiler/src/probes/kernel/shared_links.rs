@@ -10,16 +10,9 @@
 //! binary no process maps costs nothing, and closing one while its VMs come and go would
 //! leave a moment with two.
 
-use std::{
-    collections::HashMap,
-    os::{fd::RawFd, unix::fs::MetadataExt as _},
-    path::Path,
-    sync::Arc,
-};
+use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::Path, sync::Arc};
 
 use anyhow::Context as _;
-
-use super::uprobe_multi::{self, MultiUprobe};
 
 /// A file as the kernel's uprobes know it: its device and inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,12 +32,21 @@ impl FileId {
     }
 }
 
-/// The shared links made so far, by program, file and offset.
-#[derive(Debug, Default)]
-pub struct SharedLinks {
+/// The shared links (of type `L`) made so far, by program, file and offset.
+#[derive(Debug)]
+pub struct SharedLinks<L> {
     /// The link holding each point, with the cookie it carries there.
-    points: HashMap<(String, FileId, u64), (u64, Arc<MultiUprobe>)>,
+    points: HashMap<(String, FileId, u64), (u64, Arc<L>)>,
     links: usize,
+}
+
+impl<L> Default for SharedLinks<L> {
+    fn default() -> Self {
+        Self {
+            points: HashMap::new(),
+            links: 0,
+        }
+    }
 }
 
 /// One point to link: its file offset, its cookie, its USDT semaphore's file offset (0: none).
@@ -55,20 +57,19 @@ pub struct SharedPoint {
     pub ref_ctr_offset: u64,
 }
 
-impl SharedLinks {
-    /// The links that hold `points` of `target` for `program` (`prog_fd`): those that already
-    /// do, and one new link for the points none holds yet. All or nothing; an offset already
-    /// held with another cookie is an error (a second link would count it twice).
+impl<L> SharedLinks<L> {
+    /// The links that hold `points` of `target` for `program`: those that already do, and one
+    /// new link, made by `make`, for the points none holds yet. All or nothing; an offset
+    /// already held with another cookie is an error (a second link would count it twice).
     pub fn link(
         &mut self,
-        prog_fd: RawFd,
         program: &str,
         target: &Path,
         points: &[SharedPoint],
-        retprobe: bool,
-    ) -> anyhow::Result<Vec<Arc<MultiUprobe>>> {
+        make: impl FnOnce(&[SharedPoint]) -> anyhow::Result<L>,
+    ) -> anyhow::Result<Vec<Arc<L>>> {
         let file = FileId::of(target).with_context(|| format!("reading {}", target.display()))?;
-        let mut held: Vec<Arc<MultiUprobe>> = Vec::new();
+        let mut held: Vec<Arc<L>> = Vec::new();
         let mut new: Vec<SharedPoint> = Vec::new();
         for point in points {
             match self.points.get(&(program.to_string(), file, point.offset)) {
@@ -88,13 +89,7 @@ impl SharedLinks {
             }
         }
         if !new.is_empty() {
-            let offsets: Vec<u64> = new.iter().map(|p| p.offset).collect();
-            let cookies: Vec<u64> = new.iter().map(|p| p.cookie).collect();
-            let ref_ctrs: Vec<u64> = new.iter().map(|p| p.ref_ctr_offset).collect();
-            let semaphores = ref_ctrs.iter().any(|&r| r != 0).then_some(&ref_ctrs[..]);
-            let link =
-                uprobe_multi::link(prog_fd, target, &offsets, semaphores, &cookies, 0, retprobe)?;
-            let link = Arc::new(link);
+            let link = Arc::new(make(&new)?);
             self.links += 1;
             for p in &new {
                 self.points.insert(

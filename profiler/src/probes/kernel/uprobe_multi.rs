@@ -74,7 +74,7 @@ struct LinkCreateUprobeMulti {
 pub struct MultiPrograms {
     fds: HashMap<String, OwnedFd>,
     /// Binary-wide links for unbudgeted VMs, where asked for (`None`: each VM links its own).
-    shared: Option<std::sync::Mutex<super::shared_links::SharedLinks>>,
+    shared: Option<std::sync::Mutex<super::shared_links::SharedLinks<MultiUprobe>>>,
 }
 
 /// The map data of any kind of map (aya keeps every kind's in the same struct).
@@ -201,7 +201,15 @@ impl MultiPrograms {
             .with_context(|| format!("no multi-link copy of {program}"))?;
         // A poisoned lock still holds every link made.
         let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
-        shared.link(prog_fd, program, target, points, retprobe)
+        shared.link(program, target, points, |new| {
+            let offsets: Vec<u64> = new.iter().map(|p| p.offset).collect();
+            let cookies: Vec<u64> = new.iter().map(|p| p.cookie).collect();
+            let ref_ctrs: Vec<u64> = new.iter().map(|p| p.ref_ctr_offset).collect();
+            let semaphores = ref_ctrs.iter().any(|&r| r != 0).then_some(&ref_ctrs[..]);
+            Ok(link(
+                prog_fd, target, &offsets, semaphores, &cookies, 0, retprobe,
+            )?)
+        })
     }
 
     /// Binary-wide links made so far.
