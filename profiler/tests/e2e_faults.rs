@@ -18,7 +18,7 @@ use common::*;
 /// Links that probe one process, or the host: a binary's shared links (kept until the profiler
 /// stops, however many of its VMs come and go) apart.
 fn probe_fds(pid: u32) -> usize {
-    profiler::probes::kernel::link_tables::probe_links_by_scope(pid).scoped
+    xtask::links::probe_links_by_scope(pid).scoped
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -165,7 +165,7 @@ fn fifty_qemus_killed_while_serve_and_top_run_leave_nothing_behind() {
         "PENDING",
     ];
     // The binary's shared links stay, with their USDT specs: a few, however many VMs went.
-    let shared = profiler::probes::kernel::link_tables::probe_links_by_scope(serve_pid).binary_wide;
+    let shared = xtask::links::probe_links_by_scope(serve_pid).binary_wide;
     assert!(
         shared < CYCLES / 5,
         "{shared} binary-wide links for {CYCLES} VMs of one binary"

@@ -6,4 +6,5 @@ pub mod boot_sector;
 pub mod cache;
 pub mod guest;
 pub mod launch;
+pub mod links;
 pub mod prereq;

@@ -19,12 +19,7 @@ use xtask::{
     launch::{DeviceSet, GuestSpec, RunningGuest, launch},
 };
 
-use super::{
-    flag, proc_usage,
-    qemu_like::QemuLikeFleet,
-    standin::{StandinFleet, links_held},
-    ticks_per_second,
-};
+use super::{flag, proc_usage, qemu_like::QemuLikeFleet, standin::StandinFleet, ticks_per_second};
 
 /// Real guests alive at once, and how long each lives.
 const GUESTS: usize = 2;
@@ -282,7 +277,7 @@ pub fn run_churn(root: &Path, profiler: &Path, args: &[String]) -> anyhow::Resul
                 "cpu_percent": cpu,
                 "rss_mib": now.rss_bytes as f64 / (1 << 20) as f64,
                 "fds": open_fds(pid),
-                "links": links_held(pid),
+                "links": xtask::links::probe_links(pid),
                 "vms_watched": vms,
                 "exits_so_far": exits,
             });

@@ -92,39 +92,3 @@ impl Drop for StandinFleet {
         }
     }
 }
-
-/// Probe links (BPF links, perf events) the process `pid` holds, in its own descriptor table
-/// and in those of its threads that have one of their own (where multi-uprobe links live).
-pub fn links_held(pid: u32) -> usize {
-    let mut bpf_links = std::collections::BTreeSet::new();
-    let mut perf_events = 0;
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-        .unwrap_or_default();
-    for task in tasks {
-        let leader = task.ends_with(pid.to_string());
-        let Ok(fds) = std::fs::read_dir(task.join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            match target.to_string_lossy().as_ref() {
-                "anon_inode:bpf_link" => {
-                    let info = task.join("fdinfo").join(fd.file_name());
-                    if let Some(id) = std::fs::read_to_string(info).ok().and_then(|t| {
-                        t.lines()
-                            .find_map(|l| l.strip_prefix("link_id:").map(|v| v.trim().to_string()))
-                    }) {
-                        bpf_links.insert(id);
-                    }
-                }
-                // Per-site links are perf events in the process's own table.
-                "anon_inode:[perf_event]" if leader => perf_events += 1,
-                _ => {}
-            }
-        }
-    }
-    bpf_links.len() + perf_events
-}

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use serde_json::json;
 
 use super::{
-    standin::{StandinFleet, links_held},
+    standin::StandinFleet,
     tmux::{TmuxSession, tmux},
 };
 
@@ -204,7 +204,7 @@ fn measure_pause(
     let t0 = Instant::now();
     let mut samples: Vec<(f64, usize)> = Vec::new();
     while t0.elapsed() < Duration::from_secs(12) {
-        samples.push((t0.elapsed().as_secs_f64(), links_held(pid)));
+        samples.push((t0.elapsed().as_secs_f64(), xtask::links::probe_links(pid)));
         sleep(Duration::from_millis(10));
     }
     let _ = signal_until_gone(&mut rec, libc::SIGTERM);
@@ -249,7 +249,7 @@ fn measure_pause(
 fn measure(profiler: &Path, dir: &Path, mode: &str, n: usize) -> anyhow::Result<serde_json::Value> {
     let out = dir.join(format!("teardown-{mode}.jsonl"));
     let mut rec = recording(profiler, mode, &out, n)?;
-    let links = links_held(rec.id());
+    let links = xtask::links::probe_links(rec.id());
     let sigterm = signal_until_gone(&mut rec, libc::SIGTERM)?;
     // Every VM's running window written at the stop.
     let stopped = std::fs::read_to_string(&out)?

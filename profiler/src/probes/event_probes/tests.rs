@@ -92,7 +92,7 @@ fn sleeper() -> (Sleeper, u64) {
 
 /// Our perf events and BPF links, in every descriptor table of ours.
 fn probe_fds() -> usize {
-    crate::probes::kernel::link_tables::probe_links(std::process::id())
+    xtask::links::probe_links(std::process::id())
 }
 
 /// A source loaded (with multi links or per site), a sleeping process to attach it to (its
