@@ -67,6 +67,46 @@ fn scrape(port: u16) -> Option<(f64, f64)> {
     ))
 }
 
+/// `profiler serve --window 10` on 127.0.0.1:`port`, stopped when the bench goes.
+fn start_serve(profiler: &Path, port: u16) -> anyhow::Result<Serve> {
+    let mut cmd = Command::new(profiler);
+    cmd.args(["serve", "--window", "10", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    super::die_with_parent(&mut cmd, libc::SIGTERM);
+    Ok(Serve(cmd.spawn().context("starting profiler serve")?))
+}
+
+/// `pid`'s CPU (% of a core) since `last` at `last_t`, and its RSS (MiB) now; `last` and
+/// `last_t` move on to now.
+fn usage_since(
+    pid: u32,
+    last: &mut super::ProcUsage,
+    last_t: &mut Instant,
+) -> anyhow::Result<(f64, f64)> {
+    let now = proc_usage(pid)?;
+    let secs = last_t.elapsed().as_secs_f64();
+    let cpu = (now.cpu_ticks - last.cpu_ticks) as f64 / ticks_per_second() / secs * 100.0;
+    let rss_mib = now.rss_bytes as f64 / (1 << 20) as f64;
+    *last = now;
+    *last_t = Instant::now();
+    Ok((cpu, rss_mib))
+}
+
+/// The mean of `key` over the last third of `rows` against the first third.
+fn last_third_over_first(rows: &[serde_json::Value], key: &str) -> f64 {
+    let third = (rows.len() / 3).max(1);
+    let mean = |rs: &[serde_json::Value]| {
+        rs.iter().filter_map(|r| r[key].as_f64()).sum::<f64>() / rs.len().max(1) as f64
+    };
+    mean(&rows[rows.len() - third..]) / mean(&rows[..third]).max(1e-9)
+}
+
+fn verdict(ratio: f64) -> &'static str {
+    if ratio <= 1.2 { "flat" } else { "GROWING" }
+}
+
 pub fn run(
     root: &Path,
     image: &GuestImage,
@@ -80,14 +120,7 @@ pub fn run(
         bail!("--minutes must be at least 3");
     }
     let port = 19464;
-    let mut cmd = Command::new(profiler);
-    cmd.args(["serve", "--window", "10", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    super::die_with_parent(&mut cmd, libc::SIGTERM);
-    let serve = Serve(cmd.spawn().context("starting profiler serve")?);
-    let mut serve = serve;
+    let mut serve = start_serve(profiler, port)?;
     sleep(Duration::from_secs(2));
     if let Some(status) = serve.0.try_wait()? {
         bail!("profiler serve exited at once ({status}); is 127.0.0.1:{port} taken?");
@@ -138,15 +171,13 @@ pub fn run(
             next_like += like_step;
         }
         if Instant::now() >= next_sample {
-            let now = proc_usage(pid)?;
-            let secs = last_t.elapsed().as_secs_f64();
-            let cpu = (now.cpu_ticks - last.cpu_ticks) as f64 / ticks_per_second() / secs * 100.0;
+            let (cpu, rss_mib) = usage_since(pid, &mut last, &mut last_t)?;
             let (counters, vms) = scrape(port).unwrap_or((f64::NAN, f64::NAN));
             let minute = started.elapsed().as_secs_f64() / 60.0;
             let row = json!({
                 "minute": (minute * 10.0).round() / 10.0,
                 "cpu_percent": cpu,
-                "rss_mib": now.rss_bytes as f64 / (1 << 20) as f64,
+                "rss_mib": rss_mib,
                 "fds": open_fds(pid),
                 "counters_entries": counters,
                 "vms_watched": vms,
@@ -154,8 +185,6 @@ pub fn run(
             });
             eprintln!("xtask bench soak: {row}");
             rows.push(row);
-            last = now;
-            last_t = Instant::now();
             next_sample += Duration::from_secs(60);
         }
         sleep(Duration::from_millis(500));
@@ -163,14 +192,9 @@ pub fn run(
     drop(like);
     drop(guests);
     drop(serve);
-    let third = (rows.len() / 3).max(1);
-    let mean = |rs: &[serde_json::Value], k: &str| {
-        rs.iter().filter_map(|r| r[k].as_f64()).sum::<f64>() / rs.len().max(1) as f64
-    };
-    let (first, last_rows) = (&rows[..third], &rows[rows.len() - third..]);
-    let cpu_ratio = mean(last_rows, "cpu_percent") / mean(first, "cpu_percent").max(1e-9);
-    let rss_ratio = mean(last_rows, "rss_mib") / mean(first, "rss_mib").max(1e-9);
-    let fds_ratio = mean(last_rows, "fds") / mean(first, "fds").max(1e-9);
+    let cpu_ratio = last_third_over_first(&rows, "cpu_percent");
+    let rss_ratio = last_third_over_first(&rows, "rss_mib");
+    let fds_ratio = last_third_over_first(&rows, "fds");
     let mut table = String::new();
     for r in rows.iter().step_by(5.min(rows.len()).max(1)) {
         table.push_str(&format!(
@@ -183,7 +207,6 @@ pub fn run(
             r["vms_started_so_far"],
         ));
     }
-    let verdict = |x: f64| if x <= 1.2 { "flat" } else { "GROWING" };
     let command = format!(
         "cargo xtask bench soak --minutes {minutes} --step {}",
         like_step.as_secs()
@@ -228,13 +251,7 @@ pub fn run_churn(root: &Path, profiler: &Path, args: &[String]) -> anyhow::Resul
     let period_ms = 100;
     let mut fleet = StandinFleet::start(n, "churn", period_ms)?;
     let port = 19465;
-    let mut cmd = Command::new(profiler);
-    cmd.args(["serve", "--window", "10", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    super::die_with_parent(&mut cmd, libc::SIGTERM);
-    let mut serve = Serve(cmd.spawn().context("starting profiler serve")?);
+    let mut serve = start_serve(profiler, port)?;
     let pid = serve.0.id();
     // Every stand-in watched before the churn starts.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -268,14 +285,12 @@ pub fn run_churn(root: &Path, profiler: &Path, args: &[String]) -> anyhow::Resul
             next_exit += step;
         }
         if Instant::now() >= next_sample {
-            let now = proc_usage(pid)?;
-            let secs = last_t.elapsed().as_secs_f64();
-            let cpu = (now.cpu_ticks - last.cpu_ticks) as f64 / ticks_per_second() / secs * 100.0;
+            let (cpu, rss_mib) = usage_since(pid, &mut last, &mut last_t)?;
             let (_, vms) = scrape(port).unwrap_or((f64::NAN, f64::NAN));
             let row = json!({
                 "minute": (started.elapsed().as_secs_f64() / 6.0).round() / 10.0,
                 "cpu_percent": cpu,
-                "rss_mib": now.rss_bytes as f64 / (1 << 20) as f64,
+                "rss_mib": rss_mib,
                 "fds": open_fds(pid),
                 "links": xtask::links::probe_links(pid),
                 "vms_watched": vms,
@@ -283,8 +298,6 @@ pub fn run_churn(root: &Path, profiler: &Path, args: &[String]) -> anyhow::Resul
             });
             eprintln!("xtask bench soak: {row}");
             rows.push(row);
-            last = now;
-            last_t = Instant::now();
             next_sample += Duration::from_secs(60);
         }
         sleep(
@@ -295,13 +308,7 @@ pub fn run_churn(root: &Path, profiler: &Path, args: &[String]) -> anyhow::Resul
     }
     drop(serve);
     drop(fleet);
-    let third = (rows.len() / 3).max(1);
-    let mean = |rs: &[serde_json::Value], k: &str| {
-        rs.iter().filter_map(|r| r[k].as_f64()).sum::<f64>() / rs.len().max(1) as f64
-    };
-    let (first, last_rows) = (&rows[..third], &rows[rows.len() - third..]);
-    let ratio = |k: &str| mean(last_rows, k) / mean(first, k).max(1e-9);
-    let verdict = |x: f64| if x <= 1.2 { "flat" } else { "GROWING" };
+    let ratio = |k: &str| last_third_over_first(&rows, k);
     let mut table = String::new();
     for r in &rows {
         table.push_str(&format!(
