@@ -143,7 +143,7 @@ pub enum Command {
         /// counts to the network; it is said on stderr.
         #[arg(long, default_value = "127.0.0.1:9464")]
         listen: std::net::SocketAddr,
-        /// Window length in seconds (records, textfile updates).
+        /// Window length in seconds (records, textfile updates, per-VM counter updates).
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
         window: u64,
         /// Also append closed windows here as JSON lines, as `record` writes them; SIGHUP

@@ -114,12 +114,16 @@ impl SampleSink for Serve {
         }
         {
             let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
-            fleet.update(
-                s.t,
-                s.session.observations(),
-                s.session.exits(),
-                self.exit_grace,
-            );
+            // Between window boundaries the VMs are read only when one starts or exits: the
+            // counters advance at each boundary (docs/metrics.md).
+            if s.every_vm {
+                fleet.update(
+                    s.t,
+                    s.session.observations(),
+                    s.session.exits(),
+                    self.exit_grace,
+                );
+            }
             fleet.set_estimates(s.session.estimate_additions());
             fleet.set_duties(s.session.duty_views());
             fleet.cost = ProfilerCost::now(s.session.probe_cost());

@@ -41,6 +41,11 @@ struct Publish {
 }
 
 impl SampleSink for Publish {
+    /// The screen shows every VM's running window, each second.
+    fn reads_every_vm(&self) -> bool {
+        true
+    }
+
     fn on_sample(&mut self, s: &Sample<'_>) -> ControlFlow<()> {
         self.live.note(s.t, s.notes);
         if let Some(note) = self.out.as_mut().and_then(|out| out.write(s.closed)) {

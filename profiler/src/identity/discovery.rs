@@ -383,6 +383,21 @@ impl ExitWatch {
     }
 }
 
+/// A process's command line and executable, if either names a QEMU binary.
+fn looks_like_qemu(dir: &Path) -> Result<(Vec<String>, PathBuf), NotQemu> {
+    let argv = split_cmdline(&fs::read(dir.join("cmdline")).map_err(|_| NotQemu::Other)?);
+    let exe = fs::read_link(dir.join("exe")).unwrap_or_default();
+    if argv.is_empty() && exe.as_os_str().is_empty() {
+        return Err(NotQemu::NoCommandLine);
+    }
+    let argv0_is_qemu = argv.first().is_some_and(|a| is_qemu_binary(a));
+    let exe_is_qemu = is_qemu_binary(&exe.to_string_lossy());
+    if !(argv0_is_qemu || exe_is_qemu) {
+        return Err(NotQemu::Other);
+    }
+    Ok((argv, exe))
+}
+
 /// Reads one process; `None` if it is not QEMU or vanished while being read.
 pub fn read_qemu_process(
     paths: &HostPaths,
@@ -406,16 +421,7 @@ fn look_at_process(
     libvirt: &HashMap<u32, LibvirtDomain>,
 ) -> Result<QemuProcess, NotQemu> {
     let dir = paths.proc_root.join(pid.to_string());
-    let argv = split_cmdline(&fs::read(dir.join("cmdline")).map_err(|_| NotQemu::Other)?);
-    let exe = fs::read_link(dir.join("exe")).unwrap_or_default();
-    if argv.is_empty() && exe.as_os_str().is_empty() {
-        return Err(NotQemu::NoCommandLine);
-    }
-    let argv0_is_qemu = argv.first().is_some_and(|a| is_qemu_binary(a));
-    let exe_is_qemu = is_qemu_binary(&exe.to_string_lossy());
-    if !(argv0_is_qemu || exe_is_qemu) {
-        return Err(NotQemu::Other);
-    }
+    let (argv, exe) = looks_like_qemu(&dir)?;
     let stat = fs::read_to_string(dir.join("stat"))
         .ok()
         .and_then(|text| parse_stat(&text))
@@ -555,6 +561,26 @@ pub fn scan_qemu_processes_hinted(
     pids.sort_unstable();
     pids.dedup();
     scan_pids(paths, cache, pids.into_iter(), Some(&execs))
+}
+
+/// Whether the QEMUs are still those the last scan returned, as far as one look at the exits
+/// and at the processes that exec'd can tell, without reading each QEMU: every known QEMU is
+/// settled and watched for its exit, none has exited, none exec'd, and no process in `execs`
+/// is a new QEMU. `false` whenever it cannot tell (no pidfds, a QEMU still settling).
+pub fn qemus_unchanged(paths: &HostPaths, cache: &mut DiscoveryCache, execs: &[u32]) -> bool {
+    if !paths.process_clocks || cache.known.values().any(|k| k.clock.is_none()) {
+        return false;
+    }
+    let Some(exits) = cache.exits.as_mut() else {
+        return false;
+    };
+    if exits.exited().is_none_or(|exited| !exited.is_empty()) {
+        return false;
+    }
+    execs.iter().all(|pid| {
+        !cache.known.contains_key(pid)
+            && looks_like_qemu(&paths.proc_root.join(pid.to_string())).is_err()
+    })
 }
 
 /// Looks at `pids`: every process (`execs` is `None`: a full scan) or the known QEMUs and

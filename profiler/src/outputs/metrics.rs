@@ -609,7 +609,10 @@ impl Collector for FleetCollector {
                 "User + system CPU time of the profiler process.",
             )
             .seconds(),
-            CounterFamily::new("samples", "Samples the profiler has taken."),
+            CounterFamily::new(
+                "samples",
+                "Samples that read every VM (one per window boundary, start or exit).",
+            ),
             CounterFamily::new(
                 "bpf_map_dropped_updates",
                 "Updates an eBPF map refused because it was full: events or names lost, so \

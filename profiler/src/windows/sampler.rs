@@ -107,12 +107,21 @@ pub struct Sample<'a> {
     pub first: bool,
     /// The last sample, at the stop.
     pub last: bool,
+    /// Every VM was read: the session's observations are as of `t` (otherwise as of the last
+    /// sample that read them; see [`SampleSink::reads_every_vm`]).
+    pub every_vm: bool,
     pub session: &'a dyn SessionView,
 }
 
 /// Where samples go. `Break` stops sampling (the last sample still comes).
 pub trait SampleSink {
     fn on_sample(&mut self, sample: &Sample<'_>) -> ControlFlow<()>;
+    /// Whether every refresh must read every VM (a view of the running windows); otherwise
+    /// VMs are read at window boundaries and when a QEMU starts or exits, which gives the same
+    /// windows for a fraction of the collector's time ([`Session::sample_changes`]).
+    fn reads_every_vm(&self) -> bool {
+        false
+    }
 }
 
 /// Why sampling stopped.
@@ -144,6 +153,7 @@ pub async fn run<P: ProbeLayer, D: Discover>(
         notes: &report.notes,
         first: true,
         last: false,
+        every_vm: report.every_vm,
         session,
     });
     let mut ticks = tokio::time::interval_at(start + REFRESH, REFRESH);
@@ -155,13 +165,18 @@ pub async fn run<P: ProbeLayer, D: Discover>(
         tokio::select! {
             scheduled = ticks.tick() => {
                 let t = (scheduled - start).as_secs_f64().round();
-                let report = session.sample(t)?;
+                let report = if sink.reads_every_vm() {
+                    session.sample(t)?
+                } else {
+                    session.sample_changes(t)?
+                };
                 flow = sink.on_sample(&Sample {
                     t,
                     closed: &report.closed,
                     notes: &report.notes,
                     first: false,
                     last: false,
+                    every_vm: report.every_vm,
                     session,
                 });
                 if duration.is_some_and(|d| t >= d) {
@@ -180,6 +195,7 @@ pub async fn run<P: ProbeLayer, D: Discover>(
         notes: &report.notes,
         first: false,
         last: true,
+        every_vm: report.every_vm,
         session,
     });
     Ok((stopped_at, reason))

@@ -95,6 +95,12 @@ pub trait Discover {
         let _ = execs;
         self.scan()
     }
+    /// Whether the QEMU processes are those the last scan returned, told which PIDs exec'd
+    /// since (`false`: changed, or it cannot tell without a scan).
+    fn unchanged(&mut self, execs: Option<&[u32]>) -> bool {
+        let _ = execs;
+        false
+    }
     /// The host's CPU time so far (`None`: not known).
     fn host_cpu(&mut self) -> Option<HostCpu> {
         None
@@ -134,7 +140,7 @@ pub trait Discover {
 pub struct ProcDiscovery {
     paths: HostPaths,
     cache: DiscoveryCache,
-    /// Scans since the last full one.
+    /// Refreshes since the last full scan.
     since_full: u32,
     host_cpu: crate::identity::discovery::HostCpuReader,
     kernel_workers: KernelWorkers,
@@ -164,6 +170,18 @@ impl Discover for ProcDiscovery {
                 found
             }
         }
+    }
+    fn unchanged(&mut self, execs: Option<&[u32]>) -> bool {
+        // A full scan is due at the same pace whether refreshes scan or not.
+        let unchanged = execs.is_some_and(|execs| {
+            self.since_full > 0
+                && self.since_full + 1 < FULL_SCAN_EVERY
+                && crate::identity::discovery::qemus_unchanged(&self.paths, &mut self.cache, execs)
+        });
+        if unchanged {
+            self.since_full += 1;
+        }
+        unchanged
     }
     fn host_cpu(&mut self) -> Option<HostCpu> {
         self.host_cpu.read(&self.paths.proc_root)
@@ -203,6 +221,9 @@ pub struct SampleReport {
     pub closed: Vec<WindowRecord>,
     /// What the command should tell the user (sources not used, names not available, ...).
     pub notes: Vec<Note>,
+    /// Every VM was read ([`Session::observations`] are as of this sample); `false` for a
+    /// refresh of [`Session::sample_changes`] that found nothing to read.
+    pub every_vm: bool,
 }
 
 /// A watched VM.
@@ -429,18 +450,53 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
 
     /// Samples every VM at `t` seconds since the start.
     pub fn sample(&mut self, t: f64) -> anyhow::Result<SampleReport> {
-        self.sample_at(t, false)
+        let execs = self.probes.take_execs();
+        self.sample_at(t, false, execs)
+    }
+
+    /// Samples every VM at `t` if a window starts there, a budget runs, or a QEMU appeared or
+    /// exited since the last sample; otherwise only the host-wide work (linking new timer
+    /// callbacks, counting drops). Windows come out the same as from [`Self::sample`]: a
+    /// window's counts are the difference of two samples at its boundaries, and a VM's exit
+    /// is sampled when it is seen. What it saves is the per-VM work between boundaries,
+    /// which a view that shows running windows needs each second and a record does not.
+    pub fn sample_changes(&mut self, t: f64) -> anyhow::Result<SampleReport> {
+        let execs = self.probes.take_execs();
+        let clock = self.collector.clock();
+        let quiet = self
+            .last_t
+            .is_some_and(|before| clock.index_at(before) == clock.index_at(t))
+            && self.budgeted.is_none()
+            && self.discovery.unchanged(execs.as_deref());
+        if !quiet {
+            return self.sample_at(t, false, execs);
+        }
+        let mut notes = self.probes.refresh();
+        let open_window = clock.index_at((t - 1e-3).max(0.0));
+        notes.extend(self.drops.sample(open_window, self.probes.dropped()));
+        self.exited.clear();
+        Ok(SampleReport {
+            closed: Vec::new(),
+            notes,
+            every_vm: false,
+        })
     }
 
     /// The last sample, at the stop `t`: its threads are read, for the windows it closes.
     pub fn sample_last(&mut self, t: f64) -> anyhow::Result<SampleReport> {
-        self.sample_at(t, true)
+        let execs = self.probes.take_execs();
+        self.sample_at(t, true, execs)
     }
 
     /// Samples every VM at `t`; threads are read at the first sample, at each one that starts
     /// a new window (their CPU by role is a per-window count, and reading every thread of
     /// every VM each second would cost more than the rest of a sample), and at the `last`.
-    fn sample_at(&mut self, t: f64, last: bool) -> anyhow::Result<SampleReport> {
+    fn sample_at(
+        &mut self,
+        t: f64,
+        last: bool,
+        execs: Option<Vec<u32>>,
+    ) -> anyhow::Result<SampleReport> {
         let clock = self.collector.clock();
         let workers = (last
             || self
@@ -448,7 +504,6 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                 .is_none_or(|before| clock.index_at(before) != clock.index_at(t)))
         .then(|| self.discovery.kernel_workers());
         let filter = &self.filter;
-        let execs = self.probes.take_execs();
         let procs: Vec<QemuProcess> = self
             .discovery
             .scan_hinted(execs)
@@ -605,7 +660,11 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             })
             .collect();
         self.observed = observations;
-        Ok(SampleReport { closed, notes })
+        Ok(SampleReport {
+            closed,
+            notes,
+            every_vm: true,
+        })
     }
 
     /// Every live VM's cumulative counts (since it was first watched) at the last sample;

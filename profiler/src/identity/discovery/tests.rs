@@ -268,14 +268,32 @@ fn a_hinted_scan_looks_only_at_known_qemus_and_processes_that_exec_d() {
     }
     // Not known and not among the execs: not looked at.
     assert!(!has(scan_qemu_processes_hinted(&paths, &mut cache, &[])));
+    assert!(qemus_unchanged(&paths, &mut cache, &[]));
+    assert!(
+        !qemus_unchanged(&paths, &mut cache, &[pid]),
+        "a new QEMU among the execs"
+    );
     // Among them: found, then known.
     assert!(has(scan_qemu_processes_hinted(&paths, &mut cache, &[pid])));
+    assert!(
+        !qemus_unchanged(&paths, &mut cache, &[]),
+        "a QEMU still settling is read again"
+    );
     for _ in 0..=FULL_READS {
         assert!(has(scan_qemu_processes_hinted(&paths, &mut cache, &[])));
     }
     assert!(cache.known[&pid].clock.is_some(), "settled on its clock");
+    // Settled: unchanged until an exec by it or of a new QEMU, or its exit.
+    assert!(qemus_unchanged(&paths, &mut cache, &[]));
+    assert!(qemus_unchanged(&paths, &mut cache, &[std::process::id()]));
+    assert!(!qemus_unchanged(&paths, &mut cache, &[pid]));
     // Exited (a zombie until reaped): gone without a look at /proc.
     child.0.kill().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while qemus_unchanged(&paths, &mut cache, &[]) {
+        assert!(std::time::Instant::now() < deadline, "exit never seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while has(scan_qemu_processes_hinted(&paths, &mut cache, &[])) {
         assert!(std::time::Instant::now() < deadline, "still seen");

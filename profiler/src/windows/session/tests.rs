@@ -29,6 +29,8 @@ struct FakeProbes {
     read_write: HashMap<u32, ReadWriteSource>,
     /// Cumulative updates the fake COUNTERS map refused.
     dropped: Rc<std::cell::Cell<u64>>,
+    /// Times the counters were read.
+    reads: usize,
 }
 
 impl FakeProbes {
@@ -86,6 +88,7 @@ impl ProbeLayer for FakeProbes {
         Vec::new()
     }
     fn read_counters(&mut self) -> anyhow::Result<HashMap<u32, RawCounters>> {
+        self.reads += 1;
         Ok(self
             .kernel
             .borrow()
@@ -121,12 +124,25 @@ struct FakeThreads {
     reads: u32,
 }
 
-/// Processes (and their threads) as a test sets them.
-struct FakeHost(Rc<RefCell<Vec<QemuProcess>>>, Rc<RefCell<FakeThreads>>);
+/// Processes (and their threads) as a test sets them, and the processes of the last scan.
+struct FakeHost(
+    Rc<RefCell<Vec<QemuProcess>>>,
+    Rc<RefCell<FakeThreads>>,
+    Vec<VmKey>,
+);
 
 impl Discover for FakeHost {
     fn scan(&mut self) -> Vec<QemuProcess> {
-        self.0.borrow().clone()
+        let found = self.0.borrow().clone();
+        self.2 = found.iter().map(|p| p.key).collect();
+        found
+    }
+    fn unchanged(&mut self, _execs: Option<&[u32]>) -> bool {
+        self.0
+            .borrow()
+            .iter()
+            .map(|p| p.key)
+            .eq(self.2.iter().copied())
     }
     fn threads(
         &mut self,
@@ -162,6 +178,7 @@ fn rig(filter: VmFilter, read_write: &[(u32, ReadWriteSource)]) -> Rig {
         log: Vec::new(),
         read_write: read_write.iter().copied().collect(),
         dropped: Rc::default(),
+        reads: 0,
     };
     let collector = Collector::new(
         10.0,
@@ -173,7 +190,12 @@ fn rig(filter: VmFilter, read_write: &[(u32, ReadWriteSource)]) -> Rig {
         kernel: kernel.clone(),
         host: host.clone(),
         threads: threads.clone(),
-        session: Session::with_discovery(probes, FakeHost(host, threads), collector, filter),
+        session: Session::with_discovery(
+            probes,
+            FakeHost(host, threads, Vec::new()),
+            collector,
+            filter,
+        ),
     }
 }
 
@@ -214,6 +236,55 @@ fn new_vms_are_watched_once_and_count_from_zero() {
             .read
             .starts_with("unavailable: stripped")
     );
+}
+
+/// Between window boundaries, `sample_changes` reads the VMs only when one starts or exits,
+/// and closes the same windows as reading every VM each second.
+#[test]
+fn sampling_only_changes_closes_the_windows_sampling_every_vm_closes() {
+    let mut every = rig(VmFilter::default(), &[]);
+    let mut changes = rig(VmFilter::default(), &[]);
+    let mut read_at = Vec::new();
+    for t in 0..=25u32 {
+        let mut closed = Vec::new();
+        for (r, only_changes) in [(&mut every, false), (&mut changes, true)] {
+            let mut host = r.host.borrow_mut();
+            if t == 0 {
+                host.push(qemu(10, 1, "a"));
+            }
+            if t == 4 {
+                host.push(qemu(11, 1, "b"));
+            }
+            if t == 13 {
+                host.retain(|p| p.key.pid != 10);
+            }
+            drop(host);
+            for pid in [10, 11] {
+                r.set_timer(pid, u64::from(t) * u64::from(pid));
+            }
+            let before = r.session.probes().reads;
+            let report = if only_changes {
+                r.session.sample_changes(f64::from(t)).unwrap()
+            } else {
+                r.session.sample(f64::from(t)).unwrap()
+            };
+            if only_changes && r.session.probes().reads > before {
+                assert!(report.every_vm);
+                read_at.push(t);
+            }
+            closed.push(report.closed);
+        }
+        assert_eq!(closed[0], closed[1], "at {t} s");
+    }
+    assert_eq!(read_at, [0, 4, 10, 13, 20]);
+    let last = |r: &mut Rig| {
+        let mut closed = r.session.sample_last(25.5).unwrap().closed;
+        closed.extend(r.session.finish(25.5));
+        closed
+    };
+    let (a, b) = (last(&mut every), last(&mut changes));
+    assert_eq!(a.len(), 1);
+    assert_eq!(a, b);
 }
 
 /// A QEMU whose vCPU thread spent `vcpu` ticks and main thread `main`, with a kernel worker
