@@ -14,7 +14,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_attach_cookie, bpf_probe_read_user, bpf_probe_read_user_str_bytes},
     macros::{map, uprobe},
-    maps::HashMap,
+    maps::{HashMap, PerCpuArray},
     programs::ProbeContext,
 };
 use profiler_common::{
@@ -30,6 +30,10 @@ use crate::maps::{
 /// (process, callback address) of every QEMU timer callback armed since watching began.
 #[map]
 pub static SEEN_CALLBACKS: HashMap<RegionKey, u64> = HashMap::with_max_entries(MAX_REGION_NAMES, 0);
+
+/// Entries added to [`SEEN_CALLBACKS`] (per CPU): userspace reads that map only when this grew.
+#[map]
+pub static SEEN_CALLBACKS_ADDED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The link's BPF cookie: its [`link_generation`] and the site's own cookie.
 #[inline(always)]
@@ -128,10 +132,14 @@ pub fn timer_mod(ctx: ProbeContext) -> u32 {
     };
     // SAFETY: presence check only.
     if unsafe { SEEN_CALLBACKS.get(key) }.is_none() {
-        note_insert(
-            dropped::SEEN_CALLBACKS,
-            SEEN_CALLBACKS.insert(key, 1, BPF_NOEXIST as u64),
-        );
+        let added = SEEN_CALLBACKS.insert(key, 1, BPF_NOEXIST as u64);
+        if added.is_ok()
+            && let Some(n) = SEEN_CALLBACKS_ADDED.get_ptr_mut(0)
+        {
+            // SAFETY: this CPU's slot; the probe does not migrate while it runs.
+            unsafe { *n += 1 };
+        }
+        note_insert(dropped::SEEN_CALLBACKS, added);
     }
     0
 }

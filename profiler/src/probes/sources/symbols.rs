@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::Ebpf;
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray},
+};
 use profiler_common::{RegionKey, kind};
 
 use crate::offer::symbols::ExeSymbols;
@@ -26,6 +29,7 @@ pub const CALLBACK_PROGRAM: &str = "timer_callback";
 const CALLBACK_ATTACH_PER_REFRESH: std::time::Duration = std::time::Duration::from_millis(200);
 /// (process, callback address) of every callback `timer_mod` saw armed.
 pub const SEEN_CALLBACKS_MAP: &str = "SEEN_CALLBACKS";
+const SEEN_CALLBACKS_ADDED_MAP: &str = "SEEN_CALLBACKS_ADDED";
 
 /// What the symbol-based probes put their uprobes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +110,11 @@ pub struct SymbolSource {
     processes: HashMap<u32, SymbolProcess>,
     /// The multi-uprobe copies of the programs (`None`: per-site links).
     multi: Option<Arc<MultiPrograms>>,
+    /// `SEEN_CALLBACKS_ADDED` when `SEEN_CALLBACKS` was last read, and whether it holds
+    /// callbacks left for a later refresh: the map is read again only then (reading it is
+    /// a cost per callback of every VM).
+    callbacks_added: Option<u64>,
+    callbacks_left: bool,
 }
 
 impl SymbolSource {
@@ -121,6 +130,8 @@ impl SymbolSource {
         Ok(Self {
             processes: HashMap::new(),
             multi,
+            callbacks_added: None,
+            callbacks_left: false,
         })
     }
 
@@ -268,6 +279,17 @@ impl SymbolSource {
         if self.processes.is_empty() {
             return 0;
         }
+        // Read before the map: an entry added after this read shows as growth next time.
+        let added = ebpf
+            .map(SEEN_CALLBACKS_ADDED_MAP)
+            .and_then(|m| PerCpuArray::<&MapData, u64>::try_from(m).ok())
+            .and_then(|a| a.get(&0, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum::<u64>());
+        if added.is_some() && added == self.callbacks_added && !self.callbacks_left {
+            return 0;
+        }
+        self.callbacks_added = added;
+        self.callbacks_left = false;
         let Some(Ok(seen)) = ebpf
             .map(SEEN_CALLBACKS_MAP)
             .map(crate::probes::kernel::batch::read_hash::<RegionKey, u64>)
@@ -283,6 +305,7 @@ impl SymbolSource {
             };
             // Paused by the budget: taken up when it resumes (the map keeps it).
             if process.is_paused {
+                self.callbacks_left = true;
                 continue;
             }
             let vaddr = address.wrapping_sub(process.bias);
@@ -311,6 +334,7 @@ impl SymbolSource {
                 for point in &points {
                     process.callbacks_tried.remove(&point.cookie);
                 }
+                self.callbacks_left = true;
                 continue;
             }
             let multi = self.multi.as_deref();
