@@ -187,12 +187,13 @@ fn cost_set(root: &Path, names: &[&str], quick: bool) -> anyhow::Result<()> {
                 &command(name),
             )?,
             "scale" => {
-                let (sizes, span): (&[usize], u64) = if quick {
-                    (&[1, 10, 100], 10)
+                // The default window, as `record` runs; quick runs take shorter ones.
+                let (sizes, window): (&[usize], u64) = if quick {
+                    (&[1, 10, 100], 5)
                 } else {
-                    (&[1, 10, 100, 500, 2000], 20)
+                    (&[1, 10, 100, 500, 2000], 30)
                 };
-                scale::run_scale(&profiler, &dir, sizes, span, &command(name))?
+                scale::run_scale(&profiler, &dir, sizes, window, &command(name))?
             }
             "attach" => scale::run_attach(
                 &profiler,

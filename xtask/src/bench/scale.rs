@@ -157,16 +157,20 @@ fn first_sources(records: &Path) -> anyhow::Result<(String, String)> {
     Ok((name("timer"), name("read")))
 }
 
-/// Slices of a size's span; its CPU figure is the median slice's.
+/// Slices of a size's span, one window each; its CPU figure is the median slice's.
 const SLICES: u32 = 5;
 
-/// One size: (attach seconds, CPU % of a core, µs per refresh, RSS MiB, rates).
-fn one_size(profiler: &Path, dir: &Path, n: usize, span: u64) -> anyhow::Result<serde_json::Value> {
+/// One size: (attach seconds, CPU % of a core, µs per VM per second, RSS MiB, rates).
+fn one_size(
+    profiler: &Path,
+    dir: &Path,
+    n: usize,
+    window: u64,
+) -> anyhow::Result<serde_json::Value> {
     let period = period_ms(n);
     let fleet = StandinFleet::start(n, &format!("scale{n}"), period)?;
     sleep(Duration::from_secs(1) + Duration::from_millis(n as u64));
     let out = dir.join(format!("scale-{n}.jsonl"));
-    let window = 5u64;
     // The default sources: every stand-in gets its USDT, `timer_mod` and callback links.
     let rec = Recorder::start(profiler, &["--window", &window.to_string()], &out)?;
     let (attach_s, seen) = rec.attached()?;
@@ -176,18 +180,19 @@ fn one_size(profiler: &Path, dir: &Path, n: usize, span: u64) -> anyhow::Result<
     // Steady state: past the first window, and every VM's timer callbacks linked (a refresh
     // links those it found for at most 200 ms; thousands take tens of seconds).
     sleep(Duration::from_secs(window + 1));
-    // At most a minute: at 2,000 stand-ins the host saturates before they are all linked
-    // (docs/probes.md), and the figure says how many were.
+    // At most two windows or a minute: the figure says how many were linked by then.
     let settle = Instant::now();
-    while vms_with_callbacks(&out) < n && settle.elapsed() < Duration::from_secs(60) {
+    let settle_max = Duration::from_secs((2 * window).max(60));
+    while vms_with_callbacks(&out) < n && settle.elapsed() < settle_max {
         sleep(Duration::from_secs(1));
     }
     let settled_after = settle.elapsed().as_secs_f64() + (window + 1) as f64;
     let with_callbacks = vms_with_callbacks(&out);
     let pid = rec.child.id();
-    // The span in slices, the median slice's rate: this machine is shared, and a burst of
-    // another tenant's work in one slice should not make the figure.
-    let slice = Duration::from_secs(span) / SLICES;
+    // Slices of one window each (every VM is read at each boundary, so each slice holds one),
+    // the median slice's rate: this machine is shared, and a burst of another tenant's work
+    // in one slice should not make the figure.
+    let slice = Duration::from_secs(window);
     let mut rates = Vec::new();
     let mut a = proc_usage(pid)?;
     let mut b = a;
@@ -204,8 +209,7 @@ fn one_size(profiler: &Path, dir: &Path, n: usize, span: u64) -> anyhow::Result<
     sleep(Duration::from_secs(3));
     rec.stop()?;
     let cpu_pct = cpu_per_s * 100.0;
-    // One refresh per second.
-    let us_per_refresh = cpu_per_s * 1e6;
+    let us_per_second = cpu_per_s * 1e6;
     let rss_mib = b.rss_bytes as f64 / (1 << 20) as f64;
     let rates = recorded_rates(&out, "timer")?;
     let reads = recorded_rates(&out, "read")?;
@@ -217,11 +221,10 @@ fn one_size(profiler: &Path, dir: &Path, n: usize, span: u64) -> anyhow::Result<
         .iter()
         .fold((f64::INFINITY, 0.0f64), |(l, h), r| (l.min(*r), h.max(*r)));
     eprintln!(
-        "xtask bench scale: {n:5} VMs: attach {attach_s:.2} s, CPU {cpu_pct:.2} % ({:.0} µs per \
-         refresh, {:.1} µs per VM), RSS {rss_mib:.1} MiB, timer {mean:.1}/s per VM (expected ≤ \
+        "xtask bench scale: {n:5} VMs: attach {attach_s:.2} s, CPU {cpu_pct:.2} % ({:.2} µs per \
+         VM per second), RSS {rss_mib:.1} MiB, timer {mean:.1}/s per VM (expected ≤ \
          {expected:.0}; {lo:.1}–{hi:.1})",
-        us_per_refresh,
-        us_per_refresh / n as f64
+        us_per_second / n as f64
     );
     Ok(json!({
         "vms": n,
@@ -230,9 +233,9 @@ fn one_size(profiler: &Path, dir: &Path, n: usize, span: u64) -> anyhow::Result<
         "attach_seconds": attach_s,
         "callbacks_linked_after_seconds": settled_after,
         "vms_with_callbacks": with_callbacks,
+        "window_seconds": window,
         "cpu_percent": cpu_pct,
-        "us_per_refresh": us_per_refresh,
-        "us_per_vm_per_refresh": us_per_refresh / n as f64,
+        "us_per_vm_per_second": us_per_second / n as f64,
         "rss_mib": rss_mib,
         "read_source": read_source,
         "read_rate_mean": reads.iter().sum::<f64>() / reads.len().max(1) as f64,
@@ -249,17 +252,17 @@ pub fn run_scale(
     profiler: &Path,
     dir: &Path,
     sizes: &[usize],
-    span: u64,
+    window: u64,
     command: &str,
 ) -> anyhow::Result<(String, serde_json::Value)> {
     let mut results = Vec::new();
     for &n in sizes {
-        results.push(one_size(profiler, dir, n, span)?);
+        results.push(one_size(profiler, dir, n, window)?);
     }
     let mut rows = String::new();
     for r in &results {
         rows.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.0} ({} VMs) | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} ({:.1}–{:.1}) of ≤ {:.0} | {:.1} / {:.1} |\n",
+            "| {} | {} | {} | {:.2} | {:.0} ({} VMs) | {:.2} | {:.2} | {:.1} | {:.1} ({:.1}–{:.1}) of ≤ {:.0} | {:.1} / {:.1} |\n",
             r["vms"],
             r["timer_source"].as_str().unwrap_or("?"),
             r["period_ms"],
@@ -267,8 +270,7 @@ pub fn run_scale(
             r["callbacks_linked_after_seconds"].as_f64().unwrap_or(0.0),
             r["vms_with_callbacks"],
             r["cpu_percent"].as_f64().unwrap_or(0.0),
-            r["us_per_refresh"].as_f64().unwrap_or(0.0),
-            r["us_per_vm_per_refresh"].as_f64().unwrap_or(0.0),
+            r["us_per_vm_per_second"].as_f64().unwrap_or(0.0),
             r["rss_mib"].as_f64().unwrap_or(0.0),
             r["timer_rate_mean"].as_f64().unwrap_or(0.0),
             r["timer_rate_min"].as_f64().unwrap_or(0.0),
@@ -306,19 +308,21 @@ pub fn run_scale(
          like QEMU with QEMU's USDT read/write probes and timer functions, so each gets the \
          probes a USDT QEMU gets: by default linked once for the binary, shared by all), each arming a timer, running its callback, making one \
          read and one write through the probes and waking from `ppoll` with the period shown \
-         (so all sizes fit on 2 cores), watched by `profiler record --window 5` with the \
-         default sources (one refresh a second). Attach: seconds from the profiler's start \
+         (so all sizes fit on 2 cores), watched by `profiler record --window {window}` with \
+         the default sources (a refresh a second; every VM read at each window boundary and \
+         when a QEMU starts or exits). Attach: seconds from the profiler's start \
          until it said it records them all; callbacks linked: seconds after that until a window \
          closed with every VM's timer callbacks counted (at most 60 s; in brackets how many \
          VMs' were) (a refresh links the callbacks it \
          found for at most 200 ms, so the windows keep closing on time meanwhile). CPU of the \
-         profiler process (discovery, map reads, windowing, output) over {span} s from then — the median of {SLICES} equal \
-         slices, so a burst of another tenant's work in one does not make the figure — from \
+         profiler process (discovery, map reads, windowing, output) over {SLICES} windows \
+         from then — the median of the windows, so a burst of another tenant's work in one \
+         does not make the figure — from \
          its CPU clock (ns; `stat`'s ticks would be 0.05 % steps); RSS at the end; events per \
          second per VM over its full windows against the rate its period allows (a `ppoll` \
          timeout plus the loop's own time: slightly below).\n\n\
-         | VMs | timer source | period (ms) | attach (s) | callbacks linked (s) | CPU (% of a core) | µs per refresh | µs per VM per refresh | RSS (MiB) | timer/s per VM (min–max) | reads / writes per s per VM |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n{rows}\n\
+         | VMs | timer source | period (ms) | attach (s) | callbacks linked (s) | CPU (% of a core) | µs per VM per second | RSS (MiB) | timer/s per VM (min–max) | reads / writes per s per VM |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---|---|\n{rows}\n\
          Targets: attach < 3 s at 500 — {attach_500}; ≤ 0.3 % of a core at 500 VMs — {}; \
          ≤ 0.6 % at 2,000 — {}; ≤ 64 MB — {rss_max:.1} MiB at most ({}).\n",
         target(500, 0.3),
@@ -327,7 +331,7 @@ pub fn run_scale(
     );
     Ok((
         body,
-        json!({"command": command, "span_seconds": span, "sizes": results}),
+        json!({"command": command, "window_seconds": window, "sizes": results}),
     ))
 }
 
