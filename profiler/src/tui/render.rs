@@ -381,20 +381,13 @@ fn cost_spans(s: &LiveSnapshot) -> Vec<Span<'static>> {
     spans
 }
 
-/// A column of the ranking.
+/// A column of the ranking: a count it can be sorted by, or one it cannot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Col {
     Rank,
-    Name,
+    Key(SortKey),
     Pid,
     Accel,
-    Wakeups,
-    Timer,
-    Vcpu,
-    Read,
-    Write,
-    Fd,
-    Cpu,
     History,
     TopDevice,
 }
@@ -402,16 +395,16 @@ enum Col {
 impl Col {
     const ALL: [Col; 13] = [
         Col::Rank,
-        Col::Name,
+        Col::Key(SortKey::Name),
         Col::Pid,
         Col::Accel,
-        Col::Cpu,
-        Col::Wakeups,
-        Col::Timer,
-        Col::Vcpu,
-        Col::Read,
-        Col::Write,
-        Col::Fd,
+        Col::Key(SortKey::Cpu),
+        Col::Key(SortKey::Wakeups),
+        Col::Key(SortKey::Timer),
+        Col::Key(SortKey::Vcpu),
+        Col::Key(SortKey::Read),
+        Col::Key(SortKey::Write),
+        Col::Key(SortKey::Fd),
         Col::History,
         Col::TopDevice,
     ];
@@ -420,28 +413,28 @@ impl Col {
         Col::TopDevice,
         Col::Pid,
         Col::Accel,
-        Col::Fd,
+        Col::Key(SortKey::Fd),
         Col::History,
-        Col::Write,
-        Col::Read,
-        Col::Timer,
-        Col::Vcpu,
-        Col::Wakeups,
+        Col::Key(SortKey::Write),
+        Col::Key(SortKey::Read),
+        Col::Key(SortKey::Timer),
+        Col::Key(SortKey::Vcpu),
+        Col::Key(SortKey::Wakeups),
     ];
 
     fn header(self) -> &'static str {
         match self {
             Col::Rank => "#",
-            Col::Name => "VM",
+            Col::Key(SortKey::Name) => "VM",
             Col::Pid => "PID",
             Col::Accel => "acc",
-            Col::Wakeups => "wake/s",
-            Col::Timer => "timer/s",
-            Col::Vcpu => "vcpu/s",
-            Col::Read => "read/s",
-            Col::Write => "write/s",
-            Col::Fd => "fd/s",
-            Col::Cpu => "CPU%",
+            Col::Key(SortKey::Wakeups) => "wake/s",
+            Col::Key(SortKey::Timer) => "timer/s",
+            Col::Key(SortKey::Vcpu) => "vcpu/s",
+            Col::Key(SortKey::Read) => "read/s",
+            Col::Key(SortKey::Write) => "write/s",
+            Col::Key(SortKey::Fd) => "fd/s",
+            Col::Key(SortKey::Cpu) => "CPU%",
             Col::History => "history",
             Col::TopDevice => "top dev",
         }
@@ -450,37 +443,33 @@ impl Col {
     fn min_width(self, vms: usize) -> u16 {
         match self {
             Col::Rank => (vms.max(1).ilog10() + 1).max(2) as u16,
-            Col::Name => 10,
+            Col::Key(SortKey::Name) => 10,
             Col::Pid => 7,
             Col::Accel => 3,
-            Col::Wakeups => 7,
-            Col::Timer => 7,
-            Col::Vcpu => 6,
-            Col::Read => 6,
-            Col::Write => 7,
-            Col::Fd => 6,
-            Col::Cpu => 5,
+            Col::Key(SortKey::Wakeups) => 7,
+            Col::Key(SortKey::Timer) => 7,
+            Col::Key(SortKey::Vcpu) => 6,
+            Col::Key(SortKey::Read) => 6,
+            Col::Key(SortKey::Write) => 7,
+            Col::Key(SortKey::Fd) => 6,
+            Col::Key(SortKey::Cpu) => 5,
             Col::History => 8,
             Col::TopDevice => 8,
         }
     }
 
     fn right_aligned(self) -> bool {
-        !matches!(self, Col::Name | Col::Accel | Col::History | Col::TopDevice)
+        !matches!(
+            self,
+            Col::Key(SortKey::Name) | Col::Accel | Col::History | Col::TopDevice
+        )
     }
 
     fn sort_key(self) -> Option<SortKey> {
-        Some(match self {
-            Col::Name => SortKey::Name,
-            Col::Wakeups => SortKey::Wakeups,
-            Col::Timer => SortKey::Timer,
-            Col::Vcpu => SortKey::Vcpu,
-            Col::Read => SortKey::Read,
-            Col::Write => SortKey::Write,
-            Col::Fd => SortKey::Fd,
-            Col::Cpu => SortKey::Cpu,
-            _ => return None,
-        })
+        match self {
+            Col::Key(key) => Some(key),
+            _ => None,
+        }
     }
 }
 
@@ -501,10 +490,10 @@ fn list_columns(width: u16, vms: usize) -> Vec<(Col, u16)> {
     let mut extra = avail.saturating_sub(need(&cols));
     let mut widths: Vec<(Col, u16)> = cols.iter().map(|c| (*c, c.min_width(vms))).collect();
     for (col, cap) in [
-        (Col::Name, 14),
+        (Col::Key(SortKey::Name), 14),
         (Col::History, 22),
         (Col::TopDevice, 10),
-        (Col::Name, u16::MAX),
+        (Col::Key(SortKey::Name), u16::MAX),
     ] {
         if let Some((_, w)) = widths.iter_mut().find(|(c, _)| *c == col) {
             let add = extra.min(cap);
@@ -554,24 +543,24 @@ fn list_row(row: &VmRow<'_>, columns: &[(Col, u16)], scale: f64) -> Row<'static>
     let cells = columns.iter().map(|(col, width)| match col {
         Col::Rank => right(Span::raw(row.rank.to_string())),
         // A prefix, so that it shows however narrow the column is.
-        Col::Name if vm.exited => Cell::from(Line::from(vec![
+        Col::Key(SortKey::Name) if vm.exited => Cell::from(Line::from(vec![
             Span::styled(EXITED_MARK, Style::new().bold()),
             Span::raw(row.name.clone()),
         ])),
-        Col::Name => Cell::from(row.name.clone()),
+        Col::Key(SortKey::Name) => Cell::from(row.name.clone()),
         Col::Pid => right(Span::raw(vm.identity.pid.to_string())),
         Col::Accel => Cell::from(match vm.identity.accel {
             crate::identity::cmdline::Accel::Unknown => "?",
             a => a.as_str(),
         }),
         // Scaled when any part of it is (the vCPU wakeups never are: tracepoints).
-        Col::Wakeups => rate_cell(wakeups, c.timer.is_some(), fmt_rate, true),
-        Col::Timer => rate_cell(timer, c.timer.is_some(), fmt_rate, true),
-        Col::Vcpu => rate_cell(vcpu, c.vcpu_wakeups.is_some(), fmt_rate, false),
-        Col::Read => rate_cell(read, c.read.is_some(), fmt_rate, true),
-        Col::Write => rate_cell(write, c.write.is_some(), fmt_rate, true),
-        Col::Fd => rate_cell(fd, c.fd_wakeups.is_some(), fmt_rate, true),
-        Col::Cpu => rate_cell(
+        Col::Key(SortKey::Wakeups) => rate_cell(wakeups, c.timer.is_some(), fmt_rate, true),
+        Col::Key(SortKey::Timer) => rate_cell(timer, c.timer.is_some(), fmt_rate, true),
+        Col::Key(SortKey::Vcpu) => rate_cell(vcpu, c.vcpu_wakeups.is_some(), fmt_rate, false),
+        Col::Key(SortKey::Read) => rate_cell(read, c.read.is_some(), fmt_rate, true),
+        Col::Key(SortKey::Write) => rate_cell(write, c.write.is_some(), fmt_rate, true),
+        Col::Key(SortKey::Fd) => rate_cell(fd, c.fd_wakeups.is_some(), fmt_rate, true),
+        Col::Key(SortKey::Cpu) => rate_cell(
             cpu_percent,
             vm.running_cpu_seconds.is_some(),
             fmt_percent,

@@ -41,8 +41,8 @@ impl App {
             (top, left, right)
         };
         self.render_windows(frame, windows, vm);
-        render_devices(frame, devices, vm, self.shown.window);
-        render_callbacks(frame, callbacks, vm, self.shown.window);
+        render_rates(frame, devices, vm, self.shown.window, RatePane::Devices);
+        render_rates(frame, callbacks, vm, self.shown.window, RatePane::Callbacks);
     }
 
     /// The VM's Pulsar table: one row per closed window, then the running window.
@@ -356,92 +356,96 @@ fn last_closed<'a>(
     last.map(|w| &**w)
 }
 
-/// Reads and writes per device in the last closed window, busiest first.
-fn render_devices(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
-    let what = ("devices", "per-device counts");
-    let Some(last) = last_closed(frame, area, vm, running_window, what) else {
-        return;
-    };
-    let block = titled(format!(" devices · window {:03} ", last.window));
-    if last.devices.is_empty() {
-        let text = if last.read == Some(0) && last.write == Some(0) {
-            format!("no device reads or writes in window {:03}", last.window)
-        } else {
-            format!(
-                "no per-device source for this VM: {}",
-                clean(&last.sources.read)
-            )
-        };
-        empty_state(frame, area, block, text);
-        return;
-    }
-    let mut devices: Vec<_> = last.devices.iter().collect();
-    devices.sort_by_key(|d| std::cmp::Reverse(d.read + d.write));
-    let rows = devices.into_iter().map(|d| {
-        Row::new([
-            Cell::from(clean(&d.label())),
-            right(Span::raw(fmt_rate(d.read as f64 / last.seconds))),
-            right(Span::raw(fmt_rate(d.write as f64 / last.seconds))),
-        ])
-    });
-    let header = Row::new([
-        Cell::from("device"),
-        right(Span::raw("read/s")),
-        right(Span::raw("write/s")),
-    ])
-    .style(Style::new().bold());
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Fill(1),
-                Constraint::Length(7),
-                Constraint::Length(7),
-            ],
-        )
-        .header(header)
-        .column_spacing(1)
-        .block(block),
-        area,
-    );
+/// The detail view's tables of the last closed window: reads and writes per device, timer
+/// events per QEMU callback.
+#[derive(Debug, Clone, Copy)]
+enum RatePane {
+    Devices,
+    Callbacks,
 }
 
-/// Timer events per QEMU callback in the last closed window, busiest first.
-fn render_callbacks(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64) {
-    let what = ("timer callbacks", "callbacks");
+impl RatePane {
+    /// Why the pane has no rows.
+    fn empty_text(self, last: &WindowRecord) -> String {
+        match self {
+            RatePane::Devices if last.read == Some(0) && last.write == Some(0) => {
+                format!("no device reads or writes in window {:03}", last.window)
+            }
+            RatePane::Devices => format!(
+                "no per-device source for this VM: {}",
+                clean(&last.sources.read)
+            ),
+            RatePane::Callbacks if last.timer == Some(0) => {
+                format!("no timer events in window {:03}", last.window)
+            }
+            RatePane::Callbacks if last.sources.timer_callbacks == "symbols" => format!(
+                "no timer callback ran in window {:03} (other wakeups: glib timeouts)",
+                last.window
+            ),
+            RatePane::Callbacks => format!(
+                "timers by callback: {}",
+                clean(&last.sources.timer_callbacks)
+            ),
+        }
+    }
+}
+
+/// `pane`'s names and their per-second rates in the last closed window, busiest first.
+fn render_rates(frame: &mut Frame, area: Rect, vm: &LiveVm, running_window: u64, pane: RatePane) {
+    let (what, title, columns): (_, _, &[&'static str]) = match pane {
+        RatePane::Devices => (
+            ("devices", "per-device counts"),
+            "devices",
+            &["device", "read/s", "write/s"],
+        ),
+        RatePane::Callbacks => (
+            ("timer callbacks", "callbacks"),
+            "timer callbacks",
+            &["callback", "timer/s"],
+        ),
+    };
     let Some(last) = last_closed(frame, area, vm, running_window, what) else {
         return;
     };
-    let block = titled(format!(" timer callbacks · window {:03} ", last.window));
-    if last.timers.is_empty() {
-        let text = if last.timer == Some(0) {
-            format!("no timer events in window {:03}", last.window)
-        } else if last.sources.timer_callbacks == "symbols" {
-            format!(
-                "no timer callback ran in window {:03} (other wakeups: glib timeouts)",
-                last.window
-            )
-        } else {
-            format!(
-                "timers by callback: {}",
-                clean(&last.sources.timer_callbacks)
-            )
-        };
-        empty_state(frame, area, block, text);
+    let mut rows: Vec<(String, Vec<u64>)> = match pane {
+        RatePane::Devices => last
+            .devices
+            .iter()
+            .map(|d| (d.label(), vec![d.read, d.write]))
+            .collect(),
+        RatePane::Callbacks => last
+            .timers
+            .iter()
+            .map(|t| (t.callback.clone(), vec![t.count]))
+            .collect(),
+    };
+    let block = titled(format!(" {title} · window {:03} ", last.window));
+    if rows.is_empty() {
+        empty_state(frame, area, block, pane.empty_text(last));
         return;
     }
-    let mut timers: Vec<_> = last.timers.iter().collect();
-    timers.sort_by_key(|t| std::cmp::Reverse(t.count));
-    let rows = timers.into_iter().map(|t| {
-        Row::new([
-            Cell::from(clean(&t.callback)),
-            right(Span::raw(fmt_rate(t.count as f64 / last.seconds))),
-        ])
+    rows.sort_by_key(|(_, counts)| std::cmp::Reverse(counts.iter().sum::<u64>()));
+    let rows = rows.into_iter().map(|(name, counts)| {
+        Row::new(
+            std::iter::once(Cell::from(clean(&name))).chain(
+                counts
+                    .into_iter()
+                    .map(|n| right(Span::raw(fmt_rate(n as f64 / last.seconds)))),
+            ),
+        )
     });
-    let header =
-        Row::new([Cell::from("callback"), right(Span::raw("timer/s"))]).style(Style::new().bold());
+    let header = Row::new(columns.iter().enumerate().map(|(i, &c)| {
+        if i == 0 {
+            Cell::from(c)
+        } else {
+            right(Span::raw(c))
+        }
+    }))
+    .style(Style::new().bold());
+    let widths = std::iter::once(Constraint::Fill(1))
+        .chain(columns.iter().skip(1).map(|_| Constraint::Length(7)));
     frame.render_widget(
-        Table::new(rows, [Constraint::Fill(1), Constraint::Length(7)])
+        Table::new(rows, widths)
             .header(header)
             .column_spacing(1)
             .block(block),
