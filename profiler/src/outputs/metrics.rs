@@ -295,6 +295,69 @@ impl CounterFamily {
     }
 }
 
+/// The per-VM counter families, `(name, help)`, in the order they are exposed.
+const VM_COUNTERS: [(&str, &str); 13] = [
+    (
+        "timer_events",
+        "Wakeups of the VM's QEMU event loop by an expired deadline (a wait syscall returned \
+         0 after a finite timeout).",
+    ),
+    (
+        "fd_wakeups",
+        "Wakeups of the VM's QEMU event loop by a ready file descriptor.",
+    ),
+    (
+        "reads",
+        "Guest reads of emulated devices that QEMU's device model handled.",
+    ),
+    (
+        "writes",
+        "Guest writes to emulated devices that QEMU's device model handled.",
+    ),
+    (
+        "device_reads",
+        "Guest reads QEMU handled, by device (QEMU's region name, or a port/page).",
+    ),
+    (
+        "device_writes",
+        "Guest writes QEMU handled, by device (QEMU's region name, or a port/page).",
+    ),
+    (
+        "in_kernel_accesses",
+        "KVM guests: device accesses the kernel handled without waking QEMU.",
+    ),
+    (
+        "timer_callback_runs",
+        "Runs of a QEMU timer callback (needs QEMU's symbols).",
+    ),
+    (
+        "device_model_cpu",
+        "User + system CPU time of the VM's QEMU process.",
+    ),
+    (
+        "vcpu_wakeups",
+        "KVM guests: times a vCPU thread was woken after sleeping in a guest halt (the \
+         guest's own timer, an interrupt): host wakeups QEMU's event loop never sees.",
+    ),
+    (
+        "vcpu_halt_polls",
+        "KVM guests: guest halts that ended while KVM still polled, before the vCPU thread \
+         slept.",
+    ),
+    (
+        "kvm_exits",
+        "KVM guests, where the kernel fires kvm:kvm_exit (VMX, SVM): VM exits by reason, \
+         named as the kernel's table names them (reasons it does not name: other).",
+    ),
+    (
+        "thread_cpu",
+        "CPU time of the VM's threads by role, read at window boundaries: vcpu (vCPU threads, \
+         their guest time included), vcpu_guest (that guest time), device_model (main loop \
+         and iothreads), kernel_workers (kernel threads working for this VM alone, \
+         kvm-pit/PID outside its process included).",
+    ),
+];
+
 impl Collector for FleetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A poisoned lock still holds the last complete update.
@@ -316,67 +379,23 @@ impl Collector for FleetCollector {
             }
         }
 
-        let mut timer = CounterFamily::new(
-            "timer_events",
-            "Wakeups of the VM's QEMU event loop by an expired deadline (a wait syscall \
-             returned 0 after a finite timeout).",
-        );
-        let mut fd = CounterFamily::new(
-            "fd_wakeups",
-            "Wakeups of the VM's QEMU event loop by a ready file descriptor.",
-        );
-        let mut reads = CounterFamily::new(
-            "reads",
-            "Guest reads of emulated devices that QEMU's device model handled.",
-        );
-        let mut writes = CounterFamily::new(
-            "writes",
-            "Guest writes to emulated devices that QEMU's device model handled.",
-        );
-        let mut device_reads = CounterFamily::new(
-            "device_reads",
-            "Guest reads QEMU handled, by device (QEMU's region name, or a port/page).",
-        );
-        let mut device_writes = CounterFamily::new(
-            "device_writes",
-            "Guest writes QEMU handled, by device (QEMU's region name, or a port/page).",
-        );
-        let mut in_kernel = CounterFamily::new(
-            "in_kernel_accesses",
-            "KVM guests: device accesses the kernel handled without waking QEMU.",
-        );
-        let mut callbacks = CounterFamily::new(
-            "timer_callback_runs",
-            "Runs of a QEMU timer callback (needs QEMU's symbols).",
-        );
-        let mut cpu = CounterFamily::new(
-            "device_model_cpu",
-            "User + system CPU time of the VM's QEMU process.",
-        )
-        .seconds();
-        let mut vcpu_wakeups = CounterFamily::new(
-            "vcpu_wakeups",
-            "KVM guests: times a vCPU thread was woken after sleeping in a guest halt (the \
-             guest's own timer, an interrupt): host wakeups QEMU's event loop never sees.",
-        );
-        let mut halt_polls = CounterFamily::new(
-            "vcpu_halt_polls",
-            "KVM guests: guest halts that ended while KVM still polled, before the vCPU \
-             thread slept.",
-        );
-        let mut exits = CounterFamily::new(
-            "kvm_exits",
-            "KVM guests, where the kernel fires kvm:kvm_exit (VMX, SVM): VM exits by reason, \
-             named as the kernel's table names them (reasons it does not name: other).",
-        );
-        let mut thread_cpu = CounterFamily::new(
-            "thread_cpu",
-            "CPU time of the VM's threads by role, read at window boundaries: vcpu (vCPU \
-             threads, their guest time included), vcpu_guest (that guest time), device_model \
-             (main loop and iothreads), kernel_workers (kernel threads working for this VM \
-             alone, kvm-pit/PID outside its process included).",
-        )
-        .seconds();
+        let [
+            mut timer,
+            mut fd,
+            mut reads,
+            mut writes,
+            mut device_reads,
+            mut device_writes,
+            mut in_kernel,
+            mut callbacks,
+            mut cpu,
+            mut vcpu_wakeups,
+            mut halt_polls,
+            mut exits,
+            mut thread_cpu,
+        ] = VM_COUNTERS.map(|(name, help)| CounterFamily::new(name, help));
+        cpu = cpu.seconds();
+        thread_cpu = thread_cpu.seconds();
         let none = crate::windows::budget::EstimateAddition::default();
         for vm in state.vms() {
             let o = &vm.observation;
