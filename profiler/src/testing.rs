@@ -16,3 +16,15 @@ pub fn xorshift() -> impl FnMut() -> u64 {
 pub fn assert_contains(text: &str, needle: &str) {
     assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
 }
+
+/// Asserts that `f` maps each input of `cases` to its output (a table-driven test), naming
+/// the input that does not.
+#[track_caller]
+pub fn assert_maps<I: Copy + std::fmt::Debug, O: PartialEq + std::fmt::Debug>(
+    f: impl Fn(I) -> O,
+    cases: &[(I, O)],
+) {
+    for (input, want) in cases {
+        assert_eq!(&f(*input), want, "for {input:?}");
+    }
+}

@@ -59,23 +59,31 @@ pub fn csv_field(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Each input as a terminal shows it and as a CSV cell holds it.
     #[test]
-    fn escapes_and_invisible_characters_are_replaced() {
-        assert_eq!(clean("\x1b[2Jx"), "\u{FFFD}[2Jx");
-        assert_eq!(clean("a\u{202E}b"), "a\u{FFFD}b");
-        assert_eq!(clean("\u{9b}6n"), "\u{FFFD}6n");
-        assert_eq!(clean("web-01"), "web-01");
+    fn escapes_invisible_characters_and_formulas_are_defused() {
+        for (raw, shown, cell) in [
+            ("\x1b[2Jx", "\u{FFFD}[2Jx", "\u{FFFD}[2Jx"),
+            ("a\u{202E}b", "a\u{FFFD}b", "a\u{FFFD}b"),
+            ("\u{9b}6n", "\u{FFFD}6n", "\u{FFFD}6n"),
+            ("web-01", "web-01", "web-01"),
+            (
+                "=HYPERLINK(\"x\")",
+                "=HYPERLINK(\"x\")",
+                "\"'=HYPERLINK(\"\"x\"\")\"",
+            ),
+            ("+1", "+1", "\"'+1\""),
+            ("@SUM", "@SUM", "\"'@SUM\""),
+            ("a,b", "a,b", "\"a,b\""),
+            ("\x1bx", "\u{FFFD}x", "\u{FFFD}x"),
+        ] {
+            assert_eq!(
+                (clean(raw), csv_field(raw)),
+                (shown.into(), cell.into()),
+                "{raw:?}"
+            );
+        }
         let long = "x".repeat(300);
         assert_eq!(clean(&long).chars().count(), 257);
-    }
-
-    #[test]
-    fn csv_cells_cannot_be_formulas() {
-        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
-        assert_eq!(csv_field("+1"), "\"'+1\"");
-        assert_eq!(csv_field("@SUM"), "\"'@SUM\"");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("plain"), "plain");
-        assert_eq!(csv_field("\x1bx"), "\u{FFFD}x");
     }
 }

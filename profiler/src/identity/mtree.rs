@@ -262,31 +262,35 @@ mod tests {
     #[test]
     fn real_pc_7_2_output() {
         let map = parse_mtree_flat(&fixture());
-        assert_eq!(map.name_for_port(0x378), Some("parallel"));
-        assert_eq!(map.name_for_port(0x37f), Some("parallel"));
-        assert_eq!(map.name_for_port(0x3f8), Some("serial"));
-        assert_eq!(map.name_for_port(0x3fd), Some("serial"));
-        assert_eq!(map.name_for_port(0xc000), Some("uhci"));
-        assert_eq!(map.name_for_port(0xc01f), Some("uhci"));
-        assert_eq!(map.name_for_port(0x70), Some("rtc-index"));
-        assert_eq!(map.name_for_port(0x71), Some("rtc"));
-        assert_eq!(map.name_for_port(0xcfa), Some("pci-conf-idx"));
-        assert_eq!(map.name_for_port(0x01f0), Some("ide"));
-        // Unassigned ports belong to the root region `io`.
-        assert_eq!(map.name_for_port(0x380), Some("io"));
-        assert_eq!(map.name_for_port(0xffff), Some("io"));
-        assert_eq!(map.name_for_port(0x10000), None);
-
-        assert_eq!(map.name_for_gpa(0xfed0_0000), Some("hpet"));
-        assert_eq!(map.name_for_gpa(0xfec0_0010), Some("ioapic"));
-        assert_eq!(map.name_for_gpa(0xfee0_0000), Some("apic-msi"));
-        assert_eq!(map.name_for_gpa(0xfebf_0400), Some("vga ioports remapped"));
-        assert_eq!(map.name_for_gpa(0xfebf_0500), Some("bochs dispi interface"));
-        assert_eq!(map.name_for_gpa(0xfebf_0200), Some("vga.mmio"));
-        assert_eq!(map.name_for_gpa(0x1000), Some("pc.ram"));
-        assert_eq!(map.name_for_gpa(0xa_0000), Some("vga-lowmem"));
-        assert_eq!(map.name_for_gpa(0xffff_fff0), Some("pc.bios"));
-        assert_eq!(map.name_for_gpa(0xfe00_0000), None);
+        type Lookup = for<'a> fn(&'a MtreeMap, u64) -> Option<&'a str>;
+        let (port, gpa): (Lookup, Lookup) = (MtreeMap::name_for_port, MtreeMap::name_for_gpa);
+        for (lookup, address, want) in [
+            (port, 0x378, Some("parallel")),
+            (port, 0x37f, Some("parallel")),
+            (port, 0x3f8, Some("serial")),
+            (port, 0x3fd, Some("serial")),
+            (port, 0xc000, Some("uhci")),
+            (port, 0xc01f, Some("uhci")),
+            (port, 0x70, Some("rtc-index")),
+            (port, 0x71, Some("rtc")),
+            (port, 0xcfa, Some("pci-conf-idx")),
+            (port, 0x01f0, Some("ide")),
+            (port, 0x380, Some("io")), // unassigned: the root region
+            (port, 0xffff, Some("io")),
+            (port, 0x10000, None),
+            (gpa, 0xfed0_0000, Some("hpet")),
+            (gpa, 0xfec0_0010, Some("ioapic")),
+            (gpa, 0xfee0_0000, Some("apic-msi")),
+            (gpa, 0xfebf_0400, Some("vga ioports remapped")),
+            (gpa, 0xfebf_0500, Some("bochs dispi interface")),
+            (gpa, 0xfebf_0200, Some("vga.mmio")),
+            (gpa, 0x1000, Some("pc.ram")),
+            (gpa, 0xa_0000, Some("vga-lowmem")),
+            (gpa, 0xffff_fff0, Some("pc.bios")),
+            (gpa, 0xfe00_0000, None),
+        ] {
+            assert_eq!(lookup(&map, address), want, "{address:#x}");
+        }
 
         // The system view, not the SMM one (which maps pc.ram over 0xa0000-0xbffff).
         let low = map.memory.iter().find(|r| r.start == 0xa_0000).unwrap();

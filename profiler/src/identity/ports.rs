@@ -182,23 +182,21 @@ mod tests {
             cmdline: &cmdline,
             libvirt: None,
         };
-        let name = |port| well_known_port_name(port, d);
-        assert_eq!(
-            name(0x3f8).as_deref(),
-            Some("serial (port 0x3f8, well-known)")
+        assert_names(
+            d,
+            &[
+                (0x3f8, Some("serial (port 0x3f8, well-known)")),
+                (0x37a, Some("parallel (port 0x37a, well-known)")),
+                (0x71, Some("rtc (port 0x71, well-known)")),
+                // No VGA on this VM, and 0x1234 is nothing well known.
+                (0x3d4, None),
+                (0x1234, None),
+            ],
         );
-        assert_eq!(
-            name(0x37a).as_deref(),
-            Some("parallel (port 0x37a, well-known)")
-        );
-        assert_eq!(name(0x71).as_deref(), Some("rtc (port 0x71, well-known)"));
         assert!(
             well_known_port_name(0x3f5, d).is_some(),
             "the pc machine's floppy"
         );
-        // No VGA on this VM, and 0x1234 is nothing well known.
-        assert_eq!(well_known_port_name(0x3d4, d), None);
-        assert_eq!(well_known_port_name(0x1234, d), None);
         // Without a parallel port, its ports stay by address.
         let none = VmDevices::default();
         assert_eq!(well_known_port_name(0x378, none), None);
@@ -229,17 +227,25 @@ mod tests {
             cmdline: &[],
             libvirt: Some(&domain),
         };
-        let name = |port| well_known_port_name(port, d);
-        assert_eq!(
-            name(0x3fd).as_deref(),
-            Some("serial (serial0, port 0x3fd, well-known)")
+        assert_names(
+            d,
+            &[
+                (0x3fd, Some("serial (serial0, port 0x3fd, well-known)")),
+                (0x378, Some("parallel (parallel0, port 0x378, well-known)")),
+                // COM2 and LPT2 are probed by firmware but not configured: by address.
+                (0x2f8, None),
+                (0x278, None),
+            ],
         );
-        assert_eq!(
-            name(0x378).as_deref(),
-            Some("parallel (parallel0, port 0x378, well-known)")
+    }
+
+    fn assert_names(d: VmDevices<'_>, cases: &[(u64, Option<&str>)]) {
+        crate::testing::assert_maps(
+            |port| well_known_port_name(port, d),
+            &cases
+                .iter()
+                .map(|&(port, want)| (port, want.map(String::from)))
+                .collect::<Vec<_>>(),
         );
-        // COM2 and LPT2 are probed by firmware but not configured: by address.
-        assert_eq!(well_known_port_name(0x2f8, d), None);
-        assert_eq!(well_known_port_name(0x278, d), None);
     }
 }

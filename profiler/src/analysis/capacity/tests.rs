@@ -199,10 +199,15 @@ fn nothing_to_answer_says_what_is_missing() {
 
 #[test]
 fn profiles_from_names() {
-    assert_eq!(profile_of("web-01"), "web");
-    assert_eq!(profile_of("density-quiet-7"), "density-quiet");
-    assert_eq!(profile_of("noisy"), "noisy");
-    assert_eq!(profile_of("42"), "42");
+    crate::testing::assert_maps(
+        profile_of,
+        &[
+            ("web-01", "web".to_string()),
+            ("density-quiet-7", "density-quiet".to_string()),
+            ("noisy", "noisy".to_string()),
+            ("42", "42".to_string()),
+        ],
+    );
     assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
 }
 
