@@ -175,7 +175,7 @@ impl Discover for ProcDiscovery {
         // A full scan is due at the same pace whether refreshes scan or not.
         let unchanged = execs.is_some_and(|execs| {
             self.since_full > 0
-                && self.since_full + 1 < FULL_SCAN_EVERY
+                && self.since_full < FULL_SCAN_EVERY
                 && crate::identity::discovery::qemus_unchanged(&self.paths, &mut self.cache, execs)
         });
         if unchanged {
