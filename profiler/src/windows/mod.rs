@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod collector;
+pub mod discover;
 pub mod drops;
 pub mod finish;
 pub mod host;

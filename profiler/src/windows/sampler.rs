@@ -19,7 +19,8 @@ use crate::{
     record::WindowRecord,
     windows::{
         collector::{RunningWindow, VmObservation, WindowClock},
-        session::{Discover, Session},
+        discover::Discover,
+        session::Session,
     },
 };
 
