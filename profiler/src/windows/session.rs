@@ -151,9 +151,14 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     drops: DropLedger,
     /// Duty cycles under `--max-overhead`.
     budgeted: Option<crate::windows::budget::BudgetedVms>,
+    /// Binaries whose crowd of budgeted VMs was said.
+    crowds_said: std::collections::BTreeSet<std::sync::Arc<std::path::Path>>,
     /// When the last sample was taken.
     last_t: Option<f64>,
 }
+
+/// Budgeted VMs of one binary above which a note says what their per-VM links cost.
+const BUDGETED_VMS_PER_BINARY: usize = 100;
 
 impl<P: ProbeLayer> Session<P> {
     /// A session over the host's processes.
@@ -198,8 +203,32 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             no_match_said: None,
             drops: DropLedger::default(),
             budgeted: None,
+            crowds_said: Default::default(),
             last_t: None,
         }
+    }
+
+    /// Once per binary: more budgeted VMs run it than per-VM links serve well. A budget gives
+    /// each VM links of its own, and the kernel walks every link of a probed site at each hit
+    /// in any of them (docs/probes.md: fine at 100 busy VMs, the host saturated at 500).
+    fn budget_crowds(&mut self, procs: &[QemuProcess]) -> Vec<Note> {
+        let mut per_binary: BTreeMap<&std::sync::Arc<std::path::Path>, usize> = BTreeMap::new();
+        for p in procs {
+            *per_binary.entry(&p.exe).or_default() += 1;
+        }
+        let mut notes = Vec::new();
+        for (exe, n) in per_binary {
+            if n > BUDGETED_VMS_PER_BINARY && self.crowds_said.insert(exe.clone()) {
+                notes.push(Note::general(format!(
+                    "{n} budgeted VMs run {}: under --max-overhead each has uprobe links of its \
+                     own, so every probe hit in any of them walks {n} links; above about \
+                     {BUDGETED_VMS_PER_BINARY} that costs more than the budget saves \
+                     (docs/probes.md)",
+                    exe.display()
+                )));
+            }
+        }
+        notes
     }
 
     /// Whether any VM matched the selection so far.
@@ -493,6 +522,9 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
                 sources: vm.record_sources.clone(),
                 totals,
             });
+        }
+        if self.budgeted.is_some() {
+            notes.extend(self.budget_crowds(&procs));
         }
         self.last_seen = procs;
         let secs = self.last_t.map_or(0.0, |last| t - last);

@@ -377,6 +377,38 @@ fn dropped_updates_stamp_the_window_they_happened_in_and_are_said_once() {
 /// A VM whose waits (libc uprobes, two hits each) would cost 4 % of a core under a 1 %
 /// budget is probed for a block of a quarter of each window (rounded up), and its window
 /// is scaled and marked.
+/// Under a budget, once a binary runs more VMs than per-VM links serve well, a note says so
+/// once; the same crowd without a budget says nothing.
+#[test]
+fn a_budget_over_a_crowd_of_one_binary_is_said_once() {
+    for budget in [None, Some(1.0)] {
+        let mut r = rig(VmFilter::default(), &[]);
+        r.session = std::mem::replace(&mut r.session, rig(VmFilter::default(), &[]).session)
+            .with_overhead_budget(budget)
+            .unwrap();
+        let n = BUDGETED_VMS_PER_BINARY as u32 + 1;
+        r.host
+            .borrow_mut()
+            .extend((0..n).map(|i| qemu(100 + i, 1, &format!("vm{i}"))));
+        let said = |notes: &[Note]| {
+            notes
+                .iter()
+                .filter(|n| n.to_string().contains("budgeted VMs run"))
+                .count()
+        };
+        let first = r.session.sample(0.0).unwrap().notes;
+        let second = r.session.sample(1.0).unwrap().notes;
+        let expected = usize::from(budget.is_some());
+        assert_eq!((said(&first), said(&second)), (expected, 0), "{first:?}");
+        if budget.is_some() {
+            crate::testing::assert_contains(
+                &first.iter().map(ToString::to_string).collect::<String>(),
+                &format!("{n} budgeted VMs run /usr/bin/qemu-system-x86_64"),
+            );
+        }
+    }
+}
+
 #[test]
 fn a_budget_duty_cycles_a_busy_vm_and_scales_its_window() {
     let mut r = rig(VmFilter::default(), &[]);
