@@ -153,7 +153,7 @@ pub struct Session<P: ProbeLayer, D: Discover = ProcDiscovery> {
     budgeted: Option<crate::windows::budget::BudgetedVms>,
     /// Binaries whose crowd of budgeted VMs was said.
     crowds_said: std::collections::BTreeSet<std::sync::Arc<std::path::Path>>,
-    /// When the last sample was taken.
+    /// When the last sample that read every VM was taken.
     last_t: Option<f64>,
 }
 
