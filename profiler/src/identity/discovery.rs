@@ -481,6 +481,9 @@ pub struct DiscoveryCache {
     /// The exits of the known processes with a clock (`None` if epoll is refused: then
     /// processes are read through `stat`).
     exits: Option<ExitWatch>,
+    /// The processes the last scan found gone, with their CPU time as last read while they
+    /// ran ([`take_exit_cpu`]).
+    exit_cpu: HashMap<u32, CpuTicks>,
 }
 
 impl Default for DiscoveryCache {
@@ -489,6 +492,7 @@ impl Default for DiscoveryCache {
             known: HashMap::new(),
             no_command_line: HashMap::new(),
             exits: ExitWatch::new(),
+            exit_cpu: HashMap::new(),
         }
     }
 }
@@ -571,16 +575,35 @@ pub fn qemus_unchanged(paths: &HostPaths, cache: &mut DiscoveryCache, execs: &[u
     if !paths.process_clocks || cache.known.values().any(|k| k.clock.is_none()) {
         return false;
     }
-    let Some(exits) = cache.exits.as_mut() else {
+    if cache.exits.is_none() {
         return false;
-    };
+    }
+    // Each one's CPU time, kept only if none had exited by the end (a clock read after an
+    // exit is not trusted): a VM that exits before the next boundary then keeps all but the
+    // last refresh of its CPU time.
+    let cpu: Vec<(u32, Option<CpuTicks>)> = cache
+        .known
+        .iter()
+        .map(|(pid, k)| (*pid, k.clock.as_ref().and_then(ProcessClock::read)))
+        .collect();
+    let exits = cache.exits.as_mut().expect("checked above");
     if exits.exited().is_none_or(|exited| !exited.is_empty()) {
         return false;
+    }
+    for (pid, cpu) in cpu {
+        if let (Some(cpu), Some(known)) = (cpu, cache.known.get_mut(&pid)) {
+            known.process.cpu = cpu;
+        }
     }
     execs.iter().all(|pid| {
         !cache.known.contains_key(pid)
             && looks_like_qemu(&paths.proc_root.join(pid.to_string())).is_err()
     })
+}
+
+/// The CPU time of `pid`, found gone by the last scan, as last read while it ran.
+pub fn take_exit_cpu(cache: &mut DiscoveryCache, pid: u32) -> Option<CpuTicks> {
+    cache.exit_cpu.remove(&pid)
 }
 
 /// Looks at `pids`: every process (`execs` is `None`: a full scan) or the known QEMUs and
@@ -592,6 +615,12 @@ fn scan_pids(
     execs: Option<&HashSet<u32>>,
 ) -> Vec<QemuProcess> {
     let mut libvirt: Option<HashMap<u32, LibvirtDomain>> = None;
+    // What each known process had used as last read while it ran, for those that are gone.
+    let before: Vec<(u32, CpuTicks)> = cache
+        .known
+        .iter()
+        .map(|(pid, k)| (*pid, k.process.cpu))
+        .collect();
     // Rebuilt each refresh: sized as last time, so that they do not grow (rehash) again.
     let mut seen = HashMap::with_capacity(cache.known.len());
     let mut no_command_line = HashMap::with_capacity(cache.no_command_line.len());
@@ -677,6 +706,10 @@ fn scan_pids(
     }
     // Processes not seen any more have exited: forgotten (and their handles closed, which
     // takes their pidfds out of the epoll set) with the old maps.
+    cache.exit_cpu = before
+        .into_iter()
+        .filter(|(pid, _)| !seen.contains_key(pid))
+        .collect();
     cache.known = seen;
     // A hinted scan did not visit the kernel threads: their countdowns stay.
     if execs.is_none() {

@@ -27,6 +27,12 @@ pub trait Discover {
         let _ = execs;
         false
     }
+    /// The CPU time of `pid`, which the last scan found gone, as last read while it ran
+    /// (`None`: not known; its last sample's stands).
+    fn exit_cpu(&mut self, pid: u32) -> Option<crate::identity::discovery::CpuTicks> {
+        let _ = pid;
+        None
+    }
     /// The host's CPU time so far (`None`: not known).
     fn host_cpu(&mut self) -> Option<HostCpu> {
         None
@@ -108,6 +114,9 @@ impl Discover for ProcDiscovery {
             self.since_full += 1;
         }
         unchanged
+    }
+    fn exit_cpu(&mut self, pid: u32) -> Option<crate::identity::discovery::CpuTicks> {
+        crate::identity::discovery::take_exit_cpu(&mut self.cache, pid)
     }
     fn host_cpu(&mut self) -> Option<HostCpu> {
         self.host_cpu.read(&self.paths.proc_root)

@@ -446,7 +446,12 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         for pid in gone {
             let mut vm = self.watched.remove(&pid).expect("listed above");
             let raw = counters.get(&pid).cloned().unwrap_or_default();
-            finals.insert(vm.key, vm.attribute(&raw, &mut notes));
+            let mut last = vm.attribute(&raw, &mut notes);
+            // Read since the last sample that read every VM, while it still ran.
+            if let Some(cpu) = self.discovery.exit_cpu(pid) {
+                last.counts.cpu_ticks = Some(cpu.total());
+            }
+            finals.insert(vm.key, last);
             self.probes.unwatch(pid)?;
         }
 

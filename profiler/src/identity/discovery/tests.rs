@@ -299,6 +299,9 @@ fn a_hinted_scan_looks_only_at_known_qemus_and_processes_that_exec_d() {
         assert!(std::time::Instant::now() < deadline, "still seen");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its CPU time as last read while it ran stays for the session, once.
+    assert!(take_exit_cpu(&mut cache, pid).is_some());
+    assert!(take_exit_cpu(&mut cache, pid).is_none());
     // A fake tree has no pidfds: a hinted scan is a full one there.
     let dir = tempfile::tempdir().unwrap();
     let d = fake_process(dir.path(), 42, b"qemu-system-x86_64\0");

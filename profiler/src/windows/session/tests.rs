@@ -10,8 +10,8 @@ use profiler_common::kind;
 use super::*;
 use crate::{
     attribution::RegionLabel,
-    identity::cmdline::Accel,
     identity::threads::{KernelWorkerSample, ThreadRole, ThreadSample},
+    identity::{cmdline::Accel, discovery::CpuTicks},
     offer::policy::ReadWriteUnavailable,
     probes::{AttachedVm as Watched, NameSources},
     record::PartialReason,
@@ -124,35 +124,67 @@ struct FakeThreads {
     reads: u32,
 }
 
-/// Processes (and their threads) as a test sets them, and the processes of the last scan.
-struct FakeHost(
-    Rc<RefCell<Vec<QemuProcess>>>,
-    Rc<RefCell<FakeThreads>>,
-    Vec<VmKey>,
-);
+/// Processes (and their threads) as a test sets them, and what discovery read of them.
+struct FakeHost {
+    processes: Rc<RefCell<Vec<QemuProcess>>>,
+    threads: Rc<RefCell<FakeThreads>>,
+    /// The processes of the last scan.
+    scanned: Vec<VmKey>,
+    /// Each one's CPU time as last read (at a scan, or at a refresh that found nothing
+    /// changed), and that of those the last scan found gone.
+    cpu_read: HashMap<u32, CpuTicks>,
+    gone_cpu: HashMap<u32, CpuTicks>,
+}
+
+impl FakeHost {
+    fn read_cpu(&mut self) {
+        self.cpu_read = self
+            .processes
+            .borrow()
+            .iter()
+            .map(|p| (p.key.pid, p.cpu))
+            .collect();
+    }
+}
 
 impl Discover for FakeHost {
     fn scan(&mut self) -> Vec<QemuProcess> {
-        let found = self.0.borrow().clone();
-        self.2 = found.iter().map(|p| p.key).collect();
+        let found = self.processes.borrow().clone();
+        self.scanned = found.iter().map(|p| p.key).collect();
+        let running = |pid: &u32| found.iter().any(|p| p.key.pid == *pid);
+        self.gone_cpu = self
+            .cpu_read
+            .drain()
+            .filter(|(pid, _)| !running(pid))
+            .collect();
+        self.read_cpu();
         found
     }
     fn unchanged(&mut self, _execs: Option<&[u32]>) -> bool {
-        self.0
+        let now = self
+            .processes
             .borrow()
             .iter()
             .map(|p| p.key)
-            .eq(self.2.iter().copied())
+            .collect::<Vec<_>>();
+        let same = now == self.scanned;
+        if same {
+            self.read_cpu();
+        }
+        same
+    }
+    fn exit_cpu(&mut self, pid: u32) -> Option<CpuTicks> {
+        self.gone_cpu.remove(&pid)
     }
     fn threads(
         &mut self,
         pid: u32,
         _settled: &HashMap<u32, ThreadRole>,
     ) -> Option<Vec<ThreadSample>> {
-        self.1.borrow().threads.get(&pid).cloned()
+        self.threads.borrow().threads.get(&pid).cloned()
     }
     fn kernel_workers(&mut self) -> Vec<KernelWorkerSample> {
-        let mut t = self.1.borrow_mut();
+        let mut t = self.threads.borrow_mut();
         t.reads += 1;
         t.workers.clone()
     }
@@ -192,7 +224,13 @@ fn rig(filter: VmFilter, read_write: &[(u32, ReadWriteSource)]) -> Rig {
         threads: threads.clone(),
         session: Session::with_discovery(
             probes,
-            FakeHost(host, threads, Vec::new()),
+            FakeHost {
+                processes: host,
+                threads,
+                scanned: Vec::new(),
+                cpu_read: HashMap::new(),
+                gone_cpu: HashMap::new(),
+            },
             collector,
             filter,
         ),
@@ -258,6 +296,9 @@ fn sampling_only_changes_closes_the_windows_sampling_every_vm_closes() {
             if t == 13 {
                 host.retain(|p| p.key.pid != 10);
             }
+            for p in host.iter_mut() {
+                p.cpu = CpuTicks(u64::from(t) * u64::from(p.key.pid));
+            }
             drop(host);
             for pid in [10, 11] {
                 r.set_timer(pid, u64::from(t) * u64::from(pid));
@@ -275,6 +316,12 @@ fn sampling_only_changes_closes_the_windows_sampling_every_vm_closes() {
             closed.push(report.closed);
         }
         assert_eq!(closed[0], closed[1], "at {t} s");
+        if t == 13 {
+            // Its CPU time up to 12 s (ticks 10 a second, 100 a second in the rig's clock),
+            // though every VM was last read at 10 s.
+            assert_eq!(closed[1].len(), 1);
+            assert_eq!(closed[1][0].cpu_seconds, Some(0.2));
+        }
     }
     assert_eq!(read_at, [0, 4, 10, 13, 20]);
     let last = |r: &mut Rig| {
