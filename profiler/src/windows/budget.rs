@@ -436,10 +436,17 @@ impl BudgetedVms {
         }
         vm.closing.0 += hits.closing.saturating_sub(last.closing);
         vm.closing.1 += secs;
-        if whole_on {
-            // A whole interval probed: a clean measurement.
+        // The part of the interval probed with every link in. A block of one interval
+        // starts when the resume's links are in, so a whole probed interval never comes
+        // then: measuring only those froze the rate at the first window's.
+        let probed_secs = vm
+            .periods
+            .last()
+            .filter(|p| vm.on && p.end.is_none())
+            .map_or(0.0, |p| t - p.start.max(t - secs));
+        if probed_secs >= secs / 2.0 {
             vm.duty
-                .measured(&budget, hits.live.saturating_sub(last.live), secs);
+                .measured(&budget, hits.live.saturating_sub(last.live), probed_secs);
             if vm.provisional && vm.window == Some(window) && uprobed.any() {
                 // The first rate: the rest of the first window follows it too.
                 vm.provisional = false;

@@ -337,3 +337,26 @@ fn a_failed_resume_moves_the_block_instead_of_losing_it() {
         [(1.0, false), (10.0, true), (11.0, true), (12.0, false)]
     );
 }
+
+/// A block of one interval starts when the resume's links are in, a little after the
+/// sample: its interval is probed only in part. The rate must follow such blocks too (it once
+/// stayed at what whole probed intervals last showed).
+#[test]
+fn the_rate_follows_blocks_shorter_than_an_interval() {
+    let mut b = BudgetedVms::new(TIGHT_BUDGET);
+    assert_eq!(b.observe(1, TIMER_ONLY, 0, None, tick10(0.0)), None);
+    let (mut hits, mut on) = (0u64, true);
+    for t in 1..=100u32 {
+        if on {
+            // 12,000 a second for two windows (blocks of one interval), then 4,000; the
+            // links count from 0.01 s after a resume.
+            hits += if t <= 20 { 11_880 } else { 3_960 };
+        }
+        if let Some(want) = b.observe(1, TIMER_ONLY, hits, None, tick10(f64::from(t))) {
+            b.applied(1, want, f64::from(t), if want { 0.01 } else { 0.0 });
+            on = want;
+        }
+    }
+    let rate = b.vms[&1].duty.rate().unwrap();
+    assert!((rate - 4_000.0).abs() < 100.0, "{rate}");
+}
