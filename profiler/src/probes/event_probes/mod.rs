@@ -15,10 +15,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray},
-};
+use aya::Ebpf;
 use profiler_common::{RegionKey, RegionName, UNNAMED_REGION_MARK, link_generation, watch_flag};
 
 use crate::{
@@ -388,19 +385,12 @@ impl ProbeLayer for EventProbes {
 
     fn dropped(&self) -> Vec<(&'static str, u64)> {
         use profiler_common::dropped;
-        let Some(Ok(array)) = self
-            .ebpf
-            .map("DROPPED")
-            .map(PerCpuArray::<&MapData, u64>::try_from)
-        else {
+        if self.ebpf.map("DROPPED").is_none() {
             return Vec::new();
-        };
+        }
         (0..dropped::SLOTS)
             .map(|slot| {
-                let total = array
-                    .get(&slot, 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
+                let total = batch::per_cpu_total(&self.ebpf, "DROPPED", slot).unwrap_or(0);
                 (dropped::NAMES[slot as usize], total)
             })
             .chain([(NESTED_RUNS, self.nested_runs())])

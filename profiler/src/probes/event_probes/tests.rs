@@ -6,7 +6,7 @@ use std::{
 };
 
 use ::object::{Object as _, ObjectSegment as _};
-use aya::maps::HashMap as BpfHashMap;
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use profiler_common::{USDT_MAX_ARGS, UsdtArgSpec, UsdtSpec, kind};
 
 use super::*;

@@ -129,6 +129,13 @@ fn read_batched<K: Pod, V: Pod>(data: &MapData) -> io::Result<Vec<(K, V)>> {
     }
 }
 
+/// Slot `slot` of the per-CPU `u64` array `name`, summed over the CPUs (`None` if it cannot
+/// be read): the programs' event counts that need no atomic.
+pub fn per_cpu_total(ebpf: &aya::Ebpf, name: &str, slot: u32) -> Option<u64> {
+    let array = aya::maps::PerCpuArray::<&MapData, u64>::try_from(ebpf.map(name)?).ok()?;
+    Some(array.get(&slot, 0).ok()?.iter().sum())
+}
+
 /// Entries of the hash map `name` with keys `K` and values `V` (0 if it cannot be read).
 pub fn count_entries<K: Pod, V: Pod>(ebpf: &aya::Ebpf, name: &str) -> usize {
     ebpf.map(name)

@@ -7,7 +7,7 @@
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, RingBuf},
 };
 
 /// The exec tracepoint's ring, drained each refresh.
@@ -34,11 +34,7 @@ impl ExecWatch {
                 pids.push(u32::from_ne_bytes(bytes.try_into().expect("4 bytes")));
             }
         }
-        let lost: u64 = ebpf
-            .map("EXECS_LOST")
-            .and_then(|m| PerCpuArray::<&MapData, u64>::try_from(m).ok())
-            .and_then(|a| a.get(&0, 0).ok())
-            .map_or(0, |per_cpu| per_cpu.iter().sum());
+        let lost = crate::probes::kernel::batch::per_cpu_total(ebpf, "EXECS_LOST", 0).unwrap_or(0);
         let lost_now = lost > self.lost;
         self.lost = lost;
         (!lost_now).then_some(pids)

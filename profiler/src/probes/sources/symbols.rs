@@ -8,10 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray},
-};
+use aya::Ebpf;
 use profiler_common::{RegionKey, kind};
 
 use crate::offer::symbols::ExeSymbols;
@@ -280,11 +277,7 @@ impl SymbolSource {
             return 0;
         }
         // Read before the map: an entry added after this read shows as growth next time.
-        let added = ebpf
-            .map(SEEN_CALLBACKS_ADDED_MAP)
-            .and_then(|m| PerCpuArray::<&MapData, u64>::try_from(m).ok())
-            .and_then(|a| a.get(&0, 0).ok())
-            .map(|per_cpu| per_cpu.iter().sum::<u64>());
+        let added = crate::probes::kernel::batch::per_cpu_total(ebpf, SEEN_CALLBACKS_ADDED_MAP, 0);
         if added.is_some() && added == self.callbacks_added && !self.callbacks_left {
             return 0;
         }
