@@ -115,7 +115,7 @@ impl SampleSink for Serve {
         {
             let mut fleet = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
             // Between window boundaries the VMs are read only when one starts or exits: the
-            // counters advance at each boundary (docs/metrics.md).
+            // counters advance at each boundary (docs/fleet.md).
             if s.every_vm {
                 fleet.update(
                     s.t,

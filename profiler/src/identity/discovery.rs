@@ -575,10 +575,10 @@ pub fn scan_qemu_processes_hinted(
 /// settled and watched for its exit, none has exited, none exec'd, and no process in `execs`
 /// is a new QEMU. `false` whenever it cannot tell (no pidfds, a QEMU still settling).
 pub fn qemus_unchanged(paths: &HostPaths, cache: &mut DiscoveryCache, execs: &[u32]) -> bool {
-    if !paths.process_clocks || cache.known.values().any(|k| k.clock.is_none()) {
-        return false;
-    }
-    if cache.exits.is_none() {
+    if !paths.process_clocks
+        || cache.exits.is_none()
+        || cache.known.values().any(|k| k.clock.is_none())
+    {
         return false;
     }
     // Their CPU time, each one's every [`CLOCK_READ_EVERY`] calls, kept only if none had

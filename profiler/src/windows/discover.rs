@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use crate::identity::{
     discovery::{
-        DiscoveryCache, HostCpu, HostPaths, QemuProcess, scan_qemu_processes_cached,
+        CpuTicks, DiscoveryCache, HostCpu, HostPaths, QemuProcess, scan_qemu_processes_cached,
         scan_qemu_processes_hinted,
     },
     threads::{KernelWorkerSample, KernelWorkers, ThreadRole, ThreadSample, read_threads},
@@ -29,7 +29,7 @@ pub trait Discover {
     }
     /// The CPU time of `pid`, which the last scan found gone, as last read while it ran
     /// (`None`: not known; its last sample's stands).
-    fn exit_cpu(&mut self, pid: u32) -> Option<crate::identity::discovery::CpuTicks> {
+    fn exit_cpu(&mut self, pid: u32) -> Option<CpuTicks> {
         let _ = pid;
         None
     }
@@ -115,7 +115,7 @@ impl Discover for ProcDiscovery {
         }
         unchanged
     }
-    fn exit_cpu(&mut self, pid: u32) -> Option<crate::identity::discovery::CpuTicks> {
+    fn exit_cpu(&mut self, pid: u32) -> Option<CpuTicks> {
         crate::identity::discovery::take_exit_cpu(&mut self.cache, pid)
     }
     fn host_cpu(&mut self) -> Option<HostCpu> {

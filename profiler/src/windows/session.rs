@@ -357,17 +357,14 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
     /// which a view that shows running windows needs each second and a record does not.
     pub fn sample_changes(&mut self, t: f64) -> anyhow::Result<SampleReport> {
         let execs = self.probes.take_execs();
-        let clock = self.collector.clock();
-        let quiet = self
-            .last_t
-            .is_some_and(|before| clock.index_at(before) == clock.index_at(t))
+        let quiet = !self.starts_window(t)
             && self.budgeted.is_none()
             && self.discovery.unchanged(execs.as_deref());
         if !quiet {
             return self.sample_at(t, false, execs);
         }
         let mut notes = self.probes.refresh();
-        let open_window = clock.index_at((t - 1e-3).max(0.0));
+        let open_window = self.collector.clock().index_at((t - 1e-3).max(0.0));
         notes.extend(self.drops.sample(open_window, self.probes.dropped()));
         self.exited.clear();
         Ok(SampleReport {
@@ -375,6 +372,14 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
             notes,
             every_vm: false,
         })
+    }
+
+    /// Whether a sample at `t` is the first, or the first in a window since the last sample
+    /// that read every VM.
+    fn starts_window(&self, t: f64) -> bool {
+        let clock = self.collector.clock();
+        self.last_t
+            .is_none_or(|before| clock.index_at(before) != clock.index_at(t))
     }
 
     /// The last sample, at the stop `t`: its threads are read, for the windows it closes.
@@ -392,12 +397,7 @@ impl<P: ProbeLayer, D: Discover> Session<P, D> {
         last: bool,
         execs: Option<Vec<u32>>,
     ) -> anyhow::Result<SampleReport> {
-        let clock = self.collector.clock();
-        let workers = (last
-            || self
-                .last_t
-                .is_none_or(|before| clock.index_at(before) != clock.index_at(t)))
-        .then(|| self.discovery.kernel_workers());
+        let workers = (last || self.starts_window(t)).then(|| self.discovery.kernel_workers());
         let filter = &self.filter;
         let procs: Vec<QemuProcess> = self
             .discovery
