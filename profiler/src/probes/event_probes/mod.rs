@@ -78,7 +78,7 @@ fn process_alive(pid: u32) -> bool {
 #[derive(Debug, Clone)]
 struct Served {
     sources: VmSources,
-    exe: Option<std::sync::Arc<ExeAnalysis>>,
+    exe: Option<Arc<ExeAnalysis>>,
     libc: Option<LibcOffer>,
     paused: bool,
 }
